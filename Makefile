@@ -1,0 +1,78 @@
+# aiotasks developer tasks. A fresh clone needs only `make test` or `make demo`.
+#
+#   REDIS=auto      $AIOTASKS_REDIS_URL / $REDIS_URL, else 127.0.0.1:6379, else embedded Valkey
+#   REDIS=embedded  always a fresh embedded Valkey (no Redis install needed)
+#   REDIS=system    the env URL or 127.0.0.1:6379, which must answer
+#
+# e.g.  make test PYTEST_ARGS='-x -k chord'    make bench BENCH_ARGS='--tasks 10000'
+
+PY ?= python3
+VENV ?= .venv
+REDIS ?= auto
+PYTEST_ARGS ?=
+EMBEDDED_PYTEST_ARGS ?= -m 'not slow'
+BENCH_ARGS ?=
+LINT_PATHS ?= aiotasks tests benchmarks examples
+
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+WITH_SERVER = $(VPY) -m aiotasks.devserver --mode $(REDIS) --
+
+.PHONY: all help install format lint typecheck test test-embedded demo bench clean distclean
+
+all: lint test
+
+help:
+	@echo "make [all] | install | format | lint | typecheck | test | test-embedded | demo | bench"
+	@echo "     clean | distclean (also removes $(VENV))"
+	@echo "  REDIS=auto|embedded|system (now: $(REDIS))  PYTEST_ARGS=...  BENCH_ARGS=..."
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -e '.[dev]'
+	@touch $@
+
+# The peers live in their own venv: arq pins redis<6, which must not reach .venv.
+PEERS_VENV ?= .venv-peers
+$(BENCH_STAMP): $(STAMP) benchmarks/peers/requirements.txt
+	$(VPY) -m pip install psutil
+	@test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -r benchmarks/peers/requirements.txt
+	@touch $@
+
+install: $(STAMP)
+
+format: $(STAMP)
+	$(VPY) -m ruff format $(LINT_PATHS)
+	$(VPY) -m ruff check --fix $(LINT_PATHS)
+
+lint: $(STAMP)
+	$(VPY) -m ruff check $(LINT_PATHS)
+	$(VPY) -m ruff format --check $(LINT_PATHS)
+	$(VPY) -m mypy aiotasks
+
+typecheck: $(STAMP)
+	$(VPY) -m mypy aiotasks
+
+test: lint
+	$(WITH_SERVER) $(VPY) -m pytest $(PYTEST_ARGS)
+
+# the fast foundation subset against a fresh embedded Valkey
+test-embedded: REDIS = embedded
+test-embedded: lint
+	$(WITH_SERVER) $(VPY) -m pytest $(EMBEDDED_PYTEST_ARGS) $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(WITH_SERVER) $(VPY) examples/demo.py
+
+bench: $(BENCH_STAMP)
+	$(WITH_SERVER) $(VPY) benchmarks/run.py --peers-python $(PEERS_VENV)/bin/python $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find . \( -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune \
+		-exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(PEERS_VENV)
