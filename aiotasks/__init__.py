@@ -1,0 +1,55 @@
+"""aiotasks: an asyncio-native task runner on Redis Streams."""
+
+import logging
+
+from .app import App
+from .canvas import chain, chord, group
+from .context import TaskContext, current_task
+from .errors import (
+    AiotasksError,
+    BrokerConnectionError,
+    ChordError,
+    ResultTimeout,
+    Retry,
+    SerializationError,
+    SoftTimeLimitExceeded,
+    TaskFailed,
+    TaskRevoked,
+    TimeLimitExceeded,
+    UnknownTask,
+)
+from .handle import GroupHandle, TaskHandle, TaskInfo, TaskState
+from .task import Signature, Task
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AiotasksError",
+    "App",
+    "BrokerConnectionError",
+    "ChordError",
+    "GroupHandle",
+    "ResultTimeout",
+    "Retry",
+    "SerializationError",
+    "Signature",
+    "SoftTimeLimitExceeded",
+    "Task",
+    "TaskContext",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskInfo",
+    "TaskRevoked",
+    "TaskState",
+    "TimeLimitExceeded",
+    "UnknownTask",
+    "Worker",
+    "__version__",
+    "chain",
+    "chord",
+    "current_task",
+    "group",
+]
+
+logging.getLogger("aiotasks").addHandler(logging.NullHandler())

@@ -1,0 +1,531 @@
+"""Admin: read and operate a namespace's queues, workers and tasks (what the ops CLI uses).
+
+```python
+admin = Admin(app)
+st = await admin.status()                 # queues, workers, periodic tasks
+info = await admin.inspect(task_id)       # TaskInfo; TaskNotFound when no record exists
+await admin.purge("default")              # waiting tasks deleted (and settled REVOKED)
+await admin.requeue_dead("default")       # dead letters back on their streams
+```
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any, cast
+
+from redis.commands.core import AsyncScript
+
+from . import codec
+from .errors import AiotasksError
+from .handle import TaskHandle, TaskInfo, TaskState
+from .keys import DEFAULT_PRIORITY, GROUP, Keys
+from .message import now
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from .app import App
+
+#: Above this many delayed tasks, `status()` reports only the total, not per queue
+#: (counting per queue reads every scheduled task's queue name).
+SCHEDULED_SCAN_LIMIT = 10_000
+#: Tasks one purge.lua call deletes: bounds how long a purge blocks Redis per call.
+PURGE_CHUNK = 500
+
+_ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
+
+
+class TaskNotFound(AiotasksError, LookupError):
+    """No record of this task id exists (never sent, or its result expired)."""
+
+
+class QueueNotFound(AiotasksError, LookupError):
+    """No task was ever sent to this queue and none of its streams exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """One queue: tasks waiting, running, scheduled and dead-lettered, and who consumes it.
+
+    `length` counts the entries of its streams: `waiting` ones plus `in_flight` ones
+    (delivered to a worker and not yet acknowledged). `consumers` is the
+    consumer group's count, which keeps the names of workers that have died; `workers`
+    counts live registered workers that serve the queue. `scheduled` is None when there
+    are too many delayed tasks to count per queue (see Status.scheduled_total).
+    """
+
+    name: str
+    length: int
+    waiting: int
+    in_flight: int
+    scheduled: int | None
+    dead_letters: int
+    consumers: int
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """A live worker, as it last described itself in the registry."""
+
+    name: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    started_at: datetime | None
+    last_beat: datetime | None
+    running: int
+    done: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicStatus:
+    """A periodic task and when it next fires (None when unknown)."""
+
+    name: str
+    next_run: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A snapshot of one namespace."""
+
+    namespace: str
+    queues: list[QueueStatus]
+    scheduled_total: int
+    workers: list[WorkerStatus]
+    periodic: list[PeriodicStatus] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (datetimes as ISO 8601 strings)."""
+        return cast(dict[str, Any], _jsonable(asdict(self)))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry of a dead-letter stream.
+
+    `task_name` is None when the message cannot be decoded; `stream` is the stream the
+    entry came from, where `requeue_dead` puts it back.
+    """
+
+    entry_id: str
+    task_id: str | None
+    task_name: str | None
+    reason: str
+    stream: str | None
+    dead_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return cast(dict[str, Any], _jsonable(asdict(self)))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _text(raw: Any) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+def _ms_datetime(raw: Any) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(int(raw) / 1000, UTC)
+    except (TypeError, ValueError):
+        return None
+
+
+def _lua(name: str) -> str:
+    lua = resources.files("aiotasks") / "lua"
+    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Admin:
+    """Operations on an App's namespace: status, inspect, revoke, purge, send, dead letters.
+
+    Args:
+        app: the App whose Redis and namespace are operated on.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._scripts: dict[str, AsyncScript] = {}
+
+    @property
+    def keys(self) -> Keys:
+        """The namespace's key names."""
+        return self.app.broker.keys
+
+    @property
+    def redis(self) -> Redis:
+        """The App's Redis client."""
+        return self.app.broker.redis
+
+    def _script(self, name: str) -> AsyncScript:
+        # Registered per Admin on the App's current client: the App may reconnect.
+        if name not in self._scripts:
+            self._scripts[name] = self.redis.register_script(_lua(name))
+        return self._scripts[name]
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def known_queues(self) -> list[str]:
+        """Names of every queue ever sent to, sorted."""
+        members: set[bytes] = await cast(Any, self.redis).smembers(self.keys.queues)
+        return sorted(_text(m) for m in members)
+
+    async def check_queue(self, queue: str) -> None:
+        """Raise QueueNotFound unless the queue was sent to or has a stream.
+
+        Raises:
+            QueueNotFound: never sent to, and neither its streams nor dead letters exist.
+        """
+        keys = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(keys.queues, queue)
+            pipe.exists(*keys.streams(queue), keys.dead(queue))
+            member, existing = await pipe.execute()
+        if not member and not existing:
+            raise QueueNotFound(f"no queue named {queue!r} in namespace {keys.namespace!r}")
+
+    async def status(self, queues: Sequence[str] = ()) -> Status:
+        """A snapshot: every known queue (plus `queues`), live workers, periodic tasks.
+
+        Args:
+            queues: queue names to include even if nothing was ever sent to them.
+        """
+        names = sorted(set(await self.known_queues()) | set(queues))
+        workers = await self.workers()
+        scheduled_total, per_queue = await self._scheduled()
+        stats = [await self._queue(q, per_queue, workers) for q in names]
+        return Status(
+            namespace=self.keys.namespace,
+            queues=stats,
+            scheduled_total=scheduled_total,
+            workers=workers,
+            periodic=await self.periodic(),
+        )
+
+    async def queue_status(self, queue: str) -> QueueStatus:
+        """The status of one queue (whether or not it exists)."""
+        _, scheduled = await self._scheduled()
+        return await self._queue(queue, scheduled, await self.workers())
+
+    async def _queue(
+        self, queue: str, scheduled: dict[str, int] | None, workers: list[WorkerStatus]
+    ) -> QueueStatus:
+        streams = self.keys.streams(queue)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for s in streams:
+                pipe.xlen(s)
+            for s in streams:
+                pipe.xinfo_groups(s)
+            pipe.xlen(self.keys.dead(queue))
+            res = await pipe.execute(raise_on_error=False)
+        lengths, infos, dead = res[: len(streams)], res[len(streams) : -1], res[-1]
+        in_flight = consumers = 0
+        for groups in infos:
+            if isinstance(groups, Exception):  # the stream does not exist (yet)
+                continue
+            for g in groups:
+                if _text(g.get("name")) == GROUP:
+                    in_flight += int(g.get("pending") or 0)
+                    # Every worker reads all ten streams: the same consumers on each.
+                    consumers = max(consumers, int(g.get("consumers") or 0))
+        length = sum(n for n in lengths if isinstance(n, int))
+        return QueueStatus(
+            name=queue,
+            length=length,
+            waiting=max(length - in_flight, 0),
+            in_flight=in_flight,
+            scheduled=None if scheduled is None else scheduled.get(queue, 0),
+            dead_letters=dead if isinstance(dead, int) else 0,
+            consumers=consumers,
+            workers=sum(1 for w in workers if queue in w.queues),
+        )
+
+    async def _scheduled(self) -> tuple[int, dict[str, int] | None]:
+        """Delayed tasks: the total, and per queue when there are few enough to read."""
+        redis = cast(Any, self.redis)
+        total = int(await redis.zcard(self.keys.delayed))
+        if total > SCHEDULED_SCAN_LIMIT:
+            return total, None
+        ids: list[bytes] = await redis.zrange(self.keys.delayed, 0, SCHEDULED_SCAN_LIMIT - 1)
+        counts: dict[str, int] = {}
+        for i in range(0, len(ids), 1000):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in ids[i : i + 1000]:
+                    cast(Any, pipe).hget(self.keys.task(_text(task_id)), "queue")
+                queues = await pipe.execute()
+            for q in queues:
+                if q is not None:
+                    counts[_text(q)] = counts.get(_text(q), 0) + 1
+        return total, counts
+
+    async def workers(self) -> list[WorkerStatus]:
+        """Live workers (their registry hash has not expired), most recent beat first."""
+        redis = cast(Any, self.redis)
+        names: list[bytes] = await redis.zrevrange(self.keys.workers, 0, -1)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in names:
+                cast(Any, pipe).hgetall(self.keys.worker(_text(n)))
+            hashes: list[dict[bytes, bytes]] = await pipe.execute()
+        out = []
+        for name, h in zip(names, hashes, strict=True):
+            if not h:  # expired: the worker died without unregistering
+                continue
+            d = {_text(k): _text(v) for k, v in h.items()}
+            out.append(
+                WorkerStatus(
+                    name=d.get("name", _text(name)),
+                    host=d.get("host", ""),
+                    pid=int(d.get("pid") or 0),
+                    queues=[q for q in d.get("queues", "").split(",") if q],
+                    concurrency=int(d.get("concurrency") or 0),
+                    started_at=_ms_datetime(d.get("started_at")),
+                    last_beat=_ms_datetime(d.get("last_beat")),
+                    running=int(d.get("running") or 0),
+                    done=int(d.get("done") or 0),
+                    failed=int(d.get("failed") or 0),
+                )
+            )
+        return out
+
+    async def periodic(self) -> list[PeriodicStatus]:
+        """Periodic tasks and their next run.
+
+        The stored next run (hash `{ns}:periodic`, name -> epoch ms) wins; a periodic
+        task of the App that has none yet is computed from its schedule.
+        """
+        raw: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(self._periodic_key())
+        stored = {_text(k): _ms_datetime(v) for k, v in raw.items()}
+        out: dict[str, PeriodicStatus] = {}
+        for p in self.app.periodic_tasks:
+            name = str(getattr(p, "name", p))
+            nxt = stored.get(name)
+            if nxt is None and hasattr(p, "next_run"):
+                nxt = p.next_run(datetime.now(UTC))
+            out[name] = PeriodicStatus(name, nxt)
+        for name, nxt in stored.items():
+            out.setdefault(name, PeriodicStatus(name, nxt))
+        return sorted(out.values(), key=lambda p: p.name)
+
+    def _periodic_key(self) -> str:
+        return self.keys.periodic
+
+    async def exists(self, task_id: str) -> bool:
+        """Whether a record of the task exists."""
+        return bool(await self.redis.exists(self.keys.task(task_id)))
+
+    async def inspect(self, task_id: str) -> TaskInfo:
+        """Everything stored about a task.
+
+        Raises:
+            TaskNotFound: no record of the id (never sent, or expired).
+        """
+        if not await self.exists(task_id):
+            raise TaskNotFound(f"no task with id {task_id!r} in namespace {self.keys.namespace!r}")
+        return await self.app.handle(task_id).info()
+
+    # -- acting -------------------------------------------------------------------------
+
+    async def revoke(self, task_id: str, terminate: bool = False) -> TaskState:
+        """Revoke a task (with terminate, cancel it if running); returns its prior state.
+
+        A task already in a final state is left as it is.
+
+        Raises:
+            TaskNotFound: no record of the id (revoking it would only create one).
+        """
+        if not await self.exists(task_id):
+            raise TaskNotFound(f"no task with id {task_id!r} in namespace {self.keys.namespace!r}")
+        before = await self.app.handle(task_id).state()
+        if not before.is_final:
+            await self.app.handle(task_id).revoke(terminate=terminate)
+        return before
+
+    async def send(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        queue: str | None = None,
+        **options: Any,
+    ) -> TaskHandle[Any]:
+        """Send a task by name (see App.send_task); `queue` None means its usual route."""
+        if queue is not None:
+            options["queue"] = queue
+        return await self.app.send_task(name, args, kwargs, **options)
+
+    async def purge(self, queue: str) -> int:
+        """Delete every waiting task of a queue, and its scheduled ones; returns how many.
+
+        Tasks a worker is running are left alone. Each deleted task is settled REVOKED so
+        that whoever waits on it (a handle, a chord, a chain) does not wait forever. The
+        streams and their consumer group stay. Work is done in chunks of PURGE_CHUNK, so
+        a large purge does not block Redis; tasks sent after the purge began are kept.
+
+        Raises:
+            QueueNotFound: see check_queue.
+        """
+        await self.check_queue(queue)
+        script = self._script("purge")
+        keys = [self.keys.prefix, *self.keys.streams(queue)]
+        secs, micros = await self.redis.time()
+        bound = str(int(secs) * 1000 + int(micros) // 1000)
+        ttl = self.app.settings.result_ttl
+        total = 0
+        more: Any = 1
+        while int(more):
+            n, more = await script(
+                keys=keys,
+                args=[GROUP, queue, int(now() * 1000), ttl, PURGE_CHUNK, "streams", bound],
+            )
+            total += int(n)
+        cursor: Any = "0"
+        while True:
+            n, cursor = await script(
+                keys=keys,
+                args=[GROUP, queue, int(now() * 1000), ttl, PURGE_CHUNK, "delayed", cursor],
+            )
+            total += int(n)
+            if _text(cursor) == "0":
+                return total
+
+    # -- dead letters -------------------------------------------------------------------
+
+    async def dead_letters(self, queue: str, count: int = 100) -> list[DeadLetter]:
+        """The oldest `count` dead letters of a queue.
+
+        Raises:
+            QueueNotFound: see check_queue.
+        """
+        await self.check_queue(queue)
+        entries: list[Any] = await cast(Any, self.redis).xrange(self.keys.dead(queue), count=count)
+        return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
+
+    async def requeue_dead(self, queue: str, entry_ids: Sequence[str] | None = None) -> int:
+        """Move dead letters back to the stream they came from; returns how many moved.
+
+        Each goes back with its original fields, and its task reads PENDING again. A
+        chord or chain that the dead letter failed stays failed.
+
+        Args:
+            queue: the queue whose dead letters to requeue.
+            entry_ids: dead-letter entry ids; None means all of them.
+
+        Raises:
+            QueueNotFound: see check_queue.
+            ValueError: an entry id is malformed.
+        """
+        await self.check_queue(queue)
+        if entry_ids is not None:
+            return await self._requeue(queue, parse_entry_ids(entry_ids))
+        moved, start = 0, "-"
+        while True:
+            batch: list[Any] = await cast(Any, self.redis).xrange(
+                self.keys.dead(queue), min=start, count=100
+            )
+            if not batch:
+                return moved
+            moved += await self._requeue(queue, [_text(e) for e, _ in batch])
+            start = "(" + _text(batch[-1][0])
+
+    async def _requeue(self, queue: str, entry_ids: list[str]) -> int:
+        dead = self.keys.dead(queue)
+        keys = [self.keys.prefix, dead, self.keys.stream(queue, DEFAULT_PRIORITY)]
+        moved = 0
+        for i in range(0, len(entry_ids), 100):
+            chunk = entry_ids[i : i + 100]
+            names = await self._names(dead, chunk)
+            args: list[str | int] = [GROUP, int(now() * 1000), self.app.settings.result_ttl]
+            for entry_id in chunk:
+                args += [entry_id, names.get(entry_id, "")]
+            moved += len(await self._script("requeue")(keys=keys, args=args))
+        return moved
+
+    async def _names(self, dead: str, entry_ids: list[str]) -> dict[str, str]:
+        """Task names of dead letters (to restore a task record that has expired)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for e in entry_ids:
+                pipe.xrange(dead, min=e, max=e, count=1)
+            found = await pipe.execute()
+        out = {}
+        for entry_id, entries in zip(entry_ids, found, strict=True):
+            if entries:
+                name = _dead_letter(*entries[0]).task_name
+                out[entry_id] = name or ""
+        return out
+
+    async def drop_dead(self, queue: str, entry_ids: Sequence[str] | None = None) -> int:
+        """Delete dead letters for good; returns how many were deleted.
+
+        Args:
+            queue: the queue whose dead letters to delete.
+            entry_ids: dead-letter entry ids; None means all of them.
+
+        Raises:
+            QueueNotFound: see check_queue.
+            ValueError: an entry id is malformed.
+        """
+        await self.check_queue(queue)
+        dead = self.keys.dead(queue)
+        if entry_ids is None:
+            return int(await self.redis.xtrim(dead, maxlen=0, approximate=False))
+        ids = parse_entry_ids(entry_ids)
+        return int(await self.redis.xdel(dead, *ids)) if ids else 0
+
+
+def parse_entry_ids(entry_ids: Sequence[str]) -> list[str]:
+    """Check stream entry ids (e.g. 1712345678901-0), dropping repeats; ValueError if malformed."""
+    bad = [e for e in entry_ids if not _ENTRY_ID.match(e)]
+    if bad:
+        raise ValueError(f"malformed entry id(s): {', '.join(bad)} (expected e.g. 1712345678901-0)")
+    return list(dict.fromkeys(entry_ids))
+
+
+def _dead_letter(entry_id: bytes, raw: dict[bytes, bytes]) -> DeadLetter:
+    f = {_text(k): v for k, v in raw.items()}
+    name: str | None = None
+    try:
+        payload = codec.decode(f["m"], _text(f["ct"]))
+        if isinstance(payload, dict) and isinstance(payload.get("name"), str):
+            name = payload["name"]
+    except Exception:  # undecodable is a reason entries land here: show what we can
+        name = None
+    eid = _text(entry_id)
+    return DeadLetter(
+        entry_id=eid,
+        task_id=_text(f["id"]) if "id" in f else None,
+        task_name=name,
+        reason=_text(f.get("reason", b"")),
+        stream=_text(f["stream"]) if "stream" in f else None,
+        dead_at=datetime.fromtimestamp(int(eid.split("-")[0]) / 1000, UTC),
+    )
+
+
+__all__ = [
+    "Admin",
+    "DeadLetter",
+    "PeriodicStatus",
+    "QueueNotFound",
+    "QueueStatus",
+    "Status",
+    "TaskNotFound",
+    "WorkerStatus",
+    "parse_entry_ids",
+]

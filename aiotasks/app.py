@@ -1,0 +1,299 @@
+"""App: the task registry, the connection, and the entry points users call."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
+
+from .broker import Broker
+from .canvas import COLLECT
+from .config import RetryPolicy, Settings, resolve_redis_url
+from .handle import TaskHandle
+from .hooks import F, Hooks
+from .message import Message
+from .task import Task, TaskOptions, build_message, field_names
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_TASK_OPTIONS = frozenset(field_names(TaskOptions)) - {"name"}
+
+
+class App:
+    """An aiotasks application: tasks, their Redis connection, and workers.
+
+    Args:
+        redis_url: Redis URL; None means $AIOTASKS_REDIS_URL, else redis://localhost:6379/0.
+        namespace: prefix of every key; apps with different namespaces never see each other.
+        default_queue: queue of tasks that name none and match no route.
+        serializer: "msgpack" (default) or "json".
+        compression: None, "zlib", "lzma", "bz2" or "zstd", for bodies of at least
+            compress_min_size bytes.
+        compress_min_size: smaller bodies are sent as they are.
+        result_ttl: seconds a result (and any task record) lives.
+        visibility_timeout: seconds before a task held by a dead worker is redelivered.
+        task_routes: glob of task name -> queue, e.g. {"mail.*": "high"}.
+        retry_policy: default publish retry policy of `send` (dict or RetryPolicy).
+        max_connections: size of the connection pool (waiters queue past it).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        namespace: str = "aiotasks",
+        default_queue: str = "default",
+        serializer: str = "msgpack",
+        compression: str | None = None,
+        compress_min_size: int = 1024,
+        result_ttl: int = 86400,
+        visibility_timeout: float = 60,
+        *,
+        task_routes: dict[str, str] | None = None,
+        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        max_connections: int = 64,
+    ) -> None:
+        from .codec import get_serializer
+
+        get_serializer(serializer)  # fail fast on a typo
+        self.settings = Settings(
+            redis_url=resolve_redis_url(redis_url),
+            namespace=namespace,
+            default_queue=default_queue,
+            serializer=serializer,
+            compression=compression,
+            compress_min_size=compress_min_size,
+            result_ttl=int(result_ttl),
+            visibility_timeout=float(visibility_timeout),
+            max_connections=max_connections,
+            task_routes=dict(task_routes or {}),
+            retry_policy=RetryPolicy.of(retry_policy),
+        )
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.periodic_tasks: list[Any] = []
+        self._broker: Broker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.hooks = Hooks()
+        self.task(name=COLLECT)(_collect)
+
+    def __repr__(self) -> str:
+        return f"<App namespace={self.settings.namespace!r}>"
+
+    # -- connection ---------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        """The Redis side of this App, created on first use (connections open lazily)."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self._broker is not None and loop is not None and self._loop not in (None, loop):
+            # Used from a new event loop (a new test, a second asyncio.run): the old
+            # connections belong to the old loop and cannot be used from this one.
+            self._broker = None
+        if self._broker is None:
+            self._broker = Broker(self.settings)
+        if loop is not None:
+            self._loop = loop
+        return self._broker
+
+    def configure(self, **changes: Any) -> None:
+        """Change settings before the first connection (the CLI's --redis-url uses this)."""
+        from dataclasses import replace
+
+        if self._broker is not None:
+            raise RuntimeError("configure() must come before the App connects")
+        self.settings = replace(self.settings, **changes)
+
+    async def connect(self) -> None:
+        """Check the connection now (otherwise the first call connects lazily).
+
+        Raises:
+            BrokerConnectionError: Redis does not answer.
+        """
+        await self.broker.ping()
+
+    async def close(self) -> None:
+        """Close every connection of this App."""
+        if self._broker is not None:
+            broker, self._broker = self._broker, None
+            await broker.close()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- tasks ----------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self, fn: None = None, /, *, name: str | None = None, **options: Any
+    ) -> Callable[[Callable[P, Any]], Task[P, Any]]: ...
+
+    def task(self, fn: Any = None, /, *, name: str | None = None, **options: Any) -> Any:
+        """Register a task: `@app.task` or `@app.task(name=..., queue=..., ...)`.
+
+        `async def` functions run on the worker's event loop; plain `def` functions run
+        in a worker thread.
+        """
+        unknown = set(options) - _TASK_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+
+        def register(f: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            opts = TaskOptions(name=task_name, **options)
+            if opts.autoretry_for and not isinstance(opts.autoretry_for, tuple):
+                opts = TaskOptions(**{**_asdict(opts), "autoretry_for": tuple(opts.autoretry_for)})
+            t: Task[Any, Any] = Task(self, f, opts)
+            self.tasks[task_name] = t
+            return t
+
+        return register(fn) if fn is not None else register
+
+    def on_task_start(self, fn: F) -> F:
+        """Register `fn(ctx)`, sync or async, called before each task runs on a worker."""
+        self.hooks.start.append(fn)
+        return fn
+
+    def on_task_success(self, fn: F) -> F:
+        """Register `fn(ctx, result)`, called after a task returned."""
+        self.hooks.success.append(fn)
+        return fn
+
+    def on_task_failure(self, fn: F) -> F:
+        """Register `fn(ctx, exc)`, called after a task failed for good (not on retries)."""
+        self.hooks.failure.append(fn)
+        return fn
+
+    def route(self, name: str) -> str:
+        """The queue a task name is routed to (task_routes globs, else default_queue)."""
+        for pattern, queue in self.settings.task_routes.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return queue
+        return self.settings.default_queue
+
+    def handle(self, task_id: str) -> TaskHandle[Any]:
+        """A handle for any task id."""
+        return TaskHandle(self, task_id)
+
+    async def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> TaskHandle[Any]:
+        """Enqueue a task by name, without importing its function."""
+        msg = build_message(self, name, args, kwargs, options, self.tasks.get(name))
+        return (await self.send_messages([msg], options.get("retry_policy")))[0]
+
+    async def send_messages(
+        self,
+        built: Sequence[tuple[Message, int]],
+        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+    ) -> list[TaskHandle[Any]]:
+        """Enqueue prepared messages in one round trip; the handles in order."""
+        if not built:
+            return []
+        policy = RetryPolicy.of(retry_policy) if retry_policy else self.settings.retry_policy
+        await self.broker.enqueue([m for m, _ in built], [t for _, t in built], policy)
+        return [TaskHandle(self, m.id) for m, _ in built]
+
+    # -- workers --------------------------------------------------------------------
+
+    def worker(
+        self, queues: Sequence[str] | str | None = None, concurrency: int = 100, **opts: Any
+    ) -> Worker:
+        """A worker for this App: `await worker.run()`, `worker.stop()`.
+
+        Args:
+            queues: queue names, most important first (default: the default queue).
+            concurrency: most tasks running at once.
+            **opts: see Worker.
+        """
+        from .worker import Worker
+
+        if isinstance(queues, str):
+            queues = [q.strip() for q in queues.split(",") if q.strip()]
+        return Worker(self, queues=queues, concurrency=concurrency, **opts)
+
+    def lifespan(
+        self, worker: bool = False, **worker_opts: Any
+    ) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+        """A lifespan for FastAPI/Starlette: connects, and runs a worker if worker=True.
+
+        `FastAPI(lifespan=tasks.lifespan(worker=True, concurrency=10))`.
+        """
+
+        @asynccontextmanager
+        async def lifespan(_app: Any) -> AsyncIterator[None]:
+            async with self:
+                if not worker:
+                    yield
+                    return
+                w = self.worker(**worker_opts)
+                async with w.running():
+                    yield
+
+        return lifespan
+
+    def periodic(
+        self,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        name: str | None = None,
+        queue: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Callable[[Task[P, R]], Task[P, R]]:
+        """Schedule a task: `@app.periodic(every=60)` or `cron="*/5 * * * *"` over `@app.task`.
+
+        Every worker of the App schedules it; each tick fires once across all of them.
+        """
+        from .schedule import Periodic
+
+        def register(task: Task[P, R]) -> Task[P, R]:
+            if not isinstance(task, Task):
+                raise TypeError("@app.periodic goes above @app.task")
+            entry = Periodic.make(
+                task, cron=cron, every=every, name=name, queue=queue, args=args, kwargs=kwargs
+            )
+            if any(p.name == entry.name for p in self.periodic_tasks):
+                # Ticks are claimed by name: two schedules sharing one would steal ticks.
+                raise ValueError(f"a periodic schedule named {entry.name!r} exists; pass name=")
+            self.periodic_tasks.append(entry)
+            return task
+
+        return register
+
+
+async def _collect(results: Any) -> Any:
+    """Return the results a nested group gathered (the body of its implicit chord)."""
+    return results
+
+
+def _asdict(opts: TaskOptions) -> dict[str, Any]:
+    return {n: getattr(opts, n) for n in field_names(TaskOptions)}

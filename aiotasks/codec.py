@@ -1,0 +1,235 @@
+"""Serializers (msgpack, json) and optional compression, behind one small Protocol.
+
+Both serializers round-trip datetime, date, time, timedelta, UUID, Decimal, bytes,
+set and frozenset (tuples come back as lists, as in every JSON-like format).
+The content type written on the wire is `<serializer>[+<compression>]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import json
+import lzma
+import zlib
+from collections.abc import Callable
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+from uuid import UUID
+
+import msgpack  # type: ignore[import-untyped]
+
+from .errors import SerializationError
+
+# msgpack extension type codes (documented in docs/protocol.md).
+EXT_DATETIME = 1  # ISO 8601 text, with offset when aware
+EXT_DATE = 2  # ISO 8601 date text
+EXT_UUID = 3  # 16 raw bytes
+EXT_DECIMAL = 4  # decimal text
+EXT_SET = 5  # msgpack array of the members
+EXT_TIME = 6  # ISO 8601 time text
+EXT_TIMEDELTA = 7  # msgpack array [days, seconds, microseconds]
+EXT_FROZENSET = 8  # msgpack array of the members
+
+
+class Serializer(Protocol):
+    """Turns Python values into bytes and back."""
+
+    name: str
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+def _ext_default(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, datetime):
+        return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, date):
+        return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
+    if isinstance(obj, time):
+        return msgpack.ExtType(EXT_TIME, obj.isoformat().encode())
+    if isinstance(obj, timedelta):
+        return msgpack.ExtType(EXT_TIMEDELTA, _packb([obj.days, obj.seconds, obj.microseconds]))
+    if isinstance(obj, UUID):
+        return msgpack.ExtType(EXT_UUID, obj.bytes)
+    if isinstance(obj, Decimal):
+        return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
+    if isinstance(obj, frozenset):
+        return msgpack.ExtType(EXT_FROZENSET, _packb(list(obj)))
+    if isinstance(obj, set):
+        return msgpack.ExtType(EXT_SET, _packb(list(obj)))
+    raise TypeError(f"cannot serialize object of type {type(obj).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_DATETIME:
+        return datetime.fromisoformat(data.decode())
+    if code == EXT_DATE:
+        return date.fromisoformat(data.decode())
+    if code == EXT_TIME:
+        return time.fromisoformat(data.decode())
+    if code == EXT_TIMEDELTA:
+        days, seconds, micros = _unpackb(data)
+        return timedelta(days=days, seconds=seconds, microseconds=micros)
+    if code == EXT_UUID:
+        return UUID(bytes=data)
+    if code == EXT_DECIMAL:
+        return Decimal(data.decode())
+    if code == EXT_SET:
+        return set(_unpackb(data))
+    if code == EXT_FROZENSET:
+        return frozenset(_unpackb(data))
+    return msgpack.ExtType(code, data)
+
+
+def _packb(value: Any) -> bytes:
+    return msgpack.packb(value, default=_ext_default, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+
+
+def _unpackb(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
+
+
+class MsgpackSerializer:
+    """The default: compact and fast."""
+
+    name = "msgpack"
+
+    def __init__(self) -> None:
+        # A reused Packer skips per-call setup on the hot path.
+        self._packer = msgpack.Packer(default=_ext_default, use_bin_type=True, datetime=False)
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return self._packer.pack(value)  # type: ignore[no-any-return]
+        except Exception as exc:
+            # The packer keeps a partial buffer after an error; start clean.
+            self._packer.reset()
+            raise SerializationError(f"cannot encode with msgpack: {exc}") from exc
+
+    def loads(self, data: bytes) -> Any:
+        try:
+            return _unpackb(data)
+        except Exception as exc:
+            raise SerializationError(f"cannot decode msgpack: {exc}") from exc
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, datetime):
+        return {"__t": "datetime", "v": obj.isoformat()}
+    if isinstance(obj, date):
+        return {"__t": "date", "v": obj.isoformat()}
+    if isinstance(obj, time):
+        return {"__t": "time", "v": obj.isoformat()}
+    if isinstance(obj, timedelta):
+        return {"__t": "timedelta", "v": [obj.days, obj.seconds, obj.microseconds]}
+    if isinstance(obj, UUID):
+        return {"__t": "uuid", "v": str(obj)}
+    if isinstance(obj, Decimal):
+        return {"__t": "decimal", "v": str(obj)}
+    if isinstance(obj, bytes):
+        return {"__t": "bytes", "v": base64.b64encode(obj).decode()}
+    if isinstance(obj, frozenset):
+        return {"__t": "frozenset", "v": list(obj)}
+    if isinstance(obj, set):
+        return {"__t": "set", "v": list(obj)}
+    raise TypeError(f"cannot serialize object of type {type(obj).__name__}")
+
+
+_JSON_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "time": time.fromisoformat,
+    "timedelta": lambda v: timedelta(days=v[0], seconds=v[1], microseconds=v[2]),
+    "uuid": UUID,
+    "decimal": Decimal,
+    "bytes": base64.b64decode,
+    "set": set,
+    "frozenset": frozenset,
+}
+
+
+def _json_hook(obj: dict[str, Any]) -> Any:
+    tag = obj.get("__t")
+    if tag is not None and len(obj) == 2 and "v" in obj and tag in _JSON_DECODERS:
+        return _JSON_DECODERS[tag](obj["v"])
+    return obj
+
+
+class JsonSerializer:
+    """Readable on the wire; typed values are tagged as {"__t": type, "v": value}."""
+
+    name = "json"
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"cannot encode with json: {exc}") from exc
+
+    def loads(self, data: bytes) -> Any:
+        try:
+            return json.loads(data, object_hook=_json_hook)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"cannot decode json: {exc}") from exc
+
+
+def _zstd() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    try:
+        import zstandard  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise SerializationError("compression='zstd' needs: pip install 'aiotasks[zstd]'") from exc
+    return zstandard.ZstdCompressor().compress, zstandard.ZstdDecompressor().decompress
+
+
+_COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
+    "zlib": (zlib.compress, zlib.decompress),
+    "lzma": (lzma.compress, lzma.decompress),
+    "bz2": (bz2.compress, bz2.decompress),
+}
+
+SERIALIZERS: dict[str, Serializer] = {"msgpack": MsgpackSerializer(), "json": JsonSerializer()}
+
+
+def get_serializer(name: str) -> Serializer:
+    """The serializer registered under `name` ("msgpack" or "json")."""
+    try:
+        return SERIALIZERS[name]
+    except KeyError:
+        raise SerializationError(f"unknown serializer {name!r}; use 'msgpack' or 'json'") from None
+
+
+def _compressor(name: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    if name == "zstd":
+        return _zstd()
+    try:
+        return _COMPRESSORS[name]
+    except KeyError:
+        raise SerializationError(
+            f"unknown compression {name!r}; use zlib, lzma, bz2 or zstd"
+        ) from None
+
+
+def encode(
+    value: Any, serializer: str, compression: str | None = None, min_size: int = 1024
+) -> tuple[bytes, str]:
+    """Encode `value`; returns the bytes and their content type."""
+    data = get_serializer(serializer).dumps(value)
+    if compression and len(data) >= min_size:
+        return _compressor(compression)[0](data), f"{serializer}+{compression}"
+    return data, serializer
+
+
+def decode(data: bytes, content_type: str) -> Any:
+    """Decode bytes written by `encode` under `content_type`."""
+    serializer, _, compression = content_type.partition("+")
+    if compression:
+        try:
+            data = _compressor(compression)[1](data)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(f"cannot decompress {compression}: {exc}") from exc
+    return get_serializer(serializer).loads(data)

@@ -1,0 +1,86 @@
+"""TaskContext and current_task(): what a running task knows about itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import Retry
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+class Slot(Protocol):
+    """A worker concurrency slot that a waiting task can hand back."""
+
+    def release(self) -> None: ...
+
+    async def acquire(self) -> None: ...
+
+
+@dataclass(slots=True)
+class TaskContext:
+    """The running task: `id`, `name`, `attempt` (1-based), `max_retries`, `queue`, `app`."""
+
+    id: str
+    name: str
+    attempt: int
+    max_retries: int
+    queue: str
+    app: App
+    retries: int = 0
+    started: float = 0.0  # time.perf_counter() when the run began
+    _slot: Slot | None = field(default=None, repr=False)
+
+    def retry(
+        self,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        exc: BaseException | None = None,
+        max_retries: int | None = None,
+    ) -> Retry:
+        """Build a Retry to raise: `raise current_task().retry(countdown=5)`."""
+        return Retry(countdown=countdown, eta=eta, exc=exc, max_retries=max_retries)
+
+    async def progress(self, **meta: Any) -> None:
+        """Store progress metadata; callers see it in info().progress and updates()."""
+        await self.app.broker.store_progress(self.id, meta)
+
+    @asynccontextmanager
+    async def _slot_released(self) -> AsyncIterator[None]:
+        # A parent waiting on a child gives its slot back, so the child can run here
+        # even when every slot holds a waiting parent (no deadlock).
+        slot = self._slot
+        if slot is None:
+            yield
+            return
+        slot.release()
+        try:
+            yield
+        finally:
+            await slot.acquire()
+
+
+_current: ContextVar[TaskContext | None] = ContextVar("aiotasks_current_task", default=None)
+
+
+def current_task() -> TaskContext:
+    """The context of the task running in this coroutine or thread.
+
+    Raises:
+        RuntimeError: when called outside a task run by a worker.
+    """
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("current_task() called outside a running task")
+    return ctx
+
+
+def current_task_or_none() -> TaskContext | None:
+    """Like current_task(), but None outside a task."""
+    return _current.get()

@@ -1,0 +1,136 @@
+"""Every exception aiotasks raises, under one base.
+
+```
+AiotasksError(Exception)
+├── BrokerConnectionError(ConnectionError)  Redis unreachable after the send retry_policy ran out
+├── SerializationError(ValueError)          the codec cannot encode or decode; nothing was enqueued
+├── UnknownTask(LookupError)                no task registered under that name
+├── ResultTimeout(TimeoutError)             result()/results() gave up waiting
+├── TaskRevoked                             the task was revoked or expired
+├── TaskFailed                              remote failure: id, exc_type, exc_message, traceback
+│   └── ChordError                          a chord header task failed; names that task
+├── SoftTimeLimitExceeded                   raised inside a task at its soft_timeout
+└── TimeLimitExceeded(TimeoutError)         recorded as exc_type when hard_timeout cancels a task
+Retry(Exception)                            control flow, not an error: re-run the task later
+```
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from redis.exceptions import ConnectionError as _RedisConnectionError
+from redis.exceptions import TimeoutError as _RedisTimeoutError
+
+#: Errors that mean "the connection to Redis is gone", not "the command was wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    _RedisConnectionError,
+    _RedisTimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+class AiotasksError(Exception):
+    """Base of every error aiotasks raises."""
+
+
+class BrokerConnectionError(AiotasksError, ConnectionError):
+    """Redis could not be reached, after the retry policy ran out."""
+
+
+class SerializationError(AiotasksError, ValueError):
+    """A value could not be encoded or decoded by the serializer; nothing was enqueued."""
+
+
+class UnknownTask(AiotasksError, LookupError):
+    """No task is registered under this name."""
+
+
+class ResultTimeout(AiotasksError, TimeoutError):
+    """Waiting for a result took longer than the caller's timeout."""
+
+
+class TaskRevoked(AiotasksError):
+    """The task was revoked or expired before it finished."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} was revoked")
+        self.task_id = task_id
+
+
+class TaskFailed(AiotasksError):
+    """The task raised; carries the remote exception's type, message and traceback."""
+
+    def __init__(
+        self,
+        task_id: str,
+        exc_type: str,
+        exc_message: str,
+        traceback: str | None = None,
+    ) -> None:
+        super().__init__(task_id, exc_type, exc_message)
+        self.task_id = task_id
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} failed: {self.exc_type}: {self.exc_message}"
+
+
+class ChordError(TaskFailed):
+    """A chord header task failed, so the chord's body never runs.
+
+    `failed_task_id` names the header task; `exc_type` is "ChordError" and `exc_message`
+    says which header failed and with what error.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        exc_type: str,
+        exc_message: str,
+        traceback: str | None = None,
+        failed_task_id: str = "",
+    ) -> None:
+        super().__init__(task_id, exc_type, exc_message, traceback)
+        self.failed_task_id = failed_task_id
+
+    def __str__(self) -> str:
+        return (
+            f"chord body {self.task_id} will not run: header task {self.failed_task_id} "
+            f"failed: {self.exc_type}: {self.exc_message}"
+        )
+
+
+class SoftTimeLimitExceeded(AiotasksError):
+    """Raised inside a running task when its soft_timeout passes; it may clean up and return."""
+
+
+class TimeLimitExceeded(AiotasksError, TimeoutError):
+    """A task ran past its hard_timeout and was cancelled (recorded as its exc_type)."""
+
+
+class Retry(Exception):
+    """Raise inside a task to run it again later, as a retry (counts against max_retries).
+
+    Args:
+        countdown: seconds to wait before the next run.
+        eta: an aware datetime for the next run (wins over countdown).
+        exc: the error that caused the retry, recorded if retries run out.
+        max_retries: overrides the task's max_retries for this decision.
+    """
+
+    def __init__(
+        self,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        exc: BaseException | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        super().__init__(countdown, eta)
+        self.countdown = countdown
+        self.eta = eta
+        self.exc = exc
+        self.max_retries = max_retries

@@ -1,0 +1,41 @@
+"""Hooks: user callbacks around task runs (metrics, tracing, error reporting plug in here)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Hooks:
+    """Lists of callbacks, sync or async, called by the worker.
+
+    - start(ctx): before the task runs.
+    - success(ctx, result): after it returned.
+    - failure(ctx, exc): after it failed for good (not on a retry).
+
+    A hook that raises is logged and otherwise ignored: it never fails the task.
+    """
+
+    def __init__(self) -> None:
+        self.start: list[Callable[..., Any]] = []
+        self.success: list[Callable[..., Any]] = []
+        self.failure: list[Callable[..., Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.start or self.success or self.failure)
+
+    async def call(self, which: list[Callable[..., Any]], *args: Any) -> None:
+        """Call every hook of one kind, awaiting async ones."""
+        for fn in which:
+            try:
+                res = fn(*args)
+                if inspect.isawaitable(res):
+                    await res
+            except Exception:
+                log.exception("hook %r raised", fn)

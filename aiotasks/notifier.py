@@ -1,0 +1,242 @@
+"""Notifier: one shared pub/sub connection per App wakes every waiting handle.
+
+Two kinds of channel share the connection:
+
+- the App's reply channel, subscribed once: every task this App sends names it, and
+  the worker's finish script publishes the final state (and the encoded result) there,
+  so `result()` costs no subscription round trip and often no read after the wake-up;
+- a task's own channel, subscribed per waiter (refcounted) for tasks sent by others and
+  for `updates()`, which also wants intermediate states and progress.
+
+Waiters are woken by a message, never by polling. After a reconnect every waiter is
+told to re-read its task, since a message may have been missed meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .backoff import Backoff
+from .cancel import cancel_and_wait
+from .keys import Keys
+
+log = logging.getLogger(__name__)
+
+RECONNECTED = "\x00reconnected"
+
+#: A notification: the state (or "progress", or RECONNECTED), plus for a final
+#: state on the reply channel, the result's content type and bytes when it has one.
+Note = tuple[str, bytes | None, bytes | None]
+
+
+class Watch:
+    """The notifications of one task, for one waiter."""
+
+    RECHECK = frozenset({"SUCCESS", "FAILURE", "REVOKED", RECONNECTED})
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Note] = asyncio.Queue()
+
+    def put(self, note: Note) -> None:
+        self._queue.put_nowait(note)
+
+    async def get(self) -> Note:
+        """The next notification."""
+        return await self._queue.get()
+
+
+class Notifier:
+    """Shared subscription for all task waiters of one App."""
+
+    def __init__(self, url: str, keys: Keys) -> None:
+        # A connection of its own, without redis-py's silent retries: the reader must see
+        # a lost connection to tell every waiter to re-read what it may have missed.
+        self._redis = Redis.from_url(url)
+        self._keys = keys
+        self.reply_channel = keys.reply_channel(uuid.uuid4().hex[:16])
+        self._pubsub: PubSub | None = None
+        self._watches: dict[str, set[Watch]] = {}  # channel -> waiters
+        self._replies: dict[str, set[Watch]] = {}  # task id -> waiters on the reply channel
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._cmd_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[Watch]:
+        """Subscribe to a task's own channel for the duration of the block."""
+        async with self.listen(self._keys.done_channel(task_id)) as w:
+            yield w
+
+    @asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[Watch]:
+        """Subscribe to any channel for the duration of the block."""
+        w = Watch()
+        await self._add(channel, w)
+        try:
+            yield w
+        finally:
+            await self._remove(channel, w)
+
+    @asynccontextmanager
+    async def watch_reply(self, task_id: str) -> AsyncIterator[Watch]:
+        """Listen for a task's final state on this App's reply channel."""
+        await self.ensure_reply()
+        w = Watch()
+        self._replies.setdefault(task_id, set()).add(w)
+        try:
+            yield w
+        finally:
+            watchers = self._replies.get(task_id)
+            if watchers is not None:
+                watchers.discard(w)
+                if not watchers:
+                    del self._replies[task_id]
+
+    async def ensure_reply(self) -> None:
+        """Subscribe to the reply channel (once per App)."""
+        if self.reply_channel not in self._watches:
+            await self._add(self.reply_channel, Watch())
+        else:
+            confirm = self._confirm.get(self.reply_channel)
+            if confirm is not None:
+                await asyncio.shield(confirm)
+
+    async def _add(self, channel: str, w: Watch) -> None:
+        watchers = self._watches.get(channel)
+        if watchers is not None:
+            watchers.add(w)
+            confirm = self._confirm.get(channel)
+            if confirm is not None:
+                await asyncio.shield(confirm)
+            return
+        self._watches[channel] = {w}
+        confirm = asyncio.get_running_loop().create_future()
+        self._confirm[channel] = confirm
+        pubsub = self._ensure_reader()
+        try:
+            # redis-py's PubSub opens its connection on first use; two concurrent first
+            # subscribes would each open one and the reader would hear only the last.
+            async with self._cmd_lock:
+                await pubsub.subscribe(channel)
+            # Read the state only once Redis confirms the subscription, so a result that
+            # lands in between is seen either by the read or by the notification.
+            await asyncio.shield(confirm)
+        except BaseException:
+            self._confirm.pop(channel, None)
+            raise
+
+    async def _remove(self, channel: str, w: Watch) -> None:
+        watchers = self._watches.get(channel)
+        if watchers is None:
+            return
+        watchers.discard(w)
+        if watchers:
+            return
+        del self._watches[channel]
+        self._confirm.pop(channel, None)
+        if self._pubsub is not None:
+            try:
+                async with self._cmd_lock:
+                    await self._pubsub.unsubscribe(channel)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                pass  # the reconnect drops it anyway
+
+    def _ensure_reader(self) -> PubSub:
+        if self._pubsub is None:
+            self._pubsub = self._redis.pubsub()
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read(self._pubsub), name="aiotasks-notifier"
+            )
+        return self._pubsub
+
+    async def _read(self, pubsub: PubSub) -> None:
+        backoff = Backoff(start=0.05, cap=2.0)
+        lost = False
+        while True:
+            try:
+                msg = await pubsub.get_message(timeout=None)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if not lost:
+                    log.warning("lost Redis (%s); reconnecting with backoff", exc)
+                lost = True
+                await asyncio.sleep(backoff.next())
+                try:
+                    async with self._cmd_lock:
+                        await cast(Any, pubsub).connect()
+                        if self._watches:
+                            await pubsub.subscribe(*self._watches)
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    continue
+                backoff.reset()
+                log.warning("reconnected to Redis")
+                lost = False
+                self._broadcast((RECONNECTED, None, None))
+                continue
+            except RuntimeError:
+                # Nothing subscribed yet: redis-py refuses to read.
+                await asyncio.sleep(0.01)
+                continue
+            if msg is not None:
+                self._dispatch(msg)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        channel = msg["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else channel
+        kind = msg["type"]
+        if kind == "message":
+            data = msg["data"]
+            data = data if isinstance(data, bytes) else str(data).encode()
+            if channel == self.reply_channel:
+                self._reply(data)
+                return
+            note: Note = (data.decode(), None, None)
+            for w in self._watches.get(channel, ()):
+                w.put(note)
+        elif kind == "subscribe":
+            confirm = self._confirm.pop(channel, None)
+            if confirm is not None and not confirm.done():
+                confirm.set_result(None)
+
+    def _reply(self, data: bytes) -> None:
+        # "<id>\n<state>" or "<id>\n<state>\n<content type>\n<result bytes>"
+        parts = data.split(b"\n", 3)
+        watchers = self._replies.get(parts[0].decode())
+        if not watchers:
+            return
+        note: Note = (
+            (parts[1].decode(), parts[2], parts[3])
+            if len(parts) == 4
+            else (parts[1].decode(), None, None)
+        )
+        for w in watchers:
+            w.put(note)
+
+    def _broadcast(self, note: Note) -> None:
+        for watchers in [*self._watches.values(), *self._replies.values()]:
+            for w in watchers:
+                w.put(note)
+        for confirm in self._confirm.values():
+            if not confirm.done():
+                confirm.set_result(None)
+        self._confirm.clear()
+
+    async def close(self) -> None:
+        """Stop the reader and close the connection."""
+        if self._reader is not None:
+            await cancel_and_wait([self._reader])
+            self._reader = None
+        if self._pubsub is not None:
+            await cast(Any, self._pubsub).aclose()
+            self._pubsub = None
+        await self._redis.aclose()

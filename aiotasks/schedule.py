@@ -1,0 +1,197 @@
+"""Periodic tasks: every worker schedules them, and each tick fires once across all workers.
+
+There is no beat process. Every worker of an App that has periodic tasks runs a Scheduler.
+
+Ticks. `every=N` ticks at the multiples of N seconds since the Unix epoch (tick k is at
+k * N), so all workers compute the same ticks without talking to each other. `cron=` ticks
+are croniter's times, in UTC.
+
+Once per tick. When a tick is due, each worker tries `SET {ns}:tick:<name>:<tick_ms> <worker>
+NX PX <ttl>`; only the worker that sets the key sends the task. There is no leader and no
+lock that a dead process could hold. The task is sent with task id
+`periodic:<name>:<tick_ms>`, so even a second claim (say, a clock skewed past the claim's
+ttl) enqueues nothing while the first send is queued or running.
+
+Missed ticks. A worker does not catch up on ticks that fell due while no worker was running
+(or while its loop was stalled): starting or restarting never fires a burst. It fires the
+current tick only if that tick came due less than `GRACE` (1 s) ago, then every later tick
+as it comes. A tick that no worker was alive to fire is skipped, as with cron.
+
+Each worker also writes every periodic's next run (epoch ms) into the hash `{ns}:periodic`,
+field = periodic name, for `aiotasks status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from croniter import croniter  # type: ignore[import-untyped]
+
+from .backoff import Backoff
+from .errors import CONNECTION_ERRORS
+
+if TYPE_CHECKING:
+    from .app import App
+    from .task import Task
+
+log = logging.getLogger(__name__)
+
+GRACE = 1.0  # seconds a tick may be late and still fire (see "Missed ticks")
+MAX_SLEEP = 1.0  # the loop wakes at least this often to notice clock changes
+CLAIM_TTL_MS = 60_000  # a tick claim outlives any clock skew between workers we tolerate
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Periodic:
+    """A task sent on a schedule: `cron` (UTC) or `every` seconds, aligned to the epoch."""
+
+    task: str
+    cron: str | None
+    every: float | None
+    name: str
+    queue: str | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def make(
+        cls,
+        task: Task[Any, Any],
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        name: str | None = None,
+        queue: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Periodic:
+        """Validate the schedule and build the Periodic (used by `App.periodic`).
+
+        Args:
+            task: the registered task to send.
+            cron: a cron expression, read in UTC.
+            every: the period, in seconds or as a timedelta.
+            name: the schedule's name, unique per App (default: the task's name).
+            queue: the queue to send to (default: the task's own routing).
+            args: positional arguments of each send.
+            kwargs: keyword arguments of each send.
+
+        Raises:
+            ValueError: not exactly one of cron/every, an invalid cron string, or every <= 0.
+        """
+        if (cron is None) == (every is None):
+            raise ValueError("give exactly one of cron= or every=")
+        if isinstance(every, timedelta):
+            every = every.total_seconds()
+        if every is not None and not every >= 0.001:  # ticks have millisecond resolution
+            raise ValueError(f"every must be > 0 seconds (at least 0.001), got {every!r}")
+        if cron is not None and not croniter.is_valid(cron):
+            raise ValueError(f"invalid cron expression {cron!r}")
+        every = float(every) if every is not None else None
+        return cls(task.name, cron, every, name or task.name, queue, tuple(args), kwargs or {})
+
+    def next_run(self, after: datetime) -> datetime:
+        """The first tick strictly after `after` (naive means UTC), as an aware UTC datetime."""
+        if after.tzinfo is None:
+            after = after.replace(tzinfo=UTC)
+        if self.cron is not None:
+            nxt: datetime = croniter(self.cron, after.astimezone(UTC)).get_next(datetime)
+            return nxt.astimezone(UTC)
+        # Integer arithmetic keeps ticks exact and strictly increasing for float periods.
+        period_us = round((self.every or 0.0) * 1000) * 1000
+        after_us = (after - _EPOCH) // timedelta(microseconds=1)
+        return _EPOCH + timedelta(microseconds=(after_us // period_us + 1) * period_us)
+
+
+def _ms(when: datetime) -> int:
+    return (when - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _at(ms: int) -> datetime:
+    # Exact integer conversion: a float round trip could land 1 us before a tick and
+    # make next_run() return that same tick again.
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+class Scheduler:
+    """Fires an App's periodic tasks from one worker (one of any number doing the same)."""
+
+    def __init__(self, app: App, worker: str) -> None:
+        self.app = app
+        self.worker = worker
+        self.periodics: list[Periodic] = list(app.periodic_tasks)
+        self.status_key = app.broker.keys.periodic
+        self._next: dict[str, int] = {}  # periodic name -> next tick, epoch ms
+        self._claimed: set[tuple[str, int]] = set()  # claimed ticks whose send failed
+
+    async def run(self) -> None:
+        """Fire due ticks until cancelled; connection errors are logged and retried."""
+        start = _at(int((time.time() - GRACE) * 1000))
+        self._next = {p.name: _ms(p.next_run(start)) for p in self.periodics}
+        backoff = Backoff(start=0.5, cap=5.0)
+        dirty = True
+        while True:
+            try:
+                for p in self.periodics:
+                    dirty = await self._tick(p) or dirty
+                if dirty:
+                    await self._publish()
+                    dirty = False
+                backoff.reset()
+            except CONNECTION_ERRORS as exc:
+                delay = backoff.next()
+                log.warning("periodic scheduler lost Redis (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            wait = min(self._next.values()) / 1000 - time.time()
+            await asyncio.sleep(min(MAX_SLEEP, max(wait, 0.0)))
+
+    async def _tick(self, p: Periodic) -> bool:
+        """Fire `p` if its tick is due; True when its next run moved."""
+        tick_ms, now = self._next[p.name], time.time()
+        if tick_ms > now * 1000:
+            return False
+        late = now - tick_ms / 1000
+        if late > GRACE:
+            log.warning("periodic %s: skipping tick %d ms, %.1f s late", p.name, tick_ms, late)
+        else:
+            try:
+                await self._fire(p, tick_ms)
+            except CONNECTION_ERRORS:
+                raise  # the tick stays due: retried while within GRACE
+            except Exception:
+                log.exception("periodic %s: cannot send the tick at %d ms", p.name, tick_ms)
+        self._claimed.discard((p.name, tick_ms))
+        after = _at(max(tick_ms, int((now - GRACE) * 1000)))
+        self._next[p.name] = _ms(p.next_run(after))
+        return True
+
+    async def _fire(self, p: Periodic, tick_ms: int) -> None:
+        if (p.name, tick_ms) not in self._claimed:
+            key = self.app.broker.keys.periodic_tick(p.name, tick_ms)
+            if not await self.app.broker.redis.set(key, self.worker, nx=True, px=CLAIM_TTL_MS):
+                return  # another worker fires this tick
+            # Remember the claim: if the send fails, a retry must not lose to our own key.
+            self._claimed.add((p.name, tick_ms))
+        handle = await self.app.send_task(
+            p.task, p.args, p.kwargs, queue=p.queue, task_id=f"periodic:{p.name}:{tick_ms}"
+        )
+        late_ms = int(time.time() * 1000) - tick_ms
+        log.info(
+            "periodic %s fired %s[%s], %d ms after its tick", p.name, p.task, handle.id, late_ms
+        )
+
+    async def _publish(self) -> None:
+        """Record each periodic's next run for `aiotasks status`."""
+        horizon_ms = max(self._next.values()) - int(time.time() * 1000) + 86_400_000
+        async with self.app.broker.redis.pipeline(transaction=False) as pipe:
+            cast(Any, pipe).hset(self.status_key, mapping=self._next)
+            pipe.pexpire(self.status_key, max(horizon_ms, 86_400_000))
+            await pipe.execute()

@@ -1,0 +1,77 @@
+"""Slots: the worker's concurrency limit, with leases a waiting task can hand back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class Slots:
+    """A counting limit with FIFO hand-off, and a non-blocking bulk take for batch fetches."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.total = total
+        self.free = total
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        """Take one slot, waiting in line for it."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed to us as we were cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def take(self, most: int) -> int:
+        """Take up to `most` free slots without waiting; returns how many."""
+        if self._waiters:
+            return 0
+        n = min(most, self.free)
+        self.free -= n
+        return n
+
+    def release(self, n: int = 1) -> None:
+        """Give back `n` slots, handing them to waiters first."""
+        for _ in range(n):
+            while self._waiters:
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    break
+            else:
+                self.free += 1
+
+    @property
+    def busy(self) -> int:
+        """Slots in use."""
+        return self.total - self.free
+
+
+class Lease:
+    """One task's hold on a slot; release and acquire are safe to repeat."""
+
+    __slots__ = ("_slots", "held")
+
+    def __init__(self, slots: Slots, held: bool) -> None:
+        self._slots = slots
+        self.held = held
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._slots.release()
+
+    async def acquire(self) -> None:
+        if not self.held:
+            await self._slots.acquire()
+            self.held = True

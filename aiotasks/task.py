@@ -1,0 +1,289 @@
+"""Task and Signature: what `@app.task` makes, and a task call frozen for later."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+from uuid import uuid4
+
+from .handle import TaskHandle
+from .message import Message, now
+
+if TYPE_CHECKING:
+    from .app import App
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Options given to `@app.task`; None means the App's default."""
+
+    name: str
+    queue: str | None = None
+    soft_timeout: float | None = None
+    hard_timeout: float | None = None
+    max_retries: int = 0
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
+    ignore_result: bool = False
+    result_ttl: int | None = None
+    priority: int | None = None
+    rate_limit: str | None = None
+    serializer: str | None = None
+
+
+SEND_OPTIONS = frozenset(
+    {
+        "countdown",
+        "eta",
+        "expires",
+        "queue",
+        "priority",
+        "task_id",
+        "ignore_result",
+        "serializer",
+        "compression",
+        "soft_timeout",
+        "hard_timeout",
+        "max_retries",
+        "retry_policy",
+        "result_ttl",
+    }
+)
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Raise TypeError for an unknown send option, ValueError for a bad value."""
+    unknown = set(options) - SEND_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown send option(s): {', '.join(sorted(unknown))}")
+    prio = options.get("priority")
+    if prio is not None and not (isinstance(prio, int) and 0 <= prio <= 9):
+        raise ValueError(f"priority must be an int from 0 to 9, got {prio!r}")
+
+
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(rate: str) -> float:
+    """A rate limit like "100/s", "10/m" or "5/h" as the interval between starts, in ms.
+
+    Raises:
+        ValueError: the string is not of that form.
+    """
+    count, _, unit = rate.partition("/")
+    try:
+        n = float(count)
+        seconds = _RATE_UNITS[unit.strip()]
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"rate_limit must look like '100/s', '10/m' or '5/h', got {rate!r}"
+        ) from None
+    if n <= 0:
+        raise ValueError(f"rate_limit must be positive, got {rate!r}")
+    return seconds * 1000.0 / n
+
+
+def _epoch(value: datetime | float | timedelta | None, base: float) -> float | None:
+    """An eta/expires value as epoch seconds: datetime (naive = UTC), or seconds from now."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.timestamp()
+    if isinstance(value, timedelta):
+        return base + value.total_seconds()
+    return base + float(value)
+
+
+def build_message(
+    app: App,
+    name: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None,
+    options: dict[str, Any],
+    task: Task[Any, Any] | None = None,
+) -> tuple[Message, int]:
+    """A Message for one send, and the ttl (s) of its task hash."""
+    check_options(options)
+    s = app.settings
+    t = task.opts if task is not None else None
+    sent_at = now()
+    eta = _epoch(options.get("eta"), sent_at)
+    if eta is None and options.get("countdown"):
+        eta = sent_at + float(options["countdown"])
+    queue = options.get("queue") or (t.queue if t else None) or app.route(name)
+    priority = options.get("priority")
+    if priority is None:
+        priority = t.priority if t and t.priority is not None else 5
+    opts = {
+        k: options[k]
+        for k in ("soft_timeout", "hard_timeout", "max_retries", "ignore_result", "result_ttl")
+        if options.get(k) is not None
+    }
+    ttl = int(options.get("result_ttl") or (t.result_ttl if t else None) or s.result_ttl)
+    msg = Message(
+        id=options.get("task_id") or uuid4().hex,
+        name=name,
+        args=list(args),
+        kwargs=dict(kwargs or {}),
+        queue=queue,
+        priority=priority,
+        opts=opts,
+        eta=eta if eta is not None and eta > sent_at else None,
+        expires=_epoch(options.get("expires"), sent_at),
+        serializer=options.get("serializer") or (t.serializer if t else None) or s.serializer,
+        compression=options.get("compression") or s.compression,
+    )
+    return msg, ttl
+
+
+class Task(Generic[P, R]):
+    """A registered task. `await task(...)` runs it inline; `await task.send(...)` enqueues."""
+
+    def __init__(
+        self, app: App, fn: Callable[P, Awaitable[R]] | Callable[P, R], opts: TaskOptions
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.opts = opts
+        self.name = opts.name
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.rate_interval_ms = parse_rate(opts.rate_limit) if opts.rate_limit else 0.0
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function here and now, without the broker."""
+        if self.is_async:
+            return await cast(Callable[P, Awaitable[R]], self.fn)(*args, **kwargs)
+        return cast(Callable[P, R], self.fn)(*args, **kwargs)
+
+    async def send(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Enqueue with the task's default options (Celery's `delay`)."""
+        return await self.apply_async(args, kwargs)
+
+    async def apply_async(
+        self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> TaskHandle[R]:
+        """Enqueue with send options, Celery's spelling.
+
+        Raises:
+            SerializationError: an argument cannot be encoded; nothing was enqueued.
+            BrokerConnectionError: Redis stayed unreachable through the retry policy.
+        """
+        handles = await self.app.send_messages(
+            [build_message(self.app, self.name, args, kwargs, options, self)],
+            options.get("retry_policy"),
+        )
+        return handles[0]
+
+    def options(self, **options: Any) -> BoundTask[P, R]:
+        """The task with send options bound: `await add.options(countdown=3).send(2, 3)`."""
+        check_options(options)
+        return BoundTask(self, options)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A Signature: this task with (partial) arguments, to send later or compose."""
+        return Signature(self.name, tuple(args), dict(kwargs), app=self.app)
+
+    async def send_many(
+        self, calls: Iterable[tuple[Sequence[Any], dict[str, Any] | None]], **options: Any
+    ) -> list[TaskHandle[R]]:
+        """Enqueue many calls in one round trip; `calls` holds (args, kwargs) pairs.
+
+        Returns the handles in order. The batch is one atomic script: all or nothing.
+        """
+        if "task_id" in options:
+            raise TypeError("send_many() makes one id per task; task_id is not allowed")
+        built = [build_message(self.app, self.name, a, k, options, self) for a, k in calls]
+        return await self.app.send_messages(built, options.get("retry_policy"))
+
+
+@dataclass(frozen=True, slots=True)
+class BoundTask(Generic[P, R]):
+    """A task with send options bound, from `Task.options()`."""
+
+    task: Task[P, R]
+    send_options: dict[str, Any]
+
+    async def send(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Enqueue with the bound options."""
+        return await self.task.apply_async(args, kwargs, **self.send_options)
+
+    async def apply_async(
+        self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> TaskHandle[R]:
+        """Enqueue with the bound options, updated by `options`."""
+        return await self.task.apply_async(args, kwargs, **{**self.send_options, **options})
+
+    async def send_many(
+        self, calls: Iterable[tuple[Sequence[Any], dict[str, Any] | None]], **options: Any
+    ) -> list[TaskHandle[R]]:
+        """Enqueue many calls with the bound options, in one round trip."""
+        return await self.task.send_many(calls, **{**self.send_options, **options})
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A task call frozen for later: name, args, kwargs and send options.
+
+    `sig.set(**options)` returns a copy with options; `await sig.send()` enqueues it.
+    Signatures are the parts of chains, groups and chords.
+    """
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    app: App | None = field(default=None, compare=False, repr=False)
+
+    def set(self, **options: Any) -> Signature:
+        """A copy with these send options added."""
+        check_options(options)
+        return replace(self, options={**self.options, **options})
+
+    def clone(
+        self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> Signature:
+        """A copy with `args` prepended and kwargs/options merged."""
+        return replace(
+            self,
+            args=(*args, *self.args),
+            kwargs={**self.kwargs, **(kwargs or {})},
+            options={**self.options, **options},
+        )
+
+    async def send(self, **options: Any) -> TaskHandle[Any]:
+        """Enqueue this call; `options` override the signature's own."""
+        app = self._app()
+        opts = {**self.options, **options}
+        task = app.tasks.get(self.name)
+        msg = build_message(app, self.name, self.args, self.kwargs, opts, task)
+        return (await app.send_messages([msg], opts.get("retry_policy")))[0]
+
+    def _app(self) -> App:
+        if self.app is None:
+            raise RuntimeError(f"signature {self.name!r} has no app; build it with task.s()")
+        return self.app
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Run inline (like awaiting the task), with the frozen arguments first."""
+        task = self._app().tasks[self.name]
+        return task(*self.args, *args, **{**self.kwargs, **kwargs})
+
+
+def field_names(cls: Any) -> list[str]:
+    """Names of a dataclass's fields (used to validate task decorator options)."""
+    return [f.name for f in fields(cls)]
