@@ -1,0 +1,52 @@
+"""Tasks for worker subprocesses started by the `spawn_worker` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from aiotasks import App, current_task
+
+app = App(
+    namespace=os.environ.get("AIOTASKS_TEST_NAMESPACE", "aiotasks-test"),
+    visibility_timeout=float(os.environ.get("AIOTASKS_TEST_VT", "1")),
+)
+
+
+@app.task
+async def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+async def sleep(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@app.task
+async def count_runs(key: str, seconds: float = 0.0) -> int:
+    """Counts its own executions in Redis, then sleeps."""
+    r = current_task().app.broker.redis
+    n = int(await r.incr(key))
+    await asyncio.sleep(seconds)
+    return n
+
+
+@app.task
+def blocking_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+async def suicide() -> None:
+    """Kills its own worker, every time it runs."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task
+async def boom() -> None:
+    raise ValueError("boom")

@@ -1,0 +1,71 @@
+"""Chord tasks for the crash drills of tests/test_chord_crash.py.
+
+Started as `aiotasks run tests.apps.canvas:app`: the App of tests/apps/basic.py (its
+namespace from AIOTASKS_TEST_NAMESPACE), with the tasks below. Every task counts its
+runs in Redis under `{ns}:test:...`, so the tests read from the server how often each
+header and each body really ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+from aiotasks import current_task
+from tests.apps.basic import app
+
+__all__ = ["app", "body_count", "gate", "header", "stall"]
+
+
+def _key(name: str) -> str:
+    return f"{current_task().app.broker.keys.prefix}test:{name}"
+
+
+async def _count_run(i: int) -> None:
+    await current_task().app.broker.redis.hincrby(_key("runs"), str(i), 1)
+
+
+@app.task
+async def header(i: int, victim: int = -1, seconds: float = 0.0) -> int:
+    """A chord header: counts its run (the side effect), then returns i * 3.
+
+    Header `victim` SIGKILLs its own worker the first time it runs, after the side
+    effect and before its result is stored, so it is redelivered and runs again.
+    """
+    await _count_run(i)
+    if i == victim and await current_task().app.broker.redis.set(_key("killed"), 1, nx=True):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if seconds:
+        await asyncio.sleep(seconds)
+    return i * 3
+
+
+@app.task
+async def stall(i: int, seconds: float) -> int:
+    """Counts its run, sleeps `seconds` (the worker may be stopped meanwhile), returns i * 3."""
+    await _count_run(i)
+    await asyncio.sleep(seconds)
+    return i * 3
+
+
+@app.task
+async def gate(i: int, limit: float = 30.0) -> int:
+    """Counts its run, then waits (bounded) until `{ns}:test:open` exists; returns i * 3."""
+    await _count_run(i)
+    r = current_task().app.broker.redis
+    deadline = time.monotonic() + limit
+    while not await r.exists(_key("open")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gate was never opened")
+        await asyncio.sleep(0.05)
+    return i * 3
+
+
+@app.task
+async def body_count(values: list[Any]) -> list[Any]:
+    """A chord body: counts its executions (INCR `{ns}:test:body`), returns its input."""
+    await current_task().app.broker.redis.incr(_key("body"))
+    return values

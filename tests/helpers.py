@@ -1,0 +1,66 @@
+"""Helpers shared by the tests: bounded polling and worker-subprocess bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, TaskFailed, TaskHandle, TaskState
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]],
+    timeout: float = 5.0,
+    what: str = "a condition",
+    interval: float = 0.02,
+) -> None:
+    """Poll `check` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def wait_state(h: TaskHandle[Any], state: TaskState, timeout: float = 10) -> None:
+    """Wait until the task reads `state`."""
+
+    async def reached() -> bool:
+        return await h.state() == state
+
+    await wait_until(reached, timeout, f"task {h.id} to be {state}")
+
+
+def pid_of(worker_name: str | None) -> int:
+    """The pid in a worker name (host-pid-random)."""
+    assert worker_name, "no worker recorded"
+    return int(worker_name.rsplit("-", 2)[-2])
+
+
+async def wait_consuming(app: App, *procs: Any, timeout: float = 15) -> None:
+    """Wait until every given worker subprocess has registered (it consumes from then on)."""
+    want = {p.pid for p in procs}
+
+    async def registered() -> bool:
+        for p in procs:
+            assert p.proc.poll() is None, f"worker {p.pid} exited:\n{p.output()}"
+        names = await app.broker.redis.zrange(app.broker.keys.workers, 0, -1)
+        return want <= {pid_of(n.decode()) for n in names}
+
+    await wait_until(registered, timeout, f"workers {sorted(want)} to register")
+
+
+def runs_key(app: App, name: str = "runs") -> str:
+    """A counter key inside the test namespace (deleted with it)."""
+    return f"{app.broker.keys.prefix}test:{name}"
+
+
+async def failure_of(h: TaskHandle[Any], timeout: float = 10) -> TaskFailed:
+    """Wait for the task and return the TaskFailed its result() raises."""
+    with pytest.raises(TaskFailed) as err:
+        await h.result(timeout=timeout)
+    return err.value

@@ -1,0 +1,160 @@
+"""Poison messages go to the dead-letter stream, fail their task, and never stop the worker.
+
+Unknown task names, undecodable payloads, entries with no fields we know, and a task that
+kills its worker on every delivery (dead-lettered after max_deliveries instead of looping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, TaskFailed, TaskState
+from tests.helpers import wait_consuming, wait_until
+
+Spawn = Callable[..., Any]
+
+ADD = "tests.apps.basic.add"
+SUICIDE = "tests.apps.basic.suicide"
+
+
+async def dead_letters(app: App, queue: str = "default") -> list[dict[bytes, bytes]]:
+    entries = await app.broker.redis.xrange(app.broker.keys.dead(queue))
+    return [fields for _, fields in entries]
+
+
+async def wait_dead_letters(app: App, n: int, timeout: float = 10) -> list[dict[bytes, bytes]]:
+    async def enough() -> bool:
+        return len(await dead_letters(app)) >= n
+
+    await wait_until(enough, timeout, f"{n} dead letter(s)")
+    return await dead_letters(app)
+
+
+async def queue_is_empty(app: App, queue: str = "default") -> bool:
+    """No entry left on the queue's streams, and none pending."""
+    r = app.broker.redis
+    for stream in app.broker.keys.streams(queue):
+        if await r.xlen(stream):
+            return False
+        if await r.exists(stream) and (await r.xpending(stream, "workers"))["pending"]:
+            return False
+    return True
+
+
+async def worker_goes_on(app: App, proc: Any) -> None:
+    """The worker is alive and still runs tasks."""
+    assert proc.proc.poll() is None, proc.output()
+    assert await (await app.send_task(ADD, args=(40, 2))).result(timeout=10) == 42
+    assert proc.proc.poll() is None, proc.output()
+
+
+async def test_unknown_task_is_dead_lettered_and_fails(app: App, spawn_worker: Spawn) -> None:
+    w = spawn_worker()
+    await wait_consuming(app, w)
+    h = await app.send_task("no.such.task", args=(1,))
+    with pytest.raises(TaskFailed) as err:
+        await h.result(timeout=10)
+    assert err.value.exc_type == "UnknownTask"
+    assert "no.such.task" in err.value.exc_message
+    info = await h.info()
+    assert info.state == TaskState.FAILURE
+    assert info.exc_type == "UnknownTask"
+
+    (dead,) = await wait_dead_letters(app, 1)
+    assert dead[b"id"].decode() == h.id
+    assert b"UnknownTask" in dead[b"reason"]
+    assert b"m" in dead  # the original message is kept for inspection or replay
+    assert await queue_is_empty(app)
+    await asyncio.to_thread(w.wait_for_output, "no.such.task", 5)  # logged, naming it
+    await worker_goes_on(app, w)
+
+
+@pytest.mark.parametrize(
+    ("ct", "payload"),
+    [
+        ("msgpack", b"\xc1garbage"),  # 0xc1 is never valid msgpack
+        ("msgpack", b"\x2a"),  # valid msgpack (42), but not a task message
+        ("json", b"{not json"),
+        ("pickle", b"\x80\x04K*."),  # a content type the worker does not speak
+    ],
+    ids=["bad-msgpack", "not-a-message", "bad-json", "unknown-ct"],
+)
+async def test_undecodable_entry_is_dead_lettered_and_fails(
+    app: App, spawn_worker: Spawn, ct: str, payload: bytes
+) -> None:
+    w = spawn_worker()
+    await wait_consuming(app, w)
+    task_id = uuid.uuid4().hex
+    stream = app.broker.keys.stream("default", 5)
+    await app.broker.redis.xadd(stream, {"id": task_id, "ct": ct, "m": payload})
+
+    h = app.handle(task_id)
+    with pytest.raises(TaskFailed) as err:
+        await h.result(timeout=10)
+    assert err.value.exc_type == "DecodeError"
+    assert (await h.info()).state == TaskState.FAILURE
+
+    (dead,) = await wait_dead_letters(app, 1)
+    assert dead[b"id"].decode() == task_id
+    assert dead[b"m"] == payload
+    assert dead[b"ct"].decode() == ct
+    assert b"DecodeError" in dead[b"reason"]
+    assert await queue_is_empty(app)
+    await worker_goes_on(app, w)
+
+
+async def test_entry_without_known_fields_is_dead_lettered(app: App, spawn_worker: Spawn) -> None:
+    w = spawn_worker()
+    await wait_consuming(app, w)
+    stream = app.broker.keys.stream("default", 5)
+    await app.broker.redis.xadd(stream, {"foo": "bar"})
+
+    (dead,) = await wait_dead_letters(app, 1)
+    assert dead[b"foo"] == b"bar"
+    assert dead.get(b"reason")
+    assert await queue_is_empty(app)
+    await worker_goes_on(app, w)
+    assert len(await dead_letters(app)) == 1
+
+
+async def test_task_that_kills_every_worker_is_dead_lettered_after_max_deliveries(
+    app: App, spawn_worker: Spawn
+) -> None:
+    """`suicide` SIGKILLs whichever worker runs it. Workers restarted in a loop (as a
+    supervisor would) see it redelivered max_deliveries times, then dead-lettered."""
+    h = await app.send_task(SUICIDE)
+    max_deliveries = 3
+    died: list[int] = []
+    last = None
+    for _ in range(8):
+        last = spawn_worker("--max-deliveries", str(max_deliveries))
+
+        async def settled(proc: Any = last) -> bool:
+            return proc.proc.poll() is not None or (await h.state()).is_final
+
+        await wait_until(settled, 15, "the worker to die or the task to settle")
+        if last.proc.poll() is not None:
+            assert last.proc.returncode == -9, last.output()
+            died.append(last.pid)
+            continue
+        break
+    assert last is not None
+    assert len(died) == max_deliveries, f"{len(died)} workers died"
+
+    with pytest.raises(TaskFailed) as err:
+        await h.result(timeout=5)
+    assert err.value.exc_type == "MaxDeliveriesExceeded"
+    info = await h.info()
+    assert info.state == TaskState.FAILURE
+    assert info.exc_type == "MaxDeliveriesExceeded"
+
+    (dead,) = await dead_letters(app)
+    assert dead[b"id"].decode() == h.id
+    assert b"max_deliveries=3" in dead[b"reason"]
+    assert await queue_is_empty(app)
+    await worker_goes_on(app, last)

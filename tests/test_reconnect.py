@@ -1,0 +1,180 @@
+"""Redis going away: workers ride out a server restart, clients fail in bounded time.
+
+Every test owns its server (`own_server`); a restart brings it back EMPTY (no persistence),
+as a server that lost its memory would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis
+
+from aiotasks import AiotasksError, App, BrokerConnectionError, TaskState
+from aiotasks.devserver import OwnServer
+from tests.helpers import pid_of, wait_consuming, wait_until
+
+Spawn = Callable[..., Any]
+
+ADD = "tests.apps.basic.add"
+SLEEP = "tests.apps.basic.sleep"
+
+
+@pytest.fixture
+async def client(own_server: OwnServer, namespace: str) -> AsyncIterator[App]:
+    """An App on the test's own server."""
+    a = App(redis_url=own_server.url, namespace=namespace)
+    yield a
+    await a.close()
+
+
+async def restart(server: OwnServer) -> None:
+    await asyncio.to_thread(server.restart)
+
+
+def marker_exists(server: OwnServer) -> bool:
+    """Whether the marker key set before a restart survived it (it must not: no persistence).
+
+    The worker may already have recreated its streams by the time we look, so the marker,
+    not the key count, tells whether the server came back empty.
+    """
+    r = redis.Redis.from_url(server.url)
+    try:
+        return bool(r.exists("restart-marker"))
+    finally:
+        r.close()
+
+
+def set_marker(server: OwnServer) -> None:
+    r = redis.Redis.from_url(server.url)
+    try:
+        r.set("restart-marker", "1")
+    finally:
+        r.close()
+
+
+#: What a worker says when Redis goes away: from its fetch loop, its heartbeat or its commits.
+LOST_REDIS = ("lost Redis", "heartbeat failed", "cannot store")
+
+
+def lost_redis_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if any(s in line for s in LOST_REDIS)]
+
+
+async def test_idle_worker_survives_a_server_restart(
+    own_server: OwnServer, client: App, spawn_worker: Spawn
+) -> None:
+    w = spawn_worker(url=own_server.url)
+    await wait_consuming(client, w)
+    assert await (await client.send_task(ADD, args=(1, 2))).result(timeout=10) == 3
+
+    set_marker(own_server)
+    await restart(own_server)
+    assert not marker_exists(own_server)  # it came back empty
+    await asyncio.to_thread(w.wait_for_output, "lost Redis", 10)
+
+    h = await client.send_task(ADD, args=(2, 3))
+    assert await h.result(timeout=15) == 5
+    assert w.proc.poll() is None  # the same process went on
+    info = await h.info()
+    assert info.worker is not None and pid_of(info.worker) == w.pid
+    out = w.output()
+    assert "Traceback" not in out, out
+    assert 1 <= len(lost_redis_lines(out)) <= 5, out
+
+
+async def test_busy_worker_survives_a_server_restart(
+    own_server: OwnServer, client: App, spawn_worker: Spawn
+) -> None:
+    w = spawn_worker("--concurrency", "4", url=own_server.url)
+    await wait_consuming(client, w)
+    before = [await client.send_task(SLEEP, args=(0.5,)) for _ in range(12)]
+
+    async def some_started() -> bool:
+        return any([await h.state() == TaskState.STARTED for h in before])
+
+    await wait_until(some_started, 10, "a task to start")
+    await restart(own_server)  # queued, running and finished tasks are all forgotten
+
+    after = [await client.send_task(ADD, args=(i, 1)) for i in range(20)]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(h.result(timeout=30) for h in after)), timeout=35
+    )
+    assert results == [i + 1 for i in range(20)]
+    assert w.proc.poll() is None
+    assert all([pid_of((await h.info()).worker or "") == w.pid for h in after])
+    out = w.output()
+    assert "Traceback" not in out, out
+    assert 1 <= len(lost_redis_lines(out)) <= 5, out
+
+
+async def test_send_to_a_stopped_server_raises_after_the_retry_policy(
+    own_server: OwnServer, client: App, namespace: str
+) -> None:
+    assert await client.send_task(ADD, args=(1, 1))  # connected and working
+    await asyncio.to_thread(own_server.stop)
+
+    t0 = time.monotonic()
+    with pytest.raises(BrokerConnectionError) as err:
+        await client.send_task(ADD, args=(1, 2))
+    assert time.monotonic() - t0 < 5.0
+    assert isinstance(err.value, AiotasksError)
+    assert isinstance(err.value, ConnectionError)
+
+    t0 = time.monotonic()
+    with pytest.raises(BrokerConnectionError):
+        await client.send_task(
+            ADD,
+            args=(1, 2),
+            retry_policy={"max_retries": 2, "interval_start": 0.3, "interval_max": 1.0},
+        )
+    took = time.monotonic() - t0
+    assert 0.6 <= took < 3.0, took  # it did wait between tries, and then gave up
+
+    fast = App(redis_url=own_server.url, namespace=namespace, retry_policy={"max_retries": 0})
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            await fast.send_task(ADD, args=(1, 2))
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        await fast.close()
+
+    # The same client works again once the server is back.
+    await asyncio.to_thread(own_server.start)
+    h = await client.send_task(ADD, args=(2, 2))
+    assert await h.state() == TaskState.PENDING
+    assert await client.broker.redis.exists(client.broker.keys.task(h.id))
+
+
+async def test_result_waiter_rides_out_a_server_restart(
+    own_server: OwnServer, client: App, spawn_worker: Spawn
+) -> None:
+    w = spawn_worker(url=own_server.url)
+    await wait_consuming(client, w)
+    # Scheduled far ahead, so the worker leaves it alone before the restart.
+    h = await client.send_task(ADD, args=(20, 22), countdown=60)
+    waiter = asyncio.create_task(h.result(timeout=30))
+    r = client.broker.redis
+    control = client.broker.keys.control_channel.encode()
+
+    async def waiter_subscribed() -> bool:
+        channels = await r.pubsub_channels(client.broker.keys.prefix + "*")
+        return any(c != control for c in channels)
+
+    await wait_until(waiter_subscribed, 5, "the result waiter to subscribe")
+    assert not waiter.done()
+
+    await restart(own_server)  # the task is gone with the data
+    await asyncio.sleep(0.5)
+    if waiter.done():
+        pytest.fail(f"result() did not ride out the restart: {waiter.exception()!r}")
+    # Sent again under the same id, it runs; the waiter wakes with its result.
+    again = await client.send_task(ADD, args=(20, 22), task_id=h.id)
+    assert again.id == h.id
+    assert await asyncio.wait_for(waiter, timeout=20) == 42
+    assert w.proc.poll() is None

@@ -1,0 +1,373 @@
+"""Results: values, failures, timeouts, states, info, forget, TTLs and notification latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from aiotasks import (
+    AiotasksError,
+    App,
+    ResultTimeout,
+    TaskFailed,
+    TaskInfo,
+    TaskRevoked,
+    TaskState,
+    Worker,
+)
+from tests.helpers import wait_until
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+def with_query(url: str, **params: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return url + sep + "&".join(f"{k}={v}" for k, v in params.items())
+
+
+@pytest.fixture
+def client(make_app: Callable[..., App]) -> App:
+    """A second App on the test namespace: the sending/waiting side, apart from the worker."""
+    return make_app()
+
+
+# -- values and failures --------------------------------------------------------------
+
+
+async def test_result_returns_the_value(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> dict[str, int]:
+        return {"sum": x + y}
+
+    await worker()
+    h = await add.send(2, 3)
+    assert await h.result(timeout=5) == {"sum": 5}
+    # A second call reads the stored value again.
+    assert await h.result(timeout=5) == {"sum": 5}
+
+
+async def test_result_without_timeout_waits(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    h = await add.send(2, 3)
+    async with asyncio.timeout(5):
+        assert await h.result() == 5
+
+
+async def test_result_of_a_failed_task_raises_task_failed(app: App, worker: StartWorker) -> None:
+    def check_input_here(value: int) -> None:
+        raise ValueError(f"bad input {value}")
+
+    @app.task
+    async def validate(value: int) -> None:
+        check_input_here(value)
+
+    await worker()
+    h = await validate.send(42)
+    with pytest.raises(TaskFailed) as caught:
+        await h.result(timeout=5)
+    err = caught.value
+    assert isinstance(err, AiotasksError)
+    assert err.task_id == h.id
+    assert err.exc_type == "ValueError"
+    assert err.exc_message == "bad input 42"
+    assert err.traceback is not None
+    assert "check_input_here" in err.traceback
+    assert "ValueError: bad input 42" in err.traceback
+    assert await h.state() == TaskState.FAILURE
+    info = await h.info()
+    assert (info.exc_type, info.exc_message) == ("ValueError", "bad input 42")
+    assert info.traceback == err.traceback
+
+
+async def test_failure_of_a_sync_task(app: App, worker: StartWorker) -> None:
+    @app.task
+    def explode() -> None:
+        raise KeyError("missing")
+
+    await worker()
+    h = await explode.send()
+    with pytest.raises(TaskFailed) as caught:
+        await h.result(timeout=5)
+    assert caught.value.exc_type == "KeyError"
+    assert "explode" in (caught.value.traceback or "")
+
+
+async def test_result_of_a_revoked_task_raises_task_revoked(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.send(1, 2)
+    await h.revoke()
+    assert await h.state() == TaskState.REVOKED
+    await worker()
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=5)
+
+
+# -- timeouts and unknown ids --------------------------------------------------------------
+
+
+async def test_result_timeout_when_no_worker_runs(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.send(1, 2)
+    started = time.monotonic()
+    with pytest.raises(ResultTimeout) as caught:
+        await h.result(timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert isinstance(caught.value, TimeoutError)
+    assert isinstance(caught.value, AiotasksError)
+    assert 0.25 <= elapsed < 2
+    # Timing out leaves the task alone.
+    assert await h.state() == TaskState.PENDING
+
+
+async def test_unknown_task_id_reads_as_pending(app: App) -> None:
+    h = app.handle(uuid.uuid4().hex)
+    assert await h.state() == TaskState.PENDING
+    info = await h.info()
+    assert info.state == TaskState.PENDING
+    assert info.result is None and info.name is None
+    with pytest.raises(ResultTimeout):
+        await h.result(timeout=0.3)
+
+
+# -- states and info -----------------------------------------------------------------------
+
+
+async def test_state_moves_pending_started_success(app: App, worker: StartWorker) -> None:
+    gate = asyncio.Event()
+
+    @app.task
+    async def gated() -> str:
+        await gate.wait()
+        return "done"
+
+    h = await gated.send()
+    assert await h.state() == TaskState.PENDING
+    await worker()
+
+    async def started() -> bool:
+        return await h.state() == TaskState.STARTED
+
+    await wait_until(started)
+    gate.set()
+    assert await h.result(timeout=5) == "done"
+    assert await h.state() == TaskState.SUCCESS
+
+
+async def test_info_fields(app: App, worker: StartWorker) -> None:
+    @app.task(name="info.add", queue="numbers")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    w = await worker(queues=["numbers"])
+    before = time.time()
+    h = await add.send(2, 3)
+    assert await h.result(timeout=5) == 5
+    after = time.time()
+    info = await h.info()
+    assert isinstance(info, TaskInfo)
+    assert info.id == h.id
+    assert info.name == "info.add"
+    assert info.state == TaskState.SUCCESS
+    assert info.result == 5
+    assert info.exc_type is None and info.exc_message is None and info.traceback is None
+    assert info.attempts == 1
+    assert info.queue == "numbers"
+    assert info.worker == w.name
+    stamps = [info.enqueued_at, info.started_at, info.finished_at]
+    for stamp in stamps:
+        assert stamp is not None
+        assert stamp.tzinfo is not None and stamp.utcoffset() == timedelta(0)
+    assert info.enqueued_at <= info.started_at <= info.finished_at  # type: ignore[operator]
+    # The stamps are wall-clock times of this run (ms precision on the wire).
+    assert before - 0.01 <= info.enqueued_at.timestamp() <= after + 0.01  # type: ignore[union-attr]
+    assert info.finished_at.timestamp() <= after + 0.01  # type: ignore[union-attr]
+
+
+async def test_info_of_a_queued_task(app: App) -> None:
+    @app.task(name="info.queued")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.send(2, 3)
+    info = await h.info()
+    assert info.state == TaskState.PENDING
+    assert info.name == "info.queued"
+    assert info.queue == "default"
+    assert info.enqueued_at is not None
+    assert info.started_at is None and info.finished_at is None
+    assert info.result is None
+
+
+# -- forget -----------------------------------------------------------------------------
+
+
+async def test_forget_makes_the_task_unknown(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    h = await add.send(2, 3)
+    assert await h.result(timeout=5) == 5
+    await h.forget()
+    assert await h.state() == TaskState.PENDING
+    info = await h.info()
+    assert info.state == TaskState.PENDING
+    assert info.result is None
+    assert not await app.broker.redis.exists(app.broker.keys.task(h.id))
+    with pytest.raises(ResultTimeout):
+        await h.result(timeout=0.2)
+
+
+# -- result TTL --------------------------------------------------------------------------
+
+
+async def test_task_result_ttl_sets_the_hash_ttl(app: App, worker: StartWorker) -> None:
+    @app.task(result_ttl=100)
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    h = await add.send(2, 3)
+    assert await h.result(timeout=5) == 5
+    pttl = await app.broker.redis.pttl(app.broker.keys.task(h.id))
+    assert 0 < pttl <= 100_000
+
+
+async def test_send_option_result_ttl_wins(app: App, worker: StartWorker) -> None:
+    @app.task(result_ttl=100)
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    h = await add.apply_async((2, 3), result_ttl=7)
+    assert await h.result(timeout=5) == 5
+    pttl = await app.broker.redis.pttl(app.broker.keys.task(h.id))
+    assert 0 < pttl <= 7_000
+
+
+async def test_app_result_ttl_is_the_default(
+    make_app: Callable[..., App], worker: StartWorker
+) -> None:
+    short = make_app(result_ttl=30)
+
+    @short.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker(short)
+    h = await add.send(2, 3)
+    assert await h.result(timeout=5) == 5
+    pttl = await short.broker.redis.pttl(short.broker.keys.task(h.id))
+    assert 0 < pttl <= 30_000
+    failing = await short.send_task("no.such.task")
+    with pytest.raises(TaskFailed):
+        await failing.result(timeout=5)
+    pttl = await short.broker.redis.pttl(short.broker.keys.task(failing.id))
+    assert 0 < pttl <= 30_000
+
+
+async def test_failed_task_hash_has_a_ttl(app: App, worker: StartWorker) -> None:
+    @app.task(result_ttl=50)
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    await worker()
+    h = await boom.send()
+    with pytest.raises(TaskFailed):
+        await h.result(timeout=5)
+    pttl = await app.broker.redis.pttl(app.broker.keys.task(h.id))
+    assert 0 < pttl <= 50_000
+
+
+# -- woken by notification, not by polling -----------------------------------------------
+
+
+@pytest.mark.parametrize("sender", ["waiter", "other"])
+async def test_result_is_seen_soon_after_it_lands(
+    client: App, app: App, worker: StartWorker, sender: str
+) -> None:
+    async def slow() -> str:
+        await asyncio.sleep(0.5)
+        return "late"
+
+    on_worker = app.task(name="slow")(slow)
+    on_client = client.task(name="slow")(slow)
+    await worker()
+    sent = await (on_client if sender == "waiter" else on_worker).send()
+    h = client.handle(sent.id)
+    began = time.monotonic()
+    assert await h.result(timeout=5) == "late"
+    seen = time.time()
+    assert time.monotonic() - began >= 0.45
+    info = await h.info()
+    assert info.finished_at is not None
+    # finished_at is stamped before the commit; the waiter wakes on the notification.
+    latency = seen - info.finished_at.timestamp()
+    assert latency < 0.05, f"result seen {latency * 1000:.0f} ms after it landed"
+
+
+async def test_many_waiters_share_one_subscription(
+    make_app: Callable[..., App], redis_url: str, namespace: str, app: App, worker: StartWorker
+) -> None:
+    n, max_connections = 1000, 8
+    name = f"aiotasks-test-{namespace}"
+    client = make_app(with_query(redis_url, client_name=name), max_connections=max_connections)
+
+    async def ident(i: int) -> int:
+        return i
+
+    remote = app.task(name="ident")(ident)
+    local = client.task(name="ident")(ident)
+
+    async def my_connections() -> list[dict[str, Any]]:
+        return [c for c in await app.broker.redis.client_list() if c.get("name") == name]
+
+    waiters: list[asyncio.Future[int]] = []
+    try:
+        # Half sent by the waiting App itself, half by another App.
+        own = await local.send_many([((i,), None) for i in range(n // 2)])
+        other = await remote.send_many([((i,), None) for i in range(n // 2, n)])
+        waiters = [
+            asyncio.ensure_future(client.handle(h.id).result(timeout=30)) for h in own + other
+        ]
+
+        async def all_idle() -> bool:
+            conns = await my_connections()
+            return bool(conns) and all(int(c["idle"]) >= 2 for c in conns)
+
+        # Waiting costs no traffic: every connection of the waiting App goes quiet for
+        # over a second (Redis counts idle in whole seconds, so 2 means more than 1 s);
+        # a waiter that polled at any shorter interval would keep one busy.
+        await wait_until(all_idle, timeout=10)
+        assert not any(w.done() for w in waiters)
+        # All of them listen on one pub/sub connection, not one each.
+        subscribed = [c for c in await my_connections() if int(c["sub"]) or int(c["psub"])]
+        assert len(subscribed) == 1
+
+        await worker(concurrency=200)
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*waiters)
+        assert results == list(range(n))
+        # The pool never grew past its limit; the subscription has one connection of its
+        # own (outside the pool, so that it sees a lost connection and re-reads).
+        assert 1 <= len(await my_connections()) <= max_connections + 1
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,122 @@
+"""Revoking: a queued or scheduled task never runs; a running one is cancelled on request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from aiotasks import App, TaskRevoked, TaskState
+
+
+async def _pttl(app: App, task_id: str) -> int:
+    return int(await app.broker.redis.pttl(app.broker.keys.task(task_id)))
+
+
+async def test_revoke_queued_task_never_runs(app: App, worker: Any) -> None:
+    runs: list[str] = []
+
+    @app.task
+    async def job(tag: str) -> str:
+        runs.append(tag)
+        return tag
+
+    h = await job.send("revoked")
+    await h.revoke()
+    assert await h.state() == TaskState.REVOKED
+    assert 0 < await _pttl(app, h.id) <= app.settings.result_ttl * 1000
+
+    await worker(concurrency=1)
+    # Sent after on the same stream: once it ran, the worker has met the revoked entry.
+    marker = await job.send("marker")
+    assert await marker.result(timeout=10) == "marker"
+    assert runs == ["marker"]
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=5)
+    info = await h.info()
+    assert info.state == TaskState.REVOKED and info.started_at is None
+    assert await app.broker.redis.xlen(app.broker.keys.stream("default")) == 0  # settled, deleted
+    assert 0 < await _pttl(app, h.id) <= app.settings.result_ttl * 1000
+
+
+async def test_revoke_scheduled_task(app: App, worker: Any) -> None:
+    runs: list[str] = []
+
+    @app.task
+    async def job(tag: str) -> str:
+        runs.append(tag)
+        return tag
+
+    await worker()
+    h = await job.options(countdown=0.5).send("revoked")
+    assert await h.state() == TaskState.SCHEDULED
+    await h.revoke()
+    assert await h.state() == TaskState.REVOKED  # at once, not when it falls due
+    assert await app.broker.redis.zscore(app.broker.keys.delayed, h.id) is None
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=1)
+    assert 0 < await _pttl(app, h.id) <= app.settings.result_ttl * 1000
+
+    # Due after the revoked one would have been: once it ran, the revoked one had its chance.
+    marker = await job.options(countdown=0.7).send("marker")
+    assert await marker.result(timeout=10) == "marker"
+    assert runs == ["marker"]
+    assert await h.state() == TaskState.REVOKED
+
+
+async def test_revoke_terminate_cancels_running_task(app: App, worker: Any) -> None:
+    started = asyncio.Event()
+    cancelled_at: list[float] = []
+
+    @app.task
+    async def slow() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled_at.append(time.perf_counter())
+            raise
+        return "finished"
+
+    @app.task
+    async def quick(x: int) -> int:
+        return x
+
+    await worker(concurrency=1)
+    h = await slow.send()
+    async with asyncio.timeout(10):
+        await started.wait()
+    assert await h.state() == TaskState.STARTED
+
+    t0 = time.perf_counter()
+    await h.revoke(terminate=True)
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=5)
+    assert cancelled_at, "the task was not cancelled"
+    latency = cancelled_at[0] - t0
+    assert latency < 1.0, f"cancelled {latency:.3f} s after revoke"
+    assert await h.state() == TaskState.REVOKED
+
+    # The worker goes on, and its only slot is free again.
+    assert await (await quick.send(7)).result(timeout=5) == 7
+    info = await h.info()
+    assert info.state == TaskState.REVOKED and info.result is None
+    assert 0 < await _pttl(app, h.id) <= app.settings.result_ttl * 1000
+    # Its entry was acknowledged: nothing is left to be redelivered.
+    pending = await app.broker.redis.xpending(app.broker.keys.stream("default"), "workers")
+    assert pending["pending"] == 0
+
+
+async def test_revoke_finished_task_keeps_its_result(app: App, worker: Any) -> None:
+    @app.task
+    async def job() -> int:
+        return 1
+
+    await worker()
+    h = await job.send()
+    assert await h.result(timeout=10) == 1
+    await h.revoke(terminate=True)
+    assert await h.state() == TaskState.SUCCESS
+    assert await h.result(timeout=1) == 1

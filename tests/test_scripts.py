@@ -1,0 +1,189 @@
+"""The Lua scripts: every file loads on the server, and enqueue.lua's dedup rules."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import pytest
+import redis
+
+from aiotasks import App, TaskState
+from aiotasks.message import Message
+from aiotasks.scripts import SOURCES
+
+LUA_DIR = resources.files("aiotasks") / "lua"
+LUA_FILES = sorted(
+    p.name for p in LUA_DIR.iterdir() if p.name.endswith(".lua") and not p.name.startswith("_")
+)
+
+
+@pytest.fixture(scope="module")
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+# -- every script loads ----------------------------------------------------------------
+
+
+def test_sources_are_the_lua_files() -> None:
+    assert SOURCES, "no scripts registered"
+    for name in SOURCES:
+        assert f"{name}.lua" in LUA_FILES, f"SOURCES names {name!r} but there is no {name}.lua"
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_registered_script_loads(sync_redis: redis.Redis, name: str) -> None:
+    source = SOURCES[name]
+    sha = sync_redis.script_load(source)
+    assert sha == hashlib.sha1(source.encode()).hexdigest()
+    assert sync_redis.script_exists(sha) == [True]
+
+
+@pytest.mark.parametrize("filename", LUA_FILES)
+def test_every_lua_file_loads_with_the_shared_library(
+    sync_redis: redis.Redis, filename: str
+) -> None:
+    # Scripts outside SOURCES (operations commands) are loaded the same way: _lib first.
+    source = (LUA_DIR / "_lib.lua").read_text() + "\n" + (LUA_DIR / filename).read_text()
+    assert sync_redis.script_load(source)
+
+
+@pytest.mark.parametrize("filename", LUA_FILES)
+def test_every_lua_file_documents_its_keys_args_and_return(filename: str) -> None:
+    text = (LUA_DIR / filename).read_text()
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            break
+        header.append(line)
+    block = "\n".join(header)
+    assert header, f"{filename} does not open with a comment block"
+    assert header[0].startswith(f"-- {filename.removesuffix('.lua')}:")
+    assert "KEYS[1]" in block
+    assert "ARGV[1]" in block
+    assert "Returns" in block
+
+
+# -- enqueue.lua dedup ------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def message(task_id: str | None = None, **fields: Any) -> Message:
+    return Message(id=task_id or uuid.uuid4().hex, name="scripts.t", args=[1], **fields)
+
+
+async def enqueue(app: App, mode: str, *messages: Message, ttl: int = 60) -> list[int]:
+    keys = app.broker.keys
+    tasks = [m.enqueue_args(keys, ttl) for m in messages]
+    result = await app.broker.scripts.enqueue(
+        prefix=keys.prefix, now_ms=now_ms(), mode=mode, tasks=tasks
+    )
+    return [int(x) for x in result]
+
+
+async def stream_ids(app: App, queue: str = "default", priority: int = 5) -> list[str]:
+    entries: Any = await app.broker.redis.xrange(app.broker.keys.stream(queue, priority))
+    return [f[b"id"].decode() for _, f in entries]
+
+
+async def set_state(app: App, task_id: str, state: str) -> None:
+    await app.broker.redis.hset(app.broker.keys.task(task_id), "state", state)
+
+
+async def test_enqueue_new_id_adds_an_entry_and_a_pending_record(app: App) -> None:
+    m = message()
+    assert await enqueue(app, "send", m) == [1]
+    assert await stream_ids(app) == [m.id]
+    h = await app.broker.redis.hgetall(app.broker.keys.task(m.id))
+    assert h[b"state"] == b"PENDING"
+    assert h[b"name"] == b"scripts.t"
+    assert h[b"queue"] == b"default"
+    pttl = await app.broker.redis.pttl(app.broker.keys.task(m.id))
+    assert 0 < pttl <= 60_000
+    assert await app.broker.redis.sismember(app.broker.keys.queues, "default")
+
+
+async def test_enqueue_due_later_goes_to_the_delayed_set(app: App) -> None:
+    m = message(eta=time.time() + 60)
+    assert await enqueue(app, "send", m) == [1]
+    assert await stream_ids(app) == []
+    score = await app.broker.redis.zscore(app.broker.keys.delayed, m.id)
+    assert score == pytest.approx(m.eta * 1000, abs=1)  # type: ignore[operator]
+    assert await app.handle(m.id).state() == TaskState.SCHEDULED
+
+
+@pytest.mark.parametrize("state", ["PENDING", "SCHEDULED", "STARTED"])
+async def test_send_mode_skips_a_live_id(app: App, state: str) -> None:
+    m = message()
+    await set_state(app, m.id, state)
+    assert await enqueue(app, "send", m) == [0]
+    assert await stream_ids(app) == []
+    assert await app.handle(m.id).state() == state
+
+
+@pytest.mark.parametrize("state", ["SUCCESS", "FAILURE", "REVOKED"])
+async def test_send_mode_enqueues_a_finished_id_again(app: App, state: str) -> None:
+    m = message()
+    await set_state(app, m.id, state)
+    assert await enqueue(app, "send", m) == [1]
+    assert await stream_ids(app) == [m.id]
+    assert await app.handle(m.id).state() == TaskState.PENDING
+
+
+async def test_send_mode_dedups_a_queued_id_end_to_end(app: App) -> None:
+    m = message()
+    assert await enqueue(app, "send", m) == [1]
+    assert await enqueue(app, "send", m) == [0]
+    assert await stream_ids(app) == [m.id]
+
+
+async def test_send_mode_dedups_within_one_batch(app: App) -> None:
+    a, b = message(), message()
+    dup = message(a.id)
+    assert await enqueue(app, "send", a, dup, b) == [1, 0, 1]
+    assert await stream_ids(app) == [a.id, b.id]
+
+
+@pytest.mark.parametrize(
+    "state", ["PENDING", "SCHEDULED", "STARTED", "SUCCESS", "FAILURE", "REVOKED"]
+)
+async def test_follow_mode_skips_any_existing_id(app: App, state: str) -> None:
+    m = message()
+    await set_state(app, m.id, state)
+    assert await enqueue(app, "follow", m) == [0]
+    assert await stream_ids(app) == []
+    assert await app.handle(m.id).state() == state
+
+
+async def test_follow_mode_enqueues_a_new_id_once(app: App) -> None:
+    m = message()
+    assert await enqueue(app, "follow", m) == [1]
+    assert await enqueue(app, "follow", m) == [0]
+    assert await stream_ids(app) == [m.id]
+
+
+async def test_batch_of_mixed_new_and_existing_ids(app: App) -> None:
+    fresh, live, done = message(), message(), message()
+    await set_state(app, live.id, "STARTED")
+    await set_state(app, done.id, "SUCCESS")
+    assert await enqueue(app, "send", fresh, live, done) == [1, 0, 1]
+    assert await stream_ids(app) == [fresh.id, done.id]
+
+
+async def test_enqueue_routes_by_queue_and_priority(app: App) -> None:
+    urgent = message(queue="mail", priority=9)
+    lazy = message(queue="mail", priority=0)
+    assert await enqueue(app, "send", urgent, lazy) == [1, 1]
+    assert await stream_ids(app, "mail", 9) == [urgent.id]
+    assert await stream_ids(app, "mail", 0) == [lazy.id]
+    assert await app.broker.redis.sismember(app.broker.keys.queues, "mail")

@@ -1,0 +1,506 @@
+"""Sending tasks: decorators, every send spelling, bulk sends, dedup and send errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import (
+    App,
+    BrokerConnectionError,
+    SerializationError,
+    Signature,
+    Task,
+    TaskHandle,
+    TaskState,
+    Worker,
+)
+
+StartWorker = Callable[..., Awaitable[Worker]]
+UNREACHABLE = "redis://127.0.0.1:1/0"
+
+
+async def xlen(app: App, queue: str = "default", priority: int = 5) -> int:
+    return int(await app.broker.redis.xlen(app.broker.keys.stream(queue, priority)))
+
+
+async def entry_ids(app: App, queue: str = "default", priority: int = 5) -> list[str]:
+    """The task ids of a stream's entries, in stream order."""
+    entries: Any = await app.broker.redis.xrange(app.broker.keys.stream(queue, priority))
+    return [fields[b"id"].decode() for _, fields in entries]
+
+
+async def namespace_keys(app: App) -> list[bytes]:
+    """Every key of the app's namespace (a big SCAN COUNT: the server is shared and busy)."""
+    redis, pattern = app.broker.redis, app.broker.keys.prefix + "*"
+    return [k async for k in redis.scan_iter(match=pattern, count=10_000)]
+
+
+# -- decorators --------------------------------------------------------------------------
+
+
+async def test_bare_decorator_registers_under_module_qualname(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        """Adds."""
+        return x + y
+
+    assert isinstance(add, Task)
+    assert add.name == f"{__name__}.{add.fn.__qualname__}"
+    assert add.name.endswith("<locals>.add")
+    assert app.tasks[add.name] is add
+    assert add.__doc__ == "Adds."
+
+
+async def test_decorator_with_options_sets_name_queue_and_priority(
+    app: App, worker: StartWorker
+) -> None:
+    @app.task(name="mail.send", queue="high", priority=7, max_retries=2)
+    async def send_mail(to: str) -> str:
+        return f"sent to {to}"
+
+    assert send_mail.name == "mail.send"
+    assert app.tasks["mail.send"] is send_mail
+    h = await send_mail.send("bob")
+    assert await xlen(app, "high", 7) == 1
+    assert await xlen(app, "default", 5) == 0
+    await worker(queues=["high"])
+    assert await h.result(timeout=5) == "sent to bob"
+
+
+async def test_unknown_task_decorator_option_is_a_type_error(app: App) -> None:
+    with pytest.raises(TypeError):
+
+        @app.task(no_such_option=1)
+        async def f() -> None: ...
+
+
+async def test_each_app_has_its_own_registry(app: App, redis_url: str) -> None:
+    other = App(redis_url=redis_url, namespace=app.settings.namespace + "-other")
+
+    @app.task(name="only.here")
+    async def f() -> None: ...
+
+    assert "only.here" in app.tasks
+    assert "only.here" not in other.tasks
+
+
+# -- async and sync functions --------------------------------------------------------------
+
+
+async def test_async_task_runs_on_the_worker_loop(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def where() -> int:
+        return threading.get_ident()
+
+    await worker()
+    h = await where.send()
+    assert await h.result(timeout=5) == threading.get_ident()
+
+
+async def test_plain_def_task_runs_in_a_thread(app: App, worker: StartWorker) -> None:
+    @app.task
+    def where(x: int) -> list[int]:
+        return [x * 2, threading.get_ident()]
+
+    await worker()
+    h = await where.send(21)
+    doubled, thread_id = await h.result(timeout=5)
+    assert doubled == 42
+    assert thread_id != threading.get_ident()
+
+
+# -- send spellings -----------------------------------------------------------------------
+
+
+async def test_send_returns_a_handle_and_queues_one_entry(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.send(2, 3)
+    assert isinstance(h, TaskHandle)
+    assert isinstance(h.id, str) and h.id
+    assert await h.state() == TaskState.PENDING
+    assert await entry_ids(app) == [h.id]
+    await worker()
+    assert await h.result(timeout=5) == 5
+
+
+async def test_send_with_kwargs(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def sub(x: int, y: int = 0) -> int:
+        return x - y
+
+    await worker()
+    h = await sub.send(10, y=4)
+    assert await h.result(timeout=5) == 6
+
+
+async def test_options_send_applies_queue_and_priority(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    bound = add.options(queue="high", priority=9)
+    h = await bound.send(2, 3)
+    assert await entry_ids(app, "high", 9) == [h.id]
+    assert await xlen(app) == 0
+    await worker(queues=["high"])
+    assert await h.result(timeout=5) == 5
+
+
+async def test_options_countdown_schedules_the_task(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.options(countdown=30).send(2, 3)
+    assert await h.state() == TaskState.SCHEDULED
+    assert await xlen(app) == 0
+    assert await app.broker.redis.zscore(app.broker.keys.delayed, h.id) is not None
+
+
+async def test_apply_async_with_args_kwargs_and_countdown(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    sent = time.monotonic()
+    h = await add.apply_async((2,), {"y": 3}, countdown=0.5)
+    assert await h.state() == TaskState.SCHEDULED
+    assert await h.result(timeout=5) == 5
+    assert time.monotonic() - sent >= 0.45
+
+
+async def test_apply_async_without_options_runs_now(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.apply_async((4, 5))
+    assert await entry_ids(app) == [h.id]
+    await worker()
+    assert await h.result(timeout=5) == 9
+
+
+async def test_signature_send_and_set(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    sig = add.s(2, 3)
+    assert isinstance(sig, Signature)
+    assert (sig.name, sig.args, sig.kwargs) == (add.name, (2, 3), {})
+    high = sig.set(queue="high", priority=8)
+    assert high.options == {"queue": "high", "priority": 8}
+    assert sig.options == {}  # set() returns a copy
+
+    h1 = await high.send()
+    h2 = await sig.send(priority=1)
+    assert await entry_ids(app, "high", 8) == [h1.id]
+    assert await entry_ids(app, "default", 1) == [h2.id]
+    await worker(queues=["high", "default"])
+    assert await h1.result(timeout=5) == 5
+    assert await h2.result(timeout=5) == 5
+
+
+async def test_signature_with_kwargs(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def sub(x: int, y: int = 0) -> int:
+        return x - y
+
+    await worker()
+    h = await sub.s(10, y=3).send()
+    assert await h.result(timeout=5) == 7
+
+
+async def test_send_task_by_name(app: App, worker: StartWorker) -> None:
+    @app.task(name="math.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    h = await app.send_task("math.add", args=(2,), kwargs={"y": 40})
+    assert await h.result(timeout=5) == 42
+    info = await h.info()
+    assert info.name == "math.add"
+
+
+async def test_send_task_by_name_unregistered_on_the_client(
+    make_app: Callable[..., App], app: App, worker: StartWorker
+) -> None:
+    # The sender does not know the task; a worker App on the same namespace does.
+    worker_app = make_app()
+
+    @worker_app.task(name="remote.mul")
+    async def mul(x: int, y: int) -> int:
+        return x * y
+
+    assert "remote.mul" not in app.tasks
+    await worker(worker_app)
+    h = await app.send_task("remote.mul", args=(6, 7))
+    assert await h.result(timeout=5) == 42
+
+
+async def test_app_handle_reads_any_task(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    h = await add.send(1, 1)
+    assert await app.handle(h.id).result(timeout=5) == 2
+    assert app.handle(h.id) == h
+
+
+# -- send_many ------------------------------------------------------------------------
+
+
+async def test_send_many_is_one_round_trip_with_handles_in_order(
+    app: App, worker: StartWorker
+) -> None:
+    @app.task
+    async def add(x: int, y: int = 0) -> int:
+        return x + y
+
+    scripts = app.broker.scripts
+    calls: list[dict[str, Any]] = []
+    original = scripts.enqueue
+
+    async def counting(**kw: Any) -> list[int]:
+        calls.append(kw)
+        return await original(**kw)
+
+    scripts.enqueue = counting  # type: ignore[method-assign]
+
+    batch: list[tuple[tuple[int, ...], dict[str, int] | None]] = [
+        ((1, 2), None),
+        ((3,), {"y": 4}),
+        ((), {"x": 5, "y": 6}),
+        ((7,), None),
+    ]
+    handles = await add.send_many(batch)
+    assert len(calls) == 1, "send_many must enqueue in one script call"
+    assert len(handles) == 4
+    assert len({h.id for h in handles}) == 4
+    # Every entry landed, in the order of the calls.
+    assert await entry_ids(app) == [h.id for h in handles]
+    await worker()
+    results = [await h.result(timeout=5) for h in handles]
+    assert results == [3, 7, 11, 7]
+
+
+async def test_send_many_with_options(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    handles = await add.send_many([((1, 1), None), ((2, 2), None)], queue="bulk", priority=2)
+    assert await entry_ids(app, "bulk", 2) == [h.id for h in handles]
+
+
+async def test_send_many_of_nothing_returns_nothing(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    assert await add.send_many([]) == []
+
+
+# -- inline calls -----------------------------------------------------------------------
+
+
+async def test_inline_call_needs_no_broker() -> None:
+    offline = App(redis_url=UNREACHABLE, namespace="t-inline")
+
+    @offline.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @offline.task
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    try:
+        async with asyncio.timeout(2):
+            assert await add(2, 3) == 5
+            assert await mul(2, 3) == 6
+            assert await add.s(1)(2) == 3
+    finally:
+        await offline.close()
+
+
+# -- send errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", [object(), lambda: 1, {"nested": [object()]}], ids=["object", "lambda", "nested"]
+)
+async def test_unencodable_argument_raises_and_enqueues_nothing(app: App, bad: Any) -> None:
+    @app.task
+    async def echo(x: Any) -> Any:
+        return x
+
+    with pytest.raises(SerializationError):
+        await echo.send(bad)
+    with pytest.raises(SerializationError):
+        await echo.send(x=bad)
+    with pytest.raises(SerializationError):
+        await echo.options(serializer="json").send(bad)
+    assert await xlen(app) == 0
+    assert await namespace_keys(app) == []
+
+
+async def test_unencodable_argument_in_a_batch_enqueues_nothing(app: App) -> None:
+    @app.task
+    async def echo(x: Any) -> Any:
+        return x
+
+    with pytest.raises(SerializationError):
+        await echo.send_many([((1,), None), ((object(),), None), ((3,), None)])
+    assert await xlen(app) == 0
+    assert await namespace_keys(app) == []
+
+
+async def test_serialization_error_is_an_aiotasks_error(app: App) -> None:
+    from aiotasks import AiotasksError
+
+    @app.task
+    async def echo(x: Any) -> Any:
+        return x
+
+    with pytest.raises(AiotasksError):
+        await echo.send(object())
+
+
+async def test_send_to_unreachable_redis_raises_broker_connection_error() -> None:
+    offline = App(redis_url=UNREACHABLE, namespace="t-offline")
+
+    @offline.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerConnectionError) as info:
+            async with asyncio.timeout(10):
+                await add.send(1, 2)
+    finally:
+        await offline.close()
+    assert time.monotonic() - started < 5
+    assert isinstance(info.value, ConnectionError)
+
+
+async def test_send_to_unreachable_redis_honours_retry_policy() -> None:
+    offline = App(redis_url=UNREACHABLE, namespace="t-offline")
+
+    @offline.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    policy = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0, "interval_max": 0.2}
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerConnectionError):
+            async with asyncio.timeout(10):
+                await add.apply_async((1, 2), retry_policy=policy)
+    finally:
+        await offline.close()
+    elapsed = time.monotonic() - started
+    # Two retries, 0.2 s apart: at least 0.4 s, and bounded.
+    assert 0.35 <= elapsed < 5
+
+
+# -- task_id dedup ------------------------------------------------------------------------
+
+
+async def test_sending_a_queued_task_id_again_returns_the_same_handle(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h1 = await add.options(task_id="order-42").send(1, 2)
+    h2 = await add.options(task_id="order-42").send(100, 200)
+    h3 = await add.apply_async((5, 5), task_id="order-42")
+    assert h1.id == h2.id == h3.id == "order-42"
+    assert h1 == h2
+    assert await entry_ids(app) == ["order-42"]
+
+
+async def test_dedup_keeps_the_first_arguments(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await add.options(task_id="dup").send(1, 2)
+    await add.options(task_id="dup").send(100, 200)
+    await worker()
+    assert await app.handle("dup").result(timeout=5) == 3
+
+
+async def test_sending_a_scheduled_task_id_again_enqueues_nothing(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h1 = await add.options(task_id="later", countdown=30).send(1, 2)
+    h2 = await add.options(task_id="later").send(1, 2)
+    assert h1 == h2
+    assert await xlen(app) == 0
+    assert await h1.state() == TaskState.SCHEDULED
+
+
+async def test_send_task_by_name_dedups_too(app: App) -> None:
+    h1 = await app.send_task("some.task", args=(1,), task_id="by-name")
+    h2 = await app.send_task("some.task", args=(2,), task_id="by-name")
+    assert h1 == h2
+    assert await entry_ids(app) == ["by-name"]
+
+
+# -- option validation ------------------------------------------------------------------
+
+
+async def test_unknown_send_option_is_a_type_error(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    with pytest.raises(TypeError):
+        await add.apply_async((1, 2), no_such_option=True)
+    with pytest.raises(TypeError):
+        add.options(no_such_option=True)
+    with pytest.raises(TypeError):
+        add.s(1, 2).set(no_such_option=True)
+    with pytest.raises(TypeError):
+        await app.send_task(add.name, args=(1, 2), no_such_option=True)
+    assert await namespace_keys(app) == []
+
+
+@pytest.mark.parametrize("priority", [-1, 10, 100, 2.5, "5"])
+async def test_priority_out_of_range_is_a_value_error(app: App, priority: Any) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    with pytest.raises(ValueError):
+        await add.apply_async((1, 2), priority=priority)
+    with pytest.raises(ValueError):
+        add.options(priority=priority)
+    assert await namespace_keys(app) == []
+
+
+@pytest.mark.parametrize("priority", [0, 9])
+async def test_priority_bounds_are_accepted(app: App, priority: int) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.apply_async((1, 2), priority=priority)
+    assert await entry_ids(app, "default", priority) == [h.id]

@@ -1,0 +1,155 @@
+"""Graceful shutdown of a real worker process: SIGTERM/SIGINT, the shutdown timeout, and a
+second signal. Nothing is lost: what does not finish is redelivered."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, TaskState
+from tests.helpers import pid_of, runs_key, wait_consuming, wait_state
+
+Spawn = Callable[..., Any]
+
+SLEEP = "tests.apps.basic.sleep"
+ADD = "tests.apps.basic.add"
+STAGED_SLEEP = "tests.apps.reliability.staged_sleep"
+M = "reliability"  # the worker app module: basic.py's tasks plus staged_sleep
+
+
+async def wait_exit(proc: Any, timeout: float) -> tuple[int, float]:
+    """Wait (without blocking the loop) for a worker process to exit: (code, seconds)."""
+    t0 = time.monotonic()
+    code = await asyncio.to_thread(proc.wait, timeout)
+    return code, time.monotonic() - t0
+
+
+async def pending_entries(app: App, queue: str = "default") -> int:
+    r = app.broker.redis
+    total = 0
+    for stream in app.broker.keys.streams(queue):
+        if await r.exists(stream):
+            total += int((await r.xpending(stream, "workers"))["pending"])
+    return total
+
+
+async def test_sigterm_lets_the_running_task_finish_and_exits_0(
+    app: App, spawn_worker: Spawn
+) -> None:
+    w = spawn_worker(module=M)
+    await wait_consuming(app, w)
+    h = await app.send_task(SLEEP, args=(2,))
+    await wait_state(h, TaskState.STARTED)
+    w.signal(signal.SIGTERM)
+    code, took = await wait_exit(w, 10)
+    assert code == 0, w.output()
+    # The result was stored before the process went away.
+    info = await h.info()
+    assert info.state == TaskState.SUCCESS
+    assert info.result == 2
+    assert info.attempts == 1
+    assert 1.0 <= took < 4.0, took
+    assert await pending_entries(app) == 0
+    assert "Traceback" not in w.output()
+
+
+async def test_sigterm_on_an_idle_worker_exits_0_and_unregisters(
+    app: App, spawn_worker: Spawn
+) -> None:
+    w = spawn_worker(module=M)
+    await wait_consuming(app, w)
+    names = await app.broker.redis.zrange(app.broker.keys.workers, 0, -1)
+    (name,) = [n.decode() for n in names if pid_of(n.decode()) == w.pid]
+    w.signal(signal.SIGTERM)
+    code, took = await wait_exit(w, 10)
+    assert code == 0, w.output()
+    assert took < 2.0
+    assert not await app.broker.redis.exists(app.broker.keys.worker(name))
+
+
+async def test_shutdown_timeout_leaves_the_unfinished_task_to_be_redelivered(
+    app: App, spawn_worker: Spawn
+) -> None:
+    w1 = spawn_worker("--shutdown-timeout", "1", module=M)
+    await wait_consuming(app, w1)
+    key = runs_key(app)
+    # The first run takes 10 s; a redelivered run takes 0.2 s.
+    h = await app.send_task(STAGED_SLEEP, args=(key, 10.0, 0.2))
+    await wait_state(h, TaskState.STARTED)
+    w1.signal(signal.SIGTERM)
+    code, took = await wait_exit(w1, 10)
+    assert code == 0, w1.output()
+    assert 0.9 <= took < 4.0, took
+    # Not finished, not lost: still held as a pending entry, waiting for redelivery.
+    assert await h.state() == TaskState.STARTED
+    assert await pending_entries(app) == 1
+    assert "redelivered" in w1.output()
+
+    w2 = spawn_worker(module=M)
+    assert await h.result(timeout=20) == 2
+    info = await h.info()
+    assert info.state == TaskState.SUCCESS
+    assert info.attempts == 2
+    assert pid_of(info.worker) == w2.pid
+    assert int(await app.broker.redis.get(key)) == 2
+    assert await pending_entries(app) == 0
+
+
+async def test_sigterm_stops_fetching_queued_tasks_stay_for_others(
+    app: App, spawn_worker: Spawn
+) -> None:
+    w1 = spawn_worker("--concurrency", "1", module=M)
+    await wait_consuming(app, w1)
+    key = runs_key(app)
+    running = await app.send_task(STAGED_SLEEP, args=(key, 1.5, 0.0))
+    await wait_state(running, TaskState.STARTED)
+    queued = [await app.send_task(ADD, args=(i, i)) for i in range(3)]
+    w1.signal(signal.SIGTERM)
+    code, _ = await wait_exit(w1, 10)
+    assert code == 0, w1.output()
+    assert (await running.info()).state == TaskState.SUCCESS
+    # A stopping worker takes nothing new: the queued tasks wait, untouched, for others.
+    assert [await h.state() for h in queued] == [TaskState.PENDING] * 3
+    assert await pending_entries(app) == 0
+
+    spawn_worker(module=M)
+    assert [await h.result(timeout=15) for h in queued] == [0, 2, 4]
+    assert [(await h.info()).attempts for h in queued] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGTERM, signal.SIGINT),
+    ],
+    ids=["term-term", "int-int", "term-int"],
+)
+async def test_second_signal_exits_at_once_and_the_task_is_redelivered(
+    app: App, spawn_worker: Spawn, first: signal.Signals, second: signal.Signals
+) -> None:
+    w1 = spawn_worker(module=M)  # default --shutdown-timeout 30
+    await wait_consuming(app, w1)
+    key = runs_key(app)
+    h = await app.send_task(STAGED_SLEEP, args=(key, 30.0, 0.2))
+    await wait_state(h, TaskState.STARTED)
+    w1.signal(first)
+    await asyncio.to_thread(w1.wait_for_output, "stopping", 5)
+    assert w1.proc.poll() is None  # the first signal waits for the task
+    w1.signal(second)
+    code, took = await wait_exit(w1, 5)
+    assert took < 2.0, took
+    assert code != 0  # forced: not a clean exit
+    assert await h.state() == TaskState.STARTED
+
+    w2 = spawn_worker(module=M)
+    assert await h.result(timeout=20) == 2
+    info = await h.info()
+    assert info.attempts == 2
+    assert pid_of(info.worker) == w2.pid

@@ -1,0 +1,330 @@
+"""The worker's basics: concurrency limit, clean streams, burst mode, queues, ignore_result."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, ResultTimeout, TaskFailed, TaskState, Worker, current_task
+from aiotasks.keys import GROUP, PRIORITIES
+from tests.helpers import wait_until
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+async def stream_lengths(app: App, queue: str = "default") -> list[int]:
+    """XLEN of every priority stream of a queue."""
+    redis = app.broker.redis
+    return [int(await redis.xlen(app.broker.keys.stream(queue, p))) for p in PRIORITIES]
+
+
+async def pending_counts(app: App, queue: str = "default") -> list[int]:
+    """Entries delivered but not acknowledged, per priority stream of a queue."""
+    redis = app.broker.redis
+    counts = []
+    for p in PRIORITIES:
+        key = app.broker.keys.stream(queue, p)
+        if await redis.exists(key):
+            counts.append(int((await redis.xpending(key, GROUP))["pending"]))
+    return counts
+
+
+class Gauge:
+    """Counts tasks running at once, and the peak."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+# -- concurrency ------------------------------------------------------------------------
+
+
+async def test_concurrency_limit_is_respected(app: App, worker: StartWorker) -> None:
+    gauge = Gauge()
+
+    @app.task
+    async def nap(i: int) -> int:
+        with gauge:
+            await asyncio.sleep(0.1)
+        return i
+
+    handles = await nap.send_many([((i,), None) for i in range(12)])
+    await worker(concurrency=4)
+    async with asyncio.timeout(10):
+        results = [await h.result() for h in handles]
+    assert results == list(range(12))
+    assert gauge.peak == 4
+
+
+async def test_concurrency_limit_applies_to_thread_tasks(app: App, worker: StartWorker) -> None:
+    gauge = Gauge()
+
+    @app.task
+    def nap(i: int) -> int:
+        with gauge:
+            time.sleep(0.1)
+        return i
+
+    handles = await nap.send_many([((i,), None) for i in range(9)])
+    await worker(concurrency=3)
+    async with asyncio.timeout(10):
+        results = [await h.result() for h in handles]
+    assert results == list(range(9))
+    assert gauge.peak == 3
+
+
+async def test_concurrency_limit_across_async_and_thread_tasks(
+    app: App, worker: StartWorker
+) -> None:
+    gauge = Gauge()
+
+    @app.task
+    async def nap_async() -> None:
+        with gauge:
+            await asyncio.sleep(0.1)
+
+    @app.task
+    def nap_thread() -> None:
+        with gauge:
+            time.sleep(0.1)
+
+    handles = [*await nap_async.send_many([((), None)] * 6)]
+    handles += await nap_thread.send_many([((), None)] * 6)
+    await worker(concurrency=5)
+    async with asyncio.timeout(10):
+        for h in handles:
+            await h.result()
+    assert gauge.peak == 5
+
+
+async def test_thread_task_does_not_block_the_loop(app: App, worker: StartWorker) -> None:
+    @app.task
+    def blocking() -> str:
+        time.sleep(0.6)
+        return "slow"
+
+    @app.task
+    async def quick() -> str:
+        return "quick"
+
+    await worker(concurrency=4)
+    slow = await blocking.send()
+    started = time.monotonic()
+    fast = await quick.send()
+    assert await fast.result(timeout=5) == "quick"
+    assert time.monotonic() - started < 0.5
+    assert await slow.state() != TaskState.SUCCESS
+    assert await slow.result(timeout=5) == "slow"
+
+
+# -- streams are cleaned ----------------------------------------------------------------
+
+
+async def test_stream_is_emptied_and_nothing_pending_after_processing(
+    app: App, worker: StartWorker
+) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task
+    async def fail() -> None:
+        raise ValueError("no")
+
+    await worker()
+    ok = await add.send_many([((i, i), None) for i in range(20)])
+    urgent = await add.options(priority=9).send(1, 1)
+    bad = await fail.send()
+    for h in [*ok, urgent]:
+        await h.result(timeout=5)
+    with pytest.raises(TaskFailed):
+        await bad.result(timeout=5)
+    # The result lands in the same atomic step that acks and deletes the entry.
+    assert sum(await stream_lengths(app)) == 0
+    assert sum(await pending_counts(app)) == 0
+
+
+# -- burst ------------------------------------------------------------------------------
+
+
+async def test_burst_worker_drains_then_exits(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        await asyncio.sleep(0.01)
+        return x + y
+
+    handles = await add.send_many([((i, 1), None) for i in range(10)])
+    w = app.worker(burst=True, concurrency=3)
+    async with asyncio.timeout(10):
+        await w.run()
+    assert [await h.state() for h in handles] == [TaskState.SUCCESS] * 10
+    assert [await h.result(timeout=1) for h in handles] == [i + 1 for i in range(10)]
+    assert sum(await stream_lengths(app)) == 0
+
+
+async def test_burst_worker_on_empty_queues_exits_at_once(app: App) -> None:
+    w = app.worker(burst=True)
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        await w.run()
+    assert time.monotonic() - started < 2
+
+
+async def test_burst_worker_waits_for_a_task_due_soon(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    h = await add.options(countdown=0.3).send(1, 2)
+    w = app.worker(burst=True)
+    async with asyncio.timeout(10):
+        await w.run()
+    assert await h.result(timeout=1) == 3
+
+
+# -- queues -----------------------------------------------------------------------------
+
+
+async def test_worker_runs_only_its_queues(app: App, worker: StartWorker) -> None:
+    ran: list[str] = []
+
+    @app.task
+    async def mark(queue: str) -> str:
+        ran.append(queue)
+        return queue
+
+    on_b = await mark.options(queue="b").send("b")
+    on_a = await mark.options(queue="a").send("a")
+    await worker(queues=["a"])
+    assert await on_a.result(timeout=5) == "a"
+    # b was sent first and is still untouched: this worker never reads queue b.
+    with pytest.raises(ResultTimeout):
+        await on_b.result(timeout=0.3)
+    assert await on_b.state() == TaskState.PENDING
+    assert sum(await stream_lengths(app, "b")) == 1
+    assert ran == ["a"]
+    # A worker on b picks it up.
+    await worker(queues=["b"])
+    assert await on_b.result(timeout=5) == "b"
+
+
+async def test_worker_on_several_queues(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def where(queue: str) -> str:
+        return queue
+
+    handles = [await where.options(queue=q).send(q) for q in ("x", "y", "default")]
+    await worker(queues="x,y")
+    assert await handles[0].result(timeout=5) == "x"
+    assert await handles[1].result(timeout=5) == "y"
+    assert await handles[2].state() == TaskState.PENDING
+
+
+async def test_task_queue_option_routes_to_that_queue(app: App, worker: StartWorker) -> None:
+    @app.task(queue="special")
+    async def special() -> str:
+        return "ok"
+
+    h = await special.send()
+    assert sum(await stream_lengths(app, "special")) == 1
+    await worker(queues=["special"])
+    assert await h.result(timeout=5) == "ok"
+    info = await h.info()
+    assert info.queue == "special"
+
+
+# -- ignore_result ----------------------------------------------------------------------
+
+
+async def _drained(app: App) -> bool:
+    return sum(await stream_lengths(app)) == 0 and sum(await pending_counts(app)) == 0
+
+
+@pytest.mark.parametrize("where", ["decorator", "send"])
+async def test_ignore_result_stores_no_result(app: App, worker: StartWorker, where: str) -> None:
+    ran = asyncio.Event()
+
+    @app.task(ignore_result=where == "decorator")
+    async def fire_and_forget() -> dict[str, Any]:
+        ran.set()
+        return {"big": "value"}
+
+    if where == "send":
+        h = await fire_and_forget.options(ignore_result=True).send()
+    else:
+        h = await fire_and_forget.send()
+    await worker()
+    async with asyncio.timeout(5):
+        await ran.wait()
+
+    async def drained() -> bool:
+        return await _drained(app)
+
+    await wait_until(drained)
+    info = await h.info()
+    assert info.result is None
+    assert info.state != TaskState.SUCCESS
+    assert not await app.broker.redis.exists(app.broker.keys.task(h.id))
+
+
+async def test_without_ignore_result_the_result_is_stored(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def keep() -> dict[str, str]:
+        return {"big": "value"}
+
+    await worker()
+    h = await keep.send()
+    assert await h.result(timeout=5) == {"big": "value"}
+    assert await app.broker.redis.exists(app.broker.keys.task(h.id))
+
+
+# -- registry ---------------------------------------------------------------------------
+
+
+async def test_worker_registers_while_running_and_leaves_on_stop(app: App) -> None:
+    w = app.worker(queues=["a", "b"], concurrency=7)
+    keys = app.broker.keys
+    redis = app.broker.redis
+    async with asyncio.timeout(10):
+        async with w.running():
+            h: Any = await redis.hgetall(keys.worker(w.name))
+            assert h[b"name"].decode() == w.name
+            assert h[b"queues"].decode() == "a,b"
+            assert int(h[b"concurrency"]) == 7
+            assert await redis.pttl(keys.worker(w.name)) > 0
+            assert await redis.zscore(keys.workers, w.name) is not None
+    assert not await redis.exists(keys.worker(w.name))
+    assert await redis.zscore(keys.workers, w.name) is None
+
+
+async def test_a_running_task_reads_started_on_an_idle_worker(
+    app: App, worker: StartWorker
+) -> None:
+    """The blocking-read path marks a task STARTED before its body runs."""
+    seen: list[TaskState] = []
+
+    @app.task
+    async def look() -> None:
+        seen.append(await app.handle(current_task().id).state())
+
+    await worker()
+    await asyncio.sleep(0.1)  # the worker is now parked in XREADGROUP BLOCK
+    for _ in range(20):
+        await (await look.send()).result(timeout=10)
+    assert seen == [TaskState.STARTED] * 20
