@@ -1,0 +1,148 @@
+"""aiotasks-only scenarios for `make bench`: sequential sends, scaling over worker
+processes (with Redis CPU per task), and Redis memory per queued task and per result."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+async def _info(redis: Any, section: str) -> dict[str, Any]:
+    info: dict[str, Any] = await redis.info(section)
+    return info
+
+
+async def _drain_keys(redis: Any, namespace: str) -> None:
+    keys = [k async for k in redis.scan_iter(match="{" + namespace + "}*", count=1000)]
+    for i in range(0, len(keys), 500):
+        await redis.delete(*keys[i : i + 500])
+
+
+async def sequential_sends(url: str, n: int = 3000) -> dict[str, Any]:
+    from aiotasks import App
+
+    app = App(redis_url=url, namespace=f"bench-seq-{uuid.uuid4().hex[:6]}")
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    async with app:
+        for _ in range(100):
+            await noop.send()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await noop.send()
+        rate = n / (time.perf_counter() - t0)
+        await _drain_keys(app.broker.redis, app.settings.namespace)
+    return {
+        "scenario": "sequential await task.send()",
+        "sends_per_s": round(rate, 1),
+        "summary": f"{rate:,.0f} sends/s",
+    }
+
+
+async def scaling(url: str, tasks: int, concurrency: int, processes: int) -> dict[str, Any]:
+    """`processes` workers drain `tasks` no-ops; Redis CPU and memory measured around it."""
+    from aiotasks import App
+
+    namespace = f"bench-scale-{uuid.uuid4().hex[:6]}"
+    app = App(redis_url=url, namespace=namespace)
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    probe_dir = Path(tempfile.mkdtemp(prefix="aiotasks-scale-"))
+    async with app:
+        redis = app.broker.redis
+        mem0 = (await _info(redis, "memory"))["used_memory"]
+        for start in range(0, tasks, 1000):
+            await noop.send_many([((), None)] * min(1000, tasks - start))
+        mem_queued = (await _info(redis, "memory"))["used_memory"]
+        cpu0 = await _info(redis, "cpu")
+        env = {
+            **os.environ,
+            "SCALE_NAMESPACE": namespace,
+            "SCALE_PROBE_DIR": str(probe_dir),
+            "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        }
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "aiotasks",
+                    "run",
+                    "scale_app:app",
+                    "--redis-url",
+                    url,
+                    "--concurrency",
+                    str(concurrency),
+                ],
+                cwd=HERE,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(processes)
+        ]
+        streams = app.broker.keys.streams("default")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            async with redis.pipeline(transaction=False) as pipe:
+                for s in streams:
+                    pipe.xlen(s)
+                left = sum(await pipe.execute())
+            if not left:
+                break
+            await asyncio.sleep(0.02)
+        cpu1 = await _info(redis, "cpu")
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+        mem_results = (await _info(redis, "memory"))["used_memory"]
+        reports = [json.loads(f.read_text()) for f in probe_dir.glob("*.json")]
+        await _drain_keys(redis, namespace)
+    done = sum(r["count"] for r in reports)
+    t_first = min(r["t_first"] for r in reports if r["count"])
+    t_last = max(r["t_last"] for r in reports if r["count"])
+    rate = done / (t_last - t_first) if t_last > t_first else 0.0
+    cpu = (cpu1["used_cpu_sys"] + cpu1["used_cpu_user"]) - (
+        cpu0["used_cpu_sys"] + cpu0["used_cpu_user"]
+    )
+    return {
+        "scenario": f"{processes} worker process(es), concurrency {concurrency}",
+        "processes": processes,
+        "tasks": done,
+        "tasks_per_s": round(rate, 1),
+        "redis_cpu_us_per_task": round(cpu / max(done, 1) * 1e6, 1),
+        "redis_bytes_per_queued_task": round((mem_queued - mem0) / tasks),
+        "redis_bytes_per_result": round((mem_results - mem0) / tasks),
+        "summary": (
+            f"{rate:,.0f} tasks/s; Redis CPU {cpu / max(done, 1) * 1e6:.1f} µs/task; "
+            f"{(mem_queued - mem0) / tasks:.0f} B per queued task, "
+            f"{(mem_results - mem0) / tasks:.0f} B per stored result"
+        ),
+    }
+
+
+async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, Any]]:
+    """Every aiotasks-only scenario, as JSON-able dicts with a `summary`."""
+    out = [await sequential_sends(url)]
+    for processes in (1, 2, 4):
+        print(f"[bench] scaling: {processes} process(es)", file=sys.stderr, flush=True)
+        out.append(await scaling(url, tasks * 2, concurrency, processes))
+    return out

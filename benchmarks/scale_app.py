@@ -1,0 +1,34 @@
+"""The no-op app that benchmarks/aiotasks_extras.py runs in N worker processes.
+
+Each process counts its tasks in memory and writes {count, t_first, t_last} (monotonic,
+shared by all processes on Linux) to $SCALE_PROBE_DIR/<pid>.json when it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time
+from pathlib import Path
+
+from aiotasks import App
+
+app = App(namespace=os.environ.get("SCALE_NAMESPACE", "aiotasks-scale"))
+_state = {"count": 0, "t_first": 0.0, "t_last": 0.0}
+
+
+@app.task(name="noop")
+async def noop() -> None:
+    now = time.monotonic()
+    if not _state["count"]:
+        _state["t_first"] = now
+    _state["count"] += 1
+    _state["t_last"] = now
+
+
+@atexit.register
+def _report() -> None:
+    folder = os.environ.get("SCALE_PROBE_DIR")
+    if folder:
+        Path(folder, f"{os.getpid()}.json").write_text(json.dumps(_state))
