@@ -29,7 +29,17 @@ def pack(value: Any) -> bytes:
     return _packer.pack(value)  # type: ignore[no-any-return]
 
 
-_NAMES = ("enqueue", "fetch", "start", "reclaim", "heartbeat", "finish", "revoke", "rate")
+_NAMES = (
+    "enqueue",
+    "fetch",
+    "start",
+    "reclaim",
+    "release",
+    "heartbeat",
+    "finish",
+    "revoke",
+    "rate",
+)
 
 
 def _source(name: str) -> str:
@@ -85,6 +95,19 @@ class Scripts:
         """Start entries delivered by a blocking read; 8 values per entry (see start.lua)."""
         return await self._s["start"](  # type: ignore[no-any-return]
             keys=[prefix, *streams], args=[GROUP, now_ms, worker, default_ttl, *entries]
+        )
+
+    async def release(
+        self,
+        *,
+        prefix: str,
+        streams: Sequence[str],
+        consumer: str,
+        entries: Sequence[Arg],
+    ) -> int:
+        """Give entries read ahead but never begun back to their streams (see release.lua)."""
+        return await self._s["release"](  # type: ignore[no-any-return]
+            keys=[prefix, *streams], args=[GROUP, consumer, *entries]
         )
 
     async def reclaim(

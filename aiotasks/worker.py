@@ -191,11 +191,30 @@ class Worker:
                 raise res
 
     async def _drain(self) -> None:
-        """Let running tasks finish within shutdown_timeout; the rest are redelivered."""
-        for ex in self._running.values():
-            if ex.task is not None and not ex.begun and not ex.task.done():
-                ex.task.cancel()  # read ahead but not started: leave it to be redelivered
-        pending = [ex.task for ex in self._running.values() if ex.task is not None and ex.begun]
+        """Let running tasks finish within shutdown_timeout; give back what never began.
+
+        An entry that holds a slot runs, even if its coroutine has not taken its first
+        step yet. An entry read ahead without a slot goes back to its stream at once
+        (release.lua), so another worker takes it without waiting for the visibility
+        timeout. What does not finish in time is redelivered after that timeout.
+        """
+        ahead = [
+            ex
+            for ex in self._running.values()
+            if ex.task is not None
+            and not ex.task.done()
+            and not ex.begun
+            and not ex.lease_was_given
+        ]
+        for ex in ahead:
+            cast(asyncio.Task[None], ex.task).cancel()
+        if ahead:
+            await self._release([ex.delivery for ex in ahead])
+        pending = [
+            ex.task
+            for ex in self._running.values()
+            if ex.task is not None and not ex.task.done() and (ex.begun or ex.lease_was_given)
+        ]
         if pending:
             log.warning(
                 "worker %s: waiting up to %s s for %d running task(s)",
@@ -214,6 +233,25 @@ class Worker:
                 )
                 await asyncio.wait(late, timeout=1.0)
         await self.outcomes.commit_all()
+
+    async def _release(self, got: list[Delivery]) -> None:
+        args: list[Arg] = []
+        for d in got:
+            args += [d.index + 2, d.entry_id]
+        try:
+            n = await self.app.broker.scripts.release(
+                prefix=self.keys.prefix, streams=self.streams, consumer=self.name, entries=args
+            )
+        except _START_ERRORS as exc:
+            log.warning(
+                "worker %s could not give back %d entries read ahead (%s); "
+                "they will be redelivered after the visibility timeout",
+                self.name,
+                len(got),
+                exc,
+            )
+            return
+        log.info("worker %s gave %d entries read ahead back to their queues", self.name, n)
 
     # -- fetching -----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from aiotasks import App, TaskState
+from aiotasks.keys import GROUP
 from aiotasks.message import Message
 from aiotasks.scripts import SOURCES
 
@@ -187,3 +188,60 @@ async def test_enqueue_routes_by_queue_and_priority(app: App) -> None:
     assert await stream_ids(app, "mail", 9) == [urgent.id]
     assert await stream_ids(app, "mail", 0) == [lazy.id]
     assert await app.broker.redis.sismember(app.broker.keys.queues, "mail")
+
+
+# -- release.lua ------------------------------------------------------------------------
+
+
+async def read_as(app: App, consumer: str) -> tuple[str, bytes]:
+    """Read one entry of the default stream as `consumer`: (stream, entry id)."""
+    stream = app.broker.keys.stream("default", 5)
+    r: Any = app.broker.redis
+    await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    reply = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=1)
+    return stream, reply[0][1][0][0]
+
+
+async def release(app: App, stream: str, consumer: str, entry_id: bytes) -> int:
+    n = await app.broker.scripts.release(
+        prefix=app.broker.keys.prefix, streams=[stream], consumer=consumer, entries=[2, entry_id]
+    )
+    return int(n)
+
+
+async def test_release_gives_a_live_entry_back_as_a_new_entry(app: App) -> None:
+    m = message()
+    await enqueue(app, "send", m)
+    stream, entry_id = await read_as(app, "c1")
+    await set_state(app, m.id, "STARTED")
+    assert await release(app, stream, "c1", entry_id) == 1
+    r: Any = app.broker.redis
+    entries = await r.xrange(stream)
+    assert [f[b"id"].decode() for _, f in entries] == [m.id]
+    assert entries[0][0] != entry_id
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+    h = await r.hgetall(app.broker.keys.task(m.id))
+    assert h[b"state"] == b"PENDING"
+    assert h[b"_e"] == entries[0][0]
+
+
+async def test_release_leaves_an_entry_another_worker_holds(app: App) -> None:
+    m = message()
+    await enqueue(app, "send", m)
+    stream, entry_id = await read_as(app, "c2")
+    assert await release(app, stream, "c1", entry_id) == 0
+    r: Any = app.broker.redis
+    assert [e for e, _ in await r.xrange(stream)] == [entry_id]
+    assert (await r.xpending(stream, GROUP))["pending"] == 1
+
+
+async def test_release_drops_an_entry_whose_task_was_revoked(app: App) -> None:
+    m = message()
+    await enqueue(app, "send", m)
+    stream, entry_id = await read_as(app, "c1")
+    await set_state(app, m.id, "REVOKED")
+    assert await release(app, stream, "c1", entry_id) == 0
+    r: Any = app.broker.redis
+    assert await r.xrange(stream) == []
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+    assert await app.handle(m.id).state() == TaskState.REVOKED

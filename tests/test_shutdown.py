@@ -153,3 +153,53 @@ async def test_second_signal_exits_at_once_and_the_task_is_redelivered(
     info = await h.info()
     assert info.attempts == 2
     assert pid_of(info.worker) == w2.pid
+
+
+async def test_a_stop_gives_entries_read_ahead_back_to_the_queue(app: App) -> None:
+    """A read-ahead entry (fetched beyond the free slots) never began: on stop it goes
+    back to its stream at once, PENDING, instead of waiting out the visibility timeout."""
+    blocker, unblock = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    @app.task
+    async def job(tag: str) -> str:
+        runs.append(tag)
+        if tag == "hold":
+            blocker.set()
+            await unblock.wait()
+        return tag
+
+    w = app.worker(concurrency=1, shutdown_timeout=5)
+    running = asyncio.create_task(w.run())
+    await w.wait_started()
+    # Short tasks make the worker read one batch ahead of its free slots.
+    warm = await job.send_many([((f"w{i}",), None) for i in range(100)])
+    for h in warm:
+        await h.result(timeout=10)
+    # One script call queues all three: the woken worker runs `first`, then reads `hold`
+    # (its one slot) and `ahead` (read ahead, no slot).
+    first, held, ahead = await job.send_many(
+        [(("first",), None), (("hold",), None), (("ahead",), None)]
+    )
+    await asyncio.wait_for(blocker.wait(), 10)
+    entry_before = await app.broker.redis.hget(app.broker.keys.task(ahead.id), "_e")
+
+    w.stop()
+    await asyncio.sleep(0.2)
+    unblock.set()
+    await asyncio.wait_for(running, 10)
+
+    assert await first.result(timeout=1) == "first"
+    assert await held.state() == TaskState.SUCCESS
+    assert "ahead" not in runs
+    assert await ahead.state() == TaskState.PENDING
+    entry_after = await app.broker.redis.hget(app.broker.keys.task(ahead.id), "_e")
+    assert entry_after != entry_before  # given back as a new entry, not left pending
+    assert await pending_entries(app) == 0
+
+    w2 = app.worker(concurrency=1)
+    again = asyncio.create_task(w2.run())
+    assert await ahead.result(timeout=10) == "ahead"
+    w2.stop()
+    await asyncio.wait_for(again, 10)
+    assert runs.count("ahead") == 1
