@@ -99,6 +99,7 @@ class Worker:
         self._thread_limiter: Any = None
         self.vt = app.settings.visibility_timeout
         self._running: dict[tuple[int, bytes], Execution] = {}
+        self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
         self._by_task: dict[str, Execution] = {}
         self._abandoned: set[Execution] = set()
         self.outcomes = Outcomes(app, keys, self.name, self.queues, self.streams, self._running)
@@ -198,18 +199,12 @@ class Worker:
         (release.lua), so another worker takes it without waiting for the visibility
         timeout. What does not finish in time is redelivered after that timeout.
         """
-        ahead = [
-            ex
-            for ex in self._running.values()
-            if ex.task is not None
-            and not ex.task.done()
-            and not ex.begun
-            and not ex.lease_was_given
-        ]
-        for ex in ahead:
-            cast(asyncio.Task[None], ex.task).cancel()
-        if ahead:
-            await self._release([ex.delivery for ex in ahead])
+        for ex in self._running.values():
+            if ex.task is not None and not ex.begun and not ex.lease_was_given:
+                ex.task.cancel()
+                self._not_begun.append(ex.delivery)
+        if self._not_begun:
+            await self._release(self._not_begun)
         pending = [
             ex.task
             for ex in self._running.values()
@@ -461,7 +456,9 @@ class Worker:
         try:
             await ex.lease.acquire()
             if self._stop.is_set() and not ex.lease_was_given:
-                return  # read ahead, and the worker stopped before it had a slot
+                # Read ahead, and the worker stopped before it had a slot: give it back.
+                self._not_begun.append(ex.delivery)
+                return
             ex.begun = True
             ex.started = time.perf_counter()  # a prefetched entry starts once it has a slot
             task_id = ex.delivery.fields.get(b"id")
