@@ -1,13 +1,18 @@
-"""Soak drill: 5,000 tasks, three worker processes, one SIGKILLed and restarted every second.
+"""Soak drills with real worker processes and real signals.
 
-Every task must end SUCCESS and none may be lost. Tasks held by a killed worker run again
-(at-least-once); the drill reports how many ran more than once.
+SIGKILL: 5,000 tasks, three workers, one killed and restarted every second. Every task must
+end SUCCESS and none may be lost; tasks held by a killed worker run again (at-least-once),
+and the drill reports how many ran more than once.
+
+SIGTERM: rolling graceful stops over a backlog. Nothing is left pending on a stopped
+worker's consumer, and every task runs exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +20,8 @@ from typing import Any
 import pytest
 
 from aiotasks import App, TaskHandle
+from aiotasks.keys import GROUP
+from tests.helpers import pid_of
 
 N_TASKS = 5000
 N_WORKERS = 3
@@ -113,3 +120,57 @@ async def test_soak_sigkill_every_second_loses_nothing(app: App, spawn_worker: A
     for stream in keys.streams("default"):
         assert await r.xlen(stream) == 0
     assert await r.zcard(keys.delayed) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_rolling_sigterms_run_every_task_exactly_once(app: App, spawn_worker: Any) -> None:
+    """Graceful stops, one every 0.4 s in turn, over a backlog of short tasks: a stopping
+    worker finishes what it runs and gives back what it read ahead, so nothing is left
+    pending on its consumer and nothing runs twice."""
+    n_tasks = 4000
+    r = app.broker.redis
+    keys = app.broker.keys
+    runs_key, done_key = keys.prefix + "soak:runs", keys.prefix + "soak:done"
+
+    @app.task(name=SOAK)
+    async def soak(i: int, seconds: float) -> int:
+        raise AssertionError("runs on the workers only")
+
+    handles: list[TaskHandle[Any]] = []
+    for chunk in range(0, n_tasks, 500):
+        handles += await soak.send_many([((i, 0.003), None) for i in range(chunk, chunk + 500)])
+
+    def start() -> Any:
+        return spawn_worker("--concurrency", "4", module="reliability")
+
+    async def left_pending(pid: int) -> int:
+        total = 0
+        for stream in keys.streams("default"):
+            if not await r.exists(stream):
+                continue
+            for c in await r.xinfo_consumers(stream, GROUP):
+                if pid_of(c["name"].decode()) == pid:
+                    total += int(c["pending"])
+        return total
+
+    workers = [start(), start()]
+    stops, victim = 0, 0
+    deadline = time.monotonic() + 120
+    while int(await r.scard(done_key)) < n_tasks:
+        assert time.monotonic() < deadline, "the drill did not finish in 120 s"
+        await asyncio.sleep(0.4)
+        w = workers[victim]
+        w.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(w.wait, 15)
+        assert code == 0, w.output()
+        assert await left_pending(w.pid) == 0, w.output()
+        stops += 1
+        workers[victim] = start()
+        victim = (victim + 1) % 2
+
+    assert [await h.result(timeout=30) for h in handles] == list(range(n_tasks))
+    runs = {int(k): int(v) for k, v in (await r.hgetall(runs_key)).items()}
+    assert runs == dict.fromkeys(range(n_tasks), 1)
+    print(f"\nrolling SIGTERMs: {n_tasks} tasks, {stops} graceful stops, each ran once")
+    assert stops >= 3, "the drill ended before it stopped anything much"
