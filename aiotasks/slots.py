@@ -28,7 +28,7 @@ class Slots:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # handed to us as we were cancelled: pass it on
-            else:
+            elif fut in self._waiters:  # release() may have dropped it already
                 self._waiters.remove(fut)
             raise
 

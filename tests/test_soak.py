@@ -21,7 +21,7 @@ import pytest
 
 from aiotasks import App, TaskHandle
 from aiotasks.keys import GROUP
-from tests.helpers import pid_of
+from tests.helpers import pid_of, wait_consuming
 
 N_TASKS = 5000
 N_WORKERS = 3
@@ -161,6 +161,7 @@ async def test_rolling_sigterms_run_every_task_exactly_once(app: App, spawn_work
         assert time.monotonic() < deadline, "the drill did not finish in 120 s"
         await asyncio.sleep(0.4)
         w = workers[victim]
+        await wait_consuming(app, w)  # a SIGTERM before its handlers exist just kills it
         w.signal(signal.SIGTERM)
         code = await asyncio.to_thread(w.wait, 15)
         assert code == 0, w.output()
