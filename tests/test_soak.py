@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from aiotasks import App, TaskHandle
+from aiotasks import App, Task, TaskHandle
 from aiotasks.keys import GROUP
 from tests.helpers import pid_of, wait_consuming
 
@@ -29,6 +29,22 @@ CONCURRENCY = 20
 KILL_EVERY = 1.0
 SOAK = "tests.apps.reliability.soak"
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def soak_keys(app: App) -> tuple[str, str]:
+    """The drill task's bookkeeping: a hash of runs per task, a set of finished tasks."""
+    prefix = app.broker.keys.prefix
+    return prefix + "soak:runs", prefix + "soak:done"
+
+
+def stand_in(app: App) -> Task[[int, float], int]:
+    """A client-side task with the worker task's name, so the client can use send_many."""
+
+    @app.task(name=SOAK)
+    async def soak(i: int, seconds: float) -> int:
+        raise AssertionError("runs on the workers only")
+
+    return soak
 
 
 async def run_with_kills(app: App, start: Callable[[], Any], done_key: str) -> int:
@@ -75,12 +91,8 @@ async def settled_rows(app: App, handles: list[TaskHandle[Any]]) -> list[tuple[s
 async def test_soak_sigkill_every_second_loses_nothing(app: App, spawn_worker: Any) -> None:
     r = app.broker.redis
     keys = app.broker.keys
-    runs_key, done_key = keys.prefix + "soak:runs", keys.prefix + "soak:done"
-
-    # A stand-in with the worker task's name, so the client can use the bulk send.
-    @app.task(name=SOAK)
-    async def soak(i: int, seconds: float) -> int:
-        raise AssertionError("runs on the workers only")
+    runs_key, done_key = soak_keys(app)
+    soak = stand_in(app)
 
     def start() -> Any:
         return spawn_worker("--concurrency", str(CONCURRENCY), module="reliability")
@@ -131,11 +143,8 @@ async def test_rolling_sigterms_run_every_task_exactly_once(app: App, spawn_work
     n_tasks = 4000
     r = app.broker.redis
     keys = app.broker.keys
-    runs_key, done_key = keys.prefix + "soak:runs", keys.prefix + "soak:done"
-
-    @app.task(name=SOAK)
-    async def soak(i: int, seconds: float) -> int:
-        raise AssertionError("runs on the workers only")
+    runs_key, done_key = soak_keys(app)
+    soak = stand_in(app)
 
     handles: list[TaskHandle[Any]] = []
     for chunk in range(0, n_tasks, 500):
