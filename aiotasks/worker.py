@@ -42,7 +42,8 @@ task_log = logging.getLogger("aiotasks.worker")
 
 Arg = str | bytes | int | float
 
-_START_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
+# A start or release call that fails is not fatal: the entry is run, or left pending.
+_SCRIPT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
@@ -237,7 +238,7 @@ class Worker:
             n = await self.app.broker.scripts.release(
                 prefix=self.keys.prefix, streams=self.streams, consumer=self.name, entries=args
             )
-        except _START_ERRORS as exc:
+        except _SCRIPT_ERRORS as exc:
             log.warning(
                 "worker %s could not give back %d entries read ahead (%s); "
                 "they will be redelivered after the visibility timeout",
@@ -402,7 +403,7 @@ class Worker:
                 default_ttl=self.app.settings.result_ttl,
                 entries=args,
             )
-        except _START_ERRORS as exc:
+        except _SCRIPT_ERRORS as exc:
             log.warning(
                 "worker %s could not mark %d task(s) started (%s)", self.name, len(got), exc
             )
