@@ -279,6 +279,11 @@ def _compile_chord(
     b, ttl = _message(app, body, (), body_link, report, chord_body=cid)
     b_data, b_ct = b.encode(app.settings.compress_min_size)
     keys = app.broker.keys
+    # The body's countdown counts from when its headers are done (as a chain step's
+    # does from the step before); an eta stays the time it names.
+    countdown = body["opts"].get("countdown") if body["opts"].get("eta") is None else None
+    b_eta: Arg = int(b.eta * 1000) if b.eta is not None and not countdown else ""
+    b_delay: Arg = int(float(countdown) * 1000) if countdown else ""
     body_values: list[Arg] = [
         b.id,
         b.name,
@@ -290,6 +295,8 @@ def _compile_chord(
         report.id if report else "",
         report.idx if report else "",
         b.tail or "",
+        b_eta,
+        b_delay,
     ]
     errback: list[Arg] = []
     if node.get("on_error"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -143,6 +144,38 @@ async def test_chord_body_gets_header_results(app: App, worker: StartWorker, t: 
     # The body saw the list itself, in header order.
     h2 = await chord([t.add.s(1, 2), t.add.s(3, 4)], t.ident.s()).send()
     assert await h2.result(timeout=10) == [3, 7]
+
+
+async def test_chord_body_countdown_counts_from_the_last_header(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    header = [t.slow.s(1, 0.4).set(task_id="cd-h0"), t.add.s(1, 1).set(task_id="cd-h1")]
+    h = await chord(header, t.tsum.s().set(countdown=0.5)).send()
+    assert await app.handle("cd-h0").result(timeout=10) == 1
+    await wait_until(lambda: _state_is(h, TaskState.SCHEDULED), timeout=5)
+    assert await h.result(timeout=10) == 3
+    last_header = await app.handle("cd-h0").info()
+    body = await h.info()
+    assert last_header.finished_at is not None and body.started_at is not None
+    waited = (body.started_at - last_header.finished_at).total_seconds()
+    assert 0.45 <= waited < 3.0, waited
+
+
+async def test_chord_body_eta_is_the_time_it_names(app: App, worker: StartWorker, t: Tasks) -> None:
+    await worker(concurrency=4)
+    eta = datetime.now(UTC) + timedelta(seconds=0.8)
+    h = await chord([t.add.s(1, 2), t.add.s(3, 4)], t.tsum.s().set(eta=eta)).send()
+    await wait_until(lambda: _state_is(h, TaskState.SCHEDULED), timeout=5)
+    assert await h.result(timeout=10) == 10
+    body = await h.info()
+    assert body.started_at is not None
+    assert body.started_at >= eta - timedelta(milliseconds=50)
+    assert (body.started_at - eta).total_seconds() < 3.0
+
+
+async def _state_is(h: TaskHandle[Any], state: TaskState) -> bool:
+    return await h.state() == state
 
 
 async def test_chord_header_order_survives_out_of_order_finish(
@@ -400,6 +433,19 @@ async def test_chain_passes_results_and_returns_last_handle(
     h = await chain(t.add.s(1, 2), t.add.s(3), t.mul.s(10).set(task_id="last-step")).send()
     assert h.id == "last-step"
     assert await h.result(timeout=10) == 60
+
+
+async def test_chain_step_countdown_counts_from_the_step_before(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    first = t.slow.s(2, 0.3).set(task_id="step-0")
+    h = await chain(first, t.add.s(3).set(countdown=0.5)).send()
+    assert await h.result(timeout=10) == 5
+    before, last = await app.handle("step-0").info(), await h.info()
+    assert before.finished_at is not None and last.started_at is not None
+    waited = (last.started_at - before.finished_at).total_seconds()
+    assert 0.45 <= waited < 3.0, waited
 
 
 async def test_chain_stops_at_a_failure(app: App, worker: StartWorker, t: Tasks) -> None:

@@ -42,6 +42,24 @@ local function xadd_task(prefix, stream, id, name, queue, payload, ct, extra, tt
   redis.call('PEXPIRE', tkey, ttl * 1000)
 end
 
+-- Keep a message in the delayed zset until due_ms, its entry fields in the task hash
+-- (fetch.lua adds the entry to stream `_s` when it is due) and mark it SCHEDULED.
+local function schedule_task(prefix, stream, id, name, queue, payload, ct, extra, ttl, now_ms,
+                             due_ms)
+  local tkey = prefix .. 't:' .. id
+  local h = {'HSET', tkey, 'state', 'SCHEDULED', 'name', name, 'queue', queue,
+    'enqueued_at', now_ms, 'eta', due_ms, '_s', stream, '_m', payload, '_ct', ct}
+  for i = 1, #extra, 2 do
+    if extra[i + 1] ~= '' then
+      h[#h + 1] = '_' .. extra[i]
+      h[#h + 1] = extra[i + 1]
+    end
+  end
+  redis.call(unpack(h))
+  redis.call('PEXPIRE', tkey, ttl * 1000 + (due_ms - now_ms))
+  redis.call('ZADD', prefix .. 'delayed', due_ms, id)
+end
+
 -- Enqueue one task t = {id, name, queue, stream, payload, content_type, due_ms, ttl_s,
 -- exp_ms, r, cid, cix, tail, reply} (see enqueue.lua), on its stream now or in the
 -- delayed zset when due_ms > now_ms.
@@ -69,17 +87,7 @@ local function enqueue_task(prefix, mode, t, now_ms)
   if state and not again then redis.call('DEL', tkey) end
   if t[10] ~= '' then redis.call('HSET', tkey, 'retries', t[10]) end
   if due_ms > now_ms then
-    local h = {'HSET', tkey, 'state', 'SCHEDULED', 'name', name, 'queue', queue,
-      'enqueued_at', now_ms, 'eta', due_ms, '_s', stream, '_m', payload, '_ct', ct}
-    for i = 1, #extra, 2 do
-      if extra[i + 1] ~= '' then
-        h[#h + 1] = '_' .. extra[i]
-        h[#h + 1] = extra[i + 1]
-      end
-    end
-    redis.call(unpack(h))
-    redis.call('PEXPIRE', tkey, ttl * 1000 + (due_ms - now_ms))
-    redis.call('ZADD', prefix .. 'delayed', due_ms, id)
+    schedule_task(prefix, stream, id, name, queue, payload, ct, extra, ttl, now_ms, due_ms)
   else
     xadd_task(prefix, stream, id, name, queue, payload, ct, extra, ttl, now_ms)
   end
@@ -140,10 +148,15 @@ settle_chord = function(prefix, cid, idx, id, state, value, exc_type, exc_messag
     if done < tonumber(redis.call('HGET', ck, 'n')) then return end
     redis.call('HSET', ck, 'fired', 'body')
     local b = redis.call('HMGET', ck, 'b_id', 'b_name', 'b_queue', 'b_stream', 'b_m', 'b_ct',
-      'b_exp', 'b_cid', 'b_cix', 'b_tail')
-    xadd_task(prefix, b[4], b[1], b[2], b[3], b[5], b[6],
-      {'exp', b[7] or '', 'cid', b[8] or '', 'cix', b[9] or '', 'tail', b[10] or ''},
-      ttl, now_ms)
+      'b_exp', 'b_cid', 'b_cix', 'b_tail', 'b_eta', 'b_delay')
+    local extra = {'exp', b[7] or '', 'cid', b[8] or '', 'cix', b[9] or '', 'tail', b[10] or ''}
+    -- The body's own eta (absolute) or countdown (from now, when its headers are done).
+    local due_ms = math.max(tonumber(b[11]) or 0, now_ms + (tonumber(b[12]) or 0))
+    if due_ms > now_ms then
+      schedule_task(prefix, b[4], b[1], b[2], b[3], b[5], b[6], extra, ttl, now_ms, due_ms)
+    else
+      xadd_task(prefix, b[4], b[1], b[2], b[3], b[5], b[6], extra, ttl, now_ms)
+    end
     return
   end
   redis.call('HSET', ck, 'fired', 'error', 'failed_id', id, 'exc_type', exc_type or state,

@@ -18,7 +18,8 @@
 --   {'enqueue', mode, task}      task: the 14 values of enqueue.lua
 --   {'chord', cid, ttl_s, n, body, on_error}
 --          Create a chord's counter hash (skipped when it exists: a replay). body: id,
---          name, queue, stream, payload, content_type, exp, cid, cix, tail; on_error:
+--          name, queue, stream, payload, content_type, exp, cid, cix, tail, eta_ms,
+--          delay_ms (its countdown, counted from when the headers are done); on_error:
 --          id, name, queue, stream, payload, content_type, or empty. Its headers are
 --          enqueued by 'enqueue' ops.
 -- Returns      number of ops applied
@@ -80,7 +81,7 @@ local function dead(op)
 end
 
 local BODY = {'b_id', 'b_name', 'b_queue', 'b_stream', 'b_m', 'b_ct', 'b_exp', 'b_cid',
-  'b_cix', 'b_tail'}
+  'b_cix', 'b_tail', 'b_eta', 'b_delay'}
 local ERRBACK = {'e_id', 'e_name', 'e_queue', 'e_stream', 'e_m', 'e_ct'}
 
 local function chord(op)
