@@ -213,6 +213,9 @@ def run(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics server listens on.")
+    ] = "0.0.0.0",
 ) -> None:
     """Run a worker for MODULE:APP."""
     setup_logging(log_level, log_format)
@@ -237,10 +240,10 @@ def run(
         except ImportError as exc:
             raise fail(f"--metrics-port needs prometheus-client ({exc})") from None
         try:
-            metrics.install(app, metrics_port)
+            metrics.install(app, metrics_port, metrics_host)
         except OSError as exc:
             raise fail(
-                f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc}"
+                f"cannot serve metrics on {metrics_host} port {metrics_port}: {exc.strerror or exc}"
             ) from None
     try:
         _run_loop(serve(app, app_spec, opts, connect_timeout), loop)

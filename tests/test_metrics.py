@@ -148,5 +148,23 @@ async def test_metrics_port_in_use_is_one_clear_error(spawn_worker: Any) -> None
         proc = spawn_worker("--metrics-port", str(port))
         assert await asyncio.to_thread(proc.wait, 20) == 1
     out = proc.output()
-    assert f"error: cannot serve metrics on port {port}: Address already in use" in out
+    assert f"error: cannot serve metrics on 0.0.0.0 port {port}: Address already in use" in out
     assert "Traceback" not in out
+
+
+async def test_metrics_host_limits_where_the_server_listens(spawn_worker: Any) -> None:
+    port = free_port()
+    proc = spawn_worker("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+    async with httpx.AsyncClient(timeout=5) as client:
+
+        async def scrape() -> bool:
+            try:
+                return (await client.get(f"http://127.0.0.1:{port}/metrics")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert await eventually(scrape, 15), proc.output()
+    # Bound to 127.0.0.1 only: another loopback address can still take the port, which
+    # a server listening on 0.0.0.0 would not allow.
+    with socket.socket() as other:
+        other.bind(("127.0.0.2", port))
