@@ -188,6 +188,16 @@ class App:
         self.hooks.failure.append(fn)
         return fn
 
+    def on_task_retry(self, fn: F) -> F:
+        """Register `fn(ctx, exc)`, called after a run that will be retried."""
+        self.hooks.retry.append(fn)
+        return fn
+
+    def on_task_revoked(self, fn: F) -> F:
+        """Register `fn(ctx)`, called after a running task was revoked (terminate=True)."""
+        self.hooks.revoked.append(fn)
+        return fn
+
     def route(self, name: str) -> str:
         """The queue a task name is routed to (task_routes globs, else default_queue)."""
         for pattern, queue in self.settings.task_routes.items():

@@ -168,6 +168,10 @@ class Execution:
             await hooks.call(hooks.success, self.ctx, outcome.value)
         elif outcome.state == "FAILURE" and hooks.failure:
             await hooks.call(hooks.failure, self.ctx, outcome.exc)
+        elif outcome.state == "RETRY" and hooks.retry:
+            await hooks.call(hooks.retry, self.ctx, outcome.exc)
+        elif outcome.state == "REVOKED" and hooks.revoked:
+            await hooks.call(hooks.revoked, self.ctx)
 
     async def _run_task(self, task: Task[Any, Any], msg: Message) -> Outcome | None:
         opts = task.opts
@@ -262,7 +266,7 @@ class Execution:
             at = now() + exponential(msg.retries, base, opts.retry_backoff_max, opts.retry_jitter)
         else:
             at = now()
-        out = failure(exc) if not isinstance(exc, Retry) else Outcome("RETRY")
+        out = failure(exc) if not isinstance(exc, Retry) else Outcome("RETRY", exc=exc)
         out.state, out.retry_at = "RETRY", at
         return out
 

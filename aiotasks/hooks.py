@@ -18,6 +18,9 @@ class Hooks:
     - start(ctx): before the task runs.
     - success(ctx, result): after it returned.
     - failure(ctx, exc): after it failed for good (not on a retry).
+    - retry(ctx, exc): after a run that will be retried (`exc`: what caused it, or the
+      `Retry` raised).
+    - revoked(ctx): after a running task was revoked with terminate=True.
 
     A hook that raises is logged and otherwise ignored: it never fails the task.
     """
@@ -26,9 +29,11 @@ class Hooks:
         self.start: list[Callable[..., Any]] = []
         self.success: list[Callable[..., Any]] = []
         self.failure: list[Callable[..., Any]] = []
+        self.retry: list[Callable[..., Any]] = []
+        self.revoked: list[Callable[..., Any]] = []
 
     def __bool__(self) -> bool:
-        return bool(self.start or self.success or self.failure)
+        return bool(self.start or self.success or self.failure or self.retry or self.revoked)
 
     async def call(self, which: list[Callable[..., Any]], *args: Any) -> None:
         """Call every hook of one kind, awaiting async ones."""

@@ -3,8 +3,8 @@
 Needs `prometheus-client`. Two kinds of metrics:
 
 - counted in this process through the task hooks: `aiotasks_tasks_total{task,state}`
-  (state = started, success, failure; retries and revocations are not counted) and
-  `aiotasks_task_duration_seconds{task}` (runs that ended in success or failure);
+  (state = started, success, failure, retry, revoked) and
+  `aiotasks_task_duration_seconds{task}` (every run that ended, by any of those states);
 - read from Redis when scraped (cached for `cache_seconds`, so a burst of scrapes costs
   one read): per queue `aiotasks_queue_waiting_tasks`, `aiotasks_queue_in_flight_tasks`,
   `aiotasks_queue_scheduled_tasks`, `aiotasks_queue_dead_letters`; per live worker
@@ -163,13 +163,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.tasks = Counter(
             "aiotasks_tasks",
-            "Task runs by task name and state (started, success, failure).",
+            "Task runs by task name and state (started, success, failure, retry, revoked).",
             ["task", "state"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "aiotasks_task_duration_seconds",
-            "Run time of tasks that ended in success or failure.",
+            "Run time of task runs (success, failure, retry or revoked).",
             ["task"],
             buckets=BUCKETS,
             registry=self.registry,
@@ -178,6 +178,8 @@ class Metrics:
         app.on_task_start(self._started)
         app.on_task_success(self._succeeded)
         app.on_task_failure(self._failed)
+        app.on_task_retry(self._retried)
+        app.on_task_revoked(self._revoked)
 
     def _started(self, ctx: TaskContext) -> None:
         self.tasks.labels(ctx.name, "started").inc()
@@ -187,6 +189,12 @@ class Metrics:
 
     def _failed(self, ctx: TaskContext, _exc: BaseException | None) -> None:
         self._ended(ctx, "failure")
+
+    def _retried(self, ctx: TaskContext, _exc: BaseException | None) -> None:
+        self._ended(ctx, "retry")
+
+    def _revoked(self, ctx: TaskContext) -> None:
+        self._ended(ctx, "revoked")
 
     def _ended(self, ctx: TaskContext, state: str) -> None:
         self.tasks.labels(ctx.name, state).inc()

@@ -1,4 +1,4 @@
-"""Task hooks: on_task_start / on_task_success / on_task_failure, sync and async."""
+"""Task hooks: on_task_start / success / failure / retry / revoked, sync and async."""
 
 from __future__ import annotations
 
@@ -103,6 +103,52 @@ async def test_failure_hooks_run_once_after_the_last_retry(app: App, worker: Any
         while len(failures) < 2:
             await asyncio.sleep(0.01)
     assert isinstance(failures[1], TimeLimitExceeded)
+
+
+async def test_retry_hooks_run_for_each_retried_run(app: App, worker: Any) -> None:
+    retries: list[tuple[int, str]] = []
+    failures: list[int] = []
+    app.on_task_retry(lambda ctx, exc: retries.append((ctx.attempt, type(exc).__name__)))
+    app.on_task_failure(lambda ctx, exc: failures.append(ctx.attempt))
+
+    @app.task(name="auto", max_retries=2, autoretry_for=(ValueError,))
+    async def auto() -> None:
+        if current_task().attempt == 1:
+            raise ValueError("first run fails")
+        raise Retry(countdown=0.01)
+
+    await worker()
+    with pytest.raises(TaskFailed):
+        await (await auto.send()).result(timeout=10)
+    async with asyncio.timeout(5):
+        while not failures:
+            await asyncio.sleep(0.01)
+    assert retries == [(1, "ValueError"), (2, "Retry")]
+    assert failures == [3]
+
+
+async def test_revoked_hook_runs_when_a_running_task_is_terminated(app: App, worker: Any) -> None:
+    revoked: list[str] = []
+    started = asyncio.Event()
+
+    @app.on_task_revoked
+    async def on_revoked(ctx: TaskContext) -> None:
+        revoked.append(ctx.id)
+
+    @app.task(name="sleeper")
+    async def sleeper() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    await worker()
+    h = await sleeper.send()
+    async with asyncio.timeout(10):
+        await started.wait()
+    await h.revoke(terminate=True)
+    async with asyncio.timeout(10):
+        while not revoked:
+            await asyncio.sleep(0.01)
+    assert revoked == [h.id]
 
 
 async def test_unknown_tasks_call_no_hooks(app: App, worker: Any) -> None:

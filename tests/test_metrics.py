@@ -57,7 +57,7 @@ async def test_hooks_count_tasks_and_redis_gauges(app: App, worker: Any) -> None
         await asyncio.sleep(0.01)
         return x + y
 
-    @app.task(name="boom")
+    @app.task(name="boom", autoretry_for=(ValueError,), max_retries=1)
     async def boom() -> None:
         raise ValueError("boom")
 
@@ -78,7 +78,9 @@ async def test_hooks_count_tasks_and_redis_gauges(app: App, worker: Any) -> None
     assert get("aiotasks_tasks_total", task="add", state="started") == 3
     assert get("aiotasks_tasks_total", task="add", state="success") == 3
     assert get("aiotasks_tasks_total", task="add", state="failure") is None
-    assert get("aiotasks_tasks_total", task="boom", state="started") == 1
+    assert get("aiotasks_tasks_total", task="boom", state="started") == 2
+    assert get("aiotasks_tasks_total", task="boom", state="retry") == 1
+    assert get("aiotasks_tasks_total", task="boom", state="failure") == 1
     assert get("aiotasks_task_duration_seconds_count", task="add") == 3
     assert get("aiotasks_task_duration_seconds_sum", task="add") >= 0.03  # type: ignore[operator]
     assert get("aiotasks_task_duration_seconds_bucket", task="add", le="0.005") == 0
