@@ -245,3 +245,11 @@ async def test_release_drops_an_entry_whose_task_was_revoked(app: App) -> None:
     assert await r.xrange(stream) == []
     assert (await r.xpending(stream, GROUP))["pending"] == 0
     assert await app.handle(m.id).state() == TaskState.REVOKED
+
+
+async def test_release_skips_a_stream_that_vanished(app: App) -> None:
+    m = message()
+    await enqueue(app, "send", m)
+    stream, entry_id = await read_as(app, "c1")
+    await app.broker.redis.delete(stream)  # purged, or the server lost its data
+    assert await release(app, stream, "c1", entry_id) == 0

@@ -24,6 +24,13 @@ local function notify(prefix, id, state, ct, result)
   end
 end
 
+-- Whether an entry is pending for this consumer (delivered to it, not yet acked).
+-- pcall: a stream that vanished (purged, or the server lost its data) has no group.
+local function held_by(stream, group, entry_id, consumer)
+  local p = redis.pcall('XPENDING', stream, group, entry_id, entry_id, 1, consumer)
+  return type(p) == 'table' and not p.err and p[1] ~= nil
+end
+
 -- Put a ready message on its stream and mark it PENDING.
 local function xadd_task(prefix, stream, id, name, queue, payload, ct, extra, ttl, now_ms)
   local fields = {'XADD', stream, '*', 'id', id, 'ct', ct, 'm', payload}

@@ -18,9 +18,7 @@ for i = 3, #ARGV, 2 do
   local stream = KEYS[tonumber(ARGV[i])]
   local entry_id = ARGV[i + 1]
   -- Re-claim only what is still ours: an entry another worker took over stays theirs.
-  -- pcall: a stream that vanished (purged, or the server lost its data) has no group.
-  local p = redis.pcall('XPENDING', stream, group, entry_id, entry_id, 1, consumer)
-  if type(p) == 'table' and not p.err and p[1] then
+  if held_by(stream, group, entry_id, consumer) then
     redis.call('XCLAIM', stream, group, consumer, 0, entry_id, 'JUSTID')
     refreshed = refreshed + 1
   end

@@ -20,8 +20,7 @@ local released = 0
 for i = 3, #ARGV, 2 do
   local stream = KEYS[tonumber(ARGV[i])]
   local entry_id = ARGV[i + 1]
-  local pending = redis.call('XPENDING', stream, group, entry_id, entry_id, 1, consumer)
-  if pending[1] then
+  if held_by(stream, group, entry_id, consumer) then
     local found = redis.call('XRANGE', stream, entry_id, entry_id)
     local keep = found[1] ~= nil
     local id, tkey
