@@ -130,6 +130,8 @@ class Execution:
         self.msg: Message | None = None
         self.ctx: TaskContext | None = None
         self.begun = False  # it got its slot and started (a read-ahead entry waits first)
+        self.revoke_requested = False  # revoked with terminate=True, maybe before it began
+        self.tid: str | None = None  # the task id, as the worker's revoke lookup knows it
         self.lease_was_given = lease.held
         self.started = time.perf_counter()
         self._timers: list[asyncio.TimerHandle] = []
@@ -190,6 +192,8 @@ class Execution:
             msg.opts.get("soft_timeout", opts.soft_timeout),
             msg.opts.get("hard_timeout", opts.hard_timeout),
         )
+        if self.revoke_requested:
+            return Outcome("REVOKED")  # terminated before its body began: never run it
         self._arm()
         token = _current.set(ctx)
         self.ctx = ctx
@@ -313,8 +317,12 @@ class Execution:
         asyncio.get_running_loop().call_later(HARD_TIMEOUT_GRACE, self._abandon)
 
     def cancel_revoked(self) -> None:
-        """Cancel the running task because it was revoked with terminate=True."""
-        if self.task is not None and not self.task.done():
+        """Cancel the running task because it was revoked with terminate=True.
+
+        Before its body began, the run is only marked: `_run_task` then ends it REVOKED.
+        """
+        self.revoke_requested = True
+        if self.begun and self.task is not None and not self.task.done():
             self.limits.revoked = True
             self.limits.soft_pending = False
             self.task.cancel()

@@ -451,6 +451,11 @@ class Worker:
         ex = Execution(self, d, Lease(self.slots, held))
         key = (d.index, d.entry_id)
         self._running[key] = ex
+        # Known by task id from now on: a revoke may come before the body begins.
+        task_id = d.fields.get(b"id")
+        if task_id:
+            ex.tid = task_id.decode(errors="replace")
+            self._by_task[ex.tid] = ex
         ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
 
     async def _execute(self, ex: Execution) -> None:
@@ -462,9 +467,6 @@ class Worker:
                 return
             ex.begun = True
             ex.started = time.perf_counter()  # a prefetched entry starts once it has a slot
-            task_id = ex.delivery.fields.get(b"id")
-            if task_id:
-                self._by_task[task_id.decode()] = ex
             await ex.run()
         except asyncio.CancelledError:
             pass  # stopping: the entry stays pending and is redelivered
@@ -474,8 +476,8 @@ class Worker:
             )
         finally:
             ex.lease.release()
-            if ex.msg is not None:
-                self._by_task.pop(ex.msg.id, None)
+            if ex.tid is not None and self._by_task.get(ex.tid) is ex:
+                del self._by_task[ex.tid]
             self._abandoned.discard(ex)
             key = (ex.delivery.index, ex.delivery.entry_id)
             if not self.outcomes.holds(key):
