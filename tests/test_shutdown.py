@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from aiotasks import App, TaskState
-from tests.helpers import pid_of, runs_key, wait_consuming, wait_state
+from tests.helpers import pid_of, runs_key, wait_consuming, wait_state, wait_until
 
 Spawn = Callable[..., Any]
 
@@ -27,6 +27,16 @@ async def wait_exit(proc: Any, timeout: float) -> tuple[int, float]:
     t0 = time.monotonic()
     code = await asyncio.to_thread(proc.wait, timeout)
     return code, time.monotonic() - t0
+
+
+async def wait_first_step(app: App, key: str) -> None:
+    """Wait until staged_sleep's body has counted its run: STARTED is recorded just
+    before the body begins, and these tests need the body itself under way."""
+
+    async def counted() -> bool:
+        return int(await app.broker.redis.get(key) or 0) >= 1
+
+    await wait_until(counted, 10, "the task body to begin")
 
 
 async def pending_entries(app: App, queue: str = "default") -> int:
@@ -80,7 +90,7 @@ async def test_shutdown_timeout_leaves_the_unfinished_task_to_be_redelivered(
     key = runs_key(app)
     # The first run takes 10 s; a redelivered run takes 0.2 s.
     h = await app.send_task(STAGED_SLEEP, args=(key, 10.0, 0.2))
-    await wait_state(h, TaskState.STARTED)
+    await wait_first_step(app, key)
     w1.signal(signal.SIGTERM)
     code, took = await wait_exit(w1, 10)
     assert code == 0, w1.output()
@@ -107,7 +117,7 @@ async def test_sigterm_stops_fetching_queued_tasks_stay_for_others(
     await wait_consuming(app, w1)
     key = runs_key(app)
     running = await app.send_task(STAGED_SLEEP, args=(key, 1.5, 0.0))
-    await wait_state(running, TaskState.STARTED)
+    await wait_first_step(app, key)
     queued = [await app.send_task(ADD, args=(i, i)) for i in range(3)]
     w1.signal(signal.SIGTERM)
     code, _ = await wait_exit(w1, 10)
@@ -138,7 +148,7 @@ async def test_second_signal_exits_at_once_and_the_task_is_redelivered(
     await wait_consuming(app, w1)
     key = runs_key(app)
     h = await app.send_task(STAGED_SLEEP, args=(key, 30.0, 0.2))
-    await wait_state(h, TaskState.STARTED)
+    await wait_first_step(app, key)
     w1.signal(first)
     await asyncio.to_thread(w1.wait_for_output, "stopping", 5)
     assert w1.proc.poll() is None  # the first signal waits for the task
