@@ -86,16 +86,31 @@ async def test_big_chord_survives_a_worker_sigkilled_midway(app: App, spawn_work
     await wait_consuming(app, *procs)
     n = 200
     h = await chord(
-        [sig(app, "header", i, -1, 0.15) for i in range(n)], sig(app, "body_count")
+        [sig(app, "header", i, -1, 0.15, task_id=f"hdr-{i}") for i in range(n)],
+        sig(app, "body_count"),
     ).send()
     cid = await chord_id(app)
     ck = app.broker.keys.chord(cid)
+    victim = procs[0]
 
     async def a_third_done() -> bool:
         return int(await app.broker.redis.hget(ck, "done") or 0) >= n // 3
 
+    async def victim_mid_header() -> bool:
+        """The victim runs a header that has counted its run and not finished."""
+        counted = list(await runs(app))
+        async with app.broker.redis.pipeline(transaction=False) as pipe:
+            for i in counted:
+                pipe.hmget(app.broker.keys.task(f"hdr-{i}"), "state", "worker")
+            rows = await pipe.execute()
+        return any(
+            state == b"STARTED" and pid_of(worker.decode()) == victim.pid
+            for state, worker in rows
+            if worker
+        )
+
     await wait_until(a_third_done, 20, "a third of the headers")
-    victim = procs[0]
+    await wait_until(victim_mid_header, 10, "the victim to be in the middle of a header")
     victim.kill()
     assert victim.proc.returncode == -signal.SIGKILL
 
