@@ -64,3 +64,36 @@ async def failure_of(h: TaskHandle[Any], timeout: float = 10) -> TaskFailed:
     with pytest.raises(TaskFailed) as err:
         await h.result(timeout=timeout)
     return err.value
+
+
+class ReadAhead:
+    """A task `job(tag)` that records its runs; `job("hold")` waits until `unblock` is set.
+
+    `await send()` makes a concurrency-1 worker (already running) hold `hold` in its slot
+    and read `ahead` beyond it: short tasks first, so the worker reads a batch ahead, then
+    `first`, `hold` and `ahead` in one script call. Returns the three handles.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.runs: list[str] = []
+        self.holding = asyncio.Event()
+        self.unblock = asyncio.Event()
+
+        @app.task(name="tests.read_ahead.job")
+        async def job(tag: str) -> str:
+            self.runs.append(tag)
+            if tag == "hold":
+                self.holding.set()
+                await self.unblock.wait()
+            return tag
+
+        self.job = job
+
+    async def send(self) -> tuple[TaskHandle[str], TaskHandle[str], TaskHandle[str]]:
+        for h in await self.job.send_many([((f"w{i}",), None) for i in range(100)]):
+            await h.result(timeout=10)
+        first, held, ahead = await self.job.send_many(
+            [(("first",), None), (("hold",), None), (("ahead",), None)]
+        )
+        await asyncio.wait_for(self.holding.wait(), 10)
+        return first, held, ahead

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from aiotasks import App, TaskRevoked, TaskState
+from tests.helpers import ReadAhead
 
 
 async def _pttl(app: App, task_id: str) -> int:
@@ -125,35 +126,16 @@ async def test_revoke_finished_task_keeps_its_result(app: App, worker: Any) -> N
 async def test_revoke_terminate_before_the_body_begins_never_runs_it(app: App, worker: Any) -> None:
     """A task the worker has read (and marked STARTED) but not begun, revoked with
     terminate=True: the worker knows it by id already, and never runs its body."""
-    blocker, unblock = asyncio.Event(), asyncio.Event()
-    runs: list[str] = []
-
-    @app.task
-    async def job(tag: str) -> str:
-        runs.append(tag)
-        if tag == "hold":
-            blocker.set()
-            await unblock.wait()
-        return tag
-
+    gate = ReadAhead(app)
     await worker(concurrency=1)
-    # Short tasks make the worker read one batch ahead of its one slot.
-    for h in await job.send_many([((f"w{i}",), None) for i in range(100)]):
-        await h.result(timeout=10)
-    calls: list[tuple[tuple[Any, ...], dict[str, Any] | None]] = [
-        (("first",), None),
-        (("hold",), None),
-        (("ahead",), None),
-    ]
-    _, held, ahead = await job.send_many(calls)
-    await asyncio.wait_for(blocker.wait(), 10)
+    _, held, ahead = await gate.send()
     assert await ahead.state() == TaskState.STARTED  # read ahead, waiting for the slot
     await ahead.revoke(terminate=True)
     await asyncio.sleep(0.2)  # the broadcast reaches the worker
-    unblock.set()
+    gate.unblock.set()
     assert await held.result(timeout=10) == "hold"
     with pytest.raises(TaskRevoked):
         await ahead.result(timeout=10)
-    await (await job.send("after")).result(timeout=10)  # the slot went on to others
-    assert "ahead" not in runs
+    await (await gate.job.send("after")).result(timeout=10)  # the slot went on to others
+    assert "ahead" not in gate.runs
     assert await ahead.state() == TaskState.REVOKED

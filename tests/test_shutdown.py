@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from aiotasks import App, TaskState
-from tests.helpers import pid_of, runs_key, wait_consuming, wait_state, wait_until
+from tests.helpers import ReadAhead, pid_of, runs_key, wait_consuming, wait_state, wait_until
 
 Spawn = Callable[..., Any]
 
@@ -168,40 +168,21 @@ async def test_second_signal_exits_at_once_and_the_task_is_redelivered(
 async def test_a_stop_gives_entries_read_ahead_back_to_the_queue(app: App) -> None:
     """A read-ahead entry (fetched beyond the free slots) never began: on stop it goes
     back to its stream at once, PENDING, instead of waiting out the visibility timeout."""
-    blocker, unblock = asyncio.Event(), asyncio.Event()
-    runs: list[str] = []
-
-    @app.task
-    async def job(tag: str) -> str:
-        runs.append(tag)
-        if tag == "hold":
-            blocker.set()
-            await unblock.wait()
-        return tag
-
+    gate = ReadAhead(app)
     w = app.worker(concurrency=1, shutdown_timeout=5)
     running = asyncio.create_task(w.run())
     await w.wait_started()
-    # Short tasks make the worker read one batch ahead of its free slots.
-    warm = await job.send_many([((f"w{i}",), None) for i in range(100)])
-    for h in warm:
-        await h.result(timeout=10)
-    # One script call queues all three: the woken worker runs `first`, then reads `hold`
-    # (its one slot) and `ahead` (read ahead, no slot).
-    first, held, ahead = await job.send_many(
-        [(("first",), None), (("hold",), None), (("ahead",), None)]
-    )
-    await asyncio.wait_for(blocker.wait(), 10)
+    first, held, ahead = await gate.send()
     entry_before = await app.broker.redis.hget(app.broker.keys.task(ahead.id), "_e")
 
     w.stop()
     await asyncio.sleep(0.2)
-    unblock.set()
+    gate.unblock.set()
     await asyncio.wait_for(running, 10)
 
     assert await first.result(timeout=1) == "first"
     assert await held.state() == TaskState.SUCCESS
-    assert "ahead" not in runs
+    assert "ahead" not in gate.runs
     assert await ahead.state() == TaskState.PENDING
     entry_after = await app.broker.redis.hget(app.broker.keys.task(ahead.id), "_e")
     assert entry_after != entry_before  # given back as a new entry, not left pending
@@ -212,4 +193,4 @@ async def test_a_stop_gives_entries_read_ahead_back_to_the_queue(app: App) -> No
     assert await ahead.result(timeout=10) == "ahead"
     w2.stop()
     await asyncio.wait_for(again, 10)
-    assert runs.count("ahead") == 1
+    assert gate.runs.count("ahead") == 1
