@@ -18,7 +18,8 @@ from .errors import (
     TimeLimitExceeded,
     UnknownTask,
 )
-from .handle import GroupHandle, TaskHandle, TaskInfo, TaskState
+from .handle import GroupHandle, TaskHandle
+from .state import TaskInfo, TaskState
 from .task import Signature, Task
 from .worker import Worker
 

@@ -15,16 +15,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.commands.core import AsyncScript
-
 from . import codec
+from .contract import pack
 from .errors import AiotasksError
-from .handle import TaskHandle, TaskInfo, TaskState
+from .handle import TaskHandle
 from .keys import DEFAULT_PRIORITY, GROUP, Keys
 from .message import now
+from .state import TaskInfo, TaskState
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -149,11 +148,6 @@ def _ms_datetime(raw: Any) -> datetime | None:
         return None
 
 
-def _lua(name: str) -> str:
-    lua = resources.files("aiotasks") / "lua"
-    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-
-
 class Admin:
     """Operations on an App's namespace: status, inspect, revoke, purge, send, dead letters.
 
@@ -163,23 +157,17 @@ class Admin:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self._scripts: dict[str, AsyncScript] = {}
+        self.client = app.client
 
     @property
     def keys(self) -> Keys:
         """The namespace's key names."""
-        return self.app.broker.keys
+        return self.client.keys
 
     @property
     def redis(self) -> Redis:
         """The App's Redis client."""
-        return self.app.broker.redis
-
-    def _script(self, name: str) -> AsyncScript:
-        # Registered per Admin on the App's current client: the App may reconnect.
-        if name not in self._scripts:
-            self._scripts[name] = self.redis.register_script(_lua(name))
-        return self._scripts[name]
+        return self.client.redis
 
     # -- reading ------------------------------------------------------------------------
 
@@ -383,28 +371,44 @@ class Admin:
             QueueNotFound: see check_queue.
         """
         await self.check_queue(queue)
-        script = self._script("purge")
-        keys = [self.keys.prefix, *self.keys.streams(queue)]
-        secs, micros = await self.redis.time()
-        bound = str(int(secs) * 1000 + int(micros) // 1000)
+        streams = self.keys.streams(queue)
         ttl = self.app.settings.result_ttl
         total = 0
         more: Any = 1
+        bounds = pack(await self._last_ids(streams))
         while int(more):
-            n, more = await script(
-                keys=keys,
-                args=[GROUP, queue, int(now() * 1000), ttl, PURGE_CHUNK, "streams", bound],
+            n, more = await self.client.scripts.purge(
+                streams=streams,
+                queue=queue,
+                now_ms=int(now() * 1000),
+                ttl=ttl,
+                limit=PURGE_CHUNK,
+                mode="streams",
+                bound=bounds,
             )
             total += int(n)
         cursor: Any = "0"
         while True:
-            n, cursor = await script(
-                keys=keys,
-                args=[GROUP, queue, int(now() * 1000), ttl, PURGE_CHUNK, "delayed", cursor],
+            n, cursor = await self.client.scripts.purge(
+                streams=streams,
+                queue=queue,
+                now_ms=int(now() * 1000),
+                ttl=ttl,
+                limit=PURGE_CHUNK,
+                mode="delayed",
+                bound=_text(cursor),
             )
             total += int(n)
             if _text(cursor) == "0":
                 return total
+
+    async def _last_ids(self, streams: list[str]) -> dict[str, bytes]:
+        """Each stream's newest entry id now: a purge deletes nothing added after it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xrevrange(stream, count=1)
+            found = await pipe.execute()
+        return {s: last[0][0] for s, last in zip(streams, found, strict=True) if last}
 
     # -- dead letters -------------------------------------------------------------------
 
@@ -447,15 +451,19 @@ class Admin:
 
     async def _requeue(self, queue: str, entry_ids: list[str]) -> int:
         dead = self.keys.dead(queue)
-        keys = [self.keys.prefix, dead, self.keys.stream(queue, DEFAULT_PRIORITY)]
         moved = 0
         for i in range(0, len(entry_ids), 100):
             chunk = entry_ids[i : i + 100]
             names = await self._names(dead, chunk)
-            args: list[str | int] = [GROUP, int(now() * 1000), self.app.settings.result_ttl]
-            for entry_id in chunk:
-                args += [entry_id, names.get(entry_id, "")]
-            moved += len(await self._script("requeue")(keys=keys, args=args))
+            requeued = await self.client.scripts.requeue(
+                dead=dead,
+                fallback=self.keys.stream(queue, DEFAULT_PRIORITY),
+                queue=queue,
+                now_ms=int(now() * 1000),
+                ttl=self.app.settings.result_ttl,
+                entries=[{"entry": e, "name": names.get(e, "")} for e in chunk],
+            )
+            moved += len(requeued)
         return moved
 
     async def _names(self, dead: str, entry_ids: list[str]) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -10,8 +9,8 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
-from .broker import Broker
 from .canvas import COLLECT
+from .client import Client
 from .config import RetryPolicy, Settings, resolve_redis_url
 from .handle import TaskHandle
 from .hooks import F, Hooks
@@ -43,6 +42,8 @@ class App:
         task_routes: glob of task name -> queue, e.g. {"mail.*": "high"}.
         retry_policy: default publish retry policy of `send` (dict or RetryPolicy).
         max_connections: size of the connection pool (waiters queue past it).
+        max_message_size: largest task body in bytes (before and after compression):
+            `send` refuses a larger one with SerializationError, a worker dead-letters it.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class App:
         task_routes: dict[str, str] | None = None,
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
         max_connections: int = 64,
+        max_message_size: int = 16 * 1024 * 1024,
     ) -> None:
         from .codec import get_serializer
 
@@ -73,13 +75,13 @@ class App:
             result_ttl=int(result_ttl),
             visibility_timeout=float(visibility_timeout),
             max_connections=max_connections,
+            max_message_size=int(max_message_size),
             task_routes=dict(task_routes or {}),
             retry_policy=RetryPolicy.of(retry_policy),
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.periodic_tasks: list[Any] = []
-        self._broker: Broker | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Client | None = None
         self.hooks = Hooks()
         self.task(name=COLLECT)(_collect)
 
@@ -89,27 +91,17 @@ class App:
     # -- connection ---------------------------------------------------------------
 
     @property
-    def broker(self) -> Broker:
-        """The Redis side of this App, created on first use (connections open lazily)."""
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if self._broker is not None and loop is not None and self._loop not in (None, loop):
-            # Used from a new event loop (a new test, a second asyncio.run): the old
-            # connections belong to the old loop and cannot be used from this one.
-            self._broker = None
-        if self._broker is None:
-            self._broker = Broker(self.settings)
-        if loop is not None:
-            self._loop = loop
-        return self._broker
+    def client(self) -> Client:
+        """The Redis side of this App: pool, scripts, notifier (connections open lazily)."""
+        if self._client is None:
+            self._client = Client(self.settings)
+        return self._client
 
     def configure(self, **changes: Any) -> None:
         """Change settings before the first connection (the CLI's --redis-url uses this)."""
         from dataclasses import replace
 
-        if self._broker is not None:
+        if self._client is not None:
             raise RuntimeError("configure() must come before the App connects")
         self.settings = replace(self.settings, **changes)
 
@@ -119,13 +111,12 @@ class App:
         Raises:
             BrokerConnectionError: Redis does not answer.
         """
-        await self.broker.ping()
+        await self.client.ping()
 
     async def close(self) -> None:
         """Close every connection of this App."""
-        if self._broker is not None:
-            broker, self._broker = self._broker, None
-            await broker.close()
+        if self._client is not None:
+            await self._client.close()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -207,7 +198,7 @@ class App:
 
     def handle(self, task_id: str) -> TaskHandle[Any]:
         """A handle for any task id."""
-        return TaskHandle(self, task_id)
+        return TaskHandle(self.client, task_id)
 
     async def send_task(
         self,
@@ -229,8 +220,14 @@ class App:
         if not built:
             return []
         policy = RetryPolicy.of(retry_policy) if retry_policy else self.settings.retry_policy
-        await self.broker.enqueue([m for m, _ in built], [t for _, t in built], policy)
-        return [TaskHandle(self, m.id) for m, _ in built]
+        client, s = self.client, self.settings
+        reply = client.notifier.reply_channel
+        records = [
+            m.record(ttl, min_size=s.compress_min_size, max_size=s.max_message_size, reply=reply)
+            for m, ttl in built
+        ]
+        await client.enqueue(records, policy)
+        return [TaskHandle(client, m.id) for m, _ in built]
 
     # -- workers --------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Canvas: group, chain and chord, compiled into finish.lua ops.
+"""Canvas: group, chain and chord, compiled into finish.lua ops (see contract.py).
 
 A canvas is frozen into plain dicts with every task id chosen up front, so that the
 handle of the last task is known at send time and a continuation that is enqueued
@@ -20,15 +20,16 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
+from .contract import FOLLOW, SEND, chord_op, enqueue_op
 from .handle import GroupHandle, TaskHandle
-from .message import ChordRef, Message, now
+from .message import ChordRef, Message
 from .task import Signature, build_message
 
 if TYPE_CHECKING:
     from .app import App
+    from .client import Client
 
-Arg = str | bytes | int | float
-Op = list[Any]  # one finish.lua op, e.g. ["enqueue", mode, values]
+Op = dict[str, Any]  # one finish.lua op (contract.py)
 Node = dict[str, Any]
 
 COLLECT = "aiotasks.collect"
@@ -55,9 +56,9 @@ class group:
         nodes = [_freeze(t, options) for t in self.tasks]
         ops: list[Op] = []
         for node in nodes:
-            ops += compile_node(app, node, mode="send")
+            ops += compile_node(app, app.client, node, mode=SEND)
         await _send_ops(app, ops)
-        return GroupHandle(app, [TaskHandle(app, final_id(n)) for n in nodes])
+        return GroupHandle(app.client, [TaskHandle(app.client, final_id(n)) for n in nodes])
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +76,8 @@ class chain:
         """Enqueue the first task; returns the handle of the last one."""
         app = _app_of(self)
         node = _freeze(self, options)
-        await _send_ops(app, compile_node(app, node, mode="send"))
-        return TaskHandle(app, final_id(node))
+        await _send_ops(app, compile_node(app, app.client, node, mode=SEND))
+        return TaskHandle(app.client, final_id(node))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +105,8 @@ class chord:
         """Enqueue the header tasks; returns the body's handle."""
         app = _app_of(self)
         node = _freeze(self, options)
-        await _send_ops(app, compile_node(app, node, mode="send"))
-        return TaskHandle(app, final_id(node))
+        await _send_ops(app, compile_node(app, app.client, node, mode=SEND))
+        return TaskHandle(app.client, final_id(node))
 
 
 def _app_of(canvas: Any) -> App:
@@ -202,6 +203,7 @@ def final_id(node: Node) -> str:
 
 def compile_node(
     app: App,
+    client: Client,
     node: Node,
     *,
     mode: str,
@@ -214,19 +216,31 @@ def compile_node(
     if t == "chain":
         steps = node["steps"]
         return compile_node(
-            app, steps[0], mode=mode, prepend=prepend, link=[*steps[1:], *link], report=report
+            app,
+            client,
+            steps[0],
+            mode=mode,
+            prepend=prepend,
+            link=[*steps[1:], *link],
+            report=report,
         )
     if t == "chord":
-        return _compile_chord(app, node, mode=mode, prepend=prepend, link=link, report=report)
+        return _compile_chord(
+            app, client, node, mode=mode, prepend=prepend, link=link, report=report
+        )
     if t == "group":
         ops: list[Op] = []
         for member in node["tasks"]:
-            ops += compile_node(app, member, mode=mode, prepend=prepend)
+            ops += compile_node(app, client, member, mode=mode, prepend=prepend)
         return ops
     msg, ttl = _message(app, node, prepend, link, report)
-    reply = app.broker.notifier.reply_channel if mode == "send" else ""
-    args = msg.enqueue_args(app.broker.keys, ttl, app.settings.compress_min_size, reply)
-    return [["enqueue", mode, args]]
+    reply = client.notifier.reply_channel if mode == SEND else None
+    return [enqueue_op(mode, _record(app, msg, ttl, reply=reply))]
+
+
+def _record(app: App, msg: Message, ttl: int, **extra: Any) -> Any:
+    s = app.settings
+    return msg.record(ttl, min_size=s.compress_min_size, max_size=s.max_message_size, **extra)
 
 
 def _message(
@@ -258,6 +272,7 @@ def _message(
 
 def _compile_chord(
     app: App,
+    client: Client,
     node: Node,
     *,
     mode: str,
@@ -269,7 +284,7 @@ def _compile_chord(
     header = node["header"]
     body = node["body"]
     if not header:
-        return compile_node(app, body, mode=mode, prepend=[[]], link=link, report=report)
+        return compile_node(app, client, body, mode=mode, prepend=[[]], link=link, report=report)
     body_link = list(link)
     if body["t"] == "chain":
         body_link = [*body["steps"][1:], *body_link]
@@ -277,51 +292,31 @@ def _compile_chord(
     if body["t"] != "sig":
         raise TypeError("a chord body must be a signature or a chain starting with one")
     b, ttl = _message(app, body, (), body_link, report, chord_body=cid)
-    b_data, b_ct = b.encode(app.settings.compress_min_size)
-    keys = app.broker.keys
     # The body's countdown counts from when its headers are done (as a chain step's
     # does from the step before); an eta stays the time it names.
     countdown = body["opts"].get("countdown") if body["opts"].get("eta") is None else None
-    b_eta: Arg = int(b.eta * 1000) if b.eta is not None and not countdown else ""
-    b_delay: Arg = int(float(countdown) * 1000) if countdown else ""
-    body_values: list[Arg] = [
-        b.id,
-        b.name,
-        b.queue,
-        keys.stream(b.queue, b.priority),
-        b_data,
-        b_ct,
-        int(b.expires * 1000) if b.expires else "",
-        report.id if report else "",
-        report.idx if report else "",
-        b.tail or "",
-        b_eta,
-        b_delay,
-    ]
-    errback: list[Arg] = []
+    delay_ms = None
+    if countdown:
+        b, delay_ms = replace(b, eta=None), int(float(countdown) * 1000)
+    reply = client.notifier.reply_channel if mode == SEND else None
+    body_record = _record(app, b, ttl, reply=reply, delay_ms=delay_ms)
+    errback = None
     if node.get("on_error"):
-        e, _ = _message(app, node["on_error"], (), (), None, chord_errback=cid)
-        e_data, e_ct = e.encode(app.settings.compress_min_size)
-        errback = [e.id, e.name, e.queue, keys.stream(e.queue, e.priority), e_data, e_ct]
-    ops: list[Op] = [["chord", cid, ttl, len(header), body_values, errback]]
+        e, e_ttl = _message(app, node["on_error"], (), (), None, chord_errback=cid)
+        errback = _record(app, e, e_ttl)
+    ops: list[Op] = [chord_op(cid, ttl, len(header), body_record, errback)]
     for idx, member in enumerate(header):
-        ops += compile_node(app, member, mode=mode, prepend=prepend, report=ChordRef(cid, idx))
+        ops += compile_node(
+            app, client, member, mode=mode, prepend=prepend, report=ChordRef(cid, idx)
+        )
     return ops
 
 
-def continuation(app: App, msg: Message, value: Any) -> list[Op]:
+def continuation(app: App, client: Client, msg: Message, value: Any) -> list[Op]:
     """Ops that start the next step of `msg`'s chain with its result `value`."""
     nxt, *rest = msg.link
-    return compile_node(app, nxt, mode="follow", prepend=[value], link=rest, report=msg.chord)
+    return compile_node(app, client, nxt, mode=FOLLOW, prepend=[value], link=rest, report=msg.chord)
 
 
 async def _send_ops(app: App, ops: list[Op]) -> None:
-    broker = app.broker
-    prefix = broker.keys.prefix
-
-    async def call() -> int:
-        return await broker.scripts.finish(
-            prefix=prefix, streams=[], now_ms=int(now() * 1000), ops=ops
-        )
-
-    await broker.with_retry(app.settings.retry_policy, call)
+    await app.client.apply(ops, app.settings.retry_policy)

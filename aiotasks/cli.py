@@ -16,7 +16,7 @@ import typer
 
 from .app import App
 from .backoff import Backoff
-from .broker import hide_password
+from .config import redact_url as hide_password
 from .errors import BrokerConnectionError
 from .worker import Worker
 

@@ -166,31 +166,59 @@ class JsonSerializer:
     def dumps(self, value: Any) -> bytes:
         try:
             return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
+            # RecursionError: a structure too deep (or cyclic) for the json encoder.
             raise SerializationError(f"cannot encode with json: {exc}") from exc
 
     def loads(self, data: bytes) -> Any:
         try:
             return json.loads(data, object_hook=_json_hook)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise SerializationError(f"cannot decode json: {exc}") from exc
 
 
-def _zstd() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+Decompress = Callable[[bytes, int], bytes]
+
+
+def _bounded(make: Callable[[], Any]) -> Decompress:
+    """A decompressor that refuses output over `limit` bytes (a decompression bomb)."""
+
+    def decompress(data: bytes, limit: int) -> bytes:
+        d = make()
+        out = d.decompress(data, limit + 1)
+        if len(out) > limit:
+            raise SerializationError(f"decompressed body exceeds max_message_size ({limit} bytes)")
+        return out  # type: ignore[no-any-return]
+
+    return decompress
+
+
+def _zstd() -> tuple[Callable[[bytes], bytes], Decompress]:
     try:
         import zstandard  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
         raise SerializationError("compression='zstd' needs: pip install 'aiotasks[zstd]'") from exc
-    return zstandard.ZstdCompressor().compress, zstandard.ZstdDecompressor().decompress
+
+    def decompress(data: bytes, limit: int) -> bytes:
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            out: bytes = reader.read(limit + 1)
+        if len(out) > limit:
+            raise SerializationError(f"decompressed body exceeds max_message_size ({limit} bytes)")
+        return out
+
+    return zstandard.ZstdCompressor().compress, decompress
 
 
-_COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
-    "zlib": (zlib.compress, zlib.decompress),
-    "lzma": (lzma.compress, lzma.decompress),
-    "bz2": (bz2.compress, bz2.decompress),
+_COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Decompress]] = {
+    "zlib": (zlib.compress, _bounded(zlib.decompressobj)),
+    "lzma": (lzma.compress, _bounded(lzma.LZMADecompressor)),
+    "bz2": (bz2.compress, _bounded(bz2.BZ2Decompressor)),
 }
 
 SERIALIZERS: dict[str, Serializer] = {"msgpack": MsgpackSerializer(), "json": JsonSerializer()}
+
+#: Largest body (before and after decompression) a decode accepts by default.
+MAX_SIZE = 64 * 1024 * 1024
 
 
 def get_serializer(name: str) -> Serializer:
@@ -201,7 +229,7 @@ def get_serializer(name: str) -> Serializer:
         raise SerializationError(f"unknown serializer {name!r}; use 'msgpack' or 'json'") from None
 
 
-def _compressor(name: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+def _compressor(name: str) -> tuple[Callable[[bytes], bytes], Decompress]:
     if name == "zstd":
         return _zstd()
     try:
@@ -222,12 +250,13 @@ def encode(
     return data, serializer
 
 
-def decode(data: bytes, content_type: str) -> Any:
-    """Decode bytes written by `encode` under `content_type`."""
+def decode(data: bytes, content_type: str, max_size: int = MAX_SIZE) -> Any:
+    """Decode bytes written by `encode` under `content_type`, at most `max_size` of them
+    after decompression."""
     serializer, _, compression = content_type.partition("+")
     if compression:
         try:
-            data = _compressor(compression)[1](data)
+            data = _compressor(compression)[1](data, max_size)
         except SerializationError:
             raise
         except Exception as exc:

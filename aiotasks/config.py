@@ -50,5 +50,16 @@ class Settings:
     result_ttl: int = 86400
     visibility_timeout: float = 60.0
     max_connections: int = 64
+    max_message_size: int = 16 * 1024 * 1024
     task_routes: dict[str, str] = field(default_factory=dict)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and banners."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

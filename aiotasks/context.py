@@ -13,6 +13,7 @@ from .errors import Retry
 
 if TYPE_CHECKING:
     from .app import App
+    from .client import Client
 
 
 class Slot(Protocol):
@@ -33,6 +34,7 @@ class TaskContext:
     max_retries: int
     queue: str
     app: App
+    client: Client
     retries: int = 0
     started: float = 0.0  # time.perf_counter() when the run began
     _slot: Slot | None = field(default=None, repr=False)
@@ -49,7 +51,7 @@ class TaskContext:
 
     async def progress(self, **meta: Any) -> None:
         """Store progress metadata; callers see it in info().progress and updates()."""
-        await self.app.broker.store_progress(self.id, meta)
+        await self.client.store_progress(self.id, meta)
 
     @asynccontextmanager
     async def _slot_released(self) -> AsyncIterator[None]:

@@ -4,11 +4,11 @@
 AiotasksError(Exception)
 ├── BrokerConnectionError(ConnectionError)  Redis unreachable after the send retry_policy ran out
 ├── SerializationError(ValueError)          the codec cannot encode or decode; nothing was enqueued
-├── UnknownTask(LookupError)                no task registered under that name
 ├── ResultTimeout(TimeoutError)             result()/results() gave up waiting
 ├── TaskRevoked                             the task was revoked or expired
 ├── TaskFailed                              remote failure: id, exc_type, exc_message, traceback
-│   └── ChordError                          a chord header task failed; names that task
+│   ├── ChordError                          a chord header task failed; names that task
+│   └── UnknownTask(LookupError)            no worker knew the task's name
 ├── SoftTimeLimitExceeded                   raised inside a task at its soft_timeout
 └── TimeLimitExceeded(TimeoutError)         recorded as exc_type when hard_timeout cancels a task
 Retry(Exception)                            control flow, not an error: re-run the task later
@@ -41,10 +41,6 @@ class BrokerConnectionError(AiotasksError, ConnectionError):
 
 class SerializationError(AiotasksError, ValueError):
     """A value could not be encoded or decoded by the serializer; nothing was enqueued."""
-
-
-class UnknownTask(AiotasksError, LookupError):
-    """No task is registered under this name."""
 
 
 class ResultTimeout(AiotasksError, TimeoutError):
@@ -102,6 +98,13 @@ class ChordError(TaskFailed):
             f"chord body {self.task_id} will not run: header task {self.failed_task_id} "
             f"failed: {self.exc_type}: {self.exc_message}"
         )
+
+
+class UnknownTask(TaskFailed, LookupError):
+    """The task failed because no worker has a task registered under its name.
+
+    Raised by `result()` of such a task; its `exc_type` is "UnknownTask".
+    """
 
 
 class SoftTimeLimitExceeded(AiotasksError):

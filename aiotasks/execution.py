@@ -1,36 +1,142 @@
-"""Running one delivered message: decode, context, soft/hard timeouts, and the outcome.
+"""Running one delivery: decode it once, run the task with its timeouts, return the outcome.
 
-The outcome becomes finish.lua ops (see Worker.commit); nothing here talks to Redis
-except reading a chord's header results for its body.
+`Execution.run()` returns an `Outcome` (or None: the worker is stopping and the entry
+stays pending); the worker turns it into finish.lua ops. Nothing here writes to Redis:
+it only reads a chord's header results for a body and reserves rate-limit slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 import traceback
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import codec
 from .backoff import exponential
 from .context import TaskContext, _current
-from .errors import Retry, SerializationError, SoftTimeLimitExceeded
-from .hooks import Hooks
-from .message import RATE_RESERVED, Message, decode_entry, now
+from .errors import CONNECTION_ERRORS, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from .message import RATE_RESERVED, DecodeError, Message, decode_entry, now
 from .task import Task
 
 if TYPE_CHECKING:
+    from .app import App
+    from .client import Client
     from .slots import Lease
-    from .worker import Delivery, Worker
 
 log = logging.getLogger("aiotasks.worker")
 
 #: Seconds a hard-timed-out coroutine gets to unwind before its slot is taken back.
 HARD_TIMEOUT_GRACE = 0.5
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A stream entry this worker holds: its stream (and the queue and priority it
+    serves), entry id, fields, and how many times it was delivered."""
+
+    stream: str
+    queue: str
+    priority: int
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+    @property
+    def key(self) -> tuple[str, bytes]:
+        """Identity in the worker's table of running entries."""
+        return (self.stream, self.entry_id)
+
+
+class Kind(enum.Enum):
+    """How a delivery ended."""
+
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+    RETRY = "RETRY"  # run again later, as a retry
+    DEFER = "DEFER"  # run later without counting a retry (a rate limit, a Redis blip)
+    DEAD = "DEAD"  # must never run: dead-lettered (malformed, unknown task)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a run ended: its kind plus value, or the error's type, message and traceback."""
+
+    kind: Kind
+    value: Any = None
+    exc_type: str = ""
+    exc_message: str = ""
+    traceback: str = ""
+    retry_at: float | None = None  # RETRY/DEFER: when to run again
+    rate_reserved: bool = False  # DEFER: the later run holds a reserved rate-limit slot
+    exc: BaseException | None = None
+
+    @property
+    def state(self) -> str:
+        """The task state this outcome records (RETRY/DEFER/DEAD name themselves)."""
+        return self.kind.value
+
+
+def failure(exc: BaseException, exc_type: str | None = None) -> Outcome:
+    """A FAILURE outcome for an exception, with its formatted traceback."""
+    tb = exc.__traceback__
+    # Start the traceback at the task's own code, not at the worker's frames.
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return Outcome(
+        Kind.FAILURE,
+        exc_type=exc_type or type(exc).__name__,
+        exc_message=str(exc),
+        traceback=text,
+        exc=exc,
+    )
+
+
+def internal_error(exc: BaseException) -> Outcome:
+    """aiotasks' own code failed while handling a task: recorded once as InternalError."""
+    out = failure(exc, "InternalError")
+    out.exc_message = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """A task's run options, resolved once: send options over the task's, over the App's."""
+
+    soft_timeout: float | None
+    hard_timeout: float | None
+    max_retries: int
+    ignore_result: bool
+    result_ttl: int
+
+    @classmethod
+    def resolve(cls, task: Task[Any, Any], msg: Message, default_ttl: int) -> RunOptions:
+        """The options of one run of `task` for `msg`."""
+        o, t = msg.opts, task.opts
+        return cls(
+            soft_timeout=o.get("soft_timeout", t.soft_timeout),
+            hard_timeout=o.get("hard_timeout", t.hard_timeout),
+            max_retries=int(o.get("max_retries", t.max_retries)),
+            ignore_result=bool(o.get("ignore_result", t.ignore_result)),
+            result_ttl=int(o.get("result_ttl") or t.result_ttl or default_ttl),
+        )
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What every execution of one worker shares (no reference back to the worker)."""
+
+    app: App
+    client: Client
+    worker: str
+    thread_limiter: Callable[[], Any]
+    on_abandon: Callable[[Execution, Outcome], None]
 
 
 @dataclass(slots=True)
@@ -89,141 +195,137 @@ class Interruptible:
                 exc = other
 
 
-@dataclass(slots=True)
-class Outcome:
-    """How a run ended: state plus value, or the error's type, message and traceback."""
+class Phase(enum.Enum):
+    """Where an entry is in the worker's table of running entries."""
 
-    state: str
-    value: Any = None
-    exc_type: str = ""
-    exc_message: str = ""
-    traceback: str = ""
-    retry_at: float | None = None  # set when the task is to run again
-    exc: BaseException | None = None
-
-
-def failure(exc: BaseException, exc_type: str | None = None) -> Outcome:
-    """A FAILURE outcome for an exception, with its formatted traceback."""
-    tb = exc.__traceback__
-    # Start the traceback at the task's own code, not at the worker's frames.
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return Outcome(
-        "FAILURE",
-        exc_type=exc_type or type(exc).__name__,
-        exc_message=str(exc),
-        traceback=text,
-        exc=exc,
-    )
+    WAITING = "waiting"  # read ahead: waits for a concurrency slot
+    RUNNING = "running"  # has its slot; decoding or running
+    COMMITTING = "committing"  # its outcome is queued or being committed
 
 
 class Execution:
     """One delivery being run by a worker."""
 
-    def __init__(self, worker: Worker, delivery: Delivery, lease: Lease) -> None:
-        self.worker = worker
+    def __init__(self, rt: Runtime, delivery: Delivery, lease: Lease) -> None:
+        self.rt = rt
         self.delivery = delivery
         self.lease = lease
+        self.phase = Phase.WAITING
         self.limits = Limits(None, None)
         self.task: asyncio.Task[None] | None = None
         self.msg: Message | None = None
+        self.fn: Task[Any, Any] | None = None
+        self.opts: RunOptions | None = None
         self.ctx: TaskContext | None = None
-        self.begun = False  # it got its slot and started (a read-ahead entry waits first)
         self.revoke_requested = False  # revoked with terminate=True, maybe before it began
-        self.tid: str | None = None  # the task id, as the worker's revoke lookup knows it
+        raw_id = delivery.fields.get(b"id")
+        self.tid = raw_id.decode(errors="replace") if raw_id else None
         self.lease_was_given = lease.held
         self.started = time.perf_counter()
+        self._args: list[Any] = []
         self._timers: list[asyncio.TimerHandle] = []
 
-    async def run(self) -> None:
-        """Decode and run; the outcome goes to the worker's commit buffer."""
+    @property
+    def begun(self) -> bool:
+        """Whether it got its slot and started (a read-ahead entry waits first)."""
+        return self.phase is not Phase.WAITING
+
+    async def run(self) -> Outcome | None:
+        """Decode and run the delivery; its outcome, or None when the worker is stopping."""
         d = self.delivery
         try:
-            task_id = d.fields[b"id"].decode()
-        except (KeyError, UnicodeDecodeError):
-            task_id = ""
-        try:
-            msg = decode_entry(task_id, d.fields[b"m"], d.fields[b"ct"].decode())
-        except (SerializationError, KeyError, UnicodeDecodeError, TypeError, ValueError) as exc:
-            self.worker.dead_letter(self, task_id, "DecodeError", f"cannot decode message: {exc}")
-            return
+            msg = decode_entry(d.fields, d.queue, d.priority, self.rt.app.settings.max_message_size)
+        except DecodeError as exc:
+            return Outcome(Kind.DEAD, exc_type="DecodeError", exc_message=str(exc))
         self.msg = msg
-        task = self.worker.app.tasks.get(msg.name)
+        task = self.rt.app.tasks.get(msg.name)
         if task is None:
-            self.worker.dead_letter(
-                self,
-                task_id,
-                "UnknownTask",
-                f"no task named {msg.name!r} is registered on worker {self.worker.name}",
+            return Outcome(
+                Kind.DEAD,
+                exc_type="UnknownTask",
+                exc_message=f"no task named {msg.name!r} is registered on worker {self.rt.worker}",
             )
-            return
-        outcome = await self._run_task(task, msg)
-        if outcome is not None and not self.limits.abandoned:
-            self.worker.finish(self, task, msg, outcome)
-            hooks = self.worker.app.hooks
-            if hooks and self.ctx is not None:
-                await self._after(hooks, outcome)
+        self.fn = task
+        self.opts = RunOptions.resolve(task, msg, self.rt.app.settings.result_ttl)
+        return await self._run_task(task, msg, self.opts)
 
-    async def _after(self, hooks: Hooks, outcome: Outcome) -> None:
-        if outcome.state == "SUCCESS" and hooks.success:
+    async def after(self, outcome: Outcome) -> None:
+        """Call the App's hooks for this outcome (after it was queued for commit)."""
+        hooks = self.rt.app.hooks
+        if not hooks or self.ctx is None:
+            return
+        kind = outcome.kind
+        if kind is Kind.SUCCESS and hooks.success:
             await hooks.call(hooks.success, self.ctx, outcome.value)
-        elif outcome.state == "FAILURE" and hooks.failure:
+        elif kind is Kind.FAILURE and hooks.failure:
             await hooks.call(hooks.failure, self.ctx, outcome.exc)
-        elif outcome.state == "RETRY" and hooks.retry:
+        elif kind is Kind.RETRY and hooks.retry:
             await hooks.call(hooks.retry, self.ctx, outcome.exc)
-        elif outcome.state == "REVOKED" and hooks.revoked:
+        elif kind is Kind.REVOKED and hooks.revoked:
             await hooks.call(hooks.revoked, self.ctx)
 
-    async def _run_task(self, task: Task[Any, Any], msg: Message) -> Outcome | None:
-        opts = task.opts
-        max_retries = int(msg.opts.get("max_retries", opts.max_retries))
+    async def _run_task(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome:
         ctx = TaskContext(
             id=msg.id,
             name=msg.name,
             attempt=msg.retries + self.delivery.deliveries,
-            max_retries=max_retries,
+            max_retries=opts.max_retries,
             queue=msg.queue,
-            app=self.worker.app,
+            app=self.rt.app,
+            client=self.rt.client,
             retries=msg.retries,
             _slot=self.lease,
         )
-        self.limits = Limits(
-            msg.opts.get("soft_timeout", opts.soft_timeout),
-            msg.opts.get("hard_timeout", opts.hard_timeout),
-        )
+        self.limits = Limits(opts.soft_timeout, opts.hard_timeout)
         if self.revoke_requested:
-            return Outcome("REVOKED")  # terminated before its body began: never run it
+            return Outcome(Kind.REVOKED)  # terminated before its body began: never run it
+        try:
+            deferred = await self._before_body(task, msg)
+        except CONNECTION_ERRORS as exc:
+            # Redis went away before the body began: run it later, it never ran.
+            log.warning("task %s[%s]: lost Redis before it began (%s)", msg.name, msg.id, exc)
+            return Outcome(Kind.DEFER, retry_at=now() + 1.0)
+        if deferred is not None:
+            return deferred
         self._arm()
         token = _current.set(ctx)
         self.ctx = ctx
-        hooks = self.worker.app.hooks
+        hooks = self.rt.app.hooks
         try:
-            if task.rate_interval_ms and RATE_RESERVED not in msg.opts:
-                wait_ms = await self.worker.app.broker.rate_wait(task.name, task.rate_interval_ms)
-                if wait_ms > 0:
-                    return Outcome("DEFER", retry_at=now() + wait_ms / 1000)
             if hooks.start:
                 await hooks.call(hooks.start, ctx)
             ctx.started = time.perf_counter()
-            args = await self._args(msg)
-            value = await self._invoke(task, args, msg.kwargs)
-            return Outcome("SUCCESS", value)
+            value = await self._invoke(task, self._args, msg.kwargs)
+            return Outcome(Kind.SUCCESS, value)
         except asyncio.CancelledError as cancel:
-            return self._cancelled(task, msg, max_retries, cancel)
+            return self._cancelled(task, msg, opts, cancel)
         except Retry as r:
-            return self._retry(task, msg, max_retries, r.exc or r, r)
+            return self._retry(task, msg, opts, r.exc or r, r)
         except Exception as exc:
-            if opts.autoretry_for and isinstance(exc, opts.autoretry_for):
-                return self._retry(task, msg, max_retries, exc, None)
+            if task.opts.autoretry_for and isinstance(exc, task.opts.autoretry_for):
+                return self._retry(task, msg, opts, exc, None)
             return failure(exc)
         finally:
             _current.reset(token)
             for timer in self._timers:
                 timer.cancel()
 
+    async def _before_body(self, task: Task[Any, Any], msg: Message) -> Outcome | None:
+        """Reserve a rate-limit slot and read what a chord body or callback gets first."""
+        if task.rate_interval_ms and RATE_RESERVED not in msg.opts:
+            wait_ms = await self.rt.client.rate_wait(task.name, task.rate_interval_ms)
+            if wait_ms > 0:
+                return Outcome(Kind.DEFER, retry_at=now() + wait_ms / 1000, rate_reserved=True)
+        args = list(msg.args)
+        if msg.chord_body:
+            args.insert(0, await self.rt.client.chord_results(msg.chord_body))
+        elif msg.chord_errback:
+            args.insert(0, await self.rt.client.chord_failure(msg.chord_errback))
+        self._args = args
+        return None
+
     def _cancelled(
-        self, task: Task[Any, Any], msg: Message, max_retries: int, cancel: asyncio.CancelledError
+        self, task: Task[Any, Any], msg: Message, opts: RunOptions, cancel: asyncio.CancelledError
     ) -> Outcome:
         limits = self.limits
         if not (limits.hard_fired or limits.revoked or limits.soft_fired):
@@ -232,27 +334,26 @@ class Execution:
         if current is not None:
             current.uncancel()
         if limits.revoked:
-            return Outcome("REVOKED")
-        from .errors import TimeLimitExceeded
-
+            return Outcome(Kind.REVOKED)
         if limits.hard_fired:
             err: Exception = TimeLimitExceeded(f"hard time limit ({limits.hard} s) exceeded")
         else:  # a thread task at its soft limit: the thread cannot be interrupted
             err = SoftTimeLimitExceeded(f"soft time limit ({limits.soft} s) exceeded")
         if task.opts.autoretry_for and isinstance(err, task.opts.autoretry_for):
-            return self._retry(task, msg, max_retries, err, None)
+            return self._retry(task, msg, opts, err, None)
         return failure(err)
 
     def _retry(
         self,
         task: Task[Any, Any],
         msg: Message,
-        max_retries: int,
+        opts: RunOptions,
         exc: BaseException,
         r: Retry | None,
     ) -> Outcome:
-        if r is not None and r.max_retries is not None:
-            max_retries = r.max_retries
+        max_retries = r.max_retries if r is not None and r.max_retries is not None else None
+        if max_retries is None:
+            max_retries = opts.max_retries
         if msg.retries >= max_retries:
             cause = (
                 exc
@@ -260,27 +361,9 @@ class Execution:
                 else RuntimeError(f"retry limit ({max_retries}) exceeded")
             )
             return failure(cause)
-        opts = task.opts
-        if r is not None and r.eta is not None:
-            at = r.eta.timestamp()
-        elif r is not None and r.countdown is not None:
-            at = now() + r.countdown
-        elif opts.retry_backoff:
-            base = 1.0 if opts.retry_backoff is True else float(opts.retry_backoff)
-            at = now() + exponential(msg.retries, base, opts.retry_backoff_max, opts.retry_jitter)
-        else:
-            at = now()
-        out = failure(exc) if not isinstance(exc, Retry) else Outcome("RETRY", exc=exc)
-        out.state, out.retry_at = "RETRY", at
+        out = failure(exc) if not isinstance(exc, Retry) else Outcome(Kind.RETRY, exc=exc)
+        out.kind, out.retry_at = Kind.RETRY, _retry_at(task, msg, r)
         return out
-
-    async def _args(self, msg: Message) -> list[Any]:
-        args = list(msg.args)
-        if msg.chord_body:
-            args.insert(0, await self.worker.app.broker.chord_results(msg.chord_body))
-        elif msg.chord_errback:
-            args.insert(0, await self.worker.app.broker.chord_failure(msg.chord_errback))
-        return args
 
     async def _invoke(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         if task.is_async:
@@ -290,7 +373,7 @@ class Execution:
         return await run_sync(
             partial(task.fn, *args, **kwargs),
             abandon_on_cancel=True,
-            limiter=self.worker.thread_limiter(),
+            limiter=self.rt.thread_limiter(),
         )
 
     # -- timers ------------------------------------------------------------------------
@@ -331,7 +414,6 @@ class Execution:
     def _abandon(self) -> None:
         if self.task is None or self.task.done() or self.msg is None:
             return
-        task = self.worker.app.tasks[self.msg.name]
         self.limits.abandoned = True
         log.error(
             "task %s[%s] ignored cancellation; abandoning it and freeing its slot",
@@ -339,20 +421,25 @@ class Execution:
             self.msg.id,
         )
         if self.limits.revoked:
-            outcome = Outcome("REVOKED")
+            outcome = Outcome(Kind.REVOKED)
         else:
-            from .errors import TimeLimitExceeded
-
             outcome = failure(
                 TimeLimitExceeded(
                     f"hard time limit ({self.limits.hard} s) exceeded; the task ignored "
                     "cancellation and was abandoned"
                 )
             )
-        self.worker.finish(self, task, self.msg, outcome)
-        self.worker.abandon(self)
+        self.rt.on_abandon(self, outcome)
 
 
-def encode_result(value: Any, msg: Message) -> tuple[bytes, str]:
-    """Encode a task's return value with the message's serializer."""
-    return codec.encode(value, msg.serializer, msg.compression)
+def _retry_at(task: Task[Any, Any], msg: Message, r: Retry | None) -> float:
+    """When a retry runs: the Retry's eta or countdown, else the task's backoff, else now."""
+    opts = task.opts
+    if r is not None and r.eta is not None:
+        return r.eta.timestamp()
+    if r is not None and r.countdown is not None:
+        return now() + r.countdown
+    if opts.retry_backoff:
+        base = 1.0 if opts.retry_backoff is True else float(opts.retry_backoff)
+        return now() + exponential(msg.retries, base, opts.retry_backoff_max, opts.retry_jitter)
+    return now()

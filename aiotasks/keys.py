@@ -1,4 +1,9 @@
-"""Keys: the only place a Redis key or channel name is spelled.
+"""Keys: every Redis key and channel name, from one definition for Python and Lua.
+
+`LAYOUT` is the only place a key name is spelled. `Keys` builds names from it in
+Python; `lua_functions()` renders the same templates as Lua functions for
+`lua/_contract.lua` (see contract.py), and a test checks that both sides build the
+same names.
 
 Every key carries the `{namespace}` hash tag, so all of an app's keys hash to one
 cluster slot and every Lua script stays cluster-safe.
@@ -6,11 +11,40 @@ cluster slot and every Lua script stays cluster-safe.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 #: Priority buckets: one stream per priority level 0..9 (9 most urgent).
 PRIORITIES = range(9, -1, -1)
 DEFAULT_PRIORITY = 5
+
+GROUP = "workers"
+"""Name of the one consumer group on every stream."""
+
+#: Key and channel templates below the `{namespace}:` prefix; `{x}` are the parts.
+LAYOUT: dict[str, str] = {
+    "stream": "q:{queue}:{priority}",  # stream of ready tasks of a queue at one priority
+    "task": "t:{id}",  # hash: a task's state, result and metadata
+    "done_channel": "done:{id}",  # channel: a task's state changes
+    "reply_channel": "reply:{client}",  # channel: final states of one client's tasks
+    "delayed": "delayed",  # zset: scheduled task ids by due time (ms)
+    "dead": "dead:{queue}",  # stream: a queue's dead letters
+    "chord": "chord:{id}",  # hash: a chord's counter, body and failure
+    "chord_results": "chord:{id}:r",  # hash: a chord's header results by index
+    "queues": "queues",  # set: queue names ever sent to
+    "workers": "workers",  # zset: worker names by last heartbeat (ms)
+    "worker": "worker:{name}",  # hash: one live worker's description
+    "control_channel": "control",  # channel: broadcasts to every worker
+    "periodic": "periodic",  # hash: periodic name -> next run (ms)
+    "periodic_tick": "tick:{name}:{tick}",  # string: one-shot claim of a periodic tick
+    "rate": "rate:{name}",  # string: GCRA state of one task name's rate limit
+}
+
+_PART = re.compile(r"\{(\w+)\}")
+
+
+def _parts(template: str) -> list[str]:
+    return _PART.findall(template)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +55,15 @@ class Keys:
 
     @property
     def prefix(self) -> str:
-        """Common prefix, passed to Lua scripts that derive per-task keys."""
+        """Common prefix, `{namespace}:`; scripts take it as KEYS[1] and build from it."""
         return "{" + self.namespace + "}:"
+
+    def _key(self, kind: str, **parts: object) -> str:
+        return self.prefix + LAYOUT[kind].format(**parts)
 
     def stream(self, queue: str, priority: int = DEFAULT_PRIORITY) -> str:
         """The stream holding ready tasks of one queue at one priority."""
-        return f"{self.prefix}q:{queue}:{priority}"
+        return self._key("stream", queue=queue, priority=priority)
 
     def streams(self, queue: str) -> list[str]:
         """A queue's streams, most urgent first."""
@@ -34,65 +71,78 @@ class Keys:
 
     def task(self, task_id: str) -> str:
         """Hash with a task's state, result and metadata."""
-        return f"{self.prefix}t:{task_id}"
+        return self._key("task", id=task_id)
 
     def done_channel(self, task_id: str) -> str:
         """Pub/sub channel announcing a task's state changes."""
-        return f"{self.prefix}done:{task_id}"
+        return self._key("done_channel", id=task_id)
 
     def reply_channel(self, client_id: str) -> str:
-        """Pub/sub channel on which one App process hears the final states of its tasks."""
-        return f"{self.prefix}reply:{client_id}"
+        """Pub/sub channel on which one client hears the final states of its tasks."""
+        return self._key("reply_channel", client=client_id)
 
     @property
     def delayed(self) -> str:
         """Sorted set of task ids waiting for countdown/eta/retry, scored by due time (ms)."""
-        return f"{self.prefix}delayed"
+        return self._key("delayed")
 
     def dead(self, queue: str) -> str:
         """Dead-letter stream of one queue."""
-        return f"{self.prefix}dead:{queue}"
+        return self._key("dead", queue=queue)
 
     def chord(self, chord_id: str) -> str:
         """Hash with a chord's size, counter, body and failure."""
-        return f"{self.prefix}chord:{chord_id}"
+        return self._key("chord", id=chord_id)
 
     def chord_results(self, chord_id: str) -> str:
         """Hash of a chord's header results by header index."""
-        return f"{self.prefix}chord:{chord_id}:r"
+        return self._key("chord_results", id=chord_id)
 
     @property
     def queues(self) -> str:
         """Set of queue names that have ever been sent to."""
-        return f"{self.prefix}queues"
+        return self._key("queues")
 
     @property
     def workers(self) -> str:
         """Sorted set of worker names scored by last heartbeat (ms)."""
-        return f"{self.prefix}workers"
+        return self._key("workers")
 
     def worker(self, name: str) -> str:
         """Hash describing one live worker (expires unless refreshed)."""
-        return f"{self.prefix}worker:{name}"
+        return self._key("worker", name=name)
 
     @property
     def control_channel(self) -> str:
         """Pub/sub channel for broadcasts to all workers (revoke with terminate)."""
-        return f"{self.prefix}control"
+        return self._key("control_channel")
 
     @property
     def periodic(self) -> str:
         """Hash of periodic schedule name -> next run (ms), for `aiotasks status`."""
-        return f"{self.prefix}periodic"
+        return self._key("periodic")
 
     def periodic_tick(self, name: str, tick: int) -> str:
         """One-shot key claimed by the worker that fires a periodic tick."""
-        return f"{self.prefix}tick:{name}:{tick}"
+        return self._key("periodic_tick", name=name, tick=tick)
 
     def rate(self, task_name: str) -> str:
         """Rate-limit state (GCRA theoretical arrival time) of one task name."""
-        return f"{self.prefix}rate:{task_name}"
+        return self._key("rate", name=task_name)
 
 
-GROUP = "workers"
-"""Name of the one consumer group on every stream."""
+def _lua_function(kind: str, template: str) -> str:
+    parts = _parts(template)
+    pieces: list[str] = []
+    for literal, part in zip(_PART.split(template)[::2], [*parts, None], strict=True):
+        if literal:
+            pieces.append(repr(literal).replace('"', "'"))
+        if part is not None:
+            pieces.append(part)
+    body = " .. ".join(["P", *pieces])
+    return f"function K.{kind}({', '.join(parts)}) return {body} end"
+
+
+def lua_functions() -> list[str]:
+    """The LAYOUT as Lua: `K.<kind>(parts...)` builds a name from the prefix P (KEYS[1])."""
+    return ["local K = {}", *(_lua_function(k, t) for k, t in LAYOUT.items())]

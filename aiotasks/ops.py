@@ -23,8 +23,8 @@ from redis.exceptions import ResponseError
 
 from .admin import Admin, DeadLetter, QueueNotFound, Status, TaskNotFound, parse_entry_ids
 from .app import App
-from .broker import hide_password
 from .cli import cli, fail, load_app
+from .config import redact_url as hide_password
 from .errors import CONNECTION_ERRORS, BrokerConnectionError, ResultTimeout, TaskFailed, TaskRevoked
 from .handle import TaskInfo, TaskState
 

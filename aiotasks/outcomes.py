@@ -2,7 +2,9 @@
 
 Every outcome of a batch goes to Redis in one finish.lua call, which stores the results,
 acknowledges and deletes the entries, wakes the waiters and settles chords and chains. An
-entry stays in the worker's running set (and keeps its heartbeat) until its commit lands.
+entry stays in the worker's table of running entries (and keeps its heartbeat) until its
+commit lands. An outcome whose ops cannot be built (aiotasks' own code failed) or that
+Redis refuses is recorded once as an InternalError FAILURE, never left to redelivery.
 """
 
 from __future__ import annotations
@@ -10,212 +12,206 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
 from .backoff import Backoff
+from .canvas import continuation
+from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op
 from .errors import CONNECTION_ERRORS, SerializationError
-from .execution import Outcome, encode_result
-from .keys import PRIORITIES
-from .message import Message, now
-from .task import Task
+from .execution import Execution, Kind, Outcome, Phase, failure, internal_error
+from .message import now
 
 if TYPE_CHECKING:
     from .app import App
-    from .execution import Execution
-    from .keys import Keys
+    from .client import Client
 
 log = logging.getLogger("aiotasks.worker")
 
-Arg = str | bytes | int | float
-Key = tuple[int, bytes]
+Key = tuple[str, bytes]
+Op = dict[str, Any]
 
 
 class Outcomes:
-    """The commit buffer of one worker."""
+    """The commit buffer of one worker.
+
+    Args:
+        app: the App (task registry and settings) whose tasks ran.
+        client: where outcomes are committed.
+        worker: the worker's name, recorded on each task.
+        streams: the worker's streams (declared to finish.lua).
+        committed: called with the keys of entries whose outcomes landed.
+    """
 
     def __init__(
         self,
         app: App,
-        keys: Keys,
-        name: str,
-        queues: list[str],
+        client: Client,
+        worker: str,
         streams: list[str],
-        running: dict[Key, Any],
+        committed: Callable[[list[Key]], None],
     ) -> None:
         self.app = app
-        self.keys = keys
-        self.name = name
-        self.queues = queues
+        self.client = client
+        self.worker = worker
         self.streams = streams
-        self._worker_running = running
+        self._committed = committed
         self.done = 0
         self.failed = 0
-        self._ops: list[list[Any]] = []
-        # Entries whose outcome is queued or being committed stay in the worker's running
-        # set (and keep their heartbeat) until the commit lands.
-        self.pending: list[Key] = []
-        self.committing: list[Key] = []
+        self._groups: list[list[Op]] = []  # one group of ops per entry, applied in order
+        self._keys: list[Key] = []
         self._flush = asyncio.Event()
         self._commit_lock = asyncio.Lock()
 
     @property
     def has_ops(self) -> bool:
         """Whether outcomes wait to be committed."""
-        return bool(self._ops)
+        return bool(self._groups)
 
-    def holds(self, key: Key) -> bool:
-        """Whether this entry's outcome is queued or being committed."""
-        return key in self.pending or key in self.committing
-
-    def finish(self, ex: Execution, task: Task[Any, Any], msg: Message, out: Outcome) -> None:
-        """Queue the outcome of a run for the next batched commit."""
-        d = ex.delivery
-        finished_ms = int(now() * 1000)
-        if out.state in ("RETRY", "DEFER"):
-            self._ops.append(["ack", d.index + 2, d.entry_id])
-            retry = (
-                msg.with_retry(out.retry_at)
-                if out.state == "RETRY"
-                else msg.deferred(out.retry_at or now())
-            )
-            self._ops.append(
-                [
-                    "enqueue",
-                    "retry" if out.state == "RETRY" else "defer",
-                    retry.enqueue_args(self.keys, self._ttl(task, msg)),
-                ]
-            )
-            self._log(msg, out.state, ex, out)
-        else:
-            self._done_op(ex, task, msg, out, finished_ms)
-        self.pending.append((d.index, d.entry_id))
+    def add(self, ex: Execution, out: Outcome) -> None:
+        """Queue the outcome of a delivery for the next batched commit."""
+        try:
+            ops = self._ops_for(ex, out)
+        except Exception as exc:
+            log.exception("worker %s: cannot record the outcome of %s", self.worker, ex.tid)
+            out = internal_error(exc)
+            ops = [self._done(ex, out, self._fields(ex, out))]
+        self._groups.append(ops)
+        self._count(out)
+        self._log(ex, out)
+        ex.phase = Phase.COMMITTING
+        self._keys.append(ex.delivery.key)
         self._flush.set()
 
-    def _done_op(
-        self, ex: Execution, task: Task[Any, Any], msg: Message, out: Outcome, finished_ms: int
-    ) -> None:
+    def _count(self, out: Outcome) -> None:
+        if out.kind in (Kind.FAILURE, Kind.DEAD):
+            self.failed += 1
+        elif out.kind not in (Kind.RETRY, Kind.DEFER):
+            self.done += 1
+
+    def _ops_for(self, ex: Execution, out: Outcome) -> list[Op]:
         d = ex.delivery
-        fields: list[Arg] = [
-            "started_at",
-            int(finished_ms - (time.perf_counter() - ex.started) * 1000),
-            "finished_at",
-            finished_ms,
-            "attempts",
-            msg.retries + d.deliveries,
-            "worker",
-            self.name,
-        ]
-        chord_value: bytes = b""
-        follow: list[list[Any]] = []
-        if out.state == "SUCCESS":
+        if out.kind is Kind.DEAD:
+            ttl = self.app.settings.result_ttl
+            tid = ex.tid or ""
+            return [dead_op(d.stream, d.entry_id, tid, d.queue, out.exc_type, out.exc_message, ttl)]
+        msg, opts = ex.msg, ex.opts
+        assert msg is not None and opts is not None, "only a decoded delivery runs"
+        if out.kind in (Kind.RETRY, Kind.DEFER):
+            again = (
+                msg.with_retry(out.retry_at)
+                if out.kind is Kind.RETRY
+                else msg.deferred(out.retry_at or now(), out.rate_reserved)
+            )
+            s = self.app.settings
+            record = again.record(
+                opts.result_ttl, min_size=s.compress_min_size, max_size=s.max_message_size
+            )
+            mode = RETRY if out.kind is Kind.RETRY else DEFER
+            # The retry is enqueued before the entry is acked: a refused enqueue (a Lua
+            # error does not roll back) must not leave the entry acked and the task gone.
+            return [enqueue_op(mode, record), ack_op(d.stream, d.entry_id)]
+        fields = self._fields(ex, out)
+        follow: list[Op] = []
+        chord_value: bytes | None = None
+        if out.kind is Kind.SUCCESS:
             try:
-                data, ct = encode_result(out.value, msg)
+                data, ct = self._encode_result(ex, out.value)
             except SerializationError as exc:
-                out = Outcome(
-                    "FAILURE",
-                    exc_type="SerializationError",
-                    exc_message=f"cannot encode the result: {exc}",
+                failed = failure(exc, "SerializationError")
+                out.kind, out.exc_type, out.exc_message = (
+                    Kind.FAILURE,
+                    failed.exc_type,
+                    (f"cannot encode the result: {exc}"),
                 )
+                out.traceback = failed.traceback
+                fields = self._fields(ex, out)
             else:
-                fields += ["result", data, "ct", ct]
+                fields["result"], fields["ct"] = data, ct
                 if msg.chord is not None and not msg.link:
                     chord_value = ct.encode() + b"\n" + data
                 if msg.link:
-                    from .canvas import continuation
+                    follow = continuation(self.app, self.client, msg, out.value)
+        # Follow-ups first, for the same reason: a refused one leaves nothing recorded.
+        return [*follow, self._done(ex, out, fields, chord_value)]
 
-                    follow = continuation(self.app, msg, out.value)
-        if out.state == "FAILURE":
-            fields += [
-                "exc_type",
+    def _encode_result(self, ex: Execution, value: Any) -> tuple[bytes, str]:
+        from . import codec
+
+        assert ex.msg is not None
+        return codec.encode(value, ex.msg.serializer, ex.msg.compression)
+
+    def _fields(self, ex: Execution, out: Outcome) -> dict[str, Any]:
+        finished_ms = int(now() * 1000)
+        fields: dict[str, Any] = {
+            "started_at": int(finished_ms - (time.perf_counter() - ex.started) * 1000),
+            "finished_at": finished_ms,
+            "attempts": (ex.msg.retries if ex.msg else 0) + ex.delivery.deliveries,
+            "worker": self.worker,
+        }
+        if out.kind is Kind.FAILURE:
+            fields["exc_type"] = out.exc_type
+            fields["exc_message"] = out.exc_message
+            fields["traceback"] = out.traceback
+        return fields
+
+    def _done(
+        self,
+        ex: Execution,
+        out: Outcome,
+        fields: dict[str, Any],
+        chord_value: bytes | None = None,
+    ) -> Op:
+        d, msg, opts = ex.delivery, ex.msg, ex.opts
+        chord = (msg.chord.id, msg.chord.idx) if msg is not None and msg.chord else None
+        return done_op(
+            d.stream,
+            d.entry_id,
+            ex.tid or "",
+            out.state,
+            opts.result_ttl if opts is not None else self.app.settings.result_ttl,
+            fields,
+            ignore_result=opts is not None and opts.ignore_result,
+            linked=msg is not None and bool(msg.link) and out.kind is Kind.SUCCESS,
+            chord=chord,
+            tail=msg.tail if msg is not None else None,
+            chord_value=chord_value,
+        )
+
+    def _log(self, ex: Execution, out: Outcome) -> None:
+        name = ex.msg.name if ex.msg is not None else "?"
+        elapsed = time.perf_counter() - ex.started
+        if out.kind is Kind.DEAD:
+            log.error(
+                "worker %s: dead-lettering entry %s of queue %r (task %s): %s: %s",
+                self.worker,
+                ex.delivery.entry_id.decode(),
+                ex.delivery.queue,
+                ex.tid or "?",
                 out.exc_type,
-                "exc_message",
                 out.exc_message,
-                "traceback",
-                out.traceback,
-            ]
-        ignore = bool(msg.opts.get("ignore_result", task.opts.ignore_result))
-        self._ops.append(
-            [
-                "done",
-                d.index + 2,
-                d.entry_id,
-                msg.id,
-                out.state,
-                self._ttl(task, msg),
-                int(ignore),
-                int(bool(msg.link)),
-                msg.chord.id if msg.chord else "",
-                msg.chord.idx if msg.chord else "",
-                msg.tail or "",
-                chord_value,
-                fields,
-            ]
-        )
-        self._ops += follow
-        if out.state == "FAILURE":
-            self.failed += 1
-        else:
-            self.done += 1
-        self._log(msg, out.state, ex, out)
-
-    def dead_letter(self, ex: Execution, task_id: str, exc_type: str, message: str) -> None:
-        """Queue an entry that cannot run for the dead-letter stream."""
-        d = ex.delivery
-        queue = self._queue_of(d.index)
-        log.error(
-            "worker %s: dead-lettering entry %s of queue %r (task %s): %s: %s",
-            self.name,
-            d.entry_id.decode(),
-            queue,
-            task_id or "?",
-            exc_type,
-            message,
-        )
-        flat: list[Arg] = [x for kv in d.fields.items() for x in kv]
-        self._ops.append(
-            [
-                "dead",
-                d.index + 2,
-                d.entry_id,
-                task_id,
-                queue,
-                exc_type,
-                message,
-                self.app.settings.result_ttl,
-                flat,
-            ]
-        )
-        self.failed += 1
-        self.pending.append((d.index, d.entry_id))
-        self._flush.set()
-
-    def _queue_of(self, index: int) -> str:
-        return self.queues[index // len(PRIORITIES)]
-
-    def _ttl(self, task: Task[Any, Any], msg: Message) -> int:
-        return int(
-            msg.opts.get("result_ttl") or task.opts.result_ttl or self.app.settings.result_ttl
-        )
-
-    def _log(self, msg: Message, state: str, ex: Execution | None, out: Outcome) -> None:
-        if state == "FAILURE":
+            )
+        elif out.kind is Kind.FAILURE:
             log.error(
                 "%s[%s] FAILURE in %.3fs: %s: %s\n%s",
-                msg.name,
-                msg.id,
-                _elapsed(ex),
+                name,
+                ex.tid,
+                elapsed,
                 out.exc_type,
                 out.exc_message,
                 out.traceback.rstrip(),
             )
         elif log.isEnabledFor(logging.INFO):
             # Built only when asked for: the hot path stays quiet at the default level.
-            extra = f" ({out.exc_type}: {out.exc_message})" if state == "RETRY" else ""
-            log.info("%s[%s] %s in %.3fs%s", msg.name, msg.id, state, _elapsed(ex), extra)
+            extra = f" ({out.exc_type}: {out.exc_message})" if out.kind is Kind.RETRY else ""
+            log.info("%s[%s] %s in %.3fs%s", name, ex.tid, out.state, elapsed, extra)
+
+    # -- committing ---------------------------------------------------------------------
 
     async def flush_loop(self) -> None:
+        """Commit queued outcomes as they come, one finish.lua call per batch."""
         while True:
             await self._flush.wait()
             # One more turn of the loop lets the rest of the batch finish and join this
@@ -228,24 +224,19 @@ class Outcomes:
         """Commit every queued op. The lock lets a stopping worker wait for a commit that
         is already in flight instead of cancelling it halfway."""
         async with self._commit_lock:
-            while self._ops:
-                ops, self._ops = self._ops, []
-                keys, self.pending = self.pending, []
-                self.committing = keys
-                await self._commit(ops, len(keys))
-                for key in keys:
-                    self._worker_running.pop(key, None)
-                self.committing = []
+            while self._groups:
+                groups, self._groups = self._groups, []
+                keys, self._keys = self._keys, []
+                await self._commit(groups)
+                self._committed(keys)
 
-    async def _commit(self, ops: list[list[Any]], count: int) -> None:
+    async def _commit(self, groups: list[list[Op]]) -> None:
         backoff = Backoff(start=0.05, cap=2.0)
+        ops = [op for group in groups for op in group]
         while True:
             try:
-                await self.app.broker.scripts.finish(
-                    prefix=self.keys.prefix,
-                    streams=self.streams,
-                    now_ms=int(now() * 1000),
-                    ops=ops,
+                await self.client.scripts.finish(
+                    streams=self.streams, now_ms=int(now() * 1000), ops=ops
                 )
                 return
             except CONNECTION_ERRORS as exc:
@@ -253,28 +244,43 @@ class Outcomes:
                 delay = backoff.next()
                 log.error(
                     "worker %s cannot store %d result(s) (%s); retrying in %.1f s",
-                    self.name,
-                    count,
+                    self.worker,
+                    len(groups),
                     exc,
                     delay,
                 )
                 await asyncio.sleep(delay)
             except ResponseError as exc:
-                if len(ops) == 1:
-                    # Leave the entry pending: it is redelivered, and dead-lettered after
-                    # max_deliveries, rather than taking the worker down.
-                    log.error(
-                        "worker %s: Redis refused to store an outcome (%s): %r",
-                        self.name,
-                        exc,
-                        ops[0][:5],
-                    )
+                if len(groups) > 1:
+                    # Find the entry whose ops Redis refuses; commit every other one.
+                    # Replaying ops that did apply is harmless: each is idempotent.
+                    for group in groups:
+                        await self._commit([group])
                     return
-                # Find the op Redis refuses; commit every other one.
-                for op in ops:
-                    await self._commit([op], 1)
+                await self._refused(groups[0][-1], exc)
                 return
 
+    async def _refused(self, op: Op, exc: ResponseError) -> None:
+        """Redis refused an entry's ops: record its task as failed, never re-run it."""
+        log.error("worker %s: Redis refused an outcome (%s): %s", self.worker, exc, _brief(op))
+        if op.get("fallback"):
+            return  # the fallback itself: the entry stays pending
+        fields = {
+            "finished_at": int(now() * 1000),
+            "exc_type": "InternalError",
+            "exc_message": f"Redis refused to store the outcome: {exc}",
+        }
+        fallback = done_op(
+            op["stream"],
+            op["entry"],
+            op.get("id") or "",
+            "FAILURE",
+            int(op.get("ttl") or self.app.settings.result_ttl),
+            fields,
+        )
+        fallback["fallback"] = 1
+        await self._commit([[fallback]])
 
-def _elapsed(ex: Execution | None) -> float:
-    return time.perf_counter() - ex.started if ex is not None else 0.0
+
+def _brief(op: Op) -> str:
+    return ", ".join(f"{k}={v!r:.40}" for k, v in op.items() if k not in ("fields", "task"))

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from croniter import croniter  # type: ignore[import-untyped]
 
@@ -127,7 +127,6 @@ class Scheduler:
         self.app = app
         self.worker = worker
         self.periodics: list[Periodic] = list(app.periodic_tasks)
-        self.status_key = app.broker.keys.periodic
         self._next: dict[str, int] = {}  # periodic name -> next tick, epoch ms
         self._claimed: set[tuple[str, int]] = set()  # claimed ticks whose send failed
 
@@ -175,8 +174,7 @@ class Scheduler:
 
     async def _fire(self, p: Periodic, tick_ms: int) -> None:
         if (p.name, tick_ms) not in self._claimed:
-            key = self.app.broker.keys.periodic_tick(p.name, tick_ms)
-            if not await self.app.broker.redis.set(key, self.worker, nx=True, px=CLAIM_TTL_MS):
+            if not await self.app.client.claim_tick(p.name, tick_ms, self.worker, CLAIM_TTL_MS):
                 return  # another worker fires this tick
             # Remember the claim: if the send fails, a retry must not lose to our own key.
             self._claimed.add((p.name, tick_ms))
@@ -191,7 +189,4 @@ class Scheduler:
     async def _publish(self) -> None:
         """Record each periodic's next run for `aiotasks status`."""
         horizon_ms = max(self._next.values()) - int(time.time() * 1000) + 86_400_000
-        async with self.app.broker.redis.pipeline(transaction=False) as pipe:
-            cast(Any, pipe).hset(self.status_key, mapping=self._next)
-            pipe.pexpire(self.status_key, max(horizon_ms, 86_400_000))
-            await pipe.execute()
+        await self.app.client.publish_schedule(self._next, max(horizon_ms, 86_400_000))

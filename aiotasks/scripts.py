@@ -1,35 +1,24 @@
-"""Scripts: loads `lua/*.lua` and calls each as one typed, atomic EVALSHA.
+"""Scripts: the one registry of `lua/*.lua`, each called as one typed, atomic EVALSHA.
 
-`lua/_lib.lua` holds the helpers that several scripts share; it is prepended to every
-script, so the shared logic lives in one file and each script stays a single call.
-Each method's parameters follow the KEYS/ARGV header of its `.lua` file.
+Every script is `_contract.lua` (generated: key builders, protocol version, entry
+fields) + `_lib.lua` (shared helpers) + its own file, so shared logic lives in one place
+and each script stays a single call. Each method's parameters follow the KEYS/ARGV
+header of its `.lua` file; records and batches travel as one msgpack argument of named
+fields (see contract.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from .keys import GROUP
+from .contract import pack, unpack_reply
 
-Arg = str | bytes | int | float
-
-# Batches go to Lua as one msgpack argument (cmsgpack.unpack there): redis-py packs one
-# argument instead of dozens per task. The old raw type carries bytes, as cmsgpack wants.
-_packer = msgpack.Packer(use_bin_type=False)
-
-
-def pack(value: Any) -> bytes:
-    """Encode a batch for a Lua script's cmsgpack.unpack."""
-    return _packer.pack(value)  # type: ignore[no-any-return]
-
-
-_NAMES = (
+NAMES = (
     "enqueue",
     "fetch",
     "start",
@@ -39,35 +28,40 @@ _NAMES = (
     "finish",
     "revoke",
     "rate",
+    "purge",
+    "requeue",
 )
 
 
 def _source(name: str) -> str:
     lua = resources.files("aiotasks") / "lua"
-    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    parts = ("_contract.lua", "_lib.lua", f"{name}.lua")
+    return "\n".join((lua / part).read_text() for part in parts)
 
 
-SOURCES: dict[str, str] = {name: _source(name) for name in _NAMES}
+SOURCES: dict[str, str] = {name: _source(name) for name in NAMES}
+
+Record = Mapping[str, Any]
 
 
 class Scripts:
-    """The Lua scripts registered on one Redis client."""
+    """The Lua scripts registered on one Redis client, under one key prefix."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.prefix = prefix
         self._s: dict[str, AsyncScript] = {
             name: redis.register_script(src) for name, src in SOURCES.items()
         }
 
-    async def enqueue(
-        self, *, prefix: str, now_ms: int, mode: str, tasks: Sequence[Sequence[Arg]]
-    ) -> list[int]:
-        """Enqueue a batch; each task is the 14 values of enqueue.lua."""
-        return await self._s["enqueue"](keys=[prefix], args=[now_ms, mode, pack(tasks)])  # type: ignore[no-any-return]
+    async def enqueue(self, *, now_ms: int, mode: str, tasks: Sequence[Record]) -> list[int]:
+        """Enqueue a batch of task records; 1 (enqueued) or 0 (kept) per record."""
+        return await self._s["enqueue"](  # type: ignore[no-any-return]
+            keys=[self.prefix], args=[now_ms, mode, pack(tasks)]
+        )
 
     async def fetch(
         self,
         *,
-        prefix: str,
         streams: Sequence[str],
         consumer: str,
         count: int,
@@ -75,45 +69,40 @@ class Scripts:
         worker: str,
         promote_limit: int,
         default_ttl: int,
-    ) -> list[Any]:
+    ) -> dict[bytes, Any]:
         """Promote due tasks, then read and start up to `count` entries."""
-        return await self._s["fetch"](  # type: ignore[no-any-return]
-            keys=[prefix, *streams],
-            args=[GROUP, consumer, count, now_ms, worker, promote_limit, default_ttl],
+        raw = await self._s["fetch"](
+            keys=[self.prefix, *streams],
+            args=[consumer, count, now_ms, worker, promote_limit, default_ttl],
         )
+        return unpack_reply(raw)  # type: ignore[no-any-return]
 
     async def start(
         self,
         *,
-        prefix: str,
         streams: Sequence[str],
         now_ms: int,
         worker: str,
         default_ttl: int,
-        entries: Sequence[Arg],
-    ) -> list[int]:
-        """Start entries delivered by a blocking read; 8 values per entry (see start.lua)."""
-        return await self._s["start"](  # type: ignore[no-any-return]
-            keys=[prefix, *streams], args=[GROUP, now_ms, worker, default_ttl, *entries]
+        entries: Sequence[Record],
+    ) -> dict[bytes, Any]:
+        """Start entries delivered by a blocking read ({stream, entry} refs); those to run."""
+        raw = await self._s["start"](
+            keys=[self.prefix, *streams], args=[now_ms, worker, default_ttl, pack(entries)]
         )
+        return unpack_reply(raw)  # type: ignore[no-any-return]
 
     async def release(
-        self,
-        *,
-        prefix: str,
-        streams: Sequence[str],
-        consumer: str,
-        entries: Sequence[Arg],
+        self, *, streams: Sequence[str], consumer: str, entries: Sequence[Record]
     ) -> int:
-        """Give entries read ahead but never begun back to their streams (see release.lua)."""
+        """Give entries read ahead but never begun back to their streams."""
         return await self._s["release"](  # type: ignore[no-any-return]
-            keys=[prefix, *streams], args=[GROUP, consumer, *entries]
+            keys=[self.prefix, *streams], args=[consumer, pack(entries)]
         )
 
     async def reclaim(
         self,
         *,
-        prefix: str,
         streams: Sequence[str],
         consumer: str,
         min_idle_ms: int,
@@ -122,34 +111,74 @@ class Scripts:
         worker: str,
         max_deliveries: int,
         default_ttl: int,
-    ) -> list[Any]:
+        queue_of: Mapping[str, str],
+    ) -> dict[bytes, Any]:
         """Claim entries idle past the visibility timeout; dead-letter over-delivered ones."""
-        return await self._s["reclaim"](  # type: ignore[no-any-return]
-            keys=[prefix, *streams],
-            args=[GROUP, consumer, min_idle_ms, count, now_ms, worker, max_deliveries, default_ttl],
+        raw = await self._s["reclaim"](
+            keys=[self.prefix, *streams],
+            args=[
+                consumer,
+                min_idle_ms,
+                count,
+                now_ms,
+                worker,
+                max_deliveries,
+                default_ttl,
+                pack(dict(queue_of)),
+            ],
         )
+        return unpack_reply(raw)  # type: ignore[no-any-return]
 
     async def heartbeat(
-        self, *, prefix: str, streams: Sequence[str], consumer: str, entries: Sequence[Arg]
+        self, *, streams: Sequence[str], consumer: str, entries: Sequence[Record]
     ) -> int:
-        """Refresh the idle time of running entries; `entries` is key_index, entry_id pairs."""
+        """Refresh the idle time of running entries ({stream, entry} refs)."""
         return await self._s["heartbeat"](  # type: ignore[no-any-return]
-            keys=[prefix, *streams], args=[GROUP, consumer, *entries]
+            keys=[self.prefix, *streams], args=[consumer, pack(entries)]
         )
 
-    async def finish(
-        self, *, prefix: str, streams: Sequence[str], now_ms: int, ops: Sequence[Sequence[Any]]
-    ) -> int:
+    async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Record]) -> int:
         """Apply a batch of done/ack/dead/enqueue/chord ops atomically (see finish.lua)."""
         return await self._s["finish"](  # type: ignore[no-any-return]
-            keys=[prefix, *streams], args=[now_ms, pack(ops)]
+            keys=[self.prefix, *streams], args=[now_ms, pack(ops)]
         )
 
-    async def rate(self, *, key: str, interval_ms: float, now_ms: int) -> int:
+    async def rate(self, *, task_name: str, interval_ms: float, now_ms: int) -> int:
         """Reserve the next start slot under a rate limit; ms to wait for it (0 = now)."""
-        return int(await self._s["rate"](keys=[key], args=[interval_ms, now_ms]))
+        return int(await self._s["rate"](keys=[self.prefix], args=[task_name, interval_ms, now_ms]))
 
-    async def revoke(self, *, prefix: str, task_id: str, now_ms: int, ttl: int) -> str:
+    async def revoke(self, *, task_id: str, now_ms: int, ttl: int) -> str:
         """Revoke a task; returns its state before the call ('' when unknown)."""
-        res = await self._s["revoke"](keys=[prefix], args=[task_id, now_ms, ttl])
+        res = await self._s["revoke"](keys=[self.prefix], args=[task_id, now_ms, ttl])
         return res.decode() if isinstance(res, bytes) else str(res)
+
+    async def purge(
+        self,
+        *,
+        streams: Sequence[str],
+        queue: str,
+        now_ms: int,
+        ttl: int,
+        limit: int,
+        mode: str,
+        bound: str | bytes,
+    ) -> list[Any]:
+        """Delete one chunk of a queue's waiting tasks; {deleted, next} (see purge.lua)."""
+        return await self._s["purge"](  # type: ignore[no-any-return]
+            keys=[self.prefix, *streams], args=[queue, now_ms, ttl, limit, mode, bound]
+        )
+
+    async def requeue(
+        self,
+        *,
+        dead: str,
+        fallback: str,
+        queue: str,
+        now_ms: int,
+        ttl: int,
+        entries: Sequence[Record],
+    ) -> list[bytes]:
+        """Move dead letters ({entry, name} maps) back to their streams; the ids moved."""
+        return await self._s["requeue"](  # type: ignore[no-any-return]
+            keys=[self.prefix, dead, fallback], args=[queue, now_ms, ttl, pack(entries)]
+        )

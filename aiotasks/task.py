@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 from uuid import uuid4
 
 from .handle import TaskHandle
-from .message import Message, now
+from .message import Message, check_options, now
 
 if TYPE_CHECKING:
     from .app import App
@@ -39,35 +39,8 @@ class TaskOptions:
     serializer: str | None = None
 
 
-SEND_OPTIONS = frozenset(
-    {
-        "countdown",
-        "eta",
-        "expires",
-        "queue",
-        "priority",
-        "task_id",
-        "ignore_result",
-        "serializer",
-        "compression",
-        "soft_timeout",
-        "hard_timeout",
-        "max_retries",
-        "retry_policy",
-        "result_ttl",
-    }
-)
-
-
-def check_options(options: dict[str, Any]) -> None:
-    """Raise TypeError for an unknown send option, ValueError for a bad value."""
-    unknown = set(options) - SEND_OPTIONS
-    if unknown:
-        raise TypeError(f"unknown send option(s): {', '.join(sorted(unknown))}")
-    prio = options.get("priority")
-    if prio is not None and not (isinstance(prio, int) and 0 <= prio <= 9):
-        raise ValueError(f"priority must be an int from 0 to 9, got {prio!r}")
-
+#: Send options that override a task's run options; they travel in the payload's `opts`.
+RUN_OPTIONS = ("soft_timeout", "hard_timeout", "max_retries", "ignore_result", "result_ttl")
 
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -124,11 +97,7 @@ def build_message(
     priority = options.get("priority")
     if priority is None:
         priority = t.priority if t and t.priority is not None else 5
-    opts = {
-        k: options[k]
-        for k in ("soft_timeout", "hard_timeout", "max_retries", "ignore_result", "result_ttl")
-        if options.get(k) is not None
-    }
+    opts = {k: options[k] for k in RUN_OPTIONS if options.get(k) is not None}
     ttl = int(options.get("result_ttl") or (t.result_ttl if t else None) or s.result_ttl)
     msg = Message(
         id=options.get("task_id") or uuid4().hex,

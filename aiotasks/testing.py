@@ -41,7 +41,7 @@ def aiotasks_redis_url() -> Iterator[str]:
 
 async def delete_namespace(app: App) -> None:
     """Delete every key of the app's namespace (SCAN + DEL, never FLUSH)."""
-    redis = app.broker.redis
+    redis = app.client.redis
     keys = [k async for k in redis.scan_iter(match="{" + app.settings.namespace + "}*", count=1000)]
     for i in range(0, len(keys), 500):
         await redis.delete(*keys[i : i + 500])

@@ -18,21 +18,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
 from .backoff import Backoff
-from .broker import hide_password
 from .cancel import cancel_and_wait
+from .contract import entry_ref
 from .errors import CONNECTION_ERRORS
-from .execution import Execution, Outcome
-from .keys import GROUP, PRIORITIES
-from .message import Message, now
-from .outcomes import Outcomes
+from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_error
+from .keys import PRIORITIES
+from .message import now
+from .outcomes import Key, Outcomes
 from .slots import Lease, Slots
-from .task import Task
 
 if TYPE_CHECKING:
     from .app import App
@@ -40,23 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 task_log = logging.getLogger("aiotasks.worker")
 
-Arg = str | bytes | int | float
-
 # A start or release call that fails is not fatal: the entry is run, or left pending.
 _SCRIPT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
-
-
-@dataclass(slots=True)
-class Delivery:
-    """A stream entry this worker holds: which stream (index), entry id, fields."""
-
-    index: int
-    entry_id: bytes
-    fields: dict[bytes, bytes]
-    deliveries: int = 1
 
 
 class Worker:
@@ -93,17 +79,20 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self.max_deliveries = max_deliveries
         self.block_ms = max(1, int(block * 1000))
-        keys = app.broker.keys
-        self.keys = keys
-        self.streams = [keys.stream(q, p) for q in self.queues for p in PRIORITIES]
+        self.client = app.client
+        keys = self.client.keys
+        # Each stream's (queue, priority), most important queue first, most urgent first.
+        self._served = {keys.stream(q, p): (q, p) for q in self.queues for p in PRIORITIES}
+        self.streams = list(self._served)
         self.slots = Slots(concurrency)
         self._thread_limiter: Any = None
         self.vt = app.settings.visibility_timeout
-        self._running: dict[tuple[int, bytes], Execution] = {}
+        # One table of the entries this worker holds, each with its phase.
+        self._running: dict[Key, Execution] = {}
         self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
-        self._by_task: dict[str, Execution] = {}
-        self._abandoned: set[Execution] = set()
-        self.outcomes = Outcomes(app, keys, self.name, self.queues, self.streams, self._running)
+        self._abandoned: set[Execution] = set()  # bodies that ignored cancellation
+        self.outcomes = Outcomes(app, self.client, self.name, self.streams, self._committed)
+        self._runtime = Runtime(app, self.client, self.name, self.thread_limiter, self._abandon)
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = asyncio.Event()
@@ -156,7 +145,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until stop() (or, with burst, until the queues are empty)."""
-        await self._ensure_groups()
+        await self.client.ensure_groups(self.streams)
         self._started_ms = int(now() * 1000)
         await self._register(ttl=max(self.vt, 10.0))
         self._started.set()
@@ -176,21 +165,13 @@ class Worker:
                 await self._drain()
                 await cancel_and_wait(background)
                 await self.outcomes.commit_all()
-            await self._unregister()
+            with suppress(*CONNECTION_ERRORS):
+                await self.client.unregister_worker(self.name)
         finally:
             for ex in [*self._running.values(), *self._abandoned]:
                 if ex.task is not None:
                     ex.task.cancel()
             self._stopped.set()
-
-    async def _ensure_groups(self) -> None:
-        async with self.app.broker.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            results = await pipe.execute(raise_on_error=False)
-        for res in results:
-            if isinstance(res, ResponseError) and "BUSYGROUP" not in str(res):
-                raise res
 
     async def _drain(self) -> None:
         """Let running tasks finish within shutdown_timeout; give back what never began.
@@ -231,12 +212,11 @@ class Worker:
         await self.outcomes.commit_all()
 
     async def _release(self, got: list[Delivery]) -> None:
-        args: list[Arg] = []
-        for d in got:
-            args += [d.index + 2, d.entry_id]
         try:
-            n = await self.app.broker.scripts.release(
-                prefix=self.keys.prefix, streams=self.streams, consumer=self.name, entries=args
+            n = await self.client.scripts.release(
+                streams=self.streams,
+                consumer=self.name,
+                entries=[entry_ref(d.stream, d.entry_id) for d in got],
             )
         except _SCRIPT_ERRORS as exc:
             log.warning(
@@ -270,7 +250,7 @@ class Worker:
                 log.error(
                     "worker %s lost Redis at %s (%s); retrying in %.1f s",
                     self.name,
-                    hide_password(self.app.settings.redis_url),
+                    self.client.url,
                     exc,
                     delay,
                 )
@@ -282,7 +262,7 @@ class Worker:
             for i, d in enumerate(got):
                 self._spawn(d, held=i < n)
             if self.burst and not got and not self._running and not self.outcomes.has_ops:
-                if not await self._has_work():
+                if not await self.client.has_work(self.streams, within=1.0):
                     self.stop()
 
     def _prefetch(self, n: int) -> int:
@@ -321,7 +301,7 @@ class Worker:
             text = str(exc)
             if "NOGROUP" in text or "UNBLOCKED" in text:
                 # The stream or its group is gone (purged, or the server lost its data).
-                await self._ensure_groups()
+                await self.client.ensure_groups(self.streams)
                 return []
             log.error("worker %s: Redis refused a fetch (%s); retrying in 1 s", self.name, exc)
             await self._sleep(1.0)
@@ -332,87 +312,59 @@ class Worker:
             async with asyncio.timeout(seconds):
                 await self._stop.wait()
 
+    def _delivery(self, entry: dict[bytes, Any], deliveries: int = 1) -> Delivery:
+        stream = entry[b"stream"].decode()
+        queue, priority = self._served[stream]
+        return Delivery(stream, queue, priority, entry[b"entry"], entry[b"fields"], deliveries)
+
     async def _fetch(self, n: int) -> list[Delivery]:
-        s = self.app.settings
-        res = await self.app.broker.scripts.fetch(
-            prefix=self.keys.prefix,
+        res = await self.client.scripts.fetch(
             streams=self.streams,
             consumer=self.name,
             count=n,
             now_ms=int(now() * 1000),
             worker=self.name,
             promote_limit=max(n, 100),
-            default_ttl=s.result_ttl,
+            default_ttl=self.app.settings.result_ttl,
         )
-        got = [
-            Delivery(int(res[i]) - 2, res[i + 1], _pairs(res[i + 2])) for i in range(1, len(res), 3)
-        ]
+        got = [self._delivery(e) for e in res[b"entries"]]
         if got:
             return got
-        next_due = int(res[0])
+        next_due = int(res[b"next_due"])
         block_ms = self.block_ms
         if next_due >= 0:
             block_ms = max(1, min(block_ms, next_due - int(now() * 1000)))
         return await self._block(block_ms)
 
     async def _block(self, block_ms: int) -> list[Delivery]:
-        """Wait for new entries on any stream, then mark them STARTED (start.lua).
+        """Wait for new entries on any stream, then start them by fetch.lua's rules.
 
-        The body runs only after start.lua, so `state()` reads STARTED while it runs and
-        an entry revoked or expired between the read and the start is never run.
+        The body runs only after start.lua marked it STARTED, so `state()` reads STARTED
+        while it runs and an entry revoked or expired between the read and the start is
+        never run. start.lua reads the entry's fields itself; they come back with the
+        entries to run.
         """
-        broker = self.app.broker
-        reply: list[Any] = await cast(Any, broker.redis).xreadgroup(
-            GROUP, self.name, dict.fromkeys(self.streams, ">"), count=1, block=block_ms
-        )
-        if not reply:
+        got = await self.client.read_blocking(self.name, self.streams, block_ms)
+        if not got:
             return []
-        index = {s.encode(): i for i, s in enumerate(self.streams)}
-        got = [
-            Delivery(index[stream], entry_id, fields)
-            for stream, entries in reply
-            for entry_id, fields in entries
-        ]
-        now_ms = int(now() * 1000)
-        keep = await self._start(got, now_ms)
-        if keep is None:
-            # Could not mark them: run what has not expired; finish.lua records the rest.
-            return [d for d in got if int(d.fields.get(b"exp") or now_ms + 1) > now_ms]
-        return [d for d, k in zip(got, keep, strict=True) if k]
-
-    async def _start(self, got: list[Delivery], now_ms: int) -> list[int] | None:
-        args: list[Arg] = []
-        for d in got:
-            f = d.fields
-            args += [
-                d.index + 2,
-                d.entry_id,
-                f.get(b"id", b""),
-                f.get(b"exp", b""),
-                f.get(b"r", b""),
-                f.get(b"cid", b""),
-                f.get(b"cix", b""),
-                f.get(b"tail", b""),
-            ]
+        refs = [entry_ref(stream, entry_id) for stream, entry_id in got]
         try:
-            keep: list[int] = await self.app.broker.scripts.start(
-                prefix=self.keys.prefix,
+            res = await self.client.scripts.start(
                 streams=self.streams,
-                now_ms=now_ms,
+                now_ms=int(now() * 1000),
                 worker=self.name,
                 default_ttl=self.app.settings.result_ttl,
-                entries=args,
+                entries=refs,
             )
         except _SCRIPT_ERRORS as exc:
-            log.warning(
-                "worker %s could not mark %d task(s) started (%s)", self.name, len(got), exc
-            )
-            return None
-        return keep
+            # Not started: they stay pending for this consumer and are reclaimed after
+            # the visibility timeout, by the same rules.
+            log.warning("worker %s could not start %d task(s) (%s)", self.name, len(got), exc)
+            return []
+        return [self._delivery(e) for e in res[b"entries"]]
 
     async def _reclaim(self, n: int) -> list[Delivery]:
-        res = await self.app.broker.scripts.reclaim(
-            prefix=self.keys.prefix,
+        res = await self.client.scripts.reclaim(
             streams=self.streams,
             consumer=self.name,
             min_idle_ms=int(self.vt * 1000),
@@ -421,11 +373,9 @@ class Worker:
             worker=self.name,
             max_deliveries=self.max_deliveries,
             default_ttl=self.app.settings.result_ttl,
+            queue_of={stream: queue for stream, (queue, _) in self._served.items()},
         )
-        got = [
-            Delivery(int(res[i]) - 2, res[i + 1], _pairs(res[i + 2]), int(res[i + 3]))
-            for i in range(0, len(res), 4)
-        ]
+        got = [self._delivery(e, int(e[b"deliveries"])) for e in res[b"entries"]]
         for d in got:
             log.warning(
                 "worker %s reclaimed entry %s (delivery %d) from a dead worker",
@@ -435,70 +385,55 @@ class Worker:
             )
         return got
 
-    async def _has_work(self) -> bool:
-        """Whether any stream has entries or a delayed task is due soon (for burst)."""
-        redis = self.app.broker.redis
-        async with redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xlen(stream)
-            pipe.zcount(self.keys.delayed, "-inf", int((now() + 1) * 1000))
-            counts = await pipe.execute()
-        return any(counts)
-
     # -- running ------------------------------------------------------------------------
 
     def _spawn(self, d: Delivery, held: bool) -> None:
-        ex = Execution(self, d, Lease(self.slots, held))
-        key = (d.index, d.entry_id)
-        self._running[key] = ex
-        # Known by task id from now on: a revoke may come before the body begins.
-        task_id = d.fields.get(b"id")
-        if task_id:
-            ex.tid = task_id.decode(errors="replace")
-            self._by_task[ex.tid] = ex
+        ex = Execution(self._runtime, d, Lease(self.slots, held))
+        self._running[d.key] = ex
         ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
 
     async def _execute(self, ex: Execution) -> None:
+        outcome: Outcome | None = None
         try:
             await ex.lease.acquire()
             if self._stop.is_set() and not ex.lease_was_given:
                 # Read ahead, and the worker stopped before it had a slot: give it back.
                 self._not_begun.append(ex.delivery)
                 return
-            ex.begun = True
+            ex.phase = Phase.RUNNING
             ex.started = time.perf_counter()  # a prefetched entry starts once it has a slot
-            await ex.run()
+            outcome = await ex.run()
         except asyncio.CancelledError:
             pass  # stopping: the entry stays pending and is redelivered
-        except Exception:
-            log.exception(
-                "worker %s: internal error running entry %r", self.name, ex.delivery.entry_id
-            )
+        except Exception as exc:
+            # aiotasks' own code failed: record it once, never leave it to redelivery.
+            log.exception("worker %s: internal error running task %s", self.name, ex.tid)
+            outcome = internal_error(exc)
         finally:
             ex.lease.release()
-            if ex.tid is not None and self._by_task.get(ex.tid) is ex:
-                del self._by_task[ex.tid]
             self._abandoned.discard(ex)
-            key = (ex.delivery.index, ex.delivery.entry_id)
-            if not self.outcomes.holds(key):
-                # Nothing to commit (settled elsewhere or cancelled on stop).
-                self._running.pop(key, None)
+            if outcome is None or ex.limits.abandoned:
+                if ex.phase is not Phase.COMMITTING:
+                    # Nothing to commit (cancelled on stop, or settled by the abandon).
+                    self._running.pop(ex.delivery.key, None)
+        if outcome is not None and not ex.limits.abandoned:
+            self._settle(ex, outcome)
+            await ex.after(outcome)
 
-    def abandon(self, ex: Execution) -> None:
+    def _settle(self, ex: Execution, outcome: Outcome) -> None:
+        """Queue an outcome for the next batched commit."""
+        self._avg_run += 0.1 * (time.perf_counter() - ex.started - self._avg_run)
+        self.outcomes.add(ex, outcome)
+
+    def _committed(self, keys: list[Key]) -> None:
+        for key in keys:
+            self._running.pop(key, None)
+
+    def _abandon(self, ex: Execution, outcome: Outcome) -> None:
         """A task that ignored cancellation: its slot is freed and its outcome recorded."""
+        self._settle(ex, outcome)
         ex.lease.release()
         self._abandoned.add(ex)
-
-    # -- outcomes -> finish.lua ops ------------------------------------------------------
-
-    def finish(self, ex: Execution, task: Task[Any, Any], msg: Message, out: Outcome) -> None:
-        """Queue the outcome of a run for the next batched commit."""
-        self._avg_run += 0.1 * (time.perf_counter() - ex.started - self._avg_run)
-        self.outcomes.finish(ex, task, msg, out)
-
-    def dead_letter(self, ex: Execution, task_id: str, exc_type: str, message: str) -> None:
-        """Queue an entry that cannot run for its queue's dead-letter stream."""
-        self.outcomes.dead_letter(ex, task_id, exc_type, message)
 
     @property
     def done(self) -> int:
@@ -516,16 +451,11 @@ class Worker:
         interval = max(self.vt / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
-            entries: list[Arg] = []
-            for index, entry_id in self._running:
-                entries += [index + 2, entry_id]
+            refs = [entry_ref(stream, entry_id) for stream, entry_id in self._running]
             try:
-                if entries:
-                    await self.app.broker.scripts.heartbeat(
-                        prefix=self.keys.prefix,
-                        streams=self.streams,
-                        consumer=self.name,
-                        entries=entries,
+                if refs:
+                    await self.client.scripts.heartbeat(
+                        streams=self.streams, consumer=self.name, entries=refs
                     )
                 await self._register(ttl=max(interval * 3, 10.0))
             except CONNECTION_ERRORS as exc:
@@ -534,9 +464,7 @@ class Worker:
                 log.error("worker %s: Redis refused a heartbeat (%s)", self.name, exc)
 
     async def _register(self, ttl: float) -> None:
-        """Publish this worker's description (for `aiotasks status`), expiring unless renewed."""
-        key = self.keys.worker(self.name)
-        now_ms = int(now() * 1000)
+        """Publish this worker's description (for `aiotasks status`)."""
         description: dict[str, str | int] = {
             "name": self.name,
             "host": socket.gethostname(),
@@ -544,33 +472,20 @@ class Worker:
             "queues": ",".join(self.queues),
             "concurrency": self.concurrency,
             "started_at": self._started_ms,
-            "last_beat": now_ms,
+            "last_beat": int(now() * 1000),
             "running": len(self._running),
             "done": self.outcomes.done,
             "failed": self.outcomes.failed,
         }
-        async with self.app.broker.redis.pipeline(transaction=False) as pipe:
-            cast(Any, pipe).hset(key, mapping=description)
-            pipe.pexpire(key, int(ttl * 1000))
-            pipe.zadd(self.keys.workers, {self.name: now_ms})
-            # Workers silent for a day leave the index (their hash expired long ago).
-            pipe.zremrangebyscore(self.keys.workers, "-inf", now_ms - 86_400_000)
-            await pipe.execute()
-
-    async def _unregister(self) -> None:
-        with suppress(*CONNECTION_ERRORS):
-            async with self.app.broker.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(self.keys.worker(self.name))
-                pipe.zrem(self.keys.workers, self.name)
-                await pipe.execute()
+        await self.client.register_worker(self.name, description, ttl)
 
     async def _control_loop(self) -> None:
         """Listen for broadcasts: `revoke <id>` cancels that task if it runs here."""
         backoff = Backoff(start=0.1, cap=5.0)
-        notifier = self.app.broker.notifier
+        notifier = self.client.notifier
         while True:
             try:
-                async with notifier.listen(self.keys.control_channel) as watch:
+                async with notifier.listen(self.client.keys.control_channel) as watch:
                     backoff.reset()
                     while True:
                         note, _, _ = await watch.get()
@@ -581,12 +496,8 @@ class Worker:
     def _control(self, data: bytes) -> None:
         cmd, _, arg = data.decode(errors="replace").partition(" ")
         if cmd == "revoke":
-            ex = self._by_task.get(arg)
-            if ex is not None:
-                task_log.warning("revoking running task %s", arg)
-                ex.cancel_revoked()
-
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    it = iter(flat)
-    return dict(zip(it, it, strict=True))
+            # A scan of the running table: revokes are rare, the table is small.
+            for ex in list(self._running.values()):
+                if ex.tid == arg and ex.phase is not Phase.COMMITTING:
+                    task_log.warning("revoking running task %s", arg)
+                    ex.cancel_revoked()

@@ -45,7 +45,7 @@ async def sequential_sends(url: str, n: int = 3000) -> dict[str, Any]:
         for _ in range(n):
             await noop.send()
         rate = n / (time.perf_counter() - t0)
-        await _drain_keys(app.broker.redis, app.settings.namespace)
+        await _drain_keys(app.client.redis, app.settings.namespace)
     return {
         "scenario": "sequential await task.send()",
         "sends_per_s": round(rate, 1),
@@ -66,7 +66,7 @@ async def scaling(url: str, tasks: int, concurrency: int, processes: int) -> dic
 
     probe_dir = Path(tempfile.mkdtemp(prefix="aiotasks-scale-"))
     async with app:
-        redis = app.broker.redis
+        redis = app.client.redis
         mem0 = (await _info(redis, "memory"))["used_memory"]
         for start in range(0, tasks, 1000):
             await noop.send_many([((), None)] * min(1000, tasks - start))
@@ -98,7 +98,7 @@ async def scaling(url: str, tasks: int, concurrency: int, processes: int) -> dic
             )
             for _ in range(processes)
         ]
-        streams = app.broker.keys.streams("default")
+        streams = app.client.keys.streams("default")
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             async with redis.pipeline(transaction=False) as pipe:

@@ -84,13 +84,13 @@ async def delete_namespace(redis: Any, namespace: str) -> int:
 
 
 async def chord_keys(app: App) -> list[str]:
-    pattern = f"{app.broker.keys.prefix}chord:*"
-    return [k.decode() async for k in app.broker.redis.scan_iter(match=pattern, count=1000)]
+    pattern = f"{app.client.keys.prefix}chord:*"
+    return [k.decode() async for k in app.client.redis.scan_iter(match=pattern, count=1000)]
 
 
 async def forget(app: App, handles: list[Any]) -> None:
     """Forget the warm-up tasks so they do not count in the memory figures."""
-    await app.broker.redis.delete(*[app.broker.keys.task(h.id) for h in handles])
+    await app.client.redis.delete(*[app.client.keys.task(h.id) for h in handles])
 
 
 async def run(url: str, headers: int, concurrency: int, timeout: float) -> dict[str, Any]:
@@ -107,7 +107,7 @@ async def run(url: str, headers: int, concurrency: int, timeout: float) -> dict[
 
     log(f"namespace {namespace}, {headers:,} headers, in-process worker c={concurrency}")
     async with app:
-        redis = app.broker.redis
+        redis = app.client.redis
         try:
             worker = app.worker(concurrency=concurrency)
             async with worker.running():

@@ -63,7 +63,7 @@ async def main() -> None:
                 print(
                     f"{name:8} {info.state.value:8} attempts={info.attempts} worker={info.worker}"
                 )
-            redis = app.broker.redis
+            redis = app.client.redis
             keys = [k async for k in redis.scan_iter(match="{" + NAMESPACE + "}*")]
             if keys:
                 await redis.delete(*keys)

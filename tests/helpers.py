@@ -48,7 +48,7 @@ async def wait_consuming(app: App, *procs: Any, timeout: float = 15) -> None:
     async def registered() -> bool:
         for p in procs:
             assert p.proc.poll() is None, f"worker {p.pid} exited:\n{p.output()}"
-        names = await app.broker.redis.zrange(app.broker.keys.workers, 0, -1)
+        names = await app.client.redis.zrange(app.client.keys.workers, 0, -1)
         return want <= {pid_of(n.decode()) for n in names}
 
     await wait_until(registered, timeout, f"workers {sorted(want)} to register")
@@ -56,7 +56,7 @@ async def wait_consuming(app: App, *procs: Any, timeout: float = 15) -> None:
 
 def runs_key(app: App, name: str = "runs") -> str:
     """A counter key inside the test namespace (deleted with it)."""
-    return f"{app.broker.keys.prefix}test:{name}"
+    return f"{app.client.keys.prefix}test:{name}"
 
 
 async def failure_of(h: TaskHandle[Any], timeout: float = 10) -> TaskFailed:

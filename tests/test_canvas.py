@@ -37,17 +37,17 @@ StartWorker = Callable[..., Awaitable[Worker]]
 
 def rkey(app: App, name: str) -> str:
     """A key in the test's namespace (removed with it)."""
-    return f"{app.broker.keys.prefix}test:{name}"
+    return f"{app.client.keys.prefix}test:{name}"
 
 
 async def counter(app: App, name: str) -> int:
-    return int(await app.broker.redis.get(rkey(app, name)) or 0)
+    return int(await app.client.redis.get(rkey(app, name)) or 0)
 
 
 async def chord_keys(app: App) -> list[str]:
     """Every chord key of the namespace (hashes and their results hashes)."""
-    pattern = f"{app.broker.keys.prefix}chord:*"
-    return sorted([k.decode() async for k in app.broker.redis.scan_iter(match=pattern)])
+    pattern = f"{app.client.keys.prefix}chord:*"
+    return sorted([k.decode() async for k in app.client.redis.scan_iter(match=pattern)])
 
 
 async def only_chord_id(app: App) -> str:
@@ -59,7 +59,7 @@ async def only_chord_id(app: App) -> str:
 
 async def _incr(name: str) -> int:
     app = current_task().app
-    return int(await app.broker.redis.incr(rkey(app, name)))
+    return int(await app.client.redis.incr(rkey(app, name)))
 
 
 async def add(x: int, y: int) -> int:
@@ -109,7 +109,7 @@ async def flaky(name: str) -> None:
 async def errback(info: dict[str, Any], name: str) -> None:
     """An on_error callback: appends what it was given to a list."""
     app = current_task().app
-    await app.broker.redis.rpush(rkey(app, name), json.dumps(info))
+    await app.client.redis.rpush(rkey(app, name), json.dumps(info))
 
 
 class Tasks:
@@ -243,9 +243,9 @@ async def test_header_failure_fails_chord_and_calls_errback_once(
     # The header still running when the chord failed finishes, and is ignored.
     assert await app.handle("the-slow-one").result(timeout=10) == 5
     await asyncio.sleep(0.3)
-    r = app.broker.redis
-    assert await r.exists(app.broker.keys.chord_results(cid)) == 0
-    chord_hash = await r.hgetall(app.broker.keys.chord(cid))
+    r = app.client.redis
+    assert await r.exists(app.client.keys.chord_results(cid)) == 0
+    chord_hash = await r.hgetall(app.client.keys.chord(cid))
     assert chord_hash[b"fired"] == b"error"
     assert chord_hash[b"failed_id"] == b"the-flaky-one"
     assert await counter(app, "body-runs") == 0
@@ -263,7 +263,7 @@ async def test_header_failure_fails_chord_and_calls_errback_once(
 
 
 async def _llen_at_least(app: App, name: str, n: int) -> bool:
-    return int(await app.broker.redis.llen(rkey(app, name))) >= n
+    return int(await app.client.redis.llen(rkey(app, name))) >= n
 
 
 async def test_two_failing_headers_call_the_errback_once(
@@ -283,7 +283,7 @@ async def test_two_failing_headers_call_the_errback_once(
             await app.handle(hid).result(timeout=5)
     await wait_until(lambda: _llen_at_least(app, "errors", 1), timeout=5, what="the errback")
     await asyncio.sleep(0.3)
-    calls = [json.loads(x) for x in await app.broker.redis.lrange(rkey(app, "errors"), 0, -1)]
+    calls = [json.loads(x) for x in await app.client.redis.lrange(rkey(app, "errors"), 0, -1)]
     assert len(calls) == 1, calls
     assert calls[0]["task_id"] == ei.value.failed_task_id
     assert await counter(app, "body") == 0
@@ -317,7 +317,7 @@ async def test_revoked_header_fails_the_chord(app: App, worker: StartWorker, t: 
         await app.handle("revoked-hdr").result(timeout=1)
     await wait_until(lambda: _llen_at_least(app, "errors", 1), timeout=5, what="the errback")
     await asyncio.sleep(0.2)
-    calls = [json.loads(x) for x in await app.broker.redis.lrange(rkey(app, "errors"), 0, -1)]
+    calls = [json.loads(x) for x in await app.client.redis.lrange(rkey(app, "errors"), 0, -1)]
     assert len(calls) == 1
     assert calls[0]["task_id"] == "revoked-hdr"
     assert await counter(app, "body") == 0
@@ -326,17 +326,17 @@ async def test_revoked_header_fails_the_chord(app: App, worker: StartWorker, t: 
 async def test_chord_state_has_ttl_and_expires_with_the_results(
     app: App, worker: StartWorker, t: Tasks
 ) -> None:
-    r = app.broker.redis
+    r = app.client.redis
     limit = app.settings.result_ttl * 1000
     h = await chord([t.add.s(1, 2), t.add.s(3, 4)], t.tsum.s()).send()
     cid = await only_chord_id(app)
     # Before any header ran: the chord hash exists and expires with the results.
-    assert await chord_keys(app) == [app.broker.keys.chord(cid)]
-    assert 0 < await r.pttl(app.broker.keys.chord(cid)) <= limit
+    assert await chord_keys(app) == [app.client.keys.chord(cid)]
+    assert 0 < await r.pttl(app.client.keys.chord(cid)) <= limit
     await worker(concurrency=4)
     assert await h.result(timeout=10) == 10
     keys = await chord_keys(app)
-    assert keys == [app.broker.keys.chord(cid), app.broker.keys.chord_results(cid)]
+    assert keys == [app.client.keys.chord(cid), app.client.keys.chord_results(cid)]
     for key in keys:
         assert 0 < await r.pttl(key) <= limit, f"{key} has no TTL"
     for key in keys:
@@ -345,7 +345,7 @@ async def test_chord_state_has_ttl_and_expires_with_the_results(
     # A short result_ttl on the body: everything the chord stored is gone with it.
     h2 = await chord([t.add.s(1, 2), t.add.s(3, 4)], t.tsum.s().set(result_ttl=3)).send()
     cid2 = await only_chord_id(app)
-    assert 0 < await r.pttl(app.broker.keys.chord(cid2)) <= 3000
+    assert 0 < await r.pttl(app.client.keys.chord(cid2)) <= 3000
     assert await h2.result(timeout=10) == 10
     for key in await chord_keys(app):
         assert 0 < await r.pttl(key) <= 3000, f"{key} has no TTL"
@@ -366,7 +366,7 @@ async def test_thousand_header_chord_fires_body_exactly_once(
     await asyncio.sleep(0.3)
     assert await counter(app, "body") == 1
     cid = await only_chord_id(app)
-    chord_hash = await app.broker.redis.hgetall(app.broker.keys.chord(cid))
+    chord_hash = await app.client.redis.hgetall(app.client.keys.chord(cid))
     assert int(chord_hash[b"done"]) == n
     assert chord_hash[b"fired"] == b"body"
 
@@ -557,7 +557,7 @@ async def test_failed_inner_chord_fails_the_outer_chord(
     assert await counter(app, "outer-body") == 0
     await wait_until(lambda: _llen_at_least(app, "errors", 1), timeout=5, what="the errback")
     await asyncio.sleep(0.2)
-    assert await app.broker.redis.llen(rkey(app, "errors")) == 1
+    assert await app.client.redis.llen(rkey(app, "errors")) == 1
 
 
 # -- every final state of a header settles the chord ---------------------------------------

@@ -34,21 +34,21 @@ def sig(app: App, name: str, *args: Any, **options: Any) -> Signature:
 
 
 def key(app: App, name: str) -> str:
-    return f"{app.broker.keys.prefix}test:{name}"
+    return f"{app.client.keys.prefix}test:{name}"
 
 
 async def runs(app: App) -> dict[int, int]:
-    raw = await app.broker.redis.hgetall(key(app, "runs"))
+    raw = await app.client.redis.hgetall(key(app, "runs"))
     return {int(k): int(v) for k, v in raw.items()}
 
 
 async def body_runs(app: App) -> int:
-    return int(await app.broker.redis.get(key(app, "body")) or 0)
+    return int(await app.client.redis.get(key(app, "body")) or 0)
 
 
 async def chord_id(app: App) -> str:
-    pattern = f"{app.broker.keys.prefix}chord:*"
-    ids = {k.decode().split(":")[2] async for k in app.broker.redis.scan_iter(match=pattern)}
+    pattern = f"{app.client.keys.prefix}chord:*"
+    ids = {k.decode().split(":")[2] async for k in app.client.redis.scan_iter(match=pattern)}
     assert len(ids) == 1, ids
     return ids.pop()
 
@@ -75,7 +75,7 @@ async def test_header_rerun_after_sigkill_counts_once(app: App, spawn_worker: Sp
     assert set(counted) == set(range(n))
     assert await body_runs(app) == 1
     cid = await chord_id(app)
-    chord_hash = await app.broker.redis.hgetall(app.broker.keys.chord(cid))
+    chord_hash = await app.client.redis.hgetall(app.client.keys.chord(cid))
     assert int(chord_hash[b"done"]) == n
     assert chord_hash[b"fired"] == b"body"
 
@@ -90,18 +90,18 @@ async def test_big_chord_survives_a_worker_sigkilled_midway(app: App, spawn_work
         sig(app, "body_count"),
     ).send()
     cid = await chord_id(app)
-    ck = app.broker.keys.chord(cid)
+    ck = app.client.keys.chord(cid)
     victim = procs[0]
 
     async def a_third_done() -> bool:
-        return int(await app.broker.redis.hget(ck, "done") or 0) >= n // 3
+        return int(await app.client.redis.hget(ck, "done") or 0) >= n // 3
 
     async def victim_mid_header() -> bool:
         """The victim runs a header that has counted its run and not finished."""
         counted = list(await runs(app))
-        async with app.broker.redis.pipeline(transaction=False) as pipe:
+        async with app.client.redis.pipeline(transaction=False) as pipe:
             for i in counted:
-                pipe.hmget(app.broker.keys.task(f"hdr-{i}"), "state", "worker")
+                pipe.hmget(app.client.keys.task(f"hdr-{i}"), "state", "worker")
             rows = await pipe.execute()
         return any(
             state == b"STARTED" and pid_of(worker.decode()) == victim.pid
@@ -121,7 +121,7 @@ async def test_big_chord_survives_a_worker_sigkilled_midway(app: App, spawn_work
     assert set(counted) == set(range(n))
     # The killed worker held running headers: they ran again elsewhere, and counted once.
     assert sum(counted.values()) > n, "the SIGKILL interrupted no header"
-    chord_hash = await app.broker.redis.hgetall(ck)
+    chord_hash = await app.client.redis.hgetall(ck)
     assert int(chord_hash[b"done"]) == n
     assert chord_hash[b"fired"] == b"body"
     for p in procs[1:]:
@@ -134,7 +134,7 @@ async def test_stalled_worker_committing_a_rerun_header_late_counts_once(
     """A worker frozen past the visibility timeout: its header is rerun and stored by
     another worker, then the frozen one wakes and stores the same header again. The
     duplicate is ignored: the chord still waits for its other header, fires once."""
-    r = app.broker.redis
+    r = app.client.redis
     w1 = spawn_worker(module=MODULE)
     await wait_consuming(app, w1)
     h = await chord(
@@ -159,7 +159,7 @@ async def test_stalled_worker_committing_a_rerun_header_late_counts_once(
 
         await wait_until(rerun_stored, 15, "the second worker to rerun and store header 0")
         assert (await runs(app))[0] == 2
-        assert int(await r.hget(app.broker.keys.chord(cid), "done")) == 1
+        assert int(await r.hget(app.client.keys.chord(cid), "done")) == 1
     finally:
         w1.signal(signal.SIGCONT)
 
@@ -168,7 +168,7 @@ async def test_stalled_worker_committing_a_rerun_header_late_counts_once(
 
     await wait_until(late_commit_landed, 10, "the woken worker to store header 0 again")
     # The duplicate did not count: the chord still waits for the gate.
-    assert int(await r.hget(app.broker.keys.chord(cid), "done")) == 1
+    assert int(await r.hget(app.client.keys.chord(cid), "done")) == 1
     assert await body_runs(app) == 0
     assert await h.state() == TaskState.PENDING
 
@@ -176,7 +176,7 @@ async def test_stalled_worker_committing_a_rerun_header_late_counts_once(
     assert await h.result(timeout=15) == [0, 3]
     await asyncio.sleep(1.0)
     assert await body_runs(app) == 1
-    chord_hash = await r.hgetall(app.broker.keys.chord(cid))
+    chord_hash = await r.hgetall(app.client.keys.chord(cid))
     assert int(chord_hash[b"done"]) == 2
     assert w1.proc.poll() is None
     assert w2.proc.poll() is None

@@ -23,7 +23,7 @@ SUICIDE = "tests.apps.basic.suicide"
 
 
 async def dead_letters(app: App, queue: str = "default") -> list[dict[bytes, bytes]]:
-    entries = await app.broker.redis.xrange(app.broker.keys.dead(queue))
+    entries = await app.client.redis.xrange(app.client.keys.dead(queue))
     return [fields for _, fields in entries]
 
 
@@ -37,8 +37,8 @@ async def wait_dead_letters(app: App, n: int, timeout: float = 10) -> list[dict[
 
 async def queue_is_empty(app: App, queue: str = "default") -> bool:
     """No entry left on the queue's streams, and none pending."""
-    r = app.broker.redis
-    for stream in app.broker.keys.streams(queue):
+    r = app.client.redis
+    for stream in app.client.keys.streams(queue):
         if await r.xlen(stream):
             return False
         if await r.exists(stream) and (await r.xpending(stream, "workers"))["pending"]:
@@ -90,8 +90,8 @@ async def test_undecodable_entry_is_dead_lettered_and_fails(
     w = spawn_worker()
     await wait_consuming(app, w)
     task_id = uuid.uuid4().hex
-    stream = app.broker.keys.stream("default", 5)
-    await app.broker.redis.xadd(stream, {"id": task_id, "ct": ct, "m": payload})
+    stream = app.client.keys.stream("default", 5)
+    await app.client.redis.xadd(stream, {"id": task_id, "ct": ct, "m": payload})
 
     h = app.handle(task_id)
     with pytest.raises(TaskFailed) as err:
@@ -111,8 +111,8 @@ async def test_undecodable_entry_is_dead_lettered_and_fails(
 async def test_entry_without_known_fields_is_dead_lettered(app: App, spawn_worker: Spawn) -> None:
     w = spawn_worker()
     await wait_consuming(app, w)
-    stream = app.broker.keys.stream("default", 5)
-    await app.broker.redis.xadd(stream, {"foo": "bar"})
+    stream = app.client.keys.stream("default", 5)
+    await app.client.redis.xadd(stream, {"foo": "bar"})
 
     (dead,) = await wait_dead_letters(app, 1)
     assert dead[b"foo"] == b"bar"

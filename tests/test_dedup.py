@@ -10,7 +10,7 @@ from aiotasks import App, TaskState
 
 async def _counts(app: App) -> tuple[int, int]:
     """(entries on the default queue's streams, tasks in the delayed zset)."""
-    redis, keys = app.broker.redis, app.broker.keys
+    redis, keys = app.client.redis, app.client.keys
     stream = sum([int(await redis.xlen(s)) for s in keys.streams("default")])
     return stream, int(await redis.zcard(keys.delayed))
 

@@ -21,12 +21,12 @@ COUNT_RUNS = "tests.apps.basic.count_runs"
 
 
 async def stream_lengths(app: App, queue: str = "default") -> int:
-    r = app.broker.redis
-    return sum([int(await r.xlen(s)) for s in app.broker.keys.streams(queue)])
+    r = app.client.redis
+    return sum([int(await r.xlen(s)) for s in app.client.keys.streams(queue)])
 
 
 async def due_ms(app: App, task_id: str) -> float:
-    score = await app.broker.redis.zscore(app.broker.keys.delayed, task_id)
+    score = await app.client.redis.zscore(app.client.keys.delayed, task_id)
     assert score is not None, f"task {task_id} is not in the delayed zset"
     return float(score)
 
@@ -53,7 +53,7 @@ async def test_countdown_waits_in_the_delayed_zset_and_starts_on_time(
     assert info.started_at is not None
     late_ms = info.started_at.timestamp() * 1000 - due
     assert 0 <= late_ms <= 100, f"started {late_ms:.0f} ms after due"
-    assert await app.broker.redis.zscore(app.broker.keys.delayed, h.id) is None
+    assert await app.client.redis.zscore(app.client.keys.delayed, h.id) is None
 
 
 async def test_eta_with_any_timezone_starts_on_time(app: App, worker: StartWorker) -> None:
@@ -118,7 +118,7 @@ async def test_many_delayed_tasks_with_two_workers_run_exactly_once(
     workers = [spawn_worker("--concurrency", "50") for _ in range(2)]
     await wait_consuming(app, *workers)
     n = 300
-    prefix = app.broker.keys.prefix
+    prefix = app.client.keys.prefix
     keys = [f"{prefix}test:runs:{i}" for i in range(n)]
     handles = await asyncio.gather(
         *(
@@ -126,12 +126,12 @@ async def test_many_delayed_tasks_with_two_workers_run_exactly_once(
             for i in range(n)
         )
     )
-    assert await app.broker.redis.zcard(app.broker.keys.delayed) == n
+    assert await app.client.redis.zcard(app.client.keys.delayed) == n
     results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
     assert results == [1] * n
-    counts = await app.broker.redis.mget(keys)
+    counts = await app.client.redis.mget(keys)
     assert [int(c) for c in counts] == [1] * n
-    assert await app.broker.redis.zcard(app.broker.keys.delayed) == 0
+    assert await app.client.redis.zcard(app.client.keys.delayed) == 0
     ran_on = {pid_of((await h.info()).worker or "") for h in handles}
     assert ran_on <= {w.pid for w in workers}
     for w in workers:
@@ -190,7 +190,7 @@ async def test_revoked_delayed_task_never_runs(app: App, worker: StartWorker, de
     assert await h.state() == TaskState.SCHEDULED
     await h.revoke()
     assert await h.state() == TaskState.REVOKED
-    assert await app.broker.redis.zscore(app.broker.keys.delayed, h.id) is None
+    assert await app.client.redis.zscore(app.client.keys.delayed, h.id) is None
     with pytest.raises(TaskRevoked):
         await h.result(timeout=2)
     await asyncio.sleep(0.6)

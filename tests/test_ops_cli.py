@@ -208,7 +208,7 @@ async def test_inspect_unknown_task(app: App) -> None:
         )
         assert res.stdout == ""
     # Refusing an unknown id did not create a record of it.
-    assert await app.broker.redis.exists(app.broker.keys.task("nope")) == 0
+    assert await app.client.redis.exists(app.client.keys.task("nope")) == 0
 
 
 async def test_revoke_queued_then_again(app: App) -> None:
@@ -393,7 +393,7 @@ async def test_send_malformed_json(app: App, args: list[str], message: str) -> N
     res = await invoke("send", "x", *args, *conn(app))
     assert res.exit_code == 2
     assert error_line(res).startswith(message)
-    assert await app.broker.redis.exists(app.broker.keys.queues) == 0  # nothing sent
+    assert await app.client.redis.exists(app.client.keys.queues) == 0  # nothing sent
 
 
 async def test_app_option_and_entry_point(redis_url: str, namespace: str) -> None:
@@ -432,7 +432,7 @@ async def test_dead_letters_round_trip(app: App, worker: Any) -> None:
     assert [d["task_id"] for d in letters] == [h.id for h in handles]
     assert all(d["task_name"] == "not.yet" for d in letters)
     assert all(d["reason"].startswith("UnknownTask: no task named 'not.yet'") for d in letters)
-    assert all(d["stream"] == app.broker.keys.stream("default") for d in letters)
+    assert all(d["stream"] == app.client.keys.stream("default") for d in letters)
     res = await invoke("dead-letters", "list", "default", *conn(app))
     assert "not.yet" in res.stdout and letters[0]["entry_id"] in res.stdout
 
@@ -483,4 +483,4 @@ async def test_dead_letters_drop_all_and_bad_arguments(app: App, worker: Any) ->
     res = await invoke("dead-letters", "drop", "default", "--yes", *conn(app))
     assert res.exit_code == 0
     assert res.stdout.strip() == "dropped 2 dead letter(s) of queue 'default'"
-    assert await app.broker.redis.xlen(app.broker.keys.dead("default")) == 0
+    assert await app.client.redis.xlen(app.client.keys.dead("default")) == 0

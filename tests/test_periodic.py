@@ -119,8 +119,8 @@ async def test_every_fires_on_worker(app: App, worker: Any) -> None:
         assert 0 <= started - int(tick_ms) / 1000 < 1.0  # fired at its tick, not before
     assert ticks[1] - ticks[0] == 1000
     # Each periodic's next run is published for `aiotasks status`.
-    redis = app.broker.redis
-    next_ms = int(_text(await redis.hget(app.broker.keys.prefix + "periodic", "tick")))
+    redis = app.client.redis
+    next_ms = int(_text(await redis.hget(app.client.keys.prefix + "periodic", "tick")))
     assert next_ms > ticks[1] and next_ms % 1000 == 0
 
 
@@ -138,7 +138,7 @@ async def _wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 async def _fired(app: App) -> list[tuple[int, int]]:
     """The (tick_ms, started_ms) of every run so far, in run order."""
-    raw = await app.broker.redis.lrange(app.broker.keys.prefix + LOG, 0, -1)
+    raw = await app.client.redis.lrange(app.client.keys.prefix + LOG, 0, -1)
     return [(int(t), int(s)) for t, s in (_text(r).split() for r in raw)]
 
 
@@ -147,16 +147,16 @@ def _text(value: bytes | str | None) -> str:
 
 
 async def _count(app: App) -> int:
-    return int(await app.broker.redis.get(app.broker.keys.prefix + COUNTER) or 0)
+    return int(await app.client.redis.get(app.client.keys.prefix + COUNTER) or 0)
 
 
 @pytest.mark.slow
 async def test_two_worker_processes_fire_each_tick_once(app: App, spawn_worker: Any) -> None:
     workers = [spawn_worker(module="periodic"), spawn_worker(module="periodic")]
-    redis = app.broker.redis
+    redis = app.client.redis
 
     async def both_up() -> bool:
-        return int(await redis.zcard(app.broker.keys.workers)) == 2
+        return int(await redis.zcard(app.client.keys.workers)) == 2
 
     await _wait_until(both_up, 20, "both workers to register")
     start = await _count(app)
@@ -172,7 +172,7 @@ async def test_two_worker_processes_fire_each_tick_once(app: App, spawn_worker: 
     assert len(ticks) == await _count(app)
     assert sorted(ticks) == list(range(min(ticks), max(ticks) + 1000, 1000)), "a tick was skipped"
     # Every tick was claimed by one of the two processes, and the claim names it.
-    owners = {_text(await redis.get(app.broker.keys.periodic_tick("beat", t))) for t in ticks}
+    owners = {_text(await redis.get(app.client.keys.periodic_tick("beat", t))) for t in ticks}
     assert owners and all(o.split("-")[-2] in {str(w.pid) for w in workers} for o in owners)
     # A worker may fire the tick due within GRACE before it started; later ticks are prompt.
     jitter = [s - t for t, s in sorted(fired)]
@@ -184,8 +184,8 @@ async def test_two_worker_processes_fire_each_tick_once(app: App, spawn_worker: 
 
 async def _claims(app: App) -> set[int]:
     """Ticks of "beat" claimed so far: each claim is one fire (a send) by some worker."""
-    pattern = app.broker.keys.periodic_tick("beat", 0)[:-1] + "*"
-    return {int(k.rsplit(b":", 1)[1]) async for k in app.broker.redis.scan_iter(match=pattern)}
+    pattern = app.client.keys.periodic_tick("beat", 0)[:-1] + "*"
+    return {int(k.rsplit(b":", 1)[1]) async for k in app.client.redis.scan_iter(match=pattern)}
 
 
 @pytest.mark.slow
@@ -202,13 +202,13 @@ async def test_restart_does_not_fire_missed_ticks(app: App, spawn_worker: Any) -
     assert claimed
 
     await asyncio.sleep(3.0)  # no worker: ticks fall due and nobody fires them
-    status_key = app.broker.keys.prefix + "periodic"
-    await app.broker.redis.delete(status_key)
+    status_key = app.client.keys.prefix + "periodic"
+    await app.client.redis.delete(status_key)
     restarted_at = time.time()
     second = spawn_worker(module="periodic")
 
     async def scheduling() -> bool:
-        return bool(await app.broker.redis.exists(status_key))
+        return bool(await app.client.redis.exists(status_key))
 
     await _wait_until(scheduling, 20, "the restarted worker's scheduler")
     await asyncio.sleep(1.0)

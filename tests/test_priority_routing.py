@@ -13,7 +13,7 @@ from aiotasks import App, TaskState
 
 
 async def _xlen(app: App, queue: str, priority: int) -> int:
-    return int(await app.broker.redis.xlen(app.broker.keys.stream(queue, priority)))
+    return int(await app.client.redis.xlen(app.client.keys.stream(queue, priority)))
 
 
 async def _lengths(app: App, queue: str) -> dict[int, int]:

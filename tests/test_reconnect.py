@@ -148,7 +148,7 @@ async def test_send_to_a_stopped_server_raises_after_the_retry_policy(
     await asyncio.to_thread(own_server.start)
     h = await client.send_task(ADD, args=(2, 2))
     assert await h.state() == TaskState.PENDING
-    assert await client.broker.redis.exists(client.broker.keys.task(h.id))
+    assert await client.client.redis.exists(client.client.keys.task(h.id))
 
 
 async def test_result_waiter_rides_out_a_server_restart(
@@ -159,11 +159,11 @@ async def test_result_waiter_rides_out_a_server_restart(
     # Scheduled far ahead, so the worker leaves it alone before the restart.
     h = await client.send_task(ADD, args=(20, 22), countdown=60)
     waiter = asyncio.create_task(h.result(timeout=30))
-    r = client.broker.redis
-    control = client.broker.keys.control_channel.encode()
+    r = client.client.redis
+    control = client.client.keys.control_channel.encode()
 
     async def waiter_subscribed() -> bool:
-        channels = await r.pubsub_channels(client.broker.keys.prefix + "*")
+        channels = await r.pubsub_channels(client.client.keys.prefix + "*")
         return any(c != control for c in channels)
 
     await wait_until(waiter_subscribed, 5, "the result waiter to subscribe")

@@ -68,7 +68,7 @@ async def test_long_task_on_a_live_worker_runs_exactly_once(
     key = runs_key(app)
     h = await app.send_task(task, args=(key, 5.0))
     assert await h.result(timeout=20) == 1
-    assert int(await app.broker.redis.get(key)) == 1
+    assert int(await app.client.redis.get(key)) == 1
     info = await h.info()
     assert info.state == TaskState.SUCCESS
     assert info.attempts == 1
@@ -93,8 +93,8 @@ async def test_entries_lost_in_a_live_consumers_reply_are_reclaimed(
         return tag
 
     try:
-        r = fast.broker.redis
-        stream = fast.broker.keys.stream("default", 5)
+        r = fast.client.redis
+        stream = fast.client.keys.stream("default", 5)
         await r.xgroup_create(stream, "workers", id="0", mkstream=True)
         lost = await record.send("lost", 0.0)
         consumer = "live-consumer"

@@ -230,7 +230,7 @@ async def test_forget_makes_the_task_unknown(app: App, worker: StartWorker) -> N
     info = await h.info()
     assert info.state == TaskState.PENDING
     assert info.result is None
-    assert not await app.broker.redis.exists(app.broker.keys.task(h.id))
+    assert not await app.client.redis.exists(app.client.keys.task(h.id))
     with pytest.raises(ResultTimeout):
         await h.result(timeout=0.2)
 
@@ -246,7 +246,7 @@ async def test_task_result_ttl_sets_the_hash_ttl(app: App, worker: StartWorker) 
     await worker()
     h = await add.send(2, 3)
     assert await h.result(timeout=5) == 5
-    pttl = await app.broker.redis.pttl(app.broker.keys.task(h.id))
+    pttl = await app.client.redis.pttl(app.client.keys.task(h.id))
     assert 0 < pttl <= 100_000
 
 
@@ -258,7 +258,7 @@ async def test_send_option_result_ttl_wins(app: App, worker: StartWorker) -> Non
     await worker()
     h = await add.apply_async((2, 3), result_ttl=7)
     assert await h.result(timeout=5) == 5
-    pttl = await app.broker.redis.pttl(app.broker.keys.task(h.id))
+    pttl = await app.client.redis.pttl(app.client.keys.task(h.id))
     assert 0 < pttl <= 7_000
 
 
@@ -274,12 +274,12 @@ async def test_app_result_ttl_is_the_default(
     await worker(short)
     h = await add.send(2, 3)
     assert await h.result(timeout=5) == 5
-    pttl = await short.broker.redis.pttl(short.broker.keys.task(h.id))
+    pttl = await short.client.redis.pttl(short.client.keys.task(h.id))
     assert 0 < pttl <= 30_000
     failing = await short.send_task("no.such.task")
     with pytest.raises(TaskFailed):
         await failing.result(timeout=5)
-    pttl = await short.broker.redis.pttl(short.broker.keys.task(failing.id))
+    pttl = await short.client.redis.pttl(short.client.keys.task(failing.id))
     assert 0 < pttl <= 30_000
 
 
@@ -292,7 +292,7 @@ async def test_failed_task_hash_has_a_ttl(app: App, worker: StartWorker) -> None
     h = await boom.send()
     with pytest.raises(TaskFailed):
         await h.result(timeout=5)
-    pttl = await app.broker.redis.pttl(app.broker.keys.task(h.id))
+    pttl = await app.client.redis.pttl(app.client.keys.task(h.id))
     assert 0 < pttl <= 50_000
 
 
@@ -337,7 +337,7 @@ async def test_many_waiters_share_one_subscription(
     local = client.task(name="ident")(ident)
 
     async def my_connections() -> list[dict[str, Any]]:
-        return [c for c in await app.broker.redis.client_list() if c.get("name") == name]
+        return [c for c in await app.client.redis.client_list() if c.get("name") == name]
 
     waiters: list[asyncio.Future[int]] = []
     try:

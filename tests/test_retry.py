@@ -173,8 +173,8 @@ async def test_state_is_scheduled_while_a_retry_waits(app: App, worker: StartWor
 
     await worker()
     h = await later.send()
-    keys = app.broker.keys
-    r = app.broker.redis
+    keys = app.client.keys
+    r = app.client.redis
     deadline = time.monotonic() + 1.2
     while await h.state() != TaskState.SCHEDULED:
         assert time.monotonic() < deadline, f"state {await h.state()} never SCHEDULED"

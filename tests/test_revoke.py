@@ -13,7 +13,7 @@ from tests.helpers import ReadAhead
 
 
 async def _pttl(app: App, task_id: str) -> int:
-    return int(await app.broker.redis.pttl(app.broker.keys.task(task_id)))
+    return int(await app.client.redis.pttl(app.client.keys.task(task_id)))
 
 
 async def test_revoke_queued_task_never_runs(app: App, worker: Any) -> None:
@@ -38,7 +38,7 @@ async def test_revoke_queued_task_never_runs(app: App, worker: Any) -> None:
         await h.result(timeout=5)
     info = await h.info()
     assert info.state == TaskState.REVOKED and info.started_at is None
-    assert await app.broker.redis.xlen(app.broker.keys.stream("default")) == 0  # settled, deleted
+    assert await app.client.redis.xlen(app.client.keys.stream("default")) == 0  # settled, deleted
     assert 0 < await _pttl(app, h.id) <= app.settings.result_ttl * 1000
 
 
@@ -55,7 +55,7 @@ async def test_revoke_scheduled_task(app: App, worker: Any) -> None:
     assert await h.state() == TaskState.SCHEDULED
     await h.revoke()
     assert await h.state() == TaskState.REVOKED  # at once, not when it falls due
-    assert await app.broker.redis.zscore(app.broker.keys.delayed, h.id) is None
+    assert await app.client.redis.zscore(app.client.keys.delayed, h.id) is None
     with pytest.raises(TaskRevoked):
         await h.result(timeout=1)
     assert 0 < await _pttl(app, h.id) <= app.settings.result_ttl * 1000
@@ -106,7 +106,7 @@ async def test_revoke_terminate_cancels_running_task(app: App, worker: Any) -> N
     assert info.state == TaskState.REVOKED and info.result is None
     assert 0 < await _pttl(app, h.id) <= app.settings.result_ttl * 1000
     # Its entry was acknowledged: nothing is left to be redelivered.
-    pending = await app.broker.redis.xpending(app.broker.keys.stream("default"), "workers")
+    pending = await app.client.redis.xpending(app.client.keys.stream("default"), "workers")
     assert pending["pending"] == 0
 
 

@@ -15,7 +15,7 @@ import redis
 from aiotasks import App, TaskState
 from aiotasks.keys import GROUP
 from aiotasks.message import Message
-from aiotasks.scripts import SOURCES
+from aiotasks.scripts import SOURCES, _source
 
 LUA_DIR = resources.files("aiotasks") / "lua"
 LUA_FILES = sorted(
@@ -51,9 +51,9 @@ def test_registered_script_loads(sync_redis: redis.Redis, name: str) -> None:
 def test_every_lua_file_loads_with_the_shared_library(
     sync_redis: redis.Redis, filename: str
 ) -> None:
-    # Scripts outside SOURCES (operations commands) are loaded the same way: _lib first.
-    source = (LUA_DIR / "_lib.lua").read_text() + "\n" + (LUA_DIR / filename).read_text()
-    assert sync_redis.script_load(source)
+    # Every script is loaded the same way: the generated contract, _lib, then the file.
+    assert filename.removesuffix(".lua") in SOURCES, f"{filename} is not in the registry"
+    assert sync_redis.script_load(_source(filename.removesuffix(".lua")))
 
 
 @pytest.mark.parametrize("filename", LUA_FILES)
@@ -84,41 +84,38 @@ def message(task_id: str | None = None, **fields: Any) -> Message:
 
 
 async def enqueue(app: App, mode: str, *messages: Message, ttl: int = 60) -> list[int]:
-    keys = app.broker.keys
-    tasks = [m.enqueue_args(keys, ttl) for m in messages]
-    result = await app.broker.scripts.enqueue(
-        prefix=keys.prefix, now_ms=now_ms(), mode=mode, tasks=tasks
-    )
+    tasks = [m.record(ttl).wire() for m in messages]
+    result = await app.client.scripts.enqueue(now_ms=now_ms(), mode=mode, tasks=tasks)
     return [int(x) for x in result]
 
 
 async def stream_ids(app: App, queue: str = "default", priority: int = 5) -> list[str]:
-    entries: Any = await app.broker.redis.xrange(app.broker.keys.stream(queue, priority))
+    entries: Any = await app.client.redis.xrange(app.client.keys.stream(queue, priority))
     return [f[b"id"].decode() for _, f in entries]
 
 
 async def set_state(app: App, task_id: str, state: str) -> None:
-    await app.broker.redis.hset(app.broker.keys.task(task_id), "state", state)
+    await app.client.redis.hset(app.client.keys.task(task_id), "state", state)
 
 
 async def test_enqueue_new_id_adds_an_entry_and_a_pending_record(app: App) -> None:
     m = message()
     assert await enqueue(app, "send", m) == [1]
     assert await stream_ids(app) == [m.id]
-    h = await app.broker.redis.hgetall(app.broker.keys.task(m.id))
+    h = await app.client.redis.hgetall(app.client.keys.task(m.id))
     assert h[b"state"] == b"PENDING"
     assert h[b"name"] == b"scripts.t"
     assert h[b"queue"] == b"default"
-    pttl = await app.broker.redis.pttl(app.broker.keys.task(m.id))
+    pttl = await app.client.redis.pttl(app.client.keys.task(m.id))
     assert 0 < pttl <= 60_000
-    assert await app.broker.redis.sismember(app.broker.keys.queues, "default")
+    assert await app.client.redis.sismember(app.client.keys.queues, "default")
 
 
 async def test_enqueue_due_later_goes_to_the_delayed_set(app: App) -> None:
     m = message(eta=time.time() + 60)
     assert await enqueue(app, "send", m) == [1]
     assert await stream_ids(app) == []
-    score = await app.broker.redis.zscore(app.broker.keys.delayed, m.id)
+    score = await app.client.redis.zscore(app.client.keys.delayed, m.id)
     assert score == pytest.approx(m.eta * 1000, abs=1)  # type: ignore[operator]
     assert await app.handle(m.id).state() == TaskState.SCHEDULED
 
@@ -187,7 +184,7 @@ async def test_enqueue_routes_by_queue_and_priority(app: App) -> None:
     assert await enqueue(app, "send", urgent, lazy) == [1, 1]
     assert await stream_ids(app, "mail", 9) == [urgent.id]
     assert await stream_ids(app, "mail", 0) == [lazy.id]
-    assert await app.broker.redis.sismember(app.broker.keys.queues, "mail")
+    assert await app.client.redis.sismember(app.client.keys.queues, "mail")
 
 
 # -- release.lua ------------------------------------------------------------------------
@@ -195,16 +192,16 @@ async def test_enqueue_routes_by_queue_and_priority(app: App) -> None:
 
 async def read_as(app: App, consumer: str) -> tuple[str, bytes]:
     """Read one entry of the default stream as `consumer`: (stream, entry id)."""
-    stream = app.broker.keys.stream("default", 5)
-    r: Any = app.broker.redis
+    stream = app.client.keys.stream("default", 5)
+    r: Any = app.client.redis
     await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
     reply = await r.xreadgroup(GROUP, consumer, {stream: ">"}, count=1)
     return stream, reply[0][1][0][0]
 
 
 async def release(app: App, stream: str, consumer: str, entry_id: bytes) -> int:
-    n = await app.broker.scripts.release(
-        prefix=app.broker.keys.prefix, streams=[stream], consumer=consumer, entries=[2, entry_id]
+    n = await app.client.scripts.release(
+        streams=[stream], consumer=consumer, entries=[{"stream": stream, "entry": entry_id}]
     )
     return int(n)
 
@@ -215,12 +212,12 @@ async def test_release_gives_a_live_entry_back_as_a_new_entry(app: App) -> None:
     stream, entry_id = await read_as(app, "c1")
     await set_state(app, m.id, "STARTED")
     assert await release(app, stream, "c1", entry_id) == 1
-    r: Any = app.broker.redis
+    r: Any = app.client.redis
     entries = await r.xrange(stream)
     assert [f[b"id"].decode() for _, f in entries] == [m.id]
     assert entries[0][0] != entry_id
     assert (await r.xpending(stream, GROUP))["pending"] == 0
-    h = await r.hgetall(app.broker.keys.task(m.id))
+    h = await r.hgetall(app.client.keys.task(m.id))
     assert h[b"state"] == b"PENDING"
     assert h[b"_e"] == entries[0][0]
 
@@ -230,7 +227,7 @@ async def test_release_leaves_an_entry_another_worker_holds(app: App) -> None:
     await enqueue(app, "send", m)
     stream, entry_id = await read_as(app, "c2")
     assert await release(app, stream, "c1", entry_id) == 0
-    r: Any = app.broker.redis
+    r: Any = app.client.redis
     assert [e for e, _ in await r.xrange(stream)] == [entry_id]
     assert (await r.xpending(stream, GROUP))["pending"] == 1
 
@@ -241,7 +238,7 @@ async def test_release_drops_an_entry_whose_task_was_revoked(app: App) -> None:
     stream, entry_id = await read_as(app, "c1")
     await set_state(app, m.id, "REVOKED")
     assert await release(app, stream, "c1", entry_id) == 0
-    r: Any = app.broker.redis
+    r: Any = app.client.redis
     assert await r.xrange(stream) == []
     assert (await r.xpending(stream, GROUP))["pending"] == 0
     assert await app.handle(m.id).state() == TaskState.REVOKED
@@ -251,5 +248,5 @@ async def test_release_skips_a_stream_that_vanished(app: App) -> None:
     m = message()
     await enqueue(app, "send", m)
     stream, entry_id = await read_as(app, "c1")
-    await app.broker.redis.delete(stream)  # purged, or the server lost its data
+    await app.client.redis.delete(stream)  # purged, or the server lost its data
     assert await release(app, stream, "c1", entry_id) == 0

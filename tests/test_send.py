@@ -26,18 +26,18 @@ UNREACHABLE = "redis://127.0.0.1:1/0"
 
 
 async def xlen(app: App, queue: str = "default", priority: int = 5) -> int:
-    return int(await app.broker.redis.xlen(app.broker.keys.stream(queue, priority)))
+    return int(await app.client.redis.xlen(app.client.keys.stream(queue, priority)))
 
 
 async def entry_ids(app: App, queue: str = "default", priority: int = 5) -> list[str]:
     """The task ids of a stream's entries, in stream order."""
-    entries: Any = await app.broker.redis.xrange(app.broker.keys.stream(queue, priority))
+    entries: Any = await app.client.redis.xrange(app.client.keys.stream(queue, priority))
     return [fields[b"id"].decode() for _, fields in entries]
 
 
 async def namespace_keys(app: App) -> list[bytes]:
     """Every key of the app's namespace (a big SCAN COUNT: the server is shared and busy)."""
-    redis, pattern = app.broker.redis, app.broker.keys.prefix + "*"
+    redis, pattern = app.client.redis, app.client.keys.prefix + "*"
     return [k async for k in redis.scan_iter(match=pattern, count=10_000)]
 
 
@@ -163,7 +163,7 @@ async def test_options_countdown_schedules_the_task(app: App, worker: StartWorke
     h = await add.options(countdown=30).send(2, 3)
     assert await h.state() == TaskState.SCHEDULED
     assert await xlen(app) == 0
-    assert await app.broker.redis.zscore(app.broker.keys.delayed, h.id) is not None
+    assert await app.client.redis.zscore(app.client.keys.delayed, h.id) is not None
 
 
 async def test_apply_async_with_args_kwargs_and_countdown(app: App, worker: StartWorker) -> None:
@@ -270,7 +270,7 @@ async def test_send_many_is_one_round_trip_with_handles_in_order(
     async def add(x: int, y: int = 0) -> int:
         return x + y
 
-    scripts = app.broker.scripts
+    scripts = app.client.scripts
     calls: list[dict[str, Any]] = []
     original = scripts.enqueue
 

@@ -59,7 +59,7 @@ def same(a: Any, b: Any) -> bool:
 
 
 async def entry_content_types(app: App, queue: str = "default") -> list[str]:
-    entries: Any = await app.broker.redis.xrange(app.broker.keys.stream(queue))
+    entries: Any = await app.client.redis.xrange(app.client.keys.stream(queue))
     return [fields[b"ct"].decode() for _, fields in entries]
 
 
@@ -122,7 +122,7 @@ async def test_json_entry_payload_is_json(json_app: App) -> None:
 
     echo = register_echo(json_app)
     await echo.send({"a": 1})
-    entries: Any = await json_app.broker.redis.xrange(json_app.broker.keys.stream("default"))
+    entries: Any = await json_app.client.redis.xrange(json_app.client.keys.stream("default"))
     (_, fields), *_ = entries
     assert fields[b"ct"] == b"json"
     json.loads(fields[b"m"])  # readable on the wire
@@ -140,7 +140,7 @@ async def test_compressed_big_argument_round_trips(
     big = {"text": "abc" * 2000, "when": VALUES["datetime-aware"], "blob": bytes(range(256)) * 8}
     h = await echo.send(big)
     assert await entry_content_types(app) == [f"msgpack+{compression}"]
-    raw: Any = await app.broker.redis.xrange(app.broker.keys.stream("default"))
+    raw: Any = await app.client.redis.xrange(app.client.keys.stream("default"))
     assert len(raw[0][1][b"m"]) < 3000  # actually compressed
     await worker(app)
     out = await h.result(timeout=5)

@@ -34,15 +34,15 @@ async def wait_first_step(app: App, key: str) -> None:
     before the body begins, and these tests need the body itself under way."""
 
     async def counted() -> bool:
-        return int(await app.broker.redis.get(key) or 0) >= 1
+        return int(await app.client.redis.get(key) or 0) >= 1
 
     await wait_until(counted, 10, "the task body to begin")
 
 
 async def pending_entries(app: App, queue: str = "default") -> int:
-    r = app.broker.redis
+    r = app.client.redis
     total = 0
-    for stream in app.broker.keys.streams(queue):
+    for stream in app.client.keys.streams(queue):
         if await r.exists(stream):
             total += int((await r.xpending(stream, "workers"))["pending"])
     return total
@@ -73,13 +73,13 @@ async def test_sigterm_on_an_idle_worker_exits_0_and_unregisters(
 ) -> None:
     w = spawn_worker(module=M)
     await wait_consuming(app, w)
-    names = await app.broker.redis.zrange(app.broker.keys.workers, 0, -1)
+    names = await app.client.redis.zrange(app.client.keys.workers, 0, -1)
     (name,) = [n.decode() for n in names if pid_of(n.decode()) == w.pid]
     w.signal(signal.SIGTERM)
     code, took = await wait_exit(w, 10)
     assert code == 0, w.output()
     assert took < 2.0
-    assert not await app.broker.redis.exists(app.broker.keys.worker(name))
+    assert not await app.client.redis.exists(app.client.keys.worker(name))
 
 
 async def test_shutdown_timeout_leaves_the_unfinished_task_to_be_redelivered(
@@ -106,7 +106,7 @@ async def test_shutdown_timeout_leaves_the_unfinished_task_to_be_redelivered(
     assert info.state == TaskState.SUCCESS
     assert info.attempts == 2
     assert pid_of(info.worker) == w2.pid
-    assert int(await app.broker.redis.get(key)) == 2
+    assert int(await app.client.redis.get(key)) == 2
     assert await pending_entries(app) == 0
 
 
@@ -173,7 +173,7 @@ async def test_a_stop_gives_entries_read_ahead_back_to_the_queue(app: App) -> No
     running = asyncio.create_task(w.run())
     await w.wait_started()
     first, held, ahead = await gate.send()
-    entry_before = await app.broker.redis.hget(app.broker.keys.task(ahead.id), "_e")
+    entry_before = await app.client.redis.hget(app.client.keys.task(ahead.id), "_e")
 
     w.stop()
     await asyncio.sleep(0.2)
@@ -184,7 +184,7 @@ async def test_a_stop_gives_entries_read_ahead_back_to_the_queue(app: App) -> No
     assert await held.state() == TaskState.SUCCESS
     assert "ahead" not in gate.runs
     assert await ahead.state() == TaskState.PENDING
-    entry_after = await app.broker.redis.hget(app.broker.keys.task(ahead.id), "_e")
+    entry_after = await app.client.redis.hget(app.client.keys.task(ahead.id), "_e")
     assert entry_after != entry_before  # given back as a new entry, not left pending
     assert await pending_entries(app) == 0
 

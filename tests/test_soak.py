@@ -33,7 +33,7 @@ FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 
 def soak_keys(app: App) -> tuple[str, str]:
     """The drill task's bookkeeping: a hash of runs per task, a set of finished tasks."""
-    prefix = app.broker.keys.prefix
+    prefix = app.client.keys.prefix
     return prefix + "soak:runs", prefix + "soak:done"
 
 
@@ -50,7 +50,7 @@ def stand_in(app: App) -> Task[[int, float], int]:
 async def run_with_kills(app: App, start: Callable[[], Any], done_key: str) -> int:
     """Until every task has finished once, SIGKILL one worker a second (in turn) and start
     a new one in its place. Returns the number of kills."""
-    r = app.broker.redis
+    r = app.client.redis
     workers = [start() for _ in range(N_WORKERS)]
     kills, victim = 0, 0
     deadline = time.monotonic() + 120
@@ -73,7 +73,7 @@ async def settled_rows(app: App, handles: list[TaskHandle[Any]]) -> list[tuple[s
     A worker killed between a task's last line and its commit leaves it STARTED: it
     finishes on a redelivery, a little after its `done` mark.
     """
-    r, keys = app.broker.redis, app.broker.keys
+    r, keys = app.client.redis, app.client.keys
     deadline = time.monotonic() + 30
     while True:
         async with r.pipeline(transaction=False) as pipe:
@@ -89,8 +89,8 @@ async def settled_rows(app: App, handles: list[TaskHandle[Any]]) -> list[tuple[s
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_soak_sigkill_every_second_loses_nothing(app: App, spawn_worker: Any) -> None:
-    r = app.broker.redis
-    keys = app.broker.keys
+    r = app.client.redis
+    keys = app.client.keys
     runs_key, done_key = soak_keys(app)
     soak = stand_in(app)
 
@@ -141,8 +141,8 @@ async def test_rolling_sigterms_run_every_task_exactly_once(app: App, spawn_work
     worker finishes what it runs and gives back what it read ahead, so nothing is left
     pending on its consumer and nothing runs twice."""
     n_tasks = 4000
-    r = app.broker.redis
-    keys = app.broker.keys
+    r = app.client.redis
+    keys = app.client.keys
     runs_key, done_key = soak_keys(app)
     soak = stand_in(app)
 

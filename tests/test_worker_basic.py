@@ -19,16 +19,16 @@ StartWorker = Callable[..., Awaitable[Worker]]
 
 async def stream_lengths(app: App, queue: str = "default") -> list[int]:
     """XLEN of every priority stream of a queue."""
-    redis = app.broker.redis
-    return [int(await redis.xlen(app.broker.keys.stream(queue, p))) for p in PRIORITIES]
+    redis = app.client.redis
+    return [int(await redis.xlen(app.client.keys.stream(queue, p))) for p in PRIORITIES]
 
 
 async def pending_counts(app: App, queue: str = "default") -> list[int]:
     """Entries delivered but not acknowledged, per priority stream of a queue."""
-    redis = app.broker.redis
+    redis = app.client.redis
     counts = []
     for p in PRIORITIES:
-        key = app.broker.keys.stream(queue, p)
+        key = app.client.keys.stream(queue, p)
         if await redis.exists(key):
             counts.append(int((await redis.xpending(key, GROUP))["pending"]))
     return counts
@@ -277,10 +277,26 @@ async def test_ignore_result_stores_no_result(app: App, worker: StartWorker, whe
         return await _drained(app)
 
     await wait_until(drained)
+    # API.md: the final state stays, the value does not; waiting returns None at once.
     info = await h.info()
+    assert info.state == TaskState.SUCCESS
     assert info.result is None
-    assert info.state != TaskState.SUCCESS
-    assert not await app.broker.redis.exists(app.broker.keys.task(h.id))
+    assert await h.result(timeout=2) is None
+    stored = await app.client.redis.hkeys(app.client.keys.task(h.id))
+    assert b"result" not in stored and b"state" in stored
+
+
+async def test_ignore_result_keeps_the_error_of_a_failure(app: App, worker: StartWorker) -> None:
+    @app.task(ignore_result=True)
+    async def broken() -> None:
+        raise ValueError("kept")
+
+    await worker()
+    h = await broken.send()
+    with pytest.raises(TaskFailed) as failed:
+        await h.result(timeout=5)
+    assert failed.value.exc_type == "ValueError" and failed.value.exc_message == "kept"
+    assert (await h.state()) == TaskState.FAILURE
 
 
 async def test_without_ignore_result_the_result_is_stored(app: App, worker: StartWorker) -> None:
@@ -291,7 +307,7 @@ async def test_without_ignore_result_the_result_is_stored(app: App, worker: Star
     await worker()
     h = await keep.send()
     assert await h.result(timeout=5) == {"big": "value"}
-    assert await app.broker.redis.exists(app.broker.keys.task(h.id))
+    assert await app.client.redis.exists(app.client.keys.task(h.id))
 
 
 # -- registry ---------------------------------------------------------------------------
@@ -299,8 +315,8 @@ async def test_without_ignore_result_the_result_is_stored(app: App, worker: Star
 
 async def test_worker_registers_while_running_and_leaves_on_stop(app: App) -> None:
     w = app.worker(queues=["a", "b"], concurrency=7)
-    keys = app.broker.keys
-    redis = app.broker.redis
+    keys = app.client.keys
+    redis = app.client.redis
     async with asyncio.timeout(10):
         async with w.running():
             h: Any = await redis.hgetall(keys.worker(w.name))

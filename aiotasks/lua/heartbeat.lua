@@ -3,23 +3,20 @@
 -- refreshed: an entry it never received (a lost XREADGROUP reply) goes idle and is
 -- reclaimed by someone.
 --
--- KEYS[1]      key prefix (unused; every stream script takes it first)
+-- KEYS[1]      key prefix
 -- KEYS[2..]    streams
--- ARGV[1]      group name
--- ARGV[2]      consumer name
--- ARGV[3..]    pairs: key_index, entry_id
+-- ARGV[1]      consumer name
+-- ARGV[2]      msgpack array of {stream, entry} maps
 -- Returns      number of entries refreshed
 
-local group = ARGV[1]
-local consumer = ARGV[2]
+local consumer = ARGV[1]
+local refs = unpack_arg(ARGV[2])
 
 local refreshed = 0
-for i = 3, #ARGV, 2 do
-  local stream = KEYS[tonumber(ARGV[i])]
-  local entry_id = ARGV[i + 1]
+for _, ref in ipairs(refs) do
   -- Re-claim only what is still ours: an entry another worker took over stays theirs.
-  if held_by(stream, group, entry_id, consumer) then
-    redis.call('XCLAIM', stream, group, consumer, 0, entry_id, 'JUSTID')
+  if held_by(ref.stream, ref.entry, consumer) then
+    redis.call('XCLAIM', ref.stream, GROUP, consumer, 0, ref.entry, 'JUSTID')
     refreshed = refreshed + 1
   end
 end

@@ -4,50 +4,48 @@
 --
 -- KEYS[1]      key prefix (task hashes and the delayed zset derive from it)
 -- KEYS[2..]    the queue's streams
--- ARGV[1]      group name
--- ARGV[2]      queue name
--- ARGV[3]      now, in ms
--- ARGV[4]      ttl (s) of the revoked task records
--- ARGV[5]      limit: most tasks to delete in this call
--- ARGV[6]      mode: 'streams' (entries up to ARGV[7]) or 'delayed' (one ZSCAN step)
--- ARGV[7]      streams: last entry id to delete (entries added after the purge began
---              stay); delayed: the ZSCAN cursor ('0' to start)
+-- ARGV[1]      queue name
+-- ARGV[2]      now, in ms
+-- ARGV[3]      ttl (s) of the revoked task records
+-- ARGV[4]      limit: most tasks to delete in this call
+-- ARGV[5]      mode: 'streams' (entries up to ARGV[6]) or 'delayed' (one ZSCAN step)
+-- ARGV[6]      streams: msgpack map of stream -> last entry id to delete (entries added
+--              after the purge began stay; a stream not in it is skipped); delayed: the
+--              ZSCAN cursor ('0' to start)
 -- Returns      {deleted, next}: next is 1/0 (more to do) in 'streams' mode, the next
 --              ZSCAN cursor ('0' = done) in 'delayed' mode
 
-local prefix = KEYS[1]
-local group = ARGV[1]
-local queue = ARGV[2]
-local now_ms = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local limit = tonumber(ARGV[5])
-local mode = ARGV[6]
-local bound = ARGV[7]
+local queue = ARGV[1]
+local now_ms = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local limit = tonumber(ARGV[4])
+local mode = ARGV[5]
+local bound = ARGV[6]
 
 local function running(stream)
   local ids = {}
-  local summary = redis.pcall('XPENDING', stream, group)
+  local summary = redis.pcall('XPENDING', stream, GROUP)
   if type(summary) ~= 'table' or summary.err or tonumber(summary[1]) == 0 then
     return ids, 0
   end
   local n = tonumber(summary[1])
-  for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', n)) do
+  for _, p in ipairs(redis.call('XPENDING', stream, GROUP, '-', '+', n)) do
     ids[p[1]] = true
   end
   return ids, n
 end
 
-local function purge_stream(stream, budget)
+local function purge_stream(stream, budget, last)
+  if not last then return 0 end
   local skip, n = running(stream)
   local deleted = 0
-  for _, entry in ipairs(redis.call('XRANGE', stream, '-', bound, 'COUNT', budget + n)) do
+  for _, entry in ipairs(redis.call('XRANGE', stream, '-', last, 'COUNT', budget + n)) do
     if deleted >= budget then break end
     if not skip[entry[1]] then
       redis.call('XDEL', stream, entry[1])
       local f = fields_map(entry[2])
-      if f['id'] then
-        settle_unrun(prefix, f['id'], 'REVOKED', nil, nil, f['cid'], f['cix'], f['tail'], ttl,
-          now_ms)
+      if f.id then
+        settle_unrun(f.id, 'REVOKED', nil, nil, f.cid, f.cix, f.tail, ttl, now_ms)
       end
       deleted = deleted + 1
     end
@@ -56,24 +54,24 @@ local function purge_stream(stream, budget)
 end
 
 if mode == 'streams' then
+  local bounds = unpack_arg(bound)
   local deleted = 0
   for k = 2, #KEYS do
-    deleted = deleted + purge_stream(KEYS[k], limit - deleted)
+    deleted = deleted + purge_stream(KEYS[k], limit - deleted, bounds[KEYS[k]])
     if deleted >= limit then return {deleted, 1} end
   end
   return {deleted, 0}
 end
 
-local res = redis.call('ZSCAN', prefix .. 'delayed', bound, 'COUNT', limit)
+local res = redis.call('ZSCAN', K.delayed(), bound, 'COUNT', limit)
 local deleted = 0
 for i = 1, #res[2], 2 do
   local id = res[2][i]
-  local h = redis.call('HMGET', prefix .. 't:' .. id, 'state', 'queue', '_cid', '_cix', '_tail')
+  local h = redis.call('HMGET', K.task(id), 'state', 'queue', '_rec')
   if h[1] == 'SCHEDULED' and h[2] == queue then
-    redis.call('ZREM', prefix .. 'delayed', id)
-    -- HMGET gives false for a missing field; the helpers expect nil.
-    settle_unrun(prefix, id, 'REVOKED', nil, nil, h[3] or nil, h[4] or nil, h[5] or nil, ttl,
-      now_ms)
+    redis.call('ZREM', K.delayed(), id)
+    local t = h[3] and cmsgpack.unpack(h[3]) or {}
+    settle_unrun(id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, ttl, now_ms)
     deleted = deleted + 1
   end
 end

@@ -3,14 +3,15 @@
 -- returns how long the caller must wait for it. A task over its limit is deferred to
 -- its reserved slot, never dropped, and never blocks the worker meanwhile.
 --
--- KEYS[1]      rate key of the task name (theoretical arrival time, ms)
--- ARGV[1]      emission interval, ms (1000 / rate per second)
--- ARGV[2]      now, in ms
+-- KEYS[1]      key prefix
+-- ARGV[1]      task name
+-- ARGV[2]      emission interval, ms (1000 / rate per second)
+-- ARGV[3]      now, in ms
 -- Returns      ms to wait before starting (0 = start now)
 
-local key = KEYS[1]
-local interval = tonumber(ARGV[1])
-local now_ms = tonumber(ARGV[2])
+local key = K.rate(ARGV[1])
+local interval = tonumber(ARGV[2])
+local now_ms = tonumber(ARGV[3])
 
 local tat = tonumber(redis.call('GET', key) or now_ms)
 if tat < now_ms then tat = now_ms end

@@ -7,46 +7,39 @@
 --
 -- KEYS[1]      key prefix
 -- KEYS[2..]    streams, as given to XREADGROUP
--- ARGV[1]      group name
--- ARGV[2]      consumer (this worker)
--- ARGV[3..]    pairs: key_index, entry_id
+-- ARGV[1]      consumer (this worker)
+-- ARGV[2]      msgpack array of {stream, entry} maps
 -- Returns      the number of entries given back to their streams
 
-local prefix = KEYS[1]
-local group = ARGV[1]
-local consumer = ARGV[2]
+local consumer = ARGV[1]
+local refs = unpack_arg(ARGV[2])
 
 local released = 0
-for i = 3, #ARGV, 2 do
-  local stream = KEYS[tonumber(ARGV[i])]
-  local entry_id = ARGV[i + 1]
-  if held_by(stream, group, entry_id, consumer) then
-    local found = redis.call('XRANGE', stream, entry_id, entry_id)
-    local keep = found[1] ~= nil
-    local id, tkey
-    if keep then
-      id = fields_map(found[1][2])['id']
-      if id then
-        tkey = prefix .. 't:' .. id
-        local h = redis.call('HMGET', tkey, 'state', '_e')
-        -- Not a stale entry (see start_entry), and not a task that ended meanwhile. A
-        -- task whose record expired while queued is still given back, as start_entry
-        -- would still run it.
-        keep = (not h[2] or h[2] == entry_id) and not FINAL[h[1]]
-        if not h[1] then tkey = nil end
-      end
+for _, ref in ipairs(refs) do
+  local stream, entry_id = ref.stream, ref.entry
+  if held_by(stream, entry_id, consumer) then
+    local f, flat = entry_fields(stream, entry_id)
+    local keep = f ~= nil
+    local tkey
+    if keep and f.id then
+      tkey = K.task(f.id)
+      local h = redis.call('HMGET', tkey, 'state', '_e')
+      -- Not a stale entry (see start_entry), and not a task that ended meanwhile. A
+      -- task whose record expired while queued is still given back, as start_entry
+      -- would still run it.
+      keep = (not h[2] or h[2] == entry_id) and not FINAL[h[1]]
+      if not h[1] then tkey = nil end
     end
     if keep then
-      local new_id = redis.call('XADD', stream, '*', unpack(found[1][2]))
+      local new_id = redis.call('XADD', stream, '*', unpack(flat))
       if tkey then
         redis.call('HSET', tkey, 'state', 'PENDING', '_e', new_id, '_st', stream)
         redis.call('HDEL', tkey, 'started_at', 'worker')
-        redis.call('PUBLISH', prefix .. 'done:' .. id, 'PENDING')
+        redis.call('PUBLISH', K.done_channel(f.id), 'PENDING')
       end
       released = released + 1
     end
-    redis.call('XACK', stream, group, entry_id)
-    redis.call('XDEL', stream, entry_id)
+    ack(stream, entry_id)
   end
 end
 return released

@@ -6,51 +6,49 @@
 -- KEYS[1]      key prefix (task hashes and target streams derive from it)
 -- KEYS[2]      the queue's dead-letter stream
 -- KEYS[3]      fallback stream (the queue's default priority) when the entry names none
--- ARGV[1]      group name
+-- ARGV[1]      queue name
 -- ARGV[2]      now, in ms
 -- ARGV[3]      ttl (s) of the requeued task's record
--- ARGV[4..]    pairs: entry_id, task name ('' when unknown)
+-- ARGV[4]      msgpack array of {entry, name} maps: dead-letter entry id, task name
+--              ('' when unknown)
 -- Returns      {entry_id, ...} of the entries requeued (missing ids are skipped)
 
-local prefix = KEYS[1]
 local dead = KEYS[2]
 local fallback = KEYS[3]
-local group = ARGV[1]
+local queue = ARGV[1]
 local now_ms = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
-
-local COPIED = {'id', 'ct', 'm', 'exp', 'r', 'cid', 'cix', 'tail'}
-local queue = string.match(fallback, '^.*:q:(.*):%d$')
+local todo = unpack_arg(ARGV[4])
 
 local function target(f)
-  local s = f['stream']
+  local s = f.stream
   -- Only a stream of this namespace and queue: the field came from a stream entry.
-  if s and string.sub(s, 1, #prefix + 2 + #queue + 1) == prefix .. 'q:' .. queue .. ':' then
-    return s
+  for p = 0, 9 do
+    if s == K.stream(queue, p) then return s end
   end
   return fallback
 end
 
-local function reset(id, name)
-  local tkey = prefix .. 't:' .. id
+local function reset(id, name, entry_id, stream)
+  local tkey = K.task(id)
   redis.call('HDEL', tkey, 'result', 'ct', 'exc_type', 'exc_message', 'traceback',
     'finished_at', 'started_at', 'worker', 'failed_task_id')
-  redis.call('HSET', tkey, 'state', 'PENDING', 'queue', queue, 'enqueued_at', now_ms)
+  redis.call('HSET', tkey, 'state', 'PENDING', 'queue', queue, 'enqueued_at', now_ms,
+    '_e', entry_id, '_st', stream)
   if name ~= '' and redis.call('HEXISTS', tkey, 'name') == 0 then
     redis.call('HSET', tkey, 'name', name)
   end
   redis.call('PEXPIRE', tkey, ttl * 1000)
-  notify(prefix, id, 'PENDING')
+  notify(id, 'PENDING')
 end
 
 local out = {}
-for i = 4, #ARGV, 2 do
-  local entry_id, name = ARGV[i], ARGV[i + 1]
-  local found = redis.call('XRANGE', dead, entry_id, entry_id)
-  if found[1] then
-    local f = fields_map(found[1][2])
-    local cmd = {'XADD', target(f), '*'}
-    for _, k in ipairs(COPIED) do
+for _, item in ipairs(todo) do
+  local f = entry_fields(dead, item.entry)
+  if f then
+    local stream = target(f)
+    local cmd = {'XADD', stream, '*'}
+    for _, k in ipairs(ENTRY_FIELDS) do
       if f[k] then
         cmd[#cmd + 1] = k
         cmd[#cmd + 1] = f[k]
@@ -58,11 +56,11 @@ for i = 4, #ARGV, 2 do
     end
     if #cmd > 3 then
       -- A stream deleted meanwhile comes back with its group, reading from the start.
-      redis.pcall('XGROUP', 'CREATE', cmd[2], group, '0', 'MKSTREAM')
-      redis.call(unpack(cmd))
-      if f['id'] then reset(f['id'], name) end
-      redis.call('XDEL', dead, entry_id)
-      out[#out + 1] = entry_id
+      redis.pcall('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+      local new_id = redis.call(unpack(cmd))
+      if f.id then reset(f.id, item.name or '', new_id, stream) end
+      redis.call('XDEL', dead, item.entry)
+      out[#out + 1] = item.entry
     end
   end
 end

@@ -9,32 +9,30 @@
 -- ARGV[3]      ttl (s) of the revocation
 -- Returns      the state before the call ('' when unknown)
 
-local prefix = KEYS[1]
 local id = ARGV[1]
 local now_ms = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 
-local tkey = prefix .. 't:' .. id
-local h = redis.call('HMGET', tkey, 'state', '_cid', '_cix', '_tail', '_e', '_st')
+local tkey = K.task(id)
+local h = redis.call('HMGET', tkey, 'state', '_rec', '_e', '_st')
 local state = h[1]
 if state and FINAL[state] then return state end
 if state == 'SCHEDULED' then
-  redis.call('ZREM', prefix .. 'delayed', id)
-  settle_unrun(prefix, id, 'REVOKED', nil, nil, h[2], h[3], h[4], ttl, now_ms)
+  redis.call('ZREM', K.delayed(), id)
+  local t = h[2] and cmsgpack.unpack(h[2]) or {}
+  settle_unrun(id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, ttl, now_ms)
   return state
 end
-if state == 'PENDING' and h[5] and h[6] then
-  local entry = redis.call('XRANGE', h[6], h[5], h[5])
-  if entry[1] then
+if state == 'PENDING' and h[3] and h[4] then
+  local f = entry_fields(h[4], h[3])
+  if f then
     -- Still in its stream (no worker has it): delete it and settle what waits on it.
-    local f = fields_map(entry[1][2])
-    redis.call('XDEL', h[6], h[5])
-    redis.call('XACK', h[6], 'workers', h[5])
-    settle_unrun(prefix, id, 'REVOKED', nil, nil, f['cid'], f['cix'], f['tail'], ttl, now_ms)
+    ack(h[4], h[3])
+    settle_unrun(id, 'REVOKED', nil, nil, f.cid, f.cix, f.tail, ttl, now_ms)
     return state
   end
 end
 redis.call('HSET', tkey, 'state', 'REVOKED', 'finished_at', now_ms)
 redis.call('PEXPIRE', tkey, ttl * 1000)
-notify(prefix, id, 'REVOKED')
+notify(id, 'REVOKED')
 return state or ''

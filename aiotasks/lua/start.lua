@@ -1,30 +1,27 @@
--- start: mark entries delivered by a blocking XREADGROUP as STARTED, settling those
--- that were revoked or expired meanwhile (as fetch.lua does for the entries it reads).
--- The worker runs only the entries this returns 1 for.
+-- start: mark entries delivered by a blocking XREADGROUP as STARTED, by the same rules
+-- as fetch.lua (start_entry), settling those revoked or expired meanwhile. The entry
+-- fields are read here from the stream and returned with the entries to run, as
+-- fetch.lua returns them.
 --
 -- KEYS[1]      key prefix
 -- KEYS[2..]    streams, as given to XREADGROUP
--- ARGV[1]      group name
--- ARGV[2]      now, in ms
--- ARGV[3]      worker name
--- ARGV[4]      default ttl (s) for tasks settled here
--- ARGV[5..]    8 values per entry: key_index, entry_id, task_id, exp_ms, r, cid, cix, tail
---              (empty string when absent)
--- Returns      {1 or 0 per entry}: 1 = run it, 0 = settled here
+-- ARGV[1]      now, in ms
+-- ARGV[2]      worker name
+-- ARGV[3]      default ttl (s) for tasks settled here
+-- ARGV[4]      msgpack array of {stream, entry} maps
+-- Returns      msgpack map {entries = {{stream, entry, fields = {name = value}}, ...}}:
+--              the entries to run (the others were settled here, or are gone)
 
-local prefix = KEYS[1]
-local group = ARGV[1]
-local now_ms = tonumber(ARGV[2])
-local worker = ARGV[3]
-local default_ttl = tonumber(ARGV[4])
+local now_ms = tonumber(ARGV[1])
+local worker = ARGV[2]
+local default_ttl = tonumber(ARGV[3])
+local refs = unpack_arg(ARGV[4])
 
-local out = {}
-for i = 5, #ARGV, 8 do
-  local f = {id = ARGV[i + 2], exp = ARGV[i + 3], r = ARGV[i + 4], cid = ARGV[i + 5],
-    cix = ARGV[i + 6], tail = ARGV[i + 7]}
-  if f.id == '' then f.id = nil end
-  local stream = KEYS[tonumber(ARGV[i])]
-  local run = start_entry(prefix, stream, group, ARGV[i + 1], f, now_ms, worker, 1, default_ttl)
-  out[#out + 1] = run and 1 or 0
+local entries = {}
+for _, ref in ipairs(refs) do
+  local f = entry_fields(ref.stream, ref.entry)
+  if f and start_entry(ref.stream, ref.entry, f, now_ms, worker, 1, default_ttl) then
+    entries[#entries + 1] = {stream = ref.stream, entry = ref.entry, fields = f}
+  end
 end
-return out
+return reply({entries = entries})

@@ -29,7 +29,7 @@ async def sleep(seconds: float) -> float:
 @app.task
 async def count_runs(key: str, seconds: float = 0.0) -> int:
     """Counts its own executions in Redis, then sleeps."""
-    r = current_task().app.broker.redis
+    r = current_task().app.client.redis
     n = int(await r.incr(key))
     await asyncio.sleep(seconds)
     return n

@@ -21,11 +21,11 @@ __all__ = ["app", "body_count", "gate", "header", "stall"]
 
 
 def _key(name: str) -> str:
-    return f"{current_task().app.broker.keys.prefix}test:{name}"
+    return f"{current_task().app.client.keys.prefix}test:{name}"
 
 
 async def _count_run(i: int) -> None:
-    await current_task().app.broker.redis.hincrby(_key("runs"), str(i), 1)
+    await current_task().app.client.redis.hincrby(_key("runs"), str(i), 1)
 
 
 @app.task
@@ -36,7 +36,7 @@ async def header(i: int, victim: int = -1, seconds: float = 0.0) -> int:
     effect and before its result is stored, so it is redelivered and runs again.
     """
     await _count_run(i)
-    if i == victim and await current_task().app.broker.redis.set(_key("killed"), 1, nx=True):
+    if i == victim and await current_task().app.client.redis.set(_key("killed"), 1, nx=True):
         os.kill(os.getpid(), signal.SIGKILL)
     if seconds:
         await asyncio.sleep(seconds)
@@ -55,7 +55,7 @@ async def stall(i: int, seconds: float) -> int:
 async def gate(i: int, limit: float = 30.0) -> int:
     """Counts its run, then waits (bounded) until `{ns}:test:open` exists; returns i * 3."""
     await _count_run(i)
-    r = current_task().app.broker.redis
+    r = current_task().app.client.redis
     deadline = time.monotonic() + limit
     while not await r.exists(_key("open")):
         if time.monotonic() > deadline:
@@ -67,5 +67,5 @@ async def gate(i: int, limit: float = 30.0) -> int:
 @app.task
 async def body_count(values: list[Any]) -> list[Any]:
     """A chord body: counts its executions (INCR `{ns}:test:body`), returns its input."""
-    await current_task().app.broker.redis.incr(_key("body"))
+    await current_task().app.client.redis.incr(_key("body"))
     return values

@@ -25,8 +25,8 @@ async def beat() -> None:
     ctx = current_task()
     started_ms = int(time.time() * 1000)
     tick_ms = ctx.id.rsplit(":", 1)[1]
-    prefix = ctx.app.broker.keys.prefix
-    async with ctx.app.broker.redis.pipeline(transaction=True) as pipe:
+    prefix = ctx.app.client.keys.prefix
+    async with ctx.app.client.redis.pipeline(transaction=True) as pipe:
         pipe.incr(prefix + COUNTER)
         pipe.rpush(prefix + LOG, f"{tick_ms} {started_ms}")
         await pipe.execute()

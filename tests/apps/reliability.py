@@ -21,7 +21,7 @@ __all__ = ["app", "blocking_count_runs", "soak", "staged_sleep"]
 @app.task
 async def staged_sleep(key: str, first: float, then: float = 0.0) -> int:
     """Counts its runs in Redis (INCR key); the first run sleeps `first` s, later ones `then`."""
-    r = current_task().app.broker.redis
+    r = current_task().app.client.redis
     n = int(await r.incr(key))
     await asyncio.sleep(first if n == 1 else then)
     return n
@@ -43,8 +43,8 @@ def blocking_count_runs(key: str, seconds: float) -> int:
 async def soak(i: int, seconds: float) -> int:
     """Soak drill unit: HINCRBY runs[i] when it starts, SADD done i when it finishes."""
     ctx = current_task()
-    r = ctx.app.broker.redis
-    prefix = ctx.app.broker.keys.prefix
+    r = ctx.app.client.redis
+    prefix = ctx.app.client.keys.prefix
     await r.hincrby(prefix + "soak:runs", str(i), 1)
     await asyncio.sleep(seconds)
     await r.sadd(prefix + "soak:done", i)

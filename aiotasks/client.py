@@ -1,0 +1,324 @@
+"""Client: the one object that owns a connection to Redis, for every layer.
+
+It holds the connection pool, the key names, the Lua scripts and the result notifier.
+Handles, task contexts, the canvas, workers and admin each hold a Client; none of them
+reach Redis any other way. `App` makes it (see `App.client`) and keeps only the task
+registry, settings and factories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import codec
+from .config import RetryPolicy, Settings, redact_url
+from .contract import SEND, TaskRecord
+from .errors import CONNECTION_ERRORS, BrokerConnectionError
+from .keys import GROUP, Keys
+from .message import now
+from .notifier import Notifier
+from .scripts import Scripts
+from .state import TaskInfo, TaskState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, as scripts take them."""
+    return int(now() * 1000)
+
+
+@dataclass(slots=True)
+class _Connection:
+    """What belongs to one event loop: the pool, its client, scripts and notifier."""
+
+    loop: asyncio.AbstractEventLoop | None
+    pool: BlockingConnectionPool
+    redis: Redis
+    scripts: Scripts
+    notifier: Notifier
+
+
+class Client:
+    """A Redis connection pool, its scripts, key names and result notifier.
+
+    Connections open lazily. Used from a new event loop (a new test, a second
+    `asyncio.run`), the client opens new connections: the old ones belong to the old
+    loop and cannot be used from this one.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._conn: _Connection | None = None
+
+    def _connect(self) -> _Connection:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        conn = self._conn
+        if conn is not None and (loop is None or conn.loop in (None, loop)):
+            if conn.loop is None:
+                conn.loop = loop
+            return conn
+        s = self.settings
+        # A blocking pool makes a burst of sends wait for a connection instead of
+        # failing with MaxConnectionsError past the limit.
+        pool = BlockingConnectionPool.from_url(
+            s.redis_url,
+            max_connections=s.max_connections,
+            timeout=None,
+            health_check_interval=30,
+            # A pooled connection that died with the server (a restart, a failover) is
+            # replaced on its next use instead of failing that command.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        redis = Redis(connection_pool=pool)
+        self._conn = _Connection(
+            loop, pool, redis, Scripts(redis, self.keys.prefix), Notifier(s.redis_url, self.keys)
+        )
+        return self._conn
+
+    @property
+    def redis(self) -> Redis:
+        """The redis-py client of the current event loop."""
+        return self._connect().redis
+
+    @property
+    def scripts(self) -> Scripts:
+        """The Lua scripts, registered on the current loop's client."""
+        return self._connect().scripts
+
+    @property
+    def notifier(self) -> Notifier:
+        """The shared result subscription of the current loop."""
+        return self._connect().notifier
+
+    @property
+    def url(self) -> str:
+        """The Redis URL with its password hidden."""
+        return redact_url(self.settings.redis_url)
+
+    async def close(self) -> None:
+        """Close the notifier and every pooled connection (later use opens new ones)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.loop in (None, asyncio.get_running_loop()):
+            # A connection of another (finished) loop is dropped, not closed from here.
+            await conn.notifier.close()
+            await conn.redis.aclose()
+            await conn.pool.disconnect()
+
+    async def ping(self) -> None:
+        """Raise BrokerConnectionError unless Redis answers."""
+        try:
+            await self.redis.ping()
+        except CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from exc
+
+    async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call`, retrying connection errors by `policy`, then BrokerConnectionError."""
+        retry = 0
+        while True:
+            try:
+                return await call()
+            except CONNECTION_ERRORS as exc:
+                if retry >= policy.max_retries:
+                    raise BrokerConnectionError(
+                        f"cannot reach Redis at {self.url} after {retry + 1} tries: {exc}"
+                    ) from exc
+                await asyncio.sleep(policy.delay(retry))
+                retry += 1
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def enqueue(self, records: Sequence[TaskRecord], policy: RetryPolicy) -> list[int]:
+        """Enqueue task records in one script call (1 = enqueued, 0 = a live id kept).
+
+        Ids are fixed before the first try, so a retried call never enqueues twice.
+        """
+        tasks = [r.wire() for r in records]
+
+        async def call() -> list[int]:
+            return await self.scripts.enqueue(now_ms=now_ms(), mode=SEND, tasks=tasks)
+
+        return await self.with_retry(policy, call)
+
+    async def apply(self, ops: Sequence[Mapping[str, Any]], policy: RetryPolicy) -> None:
+        """Apply finish.lua ops atomically (a canvas being sent), retried by `policy`."""
+
+        async def call() -> int:
+            return await self.scripts.finish(streams=[], now_ms=now_ms(), ops=ops)
+
+        await self.with_retry(policy, call)
+
+    # -- reading a task -----------------------------------------------------------------
+
+    async def task_hash(self, task_id: str) -> dict[bytes, bytes]:
+        """The raw task hash (empty when unknown).
+
+        Raises:
+            BrokerConnectionError: Redis stayed unreachable through the retry policy.
+        """
+        key = self.keys.task(task_id)
+
+        async def call() -> dict[bytes, bytes]:
+            h: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(key)
+            return h
+
+        return await self.with_retry(self.settings.retry_policy, call)
+
+    async def task_info(self, task_id: str) -> TaskInfo:
+        """The stored info of a task (PENDING when unknown)."""
+        return TaskInfo.from_hash(task_id, await self.task_hash(task_id))
+
+    async def task_state(self, task_id: str) -> TaskState:
+        """The state of a task (PENDING when unknown)."""
+        key = self.keys.task(task_id)
+
+        async def call() -> bytes | None:
+            raw: bytes | None = await cast(Any, self.redis).hget(key, "state")
+            return raw
+
+        raw = await self.with_retry(self.settings.retry_policy, call)
+        return TaskState(raw.decode()) if raw else TaskState.PENDING
+
+    async def chord_results(self, chord_id: str) -> list[Any]:
+        """The header results of a chord, in header order."""
+        raw: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(
+            self.keys.chord_results(chord_id)
+        )
+        out: list[Any] = [None] * len(raw)
+        for idx, value in raw.items():
+            ct, _, data = value.partition(b"\n")
+            out[int(idx)] = codec.decode(data, ct.decode())
+        return out
+
+    async def chord_failure(self, chord_id: str) -> dict[str, Any]:
+        """What made a chord fail: chord_id, task_id, exc_type, exc_message."""
+        h: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(self.keys.chord(chord_id))
+        return {
+            "chord_id": chord_id,
+            "task_id": h.get(b"failed_id", b"").decode(),
+            "exc_type": h.get(b"exc_type", b"").decode(),
+            "exc_message": h.get(b"exc_message", b"").decode(),
+        }
+
+    # -- acting on a task ---------------------------------------------------------------
+
+    async def revoke(self, task_id: str, terminate: bool = False) -> str:
+        """Revoke a task; with terminate, tell the worker running it to cancel it.
+
+        Returns the state before the revoke ('' when unknown).
+        """
+        prev = await self.scripts.revoke(
+            task_id=task_id, now_ms=now_ms(), ttl=self.settings.result_ttl
+        )
+        if terminate and prev == "STARTED":
+            await self.redis.publish(self.keys.control_channel, f"revoke {task_id}")
+        return prev
+
+    async def forget(self, task_id: str) -> None:
+        """Delete a task's stored state and result."""
+        await self.redis.delete(self.keys.task(task_id))
+
+    async def store_progress(self, task_id: str, meta: dict[str, Any]) -> None:
+        """Store progress metadata in the task hash and notify watchers."""
+        key = self.keys.task(task_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            cast(Any, pipe).hset(key, "progress", codec.encode(meta, "msgpack")[0])
+            pipe.publish(self.keys.done_channel(task_id), "progress")
+            await pipe.execute()
+
+    async def rate_wait(self, task_name: str, interval_ms: float) -> int:
+        """Reserve a start slot under a task's rate limit; ms to wait for it."""
+        return await self.scripts.rate(
+            task_name=task_name, interval_ms=interval_ms, now_ms=now_ms()
+        )
+
+    # -- workers ------------------------------------------------------------------------
+
+    async def ensure_groups(self, streams: Sequence[str]) -> None:
+        """Create the consumer group on every stream (existing ones are kept)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            results = await pipe.execute(raise_on_error=False)
+        for res in results:
+            if isinstance(res, ResponseError) and "BUSYGROUP" not in str(res):
+                raise res
+
+    async def read_blocking(
+        self, consumer: str, streams: Sequence[str], block_ms: int
+    ) -> list[tuple[str, bytes]]:
+        """Wait up to `block_ms` for one new entry; its (stream, entry id), or nothing.
+
+        The entry's fields are not used here: start.lua reads them, by the same rules
+        as fetch.lua.
+        """
+        reply: list[Any] = await cast(Any, self.redis).xreadgroup(
+            GROUP, consumer, dict.fromkeys(streams, ">"), count=1, block=block_ms
+        )
+        return [
+            (stream.decode(), entry_id)
+            for stream, entries in reply or ()
+            for entry_id, _fields in entries
+        ]
+
+    async def register_worker(
+        self, name: str, description: dict[str, str | int], ttl: float
+    ) -> None:
+        """Publish a worker's description (for `aiotasks status`), expiring unless renewed."""
+        key = self.keys.worker(name)
+        beat = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            cast(Any, pipe).hset(key, mapping=description)
+            pipe.pexpire(key, int(ttl * 1000))
+            pipe.zadd(self.keys.workers, {name: beat})
+            # Workers silent for a day leave the index (their hash expired long ago).
+            pipe.zremrangebyscore(self.keys.workers, "-inf", beat - 86_400_000)
+            await pipe.execute()
+
+    async def unregister_worker(self, name: str) -> None:
+        """Remove a stopping worker from the registry."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.worker(name))
+            pipe.zrem(self.keys.workers, name)
+            await pipe.execute()
+
+    async def has_work(self, streams: Sequence[str], within: float) -> bool:
+        """Whether any stream has entries or a delayed task is due within `within` s."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            pipe.zcount(self.keys.delayed, "-inf", int((now() + within) * 1000))
+            counts = await pipe.execute()
+        return any(counts)
+
+    # -- periodic ticks -----------------------------------------------------------------
+
+    async def claim_tick(self, name: str, tick_ms: int, worker: str, ttl_ms: int) -> bool:
+        """Claim one tick of a periodic schedule; False when another worker has it."""
+        key = self.keys.periodic_tick(name, tick_ms)
+        return bool(await self.redis.set(key, worker, nx=True, px=ttl_ms))
+
+    async def publish_schedule(self, next_runs: dict[str, int], ttl_ms: int) -> None:
+        """Record each periodic's next run (ms) for `aiotasks status`."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            cast(Any, pipe).hset(self.keys.periodic, mapping=next_runs)
+            pipe.pexpire(self.keys.periodic, ttl_ms)
+            await pipe.execute()

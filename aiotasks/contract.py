@@ -1,0 +1,214 @@
+"""The contract between Python and Lua: every record that crosses the boundary, by name.
+
+Scripts receive batches as one msgpack argument; Redis' `cmsgpack.unpack` turns each
+map below into a Lua table, read by field name (`t.id`, `op.state`). Nothing crossing
+the boundary is positional. `lua/_contract.lua` is generated from this module and
+`keys.LAYOUT` (`python -m aiotasks.contract > aiotasks/lua/_contract.lua`; a test checks
+that it is current), so both languages share one definition of the key names, the
+protocol version and the stream entry fields.
+
+A **task record** (`TaskRecord.wire()`) is one task to put on a stream or in the
+delayed set; scripts store it whole (`_rec` of a scheduled task, `body`/`on_error` of a
+chord) and enqueue it later. A **stream entry** carries the record's `ENTRY_FIELDS`.
+An **op** is one step of a finish.lua batch. See docs/protocol.md for every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from .keys import GROUP, lua_functions
+
+#: Version of this contract, written in every stream entry (field `v`). A worker meeting
+#: a version it does not know dead-letters the entry as DecodeError.
+PROTOCOL = 2
+
+#: Fields of a stream entry, in the order Lua writes them. Lua reads them by name.
+ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail")
+
+#: Enqueue modes (see enqueue_task in _lib.lua).
+SEND, FOLLOW, RETRY, DEFER = "send", "follow", "retry", "defer"
+
+# Maps go to Lua with the old msgpack raw type for bytes: cmsgpack wants strings.
+_packer = msgpack.Packer(use_bin_type=False)
+
+
+def pack(value: Any) -> bytes:
+    """Encode a record or a batch for a script's `cmsgpack.unpack`."""
+    return _packer.pack(value)  # type: ignore[no-any-return]
+
+
+def unpack_reply(data: bytes) -> Any:
+    """Decode a script's `cmsgpack.pack` reply (strings stay bytes)."""
+    return msgpack.unpackb(data, raw=True, strict_map_key=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One task for enqueue_task (Lua): what goes on its stream entry, and its record.
+
+    `due_ms` keeps it in the delayed set until then; `delay_ms` (a chord body's
+    countdown) counts from when the script enqueues it. `ttl` is the seconds its task
+    hash lives; `reply` the sender's reply channel.
+    """
+
+    id: str
+    name: str
+    queue: str
+    priority: int
+    m: bytes
+    ct: str
+    ttl: int
+    due_ms: int | None = None
+    delay_ms: int | None = None
+    exp_ms: int | None = None
+    retries: int = 0
+    chord_id: str | None = None
+    chord_idx: int | None = None
+    tail: str | None = None
+    reply: str | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """The record as the map Lua reads (absent fields are left out)."""
+        w: dict[str, Any] = {
+            "v": PROTOCOL,
+            "id": self.id,
+            "name": self.name,
+            "queue": self.queue,
+            "priority": self.priority,
+            "m": self.m,
+            "ct": self.ct,
+            "ttl": self.ttl,
+        }
+        if self.due_ms is not None:
+            w["due"] = self.due_ms
+        if self.delay_ms is not None:
+            w["delay"] = self.delay_ms
+        if self.exp_ms is not None:
+            w["exp"] = self.exp_ms
+        if self.retries:
+            w["r"] = self.retries
+        if self.chord_id is not None:
+            w["cid"] = self.chord_id
+            w["cix"] = self.chord_idx
+        if self.tail:
+            w["tail"] = self.tail
+        if self.reply:
+            w["reply"] = self.reply
+        return w
+
+
+# -- finish.lua ops ----------------------------------------------------------------------
+
+
+def done_op(
+    stream: str,
+    entry: bytes,
+    task_id: str,
+    state: str,
+    ttl: int,
+    fields: dict[str, Any],
+    *,
+    ignore_result: bool = False,
+    linked: bool = False,
+    chord: tuple[str, int] | None = None,
+    tail: str | None = None,
+    chord_value: bytes | None = None,
+) -> dict[str, Any]:
+    """Store a run's final state and `fields`, ack the entry, settle what depends on it.
+
+    `linked`: a chain goes on from this task (its chord reports through the chain's
+    last step). `chord_value`: the result as the chord body will read it.
+    """
+    op: dict[str, Any] = {
+        "op": "done",
+        "stream": stream,
+        "entry": entry,
+        "id": task_id,
+        "state": state,
+        "ttl": ttl,
+        "fields": fields,
+    }
+    if ignore_result:
+        op["ignore_result"] = 1
+    if linked:
+        op["linked"] = 1
+    if chord is not None:
+        op["cid"], op["cix"] = chord
+    if tail:
+        op["tail"] = tail
+    if chord_value is not None:
+        op["value"] = chord_value
+    return op
+
+
+def ack_op(stream: str, entry: bytes) -> dict[str, Any]:
+    """Ack and delete an entry whose task goes on elsewhere (a retry, a deferral)."""
+    return {"op": "ack", "stream": stream, "entry": entry}
+
+
+def dead_op(
+    stream: str,
+    entry: bytes,
+    task_id: str,
+    queue: str,
+    exc_type: str,
+    exc_message: str,
+    ttl: int,
+) -> dict[str, Any]:
+    """Move an entry that must not run to its queue's dead letters and fail its task."""
+    return {
+        "op": "dead",
+        "stream": stream,
+        "entry": entry,
+        "id": task_id,
+        "queue": queue,
+        "exc_type": exc_type,
+        "exc_message": exc_message,
+        "ttl": ttl,
+    }
+
+
+def enqueue_op(mode: str, record: TaskRecord) -> dict[str, Any]:
+    """Enqueue one task record (mode: SEND, FOLLOW, RETRY or DEFER)."""
+    return {"op": "enqueue", "mode": mode, "task": record.wire()}
+
+
+def chord_op(
+    chord_id: str, ttl: int, size: int, body: TaskRecord, on_error: TaskRecord | None
+) -> dict[str, Any]:
+    """Create a chord's counter; the last of its `size` headers enqueues `body`."""
+    op: dict[str, Any] = {"op": "chord", "id": chord_id, "ttl": ttl, "n": size}
+    op["body"] = body.wire()
+    if on_error is not None:
+        op["on_error"] = on_error.wire()
+    return op
+
+
+def entry_ref(stream: str, entry: bytes) -> dict[str, Any]:
+    """An entry this worker holds, for start/heartbeat/release."""
+    return {"stream": stream, "entry": entry}
+
+
+def lua_source() -> str:
+    """`lua/_contract.lua`: key builders, protocol version and entry fields for Lua."""
+    fields = ", ".join(f"'{f}'" for f in ENTRY_FIELDS)
+    lines = [
+        "-- GENERATED from aiotasks/contract.py and keys.py; do not edit. Regenerate with",
+        "--   python -m aiotasks.contract > aiotasks/lua/_contract.lua",
+        "-- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1]; K.<kind>(...)",
+        "-- builds a key or channel name exactly as aiotasks.keys.Keys does in Python.",
+        "local P = KEYS[1]",
+        f"local GROUP = '{GROUP}'",
+        f"local PROTOCOL = {PROTOCOL}",
+        f"local ENTRY_FIELDS = {{{fields}}}",
+        *lua_functions(),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(lua_source(), end="")  # noqa: T201

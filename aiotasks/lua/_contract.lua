@@ -1,0 +1,24 @@
+-- GENERATED from aiotasks/contract.py and keys.py; do not edit. Regenerate with
+--   python -m aiotasks.contract > aiotasks/lua/_contract.lua
+-- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1]; K.<kind>(...)
+-- builds a key or channel name exactly as aiotasks.keys.Keys does in Python.
+local P = KEYS[1]
+local GROUP = 'workers'
+local PROTOCOL = 2
+local ENTRY_FIELDS = {'v', 'id', 'ct', 'm', 'exp', 'r', 'cid', 'cix', 'tail'}
+local K = {}
+function K.stream(queue, priority) return P .. 'q:' .. queue .. ':' .. priority end
+function K.task(id) return P .. 't:' .. id end
+function K.done_channel(id) return P .. 'done:' .. id end
+function K.reply_channel(client) return P .. 'reply:' .. client end
+function K.delayed() return P .. 'delayed' end
+function K.dead(queue) return P .. 'dead:' .. queue end
+function K.chord(id) return P .. 'chord:' .. id end
+function K.chord_results(id) return P .. 'chord:' .. id .. ':r' end
+function K.queues() return P .. 'queues' end
+function K.workers() return P .. 'workers' end
+function K.worker(name) return P .. 'worker:' .. name end
+function K.control_channel() return P .. 'control' end
+function K.periodic() return P .. 'periodic' end
+function K.periodic_tick(name, tick) return P .. 'tick:' .. name .. ':' .. tick end
+function K.rate(name) return P .. 'rate:' .. name end

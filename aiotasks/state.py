@@ -1,0 +1,121 @@
+"""TaskState and TaskInfo: what is stored about a task, read by handles, admin and workers.
+
+They live apart from the handles so that the I/O layer (client.py) can build them
+without importing the user-facing handle module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from . import codec
+from .errors import ChordError, SerializationError, TaskFailed, TaskRevoked, UnknownTask
+
+
+class TaskState(StrEnum):
+    """Where a task is in its life. PENDING also means unknown."""
+
+    PENDING = "PENDING"
+    SCHEDULED = "SCHEDULED"
+    STARTED = "STARTED"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+
+    @property
+    def is_final(self) -> bool:
+        """True for SUCCESS, FAILURE and REVOKED."""
+        return self in _FINAL
+
+
+_FINAL = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED})
+
+
+def _ts(raw: bytes | None) -> datetime | None:
+    return datetime.fromtimestamp(int(raw) / 1000, UTC) if raw else None
+
+
+def _text(raw: bytes | None) -> str | None:
+    return raw.decode() if raw is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """Everything stored about a task. Timestamps are aware UTC datetimes."""
+
+    id: str
+    name: str | None
+    state: TaskState
+    result: Any
+    exc_type: str | None
+    exc_message: str | None
+    traceback: str | None
+    progress: dict[str, Any] | None
+    attempts: int
+    queue: str | None
+    worker: str | None
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    failed_task_id: str | None = None
+
+    @classmethod
+    def from_hash(cls, task_id: str, h: dict[bytes, bytes]) -> TaskInfo:
+        """Build from the task hash (an empty hash reads as PENDING)."""
+        state = TaskState(h[b"state"].decode()) if b"state" in h else TaskState.PENDING
+        result = progress = None
+        if b"result" in h:
+            try:
+                result = codec.decode(h[b"result"], h.get(b"ct", b"msgpack").decode())
+            except SerializationError as exc:
+                result = exc
+        if b"progress" in h:
+            progress = codec.decode(h[b"progress"], "msgpack")
+        return cls(
+            id=task_id,
+            name=_text(h.get(b"name")),
+            state=state,
+            result=result,
+            exc_type=_text(h.get(b"exc_type")),
+            exc_message=_text(h.get(b"exc_message")),
+            traceback=_text(h.get(b"traceback")),
+            progress=progress,
+            attempts=int(h.get(b"attempts", 0)),
+            queue=_text(h.get(b"queue")),
+            worker=_text(h.get(b"worker")),
+            enqueued_at=_ts(h.get(b"enqueued_at")),
+            started_at=_ts(h.get(b"started_at")),
+            finished_at=_ts(h.get(b"finished_at")),
+            failed_task_id=_text(h.get(b"failed_task_id")),
+        )
+
+    def outcome(self) -> Any:
+        """The result of a final state: the value, or the matching exception raised."""
+        if self.state == TaskState.SUCCESS:
+            if isinstance(self.result, SerializationError):
+                raise self.result
+            return self.result
+        if self.state == TaskState.REVOKED:
+            raise TaskRevoked(self.id)
+        if self.exc_type == "ChordError":
+            raise ChordError(
+                self.id,
+                "ChordError",
+                self.exc_message or "",
+                self.traceback,
+                failed_task_id=self.failed_task_id or "",
+            )
+        error = UnknownTask if self.exc_type == "UnknownTask" else TaskFailed
+        raise error(self.id, self.exc_type or "Exception", self.exc_message or "", self.traceback)
+
+
+def with_success(info: TaskInfo, ct: bytes, data: bytes) -> TaskInfo:
+    """The info of a task whose success (and result) came in a notification."""
+    try:
+        result: Any = codec.decode(data, ct.decode())
+    except SerializationError as exc:
+        result = exc
+    return replace(info, state=TaskState.SUCCESS, result=result)
