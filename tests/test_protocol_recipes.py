@@ -1,0 +1,266 @@
+"""docs/protocol.md, followed step by step with raw Redis commands, against a real worker.
+
+Nothing here uses aiotasks' encoder or client to produce: payloads and records are
+built with the msgpack library as a producer in another language would, the scripts
+are read from the package's lua/ folder as the document says, and results are read
+with SUBSCRIBE + HGETALL. Only the worker is aiotasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import pytest
+import redis.asyncio as aioredis
+
+import aiotasks
+from aiotasks import App, Worker
+
+StartWorker = Callable[..., Awaitable[Worker]]
+LUA = Path(aiotasks.__file__).parent / "lua"
+FINAL = {b"SUCCESS", b"FAILURE", b"REVOKED"}
+
+
+def pack(value: Any) -> bytes:
+    """msgpack with str for every string, as the scripts' decoder wants (section 5)."""
+    return msgpack.packb(value, use_bin_type=False)  # type: ignore[no-any-return]
+
+
+def payload(name: str, args: list[Any], **extra: Any) -> bytes:
+    return msgpack.packb({"name": name, "args": args, "kwargs": {}, **extra})  # type: ignore[no-any-return]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Producer:
+    """What docs/protocol.md tells a producer to do, with raw commands."""
+
+    def __init__(self, r: aioredis.Redis, namespace: str) -> None:
+        self.r = r
+        self.P = "{" + namespace + "}:"
+        self.sha: dict[str, str] = {}
+
+    async def load(self, name: str) -> str:
+        if name not in self.sha:
+            parts = ("_contract.lua", "_lib.lua", f"{name}.lua")
+            source = "\n".join((LUA / p).read_text() for p in parts)
+            self.sha[name] = await self.r.execute_command("SCRIPT", "LOAD", source)
+        return self.sha[name]
+
+    def record(self, task_id: str, name: str, args: list[Any], **extra: Any) -> dict[str, Any]:
+        m = extra.pop("m", None) or payload(name, args)
+        return {
+            "v": 2,
+            "id": task_id,
+            "name": name,
+            "queue": "default",
+            "priority": 5,
+            "m": m,
+            "ct": "msgpack",
+            "ttl": 86400,
+            **extra,
+        }
+
+    async def enqueue(self, *records: dict[str, Any]) -> list[int]:
+        sha = await self.load("enqueue")
+        return await self.r.execute_command(  # type: ignore[no-any-return]
+            "EVALSHA", sha, 1, self.P, now_ms(), "send", pack(list(records))
+        )
+
+    async def finish(self, ops: list[dict[str, Any]]) -> int:
+        sha = await self.load("finish")
+        return await self.r.execute_command(  # type: ignore[no-any-return]
+            "EVALSHA", sha, 1, self.P, now_ms(), pack(ops)
+        )
+
+    async def revoke(self, task_id: str) -> bytes:
+        sha = await self.load("revoke")
+        return await self.r.execute_command(  # type: ignore[no-any-return]
+            "EVALSHA", sha, 1, self.P, task_id, now_ms(), 86400
+        )
+
+    async def result(self, task_id: str, timeout: float = 10) -> dict[bytes, bytes]:
+        """SUBSCRIBE done:<id> first, then HGETALL; again on each final state message."""
+        pubsub = self.r.pubsub()
+        await pubsub.subscribe(f"{self.P}done:{task_id}")
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    h: dict[bytes, bytes] = await self.r.hgetall(f"{self.P}t:{task_id}")
+                    if h.get(b"state") in FINAL:
+                        return h
+                    while True:
+                        msg = await pubsub.get_message(timeout=1.0)
+                        if msg and msg["type"] == "message" and msg["data"] in FINAL:
+                            break
+                        if msg is None:
+                            break  # re-read now and then: the doc's loop, bounded
+        finally:
+            await pubsub.aclose()
+
+
+@pytest.fixture
+async def producer(redis_url: str, namespace: str) -> AsyncIterator[Producer]:
+    r = aioredis.Redis.from_url(redis_url)
+    yield Producer(r, namespace)
+    await r.aclose()
+
+
+@pytest.fixture
+async def recipes_app(app: App, worker: StartWorker) -> App:
+    @app.task(name="add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="tsum")
+    async def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="slow")
+    async def slow() -> str:
+        await asyncio.sleep(0.5)
+        return "slow"
+
+    await worker()
+    return app
+
+
+def value(h: dict[bytes, bytes]) -> Any:
+    assert h[b"state"] == b"SUCCESS", h
+    assert h[b"ct"] == b"msgpack"
+    return msgpack.unpackb(h[b"result"])
+
+
+async def test_plain_task_without_scripts(recipes_app: App, producer: Producer) -> None:
+    P, task_id = producer.P, new_id()
+    r = producer.r
+    async with r.pipeline(transaction=True) as tx:
+        tx.hset(
+            f"{P}t:{task_id}",
+            mapping={
+                "state": "PENDING",
+                "name": "add",
+                "queue": "default",
+                "enqueued_at": now_ms(),
+            },
+        )
+        tx.pexpire(f"{P}t:{task_id}", 86_400_000)
+        tx.xadd(
+            f"{P}q:default:5", {"v": 2, "id": task_id, "ct": "msgpack", "m": payload("add", [2, 3])}
+        )
+        tx.sadd(f"{P}queues", "default")
+        await tx.execute()
+    assert value(await producer.result(task_id)) == 5
+
+
+async def test_plain_task_deduplicated(recipes_app: App, producer: Producer) -> None:
+    task_id = new_id()
+    rec = producer.record(task_id, "slow", [])
+    assert await producer.enqueue(rec) == [1]
+    assert await producer.enqueue(rec) == [0]  # still live: nothing added
+    assert value(await producer.result(task_id)) == "slow"
+    entries = await producer.r.xlen(f"{producer.P}q:default:5")
+    assert entries == 0
+
+
+async def test_prioritised_task(recipes_app: App, producer: Producer) -> None:
+    task_id = new_id()
+    assert await producer.enqueue(producer.record(task_id, "add", [4, 5], priority=9)) == [1]
+    assert value(await producer.result(task_id)) == 9
+
+
+async def test_delayed_task(recipes_app: App, producer: Producer) -> None:
+    task_id = new_id()
+    due = now_ms() + 700
+    assert await producer.enqueue(producer.record(task_id, "add", [1, 1], due=due)) == [1]
+    h = await producer.r.hgetall(f"{producer.P}t:{task_id}")
+    assert h[b"state"] == b"SCHEDULED"
+    assert value(await producer.result(task_id)) == 2
+    assert now_ms() >= due
+
+
+async def test_delayed_task_without_scripts(recipes_app: App, producer: Producer) -> None:
+    P, task_id = producer.P, new_id()
+    due = now_ms() + 300
+    rec = producer.record(task_id, "add", [20, 1])
+    r = producer.r
+    async with r.pipeline(transaction=True) as tx:
+        tx.hset(
+            f"{P}t:{task_id}",
+            mapping={
+                "state": "SCHEDULED",
+                "name": "add",
+                "queue": "default",
+                "enqueued_at": now_ms(),
+                "eta": due,
+                "_rec": pack(rec),
+            },
+        )
+        tx.pexpire(f"{P}t:{task_id}", 86_400_000)
+        tx.zadd(f"{P}delayed", {task_id: due})
+        await tx.execute()
+    assert value(await producer.result(task_id)) == 21
+
+
+async def test_chain(recipes_app: App, producer: Producer) -> None:
+    first, last = new_id(), new_id()
+    link = [{"t": "sig", "id": last, "name": "add", "args": [3], "kwargs": {}, "opts": {}}]
+    rec = producer.record(first, "add", [], m=payload("add", [1, 2], link=link), tail=last)
+    assert await producer.enqueue(rec) == [1]
+    assert value(await producer.result(last)) == 6
+    assert value(await producer.result(first)) == 3
+
+
+async def test_chord(recipes_app: App, producer: Producer) -> None:
+    cid, body = new_id(), new_id()
+    heads = [new_id(), new_id()]
+    ops = [
+        {
+            "op": "chord",
+            "id": cid,
+            "ttl": 86400,
+            "n": 2,
+            "body": producer.record(body, "tsum", [], m=payload("tsum", [], chord_body=cid)),
+        },
+        *(
+            {
+                "op": "enqueue",
+                "mode": "send",
+                "task": producer.record(h, "add", [i + 1, i + 1], cid=cid, cix=i),
+            }
+            for i, h in enumerate(heads)
+        ),
+    ]
+    assert await producer.finish(ops) == 3
+    assert value(await producer.result(body)) == 6
+
+
+async def test_revoke(app: App, producer: Producer) -> None:
+    # No worker yet: the task is queued, and the revoke deletes its entry.
+    task_id = new_id()
+    assert await producer.enqueue(producer.record(task_id, "add", [1, 2])) == [1]
+    assert await producer.revoke(task_id) == b"PENDING"
+    h = await producer.result(task_id)
+    assert h[b"state"] == b"REVOKED"
+    assert await producer.r.xlen(f"{producer.P}q:default:5") == 0
+
+
+async def test_failure_is_readable(recipes_app: App, producer: Producer) -> None:
+    task_id = new_id()
+    assert await producer.enqueue(producer.record(task_id, "add", ["a", 1])) == [1]
+    h = await producer.result(task_id)
+    assert h[b"state"] == b"FAILURE"
+    assert h[b"exc_type"] == b"TypeError"
+    assert b"Traceback" in h[b"traceback"]
