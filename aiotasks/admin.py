@@ -374,9 +374,9 @@ class Admin:
         streams = self.keys.streams(queue)
         ttl = self.app.settings.result_ttl
         total = 0
-        more: Any = 1
+        more = b"1"
         bounds = pack(await self._last_ids(streams))
-        while int(more):
+        while more != b"0":
             n, more = await self.client.scripts.purge(
                 streams=streams,
                 queue=queue,
@@ -386,8 +386,8 @@ class Admin:
                 mode="streams",
                 bound=bounds,
             )
-            total += int(n)
-        cursor: Any = "0"
+            total += n
+        cursor = b"0"
         while True:
             n, cursor = await self.client.scripts.purge(
                 streams=streams,
@@ -396,10 +396,10 @@ class Admin:
                 ttl=ttl,
                 limit=PURGE_CHUNK,
                 mode="delayed",
-                bound=_text(cursor),
+                bound=cursor,
             )
-            total += int(n)
-            if _text(cursor) == "0":
+            total += n
+            if cursor == b"0":
                 return total
 
     async def _last_ids(self, streams: list[str]) -> dict[str, bytes]:

@@ -162,11 +162,13 @@ class Scripts:
         limit: int,
         mode: str,
         bound: str | bytes,
-    ) -> list[Any]:
-        """Delete one chunk of a queue's waiting tasks; {deleted, next} (see purge.lua)."""
-        return await self._s["purge"](  # type: ignore[no-any-return]
+    ) -> tuple[int, bytes]:
+        """Delete one chunk of a queue's waiting tasks: (deleted, next) (see purge.lua)."""
+        raw = await self._s["purge"](
             keys=[self.prefix, *streams], args=[queue, now_ms, ttl, limit, mode, bound]
         )
+        res = unpack_reply(raw)
+        return int(res[b"deleted"]), res[b"next"]
 
     async def requeue(
         self,

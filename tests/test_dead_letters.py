@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from aiotasks import App, TaskFailed, TaskState
+from aiotasks import App, TaskFailed, TaskState, UnknownTask
 from tests.helpers import wait_consuming, wait_until
 
 Spawn = Callable[..., Any]
@@ -57,8 +57,9 @@ async def test_unknown_task_is_dead_lettered_and_fails(app: App, spawn_worker: S
     w = spawn_worker()
     await wait_consuming(app, w)
     h = await app.send_task("no.such.task", args=(1,))
-    with pytest.raises(TaskFailed) as err:
+    with pytest.raises(UnknownTask) as err:
         await h.result(timeout=10)
+    assert isinstance(err.value, TaskFailed) and isinstance(err.value, LookupError)
     assert err.value.exc_type == "UnknownTask"
     assert "no.such.task" in err.value.exc_message
     info = await h.info()

@@ -12,8 +12,8 @@
 -- ARGV[6]      streams: msgpack map of stream -> last entry id to delete (entries added
 --              after the purge began stay; a stream not in it is skipped); delayed: the
 --              ZSCAN cursor ('0' to start)
--- Returns      {deleted, next}: next is 1/0 (more to do) in 'streams' mode, the next
---              ZSCAN cursor ('0' = done) in 'delayed' mode
+-- Returns      msgpack map {deleted = n, next = ...}: next is '1'/'0' (more to do) in
+--              'streams' mode, the next ZSCAN cursor ('0' = done) in 'delayed' mode
 
 local queue = ARGV[1]
 local now_ms = tonumber(ARGV[2])
@@ -58,9 +58,9 @@ if mode == 'streams' then
   local deleted = 0
   for k = 2, #KEYS do
     deleted = deleted + purge_stream(KEYS[k], limit - deleted, bounds[KEYS[k]])
-    if deleted >= limit then return {deleted, 1} end
+    if deleted >= limit then return reply({deleted = deleted, next = '1'}) end
   end
-  return {deleted, 0}
+  return reply({deleted = deleted, next = '0'})
 end
 
 local res = redis.call('ZSCAN', K.delayed(), bound, 'COUNT', limit)
@@ -75,4 +75,4 @@ for i = 1, #res[2], 2 do
     deleted = deleted + 1
   end
 end
-return {deleted, res[1]}
+return reply({deleted = deleted, next = res[1]})
