@@ -9,12 +9,12 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
-from .canvas import COLLECT
+from .canvas import COLLECT, compose, send_canvas
 from .client import Client
 from .config import RetryPolicy, Settings, resolve_redis_url
 from .handle import TaskHandle
 from .hooks import F, Hooks
-from .message import Message
+from .message import Message, check_options
 from .task import Task, TaskOptions, build_message, field_names
 
 if TYPE_CHECKING:
@@ -152,6 +152,8 @@ class App:
         unknown = set(options) - _TASK_OPTIONS
         if unknown:
             raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+        timeouts = {k: options[k] for k in ("soft_timeout", "hard_timeout") if k in options}
+        check_options({k: v for k, v in timeouts.items() if v is not None})
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
             task_name = name or f"{f.__module__}.{f.__qualname__}"
@@ -210,6 +212,15 @@ class App:
         """Enqueue a task by name, without importing its function."""
         msg = build_message(self, name, args, kwargs, options, self.tasks.get(name))
         return (await self.send_messages([msg], options.get("retry_policy")))[0]
+
+    async def send_canvas(self, canvas: Any, options: dict[str, Any]) -> str:
+        """Send a canvas (or a signature with callbacks); the id of its final task."""
+        return await send_canvas(self, canvas, dict(options))
+
+    @staticmethod
+    def compose(left: Any, right: Any) -> Any:
+        """`left | right` between signatures and canvases (see canvas.compose)."""
+        return compose(left, right)
 
     async def send_messages(
         self,

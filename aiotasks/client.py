@@ -208,16 +208,6 @@ class Client:
             out[int(idx)] = codec.decode(data, ct.decode())
         return out
 
-    async def chord_failure(self, chord_id: str) -> dict[str, Any]:
-        """What made a chord fail: chord_id, task_id, exc_type, exc_message."""
-        h: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(self.keys.chord(chord_id))
-        return {
-            "chord_id": chord_id,
-            "task_id": h.get(b"failed_id", b"").decode(),
-            "exc_type": h.get(b"exc_type", b"").decode(),
-            "exc_message": h.get(b"exc_message", b"").decode(),
-        }
-
     # -- acting on a task ---------------------------------------------------------------
 
     async def revoke(self, task_id: str, terminate: bool = False) -> str:

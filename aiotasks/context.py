@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import Retry
+from .errors import Replace, Retry
 
 if TYPE_CHECKING:
     from .app import App
@@ -48,6 +48,18 @@ class TaskContext:
     ) -> Retry:
         """Build a Retry to raise: `raise current_task().retry(countdown=5)`."""
         return Retry(countdown=countdown, eta=eta, exc=exc, max_retries=max_retries)
+
+    def replace(self, canvas: Any) -> Replace:
+        """Build a Replace to raise: `raise current_task().replace(other.s(x))`.
+
+        The task's handle then resolves to the final result of `canvas` (a signature or
+        any canvas), which inherits this task's callbacks, chord and chain.
+        """
+        from .nodes import is_canvas
+
+        if not is_canvas(canvas):
+            raise TypeError(f"replace() takes a signature or a canvas, got {canvas!r:.60}")
+        return Replace(canvas)
 
     async def progress(self, **meta: Any) -> None:
         """Store progress metadata; callers see it in info().progress and updates()."""

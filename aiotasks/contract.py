@@ -15,7 +15,7 @@ An **op** is one step of a finish.lua batch. See docs/protocol.md for every fiel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -27,7 +27,7 @@ from .keys import GROUP, lua_functions
 PROTOCOL = 2
 
 #: Fields of a stream entry, in the order Lua writes them. Lua reads them by name.
-ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail")
+ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail", "err")
 
 #: Enqueue modes (see enqueue_task in _lib.lua).
 SEND, FOLLOW, RETRY, DEFER = "send", "follow", "retry", "defer"
@@ -52,7 +52,9 @@ class TaskRecord:
 
     `due_ms` keeps it in the delayed set until then; `delay_ms` (a chord body's
     countdown) counts from when the script enqueues it. `ttl` is the seconds its task
-    hash lives; `reply` the sender's reply channel.
+    hash lives; `reply` the sender's reply channel. `errbacks` are records Lua stores
+    with the task and enqueues if it fails for good, each with the failure in its entry
+    field `err` unless `immutable`; `err_chord` adds a chord id to that failure.
     """
 
     id: str
@@ -70,6 +72,9 @@ class TaskRecord:
     chord_idx: int | None = None
     tail: str | None = None
     reply: str | None = None
+    errbacks: list[TaskRecord] = field(default_factory=list)
+    immutable: bool = False
+    err_chord: str | None = None
 
     def wire(self) -> dict[str, Any]:
         """The record as the map Lua reads (absent fields are left out)."""
@@ -83,21 +88,20 @@ class TaskRecord:
             "ct": self.ct,
             "ttl": self.ttl,
         }
-        if self.due_ms is not None:
-            w["due"] = self.due_ms
-        if self.delay_ms is not None:
-            w["delay"] = self.delay_ms
-        if self.exp_ms is not None:
-            w["exp"] = self.exp_ms
-        if self.retries:
-            w["r"] = self.retries
-        if self.chord_id is not None:
-            w["cid"] = self.chord_id
-            w["cix"] = self.chord_idx
-        if self.tail:
-            w["tail"] = self.tail
-        if self.reply:
-            w["reply"] = self.reply
+        optional = {
+            "due": self.due_ms,
+            "delay": self.delay_ms,
+            "exp": self.exp_ms,
+            "r": self.retries or None,
+            "cid": self.chord_id,
+            "cix": self.chord_idx if self.chord_id is not None else None,
+            "tail": self.tail or None,
+            "reply": self.reply or None,
+            "eb": [e.wire() for e in self.errbacks] or None,
+            "imm": 1 if self.immutable else None,
+            "ecid": self.err_chord,
+        }
+        w.update({k: v for k, v in optional.items() if v is not None})
         return w
 
 
@@ -186,6 +190,11 @@ def chord_op(
     if on_error is not None:
         op["on_error"] = on_error.wire()
     return op
+
+
+def replaced_op(task_id: str) -> dict[str, Any]:
+    """Mark a running task as replaced: the replacement's final task takes its id."""
+    return {"op": "replaced", "id": task_id}
 
 
 def entry_ref(stream: str, entry: bytes) -> dict[str, Any]:

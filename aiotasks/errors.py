@@ -12,12 +12,14 @@ AiotasksError(Exception)
 ├── SoftTimeLimitExceeded                   raised inside a task at its soft_timeout
 └── TimeLimitExceeded(TimeoutError)         recorded as exc_type when hard_timeout cancels a task
 Retry(Exception)                            control flow, not an error: re-run the task later
+Replace(Exception)                          control flow: the task becomes a canvas
 ```
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from redis.exceptions import ConnectionError as _RedisConnectionError
 from redis.exceptions import TimeoutError as _RedisTimeoutError
@@ -137,3 +139,17 @@ class Retry(Exception):
         self.eta = eta
         self.exc = exc
         self.max_retries = max_retries
+
+
+class Replace(Exception):
+    """Raise inside a task to replace it with a signature or any canvas (Celery's
+    `self.replace`): `raise current_task().replace(sig)`.
+
+    The task ends without a result of its own; its handle resolves to the replacement's
+    final result, and its callbacks, errbacks, chord membership and chain continuation
+    carry over to the replacement.
+    """
+
+    def __init__(self, canvas: Any) -> None:
+        super().__init__(canvas)
+        self.canvas = canvas

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from .backoff import exponential
 from .context import TaskContext, _current
-from .errors import CONNECTION_ERRORS, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from .errors import (
+    CONNECTION_ERRORS,
+    Replace,
+    Retry,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+)
 from .message import RATE_RESERVED, DecodeError, Message, decode_entry, now
 from .task import Task
 
@@ -61,6 +67,7 @@ class Kind(enum.Enum):
     RETRY = "RETRY"  # run again later, as a retry
     DEFER = "DEFER"  # run later without counting a retry (a rate limit, a Redis blip)
     DEAD = "DEAD"  # must never run: dead-lettered (malformed, unknown task)
+    REPLACED = "REPLACED"  # became a canvas (value), which finishes in its place
 
 
 @dataclass(slots=True)
@@ -297,18 +304,26 @@ class Execution:
             ctx.started = time.perf_counter()
             value = await self._invoke(task, self._args, msg.kwargs)
             return Outcome(Kind.SUCCESS, value)
-        except asyncio.CancelledError as cancel:
-            return self._cancelled(task, msg, opts, cancel)
-        except Retry as r:
-            return self._retry(task, msg, opts, r.exc or r, r)
-        except Exception as exc:
-            if task.opts.autoretry_for and isinstance(exc, task.opts.autoretry_for):
-                return self._retry(task, msg, opts, exc, None)
-            return failure(exc)
+        except (asyncio.CancelledError, Exception) as exc:
+            return self._ended(task, msg, opts, exc)
         finally:
             _current.reset(token)
             for timer in self._timers:
                 timer.cancel()
+
+    def _ended(
+        self, task: Task[Any, Any], msg: Message, opts: RunOptions, exc: BaseException
+    ) -> Outcome:
+        """The outcome of a body that raised (or was cancelled)."""
+        if isinstance(exc, asyncio.CancelledError):
+            return self._cancelled(task, msg, opts, exc)
+        if isinstance(exc, Retry):
+            return self._retry(task, msg, opts, exc.exc or exc, exc)
+        if isinstance(exc, Replace):
+            return Outcome(Kind.REPLACED, exc.canvas)
+        if task.opts.autoretry_for and isinstance(exc, task.opts.autoretry_for):
+            return self._retry(task, msg, opts, exc, None)
+        return failure(exc)
 
     async def _before_body(self, task: Task[Any, Any], msg: Message) -> Outcome | None:
         """Reserve a rate-limit slot and read what a chord body or callback gets first."""
@@ -319,8 +334,8 @@ class Execution:
         args = list(msg.args)
         if msg.chord_body:
             args.insert(0, await self.rt.client.chord_results(msg.chord_body))
-        elif msg.chord_errback:
-            args.insert(0, await self.rt.client.chord_failure(msg.chord_errback))
+        elif msg.err is not None:
+            args.insert(0, msg.err)  # an errback: the failure it was sent for
         self._args = args
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -145,11 +146,17 @@ class TaskHandle(Generic[R]):
 
 
 class GroupHandle:
-    """The handles of a sent group, in order."""
+    """The handles of a sent group, in order; `id` names the group itself."""
 
-    def __init__(self, client: Client, handles: list[TaskHandle[Any]]) -> None:
+    def __init__(
+        self, client: Client | None, handles: list[TaskHandle[Any]], group_id: str | None = None
+    ) -> None:
         self.client = client
         self.handles = handles
+        self.id = group_id or uuid.uuid4().hex
+
+    def __repr__(self) -> str:
+        return f"GroupHandle({self.id!r}, {len(self.handles)} tasks)"
 
     def __len__(self) -> int:
         return len(self.handles)

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
+
 from . import codec
 from .contract import PROTOCOL, TaskRecord
 from .errors import SerializationError
@@ -39,6 +41,8 @@ SEND_OPTIONS = frozenset(
         "max_retries",
         "retry_policy",
         "result_ttl",
+        "link",
+        "link_error",
     }
 )
 
@@ -60,12 +64,13 @@ class Message:
     """One task invocation.
 
     `opts` holds per-send overrides of the task's run options (`soft_timeout`,
-    `hard_timeout`, `max_retries`, `ignore_result`, `result_ttl`). `link` is the chain
-    continuation (canvas nodes, see canvas.py): on success the first gets this task's
-    result prepended to its args. `chord` is the chord this task (or, when linked, its
-    continuation) reports to. `tail` is the id of the last task of the continuation,
-    failed too when this task fails. `chord_body` marks a chord body (the header results
-    are prepended); `chord_errback` an on_error callback.
+    `hard_timeout`, `max_retries`, `ignore_result`, `result_ttl`). `chain` is the rest of
+    its chain (canvas nodes, see nodes.py): on success the first gets this task's result
+    prepended to its args. `link` holds success callbacks, sent with the result too.
+    `chord` is the chord this task (or, when it has a chain, the chain's end) reports to.
+    `tail` is the id of the chain's last task, failed too when this task fails.
+    `chord_body` marks a chord body (the header results are prepended). `err` is the
+    failure an errback was sent for (prepended to its args).
     """
 
     id: str
@@ -80,23 +85,24 @@ class Message:
     expires: float | None = None
     serializer: str = "msgpack"
     compression: str | None = None
+    chain: list[dict[str, Any]] = field(default_factory=list)
     link: list[dict[str, Any]] = field(default_factory=list)
     chord: ChordRef | None = None
     tail: str | None = None
     chord_body: str | None = None
-    chord_errback: str | None = None
+    err: dict[str, Any] | None = None
 
     def payload(self) -> dict[str, Any]:
         """The map encoded into the entry's `m` field."""
         p: dict[str, Any] = {"name": self.name, "args": list(self.args), "kwargs": self.kwargs}
         if self.opts:
             p["opts"] = self.opts
+        if self.chain:
+            p["chain"] = self.chain
         if self.link:
             p["link"] = self.link
         if self.chord_body:
             p["chord_body"] = self.chord_body
-        if self.chord_errback:
-            p["chord_errback"] = self.chord_errback
         return p
 
     def encode(self, min_size: int = 1024, max_size: int = codec.MAX_SIZE) -> tuple[bytes, str]:
@@ -122,6 +128,9 @@ class Message:
         max_size: int = codec.MAX_SIZE,
         reply: str | None = None,
         delay_ms: int | None = None,
+        errbacks: list[TaskRecord] | None = None,
+        immutable: bool = False,
+        err_chord: str | None = None,
     ) -> TaskRecord:
         """The task record Lua enqueues for this message (contract.TaskRecord)."""
         data, ct = self.encode(min_size, max_size)
@@ -141,6 +150,9 @@ class Message:
             chord_idx=self.chord.idx if self.chord else None,
             tail=self.tail,
             reply=reply,
+            errbacks=errbacks or [],
+            immutable=immutable,
+            err_chord=err_chord,
         )
 
     def with_retry(self, eta: float | None) -> Message:
@@ -265,7 +277,7 @@ def check_node(node: Any, depth: int = 0) -> None:
         raise DecodeError(f"canvas node must be a map, got {type(node).__name__}")
     kind = node.get("t")
     if kind == "sig":
-        _check_sig(node)
+        _check_sig(node, depth)
         return
     if kind == "chord":
         if not isinstance(node.get("id"), str):
@@ -288,7 +300,7 @@ def _members(node: dict[str, Any], key: str) -> list[Any]:
     return members
 
 
-def _check_sig(node: dict[str, Any]) -> None:
+def _check_sig(node: dict[str, Any], depth: int) -> None:
     for key, kind in (("id", str), ("name", str), ("args", list), ("kwargs", dict), ("opts", dict)):
         if not isinstance(node.get(key), kind):
             raise DecodeError(f"canvas signature needs {key!r} as a {kind.__name__}")
@@ -298,6 +310,13 @@ def _check_sig(node: dict[str, Any]) -> None:
         check_options(node["opts"])
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"canvas signature {node['name']!r:.60}: {exc}") from None
+    for key in ("link", "link_error"):
+        for callback in _members(node, key) if key in node else ():
+            if key == "link_error" and (
+                not isinstance(callback, dict) or callback.get("t") != "sig"
+            ):
+                raise DecodeError("canvas link_error must hold signatures")
+            check_node(callback, depth + 1)
 
 
 def _payload(fields: dict[bytes, bytes], ct: str, max_size: int) -> dict[str, Any]:
@@ -320,10 +339,31 @@ def _payload(fields: dict[bytes, bytes], ct: str, max_size: int) -> dict[str, An
         raise DecodeError(f"payload 'args' must be an array, got {type(args).__name__}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise DecodeError("payload 'kwargs' must be a map with string keys")
-    for key in ("chord_body", "chord_errback"):
-        if key in p and not isinstance(p[key], str):
-            raise DecodeError(f"payload {key!r} must be a string")
+    if "chord_body" in p and not isinstance(p["chord_body"], str):
+        raise DecodeError("payload 'chord_body' must be a string")
     return p
+
+
+def _nodes(p: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    nodes = p.get(key) or []
+    if not isinstance(nodes, list):
+        raise DecodeError(f"payload {key!r} must be an array of canvas nodes")
+    for node in nodes:
+        check_node(node)
+    return nodes
+
+
+def _err(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
+    raw = fields.get(b"err")
+    if not raw:
+        return None
+    try:
+        err = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:
+        raise DecodeError(f"entry field 'err' is not a msgpack map: {exc}") from None
+    if not isinstance(err, dict) or not all(isinstance(k, str) for k in err):
+        raise DecodeError("entry field 'err' is not a msgpack map")
+    return err
 
 
 def decode_entry(
@@ -347,11 +387,6 @@ def decode_entry(
         raise DecodeError("entry fields 'cid' and 'cix' must come together, cix >= 0")
     if retries is not None and retries < 0:
         raise DecodeError("entry field 'r' must not be negative")
-    link = p.get("link") or []
-    if not isinstance(link, list):
-        raise DecodeError("payload 'link' must be an array of canvas nodes")
-    for node in link:
-        check_node(node)
     return Message(
         task_id,
         p["name"],
@@ -365,11 +400,12 @@ def decode_entry(
         exp / 1000 if exp is not None else None,
         serializer,
         compression or None,
-        link,
+        _nodes(p, "chain"),
+        _nodes(p, "link"),
         ChordRef(cid, cix) if cid is not None and cix is not None else None,
         _text(fields, "tail"),
         p.get("chord_body"),
-        p.get("chord_errback"),
+        _err(fields),
     )
 
 

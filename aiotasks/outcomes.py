@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from .backoff import Backoff
-from .canvas import continuation
+from .compiler import continuation, replacement
 from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op
 from .errors import CONNECTION_ERRORS, SerializationError
 from .execution import Execution, Kind, Outcome, Phase, failure, internal_error
@@ -88,7 +88,7 @@ class Outcomes:
     def _count(self, out: Outcome) -> None:
         if out.kind in (Kind.FAILURE, Kind.DEAD):
             self.failed += 1
-        elif out.kind not in (Kind.RETRY, Kind.DEFER):
+        elif out.kind not in (Kind.RETRY, Kind.DEFER, Kind.REPLACED):
             self.done += 1
 
     def _ops_for(self, ex: Execution, out: Outcome) -> list[Op]:
@@ -113,6 +113,11 @@ class Outcomes:
             # The retry is enqueued before the entry is acked: a refused enqueue (a Lua
             # error does not roll back) must not leave the entry acked and the task gone.
             return [enqueue_op(mode, record), ack_op(d.stream, d.entry_id)]
+        if out.kind is Kind.REPLACED:
+            return [
+                *replacement(self.app, self.client, msg, out.value),
+                ack_op(d.stream, d.entry_id),
+            ]
         fields = self._fields(ex, out)
         follow: list[Op] = []
         chord_value: bytes | None = None
@@ -130,9 +135,9 @@ class Outcomes:
                 fields = self._fields(ex, out)
             else:
                 fields["result"], fields["ct"] = data, ct
-                if msg.chord is not None and not msg.link:
+                if msg.chord is not None and not msg.chain:
                     chord_value = ct.encode() + b"\n" + data
-                if msg.link:
+                if msg.chain or msg.link:
                     follow = continuation(self.app, self.client, msg, out.value)
         # Follow-ups first, for the same reason: a refused one leaves nothing recorded.
         return [*follow, self._done(ex, out, fields, chord_value)]
@@ -174,7 +179,7 @@ class Outcomes:
             opts.result_ttl if opts is not None else self.app.settings.result_ttl,
             fields,
             ignore_result=opts is not None and opts.ignore_result,
-            linked=msg is not None and bool(msg.link) and out.kind is Kind.SUCCESS,
+            linked=msg is not None and bool(msg.chain) and out.kind is Kind.SUCCESS,
             chord=chord,
             tail=msg.tail if msg is not None else None,
             chord_value=chord_value,

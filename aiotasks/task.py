@@ -11,6 +11,7 @@ from uuid import uuid4
 
 from .handle import TaskHandle
 from .message import Message, check_options, now
+from .nodes import sig_node, signature_of
 
 if TYPE_CHECKING:
     from .app import App
@@ -127,6 +128,8 @@ class Task(Generic[P, R]):
         self.name = opts.name
         self.is_async = inspect.iscoroutinefunction(fn)
         self.rate_interval_ms = parse_rate(opts.rate_limit) if opts.rate_limit else 0.0
+        #: The function's call signature: sends are checked against it.
+        self.signature = signature_of(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -149,9 +152,13 @@ class Task(Generic[P, R]):
         """Enqueue with send options, Celery's spelling.
 
         Raises:
+            TypeError: the arguments do not fit the function, or an option is unknown.
             SerializationError: an argument cannot be encoded; nothing was enqueued.
             BrokerConnectionError: Redis stayed unreachable through the retry policy.
         """
+        if "link" in options or "link_error" in options:
+            return await self.s(*args, **(kwargs or {})).send(**options)
+        self.check_args(args, kwargs)
         handles = await self.app.send_messages(
             [build_message(self.app, self.name, args, kwargs, options, self)],
             options.get("retry_policy"),
@@ -167,6 +174,19 @@ class Task(Generic[P, R]):
         """A Signature: this task with (partial) arguments, to send later or compose."""
         return Signature(self.name, tuple(args), dict(kwargs), app=self.app)
 
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable Signature: in a chain or as a callback it ignores the previous
+        result and gets only these arguments."""
+        return Signature(self.name, tuple(args), dict(kwargs), app=self.app, immutable=True)
+
+    def check_args(self, args: Sequence[Any], kwargs: dict[str, Any] | None) -> None:
+        """Raise TypeError, naming the task, when the arguments do not fit its function."""
+        if self.signature is not None:
+            try:
+                self.signature.bind(*args, **(kwargs or {}))
+            except TypeError as exc:
+                raise TypeError(f"task {self.name}: {exc}") from None
+
     async def send_many(
         self, calls: Iterable[tuple[Sequence[Any], dict[str, Any] | None]], **options: Any
     ) -> list[TaskHandle[R]]:
@@ -176,6 +196,11 @@ class Task(Generic[P, R]):
         """
         if "task_id" in options:
             raise TypeError("send_many() makes one id per task; task_id is not allowed")
+        if "link" in options or "link_error" in options:
+            raise TypeError("send_many() takes no link/link_error: send a group instead")
+        calls = list(calls)
+        for a, k in calls:
+            self.check_args(a, k)
         built = [build_message(self.app, self.name, a, k, options, self) for a, k in calls]
         return await self.app.send_messages(built, options.get("retry_policy"))
 
@@ -217,11 +242,20 @@ class Signature:
     kwargs: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     app: App | None = field(default=None, compare=False, repr=False)
+    immutable: bool = False
 
     def set(self, **options: Any) -> Signature:
-        """A copy with these send options added."""
+        """A copy with these send options added (`link`/`link_error` included)."""
         check_options(options)
         return replace(self, options={**self.options, **options})
+
+    def __or__(self, other: Any) -> Any:
+        """`sig | other`: a chain (see canvas.compose)."""
+        return self._app().compose(self, other)
+
+    def _freeze(self, shared: dict[str, Any]) -> dict[str, Any]:
+        opts = {**self.options, **shared}
+        return sig_node(self.name, self.args, self.kwargs, opts, immutable=self.immutable)
 
     def clone(
         self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
@@ -238,7 +272,11 @@ class Signature:
         """Enqueue this call; `options` override the signature's own."""
         app = self._app()
         opts = {**self.options, **options}
+        if "link" in opts or "link_error" in opts:
+            return TaskHandle(app.client, await app.send_canvas(self, options))
         task = app.tasks.get(self.name)
+        if task is not None:
+            task.check_args(self.args, self.kwargs)
         msg = build_message(app, self.name, self.args, self.kwargs, opts, task)
         return (await app.send_messages([msg], opts.get("retry_policy")))[0]
 

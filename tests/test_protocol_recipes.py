@@ -128,6 +128,10 @@ async def recipes_app(app: App, worker: StartWorker) -> App:
     async def tsum(values: list[int]) -> int:
         return sum(values)
 
+    @app.task(name="report")
+    async def report(err: dict[str, Any]) -> dict[str, Any]:
+        return err
+
     @app.task(name="slow")
     async def slow() -> str:
         await asyncio.sleep(0.5)
@@ -217,7 +221,7 @@ async def test_delayed_task_without_scripts(recipes_app: App, producer: Producer
 async def test_chain(recipes_app: App, producer: Producer) -> None:
     first, last = new_id(), new_id()
     link = [{"t": "sig", "id": last, "name": "add", "args": [3], "kwargs": {}, "opts": {}}]
-    rec = producer.record(first, "add", [], m=payload("add", [1, 2], link=link), tail=last)
+    rec = producer.record(first, "add", [], m=payload("add", [1, 2], chain=link), tail=last)
     assert await producer.enqueue(rec) == [1]
     assert value(await producer.result(last)) == 6
     assert value(await producer.result(first)) == 3
@@ -255,6 +259,19 @@ async def test_revoke(app: App, producer: Producer) -> None:
     h = await producer.result(task_id)
     assert h[b"state"] == b"REVOKED"
     assert await producer.r.xlen(f"{producer.P}q:default:5") == 0
+
+
+async def test_callback_and_errback(recipes_app: App, producer: Producer) -> None:
+    ok, cb, bad, eb = new_id(), new_id(), new_id(), new_id()
+    link = [{"t": "sig", "id": cb, "name": "add", "args": [100], "kwargs": {}, "opts": {}}]
+    assert await producer.enqueue(
+        producer.record(ok, "add", [], m=payload("add", [1, 2], link=link))
+    ) == [1]
+    assert value(await producer.result(cb)) == 103
+    errback = producer.record(eb, "report", [], m=payload("report", []))
+    assert await producer.enqueue(producer.record(bad, "add", ["x", 1], eb=[errback])) == [1]
+    report = value(await producer.result(eb))
+    assert report["task_id"] == bad and report["exc_type"] == "TypeError"
 
 
 async def test_failure_is_readable(recipes_app: App, producer: Producer) -> None:

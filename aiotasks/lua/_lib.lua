@@ -61,6 +61,7 @@ local function xadd_task(t, ttl, now_ms, enqueued_at)
   -- sent again) is stale and must not run, and a revoke deletes the entry outright.
   redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
     'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream)
+  if t.eb then redis.call('HSET', tkey, '_eb', cmsgpack.pack(t.eb)) end
   redis.call('PEXPIRE', tkey, ttl * 1000)
 end
 
@@ -84,9 +85,15 @@ end
 -- Returns 1 when enqueued, 0 when skipped.
 local function enqueue_task(mode, t, now_ms)
   local tkey = K.task(t.id)
-  local cur = redis.call('HMGET', tkey, 'state', 'retries')
+  local cur = redis.call('HMGET', tkey, 'state', 'retries', '_replaced')
   local state = cur[1]
   local again = mode == 'retry' or mode == 'defer'
+  if cur[3] and not again then
+    -- The final task of a replacement takes the place of the task it replaced (the
+    -- same id): its record, reply channel and errbacks stay.
+    redis.call('HDEL', tkey, '_replaced')
+    state = nil
+  end
   if state and (mode == 'follow' or (mode == 'send' and LIVE[state])
       or (again and FINAL[state])
       or (mode == 'retry' and tonumber(cur[2] or 0) >= (tonumber(t.r) or 0))
@@ -107,9 +114,20 @@ local function enqueue_task(mode, t, now_ms)
   return 1
 end
 
--- Record a final state with `fields` (a map), drop what only a live task needs, and
--- wake the waiters (with the result, when the fields hold one).
-local function final_write(id, state, fields, ttl)
+-- Enqueue an errback record with the failure it is for in its entry field `err` (not
+-- for an immutable one). Its id was chosen at send time: it is enqueued once.
+local function send_errback(rec, failure, now_ms)
+  if rec.imm ~= 1 then
+    failure.chord_id = rec.ecid
+    rec.err = cmsgpack.pack(failure)
+  end
+  enqueue_task('follow', rec, now_ms)
+end
+
+-- Record a final state with `fields` (a map), drop what only a live task needs, wake
+-- the waiters (with the result, when the fields hold one), and on FAILURE send the
+-- errbacks stored with the task.
+local function final_write(id, state, fields, ttl, now_ms)
   local tkey = K.task(id)
   local cmd = {'HSET', tkey, 'state', state}
   for k, v in pairs(fields) do
@@ -117,7 +135,16 @@ local function final_write(id, state, fields, ttl)
     cmd[#cmd + 1] = v
   end
   redis.call(unpack(cmd))
-  redis.call('HDEL', tkey, '_rec', '_e', '_st')
+  if state == 'FAILURE' then
+    local h = redis.call('HMGET', tkey, '_eb', 'name')
+    if h[1] then
+      for _, rec in ipairs(cmsgpack.unpack(h[1])) do
+        send_errback(rec, {task_id = id, name = h[2] or '', exc_type = fields.exc_type or '',
+          exc_message = fields.exc_message or ''}, now_ms)
+      end
+    end
+  end
+  redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced')
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, state, fields.ct, fields.result)
 end
@@ -134,7 +161,7 @@ local function fail_task(id, state, exc_type, exc_message, ttl, now_ms, failed_i
   if state == 'FAILURE' then
     fields.exc_type, fields.exc_message, fields.failed_task_id = exc_type, exc_message, failed_id
   end
-  final_write(id, state, fields, ttl)
+  final_write(id, state, fields, ttl, now_ms)
 end
 
 -- Record a header's final state for its chord. Idempotent per header index; the call
@@ -164,13 +191,17 @@ settle_chord = function(cid, idx, id, state, value, exc_type, exc_message, now_m
     msg = msg .. ': ' .. exc_type .. ': ' .. (exc_message or '')
   end
   final_write(body.id, 'FAILURE', {finished_at = now_ms, exc_type = 'ChordError',
-    exc_message = msg, failed_task_id = id}, ttl)
+    exc_message = msg, failed_task_id = id}, ttl, now_ms)
   fail_task(body.tail, 'FAILURE', 'ChordError', msg, ttl, now_ms, id)
   if body.cid and body.cid ~= '' then
     settle_chord(body.cid, body.cix, body.id, 'FAILURE', '', 'ChordError', msg, now_ms)
   end
   local on_error = redis.call('HGET', ck, 'on_error')
-  if on_error then enqueue_task('follow', cmsgpack.unpack(on_error), now_ms) end
+  if on_error then
+    local name = redis.call('HGET', K.task(id), 'name')
+    send_errback(cmsgpack.unpack(on_error), {task_id = id, name = name or '',
+      exc_type = exc_type or state, exc_message = exc_message or ''}, now_ms)
+  end
 end
 
 -- A task that will not run (revoked, expired, dead-lettered) still settles what waits on it.

@@ -17,6 +17,11 @@
 --          Move an entry that must not run (undecodable, unknown task) to the queue's
 --          dead-letter stream with its original fields, and fail its task.
 --   {op='enqueue', mode, task}      task: a task record, as for enqueue.lua
+--   {op='replaced', id}
+--          The running task is replaced by a canvas whose final task has its id: it
+--          reads PENDING until that task runs, and that task's enqueue takes its place
+--          (record, reply channel, errbacks). Followed by the replacement's 'enqueue'
+--          and 'chord' ops and an 'ack' of the entry.
 --   {op='chord', id, ttl, n, body, on_error?}
 --          Create a chord's counter hash (skipped when it exists: a replay). body and
 --          on_error are task records, stored whole and enqueued when the chord settles;
@@ -40,7 +45,7 @@ local function done(op)
   if op.ignore_result == 1 and state == 'SUCCESS' then
     f.result, f.ct = nil, nil
   end
-  final_write(id, state, f, ttl)
+  final_write(id, state, f, ttl, now_ms)
   if state ~= 'SUCCESS' then
     fail_task(op.tail, state, f.exc_type, f.exc_message, ttl, now_ms)
   end
@@ -57,6 +62,14 @@ local function dead(op)
   end
   dead_letter(op.stream, op.entry, flat, f, op.queue, op.exc_type, op.exc_message,
     tonumber(op.ttl), now_ms)
+end
+
+local function replaced(op)
+  local tkey = K.task(op.id)
+  if FINAL[redis.call('HGET', tkey, 'state') or ''] then return end  -- revoked meanwhile
+  redis.call('HSET', tkey, 'state', 'PENDING', '_replaced', 1)
+  redis.call('HDEL', tkey, 'started_at', 'worker', '_e', '_st')
+  redis.call('PUBLISH', K.done_channel(op.id), 'PENDING')
 end
 
 local function chord(op)
@@ -81,6 +94,8 @@ for _, op in ipairs(ops) do
     redis.call('SADD', K.queues(), op.task.queue)
   elseif name == 'chord' then
     chord(op)
+  elseif name == 'replaced' then
+    replaced(op)
   else
     return redis.error_reply('finish.lua: unknown op ' .. tostring(name))
   end

@@ -33,6 +33,7 @@ if state == 'PENDING' and h[3] and h[4] then
   end
 end
 redis.call('HSET', tkey, 'state', 'REVOKED', 'finished_at', now_ms)
+redis.call('HDEL', tkey, '_replaced', '_eb')
 redis.call('PEXPIRE', tkey, ttl * 1000)
 notify(id, 'REVOKED')
 return state or ''

@@ -17,7 +17,7 @@ from typing import Any
 from aiotasks import current_task
 from tests.apps.basic import app
 
-__all__ = ["app", "body_count", "gate", "header", "stall"]
+__all__ = ["app", "body_count", "gate", "header", "probe", "replacer", "stall", "victim"]
 
 
 def _key(name: str) -> str:
@@ -69,3 +69,37 @@ async def body_count(values: list[Any]) -> list[Any]:
     """A chord body: counts its executions (INCR `{ns}:test:body`), returns its input."""
     await current_task().app.client.redis.incr(_key("body"))
     return values
+
+
+# -- the canvas crash drill of tests/test_canvas_crash.py ---------------------------------
+
+
+async def _count(name: str) -> bool:
+    """Counts a run under `name`; True the first time `name` runs."""
+    r = current_task().app.client.redis
+    await r.hincrby(_key("runs"), name, 1)
+    return bool(await r.set(_key(f"killed:{name}"), 1, nx=True))
+
+
+@app.task
+async def victim(i: int, tag: str) -> int:
+    """Counts its run under `tag`; its first run SIGKILLs its worker after that side
+    effect, before the result is stored, so it is redelivered and runs again."""
+    if await _count(tag):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+@app.task
+async def probe(value: Any, name: str) -> Any:
+    """A callback or a body: counts its run under `name`, returns `value`."""
+    await _count(name)
+    return value
+
+
+@app.task
+async def replacer(i: int) -> None:
+    """Kills its worker on its first run; then replaces itself with probe(i * 10)."""
+    if await _count("replacer"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise current_task().replace(probe.s(i * 10, "replaced"))

@@ -1,0 +1,78 @@
+"""Canvas callbacks under worker crashes: real worker processes and SIGKILL.
+
+Each parent task SIGKILLs its worker on its first run, after its side effect and before
+its result is stored, so it runs again elsewhere. What its result sets off (link
+callbacks, the replacement of a task that replaces itself, the group that ends a chain)
+is enqueued only by the Lua call that stores the result, with ids chosen at send time,
+so each runs exactly once, and nothing is left unfinished.
+
+The worker subprocesses run tests.apps.canvas with visibility_timeout=1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, Signature, chain, group
+from tests.helpers import wait_consuming
+
+pytestmark = pytest.mark.slow
+
+Spawn = Callable[..., Any]
+
+
+def sig(app: App, name: str, *args: Any, **options: Any) -> Signature:
+    return Signature(f"tests.apps.canvas.{name}", args, app=app, options=options)
+
+
+async def runs(app: App) -> dict[str, int]:
+    raw = await app.client.redis.hgetall(f"{app.client.keys.prefix}test:runs")
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def unfinished(app: App) -> list[tuple[str, bytes]]:
+    r = app.client.redis
+    out = []
+    async for key in r.scan_iter(match=app.client.keys.task("*")):
+        state = await r.hget(key, "state")
+        if state not in (b"SUCCESS", b"FAILURE", b"REVOKED"):
+            out.append((key.decode(), state))
+    return out
+
+
+async def test_sigkill_mid_callbacks_replace_and_chain_runs_each_once(
+    app: App, spawn_worker: Spawn
+) -> None:
+    workers = [spawn_worker(module="canvas") for _ in range(4)]
+    await wait_consuming(app, *workers)
+
+    linked = sig(app, "victim", 1, "link").set(
+        link=[sig(app, "probe", "cb1"), sig(app, "probe", "cb2")],
+        link_error=sig(app, "probe", None, "errback"),
+    )
+    h_link = await linked.send()
+    h_replace = await sig(app, "replacer", 2).send()
+    h_chain = await chain(
+        sig(app, "victim", 3, "chain"), group(sig(app, "probe", "g"), sig(app, "probe", "g"))
+    ).send()
+
+    assert await h_link.result(timeout=30) == 1
+    assert await h_replace.result(timeout=30) == 20
+    assert await h_chain.result(timeout=30) == [3, 3]
+
+    await asyncio.sleep(2.0)  # anything left to redeliver would have run by now
+    counted = await runs(app)
+    assert counted["link"] == 2 and counted["chain"] == 2 and counted["replacer"] == 2, counted
+    assert counted["cb1"] == 1 and counted["cb2"] == 1, counted
+    assert counted["replaced"] == 1, counted
+    assert counted["g"] == 2, counted  # two members, each once
+    assert "errback" not in counted
+    assert await unfinished(app) == []
+    killed = [w for w in workers if w.proc.poll() is not None]
+    assert 1 <= len(killed) <= 3
+    assert all(w.proc.returncode == -signal.SIGKILL for w in killed)
