@@ -31,13 +31,10 @@ T = TypeVar("T")
 
 
 def hide_password(url: str) -> str:
-    """The URL with its password replaced by ***, for logs and banners."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    """The URL with its password replaced by ***: an alias of config.redact_url."""
+    from .config import redact_url
+
+    return redact_url(url)
 
 
 class Broker:
