@@ -110,7 +110,7 @@ def _leaks(url: str, hidden: str) -> bool:
         secrets += [v for k, v in query if "pass" in k.lower()]
     except ValueError:
         return False
-    return any(len(s) >= 3 and s in hidden for s in secrets)
+    return any(len(s) >= 3 and s != HIDDEN and s in hidden for s in secrets)
 
 
 # -- checking a URL before connecting ----------------------------------------------------

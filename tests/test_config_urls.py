@@ -92,6 +92,7 @@ def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert SECRET not in redact_url(url)
     assert hide_password(url) == shown  # the broker's old name is an alias
+    assert redact_url(shown) == shown  # hiding twice changes nothing
 
 
 def test_settings_repr_hides_the_password() -> None:
