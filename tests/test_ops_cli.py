@@ -48,8 +48,8 @@ def error_line(result: Result) -> str:
 
 def unanswered(result: Result, question: str) -> None:
     """The question was asked on stderr, nobody answered (empty stdin): one error line."""
-    prompt, error = result.stderr.strip().splitlines()
-    assert prompt.startswith(question) and prompt.endswith("[y/N]:"), result.stderr
+    prompt, error = result.stderr.splitlines()
+    assert prompt == f"{question} [y/N]: ", result.stderr
     assert error == (
         "error: no answer to the confirmation (standard input ended): pass --yes to skip it"
     )

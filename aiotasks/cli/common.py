@@ -184,19 +184,19 @@ async def _connect(app: App) -> None:
 
 
 def confirm(question: str, yes: bool) -> None:
-    """Ask unless --yes; the answer may come from a terminal or a pipe (`echo y | ...`)."""
+    """Ask unless --yes; the answer may come from a terminal or a pipe (`echo y | ...`).
+
+    The question goes to stderr, so that stdout holds only the command's result.
+    """
     if yes:
         return
-    try:
-        answer = typer.confirm(question, default=False, err=True)
-    except typer.Abort:  # end of input: nobody answered
-        typer.echo(err=True)  # end the prompt's line
-        raise fail(
-            "no answer to the confirmation (standard input ended): pass --yes to skip it"
-        ) from None
+    typer.echo(f"{question} [y/N]: ", nl=False, err=True)
+    answer = sys.stdin.readline()
     if not sys.stdin.isatty():
-        typer.echo(err=True)  # the answer came from a pipe: end the prompt's line
+        typer.echo(answer.strip(), err=True)  # show what the pipe answered, end the line
     if not answer:
+        raise fail("no answer to the confirmation (standard input ended): pass --yes to skip it")
+    if answer.strip().lower() not in ("y", "yes"):
         typer.echo("aborted", err=True)
         raise typer.Exit(1)
 

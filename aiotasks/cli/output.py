@@ -152,7 +152,7 @@ def render(blocks: Sequence[Block], width: int) -> RenderableType:
         if isinstance(block, Table):
             parts.append(_rich_table(block, width))
         elif isinstance(block, Fields):
-            parts.append(_rich_fields(block))
+            parts.append(_rich_fields(block, width))
         else:
             parts.append(_rich_text((block.text.rstrip(), block.style)))
     return Group(*parts)
@@ -169,7 +169,7 @@ def _rich_table(table: Table, width: int) -> RenderableType:
         width - gaps,
     )
     if widths is None:  # its words cannot all fit side by side: one block per row
-        return _records(table)
+        return _records(table, width)
     out = RichTable(
         title=table.title,
         title_justify="left",
@@ -209,25 +209,39 @@ def fit_widths(natural: Sequence[int], minimal: Sequence[int], room: int) -> lis
     return capped(low)
 
 
-def _records(table: Table) -> RenderableType:
+def _records(table: Table, width: int) -> RenderableType:
     from rich.console import Group
 
     parts: list[RenderableType] = [_rich_text((table.title, "bold"))]
     for row in table.rows:
         parts.append("")
-        parts.append(_rich_fields(Fields(list(zip(table.headers, row, strict=True)))))
+        parts.append(_rich_fields(Fields(list(zip(table.headers, row, strict=True))), width))
     return Group(*parts)
 
 
-def _rich_fields(block: Fields) -> RenderableType:
+def _rich_fields(block: Fields, width: int) -> RenderableType:
+    """Keys and values side by side; a value with a word too long for that goes below its
+    key, at the full width."""
+    from rich.cells import cell_len
+    from rich.console import Group
     from rich.table import Table as RichTable
 
-    grid = RichTable.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column(overflow="fold")
+    key_width = max((cell_len(key) for key, _ in block.pairs), default=0)
+    room = width - key_width - 2
+    parts: list[RenderableType] = []
+    grid: RichTable | None = None
     for key, value in block.pairs:
+        if _longest_word(text(value)) > room:
+            parts += [_rich_text((key, "bold")), _rich_text(value)]
+            grid = None
+            continue
+        if grid is None:
+            grid = RichTable.grid(padding=(0, 2))
+            grid.add_column(style="bold", no_wrap=True, width=key_width)
+            grid.add_column(overflow="fold")
+            parts.append(grid)
         grid.add_row(key, _rich_text(value))
-    return grid
+    return Group(*parts)
 
 
 def _rich_text(cell: Cell) -> Text:
