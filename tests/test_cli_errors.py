@@ -12,12 +12,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 import typer.main
 from typer.testing import CliRunner
 
@@ -285,3 +287,19 @@ async def test_a_result_timeout_says_so(app: App) -> None:
     task_id = proc.stdout.strip()
     assert one_error(proc, 1) == f"error: task {task_id} did not finish within 1 s"
     assert await app.handle(task_id).state() == TaskState.PENDING
+
+
+def test_a_wrong_password_is_refused_at_once(own_server: Any) -> None:
+    with redis.Redis.from_url(own_server.url) as client:
+        client.config_set("requirepass", "right-pw")
+    url = own_server.url.replace("redis://", "redis://:wrong-pw@")
+    shown = own_server.url.replace("redis://", "redis://:***@")
+    for command in (["status"], ["run", "tests.apps.ops:app", "--connect-timeout", "20"]):
+        started = time.monotonic()
+        proc = aiotasks(*command, "--redis-url", url)
+        assert one_error(proc, 1) == (
+            f"error: Redis at {shown} refused the credentials: "
+            "invalid username-password pair or user is disabled."
+        )
+        assert time.monotonic() - started < 10  # not retried for --connect-timeout
+        assert "wrong-pw" not in proc.stdout + proc.stderr

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 from ..admin import Admin
 from ..app import App
@@ -178,6 +178,10 @@ async def _connect(app: App) -> None:
         ) from None
     except ResponseError as exc:  # e.g. "DB index is out of range"
         raise fail(f"Redis at {url} refused the connection: {exc}") from None
+    except BrokerConnectionError as exc:
+        if isinstance(exc.__cause__, AuthenticationError):
+            raise fail(f"Redis at {url} refused the credentials: {exc.__cause__}") from None
+        raise
 
 
 # -- asking and checking ------------------------------------------------------------------
