@@ -17,7 +17,7 @@ LINT_PATHS ?= aiotasks tests benchmarks examples
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
-WITH_SERVER = $(VPY) -m aiotasks.devserver --mode $(REDIS) --
+WITH_SERVER = $(VPY) -m aiotasks.testing.server --mode $(REDIS) --
 
 .PHONY: all help install format lint typecheck test test-embedded demo bench clean distclean
 

@@ -47,6 +47,10 @@ class QueueNotFound(AiotasksError, LookupError):
     """No task was ever sent to this queue and none of its streams exist."""
 
 
+class TaskUnreadable(AiotasksError, ValueError):
+    """A task's record exists but cannot be read (an unknown state, a malformed field)."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueueStatus:
     """One queue: tasks waiting, running, scheduled and dead-lettered, and who consumes it.
@@ -324,10 +328,14 @@ class Admin:
 
         Raises:
             TaskNotFound: no record of the id (never sent, or expired).
+            TaskUnreadable: the record has an unknown state or a malformed field.
         """
         if not await self.exists(task_id):
             raise TaskNotFound(f"no task with id {task_id!r} in namespace {self.keys.namespace!r}")
-        return await self.app.handle(task_id).info()
+        try:
+            return await self.app.handle(task_id).info()
+        except ValueError as exc:
+            raise await self._unreadable(task_id, exc) from exc
 
     # -- acting -------------------------------------------------------------------------
 
@@ -338,13 +346,29 @@ class Admin:
 
         Raises:
             TaskNotFound: no record of the id (revoking it would only create one).
+            TaskUnreadable: the record has an unknown state or a malformed field.
         """
         if not await self.exists(task_id):
             raise TaskNotFound(f"no task with id {task_id!r} in namespace {self.keys.namespace!r}")
-        before = await self.app.handle(task_id).state()
+        try:
+            before = await self.app.handle(task_id).state()
+        except ValueError as exc:
+            raise await self._unreadable(task_id, exc) from exc
         if not before.is_final:
             await self.app.handle(task_id).revoke(terminate=terminate)
         return before
+
+    async def _unreadable(self, task_id: str, exc: ValueError) -> TaskUnreadable:
+        raw: Any = await cast(Any, self.redis).hget(self.keys.task(task_id), "state")
+        state = None if raw is None else _text(raw)
+        if state not in set(TaskState):
+            problem = f"has an unknown state {state!r} (known: {', '.join(TaskState)})"
+        else:
+            problem = f"cannot be read ({exc})"
+        return TaskUnreadable(
+            f"the record of task {task_id!r} {problem}: "
+            "written by another program or aiotasks version?"
+        )
 
     async def send(
         self,

@@ -1,22 +1,70 @@
-"""Log formatting for the CLI: `--log-format json` writes one JSON object per line."""
+"""Logging for the CLI: `--log-format text|json`. The library itself never adds handlers.
+
+With json, every line on stderr is one JSON object: `time`, `level`, `logger`, `message`,
+then every field a call site passed with `extra=` (e.g. `task_id`, `task_name`, `state`,
+`duration`, `attempt`, `queue`, `worker`), then `exc_info` when there is a traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
+from typing import Any
+
+#: Attributes every LogRecord has: anything else on a record came from `extra=`.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a call site added with `extra=`, in the order it gave them."""
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _RECORD_ATTRIBUTES and not key.startswith("_")
+    }
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, and exc_info if any."""
+    """One JSON object per record: time, level, logger, message, extras, exc_info if any."""
 
     def format(self, record: logging.LogRecord) -> str:
-        data = {
+        data: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        data.update(extra_fields(record))
         if record.exc_info:
             data["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack_info"] = self.formatStack(record.stack_info)
         return json.dumps(data, default=str)
+
+
+def setup(level: str, fmt: str = "text") -> None:
+    """Send every record at `level` and above to stderr, as text lines or JSON objects."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def json_enabled() -> bool:
+    """Did `setup` choose JSON? (then errors go out as JSON records too)"""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
+def emit(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
+    """Hand one record straight to the root handlers, whatever the configured level.
+
+    For what must always show, as a banner or an error line does in text mode.
+    """
+    record = logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields)
+    for handler in logging.getLogger().handlers:
+        handler.handle(record)

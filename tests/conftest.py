@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from aiotasks import App, Worker
-from aiotasks.devserver import OwnServer, resolve_server, server_binary
+from aiotasks.testing.server import OwnServer, resolve_server, server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""aiotasks.devserver: real server processes, each test bounded to a few seconds."""
+"""aiotasks.testing.server, the dev server: real server processes, each bounded to a few seconds."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from aiotasks import devserver
-from aiotasks.devserver import OwnServer, dev_server, env_redis_url, ping, server_binary
+from aiotasks.config import ENV_VARS
+from aiotasks.testing import server as devserver
+from aiotasks.testing.server import OwnServer, dev_server, ping, server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "aiotasks.devserver"]
+CLI = [sys.executable, "-m", "aiotasks.testing.server"]
 
 
 def _has_embedded() -> bool:
@@ -35,7 +36,7 @@ def _free_url() -> str:
 
 
 def _cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in devserver.ENV_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
     env.pop("AIOTASKS_TEST_SERVER", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
@@ -65,16 +66,16 @@ def _set_get(url: str, key: str, value: str) -> str | None:
 # --------------------------------------------------------------------------- helpers
 
 
-def test_env_redis_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AIOTASKS_REDIS_URL", raising=False)
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    assert env_redis_url() is None
-    monkeypatch.setenv("REDIS_URL", "redis://a/0")
-    assert env_redis_url() == "redis://a/0"
-    monkeypatch.setenv("AIOTASKS_REDIS_URL", "redis://b/1")
-    assert env_redis_url() == "redis://b/1"
-    monkeypatch.setenv("AIOTASKS_REDIS_URL", "")
-    assert env_redis_url() == "redis://a/0"
+def test_the_worker_never_imports_the_dev_server() -> None:
+    code = (
+        "import sys, aiotasks, aiotasks.app, aiotasks.worker, aiotasks.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('aiotasks.testing')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_cli_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_ping_nothing_listening_is_false_and_fast() -> None:
@@ -82,12 +83,6 @@ def test_ping_nothing_listening_is_false_and_fast() -> None:
     assert ping(_free_url(), timeout=0.5) is False
     assert ping("not a url") is False
     assert time.monotonic() - started < 3
-
-
-def test_redact_hides_password() -> None:
-    assert devserver.redact("redis://:s3cret@h:1/0") == "redis://:***@h:1/0"
-    assert devserver.redact("redis://u:s3cret@h/0") == "redis://u:***@h/0"
-    assert devserver.redact("redis://h:1/0") == "redis://h:1/0"
 
 
 # --------------------------------------------------------------------------- OwnServer
@@ -252,6 +247,12 @@ def test_cli_errors() -> None:
     done = _run_cli("--mode", "system", "--", sys.executable, "-c", "0", AIOTASKS_REDIS_URL=dead)
     assert done.returncode == 1
     assert "no Redis answers" in done.stderr
+
+    secret = dead.replace("redis://", "redis://:s3cr3t@").replace("/0", "/0?password=s3cr3t")
+    done = _run_cli("--mode", "auto", "--", sys.executable, "-c", "0", REDIS_URL=secret)
+    assert done.returncode == 1
+    assert "no Redis answers at redis://:***@127.0.0.1:" in done.stderr
+    assert "password=***" in done.stderr and "s3cr3t" not in done.stderr
 
     done = _run_cli("--mode", "nope", "--", "true")
     assert done.returncode == 2

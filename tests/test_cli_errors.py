@@ -1,0 +1,317 @@
+"""Every CLI command, every bad input: one `error:` line, a non-zero exit, no traceback.
+
+`test_every_subcommand_refuses_malformed_input` discovers the commands from the typer app
+(so a new command is covered without editing this file) and feeds each one malformed
+options and arguments in-process. The inputs an operator reported as raw tracebacks run
+as real `python -m aiotasks` processes against the test server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+import typer.main
+from typer.testing import CliRunner
+
+from aiotasks import App, TaskState
+from aiotasks.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+UNREACHABLE = "redis://127.0.0.1:1/0"
+SECRET = "s3cr3t-pw"
+BAD_URLS = [
+    "http://127.0.0.1:6379/0",
+    "redis://h:notaport/0",
+    "redis://[::1/0",
+    "redis://h:99999/0",
+    "redis://h/zero",
+    "unix://",
+    f"redis://:{SECRET}@h:notaport/0?password={SECRET}",
+]
+BAD_APPS = ["nocolon", "tests.apps.no_such_module:app", "tests.apps.ops:no_such_attr"]
+#: A valid value for each positional argument, by parameter name.
+ARGUMENTS = {
+    "app_spec": "tests.apps.ops:app",
+    "task_id": "abc",
+    "queue": "default",
+    "name": "ops.add",
+}
+#: Environment variables that would change what a command reads: unset for the walk.
+CLEAN_ENV: dict[str, str | None] = {
+    "AIOTASKS_APP": None,
+    "AIOTASKS_REDIS_URL": None,
+    "REDIS_URL": None,
+    "COLUMNS": "100",
+}
+
+
+# -- the walk -----------------------------------------------------------------------------
+
+
+def leaf_commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[list[str], Any]]:
+    """(command words, click command) for every runnable command under `group`."""
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):
+            yield from leaf_commands(command, (*path, name))
+        else:
+            yield [*path, name], command
+
+
+def malformed(words: list[str], command: Any) -> Iterator[tuple[str, list[str], int]]:
+    """(what is wrong, argv, expected exit code) for one command."""
+    arguments = [p for p in command.params if p.param_type_name == "argument"]
+    options = [p for p in command.params if p.param_type_name == "option"]
+    valid = [ARGUMENTS[p.name] for p in arguments]
+    base = [*words, *valid]
+    if any(p.name == "redis_url" for p in options):
+        base += ["--redis-url", UNREACHABLE]  # a case that slips through fails fast, exit 1
+    if words == ["run"]:
+        base += ["--connect-timeout", "0"]
+    yield "an unknown option", [*base, "--no-such-option"], 2
+    yield "an extra argument", [*base, "surplus"], 2
+    if arguments:
+        yield "no arguments", list(words), 2
+    for option in options:
+        yield from _bad_values(base, option)
+    for argument in arguments:
+        if argument.name == "app_spec":
+            for spec in BAD_APPS:
+                yield f"MODULE:APP {spec}", [*words, spec, *base[len(words) + 1 :]], 2
+
+
+def _bad_values(base: list[str], option: Any) -> Iterator[tuple[str, list[str], int]]:
+    flag = option.opts[0]
+    if option.is_flag:
+        return
+    kind = type(option.type).__name__  # click's IntRange, FloatParamType, Choice, ...
+    if kind.startswith(("Int", "Float")):
+        yield from _bad_numbers(base, flag, option.type)
+    if kind.endswith("Choice"):
+        yield f"{flag} not a choice", [*base, flag, "no-such-choice"], 2
+    if option.name == "redis_url":
+        for url in BAD_URLS:
+            yield f"{flag} {url}", [*base, flag, url], 2
+    if option.name == "app_spec":
+        for spec in BAD_APPS:
+            yield f"{flag} {spec}", [*base, flag, spec], 2
+
+
+def _bad_numbers(base: list[str], flag: str, kind: Any) -> Iterator[tuple[str, list[str], int]]:
+    yield f"{flag} not a number", [*base, flag, "many"], 2
+    if getattr(kind, "min", None) is not None:
+        yield f"{flag} below its minimum", [*base, flag, str(kind.min - 1)], 2
+    if getattr(kind, "max", None) is not None:
+        yield f"{flag} above its maximum", [*base, flag, str(kind.max * 10 + 9)], 2
+    if type(kind).__name__.startswith("Float"):
+        yield f"{flag} nan", [*base, flag, "nan"], 2
+        yield f"{flag} inf", [*base, flag, "inf"], 2
+
+
+CASES = [
+    pytest.param(argv, code, id=f"{' '.join(words)}: {what}")
+    for words, command in leaf_commands(typer.main.get_command(cli))
+    for what, argv, code in malformed(words, command)
+]
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """`run` configures the root logger: put it back after each case."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_the_walk_covers_every_command_and_kind_of_option() -> None:
+    ids = {c.id for c in CASES}
+    for words in ("run", "status", "inspect", "revoke", "purge", "send", "dead-letters list"):
+        assert f"{words}: an unknown option" in ids
+    for expected in (
+        "run: --concurrency not a number",
+        "run: --metrics-port above its maximum",
+        "run: --connect-timeout nan",
+        "run: --log-level not a choice",
+        "run: MODULE:APP nocolon",
+        "send: --priority above its maximum",
+        "send: --redis-url redis://h:notaport/0",
+        "status: --interval below its minimum",
+        "dead-letters list: --count below its minimum",
+        "dead-letters drop: no arguments",
+        "purge: --app tests.apps.ops:no_such_attr",
+    ):
+        assert expected in ids, expected
+
+
+@pytest.mark.parametrize(("argv", "code"), CASES)
+def test_every_subcommand_refuses_malformed_input(
+    argv: list[str], code: int, keep_logging: None
+) -> None:
+    result = CliRunner().invoke(cli, argv, env=CLEAN_ENV, catch_exceptions=False)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    assert result.exit_code == code, output
+    assert SECRET not in output, output
+
+
+def test_a_bad_url_from_the_environment_is_one_line(keep_logging: None) -> None:
+    env = {**CLEAN_ENV, "AIOTASKS_REDIS_URL": "ftp://files.example.com/0"}
+    for argv in (["status"], ["inspect", "abc"], ["dead-letters", "list", "q"]):
+        result = CliRunner().invoke(cli, argv, env=env, catch_exceptions=False)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            "error: invalid Redis URL 'ftp://files.example.com/0': unsupported scheme 'ftp://' "
+            "(expected redis://host:port/db, rediss://host:port/db or unix:///path/to/socket) "
+            "(from $AIOTASKS_REDIS_URL)\n"
+        )
+
+
+# -- the reported inputs, as real processes -----------------------------------------------
+
+
+def aiotasks(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> Any:
+    """Run `python -m aiotasks ARGS` to completion."""
+    full = {k: v for k, v in os.environ.items() if k not in ("AIOTASKS_APP", "REDIS_URL")}
+    full.pop("AIOTASKS_REDIS_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "aiotasks", *args],
+        cwd=ROOT,
+        env={**full, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def one_error(proc: Any, code: int) -> str:
+    """The one error line of a finished process (which exited `code`, with no traceback)."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == code, output
+    assert "Traceback" not in output, output
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+def with_db(url: str, db: int) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (
+            ["status", "--redis-url", "http://h:6379/0"],
+            {},
+            "error: invalid Redis URL 'http://h:6379/0': unsupported scheme 'http://'",
+        ),
+        (
+            ["status"],
+            {"AIOTASKS_REDIS_URL": "http://h:6379/0"},
+            "error: invalid Redis URL 'http://h:6379/0': unsupported scheme 'http://'",
+        ),
+        (
+            ["run", "tests.apps.ops:app"],
+            {"AIOTASKS_REDIS_URL": "http://h:6379/0"},
+            "error: invalid Redis URL 'http://h:6379/0': unsupported scheme 'http://'",
+        ),
+        (
+            ["inspect", "abc", "--redis-url", "redis://h:notaport/0"],
+            {},
+            "error: invalid Redis URL 'redis://h:notaport/0': the port is not a number: "
+            "'notaport' (from --redis-url)",
+        ),
+        (
+            ["send", "ops.add", "--redis-url", "redis://[::1/0"],
+            {},
+            "error: invalid Redis URL 'redis://[::1/0': the host is malformed",
+        ),
+        (
+            ["run", "tests.apps.ops:app", "--metrics-port", "99999"],
+            {},
+            "error: invalid value for '--metrics-port': 99999 is not in the range 1<=x<=65535",
+        ),
+        (
+            ["run", "tests.apps.ops:app", "--redis-url", f"redis://:{SECRET}@h:x/0"],
+            {},
+            "error: invalid Redis URL 'redis://:***@h:x/0': the port is not a number: 'x'",
+        ),
+    ],
+)
+def test_reported_bad_inputs_exit_2(args: list[str], env: dict[str, str], expected: str) -> None:
+    proc = aiotasks(*args, env=env)
+    assert one_error(proc, 2).startswith(expected)
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["run", "tests.apps.ops:app"]])
+def test_a_database_out_of_range_is_one_line(redis_url: str, command: list[str]) -> None:
+    url = with_db(redis_url, 999)
+    proc = aiotasks(*command, "--redis-url", url)
+    assert one_error(proc, 1) == (
+        f"error: Redis at {url} refused the connection: DB index is out of range"
+    )
+
+
+async def test_an_integer_msgpack_cannot_hold(app: App) -> None:
+    proc = aiotasks(
+        "send", "ops.add", "--args", "[18446744073709551616, 1]",
+        "--redis-url", app.settings.redis_url, "--namespace", app.settings.namespace,
+    )  # fmt: skip
+    assert one_error(proc, 2) == (
+        "error: cannot send these arguments: cannot encode with msgpack: cannot serialize "
+        "object of type int (msgpack integers must fit in 64 bits: -2**63 .. 2**64-1)"
+    )
+    assert proc.stdout == ""
+    assert await app.client.redis.exists(app.client.keys.queues) == 0  # nothing was sent
+
+
+async def test_a_record_with_an_unknown_state(app: App) -> None:
+    await app.client.redis.hset(app.client.keys.task("odd"), mapping={"state": "BOGUS"})
+    conn = ["--redis-url", app.settings.redis_url, "--namespace", app.settings.namespace]
+    for command in (["inspect", "odd"], ["inspect", "odd", "--json"], ["revoke", "odd"]):
+        proc = aiotasks(*command, *conn)
+        assert one_error(proc, 1) == (
+            "error: the record of task 'odd' has an unknown state 'BOGUS' (known: PENDING, "
+            "SCHEDULED, STARTED, SUCCESS, FAILURE, REVOKED): written by another program or "
+            "aiotasks version?"
+        )
+    assert await app.client.redis.hget(app.client.keys.task("odd"), "state") == b"BOGUS"
+
+
+async def test_a_result_timeout_says_so(app: App) -> None:
+    conn = ["--redis-url", app.settings.redis_url, "--namespace", app.settings.namespace]
+    proc = aiotasks("send", "nobody.runs.this", "--wait", "--timeout", "1", *conn)
+    task_id = proc.stdout.strip()
+    assert one_error(proc, 1) == f"error: task {task_id} did not finish within 1 s"
+    assert await app.handle(task_id).state() == TaskState.PENDING
+
+
+def test_a_wrong_password_is_refused_at_once(own_server: Any) -> None:
+    with redis.Redis.from_url(own_server.url) as client:
+        client.config_set("requirepass", "right-pw")
+    url = own_server.url.replace("redis://", "redis://:wrong-pw@")
+    shown = own_server.url.replace("redis://", "redis://:***@")
+    for command in (["status"], ["run", "tests.apps.ops:app", "--connect-timeout", "20"]):
+        started = time.monotonic()
+        proc = aiotasks(*command, "--redis-url", url)
+        assert one_error(proc, 1) == (
+            f"error: Redis at {shown} refused the credentials: "
+            "invalid username-password pair or user is disabled."
+        )
+        assert time.monotonic() - started < 10  # not retried for --connect-timeout
+        assert "wrong-pw" not in proc.stdout + proc.stderr
