@@ -63,6 +63,8 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
+        #: Largest result body read back (results are written under max_message_size).
+        self.read_limit = max(settings.max_message_size, codec.MAX_SIZE)
         self._conn: _Connection | None = None
 
     def _connect(self) -> _Connection:
@@ -184,7 +186,7 @@ class Client:
 
     async def task_info(self, task_id: str) -> TaskInfo:
         """The stored info of a task (PENDING when unknown)."""
-        return TaskInfo.from_hash(task_id, await self.task_hash(task_id))
+        return TaskInfo.from_hash(task_id, await self.task_hash(task_id), self.read_limit)
 
     async def task_state(self, task_id: str) -> TaskState:
         """The state of a task (PENDING when unknown)."""
@@ -205,7 +207,7 @@ class Client:
         out: list[Any] = [None] * len(raw)
         for idx, value in raw.items():
             ct, _, data = value.partition(b"\n")
-            out[int(idx)] = codec.decode(data, ct.decode())
+            out[int(idx)] = codec.decode(data, ct.decode(), self.read_limit)
         return out
 
     # -- acting on a task ---------------------------------------------------------------

@@ -217,6 +217,9 @@ _COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Decompress]] = {
 
 SERIALIZERS: dict[str, Serializer] = {"msgpack": MsgpackSerializer(), "json": JsonSerializer()}
 
+#: Compression names a content type may carry.
+COMPRESSIONS = ("zlib", "lzma", "bz2", "zstd")
+
 #: Largest body (before and after decompression) a decode accepts by default.
 MAX_SIZE = 64 * 1024 * 1024
 
@@ -241,10 +244,21 @@ def _compressor(name: str) -> tuple[Callable[[bytes], bytes], Decompress]:
 
 
 def encode(
-    value: Any, serializer: str, compression: str | None = None, min_size: int = 1024
+    value: Any,
+    serializer: str,
+    compression: str | None = None,
+    min_size: int = 1024,
+    max_size: int = MAX_SIZE,
 ) -> tuple[bytes, str]:
-    """Encode `value`; returns the bytes and their content type."""
+    """Encode `value`; returns the bytes and their content type.
+
+    Raises:
+        SerializationError: the value cannot be encoded, or it takes more than
+            `max_size` bytes before compression (a reader would refuse to inflate it).
+    """
     data = get_serializer(serializer).dumps(value)
+    if len(data) > max_size:
+        raise SerializationError(f"{len(data)} bytes encoded, over max_message_size ({max_size})")
     if compression and len(data) >= min_size:
         return _compressor(compression)[0](data), f"{serializer}+{compression}"
     return data, serializer

@@ -162,8 +162,13 @@ def dead_op(
     exc_type: str,
     exc_message: str,
     ttl: int,
+    fields: dict[bytes, bytes],
 ) -> dict[str, Any]:
-    """Move an entry that must not run to its queue's dead letters and fail its task."""
+    """Move an entry that must not run to its queue's dead letters and fail its task.
+
+    `fields` are the entry's fields as the worker read them: Lua uses them when the
+    entry is gone from its stream meanwhile.
+    """
     return {
         "op": "dead",
         "stream": stream,
@@ -173,6 +178,7 @@ def dead_op(
         "exc_type": exc_type,
         "exc_message": exc_message,
         "ttl": ttl,
+        "fields": fields,
     }
 
 

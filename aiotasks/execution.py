@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backoff import exponential
 from .context import TaskContext, _current
+from .decode import DecodeError, decode_entry
 from .errors import (
     CONNECTION_ERRORS,
     Replace,
@@ -26,7 +27,7 @@ from .errors import (
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
 )
-from .message import RATE_RESERVED, DecodeError, Message, decode_entry, now
+from .message import RATE_RESERVED, Message, now
 from .task import Task
 
 if TYPE_CHECKING:
@@ -292,6 +293,8 @@ class Execution:
             # Redis went away before the body began: run it later, it never ran.
             log.warning("task %s[%s]: lost Redis before it began (%s)", msg.name, msg.id, exc)
             return Outcome(Kind.DEFER, retry_at=now() + 1.0)
+        except asyncio.CancelledError as cancel:
+            return self._cancelled(task, msg, opts, cancel)  # revoked, or stopping
         if deferred is not None:
             return deferred
         self._arm()
@@ -343,9 +346,11 @@ class Execution:
         self, task: Task[Any, Any], msg: Message, opts: RunOptions, cancel: asyncio.CancelledError
     ) -> Outcome:
         limits = self.limits
-        if not (limits.hard_fired or limits.revoked or limits.soft_fired):
-            raise cancel  # the worker is stopping: leave the entry to be redelivered
         current = asyncio.current_task()
+        if not (limits.hard_fired or limits.revoked or limits.soft_fired):
+            if current is not None and current.cancelling():
+                raise cancel  # the worker is stopping: leave the entry to be redelivered
+            return failure(cancel)  # the body's own CancelledError: a failure like another
         if current is not None:
             current.uncancel()
         if limits.revoked:
@@ -429,6 +434,8 @@ class Execution:
     def _abandon(self) -> None:
         if self.task is None or self.task.done() or self.msg is None:
             return
+        if self.phase is Phase.COMMITTING:
+            return  # its outcome is recorded: only its hooks are still running
         self.limits.abandoned = True
         log.error(
             "task %s[%s] ignored cancellation; abandoning it and freeing its slot",

@@ -92,7 +92,7 @@ class TaskHandle(Generic[R]):
         notifier = client.notifier
         async with notifier.watch_reply(self.id) as reply:
             raw = await client.task_hash(self.id)
-            info = TaskInfo.from_hash(self.id, raw)
+            info = TaskInfo.from_hash(self.id, raw, client.read_limit)
             if info.state.is_final:
                 return info
             if raw.get(b"reply", b"").decode() == notifier.reply_channel:
@@ -100,7 +100,7 @@ class TaskHandle(Generic[R]):
                 while True:
                     state, ct, data = await reply.get()
                     if state == "SUCCESS" and ct is not None and data is not None:
-                        return with_success(info, ct, data)
+                        return with_success(info, ct, data, client.read_limit)
                     if state in reply.RECHECK:
                         info = await client.task_info(self.id)
                         if info.state.is_final:

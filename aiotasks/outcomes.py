@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ResponseError
-
+from . import codec
 from .backoff import Backoff
 from .compiler import continuation, replacement
 from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op
@@ -32,6 +32,17 @@ log = logging.getLogger("aiotasks.worker")
 
 Key = tuple[str, bytes]
 Op = dict[str, Any]
+
+#: Tries of the InternalError fallback of a refused outcome before it is left pending.
+FALLBACK_TRIES = 10
+
+
+@dataclass(slots=True)
+class Group:
+    """The ops that record one delivery's outcome, and that delivery's execution."""
+
+    ops: list[Op]
+    ex: Execution
 
 
 class Outcomes:
@@ -60,8 +71,8 @@ class Outcomes:
         self._committed = committed
         self.done = 0
         self.failed = 0
-        self._groups: list[list[Op]] = []  # one group of ops per entry, applied in order
-        self._keys: list[Key] = []
+        # One group of ops per entry, applied in order, with the run it records.
+        self._groups: list[Group] = []
         self._flush = asyncio.Event()
         self._commit_lock = asyncio.Lock()
 
@@ -78,11 +89,10 @@ class Outcomes:
             log.exception("worker %s: cannot record the outcome of %s", self.worker, ex.tid)
             out = internal_error(exc)
             ops = [self._done(ex, out, self._fields(ex, out))]
-        self._groups.append(ops)
+        self._groups.append(Group(ops, ex))
         self._count(out)
         self._log(ex, out)
         ex.phase = Phase.COMMITTING
-        self._keys.append(ex.delivery.key)
         self._flush.set()
 
     def _count(self, out: Outcome) -> None:
@@ -96,7 +106,11 @@ class Outcomes:
         if out.kind is Kind.DEAD:
             ttl = self.app.settings.result_ttl
             tid = ex.tid or ""
-            return [dead_op(d.stream, d.entry_id, tid, d.queue, out.exc_type, out.exc_message, ttl)]
+            return [
+                dead_op(
+                    d.stream, d.entry_id, tid, d.queue, out.exc_type, out.exc_message, ttl, d.fields
+                )
+            ]
         msg, opts = ex.msg, ex.opts
         assert msg is not None and opts is not None, "only a decoded delivery runs"
         if out.kind in (Kind.RETRY, Kind.DEFER):
@@ -143,10 +157,9 @@ class Outcomes:
         return [*follow, self._done(ex, out, fields, chord_value)]
 
     def _encode_result(self, ex: Execution, value: Any) -> tuple[bytes, str]:
-        from . import codec
-
         assert ex.msg is not None
-        return codec.encode(value, ex.msg.serializer, ex.msg.compression)
+        limit = self.app.settings.max_message_size
+        return codec.encode(value, ex.msg.serializer, ex.msg.compression, max_size=limit)
 
     def _fields(self, ex: Execution, out: Outcome) -> dict[str, Any]:
         finished_ms = int(now() * 1000)
@@ -231,13 +244,25 @@ class Outcomes:
         async with self._commit_lock:
             while self._groups:
                 groups, self._groups = self._groups, []
-                keys, self._keys = self._keys, []
                 await self._commit(groups)
-                self._committed(keys)
+                self._committed([g.ex.delivery.key for g in groups])
 
-    async def _commit(self, groups: list[list[Op]]) -> None:
+    async def _commit(self, groups: list[Group]) -> None:
+        """Commit `groups` in one call; find and fail the ones Redis refuses, if any."""
+        ops = [op for group in groups for op in group.ops]
+        try:
+            await self._apply(ops, len(groups))
+        except Exception as exc:
+            if len(groups) > 1:
+                # Find the entry whose ops fail; commit every other one. Replaying ops
+                # that did apply is harmless: each is idempotent.
+                for group in groups:
+                    await self._commit([group])
+                return
+            await self._refused(groups[0].ex, exc)
+
+    async def _apply(self, ops: list[Op], count: int) -> None:
         backoff = Backoff(start=0.05, cap=2.0)
-        ops = [op for group in groups for op in group]
         while True:
             try:
                 await self.client.scripts.finish(
@@ -250,41 +275,33 @@ class Outcomes:
                 log.error(
                     "worker %s cannot store %d result(s) (%s); retrying in %.1f s",
                     self.worker,
-                    len(groups),
+                    count,
                     exc,
                     delay,
                 )
                 await asyncio.sleep(delay)
-            except ResponseError as exc:
-                if len(groups) > 1:
-                    # Find the entry whose ops Redis refuses; commit every other one.
-                    # Replaying ops that did apply is harmless: each is idempotent.
-                    for group in groups:
-                        await self._commit([group])
-                    return
-                await self._refused(groups[0][-1], exc)
-                return
 
-    async def _refused(self, op: Op, exc: ResponseError) -> None:
-        """Redis refused an entry's ops: record its task as failed, never re-run it."""
-        log.error("worker %s: Redis refused an outcome (%s): %s", self.worker, exc, _brief(op))
-        if op.get("fallback"):
-            return  # the fallback itself: the entry stays pending
-        fields = {
-            "finished_at": int(now() * 1000),
-            "exc_type": "InternalError",
-            "exc_message": f"Redis refused to store the outcome: {exc}",
-        }
-        fallback = done_op(
-            op["stream"],
-            op["entry"],
-            op.get("id") or "",
-            "FAILURE",
-            int(op.get("ttl") or self.app.settings.result_ttl),
-            fields,
-        )
-        fallback["fallback"] = 1
-        await self._commit([[fallback]])
+    async def _refused(self, ex: Execution, exc: Exception) -> None:
+        """An entry's ops were refused: record its task as an InternalError FAILURE (with
+        its chord and chain settled), so it is never re-run as if its worker had died."""
+        log.error("worker %s: Redis refused the outcome of task %s (%s)", self.worker, ex.tid, exc)
+        out = Outcome(Kind.FAILURE, exc_type="InternalError")
+        out.exc_message = f"aiotasks could not store the outcome: {type(exc).__name__}: {exc}"
+        fallback = self._done(ex, out, self._fields(ex, out))
+        backoff = Backoff(start=0.1, cap=2.0)
+        for _ in range(FALLBACK_TRIES):
+            try:
+                await self._apply([fallback], 1)
+                return
+            except Exception as again:
+                log.error(
+                    "worker %s: the fallback for task %s failed too (%s)",
+                    self.worker,
+                    ex.tid,
+                    again,
+                )
+                await asyncio.sleep(backoff.next())
+        # Left pending: redelivered after the visibility timeout.
 
 
 def _brief(op: Op) -> str:

@@ -63,13 +63,16 @@ class TaskInfo:
     failed_task_id: str | None = None
 
     @classmethod
-    def from_hash(cls, task_id: str, h: dict[bytes, bytes]) -> TaskInfo:
+    def from_hash(
+        cls, task_id: str, h: dict[bytes, bytes], max_size: int = codec.MAX_SIZE
+    ) -> TaskInfo:
         """Build from the task hash (an empty hash reads as PENDING)."""
         state = TaskState(h[b"state"].decode()) if b"state" in h else TaskState.PENDING
         result = progress = None
         if b"result" in h:
             try:
-                result = codec.decode(h[b"result"], h.get(b"ct", b"msgpack").decode())
+                ct = h.get(b"ct", b"msgpack").decode()
+                result = codec.decode(h[b"result"], ct, max_size)
             except SerializationError as exc:
                 result = exc
         if b"progress" in h:
@@ -112,10 +115,12 @@ class TaskInfo:
         raise error(self.id, self.exc_type or "Exception", self.exc_message or "", self.traceback)
 
 
-def with_success(info: TaskInfo, ct: bytes, data: bytes) -> TaskInfo:
+def with_success(
+    info: TaskInfo, ct: bytes, data: bytes, max_size: int = codec.MAX_SIZE
+) -> TaskInfo:
     """The info of a task whose success (and result) came in a notification."""
     try:
-        result: Any = codec.decode(data, ct.decode())
+        result: Any = codec.decode(data, ct.decode(), max_size)
     except SerializationError as exc:
         result = exc
     return replace(info, state=TaskState.SUCCESS, result=result)

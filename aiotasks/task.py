@@ -40,8 +40,15 @@ class TaskOptions:
     serializer: str | None = None
 
 
-#: Send options that override a task's run options; they travel in the payload's `opts`.
-RUN_OPTIONS = ("soft_timeout", "hard_timeout", "max_retries", "ignore_result", "result_ttl")
+#: Send options that override a task's run options, as they travel in the payload's
+#: `opts`: normalized (2.0 retries is 2, a 1 for ignore_result is True).
+_RUN_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "soft_timeout": float,
+    "hard_timeout": float,
+    "max_retries": int,
+    "ignore_result": bool,
+    "result_ttl": int,
+}
 
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -98,7 +105,7 @@ def build_message(
     priority = options.get("priority")
     if priority is None:
         priority = t.priority if t and t.priority is not None else 5
-    opts = {k: options[k] for k in RUN_OPTIONS if options.get(k) is not None}
+    opts = {k: _RUN_OPTIONS[k](options[k]) for k in _RUN_OPTIONS if options.get(k) is not None}
     ttl = int(options.get("result_ttl") or (t.result_ttl if t else None) or s.result_ttl)
     msg = Message(
         id=options.get("task_id") or uuid4().hex,

@@ -388,6 +388,12 @@ class Worker:
     # -- running ------------------------------------------------------------------------
 
     def _spawn(self, d: Delivery, held: bool) -> None:
+        if d.key in self._running:
+            # Our own running entry, reclaimed after heartbeats failed for longer than the
+            # visibility timeout: it runs here already; never twice at once.
+            if held:
+                self.slots.release()
+            return
         ex = Execution(self._runtime, d, Lease(self.slots, held))
         self._running[d.key] = ex
         ex.task = asyncio.get_running_loop().create_task(self._execute(ex))

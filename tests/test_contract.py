@@ -96,7 +96,7 @@ def test_records_travel_as_named_maps() -> None:
         contract.enqueue_op(contract.SEND, rec),
         contract.done_op("s", b"1-0", "x", "SUCCESS", 60, {"result": b""}, chord=("c", 0)),
         contract.ack_op("s", b"1-0"),
-        contract.dead_op("s", b"1-0", "x", "q", "DecodeError", "bad", 60),
+        contract.dead_op("s", b"1-0", "x", "q", "DecodeError", "bad", 60, {b"id": b"x"}),
         contract.chord_op("c", 60, 2, rec, rec),
         contract.entry_ref("s", b"1-0"),
     ]

@@ -104,6 +104,39 @@ def entry_cases(serializer: str) -> dict[str, dict[str, Any]]:
         "unknown protocol version": {**with_payload(), "v": "99"},
         "no protocol version": {"ct": ct, "m": encode(good_payload(), serializer)},
         "retries not a number": {**with_payload(), "r": "many"},
+        "chord index out of range": {**with_payload(), "cid": "c1", "cix": str(10**30)},
+        # json carries any integer; msgpack at most 64 bits: both far past ten years
+        "result_ttl out of range": with_payload(
+            opts={"result_ttl": 10**25 if serializer == "json" else 2**63}
+        ),
+        "link option not a number": with_payload(
+            link=[
+                {
+                    "t": "sig",
+                    "id": "x",
+                    "name": NAME,
+                    "args": [],
+                    "kwargs": {},
+                    "opts": {"countdown": "abc"},
+                }
+            ]
+        ),
+        "link is a map": with_payload(link={}),
+        "chain step is a group": with_payload(chain=[{"t": "group", "tasks": []}]),
+        "chain is empty chain node": with_payload(chain=[{"t": "chain", "steps": []}]),
+        "errback not a signature": with_payload(
+            link=[
+                {
+                    "t": "sig",
+                    "id": "x",
+                    "name": NAME,
+                    "args": [],
+                    "kwargs": {},
+                    "opts": {},
+                    "link_error": [{"t": "group", "tasks": []}],
+                }
+            ]
+        ),
     }
 
 
@@ -235,3 +268,106 @@ async def test_an_internal_error_after_decoding_is_recorded_once(
     assert runs == []
     assert await queue_drained(app)
     assert await dead_reasons(app) == []
+
+
+async def test_a_scheduled_task_without_a_readable_record_fails_loudly(
+    app: App, worker: StartWorker
+) -> None:
+    # As aiotasks 0.1 left a delayed task: no _rec. It must not vanish silently.
+    task_id = uuid.uuid4().hex
+    r: Any = app.client.redis
+    await r.hset(
+        app.client.keys.task(task_id),
+        mapping={"state": "SCHEDULED", "name": NAME, "queue": "default", "_m": b"old"},
+    )
+    await r.zadd(app.client.keys.delayed, {task_id: 0})
+    probe(app)
+    await worker()
+    with pytest.raises(TaskFailed) as failed:
+        await app.handle(task_id).result(timeout=10)
+    assert failed.value.exc_type == "DecodeError"
+    assert await r.zcard(app.client.keys.delayed) == 0
+
+
+async def test_a_body_that_raises_cancelled_error_itself_fails_once(
+    app: App, worker: StartWorker
+) -> None:
+    runs: list[int] = []
+
+    @app.task
+    async def cancels_itself() -> None:
+        runs.append(1)
+        raise asyncio.CancelledError
+
+    await worker()
+    h = await cancels_itself.send()
+    with pytest.raises(TaskFailed) as failed:
+        await h.result(timeout=10)
+    assert failed.value.exc_type == "CancelledError"
+    await asyncio.sleep(0.3)
+    assert runs == [1]
+    assert await queue_drained(app)
+
+
+async def test_an_outcome_redis_refuses_still_settles_the_chord(
+    app: App, worker: StartWorker
+) -> None:
+    from aiotasks import ChordError, chord
+
+    @app.task
+    async def header(i: int) -> int:
+        await asyncio.sleep(0.5)
+        return i
+
+    @app.task
+    async def body(results: list[int]) -> int:
+        return sum(results)
+
+    probe(app)
+    await worker(concurrency=4)
+    h = await chord([header.s(1), header.s(2)], body.s()).send()
+    r: Any = app.client.redis
+    (chord_key,) = [k async for k in r.scan_iter(match=app.client.keys.chord("*"))]
+    cid = chord_key.decode().rsplit(":", 1)[1]
+    # The header results hash has the wrong type: Redis refuses to store a result in it.
+    await r.set(app.client.keys.chord_results(cid), "not a hash")
+    with pytest.raises(ChordError) as failed:
+        await h.result(timeout=10)
+    assert "InternalError" in failed.value.exc_message
+    assert await queue_drained(app)
+    assert (await (await app.send_task(NAME, args=(3,))).result(timeout=10)) == 3
+
+
+async def test_send_options_are_normalized_so_workers_accept_them(
+    app: App, worker: StartWorker
+) -> None:
+    probe(app)
+    await worker()
+    h = await app.send_task(NAME, args=(5,), result_ttl=3600.0, max_retries=2.0, ignore_result=1)
+    assert await h.result(timeout=10) is None  # ran, ignore_result kept no value
+    assert await h.state() == TaskState.SUCCESS
+
+
+async def test_send_refuses_bad_option_values(app: App) -> None:
+    for bad in (
+        {"priority": True},
+        {"priority": 10},
+        {"countdown": "soon"},
+        {"max_retries": -1},
+        {"result_ttl": 1.5},
+        {"serializer": "pickle"},
+        {"queue": ""},
+    ):
+        with pytest.raises(ValueError):
+            await app.send_task(NAME, args=(1,), **bad)
+
+
+async def test_send_refuses_a_compressed_body_over_max_message_size(
+    make_app: Callable[..., App],
+) -> None:
+    from aiotasks import SerializationError
+
+    app = make_app(compression="zlib", max_message_size=1024 * 1024)
+    # Compresses to almost nothing, but a worker would have to inflate 2 MiB.
+    with pytest.raises(SerializationError, match="max_message_size"):
+        await app.send_task(NAME, args=("x" * (2 * 1024 * 1024),))

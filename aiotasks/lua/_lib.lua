@@ -18,6 +18,15 @@ local function unpack_arg(packed)
   return value
 end
 
+-- A task record stored by a script (`_rec`, a chord's `body`/`on_error`, `_eb`), or nil
+-- when it is missing or unreadable (written by another version, or by hand).
+local function read_record(packed)
+  if not packed then return nil end
+  local ok, value = pcall(cmsgpack.unpack, packed)
+  if ok and type(value) == 'table' then return value end
+  return nil
+end
+
 local function fields_map(flat)
   local m = {}
   for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
@@ -138,7 +147,7 @@ local function final_write(id, state, fields, ttl, now_ms)
   if state == 'FAILURE' then
     local h = redis.call('HMGET', tkey, '_eb', 'name')
     if h[1] then
-      for _, rec in ipairs(cmsgpack.unpack(h[1])) do
+      for _, rec in ipairs(read_record(h[1]) or {}) do
         send_errback(rec, {task_id = id, name = h[2] or '', exc_type = fields.exc_type or '',
           exc_message = fields.exc_message or ''}, now_ms)
       end
@@ -179,13 +188,17 @@ settle_chord = function(cid, idx, id, state, value, exc_type, exc_message, now_m
     local done = redis.call('HINCRBY', ck, 'done', 1)
     if done < tonumber(redis.call('HGET', ck, 'n')) then return end
     redis.call('HSET', ck, 'fired', 'body')
-    enqueue_task('follow', cmsgpack.unpack(redis.call('HGET', ck, 'body')), now_ms)
+    local body = read_record(redis.call('HGET', ck, 'body'))
+    -- 'send': a body whose id finished before (a chord sent again) runs again; the
+    -- `fired` flag above is what makes it once per chord.
+    if body then enqueue_task('send', body, now_ms) end
     return
   end
   redis.call('HSET', ck, 'fired', 'error', 'failed_id', id, 'exc_type', exc_type or state,
     'exc_message', exc_message or '')
   redis.call('DEL', rk)
-  local body = cmsgpack.unpack(redis.call('HGET', ck, 'body'))
+  local body = read_record(redis.call('HGET', ck, 'body'))
+  if not body then return end  -- unreadable (another version's chord): nothing to fail
   local msg = 'header task ' .. id .. ' ended ' .. state
   if exc_type and exc_type ~= '' then
     msg = msg .. ': ' .. exc_type .. ': ' .. (exc_message or '')
@@ -196,10 +209,10 @@ settle_chord = function(cid, idx, id, state, value, exc_type, exc_message, now_m
   if body.cid and body.cid ~= '' then
     settle_chord(body.cid, body.cix, body.id, 'FAILURE', '', 'ChordError', msg, now_ms)
   end
-  local on_error = redis.call('HGET', ck, 'on_error')
+  local on_error = read_record(redis.call('HGET', ck, 'on_error'))
   if on_error then
     local name = redis.call('HGET', K.task(id), 'name')
-    send_errback(cmsgpack.unpack(on_error), {task_id = id, name = name or '',
+    send_errback(on_error, {task_id = id, name = name or '',
       exc_type = exc_type or state, exc_message = exc_message or ''}, now_ms)
   end
 end
@@ -261,10 +274,11 @@ local function dead_letter(stream, entry_id, flat, f, queue, exc_type, exc_messa
   cmd[#cmd + 1] = 'stream'
   cmd[#cmd + 1] = stream
   redis.call(unpack(cmd))
-  ack(stream, entry_id)
   if f.id then
     settle_unrun(f.id, 'FAILURE', exc_type, exc_message, f.cid, f.cix, f.tail, ttl, now_ms)
   end
+  -- Acked last: a script error above (they are not rolled back) leaves it pending.
+  ack(stream, entry_id)
 end
 
 -- The fields of one entry (a map), or nil when it is gone from its stream.

@@ -26,11 +26,19 @@ local function promote()
     redis.call('ZREM', K.delayed(), id)
     local tkey = K.task(id)
     local h = redis.call('HMGET', tkey, 'state', '_rec', 'enqueued_at')
-    if h[1] == 'SCHEDULED' and h[2] then
-      local ttl = redis.call('PTTL', tkey)
-      redis.call('HDEL', tkey, '_rec', 'eta')
-      -- enqueued_at stays the time it was sent, not the time it fell due.
-      xadd_task(cmsgpack.unpack(h[2]), math.max(math.floor(ttl / 1000), 1), now_ms, h[3])
+    if h[1] == 'SCHEDULED' then
+      local t = read_record(h[2])
+      if t then
+        local ttl = redis.call('PTTL', tkey)
+        redis.call('HDEL', tkey, '_rec', 'eta')
+        -- enqueued_at stays the time it was sent, not the time it fell due.
+        xadd_task(t, math.max(math.floor(ttl / 1000), 1), now_ms, h[3])
+      else
+        -- No readable record (written by aiotasks 0.1, or by hand): fail it, loudly.
+        settle_unrun(id, 'FAILURE', 'DecodeError',
+          'the scheduled task has no readable record (_rec): written by another version?',
+          nil, nil, nil, default_ttl, now_ms)
+      end
     end
   end
 end

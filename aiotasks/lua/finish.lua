@@ -13,9 +13,10 @@
 --          result as a chord body reads it ("<content type>\n<bytes>").
 --   {op='ack', stream, entry}
 --          XACK + XDEL an entry whose task goes on elsewhere (a retry, a deferral).
---   {op='dead', stream, entry, id, queue, exc_type, exc_message, ttl}
+--   {op='dead', stream, entry, id, queue, exc_type, exc_message, ttl, fields}
 --          Move an entry that must not run (undecodable, unknown task) to the queue's
---          dead-letter stream with its original fields, and fail its task.
+--          dead-letter stream with its original fields (`fields`: as the worker read
+--          them, used when the entry is gone), and fail its task.
 --   {op='enqueue', mode, task}      task: a task record, as for enqueue.lua
 --   {op='replaced', id}
 --          The running task is replaced by a canvas whose final task has its id: it
@@ -33,32 +34,38 @@ local now_ms = tonumber(ARGV[1])
 local ops = unpack_arg(ARGV[2])
 
 local function done(op)
-  ack(op.stream, op.entry)
   local id, state, ttl = op.id, op.state, tonumber(op.ttl)
   if redis.call('HGET', K.task(id), 'state') == 'REVOKED' then
     -- Revoked while it ran (without terminate): it stays revoked, and what depends on
     -- it is settled as revoked.
     settle_unrun(id, 'REVOKED', nil, nil, op.cid, op.cix, op.tail, ttl, now_ms)
-    return
+  else
+    local f = op.fields
+    if op.ignore_result == 1 and state == 'SUCCESS' then
+      f.result, f.ct = nil, nil
+    end
+    final_write(id, state, f, ttl, now_ms)
+    if state ~= 'SUCCESS' then
+      fail_task(op.tail, state, f.exc_type, f.exc_message, ttl, now_ms)
+    end
+    if op.cid and (state ~= 'SUCCESS' or op.linked ~= 1) then
+      settle_chord(op.cid, op.cix, id, state, op.value or '', f.exc_type, f.exc_message,
+        now_ms)
+    end
   end
-  local f = op.fields
-  if op.ignore_result == 1 and state == 'SUCCESS' then
-    f.result, f.ct = nil, nil
-  end
-  final_write(id, state, f, ttl, now_ms)
-  if state ~= 'SUCCESS' then
-    fail_task(op.tail, state, f.exc_type, f.exc_message, ttl, now_ms)
-  end
-  if op.cid and (state ~= 'SUCCESS' or op.linked ~= 1) then
-    settle_chord(op.cid, op.cix, id, state, op.value or '', f.exc_type, f.exc_message, now_ms)
-  end
+  -- Acked last: a script error above (they are not rolled back) leaves it pending.
+  ack(op.stream, op.entry)
 end
 
 local function dead(op)
   local f, flat = entry_fields(op.stream, op.entry)
   if f == nil then
-    ack(op.stream, op.entry)  -- gone already (purged): nothing left to keep
-    return
+    -- Gone from its stream meanwhile (a purge): the fields the worker read stand in.
+    f, flat = op.fields or {}, {}
+    for k, v in pairs(f) do
+      flat[#flat + 1] = k
+      flat[#flat + 1] = v
+    end
   end
   dead_letter(op.stream, op.entry, flat, f, op.queue, op.exc_type, op.exc_message,
     tonumber(op.ttl), now_ms)

@@ -70,7 +70,7 @@ for i = 1, #res[2], 2 do
   local h = redis.call('HMGET', K.task(id), 'state', 'queue', '_rec')
   if h[1] == 'SCHEDULED' and h[2] == queue then
     redis.call('ZREM', K.delayed(), id)
-    local t = h[3] and cmsgpack.unpack(h[3]) or {}
+    local t = read_record(h[3]) or {}
     settle_unrun(id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, ttl, now_ms)
     deleted = deleted + 1
   end

@@ -19,7 +19,7 @@ local state = h[1]
 if state and FINAL[state] then return state end
 if state == 'SCHEDULED' then
   redis.call('ZREM', K.delayed(), id)
-  local t = h[2] and cmsgpack.unpack(h[2]) or {}
+  local t = read_record(h[2]) or {}
   settle_unrun(id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, ttl, now_ms)
   return state
 end
@@ -33,7 +33,7 @@ if state == 'PENDING' and h[3] and h[4] then
   end
 end
 redis.call('HSET', tkey, 'state', 'REVOKED', 'finished_at', now_ms)
-redis.call('HDEL', tkey, '_replaced', '_eb')
+redis.call('HDEL', tkey, '_replaced', '_eb', '_e', '_st')
 redis.call('PEXPIRE', tkey, ttl * 1000)
 notify(id, 'REVOKED')
 return state or ''
