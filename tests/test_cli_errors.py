@@ -273,8 +273,9 @@ async def test_an_integer_msgpack_cannot_hold(app: App) -> None:
         "--redis-url", app.settings.redis_url, "--namespace", app.settings.namespace,
     )  # fmt: skip
     assert one_error(proc, 2) == (
-        "error: cannot send these arguments: task ops.add: cannot encode with msgpack: cannot serialize "
-        "object of type int (msgpack integers must fit in 64 bits: -2**63 .. 2**64-1)"
+        "error: cannot send these arguments: task ops.add: cannot encode with msgpack: "
+        "cannot serialize object of type int (msgpack integers must fit in 64 bits: "
+        "-2**63 .. 2**64-1)"
     )
     assert proc.stdout == ""
     assert await app.client.redis.exists(app.client.keys.queues) == 0  # nothing was sent
