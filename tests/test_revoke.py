@@ -139,3 +139,42 @@ async def test_revoke_terminate_before_the_body_begins_never_runs_it(app: App, w
     await (await gate.job.send("after")).result(timeout=10)  # the slot went on to others
     assert "ahead" not in gate.runs
     assert await ahead.state() == TaskState.REVOKED
+
+
+async def test_a_plain_revoke_of_a_running_task_lets_it_finish_then_terminate_still_cancels(
+    app: App, worker: Any
+) -> None:
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    @app.task(max_retries=3, autoretry_for=(ValueError,))
+    async def long_job(seconds: float) -> str:
+        started.set()
+        await asyncio.sleep(seconds)
+        finished.append("done")
+        raise ValueError("would be retried, were it not revoked")
+
+    await worker()
+    h = await long_job.send(0.5)
+    async with asyncio.timeout(10):
+        await started.wait()
+    await h.revoke()
+    # The run goes on: still STARTED, not yet finished.
+    info = await h.info()
+    assert info.state == TaskState.STARTED and info.finished_at is None
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=5)
+    assert finished == ["done"]  # it ran to the end, and was not retried
+    await asyncio.sleep(0.3)
+    assert finished == ["done"]
+
+    # A second task, revoked plainly, then with terminate: it is cancelled.
+    started.clear()
+    h2 = await long_job.send(30)
+    async with asyncio.timeout(10):
+        await started.wait()
+    await h2.revoke()
+    await h2.revoke(terminate=True)
+    with pytest.raises(TaskRevoked):
+        await h2.result(timeout=5)
+    assert finished == ["done"]

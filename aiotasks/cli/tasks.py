@@ -118,7 +118,9 @@ def revoke(
         typer.echo(f"revoked task {task_id} (was STARTED; its worker was told to cancel it)")
     elif before == TaskState.STARTED:
         typer.echo(
-            f"revoked task {task_id} (was STARTED: it runs to the end; --terminate cancels it)"
+            f"task {task_id} is running: this run goes on, then the task ends REVOKED with "
+            f"its result discarded and no retry; 'aiotasks revoke {task_id} --terminate' "
+            "cancels it now"
         )
     else:
         typer.echo(f"revoked task {task_id} (was {before}: it will not run)")

@@ -153,7 +153,7 @@ local function final_write(id, state, fields, ttl, now_ms)
       end
     end
   end
-  redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced')
+  redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at')
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, state, fields.ct, fields.result)
 end
@@ -238,7 +238,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   local id = f.id
   if not id then return true end  -- undecodable: the worker dead-letters it
   local tkey = K.task(id)
-  local h = redis.call('HMGET', tkey, 'state', '_e')
+  local h = redis.call('HMGET', tkey, 'state', '_e', 'revoked_at')
   if h[2] and h[2] ~= entry_id then
     -- A stale entry: the id was revoked and sent again, and that newer entry runs.
     ack(stream, entry_id)
@@ -246,7 +246,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   end
   local state = h[1]
   local exp = tonumber(f.exp)
-  if state == 'REVOKED' or (exp and exp < now_ms) then
+  if state == 'REVOKED' or h[3] or (exp and exp < now_ms) then
     ack(stream, entry_id)
     settle_unrun(id, 'REVOKED', nil, nil, f.cid, f.cix, f.tail, default_ttl, now_ms)
     return false

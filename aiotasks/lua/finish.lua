@@ -33,10 +33,16 @@
 local now_ms = tonumber(ARGV[1])
 local ops = unpack_arg(ARGV[2])
 
+-- Whether a task was revoked, or asked to be while it ran.
+local function revoked(id)
+  local h = redis.call('HMGET', K.task(id), 'state', 'revoked_at')
+  return h[1] == 'REVOKED' or h[2] ~= false
+end
+
 local function done(op)
   local id, state, ttl = op.id, op.state, tonumber(op.ttl)
-  if redis.call('HGET', K.task(id), 'state') == 'REVOKED' then
-    -- Revoked while it ran (without terminate): it stays revoked, and what depends on
+  if revoked(id) then
+    -- Revoked while it ran (without terminate): it ends revoked, and what depends on
     -- it is settled as revoked.
     settle_unrun(id, 'REVOKED', nil, nil, op.cid, op.cix, op.tail, ttl, now_ms)
   else
@@ -97,8 +103,14 @@ for _, op in ipairs(ops) do
   elseif name == 'dead' then
     dead(op)
   elseif name == 'enqueue' then
-    enqueue_task(op.mode, op.task, now_ms)
-    redis.call('SADD', K.queues(), op.task.queue)
+    local t = op.task
+    if (op.mode == 'retry' or op.mode == 'defer') and revoked(t.id) then
+      -- Revoked while it ran: it ends here, never to run again.
+      settle_unrun(t.id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, tonumber(t.ttl), now_ms)
+    else
+      enqueue_task(op.mode, t, now_ms)
+      redis.call('SADD', K.queues(), t.queue)
+    end
   elseif name == 'chord' then
     chord(op)
   elseif name == 'replaced' then

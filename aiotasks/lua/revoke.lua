@@ -1,7 +1,8 @@
 -- revoke: make sure a task never runs. A scheduled task leaves the delayed zset, and a
 -- queued one's entry is deleted from its stream (a worker that already read it finds the
--- task REVOKED); either is settled now. A running one is marked REVOKED (the caller
--- broadcasts a terminate if asked). Final states are left alone.
+-- task REVOKED); either is settled now. A running one is marked `revoked_at`: its run
+-- goes on (unless the caller broadcasts a terminate) and ends REVOKED, never retried.
+-- Final states are left alone.
 --
 -- KEYS[1]      key prefix
 -- ARGV[1]      task id
@@ -31,6 +32,10 @@ if state == 'PENDING' and h[3] and h[4] then
     settle_unrun(id, 'REVOKED', nil, nil, f.cid, f.cix, f.tail, ttl, now_ms)
     return state
   end
+end
+if state == 'STARTED' then
+  redis.call('HSET', tkey, 'revoked_at', now_ms)
+  return state
 end
 redis.call('HSET', tkey, 'state', 'REVOKED', 'finished_at', now_ms)
 redis.call('HDEL', tkey, '_replaced', '_eb', '_e', '_st')
