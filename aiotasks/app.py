@@ -44,6 +44,10 @@ class App:
         max_connections: size of the connection pool (waiters queue past it).
         max_message_size: largest task body in bytes (before and after compression):
             `send` refuses a larger one with SerializationError, a worker dead-letters it.
+        signing_key: a secret (bytes or str), or a list of them: every message is signed
+            (HMAC-SHA256) with the first, and a worker runs only messages signed with one
+            of them (others are dead-lettered as SignatureError). Rotate keys by putting
+            the new one first on senders, then dropping the old one from workers.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class App:
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
         max_connections: int = 64,
         max_message_size: int = 16 * 1024 * 1024,
+        signing_key: bytes | str | Sequence[bytes | str] | None = None,
     ) -> None:
         from .codec import get_serializer
 
@@ -76,6 +81,7 @@ class App:
             visibility_timeout=float(visibility_timeout),
             max_connections=max_connections,
             max_message_size=int(max_message_size),
+            signing_keys=_keys(signing_key),
             task_routes=dict(task_routes or {}),
             retry_policy=RetryPolicy.of(retry_policy),
         )
@@ -233,10 +239,7 @@ class App:
         policy = RetryPolicy.of(retry_policy) if retry_policy else self.settings.retry_policy
         client, s = self.client, self.settings
         reply = client.notifier.reply_channel
-        records = [
-            m.record(ttl, min_size=s.compress_min_size, max_size=s.max_message_size, reply=reply)
-            for m, ttl in built
-        ]
+        records = [m.record(ttl, reply=reply, **s.encoding) for m, ttl in built]
         await client.enqueue(records, policy)
         return [TaskHandle(client, m.id) for m, _ in built]
 
@@ -311,6 +314,17 @@ class App:
 async def _collect(results: Any) -> Any:
     """Return the results a nested group gathered (the body of its implicit chord)."""
     return results
+
+
+def _keys(value: bytes | str | Sequence[bytes | str] | None) -> tuple[bytes, ...]:
+    """Signing keys as bytes, the signing one first."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, bytes | str) else list(value)
+    keys = tuple(k.encode() if isinstance(k, str) else bytes(k) for k in items)
+    if not keys or not all(keys):
+        raise ValueError("signing_key must be a non-empty secret (or a list of them)")
+    return keys
 
 
 def _asdict(opts: TaskOptions) -> dict[str, Any]:

@@ -72,8 +72,7 @@ class Compiler:
         reply = self.client.notifier.reply_channel if self.mode == SEND else None
         return msg.record(
             ttl,
-            min_size=s.compress_min_size,
-            max_size=s.max_message_size,
+            **s.encoding,
             reply=reply,
             delay_ms=delay_ms,
             errbacks=[self._errback(e) for e in node.get("link_error", ())],
@@ -114,8 +113,7 @@ class Compiler:
         s = self.app.settings
         return msg.record(
             ttl,
-            min_size=s.compress_min_size,
-            max_size=s.max_message_size,
+            **s.encoding,
             immutable=bool(node.get("imm")),
             err_chord=node.get("ecid"),
         )

@@ -215,8 +215,18 @@ class Settings:
     visibility_timeout: float = 60.0
     max_connections: int = 64
     max_message_size: int = 16 * 1024 * 1024
+    signing_keys: tuple[bytes, ...] = ()
     task_routes: dict[str, str] = field(default_factory=dict)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @property
+    def encoding(self) -> dict[str, Any]:
+        """How messages are encoded: Message.record()'s size limits and signing key."""
+        return {
+            "min_size": self.compress_min_size,
+            "max_size": self.max_message_size,
+            "signing_key": self.signing_keys[0] if self.signing_keys else None,
+        }
 
     def __repr__(self) -> str:
         # Settings end up in logs and tracebacks: never with the password.
@@ -225,5 +235,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "redis_url":
                 value = redact_url(value)
+            elif f.name == "signing_keys":
+                value = tuple("***" for _ in value)
             items.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(items)})"

@@ -27,7 +27,10 @@ from .keys import GROUP, lua_functions
 PROTOCOL = 2
 
 #: Fields of a stream entry, in the order Lua writes them. Lua reads them by name.
-ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail", "err")
+ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail", "err", "sig")
+
+#: The entry fields a signature covers, in order (see signing.py).
+SIGNED_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail")
 
 #: Enqueue modes (see enqueue_task in _lib.lua).
 SEND, FOLLOW, RETRY, DEFER = "send", "follow", "retry", "defer"
@@ -75,6 +78,7 @@ class TaskRecord:
     errbacks: list[TaskRecord] = field(default_factory=list)
     immutable: bool = False
     err_chord: str | None = None
+    signing_key: bytes | None = field(default=None, repr=False)
 
     def wire(self) -> dict[str, Any]:
         """The record as the map Lua reads (absent fields are left out)."""
@@ -102,6 +106,10 @@ class TaskRecord:
             "ecid": self.err_chord,
         }
         w.update({k: v for k, v in optional.items() if v is not None})
+        if self.signing_key is not None:
+            from .signing import sign
+
+            w["sig"] = sign(self.signing_key, w)
         return w
 
 

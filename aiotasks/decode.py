@@ -15,7 +15,7 @@ import msgpack  # type: ignore[import-untyped]
 
 from . import codec
 from .contract import PROTOCOL
-from .errors import SerializationError
+from .errors import SerializationError, SignatureError
 from .message import (
     MAX_COUNT,
     MAX_SECONDS,
@@ -26,6 +26,7 @@ from .message import (
     count,
     positive_number,
 )
+from .signing import verify
 
 __all__ = ["DecodeError", "check_node", "decode_entry"]
 
@@ -228,15 +229,23 @@ def _err(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
 
 
 def decode_entry(
-    fields: dict[bytes, bytes], queue: str, priority: int, max_size: int = codec.MAX_SIZE
+    fields: dict[bytes, bytes],
+    queue: str,
+    priority: int,
+    max_size: int = codec.MAX_SIZE,
+    keys: tuple[bytes, ...] = (),
 ) -> Message:
     """Rebuild and validate the Message of a stream entry read from (`queue`, `priority`).
 
     Raises:
+        SignatureError: `keys` are given and the entry is not signed with one of them.
         DecodeError: any field is missing, of the wrong type or out of range, the
             protocol version is unknown, or the body is over `max_size` bytes.
     """
     _check_version(fields)
+    if keys and not verify(keys, fields):
+        given = "no signature" if not fields.get(b"sig") else "a signature no key matches"
+        raise SignatureError(f"the message has {given}: refused unrun")
     task_id, ct = _required(fields, "id"), _required(fields, "ct")
     if "\n" in task_id:
         raise DecodeError("entry field 'id' contains a newline")

@@ -4,6 +4,7 @@
 AiotasksError(Exception)
 ├── BrokerConnectionError(ConnectionError)  Redis unreachable after the send retry_policy ran out
 ├── SerializationError(ValueError)          the codec cannot encode or decode; nothing was enqueued
+├── SignatureError                          a message is unsigned or its signature is forged
 ├── ResultTimeout(TimeoutError)             result()/results() gave up waiting
 ├── TaskRevoked                             the task was revoked or expired
 ├── TaskFailed                              remote failure: id, exc_type, exc_message, traceback
@@ -43,6 +44,12 @@ class BrokerConnectionError(AiotasksError, ConnectionError):
 
 class SerializationError(AiotasksError, ValueError):
     """A value could not be encoded or decoded by the serializer; nothing was enqueued."""
+
+
+class SignatureError(AiotasksError):
+    """A worker with a signing key met a message that is unsigned or signed with no key
+    it knows: the message is dead-lettered, never run (its task ends with this exc_type).
+    """
 
 
 class ResultTimeout(AiotasksError, TimeoutError):

@@ -24,6 +24,7 @@ from .errors import (
     CONNECTION_ERRORS,
     Replace,
     Retry,
+    SignatureError,
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
 )
@@ -241,10 +242,11 @@ class Execution:
     async def run(self) -> Outcome | None:
         """Decode and run the delivery; its outcome, or None when the worker is stopping."""
         d = self.delivery
+        s = self.rt.app.settings
         try:
-            msg = decode_entry(d.fields, d.queue, d.priority, self.rt.app.settings.max_message_size)
-        except DecodeError as exc:
-            return Outcome(Kind.DEAD, exc_type="DecodeError", exc_message=str(exc))
+            msg = decode_entry(d.fields, d.queue, d.priority, s.max_message_size, s.signing_keys)
+        except (DecodeError, SignatureError) as exc:
+            return Outcome(Kind.DEAD, exc_type=type(exc).__name__, exc_message=str(exc))
         self.msg = msg
         task = self.rt.app.tasks.get(msg.name)
         if task is None:

@@ -125,8 +125,10 @@ class Message:
         errbacks: list[TaskRecord] | None = None,
         immutable: bool = False,
         err_chord: str | None = None,
+        signing_key: bytes | None = None,
     ) -> TaskRecord:
-        """The task record Lua enqueues for this message (contract.TaskRecord)."""
+        """The task record Lua enqueues for this message (contract.TaskRecord), signed
+        with `signing_key` when one is given."""
         data, ct = self.encode(min_size, max_size)
         return TaskRecord(
             id=self.id,
@@ -147,6 +149,7 @@ class Message:
             errbacks=errbacks or [],
             immutable=immutable,
             err_chord=err_chord,
+            signing_key=signing_key,
         )
 
     def with_retry(self, eta: float | None) -> Message:

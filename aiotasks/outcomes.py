@@ -120,9 +120,7 @@ class Outcomes:
                 else msg.deferred(out.retry_at or now(), out.rate_reserved)
             )
             s = self.app.settings
-            record = again.record(
-                opts.result_ttl, min_size=s.compress_min_size, max_size=s.max_message_size
-            )
+            record = again.record(opts.result_ttl, **s.encoding)
             mode = RETRY if out.kind is Kind.RETRY else DEFER
             # The retry is enqueued before the entry is acked: a refused enqueue (a Lua
             # error does not roll back) must not leave the entry acked and the task gone.

@@ -104,5 +104,6 @@ def test_records_travel_as_named_maps() -> None:
         assert isinstance(op, dict) and all(isinstance(k, str) for k in op)
     wire = rec.wire()
     assert wire["v"] == contract.PROTOCOL
-    # Every entry field comes from the record, but `err`, which Lua adds to an errback.
-    assert set(contract.ENTRY_FIELDS) - {"err"} <= set(wire)
+    # Every entry field comes from the record, but `err` (Lua adds it to an errback)
+    # and `sig` (only with a signing key).
+    assert set(contract.ENTRY_FIELDS) - {"err", "sig"} <= set(wire)

@@ -281,3 +281,30 @@ async def test_failure_is_readable(recipes_app: App, producer: Producer) -> None
     assert h[b"state"] == b"FAILURE"
     assert h[b"exc_type"] == b"TypeError"
     assert b"Traceback" in h[b"traceback"]
+
+
+async def test_signed_task(make_app: Any, worker: StartWorker, producer: Producer) -> None:
+    import hashlib
+    import hmac
+
+    signed_app = make_app(signing_key=b"k3y")
+
+    @signed_app.task(name="add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker(signed_app)
+    task_id = new_id()
+    rec = producer.record(task_id, "add", [2, 40])
+    body = b"aiotasks/2\n" + b"".join(
+        f.encode() + b"=" + (v if isinstance(v, bytes) else str(v).encode()) + b"\n"
+        for f in ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail")
+        if (v := rec.get(f)) not in (None, "")
+    )
+    rec["sig"] = hmac.new(b"k3y", body, hashlib.sha256).hexdigest()
+    assert await producer.enqueue(rec) == [1]
+    assert value(await producer.result(task_id)) == 42
+    forged = producer.record(new_id(), "add", [1, 1], sig=rec["sig"])
+    assert await producer.enqueue(forged) == [1]
+    h = await producer.result(forged["id"])
+    assert h[b"state"] == b"FAILURE" and h[b"exc_type"] == b"SignatureError"

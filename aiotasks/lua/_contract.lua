@@ -5,7 +5,7 @@
 local P = KEYS[1]
 local GROUP = 'workers'
 local PROTOCOL = 2
-local ENTRY_FIELDS = {'v', 'id', 'ct', 'm', 'exp', 'r', 'cid', 'cix', 'tail', 'err'}
+local ENTRY_FIELDS = {'v', 'id', 'ct', 'm', 'exp', 'r', 'cid', 'cix', 'tail', 'err', 'sig'}
 local K = {}
 function K.stream(queue, priority) return P .. 'q:' .. queue .. ':' .. priority end
 function K.task(id) return P .. 't:' .. id end
