@@ -53,12 +53,15 @@ async def sequential_sends(url: str, n: int = 3000) -> dict[str, Any]:
     }
 
 
-async def scaling(url: str, tasks: int, concurrency: int, processes: int) -> dict[str, Any]:
-    """`processes` workers drain `tasks` no-ops; Redis CPU and memory measured around it."""
+async def scaling(
+    url: str, tasks: int, concurrency: int, processes: int, signing_key: str = ""
+) -> dict[str, Any]:
+    """`processes` workers drain `tasks` no-ops; Redis CPU and memory measured around it.
+    With `signing_key`, every message is signed and verified."""
     from aiotasks import App
 
     namespace = f"bench-scale-{uuid.uuid4().hex[:6]}"
-    app = App(redis_url=url, namespace=namespace)
+    app = App(redis_url=url, namespace=namespace, signing_key=signing_key or None)
 
     @app.task(name="noop")
     async def noop() -> None:
@@ -76,6 +79,7 @@ async def scaling(url: str, tasks: int, concurrency: int, processes: int) -> dic
             **os.environ,
             "SCALE_NAMESPACE": namespace,
             "SCALE_PROBE_DIR": str(probe_dir),
+            "SCALE_SIGNING_KEY": signing_key,
             "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         }
         procs = [
@@ -124,7 +128,8 @@ async def scaling(url: str, tasks: int, concurrency: int, processes: int) -> dic
         cpu0["used_cpu_sys"] + cpu0["used_cpu_user"]
     )
     return {
-        "scenario": f"{processes} worker process(es), concurrency {concurrency}",
+        "scenario": f"{processes} worker process(es), concurrency {concurrency}"
+        + (", messages signed" if signing_key else ""),
         "processes": processes,
         "tasks": done,
         "tasks_per_s": round(rate, 1),
@@ -145,4 +150,6 @@ async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, A
     for processes in (1, 2, 4):
         print(f"[bench] scaling: {processes} process(es)", file=sys.stderr, flush=True)
         out.append(await scaling(url, tasks * 2, concurrency, processes))
+    print("[bench] scaling: 1 process, signed", file=sys.stderr, flush=True)
+    out.append(await scaling(url, tasks * 2, concurrency, 1, signing_key="bench-key"))
     return out

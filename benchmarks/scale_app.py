@@ -14,7 +14,10 @@ from pathlib import Path
 
 from aiotasks import App
 
-app = App(namespace=os.environ.get("SCALE_NAMESPACE", "aiotasks-scale"))
+app = App(
+    namespace=os.environ.get("SCALE_NAMESPACE", "aiotasks-scale"),
+    signing_key=os.environ.get("SCALE_SIGNING_KEY") or None,
+)
 _state = {"count": 0, "t_first": 0.0, "t_last": 0.0}
 
 
