@@ -48,6 +48,10 @@ class App:
             (HMAC-SHA256) with the first, and a worker runs only messages signed with one
             of them (others are dead-lettered as SignatureError). Rotate keys by putting
             the new one first on senders, then dropping the old one from workers.
+        index_size: finished tasks the namespace's task index keeps, besides every
+            unfinished one (for the dashboard and `aiotasks tasks list`); 0 turns it off.
+        events_size: batches of events the namespace's event feed keeps; 0 turns it off.
+            Both are set for the namespace by its workers when they start.
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class App:
         max_connections: int = 64,
         max_message_size: int = 16 * 1024 * 1024,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
+        index_size: int = 10_000,
+        events_size: int = 10_000,
     ) -> None:
         from .codec import get_serializer
 
@@ -82,6 +88,8 @@ class App:
             max_connections=max_connections,
             max_message_size=int(max_message_size),
             signing_keys=_keys(signing_key),
+            index_size=int(index_size),
+            events_size=int(events_size),
             task_routes=dict(task_routes or {}),
             retry_policy=RetryPolicy.of(retry_policy),
         )

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import codec
+from . import codec, contract
 from .config import RetryPolicy, Settings, redact_url
 from .contract import SEND, TaskRecord
 from .errors import CONNECTION_ERRORS, BrokerConnectionError
@@ -291,6 +291,17 @@ class Client:
             pipe.delete(self.keys.worker(name))
             pipe.zrem(self.keys.workers, name)
             await pipe.execute()
+        await self.worker_event(name, "LEFT")
+
+    async def worker_event(self, name: str, state: str) -> None:
+        """Add a worker's JOINED or LEFT to the namespace's event feed (when it is on)."""
+        size = self.settings.events_size
+        if size <= 0:
+            return
+        event = contract.pack([{"worker": name, "state": state}])
+        await self.redis.xadd(
+            self.keys.events, {"t": now_ms(), "e": event}, maxlen=size, approximate=True
+        )
 
     async def has_work(self, streams: Sequence[str], within: float) -> bool:
         """Whether any stream has entries or a delayed task is due within `within` s."""

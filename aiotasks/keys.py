@@ -38,6 +38,10 @@ LAYOUT: dict[str, str] = {
     "periodic": "periodic",  # hash: periodic name -> next run (ms)
     "periodic_tick": "tick:{name}:{tick}",  # string: one-shot claim of a periodic tick
     "rate": "rate:{name}",  # string: GCRA state of one task name's rate limit
+    "meta": "meta",  # hash: namespace settings scripts read (index_cap, events_cap)
+    "index_live": "idx:live",  # zset: unfinished task ids by last change (ms)
+    "index_done": "idx:done",  # zset: the most recent finished task ids by finish (ms)
+    "events": "events",  # stream: state changes and worker joins/leaves, one entry a batch
 }
 
 _PART = re.compile(r"\{(\w+)\}")
@@ -129,6 +133,26 @@ class Keys:
     def rate(self, task_name: str) -> str:
         """Rate-limit state (GCRA theoretical arrival time) of one task name."""
         return self._key("rate", name=task_name)
+
+    @property
+    def meta(self) -> str:
+        """Hash of namespace settings the scripts read (the index and event caps)."""
+        return self._key("meta")
+
+    @property
+    def index_live(self) -> str:
+        """Sorted set of unfinished task ids, scored by their last state change (ms)."""
+        return self._key("index_live")
+
+    @property
+    def index_done(self) -> str:
+        """Sorted set of the most recent finished task ids, scored by finish time (ms)."""
+        return self._key("index_done")
+
+    @property
+    def events(self) -> str:
+        """Stream of the namespace's events: one entry per script call, capped."""
+        return self._key("events")
 
 
 def _lua_function(kind: str, template: str) -> str:

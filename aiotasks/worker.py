@@ -27,6 +27,7 @@ from .cancel import cancel_and_wait
 from .contract import entry_ref
 from .errors import CONNECTION_ERRORS
 from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_error
+from .index import TaskIndex
 from .keys import PRIORITIES
 from .message import now
 from .outcomes import Key, Outcomes
@@ -147,7 +148,10 @@ class Worker:
         """Run until stop() (or, with burst, until the queues are empty)."""
         await self.client.ensure_groups(self.streams)
         self._started_ms = int(now() * 1000)
+        s = self.app.settings
+        await TaskIndex(self.client).configure(s.index_size, s.events_size)
         await self._register(ttl=max(self.vt, 10.0))
+        await self.client.worker_event(self.name, "JOINED")
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:

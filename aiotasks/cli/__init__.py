@@ -7,6 +7,7 @@ run.py       run MODULE:APP                 a worker, or a supervisor of several
 status.py    status                         queues, workers, periodic tasks
 tasks.py     inspect | revoke | send        one task at a time
 queues.py    purge | dead-letters ...       a queue at a time
+listing.py   tasks list                     recent tasks from the task index
 common.py    --app/--redis-url/--namespace, loading the App, talking to Redis, asking
 output.py    tables for a terminal, plain lines for a pipe
 group.py     the root group: every failure becomes one `error:` line and an exit code
@@ -20,7 +21,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import queues, run, status, tasks
+from . import listing, queues, run, status, tasks
 from .group import RootGroup
 
 cli = typer.Typer(
@@ -58,6 +59,7 @@ cli.command()(tasks.revoke)
 cli.command()(queues.purge)
 cli.command()(tasks.send)
 cli.add_typer(queues.dead, name="dead-letters")
+cli.add_typer(listing.tasks_group, name="tasks")
 
 
 def main() -> None:

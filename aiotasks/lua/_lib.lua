@@ -33,6 +33,60 @@ local function fields_map(flat)
   return m
 end
 
+-- The task index and the event feed: every state change a script makes is journaled
+-- here, then written by flush_journal() once per script call, so they cost a few
+-- commands per batch, not per task. The caps live in the namespace's meta hash
+-- (0 turns either off).
+local JOURNAL = {}
+local DEFAULT_CAP = 10000
+
+local function journal(event)
+  JOURNAL[#JOURNAL + 1] = event
+end
+
+-- A command with many members, in chunks that Lua's unpack can take.
+local function call_chunked(cmd, key, items)
+  for i = 1, #items, 1000 do
+    local args = {cmd, key}
+    for j = i, math.min(i + 999, #items) do args[#args + 1] = items[j] end
+    redis.call(unpack(args))
+  end
+end
+
+local function index_tasks(cap, now_ms)
+  local live, gone, done = {}, {}, {}
+  for _, e in ipairs(JOURNAL) do
+    if FINAL[e.state] then
+      gone[#gone + 1] = e.id
+      done[#done + 1] = now_ms
+      done[#done + 1] = e.id
+    elseif LIVE[e.state] then
+      live[#live + 1] = now_ms
+      live[#live + 1] = e.id
+    end
+  end
+  if #live > 0 then call_chunked('ZADD', K.index_live(), live) end
+  if #gone > 0 then call_chunked('ZREM', K.index_live(), gone) end
+  if #done > 0 then
+    call_chunked('ZADD', K.index_done(), done)
+    local over = redis.call('ZCARD', K.index_done()) - cap
+    if over > 0 then redis.call('ZREMRANGEBYRANK', K.index_done(), 0, over - 1) end
+  end
+end
+
+local function flush_journal(now_ms)
+  if #JOURNAL == 0 then return end
+  local conf = redis.call('HMGET', K.meta(), 'index_cap', 'events_cap')
+  local index_cap = tonumber(conf[1]) or DEFAULT_CAP
+  local events_cap = tonumber(conf[2]) or DEFAULT_CAP
+  if index_cap > 0 then index_tasks(index_cap, now_ms) end
+  if events_cap > 0 then
+    redis.call('XADD', K.events(), 'MAXLEN', '~', events_cap, '*', 't', now_ms,
+      'e', cmsgpack.pack(JOURNAL))
+  end
+  JOURNAL = {}
+end
+
 -- Wake whoever waits on a task: its own channel carries the state (for updates() and
 -- handles of other processes); the reply channel of the process that sent it (stored in
 -- the task hash) carries the final state, and the encoded result, to result() waiters.
@@ -70,6 +124,7 @@ local function xadd_task(t, ttl, now_ms, enqueued_at)
   -- sent again) is stale and must not run, and a revoke deletes the entry outright.
   redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
     'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream)
+  journal({id = t.id, state = 'PENDING', name = t.name, queue = t.queue})
   if t.eb then redis.call('HSET', tkey, '_eb', cmsgpack.pack(t.eb)) end
   redis.call('PEXPIRE', tkey, ttl * 1000)
 end
@@ -82,6 +137,7 @@ local function schedule_task(t, ttl, now_ms, due_ms)
     'enqueued_at', now_ms, 'eta', due_ms, '_rec', cmsgpack.pack(t))
   redis.call('PEXPIRE', tkey, ttl * 1000 + (due_ms - now_ms))
   redis.call('ZADD', K.delayed(), due_ms, t.id)
+  journal({id = t.id, state = 'SCHEDULED', name = t.name, queue = t.queue})
 end
 
 -- Enqueue one task record on its stream now, or in the delayed zset when it is due later
@@ -156,6 +212,7 @@ local function final_write(id, state, fields, ttl, now_ms)
   redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at')
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, state, fields.ct, fields.result)
+  journal({id = id, state = state})
 end
 
 local settle_chord
@@ -254,6 +311,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', now_ms, 'worker', worker,
     'attempts', (tonumber(f.r) or 0) + deliveries)
   redis.call('PUBLISH', K.done_channel(id), 'STARTED')
+  journal({id = id, state = 'STARTED', worker = worker})
   return true
 end
 

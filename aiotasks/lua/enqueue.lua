@@ -23,4 +23,5 @@ end
 for q in pairs(queues) do
   redis.call('SADD', K.queues(), q)
 end
+flush_journal(now_ms)
 return out

@@ -71,4 +71,5 @@ for k = 2, #KEYS do
   end
 end
 local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')
+flush_journal(now_ms)
 return reply({next_due = tonumber(nxt[2]) or -1, entries = entries})

@@ -119,4 +119,5 @@ for _, op in ipairs(ops) do
     return redis.error_reply('finish.lua: unknown op ' .. tostring(name))
   end
 end
+flush_journal(now_ms)
 return #ops

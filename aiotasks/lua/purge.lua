@@ -58,8 +58,12 @@ if mode == 'streams' then
   local deleted = 0
   for k = 2, #KEYS do
     deleted = deleted + purge_stream(KEYS[k], limit - deleted, bounds[KEYS[k]])
-    if deleted >= limit then return reply({deleted = deleted, next = '1'}) end
+    if deleted >= limit then
+      flush_journal(now_ms)
+      return reply({deleted = deleted, next = '1'})
+    end
   end
+  flush_journal(now_ms)
   return reply({deleted = deleted, next = '0'})
 end
 
@@ -75,4 +79,5 @@ for i = 1, #res[2], 2 do
     deleted = deleted + 1
   end
 end
+flush_journal(now_ms)
 return reply({deleted = deleted, next = res[1]})

@@ -52,4 +52,5 @@ for k = 2, #KEYS do
     if cursor == '0-0' or count <= 0 then break end
   end
 end
+flush_journal(now_ms)
 return reply({entries = entries})

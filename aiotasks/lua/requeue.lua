@@ -40,6 +40,7 @@ local function reset(id, name, entry_id, stream)
   end
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, 'PENDING')
+  journal({id = id, state = 'PENDING', queue = queue})
 end
 
 local out = {}
@@ -64,4 +65,5 @@ for _, item in ipairs(todo) do
     end
   end
 end
+flush_journal(now_ms)
 return out

@@ -22,6 +22,7 @@ if state == 'SCHEDULED' then
   redis.call('ZREM', K.delayed(), id)
   local t = read_record(h[2]) or {}
   settle_unrun(id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, ttl, now_ms)
+  flush_journal(now_ms)
   return state
 end
 if state == 'PENDING' and h[3] and h[4] then
@@ -30,6 +31,7 @@ if state == 'PENDING' and h[3] and h[4] then
     -- Still in its stream (no worker has it): delete it and settle what waits on it.
     ack(h[4], h[3])
     settle_unrun(id, 'REVOKED', nil, nil, f.cid, f.cix, f.tail, ttl, now_ms)
+    flush_journal(now_ms)
     return state
   end
 end
@@ -41,4 +43,6 @@ redis.call('HSET', tkey, 'state', 'REVOKED', 'finished_at', now_ms)
 redis.call('HDEL', tkey, '_replaced', '_eb', '_e', '_st')
 redis.call('PEXPIRE', tkey, ttl * 1000)
 notify(id, 'REVOKED')
+journal({id = id, state = 'REVOKED'})
+flush_journal(now_ms)
 return state or ''

@@ -24,4 +24,5 @@ for _, ref in ipairs(refs) do
     entries[#entries + 1] = {stream = ref.stream, entry = ref.entry, fields = f}
   end
 end
+flush_journal(now_ms)
 return reply({entries = entries})
