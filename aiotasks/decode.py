@@ -201,6 +201,15 @@ def _payload(fields: dict[bytes, bytes], ct: str, max_size: int) -> dict[str, An
         raise DecodeError("payload 'kwargs' must be a map with string keys")
     if "chord_body" in p and not isinstance(p["chord_body"], str):
         raise DecodeError("payload 'chord_body' must be a string")
+    trace = p.get("trace")
+    if trace is not None and not (
+        isinstance(trace, dict)
+        and len(trace) <= 8
+        and all(
+            isinstance(k, str) and isinstance(v, str) and len(v) <= 512 for k, v in trace.items()
+        )
+    ):
+        raise DecodeError("payload 'trace' must be a small map of strings (W3C trace context)")
     return p
 
 
@@ -276,4 +285,5 @@ def decode_entry(
         _text(fields, "tail"),
         p.get("chord_body"),
         _err(fields),
+        p.get("trace"),
     )

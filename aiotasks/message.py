@@ -65,7 +65,8 @@ class Message:
     `chord` is the chord this task (or, when it has a chain, the chain's end) reports to.
     `tail` is the id of the chain's last task, failed too when this task fails.
     `chord_body` marks a chord body (the header results are prepended). `err` is the
-    failure an errback was sent for (prepended to its args).
+    failure an errback was sent for (prepended to its args). `trace` is the sender's
+    W3C trace context (`traceparent`, `tracestate`) when tracing is on.
     """
 
     id: str
@@ -86,6 +87,7 @@ class Message:
     tail: str | None = None
     chord_body: str | None = None
     err: dict[str, Any] | None = None
+    trace: dict[str, str] | None = None
 
     def payload(self) -> dict[str, Any]:
         """The map encoded into the entry's `m` field."""
@@ -98,6 +100,8 @@ class Message:
             p["link"] = self.link
         if self.chord_body:
             p["chord_body"] = self.chord_body
+        if self.trace:
+            p["trace"] = self.trace
         return p
 
     def encode(self, min_size: int = 1024, max_size: int = codec.MAX_SIZE) -> tuple[bytes, str]:
