@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 from .canvas import COLLECT, compose, send_canvas
 from .client import Client
 from .config import RetryPolicy, Settings, resolve_redis_url
+from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
 from .message import Message, check_options
+from .nodes import signature_of
 from .task import Task, TaskOptions, build_message, field_names
 
 if TYPE_CHECKING:
@@ -111,6 +113,16 @@ class App:
             self._client = Client(self.settings)
         return self._client
 
+    @property
+    def schedules(self) -> Schedules:
+        """Schedules stored in Redis: add, pause, resume, remove, list (see control.py)."""
+        return Schedules(self)
+
+    @property
+    def queues(self) -> Queues:
+        """Pause and resume queues at run time (see control.py)."""
+        return Queues(self)
+
     def configure(self, **changes: Any) -> None:
         """Change settings before the first connection (the CLI's --redis-url uses this)."""
         from dataclasses import replace
@@ -170,6 +182,7 @@ class App:
         check_options({k: v for k, v in timeouts.items() if v is not None})
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
+            _check_flow(f, options)
             task_name = name or f"{f.__module__}.{f.__qualname__}"
             opts = TaskOptions(name=task_name, **options)
             if opts.autoretry_for and not isinstance(opts.autoretry_for, tuple):
@@ -322,6 +335,33 @@ class App:
 async def _collect(results: Any) -> Any:
     """Return the results a nested group gathered (the body of its implicit chord)."""
     return results
+
+
+#: Flow-control keys and the option each one goes with.
+_FLOW_KEYS = {
+    "rate_key": "rate_limit",
+    "concurrency_key": "concurrency_limit",
+    "debounce_key": "debounce",
+}
+
+
+def _check_flow(fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Refuse flow-control options that cannot work, at decoration time."""
+    limit = options.get("concurrency_limit")
+    if limit is not None and not (isinstance(limit, int) and limit > 0):
+        raise ValueError(f"concurrency_limit must be a positive int, got {limit!r}")
+    debounce = options.get("debounce")
+    if debounce is not None and not (isinstance(debounce, int | float) and debounce > 0):
+        raise ValueError(f"debounce must be a positive number of seconds, got {debounce!r}")
+    sig = signature_of(fn)
+    for key_option, needs in _FLOW_KEYS.items():
+        argument = options.get(key_option)
+        if argument is None:
+            continue
+        if options.get(needs) is None:
+            raise ValueError(f"{key_option} goes with {needs}")
+        if sig is not None and argument not in sig.parameters:
+            raise ValueError(f"{key_option}={argument!r}: the function has no such argument")
 
 
 def _keys(value: bytes | str | Sequence[bytes | str] | None) -> tuple[bytes, ...]:

@@ -242,6 +242,12 @@ class Client:
             task_name=task_name, interval_ms=interval_ms, now_ms=now_ms()
         )
 
+    async def acquire_slot(self, key: str, limit: int, task_id: str, lease_ms: int) -> bool:
+        """Take (or keep) a concurrency slot of `key` for a task; False at the limit."""
+        request = {"key": key, "limit": limit, "id": task_id, "lease": lease_ms}
+        held = await self.scripts.acquire(now_ms=now_ms(), requests=[request])
+        return bool(held[0])
+
     # -- workers ------------------------------------------------------------------------
 
     async def ensure_groups(self, streams: Sequence[str]) -> None:

@@ -129,6 +129,7 @@ def done_op(
     chord: tuple[str, int] | None = None,
     tail: str | None = None,
     chord_value: bytes | None = None,
+    slot: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Store a run's final state and `fields`, ack the entry, settle what depends on it.
 
@@ -154,12 +155,35 @@ def done_op(
         op["tail"] = tail
     if chord_value is not None:
         op["value"] = chord_value
+    if slot is not None:
+        op["slot"] = slot
     return op
 
 
-def ack_op(stream: str, entry: bytes) -> dict[str, Any]:
-    """Ack and delete an entry whose task goes on elsewhere (a retry, a deferral)."""
-    return {"op": "ack", "stream": stream, "entry": entry}
+def ack_op(
+    stream: str, entry: bytes, task_id: str = "", slot: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Ack and delete an entry whose task goes on elsewhere (a retry, a deferral),
+    giving back the concurrency `slot` ({key, limit, lease}) it held."""
+    op: dict[str, Any] = {"op": "ack", "stream": stream, "entry": entry}
+    if slot is not None:
+        op["id"], op["slot"] = task_id, slot
+    return op
+
+
+def wait_op(
+    stream: str, entry: bytes, task_id: str, key: str, limit: int, lease_ms: int
+) -> dict[str, Any]:
+    """Park an entry over its key's concurrency limit until a slot frees."""
+    return {
+        "op": "wait",
+        "stream": stream,
+        "entry": entry,
+        "id": task_id,
+        "key": key,
+        "limit": limit,
+        "lease": lease_ms,
+    }
 
 
 def dead_op(
@@ -211,9 +235,15 @@ def replaced_op(task_id: str) -> dict[str, Any]:
     return {"op": "replaced", "id": task_id}
 
 
-def entry_ref(stream: str, entry: bytes) -> dict[str, Any]:
-    """An entry this worker holds, for start/heartbeat/release."""
-    return {"stream": stream, "entry": entry}
+def entry_ref(
+    stream: str, entry: bytes, task_id: str = "", slot: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """An entry this worker holds, for start/heartbeat/release (with the concurrency
+    slot its task holds, whose lease the heartbeat renews)."""
+    ref: dict[str, Any] = {"stream": stream, "entry": entry}
+    if slot is not None:
+        ref["id"], ref["slot"] = task_id, slot
+    return ref
 
 
 def lua_source() -> str:

@@ -70,6 +70,7 @@ class Kind(enum.Enum):
     DEFER = "DEFER"  # run later without counting a retry (a rate limit, a Redis blip)
     DEAD = "DEAD"  # must never run: dead-lettered (malformed, unknown task)
     REPLACED = "REPLACED"  # became a canvas (value), which finishes in its place
+    WAIT = "WAIT"  # over its concurrency limit: parked in Redis until a slot frees
 
 
 @dataclass(slots=True)
@@ -232,6 +233,8 @@ class Execution:
         self.lease_was_given = lease.held
         self.started = time.perf_counter()
         self._args: list[Any] = []
+        #: The concurrency slot this run holds ({key, limit, lease}), given back with it.
+        self.slot: dict[str, Any] | None = None
         self._timers: list[asyncio.TimerHandle] = []
 
     @property
@@ -332,8 +335,16 @@ class Execution:
 
     async def _before_body(self, task: Task[Any, Any], msg: Message) -> Outcome | None:
         """Reserve a rate-limit slot and read what a chord body or callback gets first."""
+        limit = task.opts.concurrency_limit
+        if limit:
+            key = task.key_of(task.opts.concurrency_key, msg.args, msg.kwargs)
+            lease_ms = int(self.rt.app.settings.visibility_timeout * 1000)
+            if not await self.rt.client.acquire_slot(key, limit, msg.id, lease_ms):
+                return Outcome(Kind.WAIT, value={"key": key, "limit": limit, "lease": lease_ms})
+            self.slot = {"key": key, "limit": limit, "lease": lease_ms}
         if task.rate_interval_ms and RATE_RESERVED not in msg.opts:
-            wait_ms = await self.rt.client.rate_wait(task.name, task.rate_interval_ms)
+            key = task.key_of(task.opts.rate_key, msg.args, msg.kwargs)
+            wait_ms = await self.rt.client.rate_wait(key, task.rate_interval_ms)
             if wait_ms > 0:
                 return Outcome(Kind.DEFER, retry_at=now() + wait_ms / 1000, rate_reserved=True)
         args = list(msg.args)

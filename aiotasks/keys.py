@@ -42,6 +42,11 @@ LAYOUT: dict[str, str] = {
     "index_live": "idx:live",  # zset: unfinished task ids by last change (ms)
     "index_done": "idx:done",  # zset: the most recent finished task ids by finish (ms)
     "events": "events",  # stream: state changes and worker joins/leaves, one entry a batch
+    "slots": "slots:{key}",  # zset: ids holding a concurrency slot of a key, by lease end (ms)
+    "slot_waiters": "slots:{key}:w",  # list: entries waiting for a slot of a key
+    "slot_keys": "slots",  # set: concurrency keys that have waiters
+    "paused": "paused",  # set: paused queue names
+    "schedules": "schedules",  # hash: schedule name -> msgpack schedule
 }
 
 _PART = re.compile(r"\{(\w+)\}")
@@ -148,6 +153,29 @@ class Keys:
     def index_done(self) -> str:
         """Sorted set of the most recent finished task ids, scored by finish time (ms)."""
         return self._key("index_done")
+
+    def slots(self, key: str) -> str:
+        """Sorted set of the task ids holding a concurrency slot of `key`, by lease end."""
+        return self._key("slots", key=key)
+
+    def slot_waiters(self, key: str) -> str:
+        """List of the entries waiting for a concurrency slot of `key`."""
+        return self._key("slot_waiters", key=key)
+
+    @property
+    def slot_keys(self) -> str:
+        """Set of the concurrency keys that have waiting entries."""
+        return self._key("slot_keys")
+
+    @property
+    def paused(self) -> str:
+        """Set of paused queue names."""
+        return self._key("paused")
+
+    @property
+    def schedules(self) -> str:
+        """Hash of schedule name -> msgpack schedule (run-time and declared ones)."""
+        return self._key("schedules")
 
     @property
     def events(self) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import codec
 from .backoff import Backoff
 from .compiler import continuation, replacement
-from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op
+from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op, wait_op
 from .errors import CONNECTION_ERRORS, SerializationError
 from .execution import Execution, Kind, Outcome, Phase, failure, internal_error
 from .message import now
@@ -98,7 +98,7 @@ class Outcomes:
     def _count(self, out: Outcome) -> None:
         if out.kind in (Kind.FAILURE, Kind.DEAD):
             self.failed += 1
-        elif out.kind not in (Kind.RETRY, Kind.DEFER, Kind.REPLACED):
+        elif out.kind not in (Kind.RETRY, Kind.DEFER, Kind.REPLACED, Kind.WAIT):
             self.done += 1
 
     def _ops_for(self, ex: Execution, out: Outcome) -> list[Op]:
@@ -113,6 +113,9 @@ class Outcomes:
             ]
         msg, opts = ex.msg, ex.opts
         assert msg is not None and opts is not None, "only a decoded delivery runs"
+        if out.kind is Kind.WAIT:
+            w = out.value
+            return [wait_op(d.stream, d.entry_id, msg.id, w["key"], w["limit"], w["lease"])]
         if out.kind in (Kind.RETRY, Kind.DEFER):
             again = (
                 msg.with_retry(out.retry_at)
@@ -124,11 +127,11 @@ class Outcomes:
             mode = RETRY if out.kind is Kind.RETRY else DEFER
             # The retry is enqueued before the entry is acked: a refused enqueue (a Lua
             # error does not roll back) must not leave the entry acked and the task gone.
-            return [enqueue_op(mode, record), ack_op(d.stream, d.entry_id)]
+            return [enqueue_op(mode, record), ack_op(d.stream, d.entry_id, msg.id, ex.slot)]
         if out.kind is Kind.REPLACED:
             return [
                 *replacement(self.app, self.client, msg, out.value),
-                ack_op(d.stream, d.entry_id),
+                ack_op(d.stream, d.entry_id, msg.id, ex.slot),
             ]
         fields = self._fields(ex, out)
         follow: list[Op] = []
@@ -194,6 +197,7 @@ class Outcomes:
             chord=chord,
             tail=msg.tail if msg is not None else None,
             chord_value=chord_value,
+            slot=ex.slot,
         )
 
     def _log(self, ex: Execution, out: Outcome) -> None:

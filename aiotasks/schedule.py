@@ -38,6 +38,7 @@ from .errors import CONNECTION_ERRORS
 
 if TYPE_CHECKING:
     from .app import App
+    from .control import Schedules
     from .task import Task
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Periodic:
     @classmethod
     def make(
         cls,
-        task: Task[Any, Any],
+        task: Task[Any, Any] | str,
         *,
         cron: str | None = None,
         every: float | timedelta | None = None,
@@ -75,7 +76,7 @@ class Periodic:
         """Validate the schedule and build the Periodic (used by `App.periodic`).
 
         Args:
-            task: the registered task to send.
+            task: the task to send (or its name).
             cron: a cron expression, read in UTC.
             every: the period, in seconds or as a timedelta.
             name: the schedule's name, unique per App (default: the task's name).
@@ -95,7 +96,8 @@ class Periodic:
         if cron is not None and not croniter.is_valid(cron):
             raise ValueError(f"invalid cron expression {cron!r}")
         every = float(every) if every is not None else None
-        return cls(task.name, cron, every, name or task.name, queue, tuple(args), kwargs or {})
+        task_name = task if isinstance(task, str) else task.name
+        return cls(task_name, cron, every, name or task_name, queue, tuple(args), kwargs or {})
 
     def next_run(self, after: datetime) -> datetime:
         """The first tick strictly after `after` (naive means UTC), as an aware UTC datetime."""
@@ -123,21 +125,30 @@ def _at(ms: int) -> datetime:
 class Scheduler:
     """Fires an App's periodic tasks from one worker (one of any number doing the same)."""
 
-    def __init__(self, app: App, worker: str) -> None:
+    def __init__(self, app: App, worker: str, schedules: Schedules) -> None:
         self.app = app
         self.worker = worker
-        self.periodics: list[Periodic] = list(app.periodic_tasks)
+        self.schedules = schedules
+        self.periodics: list[Periodic] = []
         self._next: dict[str, int] = {}  # periodic name -> next tick, epoch ms
         self._claimed: set[tuple[str, int]] = set()  # claimed ticks whose send failed
 
     async def run(self) -> None:
-        """Fire due ticks until cancelled; connection errors are logged and retried."""
-        start = _at(int((time.time() - GRACE) * 1000))
-        self._next = {p.name: _ms(p.next_run(start)) for p in self.periodics}
+        """Fire due ticks until cancelled; connection errors are logged and retried.
+
+        The schedules are re-read from Redis every loop (at most a second apart), so
+        ones added, paused, resumed or removed at run time are taken up within a second.
+        """
+        schedules = self.schedules
         backoff = Backoff(start=0.5, cap=5.0)
+        declared = False
         dirty = True
         while True:
             try:
+                if not declared:
+                    await schedules.declare(list(self.app.periodic_tasks))
+                    declared = True
+                dirty = self._load(await schedules.active()) or dirty
                 for p in self.periodics:
                     dirty = await self._tick(p) or dirty
                 if dirty:
@@ -149,8 +160,26 @@ class Scheduler:
                 log.warning("periodic scheduler lost Redis (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            wait = min(self._next.values()) / 1000 - time.time()
+            nxt = min(self._next.values(), default=None)
+            wait = nxt / 1000 - time.time() if nxt is not None else MAX_SLEEP
             await asyncio.sleep(min(MAX_SLEEP, max(wait, 0.0)))
+
+    def _load(self, active: Sequence[Periodic]) -> bool:
+        """Take up the current schedules; True when the set changed."""
+        if list(active) == self.periodics:
+            return False
+        start = _at(int((time.time() - GRACE) * 1000))
+        old = {p.name: p for p in self.periodics}
+        # A schedule that did not change keeps its next tick; a new or changed one starts
+        # from now (a resumed one does not catch up on the ticks it missed).
+        self._next = {
+            p.name: self._next[p.name]
+            if old.get(p.name) == p and p.name in self._next
+            else _ms(p.next_run(start))
+            for p in active
+        }
+        self.periodics = list(active)
+        return True
 
     async def _tick(self, p: Periodic) -> bool:
         """Fire `p` if its tick is due; True when its next run moved."""
@@ -188,5 +217,7 @@ class Scheduler:
 
     async def _publish(self) -> None:
         """Record each periodic's next run for `aiotasks status`."""
+        if not self._next:
+            return
         horizon_ms = max(self._next.values()) - int(time.time() * 1000) + 86_400_000
         await self.app.client.publish_schedule(self._next, max(horizon_ms, 86_400_000))

@@ -30,6 +30,7 @@ NAMES = (
     "rate",
     "purge",
     "requeue",
+    "acquire",
 )
 
 
@@ -130,11 +131,17 @@ class Scripts:
         return unpack_reply(raw)  # type: ignore[no-any-return]
 
     async def heartbeat(
-        self, *, streams: Sequence[str], consumer: str, entries: Sequence[Record]
+        self, *, streams: Sequence[str], consumer: str, entries: Sequence[Record], now_ms: int
     ) -> int:
-        """Refresh the idle time of running entries ({stream, entry} refs)."""
+        """Refresh the idle time (and slot leases) of running entries."""
         return await self._s["heartbeat"](  # type: ignore[no-any-return]
-            keys=[self.prefix, *streams], args=[consumer, pack(entries)]
+            keys=[self.prefix, *streams], args=[consumer, pack(entries), now_ms]
+        )
+
+    async def acquire(self, *, now_ms: int, requests: Sequence[Record]) -> list[int]:
+        """Take concurrency slots ({key, limit, id, lease} each); 1 = held, 0 = at limit."""
+        return await self._s["acquire"](  # type: ignore[no-any-return]
+            keys=[self.prefix], args=[now_ms, pack(requests)]
         )
 
     async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Record]) -> int:

@@ -38,6 +38,11 @@ class TaskOptions:
     priority: int | None = None
     rate_limit: str | None = None
     serializer: str | None = None
+    rate_key: str | None = None
+    concurrency_limit: int | None = None
+    concurrency_key: str | None = None
+    debounce: float | None = None
+    debounce_key: str | None = None
 
 
 #: Send options that override a task's run options, as they travel in the payload's
@@ -185,6 +190,25 @@ class Task(Generic[P, R]):
         """An immutable Signature: in a chain or as a callback it ignores the previous
         result and gets only these arguments."""
         return Signature(self.name, tuple(args), dict(kwargs), app=self.app, immutable=True)
+
+    def key_of(self, argument: str | None, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+        """The flow-control key of a call: the task name, plus the value of `argument`.
+
+        Raises:
+            TypeError: the call has no such argument.
+        """
+        if argument is None:
+            return self.name
+        if argument in kwargs:
+            return f"{self.name}:{kwargs[argument]}"
+        if self.signature is not None:
+            bound = self.signature.bind_partial(*args, **kwargs)
+            if argument in bound.arguments:
+                return f"{self.name}:{bound.arguments[argument]}"
+            default = self.signature.parameters.get(argument)
+            if default is not None and default.default is not default.empty:
+                return f"{self.name}:{default.default}"
+        raise TypeError(f"task {self.name}: the call has no argument {argument!r} to key on")
 
     def check_args(self, args: Sequence[Any], kwargs: dict[str, Any] | None) -> None:
         """Raise TypeError, naming the task, when the arguments do not fit its function."""

@@ -25,12 +25,14 @@ from redis.exceptions import ResponseError
 from .backoff import Backoff
 from .cancel import cancel_and_wait
 from .contract import entry_ref
+from .control import Queues, Schedules
 from .errors import CONNECTION_ERRORS
 from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_error
 from .index import TaskIndex
 from .keys import PRIORITIES
 from .message import now
 from .outcomes import Key, Outcomes
+from .schedule import Scheduler
 from .slots import Lease, Slots
 
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ _SCRIPT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseE
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
+
+#: Seconds between two reads of the paused queues.
+PAUSE_REFRESH = 1.0
 
 
 class Worker:
@@ -88,6 +93,7 @@ class Worker:
         self.slots = Slots(concurrency)
         self._thread_limiter: Any = None
         self.vt = app.settings.visibility_timeout
+        self._active = list(self.streams)  # the streams of queues not paused
         # One table of the entries this worker holds, each with its phase.
         self._running: dict[Key, Execution] = {}
         self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
@@ -161,10 +167,9 @@ class Worker:
                     tg.create_task(self.outcomes.flush_loop()),
                     tg.create_task(self._control_loop()),
                 ]
-                if self.app.periodic_tasks:
-                    from .schedule import Scheduler
-
-                    background.append(tg.create_task(Scheduler(self.app, self.name).run()))
+                scheduler = Scheduler(self.app, self.name, Schedules(self.app))
+                background.append(tg.create_task(scheduler.run()))
+                background.append(tg.create_task(self._paused_loop()))
                 await self._fetch_loop()
                 await self._drain()
                 await cancel_and_wait(background)
@@ -269,6 +274,21 @@ class Worker:
                 if not await self.client.has_work(self.streams, within=1.0):
                     self.stop()
 
+    async def _paused_loop(self) -> None:
+        """Take up paused and resumed queues (tasks.queues) within a second."""
+        queues, paused = Queues(self.app), frozenset[str]()
+        while True:
+            try:
+                now_paused = frozenset(await queues.paused())
+            except CONNECTION_ERRORS:
+                now_paused = paused  # the fetch loop reports the lost connection
+            if now_paused != paused:
+                paused = now_paused
+                self._active = [s for s in self.streams if self._served[s][0] not in paused]
+                mine = sorted(q for q in self.queues if q in paused)
+                log.info("worker %s: paused queues %s", self.name, ", ".join(mine) or "none")
+            await asyncio.sleep(PAUSE_REFRESH)
+
     def _prefetch(self, n: int) -> int:
         """Entries to read beyond the free slots: a second batch when tasks are short.
 
@@ -322,8 +342,11 @@ class Worker:
         return Delivery(stream, queue, priority, entry[b"entry"], entry[b"fields"], deliveries)
 
     async def _fetch(self, n: int) -> list[Delivery]:
+        if not self._active:
+            await self._sleep(self.block_ms / 1000)  # every queue of ours is paused
+            return []
         res = await self.client.scripts.fetch(
-            streams=self.streams,
+            streams=self._active,
             consumer=self.name,
             count=n,
             now_ms=int(now() * 1000),
@@ -348,7 +371,7 @@ class Worker:
         never run. start.lua reads the entry's fields itself; they come back with the
         entries to run.
         """
-        got = await self.client.read_blocking(self.name, self.streams, block_ms)
+        got = await self.client.read_blocking(self.name, self._active, block_ms)
         if not got:
             return []
         refs = [entry_ref(stream, entry_id) for stream, entry_id in got]
@@ -369,7 +392,7 @@ class Worker:
 
     async def _reclaim(self, n: int) -> list[Delivery]:
         res = await self.client.scripts.reclaim(
-            streams=self.streams,
+            streams=self._active,
             consumer=self.name,
             min_idle_ms=int(self.vt * 1000),
             count=n,
@@ -461,11 +484,17 @@ class Worker:
         interval = max(self.vt / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
-            refs = [entry_ref(stream, entry_id) for stream, entry_id in self._running]
+            refs = [
+                entry_ref(stream, entry_id, ex.tid or "", ex.slot)
+                for (stream, entry_id), ex in self._running.items()
+            ]
             try:
                 if refs:
                     await self.client.scripts.heartbeat(
-                        streams=self.streams, consumer=self.name, entries=refs
+                        streams=self.streams,
+                        consumer=self.name,
+                        entries=refs,
+                        now_ms=int(now() * 1000),
                     )
                 await self._register(ttl=max(interval * 3, 10.0))
             except CONNECTION_ERRORS as exc:

@@ -20,6 +20,7 @@ SAMPLE = {
     "client": "c0ffee",
     "name": "w-1",
     "tick": 1700000000000,
+    "key": "mail.send:42",
 }
 
 

@@ -26,3 +26,8 @@ function K.meta() return P .. 'meta' end
 function K.index_live() return P .. 'idx:live' end
 function K.index_done() return P .. 'idx:done' end
 function K.events() return P .. 'events' end
+function K.slots(key) return P .. 'slots:' .. key end
+function K.slot_waiters(key) return P .. 'slots:' .. key .. ':w' end
+function K.slot_keys() return P .. 'slots' end
+function K.paused() return P .. 'paused' end
+function K.schedules() return P .. 'schedules' end

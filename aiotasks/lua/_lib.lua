@@ -350,3 +350,44 @@ end
 local function reply(value)
   return cmsgpack.pack(value)
 end
+
+-- Concurrency slots: `slots:<key>` holds the ids running under a key's limit, scored by
+-- the end of their lease (the visibility timeout, renewed by the heartbeat), so a slot
+-- held by a dead worker frees itself. Entries over the limit wait in `slots:<key>:w`
+-- (their task reads SCHEDULED) and go back to their stream, with a slot reserved for
+-- them, when one frees.
+
+-- Put waiting entries back on their streams while the key has free slots.
+local function wake(key, limit, now_ms, lease_ms)
+  local sk, wk = K.slots(key), K.slot_waiters(key)
+  redis.call('ZREMRANGEBYSCORE', sk, '-inf', now_ms)
+  while redis.call('ZCARD', sk) < limit do
+    local item = redis.call('LPOP', wk)
+    if not item then
+      redis.call('SREM', K.slot_keys(), key)
+      return
+    end
+    local w = read_record(item)
+    local tkey = w and K.task(w.id)
+    if w and not FINAL[redis.call('HGET', tkey, 'state') or ''] then
+      redis.call('ZADD', sk, now_ms + lease_ms, w.id)  -- reserved for it
+      redis.call('PEXPIRE', sk, lease_ms + 60000)
+      local flat = {}
+      for k, v in pairs(w.fields) do
+        flat[#flat + 1] = k
+        flat[#flat + 1] = v
+      end
+      local entry_id = redis.call('XADD', w.stream, '*', unpack(flat))
+      redis.call('HSET', tkey, 'state', 'PENDING', '_e', entry_id, '_st', w.stream)
+      redis.call('PUBLISH', K.done_channel(w.id), 'PENDING')
+      journal({id = w.id, state = 'PENDING'})
+    end
+  end
+end
+
+-- Give back the slot a task held (slot = {key, limit, lease}) and wake a waiter.
+local function release_slot(slot, id, now_ms)
+  if not slot then return end
+  redis.call('ZREM', K.slots(slot.key), id)
+  wake(slot.key, tonumber(slot.limit), now_ms, tonumber(slot.lease))
+end

@@ -6,13 +6,17 @@
 -- ARGV[1]      now, in ms
 -- ARGV[2]      msgpack array of ops, each a map with `op` naming it (contract.py):
 --   {op='done', stream, entry, id, state, ttl, fields={name=value}, ignore_result?,
---    linked?, cid?, cix?, tail?, value?}
+--    linked?, cid?, cix?, tail?, value?, slot?}
 --          Store the final state and fields, XACK + XDEL the entry, wake the waiters,
 --          and settle the chord and the chain tail that depend on the task. `linked`:
 --          a chain goes on from it (its chord hears from the chain's end); `value`: the
 --          result as a chord body reads it ("<content type>\n<bytes>").
---   {op='ack', stream, entry}
---          XACK + XDEL an entry whose task goes on elsewhere (a retry, a deferral).
+--   {op='ack', stream, entry, id?, slot?}
+--          XACK + XDEL an entry whose task goes on elsewhere (a retry, a deferral),
+--          giving back the concurrency slot it held (slot = {key, limit, lease}).
+--   {op='wait', stream, entry, id, key, limit, lease}
+--          Park an entry over its key's concurrency limit: its task reads SCHEDULED until
+--          a slot frees, then the entry goes back to its stream with a slot reserved.
 --   {op='dead', stream, entry, id, queue, exc_type, exc_message, ttl, fields}
 --          Move an entry that must not run (undecodable, unknown task) to the queue's
 --          dead-letter stream with its original fields (`fields`: as the worker read
@@ -59,8 +63,28 @@ local function done(op)
         now_ms)
     end
   end
+  release_slot(op.slot, id, now_ms)
   -- Acked last: a script error above (they are not rolled back) leaves it pending.
   ack(op.stream, op.entry)
+end
+
+-- Park an entry over its key's concurrency limit until a slot frees (unless one freed
+-- since the worker asked: then it goes straight back to its stream).
+local function wait(op)
+  local f = entry_fields(op.stream, op.entry)
+  if f then
+    local wk = K.slot_waiters(op.key)
+    redis.call('RPUSH', wk, cmsgpack.pack({stream = op.stream, id = op.id, fields = f,
+      limit = op.limit, lease = op.lease}))
+    redis.call('PEXPIRE', wk, 86400000)
+    redis.call('SADD', K.slot_keys(), op.key)
+    redis.call('HSET', K.task(op.id), 'state', 'SCHEDULED')
+    redis.call('HDEL', K.task(op.id), 'started_at', 'worker', '_e', '_st')
+    redis.call('PUBLISH', K.done_channel(op.id), 'SCHEDULED')
+    journal({id = op.id, state = 'SCHEDULED'})
+  end
+  ack(op.stream, op.entry)
+  wake(op.key, tonumber(op.limit), now_ms, tonumber(op.lease))
 end
 
 local function dead(op)
@@ -99,7 +123,10 @@ for _, op in ipairs(ops) do
   if name == 'done' then
     done(op)
   elseif name == 'ack' then
+    release_slot(op.slot, op.id, now_ms)
     ack(op.stream, op.entry)
+  elseif name == 'wait' then
+    wait(op)
   elseif name == 'dead' then
     dead(op)
   elseif name == 'enqueue' then

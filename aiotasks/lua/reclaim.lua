@@ -52,5 +52,15 @@ for k = 2, #KEYS do
     if cursor == '0-0' or count <= 0 then break end
   end
 end
+-- Keys whose waiters no release will wake (their slot holders died): their leases have
+-- ended, so the waiters go now.
+for _, key in ipairs(redis.call('SRANDMEMBER', K.slot_keys(), 20)) do
+  local first = read_record(redis.call('LINDEX', K.slot_waiters(key), 0))
+  if first then
+    wake(key, tonumber(first.limit), now_ms, tonumber(first.lease))
+  else
+    redis.call('SREM', K.slot_keys(), key)
+  end
+end
 flush_journal(now_ms)
 return reply({entries = entries})

@@ -1,0 +1,185 @@
+"""Schedules and queue pauses stored in Redis, changed at run time, taken up by workers.
+
+```python
+await tasks.schedules.add("nightly-report", report.s("eu"), cron="0 3 * * *")
+await tasks.schedules.pause("nightly-report"); await tasks.schedules.resume("nightly-report")
+await tasks.schedules.remove("nightly-report"); await tasks.schedules.list()
+await tasks.queues.pause("mail"); await tasks.queues.resume("mail")
+```
+
+Schedules live in the hash `{ns}:schedules` (name -> msgpack spec). Workers re-read it
+every second and fire each tick once across all of them, exactly as `@tasks.periodic`
+(whose schedules they write there at start, so both show in one list). Paused queues are
+the set `{ns}:paused`; workers re-read it every second and take nothing from a paused
+queue until it is resumed. Nothing queued is lost meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from . import codec
+from .errors import AiotasksError, SerializationError
+from .schedule import Periodic
+
+if TYPE_CHECKING:
+    from .app import App
+    from .task import Signature
+
+
+class ScheduleNotFound(AiotasksError, LookupError):
+    """No schedule of that name exists in the namespace."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A schedule as stored: what it sends, when, and whether it is paused."""
+
+    name: str
+    task: str
+    cron: str | None
+    every: float | None
+    queue: str | None
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    paused: bool = False
+    source: str = "runtime"  # "runtime" (schedules.add) or "code" (@tasks.periodic)
+
+    def periodic(self) -> Periodic:
+        """The Periodic a worker fires."""
+        return Periodic(
+            self.task, self.cron, self.every, self.name, self.queue, tuple(self.args), self.kwargs
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _spec(info: ScheduleInfo) -> bytes:
+    data, _ = codec.encode(info.as_dict(), "msgpack")
+    return data
+
+
+def _info(raw: bytes) -> ScheduleInfo | None:
+    try:
+        spec = codec.decode(raw, "msgpack")
+        return ScheduleInfo(**spec)
+    except (SerializationError, TypeError):
+        return None  # written by another version: ignored
+
+
+class Schedules:
+    """Run-time schedules of an App's namespace (`tasks.schedules`)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @property
+    def _key(self) -> str:
+        return self.app.client.keys.schedules
+
+    async def add(
+        self,
+        name: str,
+        sig: Signature,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        queue: str | None = None,
+    ) -> ScheduleInfo:
+        """Add (or replace) a schedule sending `sig` on `cron` (UTC) or `every` seconds.
+
+        Raises:
+            ValueError: not exactly one of cron/every, or an invalid one.
+        """
+        p = Periodic.make(sig.name, cron=cron, every=every, name=name, queue=queue,
+                          args=sig.args, kwargs=sig.kwargs)  # fmt: skip
+        info = ScheduleInfo(name, p.task, p.cron, p.every, p.queue, list(p.args), p.kwargs)
+        await cast(Any, self.app.client.redis).hset(self._key, name, _spec(info))
+        return info
+
+    async def list(self) -> list[ScheduleInfo]:
+        """Every schedule, run-time and declared, by name."""
+        raw: dict[bytes, bytes] = await cast(Any, self.app.client.redis).hgetall(self._key)
+        infos = [_info(v) for v in raw.values()]
+        return sorted((i for i in infos if i is not None), key=lambda i: i.name)
+
+    async def get(self, name: str) -> ScheduleInfo:
+        """One schedule.
+
+        Raises:
+            ScheduleNotFound: no schedule of that name.
+        """
+        raw = await cast(Any, self.app.client.redis).hget(self._key, name)
+        info = _info(raw) if raw else None
+        if info is None:
+            ns = self.app.settings.namespace
+            raise ScheduleNotFound(f"no schedule named {name!r} in namespace {ns!r}")
+        return info
+
+    async def pause(self, name: str) -> None:
+        """Stop firing a schedule until it is resumed."""
+        await self._set_paused(name, True)
+
+    async def resume(self, name: str) -> None:
+        """Fire a paused schedule again, from its next tick."""
+        await self._set_paused(name, False)
+
+    async def _set_paused(self, name: str, paused: bool) -> None:
+        info = await self.get(name)
+        data = _spec(ScheduleInfo(**{**info.as_dict(), "paused": paused}))
+        await cast(Any, self.app.client.redis).hset(self._key, name, data)
+
+    async def remove(self, name: str) -> None:
+        """Delete a schedule (one declared in code comes back when a worker starts).
+
+        Raises:
+            ScheduleNotFound: no schedule of that name.
+        """
+        if not await cast(Any, self.app.client.redis).hdel(self._key, name):
+            ns = self.app.settings.namespace
+            raise ScheduleNotFound(f"no schedule named {name!r} in namespace {ns!r}")
+
+    async def declare(self, periodics: Sequence[Periodic]) -> None:
+        """Write the schedules declared in code (keeping a paused flag set at run time)."""
+        if not periodics:
+            return
+        current = {i.name: i for i in await self.list()}
+        redis = cast(Any, self.app.client.redis)
+        for p in periodics:
+            old = current.get(p.name)
+            paused = bool(old and old.paused and old.source == "code")
+            info = ScheduleInfo(p.name, p.task, p.cron, p.every, p.queue, list(p.args),
+                                p.kwargs, paused, "code")  # fmt: skip
+            if old != info:
+                await redis.hset(self._key, p.name, _spec(info))
+
+    async def active(self) -> Sequence[Periodic]:
+        """The schedules to fire now: every one not paused."""
+        return [i.periodic() for i in await self.list() if not i.paused]
+
+
+class Queues:
+    """Pausing and resuming an App's queues at run time (`tasks.queues`)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def pause(self, queue: str) -> None:
+        """Workers stop taking tasks from `queue` (within a second); nothing is lost."""
+        await cast(Any, self.app.client.redis).sadd(self.app.client.keys.paused, queue)
+
+    async def resume(self, queue: str) -> None:
+        """Workers take tasks from `queue` again."""
+        await cast(Any, self.app.client.redis).srem(self.app.client.keys.paused, queue)
+
+    async def paused(self) -> set[str]:
+        """The paused queues."""
+        raw: set[bytes] = await cast(Any, self.app.client.redis).smembers(
+            self.app.client.keys.paused
+        )
+        return {r.decode() for r in raw}

@@ -1,0 +1,165 @@
+"""Flow control with real worker processes: per-key concurrency limits, run-time
+schedules, paused queues, and per-key rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, Signature, TaskState, Worker
+from tests.helpers import wait_consuming
+
+Spawn = Callable[..., Any]
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+def sig(app: App, name: str, *args: Any) -> Signature:
+    return Signature(f"tests.apps.flow.{name}", args, app=app)
+
+
+def key(app: App, name: str) -> str:
+    return f"{app.client.keys.prefix}test:{name}"
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, step in points:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.slow
+async def test_concurrency_limit_per_key_across_workers(app: App, spawn_worker: Spawn) -> None:
+    workers = [spawn_worker("--concurrency", "20", module="flow") for _ in range(3)]
+    await wait_consuming(app, *workers)
+    t0 = time.monotonic()
+    handles = [await sig(app, "limited", i % 5, i).send() for i in range(50)]
+    waiting = [await h.state() for h in handles]
+    results = [await h.result(timeout=60) for h in handles]
+    elapsed = time.monotonic() - t0
+    assert results == list(range(50))
+    raw = await app.client.redis.lrange(key(app, "spans"), 0, -1)
+    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    pids = set()
+    for line in raw:
+        customer, start, end, pid = line.decode().split()
+        spans[int(customer)].append((float(start), float(end)))
+        pids.add(pid)
+    assert sorted(len(v) for v in spans.values()) == [10] * 5
+    assert all(max_overlap(v) <= 2 for v in spans.values()), dict(spans)
+    assert max(max_overlap(v) for v in spans.values()) == 2  # the limit was used
+    # 10 runs of 0.3 s per key, 2 at a time: about 1.5 s, not 10 x 0.3 s.
+    assert elapsed < 6.0, elapsed
+    assert TaskState.SCHEDULED in waiting or TaskState.PENDING in waiting
+    assert len(pids) >= 2  # the limit held across processes
+
+
+@pytest.mark.slow
+async def test_a_killed_holder_does_not_block_its_key(app: App, spawn_worker: Spawn) -> None:
+    workers = [spawn_worker("--concurrency", "5", module="flow") for _ in range(2)]
+    await wait_consuming(app, *workers)
+    first = await sig(app, "hog", 7, 0).send()
+    await asyncio.sleep(0.3)  # the first takes the slot, then its worker dies
+    rest = [await sig(app, "hog", 7, i).send() for i in range(1, 4)]
+    t0 = time.monotonic()
+    assert [await h.result(timeout=20) for h in [first, *rest]] == [0, 1, 2, 3]
+    # Freed once its lease (the visibility timeout, 1 s) ended: seconds, not forever.
+    assert time.monotonic() - t0 < 10
+    runs = await app.client.redis.lrange(key(app, "hog-runs"), 0, -1)
+    assert len(runs) == 4
+    assert sum(1 for w in workers if w.proc.poll() is not None) == 1
+
+
+@pytest.mark.slow
+async def test_a_schedule_added_at_run_time_fires_once_per_tick(
+    app: App, spawn_worker: Spawn
+) -> None:
+    workers = [spawn_worker(module="flow") for _ in range(3)]
+    await wait_consuming(app, *workers)
+    ticks = key(app, "ticks:rt")
+    await app.schedules.add("rt", sig(app, "tick", "rt"), every=1)
+    assert [s.name for s in await app.schedules.list()] == ["rt"]
+    await asyncio.sleep(4.2)
+    fired = [float(x) for x in await app.client.redis.lrange(ticks, 0, -1)]
+    assert 3 <= len(fired) <= 5, fired
+    seconds = [int(f) for f in fired]
+    assert len(set(seconds)) == len(seconds), "a tick fired twice"
+
+    await app.schedules.pause("rt")
+    await asyncio.sleep(1.5)  # taken up within a second
+    paused_at = await app.client.redis.llen(ticks)
+    await asyncio.sleep(2.5)
+    assert await app.client.redis.llen(ticks) == paused_at
+    assert (await app.schedules.get("rt")).paused
+
+    await app.schedules.resume("rt")
+    await asyncio.sleep(2.5)
+    assert await app.client.redis.llen(ticks) > paused_at
+    await app.schedules.remove("rt")
+    assert await app.schedules.list() == []
+
+
+async def test_a_paused_queue_is_not_consumed_and_loses_nothing(
+    app: App, worker: StartWorker
+) -> None:
+    ran: list[str] = []
+
+    @app.task
+    async def job(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    await app.queues.pause("a")
+    await worker(queues=["a", "b"])
+    await asyncio.sleep(1.2)  # the worker reads the paused set within a second
+    ha = [await job.options(queue="a").send(f"a{i}") for i in range(3)]
+    hb = await job.options(queue="b").send("b")
+    assert await hb.result(timeout=5) == "b"
+    await asyncio.sleep(1.0)
+    assert ran == ["b"]
+    assert [await h.state() for h in ha] == [TaskState.PENDING] * 3
+    assert await app.queues.paused() == {"a"}
+    await app.queues.resume("a")
+    assert [await h.result(timeout=5) for h in ha] == ["a0", "a1", "a2"]
+
+
+async def test_rate_limit_per_key(app: App, worker: StartWorker) -> None:
+    starts: dict[int, list[float]] = defaultdict(list)
+
+    @app.task(rate_limit="2/s", rate_key="customer")
+    async def call(customer: int) -> None:
+        starts[customer].append(time.monotonic())
+
+    await worker(concurrency=10)
+    handles = [await call.send(c) for c in (1, 2) for _ in range(3)]
+    for h in handles:
+        await h.result(timeout=10)
+    for c in (1, 2):
+        gaps = [b - a for a, b in zip(starts[c], starts[c][1:], strict=False)]
+        assert all(g >= 0.4 for g in gaps), gaps  # 2/s per customer
+    # The two customers do not share a limit: both started at once.
+    assert abs(starts[1][0] - starts[2][0]) < 0.3
+
+
+def test_flow_options_are_checked_when_declared(app: App) -> None:
+    with pytest.raises(ValueError, match="concurrency_key"):
+
+        @app.task(concurrency_key="x")
+        async def no_limit(x: int) -> None: ...
+
+    with pytest.raises(ValueError, match="no such argument"):
+
+        @app.task(concurrency_limit=1, concurrency_key="nope")
+        async def wrong_arg(x: int) -> None: ...
+
+    with pytest.raises(ValueError, match="concurrency_limit"):
+
+        @app.task(concurrency_limit=0)
+        async def zero(x: int) -> None: ...
