@@ -58,6 +58,7 @@ class TaskRecord:
     hash lives; `reply` the sender's reply channel. `errbacks` are records Lua stores
     with the task and enqueues if it fails for good, each with the failure in its entry
     field `err` unless `immutable`; `err_chord` adds a chord id to that failure.
+    `debounce`: a key; the record supersedes a still-scheduled one of the same key.
     """
 
     id: str
@@ -78,6 +79,7 @@ class TaskRecord:
     errbacks: list[TaskRecord] = field(default_factory=list)
     immutable: bool = False
     err_chord: str | None = None
+    debounce: str | None = None
     signing_key: bytes | None = field(default=None, repr=False)
 
     def wire(self) -> dict[str, Any]:
@@ -104,6 +106,7 @@ class TaskRecord:
             "eb": [e.wire() for e in self.errbacks] or None,
             "imm": 1 if self.immutable else None,
             "ecid": self.err_chord,
+            "db": self.debounce,
         }
         w.update({k: v for k, v in optional.items() if v is not None})
         if self.signing_key is not None:

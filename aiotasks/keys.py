@@ -47,6 +47,7 @@ LAYOUT: dict[str, str] = {
     "slot_keys": "slots",  # set: concurrency keys that have waiters
     "paused": "paused",  # set: paused queue names
     "schedules": "schedules",  # hash: schedule name -> msgpack schedule
+    "debounce": "debounce:{key}",  # string: the id of the latest send for a debounce key
 }
 
 _PART = re.compile(r"\{(\w+)\}")
@@ -176,6 +177,10 @@ class Keys:
     def schedules(self) -> str:
         """Hash of schedule name -> msgpack schedule (run-time and declared ones)."""
         return self._key("schedules")
+
+    def debounce(self, key: str) -> str:
+        """The id of the latest send for a debounce key (expires after its window)."""
+        return self._key("debounce", key=key)
 
     @property
     def events(self) -> str:

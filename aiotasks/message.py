@@ -66,7 +66,8 @@ class Message:
     `tail` is the id of the chain's last task, failed too when this task fails.
     `chord_body` marks a chord body (the header results are prepended). `err` is the
     failure an errback was sent for (prepended to its args). `trace` is the sender's
-    W3C trace context (`traceparent`, `tracestate`) when tracing is on.
+    W3C trace context (`traceparent`, `tracestate`) when tracing is on. `debounce` is
+    the debounce key of a send that supersedes the pending one of the same key.
     """
 
     id: str
@@ -88,6 +89,7 @@ class Message:
     chord_body: str | None = None
     err: dict[str, Any] | None = None
     trace: dict[str, str] | None = None
+    debounce: str | None = None
 
     def payload(self) -> dict[str, Any]:
         """The map encoded into the entry's `m` field."""
@@ -153,6 +155,7 @@ class Message:
             errbacks=errbacks or [],
             immutable=immutable,
             err_chord=err_chord,
+            debounce=self.debounce,
             signing_key=signing_key,
         )
 

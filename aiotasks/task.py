@@ -112,6 +112,11 @@ def build_message(
         priority = t.priority if t and t.priority is not None else 5
     opts = {k: _RUN_OPTIONS[k](options[k]) for k in _RUN_OPTIONS if options.get(k) is not None}
     ttl = int(options.get("result_ttl") or (t.result_ttl if t else None) or s.result_ttl)
+    debounce_key = None
+    if task is not None and task.opts.debounce:
+        # Trailing edge: it runs `debounce` s after the last send for its key.
+        debounce_key = task.key_of(task.opts.debounce_key, args, kwargs or {})
+        eta = sent_at + float(task.opts.debounce)
     msg = Message(
         id=options.get("task_id") or uuid4().hex,
         name=name,
@@ -124,6 +129,7 @@ def build_message(
         expires=_epoch(options.get("expires"), sent_at),
         serializer=options.get("serializer") or (t.serializer if t else None) or s.serializer,
         compression=options.get("compression") or s.compression,
+        debounce=debounce_key,
     )
     return msg, ttl
 

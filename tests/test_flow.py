@@ -163,3 +163,26 @@ def test_flow_options_are_checked_when_declared(app: App) -> None:
 
         @app.task(concurrency_limit=0)
         async def zero(x: int) -> None: ...
+
+
+@pytest.mark.slow
+async def test_debounce_runs_once_with_the_last_arguments(app: App, spawn_worker: Spawn) -> None:
+    workers = [spawn_worker(module="flow") for _ in range(2)]
+    await wait_consuming(app, *workers)
+
+    # The sender declares the task as the workers do: debounce is applied when sending.
+    @app.task(name="tests.apps.flow.reindex", debounce=1.0, debounce_key="doc_id")
+    async def reindex(doc_id: int, version: int) -> int:
+        raise AssertionError("runs on the worker processes only")
+
+    handles = []
+    for version in range(20):
+        handles.append(await reindex.send(42, version))
+        await asyncio.sleep(0.04)
+    other = await reindex.send(7, 100)  # another document: its own window
+    assert [await h.result(timeout=10) for h in handles] == [19] * 20
+    assert await other.result(timeout=10) == 100
+    await asyncio.sleep(1.5)
+    runs = await app.client.redis.lrange(key(app, "reindex:42"), 0, -1)
+    assert runs == [b"19"]
+    assert [await h.state() for h in handles] == [TaskState.SUCCESS] * 20

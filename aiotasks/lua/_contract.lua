@@ -31,3 +31,4 @@ function K.slot_waiters(key) return P .. 'slots:' .. key .. ':w' end
 function K.slot_keys() return P .. 'slots' end
 function K.paused() return P .. 'paused' end
 function K.schedules() return P .. 'schedules' end
+function K.debounce(key) return P .. 'debounce:' .. key end

@@ -140,6 +140,24 @@ local function schedule_task(t, ttl, now_ms, due_ms)
   journal({id = t.id, state = 'SCHEDULED', name = t.name, queue = t.queue})
 end
 
+-- A debounced send (t.db = its key) supersedes the previous send of the key while that
+-- one still waits: the previous one never runs, and becomes an alias whose final state
+-- and result are this one's (final_write copies them), with every earlier alias.
+local function debounce(t, due_ms, now_ms)
+  local dk = K.debounce(t.db)
+  local prev = redis.call('GET', dk)
+  redis.call('SET', dk, t.id, 'PX', math.max(due_ms - now_ms, 0) + 60000)
+  if not prev or prev == t.id then return end
+  local pk = K.task(prev)
+  local h = redis.call('HMGET', pk, 'state', '_aliases')
+  if h[1] ~= 'SCHEDULED' then return end  -- it runs already: this send opens a new window
+  redis.call('ZREM', K.delayed(), prev)
+  redis.call('HDEL', pk, '_rec', '_aliases')
+  local aliases = read_record(h[2]) or {}
+  aliases[#aliases + 1] = prev
+  redis.call('HSET', K.task(t.id), '_aliases', cmsgpack.pack(aliases))
+end
+
 -- Enqueue one task record on its stream now, or in the delayed zset when it is due later
 -- (t.due, an absolute time in ms, or t.delay, ms from now).
 -- mode 'send': skip when the id is queued, scheduled or running (dedup);
@@ -170,6 +188,8 @@ local function enqueue_task(mode, t, now_ms)
   if t.r and t.r ~= '' then redis.call('HSET', tkey, 'retries', t.r) end
   local due_ms = math.max(tonumber(t.due) or 0, now_ms + (tonumber(t.delay) or 0))
   t.due, t.delay = nil, nil
+  if t.db and mode == 'send' then debounce(t, due_ms, now_ms) end
+  t.db = nil
   if due_ms > now_ms then
     schedule_task(t, t.ttl, now_ms, due_ms)
   else
@@ -209,10 +229,19 @@ local function final_write(id, state, fields, ttl, now_ms)
       end
     end
   end
-  redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at')
+  local aliases = read_record(redis.call('HGET', tkey, '_aliases'))
+  redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases')
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, state, fields.ct, fields.result)
   journal({id = id, state = state})
+  -- The sends this debounced one superseded end as it did.
+  for _, alias in ipairs(aliases or {}) do
+    cmd[2] = K.task(alias)
+    redis.call(unpack(cmd))
+    redis.call('PEXPIRE', cmd[2], ttl * 1000)
+    notify(alias, state, fields.ct, fields.result)
+    journal({id = alias, state = state})
+  end
 end
 
 local settle_chord

@@ -14,7 +14,7 @@ import time
 from aiotasks import current_task
 from tests.apps.basic import app
 
-__all__ = ["app", "hog", "limited", "tick"]
+__all__ = ["app", "hog", "limited", "reindex", "tick"]
 
 
 def _key(name: str) -> str:
@@ -45,3 +45,10 @@ async def hog(customer: int, i: int) -> int:
 async def tick(tag: str) -> None:
     """A scheduled task: counts its runs under `tag`."""
     await current_task().app.client.redis.rpush(_key(f"ticks:{tag}"), time.time())
+
+
+@app.task(debounce=1.0, debounce_key="doc_id")
+async def reindex(doc_id: int, version: int) -> int:
+    """Debounced per document: records the version it ran with."""
+    await current_task().app.client.redis.rpush(_key(f"reindex:{doc_id}"), version)
+    return version
