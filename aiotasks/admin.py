@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -70,6 +70,7 @@ class QueueStatus:
     dead_letters: int
     consumers: int
     workers: int
+    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class PeriodicStatus:
 
     name: str
     next_run: datetime | None
+    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +205,10 @@ class Admin:
         names = sorted(set(await self.known_queues()) | set(queues))
         workers = await self.workers()
         scheduled_total, per_queue = await self._scheduled()
-        stats = [await self._queue(q, per_queue, workers) for q in names]
+        paused = await self.app.queues.paused()
+        stats = [
+            replace(await self._queue(q, per_queue, workers), paused=q in paused) for q in names
+        ]
         return Status(
             namespace=self.keys.namespace,
             queues=stats,
@@ -314,6 +319,9 @@ class Admin:
             out[name] = PeriodicStatus(name, nxt)
         for name, nxt in stored.items():
             out.setdefault(name, PeriodicStatus(name, nxt))
+        for info in await self.app.schedules.list():
+            nxt = None if info.paused else stored.get(info.name)
+            out[info.name] = PeriodicStatus(info.name, nxt, info.paused)
         return sorted(out.values(), key=lambda p: p.name)
 
     def _periodic_key(self) -> str:

@@ -91,7 +91,7 @@ class Periodic:
             raise ValueError("give exactly one of cron= or every=")
         if isinstance(every, timedelta):
             every = every.total_seconds()
-        if every is not None and not every >= 0.001:  # ticks have millisecond resolution
+        if every is not None and not 0.001 <= every < 10**9:  # ticks: millisecond resolution
             raise ValueError(f"every must be > 0 seconds (at least 0.001), got {every!r}")
         if cron is not None and not croniter.is_valid(cron):
             raise ValueError(f"invalid cron expression {cron!r}")

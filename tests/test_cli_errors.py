@@ -45,6 +45,7 @@ ARGUMENTS = {
     "task_id": "abc",
     "queue": "default",
     "name": "ops.add",
+    "task": "ops.add",
 }
 #: Environment variables that would change what a command reads: unset for the walk.
 CLEAN_ENV: dict[str, str | None] = {

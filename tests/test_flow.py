@@ -186,3 +186,45 @@ async def test_debounce_runs_once_with_the_last_arguments(app: App, spawn_worker
     runs = await app.client.redis.lrange(key(app, "reindex:42"), 0, -1)
     assert runs == [b"19"]
     assert [await h.state() for h in handles] == [TaskState.SUCCESS] * 20
+
+
+async def test_cli_schedules_queues_and_status(app: App) -> None:
+    import json
+    import subprocess
+    import sys
+
+    base = ["--redis-url", app.settings.redis_url, "--namespace", app.settings.namespace]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aiotasks", *args, *base],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = await asyncio.to_thread(cli, *args)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    await run("schedules", "add", "nightly", "reports.build", "--cron", "0 3 * * *",
+              "--args", '["eu"]')  # fmt: skip
+    await run("schedules", "pause", "nightly")
+    listed = json.loads((await run("schedules", "list", "--json")).stdout)
+    assert listed[0]["name"] == "nightly" and listed[0]["paused"] is True
+    assert listed[0]["args"] == ["eu"] and listed[0]["cron"] == "0 3 * * *"
+    await app.send_task("nobody.runs.this", queue="mail")
+    await run("queues", "pause", "mail")
+    status = json.loads((await run("status", "--json")).stdout)
+    (mail,) = [q for q in status["queues"] if q["name"] == "mail"]
+    assert mail["paused"] is True
+    assert [(p["name"], p["paused"]) for p in status["periodic"]] == [("nightly", True)]
+    table = (await run("status")).stdout
+    assert "paused" in table
+    await run("queues", "resume", "mail")
+    await run("schedules", "remove", "nightly")
+    assert await app.queues.paused() == set()
+    assert await app.schedules.list() == []
+    missing = await asyncio.to_thread(cli, "schedules", "pause", "nope")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: no schedule named")

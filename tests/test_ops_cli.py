@@ -97,6 +97,7 @@ async def test_status_json_and_table(app: App, worker: Any) -> None:
         "dead_letters": 0,
         "consumers": 0,
         "workers": 0,
+        "paused": False,
     }
     assert st["scheduled_total"] == 1
     (me,) = [x for x in st["workers"] if x["name"] == w.name]

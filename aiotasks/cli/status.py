@@ -62,7 +62,7 @@ def status_blocks(st: Status) -> list[Block]:
     blocks: list[Block] = [
         Table(
             f"Queues (namespace {st.namespace!r})",
-            ["Queue", "Waiting", "In flight", "Scheduled", "Dead", "Workers", "Consumers"],
+            ["Queue", "Waiting", "In flight", "Scheduled", "Dead", "Workers", "Consumers", "State"],
             [
                 [
                     q.name,
@@ -72,6 +72,7 @@ def status_blocks(st: Status) -> list[Block]:
                     (str(q.dead_letters), "red" if q.dead_letters else ""),
                     str(q.workers),
                     str(q.consumers),
+                    ("paused", "yellow") if q.paused else "",
                 ]
                 for q in st.queues
             ],
@@ -102,7 +103,8 @@ def status_blocks(st: Status) -> list[Block]:
         rows = []
         for p in st.periodic:
             at = p.next_run.isoformat(timespec="seconds") if p.next_run else "-"
-            rows.append([p.name, f"{at} ({ago(p.next_run)})" if p.next_run else at])
+            when = "paused" if p.paused else f"{at} ({ago(p.next_run)})" if p.next_run else at
+            rows.append([p.name, when])
         blocks.append(Table("Periodic tasks", ["Name", "Next run"], rows))
     return blocks
 

@@ -1,0 +1,152 @@
+"""`aiotasks schedules list|add|pause|resume|remove` and `aiotasks queues pause|resume`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..admin import Admin
+from ..control import ScheduleInfo
+from ..schedule import Periodic
+from ..task import Signature
+from .common import AppOption, JsonOption, NamespaceOption, RedisOption, open_app, run_admin
+from .group import fail
+from .output import Table, echo_json, show
+from .tasks import _json_arg
+
+schedules = typer.Typer(
+    help="Schedules stored in Redis: workers take changes up within a second.",
+    no_args_is_help=True,
+)
+queues = typer.Typer(help="Pause and resume queues at run time.", no_args_is_help=True)
+
+NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
+
+
+def _when(info: ScheduleInfo) -> str:
+    return f"cron {info.cron}" if info.cron else f"every {info.every:g} s"
+
+
+@schedules.command("list")
+def list_schedules(
+    as_json: JsonOption = False,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """List every schedule, declared in code or added at run time."""
+    app = open_app(app_spec, redis_url, namespace)
+    infos = run_admin(app, lambda admin: admin.app.schedules.list())
+    if as_json:
+        echo_json([i.as_dict() for i in infos])
+    elif not infos:
+        typer.echo("no schedules")
+    else:
+        rows = [
+            [i.name, i.task, _when(i), "paused" if i.paused else "active", i.source] for i in infos
+        ]
+        show([Table("Schedules", ["Name", "Task", "When", "State", "From"], rows)])
+
+
+@schedules.command("add")
+def add_schedule(
+    name: NameArg,
+    task: Annotated[str, typer.Argument(help="The task name to send.")],
+    cron: Annotated[str | None, typer.Option(help="A cron expression, in UTC.")] = None,
+    every: Annotated[float | None, typer.Option(min=0.001, help="The period in seconds.")] = None,
+    args: Annotated[str | None, typer.Option(help="Positional arguments, a JSON array.")] = None,
+    kwargs: Annotated[str | None, typer.Option(help="Keyword arguments, a JSON object.")] = None,
+    queue: Annotated[str | None, typer.Option(help="The queue to send to.")] = None,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Add (or replace) a schedule that sends TASK on --cron or --every."""
+    if (cron is None) == (every is None):
+        raise fail("give exactly one of --cron or --every", 2)
+    task_args, task_kwargs = _json_arg("--args", args, list), _json_arg("--kwargs", kwargs, dict)
+    try:  # checked before anything connects
+        Periodic.make(task, cron=cron, every=every, name=name)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    app = open_app(app_spec, redis_url, namespace)
+    sig = Signature(task, tuple(task_args), task_kwargs, app=app)
+
+    async def add(admin: Admin) -> ScheduleInfo:
+        return await admin.app.schedules.add(name, sig, cron=cron, every=every, queue=queue)
+
+    info = run_admin(app, add)
+    typer.echo(f"schedule {info.name!r}: {info.task} {_when(info)}")
+
+
+def _change(verb: str, name: str, app_spec: str | None, url: str | None, ns: str | None) -> None:
+    app = open_app(app_spec, url, ns)
+
+    async def change(admin: Admin) -> None:
+        await getattr(admin.app.schedules, verb)(name)
+
+    run_admin(app, change)
+    typer.echo(f"schedule {name!r}: {verb}d" if verb != "remove" else f"schedule {name!r} removed")
+
+
+@schedules.command("pause")
+def pause_schedule(
+    name: NameArg,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Stop firing a schedule until it is resumed."""
+    _change("pause", name, app_spec, redis_url, namespace)
+
+
+@schedules.command("resume")
+def resume_schedule(
+    name: NameArg,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Fire a paused schedule again, from its next tick."""
+    _change("resume", name, app_spec, redis_url, namespace)
+
+
+@schedules.command("remove")
+def remove_schedule(
+    name: NameArg,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Delete a schedule (one declared in code comes back when a worker starts)."""
+    _change("remove", name, app_spec, redis_url, namespace)
+
+
+QueueArg = Annotated[str, typer.Argument(help="The queue.")]
+
+
+@queues.command("pause")
+def pause_queue(
+    queue: QueueArg,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Workers stop taking tasks from QUEUE within a second; nothing queued is lost."""
+    app = open_app(app_spec, redis_url, namespace)
+    run_admin(app, lambda admin: admin.app.queues.pause(queue))
+    typer.echo(f"queue {queue!r} paused")
+
+
+@queues.command("resume")
+def resume_queue(
+    queue: QueueArg,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Workers take tasks from QUEUE again."""
+    app = open_app(app_spec, redis_url, namespace)
+    run_admin(app, lambda admin: admin.app.queues.resume(queue))
+    typer.echo(f"queue {queue!r} resumed")
