@@ -15,7 +15,7 @@ from .config import RetryPolicy, Settings, resolve_redis_url
 from .handle import TaskHandle
 from .hooks import F, Hooks
 from .message import Message, check_options
-from .task import Task, TaskOptions, build_message, field_names
+from .task import Task, TaskOptions, build_message, default_name, field_names
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -156,7 +156,7 @@ class App:
         check_options({k: v for k, v in timeouts.items() if v is not None})
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
-            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            task_name = name or default_name(f)
             opts = TaskOptions(name=task_name, **options)
             if opts.autoretry_for and not isinstance(opts.autoretry_for, tuple):
                 opts = TaskOptions(**{**_asdict(opts), "autoretry_for": tuple(opts.autoretry_for)})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -83,6 +85,32 @@ def _epoch(value: datetime | float | timedelta | None, base: float) -> float | N
     if isinstance(value, timedelta):
         return base + value.total_seconds()
     return base + float(value)
+
+
+def default_name(fn: Callable[..., Any]) -> str:
+    """`module.qualname`, with a script's `__main__` named as a worker importing it names it."""
+    module = fn.__module__
+    if module == "__main__":
+        module = main_module_name()
+    return f"{module}.{fn.__qualname__}"
+
+
+def main_module_name() -> str:
+    """The importable name of `__main__`: `python tasks.py` and `aiotasks run tasks:app`
+    must agree on `tasks.add`, or the worker dead-letters the send as UnknownTask."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:  # python -m pkg.mod
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    if not path or not sys.path:
+        return "__main__"  # python -c, an interactive session, an embedding host
+    # The script's directory is sys.path[0]: the name is the file's path below it.
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(sys.path[0] or "."))
+    stem, ext = os.path.splitext(rel)
+    if ext != ".py" or stem.startswith(".."):
+        return "__main__"
+    return stem.replace(os.sep, ".")
 
 
 def build_message(
