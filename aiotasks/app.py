@@ -14,6 +14,7 @@ from .client import Client
 from .config import RetryPolicy, Settings, resolve_redis_url
 from .handle import TaskHandle
 from .hooks import F, Hooks
+from .logs import visible_errors
 from .message import Message, check_options
 from .task import Task, TaskOptions, build_message, default_name, field_names
 
@@ -273,8 +274,9 @@ class App:
                     yield
                     return
                 w = self.worker(**worker_opts)
-                async with w.running():
-                    yield
+                with visible_errors():
+                    async with w.running():
+                        yield
 
         return lifespan
 

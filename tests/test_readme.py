@@ -6,6 +6,7 @@ section gives as real processes, and reads what the README says they print.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -15,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from .helpers import free_port, uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -101,3 +104,39 @@ def test_in_20_lines_runs_as_written(own_server: Any, tmp_path: Path) -> None:
     output = (tmp_path / "worker.log").read_text()
     assert "tasks.add" in output  # the banner names the task as `python tasks.py` sent it
     assert "UnknownTask" not in output and "Traceback" not in output
+
+
+# -- FastAPI ----------------------------------------------------------------------------------
+
+
+def curl(line: str, port: int, task_id: str = "") -> tuple[str, str, Any]:
+    """A README curl line as (method, url, the JSON its comment says it prints)."""
+    command, _, comment = line.partition("#")
+    argv = shlex.split(command)
+    assert argv[0] == "curl"
+    method = argv[argv.index("-X") + 1] if "-X" in argv else "GET"
+    url = "http://" + argv[-1].replace("localhost:8000", f"127.0.0.1:{port}")
+    return method, url.replace("<id>", task_id), json.loads(comment.strip() or "null")
+
+
+def test_fastapi_section_runs_as_written(own_server: Any, tmp_path: Path) -> None:
+    text = section("FastAPI")
+    (code,) = blocks(text, "python")
+    (tmp_path / "main.py").write_text(code)
+    (shell,) = blocks(text, "bash")
+    serve, post, get = shell.strip().splitlines()
+    argv = shlex.split(serve)
+    assert argv[:2] == ["uvicorn", "main:app"] and argv[2:] == ["--port", "8000"]
+    port = free_port()  # not 8000: other programs on this machine may hold it
+    with uvicorn(
+        [*argv[1:-1], str(port)], tmp_path, user_env(own_server.url), tmp_path / "log"
+    ) as s:
+        method, url, said = curl(post, port)
+        sent = s.client.request(method, url)
+        assert sent.status_code == 200, sent.text
+        task_id = sent.json()["id"]
+        assert said == {"id": "<id>"} and list(sent.json()) == ["id"]
+        method, url, said = curl(get, port, task_id)
+        assert s.poll_until_final(url) == said == {"state": "SUCCESS", "result": 5}
+        assert s.stop() in (0, -signal.SIGTERM), s.output()
+    assert "Traceback" not in s.output()
