@@ -140,3 +140,30 @@ def test_fastapi_section_runs_as_written(own_server: Any, tmp_path: Path) -> Non
         assert s.poll_until_final(url) == said == {"state": "SUCCESS", "result": 5}
         assert s.stop() in (0, -signal.SIGTERM), s.output()
     assert "Traceback" not in s.output()
+
+
+# -- Testing your own tasks -------------------------------------------------------------------
+
+
+def test_pytest_section_runs_as_written_in_strict_mode(redis_url: str, tmp_path: Path) -> None:
+    (quick_start,) = blocks(section("In 20 lines"), "python")
+    (tmp_path / "tasks.py").write_text(quick_start)
+    text = section("Testing your own tasks")
+    (code,) = blocks(text, "python")
+    assert code.startswith("# test_tasks.py")
+    (tmp_path / "test_tasks.py").write_text(code)
+    (shell,) = blocks(text, "bash")
+    (argv,) = commands(shell)
+    assert argv == ["pytest", "test_tasks.py"]
+    # A fresh directory: no pytest configuration, so pytest-asyncio is in strict mode.
+    assert not any((tmp_path / f).exists() for f in ("pytest.ini", "pyproject.toml", "tox.ini"))
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=tmp_path,
+        env=user_env(redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout and "mode=Mode.STRICT" in proc.stdout, proc.stdout
