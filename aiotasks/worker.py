@@ -30,6 +30,7 @@ from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_er
 from .keys import PRIORITIES
 from .message import now
 from .outcomes import Key, Outcomes
+from .peers import describe, warn_if_tasks_differ
 from .slots import Lease, Slots
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ class Worker:
         await self.client.ensure_groups(self.streams)
         self._started_ms = int(now() * 1000)
         await self._register(ttl=max(self.vt, 10.0))
+        await self._check_peers()
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
@@ -482,8 +484,14 @@ class Worker:
             "running": len(self._running),
             "done": self.outcomes.done,
             "failed": self.outcomes.failed,
+            **describe(self.app.tasks),
         }
         await self.client.register_worker(self.name, description, ttl)
+
+    async def _check_peers(self) -> None:
+        """Warn once when a live worker sharing a queue registers other tasks."""
+        with suppress(*_SCRIPT_ERRORS, ValueError):  # a check, never a reason not to start
+            await warn_if_tasks_differ(self.client, self.name, self.queues, list(self.app.tasks))
 
     async def _control_loop(self) -> None:
         """Listen for broadcasts: `revoke <id>` cancels that task if it runs here."""
