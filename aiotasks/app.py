@@ -16,7 +16,7 @@ from .handle import TaskHandle
 from .hooks import F, Hooks
 from .logs import visible_errors
 from .message import Message, check_options
-from .task import Task, TaskOptions, build_message, default_name, field_names
+from .task import Task, TaskDecorator, TaskOptions, build_message, default_name, field_names
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -142,7 +142,7 @@ class App:
     @overload
     def task(
         self, fn: None = None, /, *, name: str | None = None, **options: Any
-    ) -> Callable[[Callable[P, Any]], Task[P, Any]]: ...
+    ) -> TaskDecorator: ...
 
     def task(self, fn: Any = None, /, *, name: str | None = None, **options: Any) -> Any:
         """Register a task: `@app.task` or `@app.task(name=..., queue=..., ...)`.

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 from uuid import uuid4
 
 from .handle import TaskHandle
@@ -238,6 +238,16 @@ class Task(Generic[P, R]):
             self.check_args(a, k)
         built = [build_message(self.app, self.name, a, k, options, self) for a, k in calls]
         return await self.app.send_messages(built, options.get("retry_policy"))
+
+
+class TaskDecorator(Protocol):
+    """What `@app.task(...)` with options returns: it keeps the function's types."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
 @dataclass(frozen=True, slots=True)
