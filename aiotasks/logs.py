@@ -89,20 +89,31 @@ def handled(logger: logging.Logger, level: int) -> bool:
     return False
 
 
+class _Fallback(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler of embedded workers, shared by those running at once."""
+
+    users = 0
+
+
 @contextmanager
 def visible_errors(logger_name: str = "aiotasks") -> Iterator[None]:
     """Show the logger's warnings and errors on stderr for the block, unless a handler
     already would: a failing task must not go unseen in an embedded worker."""
     logger = logging.getLogger(logger_name)
     probe = logging.getLogger(f"{logger_name}.worker")
-    if not probe.isEnabledFor(logging.ERROR) or handled(probe, logging.ERROR):
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter(TEXT_FORMAT))
-    logger.addHandler(handler)
+    handler = next((h for h in logger.handlers if isinstance(h, _Fallback)), None)
+    if handler is None:
+        if not probe.isEnabledFor(logging.ERROR) or handled(probe, logging.ERROR):
+            yield
+            return
+        handler = _Fallback(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        logger.addHandler(handler)
+    handler.users += 1
     try:
         yield
     finally:
-        logger.removeHandler(handler)
+        handler.users -= 1
+        if not handler.users:
+            logger.removeHandler(handler)

@@ -28,7 +28,10 @@ def test_visible_errors_adds_a_stderr_handler_only_when_nothing_shows_errors(
         assert len(added) == 1
         assert isinstance(added[0], logging.StreamHandler) and added[0].stream is sys.stderr
         assert added[0].level == logging.WARNING
-    assert logger.handlers == before  # removed with the embedded worker
+        with logs.visible_errors():  # a second embedded worker shares it
+            assert [h for h in logger.handlers if h not in before] == added
+        assert [h for h in logger.handlers if h not in before] == added  # the first still runs
+    assert logger.handlers == before  # removed with the last embedded worker
 
     monkeypatch.setattr(root, "handlers", [logging.StreamHandler(io.StringIO())])
     with logs.visible_errors():
