@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from . import codec
-from .contract import pack
+from .contract import pack, unpack_reply
 from .errors import AiotasksError
 from .handle import TaskHandle
 from .keys import DEFAULT_PRIORITY, GROUP, Keys
@@ -37,6 +37,10 @@ SCHEDULED_SCAN_LIMIT = 10_000
 PURGE_CHUNK = 500
 
 _ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
+#: Dead letters `arguments()` reads back, newest first, looking for a task's.
+DEAD_SCAN_LIMIT = 1000
+#: Failures whose message went to a dead-letter stream.
+_DEAD_LETTERED = frozenset({"UnknownTask", "DecodeError", "MaxDeliveriesExceeded"})
 
 
 class TaskNotFound(AiotasksError, LookupError):
@@ -131,6 +135,17 @@ class DeadLetter:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return cast(dict[str, Any], _jsonable(asdict(self)))
+
+
+@dataclass(frozen=True, slots=True)
+class Arguments:
+    """A task's arguments, read back from its message: `where` it was found (`scheduled`,
+    `queued` or `dead letter`), or `error` when that message cannot be decoded."""
+
+    where: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 def _jsonable(value: Any) -> Any:
@@ -345,6 +360,39 @@ class Admin:
         except ValueError as exc:
             raise await self._unreadable(task_id, exc) from exc
 
+    async def arguments(self, task_id: str) -> Arguments | None:
+        """The arguments of a task, from wherever its message still is.
+
+        A scheduled task's record (`_rec`), a queued or running task's stream entry, or
+        a dead-lettered task's dead letter (among the newest DEAD_SCAN_LIMIT). None once
+        the task has finished: its message is deleted then, and aiotasks keeps no copy.
+        """
+        rec, entry, stream, queue, exc_type = await cast(Any, self.redis).hmget(
+            self.keys.task(task_id), ["_rec", "_e", "_st", "queue", "exc_type"]
+        )
+        if rec:
+            record = unpack_reply(rec)
+            return _arguments("scheduled", record.get(b"m"), record.get(b"ct"))
+        if entry and stream:
+            found: list[Any] = await cast(Any, self.redis).xrange(
+                _text(stream), min=entry, max=entry, count=1
+            )
+            if found:
+                fields = found[0][1]
+                return _arguments("queued", fields.get(b"m"), fields.get(b"ct"))
+        if queue and exc_type and _text(exc_type) in _DEAD_LETTERED:
+            return await self._dead_arguments(task_id, _text(queue))
+        return None
+
+    async def _dead_arguments(self, task_id: str, queue: str) -> Arguments | None:
+        entries: list[Any] = await cast(Any, self.redis).xrevrange(
+            self.keys.dead(queue), count=DEAD_SCAN_LIMIT
+        )
+        for _entry_id, fields in entries:
+            if fields.get(b"id") == task_id.encode():
+                return _arguments("dead letter", fields.get(b"m"), fields.get(b"ct"))
+        return None
+
     # -- acting -------------------------------------------------------------------------
 
     async def revoke(self, task_id: str, terminate: bool = False) -> TaskState:
@@ -538,6 +586,18 @@ def parse_entry_ids(entry_ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(entry_ids))
 
 
+def _arguments(where: str, m: bytes | None, ct: bytes | None) -> Arguments:
+    """Arguments from an encoded payload; a payload that cannot be read says why."""
+    try:
+        payload = codec.decode(m or b"", _text(ct or b""))
+        args, kwargs = payload.get("args", []), payload.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise TypeError("args is not an array or kwargs is not a map")
+    except Exception as exc:  # a dead letter may be there because it cannot be decoded
+        return Arguments(where, error=f"{type(exc).__name__}: {exc}")
+    return Arguments(where, args, kwargs)
+
+
 def _dead_letter(entry_id: bytes, raw: dict[bytes, bytes]) -> DeadLetter:
     f = {_text(k): v for k, v in raw.items()}
     name: str | None = None
@@ -560,6 +620,7 @@ def _dead_letter(entry_id: bytes, raw: dict[bytes, bytes]) -> DeadLetter:
 
 __all__ = [
     "Admin",
+    "Arguments",
     "DeadLetter",
     "PeriodicStatus",
     "QueueNotFound",

@@ -15,9 +15,10 @@ from .config import RetryPolicy, Settings, resolve_redis_url
 from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
+from .logs import visible_errors
 from .message import Message, check_options
 from .nodes import signature_of
-from .task import Task, TaskOptions, build_message, field_names
+from .task import Task, TaskDecorator, TaskOptions, build_message, default_name, field_names
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -167,7 +168,7 @@ class App:
     @overload
     def task(
         self, fn: None = None, /, *, name: str | None = None, **options: Any
-    ) -> Callable[[Callable[P, Any]], Task[P, Any]]: ...
+    ) -> TaskDecorator: ...
 
     def task(self, fn: Any = None, /, *, name: str | None = None, **options: Any) -> Any:
         """Register a task: `@app.task` or `@app.task(name=..., queue=..., ...)`.
@@ -183,7 +184,7 @@ class App:
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
             _check_flow(f, options)
-            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            task_name = name or default_name(f)
             opts = TaskOptions(name=task_name, **options)
             if opts.autoretry_for and not isinstance(opts.autoretry_for, tuple):
                 opts = TaskOptions(**{**_asdict(opts), "autoretry_for": tuple(opts.autoretry_for)})
@@ -297,8 +298,9 @@ class App:
                     yield
                     return
                 w = self.worker(**worker_opts)
-                async with w.running():
-                    yield
+                with visible_errors():
+                    async with w.running():
+                        yield
 
         return lifespan
 

@@ -85,6 +85,7 @@ class Outcome:
     retry_at: float | None = None  # RETRY/DEFER: when to run again
     rate_reserved: bool = False  # DEFER: the later run holds a reserved rate-limit slot
     exc: BaseException | None = None
+    max_retries: int | None = None  # RETRY: the limit it counts against (for the log)
 
     @property
     def state(self) -> str:
@@ -238,6 +239,21 @@ class Execution:
         self._timers: list[asyncio.TimerHandle] = []
 
     @property
+    def attempt(self) -> int:
+        """This run's number, 1-based: retries made before it plus deliveries of this entry."""
+        return (self.msg.retries if self.msg is not None else 0) + self.delivery.deliveries
+
+    def log_fields(self) -> dict[str, Any]:
+        """The structured fields of this run's log records (`extra=`)."""
+        return {
+            "task_id": self.tid,
+            "task_name": self.msg.name if self.msg is not None else None,
+            "attempt": self.attempt,
+            "queue": self.delivery.queue,
+            "worker": self.rt.worker,
+        }
+
+    @property
     def begun(self) -> bool:
         """Whether it got its slot and started (a read-ahead entry waits first)."""
         return self.phase is not Phase.WAITING
@@ -296,7 +312,13 @@ class Execution:
             deferred = await self._before_body(task, msg)
         except CONNECTION_ERRORS as exc:
             # Redis went away before the body began: run it later, it never ran.
-            log.warning("task %s[%s]: lost Redis before it began (%s)", msg.name, msg.id, exc)
+            log.warning(
+                "task %s[%s]: lost Redis before it began (%s)",
+                msg.name,
+                msg.id,
+                exc,
+                extra={**self.log_fields(), "state": "DEFER"},
+            )
             return Outcome(Kind.DEFER, retry_at=now() + 1.0)
         except asyncio.CancelledError as cancel:
             return self._cancelled(task, msg, opts, cancel)  # revoked, or stopping
@@ -396,6 +418,7 @@ class Execution:
             return failure(cause)
         out = failure(exc) if not isinstance(exc, Retry) else Outcome(Kind.RETRY, exc=exc)
         out.kind, out.retry_at = Kind.RETRY, _retry_at(task, msg, r)
+        out.max_retries = max_retries
         return out
 
     async def _invoke(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -454,6 +477,7 @@ class Execution:
             "task %s[%s] ignored cancellation; abandoning it and freeing its slot",
             self.msg.name,
             self.msg.id,
+            extra=self.log_fields(),
         )
         if self.limits.revoked:
             outcome = Outcome(Kind.REVOKED)

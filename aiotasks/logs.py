@@ -1,4 +1,8 @@
-"""Logging for the CLI: `--log-format text|json`. The library itself never adds handlers.
+"""Logging for the CLI: `--log-format text|json`.
+
+The library adds no handler, with one exception: a worker embedded in a host application
+(`App.lifespan(worker=True)`) whose warnings and errors nothing would show, because the
+host (uvicorn, for one) configures only its own loggers. See `visible_errors`.
 
 With json, every line on stderr is one JSON object: `time`, `level`, `logger`, `message`,
 then every field a call site passed with `extra=` (e.g. `task_id`, `task_name`, `state`,
@@ -10,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,3 +74,46 @@ def emit(logger: logging.Logger, level: int, message: str, **fields: Any) -> Non
     record = logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields)
     for handler in logging.getLogger().handlers:
         handler.handle(record)
+
+
+def handled(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of `level` from `logger` reaches a handler that writes it somewhere."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if not isinstance(handler, logging.NullHandler) and handler.level <= level:
+                return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
+class _Fallback(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler of embedded workers, shared by those running at once."""
+
+    users = 0
+
+
+@contextmanager
+def visible_errors(logger_name: str = "aiotasks") -> Iterator[None]:
+    """Show the logger's warnings and errors on stderr for the block, unless a handler
+    already would: a failing task must not go unseen in an embedded worker."""
+    logger = logging.getLogger(logger_name)
+    probe = logging.getLogger(f"{logger_name}.worker")
+    handler = next((h for h in logger.handlers if isinstance(h, _Fallback)), None)
+    if handler is None:
+        if not probe.isEnabledFor(logging.ERROR) or handled(probe, logging.ERROR):
+            yield
+            return
+        handler = _Fallback(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        logger.addHandler(handler)
+    handler.users += 1
+    try:
+        yield
+    finally:
+        handler.users -= 1
+        if not handler.users:
+            logger.removeHandler(handler)

@@ -201,32 +201,51 @@ class Outcomes:
         )
 
     def _log(self, ex: Execution, out: Outcome) -> None:
-        name = ex.msg.name if ex.msg is not None else "?"
-        elapsed = time.perf_counter() - ex.started
+        """One record per finished run, with structured fields (`extra=`) for JSON logs.
+
+        Failures always; the rest only at INFO, built only when that level is enabled:
+        the hot path stays quiet at the default level.
+        """
         if out.kind is Kind.DEAD:
-            log.error(
-                "worker %s: dead-lettering entry %s of queue %r (task %s): %s: %s",
-                self.worker,
-                ex.delivery.entry_id.decode(),
-                ex.delivery.queue,
-                ex.tid or "?",
-                out.exc_type,
-                out.exc_message,
-            )
+            self._log_dead(ex, out)
         elif out.kind is Kind.FAILURE:
             log.error(
                 "%s[%s] FAILURE in %.3fs: %s: %s\n%s",
-                name,
+                ex.msg.name if ex.msg is not None else "?",
                 ex.tid,
-                elapsed,
+                time.perf_counter() - ex.started,
                 out.exc_type,
                 out.exc_message,
                 out.traceback.rstrip(),
+                extra={**_fields(ex, out), "exc_type": out.exc_type},
             )
-        elif log.isEnabledFor(logging.INFO):
-            # Built only when asked for: the hot path stays quiet at the default level.
-            extra = f" ({out.exc_type}: {out.exc_message})" if out.kind is Kind.RETRY else ""
-            log.info("%s[%s] %s in %.3fs%s", name, ex.tid, out.state, elapsed, extra)
+        elif not log.isEnabledFor(logging.INFO):
+            return
+        elif out.kind is Kind.RETRY:
+            _log_retry(ex, out)
+        else:
+            fields = _fields(ex, out)
+            log.info(
+                "%s[%s] %s in %.3fs",
+                fields["task_name"],
+                ex.tid,
+                out.state,
+                fields["duration"],
+                extra=fields,
+            )
+
+    def _log_dead(self, ex: Execution, out: Outcome) -> None:
+        entry_id = ex.delivery.entry_id.decode()
+        log.error(
+            "worker %s: dead-lettering entry %s of queue %r (task %s): %s: %s",
+            self.worker,
+            entry_id,
+            ex.delivery.queue,
+            ex.tid or "?",
+            out.exc_type,
+            out.exc_message,
+            extra={**_fields(ex, out), "exc_type": out.exc_type, "entry_id": entry_id},
+        )
 
     # -- committing ---------------------------------------------------------------------
 
@@ -304,6 +323,36 @@ class Outcomes:
                 )
                 await asyncio.sleep(backoff.next())
         # Left pending: redelivered after the visibility timeout.
+
+
+def _fields(ex: Execution, out: Outcome) -> dict[str, Any]:
+    """A finished run's log fields: who, what, how it ended and how long it ran."""
+    fields = ex.log_fields()
+    fields["task_name"] = fields["task_name"] or "?"
+    fields["state"] = out.state
+    fields["duration"] = round(time.perf_counter() - ex.started, 6)
+    return fields
+
+
+def _log_retry(ex: Execution, out: Outcome) -> None:
+    """`add[abc] RETRY: attempt 1 of 4 failed after 0.012s (ConnectionError: refused);
+    next attempt in 2.0s`."""
+    fields = _fields(ex, out)
+    retry_in = max(0.0, (out.retry_at or now()) - now())
+    runs = (out.max_retries or 0) + 1
+    how = f"failed after {fields['duration']:.3f}s ({out.exc_type}: {out.exc_message})"
+    if not out.exc_type:  # raise ctx.retry() with no exception behind it
+        how = f"asked for a retry after {fields['duration']:.3f}s"
+    log.info(
+        "%s[%s] RETRY: attempt %d of %d %s; next attempt in %.1fs",
+        fields["task_name"],
+        ex.tid,
+        fields["attempt"],
+        runs,
+        how,
+        retry_in,
+        extra={**fields, "exc_type": out.exc_type or "Retry", "retry_in": round(retry_in, 3)},
+    )
 
 
 def _brief(op: Op) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 from uuid import uuid4
 
 from .handle import TaskHandle
@@ -88,6 +90,32 @@ def _epoch(value: datetime | float | timedelta | None, base: float) -> float | N
     if isinstance(value, timedelta):
         return base + value.total_seconds()
     return base + float(value)
+
+
+def default_name(fn: Callable[..., Any]) -> str:
+    """`module.qualname`, with a script's `__main__` named as a worker importing it names it."""
+    module = fn.__module__
+    if module == "__main__":
+        module = main_module_name()
+    return f"{module}.{fn.__qualname__}"
+
+
+def main_module_name() -> str:
+    """The importable name of `__main__`: `python tasks.py` and `aiotasks run tasks:app`
+    must agree on `tasks.add`, or the worker dead-letters the send as UnknownTask."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:  # python -m pkg.mod
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    if not path or not sys.path:
+        return "__main__"  # python -c, an interactive session, an embedding host
+    # The script's directory is sys.path[0]: the name is the file's path below it.
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(sys.path[0] or "."))
+    stem, ext = os.path.splitext(rel)
+    if ext != ".py" or stem.startswith(".."):
+        return "__main__"
+    return stem.replace(os.sep, ".")
 
 
 def build_message(
@@ -240,6 +268,16 @@ class Task(Generic[P, R]):
             self.check_args(a, k)
         built = [build_message(self.app, self.name, a, k, options, self) for a, k in calls]
         return await self.app.send_messages(built, options.get("retry_policy"))
+
+
+class TaskDecorator(Protocol):
+    """What `@app.task(...)` with options returns: it keeps the function's types."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from .index import TaskIndex
 from .keys import PRIORITIES
 from .message import now
 from .outcomes import Key, Outcomes
+from .peers import describe, warn_if_tasks_differ
 from .schedule import Scheduler
 from .slots import Lease, Slots
 
@@ -158,6 +159,7 @@ class Worker:
         await TaskIndex(self.client).configure(s.index_size, s.events_size)
         await self._register(ttl=max(self.vt, 10.0))
         await self.client.worker_event(self.name, "JOINED")
+        await self._check_peers()
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
@@ -515,8 +517,14 @@ class Worker:
             "running": len(self._running),
             "done": self.outcomes.done,
             "failed": self.outcomes.failed,
+            **describe(self.app.tasks),
         }
         await self.client.register_worker(self.name, description, ttl)
+
+    async def _check_peers(self) -> None:
+        """Warn once when a live worker sharing a queue registers other tasks."""
+        with suppress(*_SCRIPT_ERRORS, ValueError):  # a check, never a reason not to start
+            await warn_if_tasks_differ(self.client, self.name, self.queues, list(self.app.tasks))
 
     async def _control_loop(self) -> None:
         """Listen for broadcasts: `revoke <id>` cancels that task if it runs here."""

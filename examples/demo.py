@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import IO
 
+from redis.asyncio import Redis
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = f"aiotasks-demo-{uuid.uuid4().hex[:6]}"
 os.environ["AIOTASKS_NAMESPACE"] = NAMESPACE
@@ -63,17 +65,29 @@ async def main() -> None:
                 print(
                     f"{name:8} {info.state.value:8} attempts={info.attempts} worker={info.worker}"
                 )
-            redis = app.client.redis
-            keys = [k async for k in redis.scan_iter(match="{" + NAMESPACE + "}*")]
-            if keys:
-                await redis.delete(*keys)
     finally:
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(30)
         log.seek(0)
         print("\n--- worker log (default level: warnings and failures) ---")
         print(log.read().decode(errors="replace").rstrip())
-        print(f"\nworker stopped (exit {code}); demo namespace {NAMESPACE} deleted")
+        # Only once the worker is gone: a running worker recreates its queues' streams.
+        left = await delete_namespace()
+        done = "deleted" if not left else f"NOT deleted: {left} key(s) left"
+        print(f"\nworker stopped (exit {code}); demo namespace {NAMESPACE} {done}")
+
+
+async def delete_namespace() -> int:
+    """Delete the demo's keys; how many are left afterwards (0 unless it failed)."""
+    redis = Redis.from_url(app.settings.redis_url)
+    try:
+        match = "{" + NAMESPACE + "}*"
+        keys = [k async for k in redis.scan_iter(match=match)]
+        if keys:
+            await redis.delete(*keys)
+        return len([k async for k in redis.scan_iter(match=match)])
+    finally:
+        await redis.aclose()
 
 
 if __name__ == "__main__":

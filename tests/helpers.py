@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from aiotasks import App, TaskFailed, TaskHandle, TaskState
@@ -97,3 +104,59 @@ class ReadAhead:
         )
         await asyncio.wait_for(self.holding.wait(), 10)
         return first, held, ahead
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """A uvicorn process: an HTTP client on it, and its console output so far."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], client: httpx.Client, log: Path) -> None:
+        self.proc, self.client, self.log = proc, client, log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()
+            time.sleep(0.05)
+        return self.output()
+
+    def poll_until_final(self, path: str, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            body: dict[str, Any] = self.client.get(path).json()
+            if body["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
+                return body
+            assert time.monotonic() < deadline, (body, self.output())
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM; uvicorn re-raises it once shut down, so -SIGTERM is a clean exit too."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@contextmanager
+def uvicorn(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[Served]:
+    """Run `uvicorn ARGV` (must hold `--port N`) until the block ends; wait until it answers."""
+    port = argv[argv.index("--port") + 1]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", *argv], cwd=cwd, env=env, stdout=out, stderr=out
+        )
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+                served = Served(proc, client, log)
+                served.wait_for_output("Application startup complete.", timeout=20)
+                yield served
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ with warnings.catch_warnings():
     # starlette 1.x asks for the `httpx2` package; `httpx` (a dev dependency) still works.
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
+
+from .helpers import free_port, uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,12 +65,6 @@ def test_through_test_client(example: ModuleType) -> None:
         assert client.post("/add", params={"x": "two", "y": 3}).status_code == 422
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_under_uvicorn(redis_url: str, namespace: str, tmp_path: Path) -> None:
     port = free_port()
     log = (tmp_path / "uvicorn.log").open("wb")
@@ -110,3 +105,44 @@ def test_under_uvicorn(redis_url: str, namespace: str, tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+FAILING_APP = """
+import os
+from fastapi import FastAPI
+from aiotasks import App
+
+tasks = App(namespace=os.environ["NAMESPACE"])
+
+@tasks.task(name="boom")
+async def boom() -> None:
+    raise ValueError("kaput")
+
+app = FastAPI(lifespan=tasks.lifespan(worker=True))
+
+@app.post("/boom")
+async def post_boom() -> dict[str, str]:
+    return {"id": (await boom.send()).id}
+
+@app.get("/tasks/{task_id}")
+async def get_task(task_id: str) -> dict[str, object]:
+    return {"state": (await tasks.handle(task_id).info()).state}
+"""
+
+
+def test_a_failing_task_logs_its_traceback_in_uvicorns_console(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "boomapp.py").write_text(FAILING_APP)
+    env = {**os.environ, "AIOTASKS_REDIS_URL": redis_url, "NAMESPACE": namespace}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    argv = ["boomapp:app", "--port", str(free_port())]
+    with uvicorn(argv, tmp_path, env, tmp_path / "uvicorn.log") as served:
+        task_id = served.client.post("/boom").json()["id"]
+        assert served.poll_until_final(f"/tasks/{task_id}") == {"state": "FAILURE"}
+        output = served.wait_for_output('raise ValueError("kaput")')
+        assert served.stop() in (0, -signal.SIGTERM), output
+    line = next(x for x in output.splitlines() if f"boom[{task_id}] FAILURE" in x)
+    assert "ERROR" in line and "aiotasks.worker" in line
+    tail = output[output.index(line) :]
+    assert "ValueError: kaput" in tail and "Traceback (most recent call last)" in tail

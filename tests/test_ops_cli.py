@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,49 @@ async def test_inspect(app: App, worker: Any) -> None:
     res = await invoke("inspect", f.id, *conn(app))
     assert "FAILURE" in res.stdout and "ValueError: kaput" in res.stdout
     assert "Traceback" in res.stdout and 'raise ValueError("kaput")' in res.stdout
+
+
+def pairs(stdout: str) -> dict[str, str]:
+    """`key  value` lines of inspect's plain output."""
+    return dict(line.split(None, 1) for line in stdout.splitlines() if "  " in line)
+
+
+async def test_inspect_shows_arguments_and_results_as_json(app: App, worker: Any) -> None:
+    @app.task(name="echo")
+    async def echo(*args: Any, **kwargs: Any) -> Any:
+        return {"args": list(args), "when": datetime(2030, 1, 2, tzinfo=UTC), "tags": {"x"}}
+
+    scheduled = await echo.options(countdown=600).send("é", 2, flag=True)
+    queued = await echo.options(queue="nobody").send([1, 2], key=None)
+    dead = await app.send_task("nobody.knows", args=[3], kwargs={"k": "v"})
+    await worker()
+    done = await echo.send("hi")
+    assert (await done.result(timeout=10))["args"] == ["hi"]
+    with pytest.raises(TaskFailed):
+        await dead.result(timeout=10)
+
+    expected = {
+        scheduled.id: ('["é", 2]', '{"flag": true}'),
+        queued.id: ("[[1, 2]]", '{"key": null}'),
+        dead.id: ("[3]", '{"k": "v"}'),  # read back from its dead letter
+    }
+    for task_id, (args, kwargs) in expected.items():
+        res = await invoke("inspect", task_id, *conn(app))
+        assert res.exit_code == 0, res.output
+        shown = pairs(res.stdout)
+        assert (shown["args"], shown["kwargs"]) == (args, kwargs), res.stdout
+        res = await invoke("inspect", task_id, "--json", *conn(app))
+        info = json.loads(res.stdout)
+        assert (info["args"], info["kwargs"]) == (json.loads(args), json.loads(kwargs))
+
+    res = await invoke("inspect", done.id, *conn(app))
+    shown = pairs(res.stdout)
+    assert shown["result"] == (
+        '{"args": ["hi"], "when": "2030-01-02T00:00:00+00:00", "tags": ["x"]}'
+    )  # JSON, not Python's repr
+    assert shown["args"].startswith("- (deleted with its message")  # no copy is kept
+    info = json.loads((await invoke("inspect", done.id, "--json", *conn(app))).stdout)
+    assert info["result"]["when"] == "2030-01-02T00:00:00+00:00" and info["args"] is None
 
 
 async def test_inspect_unknown_task(app: App) -> None:

