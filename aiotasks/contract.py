@@ -80,7 +80,7 @@ class TaskRecord:
     immutable: bool = False
     err_chord: str | None = None
     debounce: str | None = None
-    signing_key: bytes | None = field(default=None, repr=False)
+    sig: str | None = None
 
     def wire(self) -> dict[str, Any]:
         """The record as the map Lua reads (absent fields are left out)."""
@@ -109,10 +109,8 @@ class TaskRecord:
             "db": self.debounce,
         }
         w.update({k: v for k, v in optional.items() if v is not None})
-        if self.signing_key is not None:
-            from .signing import sign
-
-            w["sig"] = sign(self.signing_key, w)
+        if self.sig is not None:
+            w["sig"] = self.sig
         return w
 
 

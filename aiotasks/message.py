@@ -19,6 +19,7 @@ from . import codec
 from .contract import TaskRecord
 from .errors import SerializationError
 from .keys import DEFAULT_PRIORITY
+from .signing import sign
 
 #: Set in opts of a message deferred by its rate limit: it holds a reserved start slot.
 RATE_RESERVED = "_rate_reserved"
@@ -136,7 +137,7 @@ class Message:
         """The task record Lua enqueues for this message (contract.TaskRecord), signed
         with `signing_key` when one is given."""
         data, ct = self.encode(min_size, max_size)
-        return TaskRecord(
+        record = TaskRecord(
             id=self.id,
             name=self.name,
             queue=self.queue,
@@ -156,8 +157,10 @@ class Message:
             immutable=immutable,
             err_chord=err_chord,
             debounce=self.debounce,
-            signing_key=signing_key,
         )
+        if signing_key is None:
+            return record
+        return replace(record, sig=sign(signing_key, record.wire()))
 
     def with_retry(self, eta: float | None) -> Message:
         """The same message, to run again at `eta` as its next retry."""
