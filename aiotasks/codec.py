@@ -197,7 +197,9 @@ def _zstd() -> tuple[Callable[[bytes], bytes], Decompress]:
     try:
         import zstandard  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
-        raise SerializationError("compression='zstd' needs: pip install 'aiotasks[zstd]'") from exc
+        raise SerializationError(
+            "compression='zstd' needs: pip install 'aiotasks-streams[zstd]'"
+        ) from exc
 
     def decompress(data: bytes, limit: int) -> bytes:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:

