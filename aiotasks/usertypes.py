@@ -173,6 +173,8 @@ def check_set(members: Any) -> None:
 def unencodable(obj: Any) -> TypeError:
     """The error for a value no serializer knows, with the usual fix."""
     cls = type(obj)
+    if isinstance(obj, int):  # msgpack calls back for an integer beyond 64 bits
+        return TypeError("cannot serialize object of type int")
     return TypeError(f"cannot serialize object of type {_qualified(cls)}: {hint(obj)}")
 
 
