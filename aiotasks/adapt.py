@@ -185,6 +185,7 @@ class Adapter:
 
     positional: tuple[Convert | None, ...]  # by position, for positional parameters
     named: dict[str, Convert]  # by name, for any parameter passed by keyword
+    params: frozenset[str]  # every named parameter: what **kwargs does not catch
     var_args: Convert | None
     var_kwargs: Convert | None
     result: Convert | None
@@ -193,8 +194,8 @@ class Adapter:
         """The arguments of one call, rebuilt."""
         pos = self.positional
         out = [_apply(pos[i] if i < len(pos) else self.var_args, a) for i, a in enumerate(args)]
-        named = self.named
-        kw = {k: _apply(named.get(k, self.var_kwargs), v) for k, v in kwargs.items()}
+        named, params, rest = self.named, self.params, self.var_kwargs
+        kw = {k: _apply(named.get(k) if k in params else rest, v) for k, v in kwargs.items()}
         return out, kw
 
 
@@ -226,4 +227,9 @@ def adapter_for(fn: Callable[..., Any]) -> Adapter | None:
     result = converter(hints.get("return"))
     if not (any(positional) or named or var_args or var_kwargs or result):
         return None
-    return Adapter(tuple(positional), named, var_args, var_kwargs, result)
+    params = frozenset(
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
+    return Adapter(tuple(positional), named, params, var_args, var_kwargs, result)

@@ -206,7 +206,7 @@ _JSON_DECODERS: dict[str, Callable[[Any], Any]] = {
 
 def _json_hook(obj: dict[str, Any]) -> Any:
     tag = obj.get("__t")
-    if tag is not None and len(obj) == 2 and "v" in obj:
+    if isinstance(tag, str) and len(obj) == 2 and "v" in obj:
         if tag in _JSON_DECODERS:
             return _JSON_DECODERS[tag](obj["v"])
         user = usertypes.registered_name(tag)

@@ -225,6 +225,14 @@ def test_hints_are_read_once_per_task() -> None:
     assert args == [Point(1, 2), Point(3, 4)] and kwargs == {"c": Color.BLUE}
     assert adapter_for(lambda a: a) is None
 
+    @app.task
+    async def mixed(raw: dict[str, int], *, keep: Any = None, **points: Point) -> None: ...
+
+    _, kwargs = mixed.load_args(
+        [], {"raw": {"x": 1, "y": 2}, "keep": {"x": 0}, "p": {"x": 3, "y": 4}}
+    )
+    assert kwargs == {"raw": {"x": 1, "y": 2}, "keep": {"x": 0}, "p": Point(3, 4)}
+
 
 # -- register_type ------------------------------------------------------------------------
 
