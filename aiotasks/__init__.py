@@ -22,9 +22,10 @@ from .errors import (
 from .handle import GroupHandle, TaskHandle
 from .state import TaskInfo, TaskState
 from .task import Signature, Task
+from .usertypes import register_type
 from .worker import Worker
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AiotasksError",
@@ -53,6 +54,7 @@ __all__ = [
     "chord",
     "current_task",
     "group",
+    "register_type",
 ]
 
 logging.getLogger("aiotasks").addHandler(logging.NullHandler())

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import codec
 from .contract import pack, unpack_reply
-from .errors import AiotasksError
+from .errors import AiotasksError, SerializationError
 from .handle import TaskHandle
 from .keys import DEFAULT_PRIORITY, GROUP, Keys
 from .message import now
-from .state import TaskInfo, TaskState
+from .state import PAYLOAD, TaskInfo, TaskState, unpack_payload
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -53,6 +53,11 @@ class QueueNotFound(AiotasksError, LookupError):
 
 class TaskUnreadable(AiotasksError, ValueError):
     """A task's record exists but cannot be read (an unknown state, a malformed field)."""
+
+
+class CannotRetry(AiotasksError, ValueError):
+    """A task cannot be sent again: it has not failed or been revoked, or its arguments
+    are no longer known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +431,58 @@ class Admin:
             "written by another program or aiotasks version?"
         )
 
+    async def retry(self, task_id: str) -> str:
+        """Send a FAILURE or REVOKED task again, under its id, with its arguments.
+
+        A dead-lettered task goes back from its dead letter as it was (chain and chord
+        links included); any other is sent again alone, from the payload its record
+        kept (name, arguments, queue, priority and run options). Returns what was done.
+
+        Raises:
+            TaskNotFound: no record of the id.
+            TaskUnreadable: the record cannot be read.
+            CannotRetry: the task is not FAILURE or REVOKED, or its arguments are gone.
+        """
+        info = await self.inspect(task_id)
+        if info.state not in (TaskState.FAILURE, TaskState.REVOKED):
+            raise CannotRetry(
+                f"task {task_id} is {info.state}: only a FAILURE or REVOKED task can be retried"
+            )
+        queue = info.queue or self.app.settings.default_queue
+        dead = await self._dead_entry(queue, task_id)
+        if dead is not None:
+            await self._requeue(queue, [dead])
+            return f"put back from its dead letter {dead} on queue {queue!r}"
+        raw: bytes | None = await cast(Any, self.redis).hget(self.keys.task(task_id), PAYLOAD)
+        if raw is None:
+            raise CannotRetry(
+                f"the arguments of task {task_id} ({info.state}) are no longer known "
+                "(it never ran, or it ended before aiotasks kept them): nothing to send"
+            )
+        try:
+            p = unpack_payload(raw, self.client.read_limit)
+        except SerializationError as exc:
+            raise CannotRetry(
+                f"the kept arguments of task {task_id} cannot be read: {exc}"
+            ) from None
+        await self.app.send_task(
+            p.name, p.args, p.kwargs, task_id=task_id, queue=queue, priority=p.priority, **p.opts
+        )
+        return f"sent again to queue {queue!r} with its arguments"
+
+    async def _dead_entry(self, queue: str, task_id: str) -> str | None:
+        """The id of the newest dead letter of `task_id` on `queue`, if any."""
+        dead, end = self.keys.dead(queue), "+"
+        want = task_id.encode()
+        while True:
+            batch: list[Any] = await cast(Any, self.redis).xrevrange(dead, max=end, count=500)
+            for entry_id, fields in batch:
+                if fields.get(b"id") == want:
+                    return _text(entry_id)
+            if len(batch) < 500:
+                return None
+            end = "(" + _text(batch[-1][0])
+
     async def send(
         self,
         name: str,
@@ -621,6 +678,7 @@ def _dead_letter(entry_id: bytes, raw: dict[bytes, bytes]) -> DeadLetter:
 __all__ = [
     "Admin",
     "Arguments",
+    "CannotRetry",
     "DeadLetter",
     "PeriodicStatus",
     "QueueNotFound",

@@ -263,7 +263,14 @@ class App:
         reply = client.notifier.reply_channel
         records = [m.record(ttl, reply=reply, **s.encoding) for m, ttl in built]
         await client.enqueue(records, policy)
-        return [TaskHandle(client, m.id) for m, _ in built]
+        return [TaskHandle(client, m.id, self._result_loader(m.name)) for m, _ in built]
+
+    def _result_loader(self, name: str) -> Callable[[Any], Any] | None:
+        """`result()` rebuilds the return annotation's type when the task is known here."""
+        task = self.tasks.get(name)
+        if task is None or task.adapter is None or task.adapter.result is None:
+            return None
+        return task.load_result
 
     # -- workers --------------------------------------------------------------------
 

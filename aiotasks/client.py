@@ -23,13 +23,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec, contract
 from .config import RetryPolicy, Settings, redact_url
-from .contract import SEND, TaskRecord
+from .contract import SEND, TaskRecord, unpack_reply
 from .errors import CONNECTION_ERRORS, BrokerConnectionError
 from .keys import GROUP, Keys
 from .message import now
 from .notifier import Notifier
 from .scripts import Scripts
-from .state import TaskInfo, TaskState
+from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +217,38 @@ class Client:
 
         Returns the state before the revoke ('' when unknown).
         """
+        payload = await self._live_payload(task_id)  # read before the revoke deletes it
         prev = await self.scripts.revoke(
             task_id=task_id, now_ms=now_ms(), ttl=self.settings.result_ttl
         )
         if terminate and prev == "STARTED":
             await self.redis.publish(self.keys.control_channel, f"revoke {task_id}")
+        if payload is not None and prev in ("SCHEDULED", "PENDING", "STARTED"):
+            await self._keep_payload(task_id, payload)
         return prev
+
+    async def _live_payload(self, task_id: str) -> bytes | None:
+        """A live task's payload (from its delayed record or its entry), for `aiotasks retry`."""
+        rec, entry, stream = await cast(Any, self.redis).hmget(
+            self.keys.task(task_id), "_rec", "_e", "_st"
+        )
+        if rec:
+            r = unpack_reply(rec)
+            return pack_payload(r[b"m"], r[b"ct"], int(r[b"priority"]))
+        if entry and stream:
+            found = await cast(Any, self.redis).xrange(stream, entry, entry)
+            if found:
+                return entry_payload(found[0][1], int(stream.rpartition(b":")[2]))
+        return None
+
+    async def _keep_payload(self, task_id: str, payload: bytes) -> None:
+        key = self.keys.task(task_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            cast(Any, pipe).hset(key, PAYLOAD, payload)
+            pipe.pttl(key)
+            _, ttl_ms = await pipe.execute()
+        if ttl_ms == -1:  # it expired meanwhile and HSET made it anew: everything expires
+            await self.redis.pexpire(key, self.settings.result_ttl * 1000)
 
     async def forget(self, task_id: str) -> None:
         """Delete a task's stored state and result."""

@@ -1,7 +1,9 @@
 """Serializers (msgpack, json) and optional compression, behind one small Protocol.
 
 Both serializers round-trip datetime, date, time, timedelta, UUID, Decimal, bytes,
-set and frozenset (tuples come back as lists, as in every JSON-like format).
+set and frozenset (tuples come back as lists, as in every JSON-like format, except
+inside a set, where they stay tuples). Dataclasses, pydantic models, Enum members and
+types given to `register_type` are handled by usertypes.py.
 The content type written on the wire is `<serializer>[+<compression>]`.
 """
 
@@ -20,6 +22,7 @@ from uuid import UUID
 
 import msgpack  # type: ignore[import-untyped]
 
+from . import usertypes
 from .errors import SerializationError
 
 # msgpack extension type codes (documented in docs/protocol.md).
@@ -43,7 +46,19 @@ class Serializer(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
-def _ext_default(obj: Any) -> msgpack.ExtType:
+def _ext_default(obj: Any) -> Any:
+    user = usertypes.exact(obj)  # before our own: a registered datetime subclass wins
+    if user is None:
+        ext = _own_ext(obj)
+        if ext is not None:
+            return ext
+        user = usertypes.registered(obj)
+        if user is None:
+            return usertypes.fields_of(obj)  # a record as its fields, else TypeError + hint
+    return _user_ext(user, obj)
+
+
+def _own_ext(obj: Any) -> msgpack.ExtType | None:
     if isinstance(obj, datetime):
         return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
     if isinstance(obj, date):
@@ -57,30 +72,54 @@ def _ext_default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, Decimal):
         return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
     if isinstance(obj, frozenset):
+        usertypes.check_set(obj)
         return msgpack.ExtType(EXT_FROZENSET, _packb(list(obj)))
     if isinstance(obj, set):
+        usertypes.check_set(obj)
         return msgpack.ExtType(EXT_SET, _packb(list(obj)))
-    raise TypeError(f"cannot serialize object of type {type(obj).__name__}")
+    return None
+
+
+def _user_ext(user: usertypes.UserType, obj: Any) -> msgpack.ExtType:
+    if user.code is not None:
+        return msgpack.ExtType(user.code, _packb(user.encode(obj)))
+    return msgpack.ExtType(usertypes.EXT_NAMED, _packb([user.name, user.encode(obj)]))
+
+
+def _hashable(value: Any) -> Any:
+    """A set member as it was sent: a tuple came back as a list, which no set can hold."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def _timedelta(data: bytes) -> timedelta:
+    days, seconds, micros = _unpackb(data)
+    return timedelta(days=days, seconds=seconds, microseconds=micros)
+
+
+_OWN_EXT: dict[int, Callable[[bytes], Any]] = {
+    EXT_DATETIME: lambda data: datetime.fromisoformat(data.decode()),
+    EXT_DATE: lambda data: date.fromisoformat(data.decode()),
+    EXT_TIME: lambda data: time.fromisoformat(data.decode()),
+    EXT_TIMEDELTA: _timedelta,
+    EXT_UUID: lambda data: UUID(bytes=data),
+    EXT_DECIMAL: lambda data: Decimal(data.decode()),
+    EXT_SET: lambda data: {_hashable(m) for m in _unpackb(data)},
+    EXT_FROZENSET: lambda data: frozenset(_hashable(m) for m in _unpackb(data)),
+}
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_DATETIME:
-        return datetime.fromisoformat(data.decode())
-    if code == EXT_DATE:
-        return date.fromisoformat(data.decode())
-    if code == EXT_TIME:
-        return time.fromisoformat(data.decode())
-    if code == EXT_TIMEDELTA:
-        days, seconds, micros = _unpackb(data)
-        return timedelta(days=days, seconds=seconds, microseconds=micros)
-    if code == EXT_UUID:
-        return UUID(bytes=data)
-    if code == EXT_DECIMAL:
-        return Decimal(data.decode())
-    if code == EXT_SET:
-        return set(_unpackb(data))
-    if code == EXT_FROZENSET:
-        return frozenset(_unpackb(data))
+    own = _OWN_EXT.get(code)
+    if own is not None:
+        return own(data)
+    if code == usertypes.EXT_NAMED:
+        name, value = _unpackb(data)
+        return usertypes.by_name(name).decode(value)
+    user = usertypes.by_code(code)
+    if user is not None:
+        return user.decode(_unpackb(data))
     return msgpack.ExtType(code, data)
 
 
@@ -117,6 +156,18 @@ class MsgpackSerializer:
 
 
 def _json_default(obj: Any) -> Any:
+    user = usertypes.exact(obj)
+    if user is None:
+        tagged = _own_tag(obj)
+        if tagged is not None:
+            return tagged
+        user = usertypes.registered(obj)
+        if user is None:
+            return usertypes.fields_of(obj)
+    return {"__t": user.name, "v": user.encode(obj)}
+
+
+def _own_tag(obj: Any) -> dict[str, Any] | None:
     if isinstance(obj, datetime):
         return {"__t": "datetime", "v": obj.isoformat()}
     if isinstance(obj, date):
@@ -132,10 +183,12 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, bytes):
         return {"__t": "bytes", "v": base64.b64encode(obj).decode()}
     if isinstance(obj, frozenset):
+        usertypes.check_set(obj)
         return {"__t": "frozenset", "v": list(obj)}
     if isinstance(obj, set):
+        usertypes.check_set(obj)
         return {"__t": "set", "v": list(obj)}
-    raise TypeError(f"cannot serialize object of type {type(obj).__name__}")
+    return None
 
 
 _JSON_DECODERS: dict[str, Callable[[Any], Any]] = {
@@ -146,15 +199,19 @@ _JSON_DECODERS: dict[str, Callable[[Any], Any]] = {
     "uuid": UUID,
     "decimal": Decimal,
     "bytes": base64.b64decode,
-    "set": set,
-    "frozenset": frozenset,
+    "set": lambda v: {_hashable(m) for m in v},
+    "frozenset": lambda v: frozenset(_hashable(m) for m in v),
 }
 
 
 def _json_hook(obj: dict[str, Any]) -> Any:
     tag = obj.get("__t")
-    if tag is not None and len(obj) == 2 and "v" in obj and tag in _JSON_DECODERS:
-        return _JSON_DECODERS[tag](obj["v"])
+    if isinstance(tag, str) and len(obj) == 2 and "v" in obj:
+        if tag in _JSON_DECODERS:
+            return _JSON_DECODERS[tag](obj["v"])
+        user = usertypes.registered_name(tag)
+        if user is not None:
+            return user.decode(obj["v"])
     return obj
 
 
@@ -166,14 +223,15 @@ class JsonSerializer:
     def dumps(self, value: Any) -> bytes:
         try:
             return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
-        except (TypeError, ValueError, RecursionError) as exc:
-            # RecursionError: a structure too deep (or cyclic) for the json encoder.
+        except Exception as exc:
+            # RecursionError: a structure too deep (or cyclic) for the json encoder; any
+            # other: a registered type's own encode failed.
             raise SerializationError(f"cannot encode with json: {exc}") from exc
 
     def loads(self, data: bytes) -> Any:
         try:
             return json.loads(data, object_hook=_json_hook)
-        except (TypeError, ValueError, RecursionError) as exc:
+        except Exception as exc:
             raise SerializationError(f"cannot decode json: {exc}") from exc
 
 
@@ -197,7 +255,9 @@ def _zstd() -> tuple[Callable[[bytes], bytes], Decompress]:
     try:
         import zstandard  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
-        raise SerializationError("compression='zstd' needs: pip install 'aiotasks[zstd]'") from exc
+        raise SerializationError(
+            "compression='zstd' needs: pip install 'aiotasks-streams[zstd]'"
+        ) from exc
 
     def decompress(data: bytes, limit: int) -> bytes:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:

@@ -422,6 +422,7 @@ class Execution:
         return out
 
     async def _invoke(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        args, kwargs = task.load_args(args, kwargs)  # dataclasses/models from the annotations
         if task.is_async:
             return await Interruptible(task.fn(*args, **kwargs), self.limits)  # type: ignore[arg-type]
         from anyio.to_thread import run_sync  # loaded with the first `def` task only

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .backoff import Backoff
@@ -32,11 +32,15 @@ _RIDE_OUT: tuple[type[BaseException], ...] = (BrokerConnectionError, *CONNECTION
 class TaskHandle(Generic[R]):
     """A sent task: wait for its result, read its state, revoke or forget it."""
 
-    __slots__ = ("id", "client")
+    __slots__ = ("id", "client", "_load")
 
-    def __init__(self, client: Client, task_id: str) -> None:
+    def __init__(
+        self, client: Client, task_id: str, load: Callable[[Any], Any] | None = None
+    ) -> None:
         self.client = client
         self.id = task_id
+        # Rebuilds the value into the task's return annotation (a task known here).
+        self._load = load
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id!r})"
@@ -76,7 +80,12 @@ class TaskHandle(Generic[R]):
                         info = await self._wait_final()
         except TimeoutError:
             raise ResultTimeout(f"task {self.id} did not finish within {timeout} s") from None
-        return info.outcome()  # type: ignore[no-any-return]
+        return self._value(info)  # type: ignore[no-any-return]
+
+    def _value(self, info: TaskInfo) -> Any:
+        """The outcome of a final info: its value (rebuilt when we can), or the error."""
+        value = info.outcome()
+        return value if self._load is None or value is None else self._load(value)
 
     async def _wait_final(self) -> TaskInfo:
         # Ride out a lost connection: re-subscribe and re-read until the caller's timeout.
@@ -189,7 +198,7 @@ class GroupHandle:
     @staticmethod
     async def _one(handle: TaskHandle[Any], return_exceptions: bool) -> Any:
         try:
-            return (await handle._wait_final()).outcome()
+            return handle._value(await handle._wait_final())
         except (TaskFailed, TaskRevoked) as exc:
             if return_exceptions:
                 return exc

@@ -61,7 +61,9 @@ class Notifier:
     def __init__(self, url: str, keys: Keys) -> None:
         # A connection of its own, without redis-py's silent retries: the reader must see
         # a lost connection to tell every waiter to re-read what it may have missed.
-        self._redis = Redis.from_url(url)
+        # RESP2: under RESP3 every message is a push reply, and hiredis-py leaks about
+        # 95 bytes per push reply (benchmarks/notifier_rss.py measures it).
+        self._redis = Redis.from_url(url, protocol=2)
         self._keys = keys
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex[:16])
         self._pubsub: PubSub | None = None

