@@ -86,7 +86,9 @@ async def test_big_chord_survives_a_worker_sigkilled_midway(app: App, spawn_work
     await wait_consuming(app, *procs)
     n = 200
     h = await chord(
-        [sig(app, "header", i, -1, 0.15, task_id=f"hdr-{i}") for i in range(n)],
+        # Each header sleeps 0.4 s after counting its run: wide enough that the victim is
+        # still inside one when it is killed, even on a loaded machine.
+        [sig(app, "header", i, -1, 0.4, task_id=f"hdr-{i}") for i in range(n)],
         sig(app, "body_count"),
     ).send()
     cid = await chord_id(app)
