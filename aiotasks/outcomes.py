@@ -127,7 +127,7 @@ class Outcomes:
             return [enqueue_op(mode, record), ack_op(d.stream, d.entry_id)]
         if out.kind is Kind.REPLACED:
             return [
-                *replacement(self.app, self.client, msg, out.value),
+                *replacement(self.app, self.client, msg, out.value, ex.trace),
                 ack_op(d.stream, d.entry_id),
             ]
         fields = self._fields(ex, out)
@@ -150,7 +150,7 @@ class Outcomes:
                 if msg.chord is not None and not msg.chain:
                     chord_value = ct.encode() + b"\n" + data
                 if msg.chain or msg.link:
-                    follow = continuation(self.app, self.client, msg, out.value)
+                    follow = continuation(self.app, self.client, msg, out.value, ex.trace)
         # Follow-ups first, for the same reason: a refused one leaves nothing recorded.
         return [*follow, self._done(ex, out, fields, chord_value)]
 
