@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from . import codec
+from . import codec, payloads
 from .contract import pack
 from .errors import AiotasksError
 from .handle import TaskHandle
@@ -45,6 +45,10 @@ class TaskNotFound(AiotasksError, LookupError):
 
 class QueueNotFound(AiotasksError, LookupError):
     """No task was ever sent to this queue and none of its streams exist."""
+
+
+class TaskNotRetryable(AiotasksError, ValueError):
+    """The task cannot be sent again: it did not fail, or its arguments were not kept."""
 
 
 class TaskUnreadable(AiotasksError, ValueError):
@@ -358,6 +362,41 @@ class Admin:
             await self.app.handle(task_id).revoke(terminate=terminate)
         return before
 
+    async def retry(self, task_id: str) -> TaskHandle[Any]:
+        """Send a failed task again, under its own id, with the arguments it failed with.
+
+        The task starts over (a new send of a finished id): it reads PENDING, then runs
+        as a plain task, with the run options it was sent with, on its queue. A chain or
+        chord it belonged to stays failed, and its callbacks are not sent again.
+
+        Raises:
+            TaskNotFound: no record of the id.
+            TaskNotRetryable: the task is not FAILURE, or failed without running (its
+                arguments were not kept: a dead letter is requeued instead).
+        """
+        h: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(self.keys.task(task_id))
+        if not h:
+            raise TaskNotFound(f"no task with id {task_id!r} in namespace {self.keys.namespace!r}")
+        state = _text(h.get(b"state", b""))
+        if state != TaskState.FAILURE:
+            raise TaskNotRetryable(f"task {task_id!r} is {state}, not FAILURE")
+        found = await payloads.read(self.client, task_id, h)
+        if found is None or found.error is not None:
+            why = found.error if found is not None else "its arguments were not kept"
+            raise TaskNotRetryable(
+                f"task {task_id!r} cannot be sent again: {why} (a task that failed "
+                "without running keeps none; requeue a dead letter instead)"
+            )
+        queue = _text(h[b"queue"]) if b"queue" in h else None
+        return await self.send(
+            found.name,
+            found.args,
+            found.kwargs,
+            queue=queue,
+            task_id=task_id,
+            **found.send_options,
+        )
+
     async def _unreadable(self, task_id: str, exc: ValueError) -> TaskUnreadable:
         raw: Any = await cast(Any, self.redis).hget(self.keys.task(task_id), "state")
         state = None if raw is None else _text(raw)
@@ -558,6 +597,8 @@ __all__ = [
     "QueueStatus",
     "Status",
     "TaskNotFound",
+    "TaskNotRetryable",
+    "TaskUnreadable",
     "WorkerStatus",
     "parse_entry_ids",
 ]

@@ -171,6 +171,12 @@ class Outcomes:
             fields["exc_type"] = out.exc_type
             fields["exc_message"] = out.exc_message
             fields["traceback"] = out.traceback
+            # Failures are rare: keep what it was sent with (as sent, no re-encoding), so
+            # it can be read and sent again (payloads.py, Admin.retry, the dashboard).
+            m = ex.delivery.fields.get(b"m")
+            if m is not None:
+                fields["payload"] = m
+                fields["payload_ct"] = ex.delivery.fields.get(b"ct", b"msgpack")
         return fields
 
     def _done(
