@@ -274,6 +274,20 @@ class App:
         await client.enqueue(records, policy)
         return [TaskHandle(client, m.id) for m, _ in built]
 
+    def dashboard(self, read_only: bool = False) -> Any:
+        """The dashboard of this App: an ASGI app to mount behind your own auth.
+
+        `api.mount("/tasks", tasks.dashboard())` serves it at /tasks/: the queues,
+        workers, periodic tasks and tasks, live; with `read_only=True` it cannot revoke,
+        retry, requeue, drop or purge anything. Needs the `web` extra.
+
+        Raises:
+            ImportError: the `web` extra (Starlette, Jinja2) is not installed.
+        """
+        from .web import create
+
+        return create(self, read_only=read_only)
+
     # -- workers --------------------------------------------------------------------
 
     def worker(

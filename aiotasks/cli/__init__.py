@@ -8,6 +8,7 @@ status.py    status                         queues, workers, periodic tasks
 tasks.py     inspect | revoke | send        one task at a time
 queues.py    purge | dead-letters ...       a queue at a time
 listing.py   tasks list                     recent tasks from the task index
+web.py       web                            the dashboard, served alone
 common.py    --app/--redis-url/--namespace, loading the App, talking to Redis, asking
 output.py    tables for a terminal, plain lines for a pipe
 group.py     the root group: every failure becomes one `error:` line and an exit code
@@ -21,7 +22,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import listing, queues, run, status, tasks
+from . import listing, queues, run, status, tasks, web
 from .group import RootGroup
 
 cli = typer.Typer(
@@ -60,6 +61,7 @@ cli.command()(queues.purge)
 cli.command()(tasks.send)
 cli.add_typer(queues.dead, name="dead-letters")
 cli.add_typer(listing.tasks_group, name="tasks")
+cli.command()(web.web)
 
 
 def main() -> None:
