@@ -173,10 +173,13 @@ class Outcomes:
             fields["traceback"] = out.traceback
             # Failures are rare: keep what it was sent with (as sent, no re-encoding), so
             # it can be read and sent again (payloads.py, Admin.retry, the dashboard).
-            m = ex.delivery.fields.get(b"m")
-            if m is not None:
-                fields["payload"] = m
-                fields["payload_ct"] = ex.delivery.fields.get(b"ct", b"msgpack")
+            entry = ex.delivery.fields
+            if b"m" in entry:
+                fields["payload"] = entry[b"m"]
+                fields["payload_ct"] = entry.get(b"ct", b"msgpack")
+                for name in ("cid", "cix", "tail"):  # the chord and chain it was part of
+                    if name.encode() in entry:
+                        fields[f"payload_{name}"] = entry[name.encode()]
         return fields
 
     def _done(

@@ -3,7 +3,8 @@
 The arguments of a task live where its message is: a queued or running task's stream
 entry (the task hash names it: `_st`, `_e`), a scheduled task's stored record (`_rec`),
 or, once a task has failed after it began, the copy its worker keeps in the task hash
-(`payload`, `payload_ct`) so that the failure can be read and the task sent again. A
+(`payload`, `payload_ct`, and `payload_cid`, `payload_cix`, `payload_tail` when its
+entry had them) so that the failure can be read and the task sent again. A
 dead letter keeps its whole entry. After a success they are gone.
 """
 
@@ -122,7 +123,8 @@ async def read(client: Client, task_id: str, h: dict[bytes, bytes] | None = None
     limit = client.read_limit
     if b"payload" in h:
         ct = (h.get(b"payload_ct") or b"msgpack").decode()
-        return decode(h[b"payload"], ct, {}, FAILURE, limit)
+        kept = {k[8:].decode(): v for k, v in h.items() if k.startswith(b"payload_")}
+        return decode(h[b"payload"], ct, kept, FAILURE, limit)
     if b"_rec" in h:
         try:
             rec = msgpack.unpackb(h[b"_rec"], raw=True, strict_map_key=False)

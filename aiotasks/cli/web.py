@@ -46,12 +46,14 @@ def web(
 def _web_modules() -> Any:
     """uvicorn, after checking that the dashboard's extra is installed."""
     try:
-        importlib.import_module("aiotasks.web")
-        return importlib.import_module("uvicorn")
+        importlib.import_module("aiotasks.web")  # its error names the extra
     except ImportError as exc:
-        missing = getattr(exc, "name", None) or str(exc)
+        raise fail(str(exc)) from None
+    try:
+        return importlib.import_module("uvicorn")
+    except ImportError:
         raise fail(
-            f"the dashboard needs the 'web' extra: pip install 'aiotasks[web]' (missing {missing})"
+            "the dashboard needs the 'web' extra: pip install 'aiotasks[web]' (missing uvicorn)"
         ) from None
 
 

@@ -23,6 +23,13 @@ def when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def clock(value: datetime | None) -> str:
+    """The time of day (UTC) to the millisecond: what a timeline shows."""
+    if value is None:
+        return "—"
+    return value.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
 def ago(value: datetime | None, now: datetime | None = None) -> str:
     """How long ago (or in how long) a datetime is: "5 s ago", "in 3 min"."""
     if value is None:
@@ -54,7 +61,9 @@ def qid(value: Any) -> str:
 
 def install_filters(env: Environment) -> None:
     """Register the filters on a Jinja environment."""
-    env.filters.update(iso=iso, when=when, ago=ago, duration=duration, qid=qid, pretty=show_value)
+    env.filters.update(
+        iso=iso, when=when, clock=clock, ago=ago, duration=duration, qid=qid, pretty=show_value
+    )
 
 
-__all__ = ["ago", "duration", "install_filters", "iso", "qid", "when"]
+__all__ = ["ago", "clock", "duration", "install_filters", "iso", "qid", "when"]

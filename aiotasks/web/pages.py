@@ -181,8 +181,12 @@ async def dead_letters(admin: Admin) -> list[DeadQueue]:
 
 
 def show_value(value: Any) -> str:
-    """A value as readable text: JSON where it can be, repr where it cannot."""
+    """A value as readable text: JSON where it can be (on one line when short), repr
+    where it cannot."""
     try:
+        line = json.dumps(value, ensure_ascii=False, default=_fallback)
+        if len(line) <= 72:
+            return line
         return json.dumps(value, indent=2, ensure_ascii=False, default=_fallback)
     except (TypeError, ValueError):
         return repr(value)

@@ -172,7 +172,9 @@ class Dashboard:
         after = await self.index.last_id()
         found_id, name = None, None
         if q:
-            by_id = await self.index.recent(task_id=q, state=state, queue=queue)
+            by_id = []
+            if await self.admin.exists(q):  # an unknown id would read as PENDING
+                by_id = await self.index.recent(task_id=q, state=state, queue=queue)
             if by_id:
                 found_id, tasks = q, by_id
             else:
