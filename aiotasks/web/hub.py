@@ -47,6 +47,7 @@ class Tick:
 
     changes: list[dict[str, Any]] = field(default_factory=list)
     fragments: dict[str, str] = field(default_factory=dict)
+    end: bool = False  # the hub stopped: end the stream (the browser reconnects)
 
 
 class Subscriber:
@@ -178,9 +179,15 @@ class Hub:
     # -- following --------------------------------------------------------------------
 
     async def _run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._read())
-            tg.create_task(self._send_loop())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read())
+                tg.create_task(self._send_loop())
+        except Exception:
+            log.exception("dashboard: following the event feed failed")
+        # Streams end: their browsers reconnect, which starts the hub again.
+        for sub in list(self._subs):
+            sub.put(Tick(end=True))
 
     async def _read(self) -> None:
         backoff = Backoff(start=0.2, cap=5.0)

@@ -228,6 +228,8 @@ class Dashboard:
                     except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
+                    if tick.end:
+                        return
                     if tick.changes:
                         yield _sse("tasks", json.dumps(tick.changes))
                     for name, html in tick.fragments.items():
