@@ -43,9 +43,11 @@ from starlette.staticfiles import StaticFiles
 from ..admin import Admin, QueueNotFound, TaskNotFound, TaskNotRetryable, TaskUnreadable
 from ..index import TaskIndex
 from ..state import TaskState
-from . import pages
 from .filters import install_filters
 from .hub import Hub
+from .pages import dead_letters as read_dead
+from .pages import overview as read_overview
+from .pages import task_detail as read_task
 
 if TYPE_CHECKING:
     from ..app import App
@@ -135,11 +137,11 @@ class Dashboard:
         return response
 
     async def _overview_fragment(self) -> str:
-        data = await pages.overview(self.admin, self.hub)
+        data = await read_overview(self.admin, self.hub)
         return self.render("_overview.html", root="./", o=data, csrf="")
 
     async def _dead_fragment(self) -> str:
-        queues = await pages.dead_letters(self.admin)
+        queues = await read_dead(self.admin)
         return self.render("_dead.html", root="./", queues=queues, csrf="")
 
     # -- pages ------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class Dashboard:
             async with asyncio.timeout(2):
                 await self.hub.ready.wait()  # the throughput of the last minute
         after = await self.index.last_id()
-        data = await pages.overview(self.admin, self.hub)
+        data = await read_overview(self.admin, self.hub)
         recent = await self.index.recent(limit=RECENT)
         return self.page(
             request, "overview.html", root="./", page="overview", o=data, tasks=recent,
@@ -190,7 +192,7 @@ class Dashboard:
 
     async def task_page(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        detail = await pages.task_detail(self.admin, task_id)
+        detail = await read_task(self.admin, task_id)
         if detail is None:
             html = self.render("missing.html", root="../", page="tasks", task_id=task_id, csrf="")
             return HTMLResponse(html, status_code=404)
@@ -200,7 +202,7 @@ class Dashboard:
         )  # fmt: skip
 
     async def dead(self, request: Request) -> Response:
-        queues = await pages.dead_letters(self.admin)
+        queues = await read_dead(self.admin)
         return self.page(
             request, "dead.html", root="./", page="dead", queues=queues, view="dead",
             after=await self.index.last_id(),
@@ -240,21 +242,27 @@ class Dashboard:
     async def task_stream(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
 
+        async def render() -> str:
+            detail = await read_task(self.admin, task_id)
+            return self.render("_task.html", root="../", d=detail, csrf="")
+
         async def events() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
-            last = None
+            # Watch first, then render: no change between the two goes unseen.
             async with self.app.client.notifier.watch(task_id) as watch:
+                last = await render()
+                yield _sse("task", last)
                 while True:
-                    detail = await pages.task_detail(self.admin, task_id)
-                    html = self.render("_task.html", root="../", d=detail, csrf="")
+                    try:
+                        async with asyncio.timeout(KEEP_ALIVE):
+                            await watch.get()  # a state or progress change, nothing else
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    html = await render()
                     if html != last:
                         yield _sse("task", html)
                         last = html
-                    try:
-                        async with asyncio.timeout(KEEP_ALIVE):
-                            await watch.get()
-                    except TimeoutError:
-                        yield ": keep-alive\n\n"
 
         return _event_stream(events())
 
