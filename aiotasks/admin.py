@@ -685,6 +685,7 @@ __all__ = [
     "QueueStatus",
     "Status",
     "TaskNotFound",
+    "TaskUnreadable",
     "WorkerStatus",
     "parse_entry_ids",
 ]

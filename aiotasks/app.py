@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
@@ -21,6 +22,7 @@ from .nodes import signature_of
 from .task import Task, TaskDecorator, TaskOptions, build_message, default_name, field_names
 
 if TYPE_CHECKING:
+    from .tracing import Tracing
     from .worker import Worker
 
 P = ParamSpec("P")
@@ -55,6 +57,9 @@ class App:
             unfinished one (for the dashboard and `aiotasks tasks list`); 0 turns it off.
         events_size: batches of events the namespace's event feed keeps; 0 turns it off.
             Both are set for the namespace by its workers when they start.
+        tracing: OpenTelemetry (extra `aiotasks[otel]`): the sender's trace context
+            travels in each message, and sends and runs get spans (see tracing.py).
+            Off, opentelemetry is never imported.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class App:
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
         index_size: int = 10_000,
         events_size: int = 10_000,
+        tracing: bool = False,
     ) -> None:
         from .codec import get_serializer
 
@@ -100,6 +106,12 @@ class App:
         self.periodic_tasks: list[Any] = []
         self._client: Client | None = None
         self.hooks = Hooks()
+        #: The span maker when tracing is on (imported only then), else None.
+        self.tracer: Tracing | None = None
+        if tracing:
+            from .tracing import Tracing
+
+            self.tracer = Tracing()
         self.task(name=COLLECT)(_collect)
 
     def __repr__(self) -> str:
@@ -126,8 +138,6 @@ class App:
 
     def configure(self, **changes: Any) -> None:
         """Change settings before the first connection (the CLI's --redis-url uses this)."""
-        from dataclasses import replace
-
         if self._client is not None:
             raise RuntimeError("configure() must come before the App connects")
         self.settings = replace(self.settings, **changes)
@@ -258,6 +268,19 @@ class App:
         """Enqueue prepared messages in one round trip; the handles in order."""
         if not built:
             return []
+        if self.tracer is not None:
+            ids, queues = [m.id for m, _ in built], [m.queue for m, _ in built]
+            with self.tracer.send(built[0][0].name, ids, queues) as span:
+                trace = self.tracer.inject(span)
+                traced = [(replace(m, trace=trace), ttl) for m, ttl in built]
+                return await self._enqueue(traced, retry_policy)
+        return await self._enqueue(built, retry_policy)
+
+    async def _enqueue(
+        self,
+        built: Sequence[tuple[Message, int]],
+        retry_policy: RetryPolicy | dict[str, Any] | None,
+    ) -> list[TaskHandle[Any]]:
         policy = RetryPolicy.of(retry_policy) if retry_policy else self.settings.retry_policy
         client, s = self.client, self.settings
         reply = client.notifier.reply_channel
@@ -271,6 +294,20 @@ class App:
         if task is None or task.adapter is None or task.adapter.result is None:
             return None
         return task.load_result
+
+    def dashboard(self, read_only: bool = False) -> Any:
+        """The dashboard of this App: an ASGI app to mount behind your own auth.
+
+        `api.mount("/tasks", tasks.dashboard())` serves it at /tasks/: the queues,
+        workers, periodic tasks and tasks, live; with `read_only=True` it cannot revoke,
+        retry, requeue, drop or purge anything. Needs the `web` extra.
+
+        Raises:
+            ImportError: the `web` extra (Starlette, Jinja2) is not installed.
+        """
+        from .web import create
+
+        return create(self, read_only=read_only)
 
     # -- workers --------------------------------------------------------------------
 

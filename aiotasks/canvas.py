@@ -22,7 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from .compiler import Compiler
 from .handle import GroupHandle, TaskHandle
-from .nodes import COLLECT, Node, check_args, chord_node, final_id, freeze, is_canvas, node
+from .nodes import (
+    COLLECT,
+    Node,
+    check_args,
+    chord_node,
+    final_id,
+    final_sig,
+    freeze,
+    is_canvas,
+    node,
+)
 from .task import Signature
 
 if TYPE_CHECKING:
@@ -156,11 +166,22 @@ async def _send(app: App, canvas: Any, options: dict[str, Any]) -> Node:
     policy = options.pop("retry_policy", None)
     node = freeze(canvas, options, app)
     check_args(app, node)
+    if app.tracer is None:
+        await _apply(app, node, policy)
+        return node
+    # The messages are built inside the `send` span: they carry its context.
+    kind = node["name"] if node["t"] == "sig" else node["t"]
+    final = final_sig(node)
+    with app.tracer.send(kind, [str(final["id"])] if final is not None else [], []):
+        await _apply(app, node, policy)
+    return node
+
+
+async def _apply(app: App, node: Node, policy: Any) -> None:
     ops = Compiler(app, app.client).ops(node)
     from .config import RetryPolicy
 
     await app.client.apply(ops, RetryPolicy.of(policy) if policy else app.settings.retry_policy)
-    return node
 
 
 def _app_of(canvas: Any) -> App | None:

@@ -29,10 +29,15 @@ Op = dict[str, Any]  # one finish.lua op (contract.py)
 class Compiler:
     """Compiles nodes for one App and client (mode: contract.SEND or FOLLOW)."""
 
-    def __init__(self, app: App, client: Client, mode: str = SEND) -> None:
+    def __init__(
+        self, app: App, client: Client, mode: str = SEND, trace: dict[str, str] | None = None
+    ) -> None:
         self.app = app
         self.client = client
         self.mode = mode
+        #: The trace context its messages carry (a worker's: the running task's span);
+        #: None keeps the one build_message took from the current context.
+        self.trace = trace
 
     def ops(
         self,
@@ -104,6 +109,8 @@ class Compiler:
             tail=final_id({"t": "chain", "steps": list(rest)}) if rest else None,
             **extra,
         )
+        if self.trace is not None:
+            msg = replace(msg, trace=self.trace)
         return msg, ttl
 
     def _errback(self, node: Node) -> TaskRecord:
@@ -150,9 +157,12 @@ class Compiler:
         return ops
 
 
-def continuation(app: App, client: Client, msg: Message, value: Any) -> list[Op]:
-    """Ops that start the next step of `msg`'s chain, and its callbacks, with `value`."""
-    compiler = Compiler(app, client, FOLLOW)
+def continuation(
+    app: App, client: Client, msg: Message, value: Any, trace: dict[str, str] | None = None
+) -> list[Op]:
+    """Ops that start the next step of `msg`'s chain, and its callbacks, with `value`
+    (carrying `trace`, the finished run's context, when tracing)."""
+    compiler = Compiler(app, client, FOLLOW, trace)
     ops: list[Op] = []
     if msg.chain:
         nxt, *rest = msg.chain
@@ -162,7 +172,9 @@ def continuation(app: App, client: Client, msg: Message, value: Any) -> list[Op]
     return ops
 
 
-def replacement(app: App, client: Client, msg: Message, canvas: Any) -> list[Op]:
+def replacement(
+    app: App, client: Client, msg: Message, canvas: Any, trace: dict[str, str] | None = None
+) -> list[Op]:
     """Ops that replace the task of `msg` by `canvas`: its final task takes the task's id,
     callbacks, chord and chain continuation (errbacks stay stored with the id)."""
     node = single(freeze(canvas, {}, app), app)
@@ -171,5 +183,5 @@ def replacement(app: App, client: Client, msg: Message, canvas: Any) -> list[Op]
     final["id"] = msg.id
     if msg.link:
         final["link"] = [*final.get("link", ()), *msg.link]
-    compiler = Compiler(app, client, FOLLOW)
+    compiler = Compiler(app, client, FOLLOW, trace)
     return [replaced_op(msg.id), *compiler.ops(node, rest=msg.chain, report=msg.chord)]

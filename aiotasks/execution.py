@@ -229,6 +229,8 @@ class Execution:
         self.opts: RunOptions | None = None
         self.ctx: TaskContext | None = None
         self.revoke_requested = False  # revoked with terminate=True, maybe before it began
+        #: The run span's W3C context when tracing: what its chain's next step carries.
+        self.trace: dict[str, str] | None = None
         raw_id = delivery.fields.get(b"id")
         self.tid = raw_id.decode(errors="replace") if raw_id else None
         self.lease_was_given = lease.held
@@ -276,7 +278,15 @@ class Execution:
             )
         self.fn = task
         self.opts = RunOptions.resolve(task, msg, self.rt.app.settings.result_ttl)
-        return await self._run_task(task, msg, self.opts)
+        tracer = self.rt.app.tracer
+        if tracer is None:
+            return await self._run_task(task, msg, self.opts)
+        attempt = msg.retries + self.delivery.deliveries
+        with tracer.run(msg, attempt, self.rt.worker) as span:
+            self.trace = tracer.inject(span)
+            out = await self._run_task(task, msg, self.opts)
+            tracer.ended(span, out.state, out.exc, _error_text(out), out.retry_at)
+            return out
 
     async def after(self, outcome: Outcome) -> None:
         """Call the App's hooks for this outcome (after it was queued for commit)."""
@@ -490,6 +500,12 @@ class Execution:
                 )
             )
         self.rt.on_abandon(self, outcome)
+
+
+def _error_text(out: Outcome) -> str:
+    if out.exc_type:
+        return f"{out.exc_type}: {out.exc_message}"
+    return "" if out.exc is None else f"{type(out.exc).__name__}: {out.exc}"
 
 
 def _retry_at(task: Task[Any, Any], msg: Message, r: Retry | None) -> float:

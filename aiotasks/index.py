@@ -133,6 +133,20 @@ class TaskIndex:
         )
         return [e for entry_id, fields in raw for e in _events(entry_id, fields)]
 
+    async def events_between(self, start_ms: int, end_ms: int, count: int = 1000) -> list[Event]:
+        """Events of the feed entries written from `start_ms` to `end_ms` (the first `count`)."""
+        raw: list[Any] = await cast(Any, self.client.redis).xrange(
+            self.client.keys.events, min=str(max(start_ms, 0)), max=str(end_ms), count=count
+        )
+        return [e for entry_id, fields in raw for e in _events(entry_id, fields)]
+
+    async def last_id(self) -> str:
+        """The id of the feed's newest entry ("0-0" when it is empty): follow after it."""
+        raw: list[Any] = await cast(Any, self.client.redis).xrevrange(
+            self.client.keys.events, count=1
+        )
+        return raw[0][0].decode() if raw else "0-0"
+
     async def follow(self, after: str = "$", block_ms: int = 5000) -> AsyncIterator[Event]:
         """Yield events as they come (a blocking read, no polling); `after="$"`: new only."""
         last = after

@@ -131,7 +131,7 @@ class Outcomes:
             return [enqueue_op(mode, record), ack_op(d.stream, d.entry_id, msg.id, ex.slot)]
         if out.kind is Kind.REPLACED:
             return [
-                *replacement(self.app, self.client, msg, out.value),
+                *replacement(self.app, self.client, msg, out.value, ex.trace),
                 ack_op(d.stream, d.entry_id, msg.id, ex.slot),
             ]
         fields = self._fields(ex, out)
@@ -154,7 +154,7 @@ class Outcomes:
                 if msg.chord is not None and not msg.chain:
                     chord_value = ct.encode() + b"\n" + data
                 if msg.chain or msg.link:
-                    follow = continuation(self.app, self.client, msg, out.value)
+                    follow = continuation(self.app, self.client, msg, out.value, ex.trace)
         # Follow-ups first, for the same reason: a refused one leaves nothing recorded.
         return [*follow, self._done(ex, out, fields, chord_value)]
 
@@ -177,7 +177,9 @@ class Outcomes:
             fields["traceback"] = out.traceback
             payload = entry_payload(ex.delivery.fields, ex.delivery.priority)
             if payload is not None:
-                fields[PAYLOAD] = payload  # what `aiotasks retry` sends again
+                # Failures are rare: keep what it was sent with (as sent, no re-encoding),
+                # for `aiotasks retry`, `inspect` and the dashboard.
+                fields[PAYLOAD] = payload
         return fields
 
     def _done(

@@ -138,9 +138,16 @@ def pack_payload(m: bytes, ct: bytes | str, priority: int) -> bytes:
 
 
 def entry_payload(fields: dict[bytes, bytes], priority: int) -> bytes | None:
-    """The PAYLOAD field for a stream entry's fields (None when they hold no payload)."""
+    """The PAYLOAD field for a stream entry's fields (None when they hold no payload):
+    with the chord and chain the entry names, for the dashboard's links."""
     m, ct = fields.get(b"m"), fields.get(b"ct")
-    return pack_payload(m, ct, priority) if m is not None and ct is not None else None
+    if m is None or ct is None:
+        return None
+    kept: dict[str, Any] = {"m": m, "ct": ct.decode(), "priority": priority}
+    for name in ("cid", "cix", "tail"):
+        if name.encode() in fields:
+            kept[name] = fields[name.encode()]
+    return codec.encode(kept, "msgpack")[0]
 
 
 @dataclass(frozen=True, slots=True)

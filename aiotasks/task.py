@@ -159,6 +159,9 @@ def build_message(
         serializer=options.get("serializer") or (t.serializer if t else None) or s.serializer,
         compression=options.get("compression") or s.compression,
         debounce=debounce_key,
+        # The current trace context (a canvas sent inside a `send` span); App.send_messages
+        # stamps plain sends with their own `send` span.
+        trace=app.tracer.inject() if app.tracer is not None else None,
     )
     return msg, ttl
 

@@ -9,6 +9,7 @@ tasks.py     inspect | revoke | retry | send  one task at a time
 queues.py    purge | dead-letters ...         a queue at a time
 listing.py   tasks list                       recent tasks from the task index
 control.py   schedules ... | queues ...       schedules and queue pauses at run time
+web.py       web                              the dashboard, served alone
 common.py    --app/--redis-url/--namespace, loading the App, talking to Redis, asking
 output.py    tables for a terminal, plain lines for a pipe
 group.py     the root group: every failure becomes one `error:` line and an exit code
@@ -22,7 +23,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import control, listing, queues, run, status, tasks
+from . import control, listing, queues, run, status, tasks, web
 from .group import RootGroup
 
 cli = typer.Typer(
@@ -64,6 +65,7 @@ cli.add_typer(queues.dead, name="dead-letters")
 cli.add_typer(listing.tasks_group, name="tasks")
 cli.add_typer(control.schedules, name="schedules")
 cli.add_typer(control.queues, name="queues")
+cli.command()(web.web)
 
 
 def main() -> None:

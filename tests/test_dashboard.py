@@ -1,0 +1,260 @@
+"""The dashboard over HTTP: pages, actions and their protection, the hub, `aiotasks web`.
+
+(The browser tests are in test_dashboard_browser.py; the prefix crawl and the read-only
+check in test_dashboard_prefix.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from aiotasks import App, TaskFailed, TaskState, Worker, chord
+from tests.webserver import free_port, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+def register(app: App) -> tuple[object, object, object]:
+    @app.task(name="web.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="web.tsum")
+    async def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="web.boom")
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    return add, tsum, boom
+
+
+@pytest.fixture
+async def client(app: App) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the dashboard (in process), with the page's cookie already set."""
+    transport = httpx.ASGITransport(app=app.dashboard())
+    async with httpx.AsyncClient(transport=transport, base_url="http://dash") as c:
+        assert (await c.get("/")).status_code == 200
+        yield c
+
+
+def token(c: httpx.AsyncClient) -> str:
+    return str(c.cookies["aiotasks_csrf"])
+
+
+async def test_actions_refuse_cross_site_requests(app: App, client: httpx.AsyncClient) -> None:
+    later = await app.send_task("web.add", (1, 2), countdown=600)
+    form = {"task_id": later.id, "csrf": token(client)}
+    json_only = {"Accept": "application/json"}
+    cases = [
+        ({**json_only, "Sec-Fetch-Site": "cross-site"}, form, "cross-site"),
+        ({**json_only, "Origin": "https://evil.example"}, form, "another origin"),
+        (json_only, {"task_id": later.id}, "token"),
+        (json_only, {**form, "csrf": "forged"}, "token"),
+    ]
+    for headers, data, why in cases:
+        r = await client.post("/actions/revoke", headers=headers, data=data)
+        assert r.status_code == 403 and why in r.json()["message"], (headers, r.text)
+    assert await later.state() == TaskState.SCHEDULED  # nothing was done
+
+    same = {**json_only, "Sec-Fetch-Site": "same-origin", "Origin": "http://dash"}
+    r = await client.post("/actions/revoke", headers=same, data=form)
+    assert r.status_code == 200 and r.json() == {
+        "ok": True,
+        "message": f"Revoked task {later.id} (it was SCHEDULED).",
+    }
+    assert await later.state() == TaskState.REVOKED
+
+
+async def test_actions_without_script_go_back_to_the_page(
+    app: App, client: httpx.AsyncClient
+) -> None:
+    later = await app.send_task("web.add", (1, 2), countdown=600)
+    data = {"task_id": later.id, "csrf": token(client), "next": f"tasks/{later.id}"}
+    r = await client.post("/actions/revoke", data=data)
+    assert r.status_code == 303 and r.headers["location"] == f"../tasks/{later.id}"
+    for bad in ("//evil.example/x", "/absolute", "../../up", "https://evil.example"):
+        r = await client.post("/actions/revoke", data={**data, "next": bad})
+        assert r.status_code == 200 and "location" not in r.headers, bad
+
+
+async def test_action_errors_say_what_is_wrong(
+    app: App, client: httpx.AsyncClient, worker: StartWorker
+) -> None:
+    register(app)
+    await worker()
+    ok = await app.send_task("web.add", (1, 2))
+    assert await ok.result(timeout=10) == 3
+
+    async def post(action: str, **data: str) -> httpx.Response:
+        headers = {"Accept": "application/json"}
+        return await client.post(
+            f"/actions/{action}", headers=headers, data={"csrf": token(client), **data}
+        )
+
+    r = await post("retry", task_id=ok.id)
+    assert r.status_code == 400 and "is SUCCESS, not FAILURE" in r.json()["message"]
+    r = await post("revoke", task_id="no-such-task")
+    assert r.status_code == 404 and "no task with id 'no-such-task'" in r.json()["message"]
+    r = await post("purge", queue="no-such-queue")
+    assert r.status_code == 404 and "no queue named" in r.json()["message"]
+    r = await post("drop", queue="default", entry_id="not-an-id")
+    assert r.status_code == 400 and "malformed entry id" in r.json()["message"]
+    r = await post("explode")
+    assert r.status_code == 404
+    r = await post("revoke")
+    assert r.status_code == 400 and "task_id" in r.json()["message"]
+    r = await post("revoke", task_id=ok.id)
+    assert r.json()["message"] == f"Task {ok.id} had already ended SUCCESS: nothing to revoke."
+
+
+async def test_a_chords_pages_link_its_parts(
+    app: App, client: httpx.AsyncClient, worker: StartWorker
+) -> None:
+    add, tsum, boom = register(app)
+    await worker()
+    h = await chord([add.s(1, 1), boom.s()], tsum.s()).send()  # type: ignore[attr-defined]
+    with pytest.raises(TaskFailed):
+        await h.result(timeout=10)
+    body = (await client.get(f"/tasks/{h.id}")).text
+    failed = re.search(r'Failed header</dt><dd><a class="mono" href="../tasks/(\w+)"', body)
+    assert failed is not None, body
+    assert "ChordError" in body and "No traceback" in body
+    header = (await client.get(f"/tasks/{failed.group(1)}")).text
+    assert "ValueError" in header and "this task is header 2" in header
+    assert f'href="../tasks/{h.id}">its body</a>' in header
+    r = await client.get("/tasks/never-sent")
+    assert r.status_code == 404 and "No task" in r.text
+
+
+async def test_one_feed_reader_serves_every_open_page(app: App) -> None:
+    web = app.dashboard()
+    hub = web.state.dashboard.hub
+    async with (
+        serve(web) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        streams = [client.stream("GET", f"{base}/events?view=overview") for _ in range(3)]
+        responses = [await s.__aenter__() for s in streams]
+        lines = [r.aiter_lines() for r in responses]
+        for it in lines:
+            assert await anext(it) == "retry: 2000"
+        h = await app.send_task("web.add", (1, 2))
+
+        async def seen(it: AsyncIterator[str]) -> None:
+            async for line in it:
+                if line.startswith("data: [") and h.id in line:
+                    assert json.loads(line[6:])[0]["state"] == "PENDING"
+                    return
+
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(seen(it) for it in lines))
+        assert len(hub._subs) == 3 and hub._runner is not None  # one runner for all
+        for s in streams:
+            await s.__aexit__(None, None, None)
+
+
+def aiotasks(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full = {k: v for k, v in os.environ.items() if not k.endswith("REDIS_URL")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "aiotasks", *args],
+        cwd=ROOT,
+        env={**full, "PYTHONPATH": str(ROOT), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def test_aiotasks_web_serves_the_dashboard(app: App, redis_url: str) -> None:
+    await app.send_task("web.add", (1, 2))
+    port = free_port()
+    ns = app.settings.namespace
+    proc = aiotasks("web", "--redis-url", redis_url, "--namespace", ns, "--port", str(port))
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(100):
+                try:
+                    r = await client.get(f"http://127.0.0.1:{port}/tasks")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.1)
+            assert r.status_code == 200 and "web.add" in r.text
+            assert "actions/" in (await client.get(f"http://127.0.0.1:{port}/")).text
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert f"aiotasks dashboard on http://127.0.0.1:{port}/ (namespace '{ns}'" in err
+
+
+def test_aiotasks_web_fails_in_one_line() -> None:
+    proc = aiotasks("web", "--redis-url", "redis://127.0.0.1:1/0")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and err.startswith("error: cannot reach Redis at")
+    assert len(err.splitlines()) == 1
+
+    no_extra = (
+        "import sys; sys.modules['starlette'] = None; sys.argv = ['aiotasks', 'web'];"
+        "from aiotasks.cli import main; main()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", no_extra],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err == (
+        "error: the dashboard needs the 'web' extra: pip install 'aiotasks-streams[web]' "
+        "(missing starlette)\n"
+    )
+
+
+def test_workers_never_import_the_dashboard(redis_url: str, namespace: str) -> None:
+    script = f"""
+import asyncio, sys
+from aiotasks import App
+app = App(redis_url={redis_url!r}, namespace={namespace!r})
+
+@app.task
+async def add(x, y):
+    return x + y
+
+async def main():
+    async with app, app.worker().running():
+        assert await (await add.send(1, 2)).result(timeout=10) == 3
+    print(sorted(m for m in sys.modules if m.startswith(("aiotasks.web", "jinja2"))))
+    try:
+        sys.modules["jinja2"] = None
+        app.dashboard()
+    except ImportError as exc:
+        print(exc)
+
+asyncio.run(main())
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "[]",
+        "the dashboard needs the 'web' extra: pip install 'aiotasks-streams[web]' (missing jinja2)",
+    ]
