@@ -105,7 +105,7 @@ async def test_action_errors_say_what_is_wrong(
         )
 
     r = await post("retry", task_id=ok.id)
-    assert r.status_code == 400 and "is SUCCESS, not FAILURE" in r.json()["message"]
+    assert r.status_code == 400 and "only a FAILURE or REVOKED task" in r.json()["message"]
     r = await post("revoke", task_id="no-such-task")
     assert r.status_code == 404 and "no task with id 'no-such-task'" in r.json()["message"]
     r = await post("purge", queue="no-such-queue")

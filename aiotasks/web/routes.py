@@ -304,8 +304,8 @@ class Dashboard:
         return f"{verb} task {task_id} (it was {before})."
 
     async def _do_retry(self, f: dict[str, str]) -> str:
-        task_id = await self.admin.retry(f["task_id"])
-        return f"Sent task {task_id} again."
+        done = await self.admin.retry(f["task_id"])
+        return f"Task {f['task_id']}: {done}."
 
     async def _do_purge(self, f: dict[str, str]) -> str:
         n = await self.admin.purge(f["queue"])
