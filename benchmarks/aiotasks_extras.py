@@ -54,14 +54,33 @@ async def sequential_sends(url: str, n: int = 3000) -> dict[str, Any]:
 
 
 async def scaling(
-    url: str, tasks: int, concurrency: int, processes: int, signing_key: str = ""
+    url: str,
+    tasks: int,
+    concurrency: int,
+    processes: int,
+    variant: str = "",
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """`processes` workers drain `tasks` no-ops; Redis CPU and memory measured around it.
-    With `signing_key`, every message is signed and verified."""
-    from aiotasks import App
 
+    `env` switches features on both sides (see scale_app.py): SCALE_SIGNING_KEY signs
+    every message, SCALE_INDEX=0 turns the task index and event feed off, SCALE_TRACING=1
+    turns tracing on.
+    """
+    from aiotasks import App
+    from aiotasks.index import TaskIndex
+
+    env = env or {}
     namespace = f"bench-scale-{uuid.uuid4().hex[:6]}"
-    app = App(redis_url=url, namespace=namespace, signing_key=signing_key or None)
+    index = 0 if env.get("SCALE_INDEX") == "0" else 10_000
+    app = App(
+        redis_url=url,
+        namespace=namespace,
+        signing_key=env.get("SCALE_SIGNING_KEY") or None,
+        index_size=index,
+        events_size=index,
+        tracing=env.get("SCALE_TRACING") == "1",
+    )
 
     @app.task(name="noop")
     async def noop() -> None:
@@ -70,6 +89,7 @@ async def scaling(
     probe_dir = Path(tempfile.mkdtemp(prefix="aiotasks-scale-"))
     async with app:
         redis = app.client.redis
+        await TaskIndex(app.client).configure(index, index)  # the sends' scripts too
         mem0 = (await _info(redis, "memory"))["used_memory"]
         for start in range(0, tasks, 1000):
             await noop.send_many([((), None)] * min(1000, tasks - start))
@@ -79,7 +99,7 @@ async def scaling(
             **os.environ,
             "SCALE_NAMESPACE": namespace,
             "SCALE_PROBE_DIR": str(probe_dir),
-            "SCALE_SIGNING_KEY": signing_key,
+            **env,
             "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         }
         procs = [
@@ -118,6 +138,8 @@ async def scaling(
         for p in procs:
             p.wait(30)
         mem_results = (await _info(redis, "memory"))["used_memory"]
+        live, finished = await TaskIndex(app.client).size()
+        events = await redis.xlen(app.client.keys.events)
         reports = [json.loads(f.read_text()) for f in probe_dir.glob("*.json")]
         await _drain_keys(redis, namespace)
     done = sum(r["count"] for r in reports)
@@ -129,13 +151,18 @@ async def scaling(
     )
     return {
         "scenario": f"{processes} worker process(es), concurrency {concurrency}"
-        + (", messages signed" if signing_key else ""),
+        + (f", {variant}" if variant else ""),
         "processes": processes,
         "tasks": done,
         "tasks_per_s": round(rate, 1),
         "redis_cpu_us_per_task": round(cpu / max(done, 1) * 1e6, 1),
         "redis_bytes_per_queued_task": round((mem_queued - mem0) / tasks),
         "redis_bytes_per_result": round((mem_results - mem0) / tasks),
+        "redis_mb_before": round(mem0 / 2**20, 1),
+        "redis_mb_after": round(mem_results / 2**20, 1),
+        "index_live": live,
+        "index_finished": finished,
+        "event_entries": events,
         "summary": (
             f"{rate:,.0f} tasks/s; Redis CPU {cpu / max(done, 1) * 1e6:.1f} µs/task; "
             f"{(mem_queued - mem0) / tasks:.0f} B per queued task, "
@@ -150,6 +177,23 @@ async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, A
     for processes in (1, 2, 4):
         print(f"[bench] scaling: {processes} process(es)", file=sys.stderr, flush=True)
         out.append(await scaling(url, tasks * 2, concurrency, processes))
-    print("[bench] scaling: 1 process, signed", file=sys.stderr, flush=True)
-    out.append(await scaling(url, tasks * 2, concurrency, 1, signing_key="bench-key"))
+    # The cost of each feature, in the same run as the plain 1-process figure above.
+    for variant, env in VARIANTS:
+        print(f"[bench] scaling: 1 process, {variant}", file=sys.stderr, flush=True)
+        out.append(await scaling(url, tasks * 2, concurrency, 1, variant, env))
+    print("[bench] 100,000 tasks: the index stays within its cap", file=sys.stderr, flush=True)
+    cap = await scaling(url, 100_000, concurrency, 1, "100,000 tasks")
+    cap["summary"] += (
+        f"; index: {cap['index_finished']:,} finished + {cap['index_live']} live ids"
+        f" (cap 10,000), {cap['event_entries']:,} event entries; Redis "
+        f"{cap['redis_mb_before']} -> {cap['redis_mb_after']} MB with every result kept"
+    )
+    out.append(cap)
     return out
+
+
+VARIANTS = [
+    ("task index and events off", {"SCALE_INDEX": "0"}),
+    ("messages signed", {"SCALE_SIGNING_KEY": "bench-key"}),
+    ("tracing on (no SDK)", {"SCALE_TRACING": "1"}),
+]

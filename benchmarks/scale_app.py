@@ -14,9 +14,13 @@ from pathlib import Path
 
 from aiotasks import App
 
+_index = 0 if os.environ.get("SCALE_INDEX") == "0" else 10_000
 app = App(
     namespace=os.environ.get("SCALE_NAMESPACE", "aiotasks-scale"),
     signing_key=os.environ.get("SCALE_SIGNING_KEY") or None,
+    index_size=_index,
+    events_size=_index,
+    tracing=os.environ.get("SCALE_TRACING") == "1",
 )
 _state = {"count": 0, "t_first": 0.0, "t_last": 0.0}
 

@@ -154,7 +154,9 @@ def uvicorn(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> Itera
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
                 served = Served(proc, client, log)
-                served.wait_for_output("Application startup complete.", timeout=20)
+                # Logged once the socket listens ("Application startup complete." comes
+                # before that: a request right after it can be refused).
+                served.wait_for_output("Uvicorn running on", timeout=20)
                 yield served
         finally:
             if proc.poll() is None:
