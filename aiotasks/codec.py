@@ -165,10 +165,13 @@ class JsonSerializer:
 
     def dumps(self, value: Any) -> bytes:
         try:
-            return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+            # NaN and Infinity are not JSON: other languages' parsers refuse them.
+            text = json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
+            return text.encode()
         except (TypeError, ValueError, RecursionError) as exc:
             # RecursionError: a structure too deep (or cyclic) for the json encoder.
-            raise SerializationError(f"cannot encode with json: {exc}") from exc
+            hint = " (NaN or Infinity: use msgpack)" if "JSON compliant" in str(exc) else ""
+            raise SerializationError(f"cannot encode with json: {exc}{hint}") from exc
 
     def loads(self, data: bytes) -> Any:
         try:
