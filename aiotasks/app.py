@@ -238,7 +238,7 @@ class App:
             for m, ttl in built
         ]
         await client.enqueue(records, policy)
-        return [TaskHandle(client, m.id) for m, _ in built]
+        return [TaskHandle(client, m.id, sent=True) for m, _ in built]
 
     # -- workers --------------------------------------------------------------------
 
