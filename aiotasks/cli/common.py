@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ResponseError
 
 from ..admin import Admin
 from ..app import App
@@ -176,12 +176,6 @@ async def _connect(app: App) -> None:
         raise BrokerConnectionError(
             f"cannot reach Redis at {url}: no answer in {CONNECT_TIMEOUT:g} s"
         ) from None
-    except ResponseError as exc:  # e.g. "DB index is out of range"
-        raise fail(f"Redis at {url} refused the connection: {exc}") from None
-    except BrokerConnectionError as exc:
-        if isinstance(exc.__cause__, AuthenticationError):
-            raise fail(f"Redis at {url} refused the credentials: {exc.__cause__}") from None
-        raise
 
 
 # -- asking and checking ------------------------------------------------------------------
