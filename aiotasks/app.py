@@ -44,6 +44,8 @@ class App:
         max_connections: size of the connection pool (waiters queue past it).
         max_message_size: largest task body in bytes (before and after compression):
             `send` refuses a larger one with SerializationError, a worker dead-letters it.
+        warn_on_unsafe_server: a worker logs one WARNING at start when the server keeps
+            nothing on disk or its maxmemory-policy evicts keys; False silences it.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class App:
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
         max_connections: int = 64,
         max_message_size: int = 16 * 1024 * 1024,
+        warn_on_unsafe_server: bool = True,
     ) -> None:
         from .codec import get_serializer
 
@@ -78,6 +81,7 @@ class App:
             max_message_size=int(max_message_size),
             task_routes=dict(task_routes or {}),
             retry_policy=RetryPolicy.of(retry_policy),
+            warn_on_unsafe_server=bool(warn_on_unsafe_server),
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.periodic_tasks: list[Any] = []

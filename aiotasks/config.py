@@ -217,6 +217,7 @@ class Settings:
     max_message_size: int = 16 * 1024 * 1024
     task_routes: dict[str, str] = field(default_factory=dict)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    warn_on_unsafe_server: bool = True
 
     def __repr__(self) -> str:
         # Settings end up in logs and tracebacks: never with the password.

@@ -24,8 +24,10 @@ from redis.exceptions import ResponseError
 
 from .backoff import Backoff
 from .cancel import cancel_and_wait
+from .client import broker_error, refusal
 from .contract import entry_ref
-from .errors import CONNECTION_ERRORS
+from .durability import DataLoss, warn_if_unsafe
+from .errors import CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
 from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_error
 from .keys import PRIORITIES
 from .message import now
@@ -40,9 +42,14 @@ task_log = logging.getLogger("aiotasks.worker")
 
 # A start or release call that fails is not fatal: the entry is run, or left pending.
 _SCRIPT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
+# A fetch that fails is retried with backoff: Redis gone, refusing, or its groups lost.
+_FETCH_ERRORS: tuple[type[BaseException], ...] = (*_SCRIPT_ERRORS, BrokerRefusedError)
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
+
+#: How a data loss shows: the worker created its groups at start, so a missing one was lost.
+GROUPS_GONE = "the consumer groups were gone"
 
 
 class Worker:
@@ -98,6 +105,9 @@ class Worker:
         self._started = asyncio.Event()
         self._started_ms = 0
         self._avg_run = 1.0  # moving average of run time (s); starts "slow": no prefetch
+        self._prepared = False
+        self._registered_at = float("-inf")  # when a registration last landed (monotonic)
+        self.losses = DataLoss(self.name, self.client.url, app.hooks, max(self.vt, 10.0))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -143,11 +153,66 @@ class Worker:
             self.stop()
             await task
 
-    async def run(self) -> None:
-        """Run until stop() (or, with burst, until the queues are empty)."""
-        await self.client.ensure_groups(self.streams)
+    async def prepare(self) -> None:
+        """Create the consumer groups and register the worker (once): run() does it first.
+
+        Also logs one WARNING when the server may lose tasks (no persistence, an evicting
+        maxmemory-policy), unless the App's warn_on_unsafe_server is False.
+
+        Raises:
+            BrokerConnectionError: Redis cannot be reached.
+            BrokerRefusedError: Redis refused to create a group (NOPERM, OOM, READONLY,
+                LOADING).
+        """
+        if self._prepared:
+            return
+        try:
+            await self.client.ensure_groups(self.streams)
+        except _SCRIPT_ERRORS as exc:
+            raise broker_error(self.client.url, exc) from exc
+        self._prepared = True
         self._started_ms = int(now() * 1000)
-        await self._register(ttl=max(self.vt, 10.0))
+        try:
+            await self._register(ttl=max(self.vt, 10.0))
+        except _SCRIPT_ERRORS as exc:
+            # Only `aiotasks status` needs it (an OOM server refuses it): the heartbeat retries.
+            log.warning("worker %s could not register yet (%s)", self.name, exc)
+        if self.app.settings.warn_on_unsafe_server:
+            await warn_if_unsafe(self.client.redis, self.client.url)
+
+    async def _start(self) -> bool:
+        """prepare(), retried with backoff (one line per try) until it works; False when
+        the worker is stopped first. A refusal at start is waited out like a lost Redis."""
+        backoff = Backoff(start=0.5, cap=5.0)
+        attempt = 1
+        while not self._stop.is_set():
+            try:
+                await self.prepare()
+                return True
+            except (BrokerConnectionError, BrokerRefusedError) as exc:
+                delay = backoff.next()
+                log.error(
+                    "worker %s cannot start (attempt %d): %s; retrying in %.1f s",
+                    self.name,
+                    attempt,
+                    exc,
+                    delay,
+                    extra={"worker": self.name, "attempt": attempt, "retry_in": round(delay, 3)},
+                )
+                attempt += 1
+                await self._sleep(delay)
+        return False
+
+    async def run(self) -> None:
+        """Run until stop() (or, with burst, until the queues are empty).
+
+        Redis unreachable or refusing at start (an ACL without a permission, out of
+        memory, a read-only replica, loading) is logged once per try and retried with
+        backoff, as when Redis goes away later.
+        """
+        if not await self._start():
+            self._stopped.set()
+            return
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
@@ -244,17 +309,9 @@ class Worker:
                 next_reclaim = time.monotonic() + reclaim_every
             try:
                 got = await self._next_batch(n + self._prefetch(n), reclaim)
-            except CONNECTION_ERRORS as exc:
+            except _FETCH_ERRORS as exc:
                 self.slots.release(n)
-                delay = backoff.next()
-                log.error(
-                    "worker %s lost Redis at %s (%s); retrying in %.1f s",
-                    self.name,
-                    self.client.url,
-                    exc,
-                    delay,
-                )
-                await self._sleep(delay)
+                await self._fetch_failed(exc, backoff.next())
                 continue
             backoff.reset()
             if len(got) < n:
@@ -264,6 +321,22 @@ class Worker:
             if self.burst and not got and not self._running and not self.outcomes.has_ops:
                 if not await self.client.has_work(self.streams, within=1.0):
                     self.stop()
+
+    async def _fetch_failed(self, exc: BaseException, delay: float) -> None:
+        """Log a fetch that Redis refused or could not answer, then wait `delay` s."""
+        if isinstance(exc, ResponseError):
+            exc = refusal(self.client.url, exc, "a fetch")
+        if isinstance(exc, BrokerRefusedError):
+            log.error("worker %s: %s; retrying in %.1f s", self.name, exc, delay)
+        else:
+            log.error(
+                "worker %s lost Redis at %s (%s); retrying in %.1f s",
+                self.name,
+                self.client.url,
+                exc,
+                delay,
+            )
+        await self._sleep(delay)
 
     def _prefetch(self, n: int) -> int:
         """Entries to read beyond the free slots: a second batch when tasks are short.
@@ -299,13 +372,22 @@ class Worker:
             return got or await self._fetch(n)
         except ResponseError as exc:
             text = str(exc)
-            if "NOGROUP" in text or "UNBLOCKED" in text:
-                # The stream or its group is gone (purged, or the server lost its data).
-                await self.client.ensure_groups(self.streams)
-                return []
-            log.error("worker %s: Redis refused a fetch (%s); retrying in 1 s", self.name, exc)
-            await self._sleep(1.0)
+            if "NOGROUP" not in text and "UNBLOCKED" not in text:
+                raise
+            # The stream or its group is gone: the server lost its data.
+            await self._lost([], GROUPS_GONE)
             return []
+
+    async def _lost(self, streams: Sequence[str], sign: str) -> None:
+        """Redis lost data (fetch.lua recreated the groups of `streams`, or `sign` shows
+        it): recreate every missing group now, so that the loss is reported once, naming
+        all its queues."""
+        lost = [*streams, *await self.client.ensure_groups(self.streams)]
+        queues = [self._served[s][0] for s in lost if s in self._served]
+        if queues and sign != GROUPS_GONE:
+            sign = f"{sign}, and {GROUPS_GONE}"
+        if queues or not self.losses.is_recent():
+            await self.losses.report(queues or self.queues, sign)
 
     async def _sleep(self, seconds: float) -> None:
         with suppress(TimeoutError):
@@ -327,6 +409,8 @@ class Worker:
             promote_limit=max(n, 100),
             default_ttl=self.app.settings.result_ttl,
         )
+        if res.get(b"lost"):
+            await self._lost([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         got = [self._delivery(e) for e in res[b"entries"]]
         if got:
             return got
@@ -463,14 +547,21 @@ class Worker:
                     await self.client.scripts.heartbeat(
                         streams=self.streams, consumer=self.name, entries=refs
                     )
-                await self._register(ttl=max(interval * 3, 10.0))
+                if await self._register(ttl=max(interval * 3, 10.0)):
+                    await self._lost([], "this worker's registration vanished before it expired")
             except CONNECTION_ERRORS as exc:
                 log.warning("worker %s heartbeat failed (%s)", self.name, exc)
-            except ResponseError as exc:
-                log.error("worker %s: Redis refused a heartbeat (%s)", self.name, exc)
+            except (ResponseError, BrokerRefusedError) as exc:
+                if isinstance(exc, ResponseError):
+                    exc = refusal(self.client.url, exc, "a heartbeat")
+                log.error("worker %s: %s", self.name, exc)
 
-    async def _register(self, ttl: float) -> None:
-        """Publish this worker's description (for `aiotasks status`)."""
+    async def _register(self, ttl: float) -> bool:
+        """Publish this worker's description (for `aiotasks status`) for `ttl` seconds.
+
+        Returns True when the previous registration vanished before its ttl was up: the
+        server lost data (a worker that found nothing wrong with its groups learns it so).
+        """
         description: dict[str, str | int] = {
             "name": self.name,
             "host": socket.gethostname(),
@@ -483,7 +574,9 @@ class Worker:
             "done": self.outcomes.done,
             "failed": self.outcomes.failed,
         }
-        await self.client.register_worker(self.name, description, ttl)
+        new = await self.client.register_worker(self.name, description, ttl)
+        previous, self._registered_at = self._registered_at, time.monotonic()
+        return new and time.monotonic() - previous < ttl * 0.8
 
     async def _control_loop(self) -> None:
         """Listen for broadcasts: `revoke <id>` cancels that task if it runs here."""
