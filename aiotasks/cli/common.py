@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from ..admin import Admin
 from ..app import App
+from ..client import refusal
 from ..config import InvalidRedisURL, check_redis_url, env_redis_source, redact_url
 from ..errors import CONNECTION_ERRORS, AiotasksError, BrokerConnectionError
 from .group import fail
@@ -156,7 +157,7 @@ def run_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
     except CONNECTION_ERRORS as exc:
         raise fail(f"lost Redis at {url}: {exc}") from None
     except ResponseError as exc:
-        raise fail(f"Redis at {url} refused the command: {exc}") from None
+        raise fail(str(refusal(url, exc))) from None
 
 
 async def _with_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
