@@ -156,9 +156,6 @@ class Worker:
     async def prepare(self) -> None:
         """Create the consumer groups and register the worker (once): run() does it first.
 
-        Also logs one WARNING when the server may lose tasks (no persistence, an evicting
-        maxmemory-policy), unless the App's warn_on_unsafe_server is False.
-
         Raises:
             BrokerConnectionError: Redis cannot be reached.
             BrokerRefusedError: Redis refused to create a group (NOPERM, OOM, READONLY,
@@ -177,8 +174,6 @@ class Worker:
         except _SCRIPT_ERRORS as exc:
             # Only `aiotasks status` needs it (an OOM server refuses it): the heartbeat retries.
             log.warning("worker %s could not register yet (%s)", self.name, exc)
-        if self.app.settings.warn_on_unsafe_server:
-            await warn_if_unsafe(self.client.redis, self.client.url)
 
     async def _start(self) -> bool:
         """prepare(), retried with backoff (one line per try) until it works; False when
@@ -208,11 +203,15 @@ class Worker:
 
         Redis unreachable or refusing at start (an ACL without a permission, out of
         memory, a read-only replica, loading) is logged once per try and retried with
-        backoff, as when Redis goes away later.
+        backoff, as when Redis goes away later. Once started, one WARNING says so when
+        the server may lose tasks (no persistence, an evicting maxmemory-policy), unless
+        the App's warn_on_unsafe_server is False.
         """
         if not await self._start():
             self._stopped.set()
             return
+        if self.app.settings.warn_on_unsafe_server:
+            await warn_if_unsafe(self.client.redis, self.client.url)
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:

@@ -274,7 +274,8 @@ async def test_one_warning_at_start_when_the_server_may_lose_tasks(
             r.config_set(key, value)
     app = App(redis_url=own_server.url, namespace=namespace)
     try:
-        await app.worker().prepare()
+        async with app.worker().running():
+            pass
     finally:
         await app.close()
     warnings = unsafe_warnings(caplog)
@@ -295,7 +296,8 @@ async def test_the_warning_can_be_silenced(
     caplog.set_level(logging.DEBUG, logger="aiotasks")
     app = App(redis_url=own_server.url, namespace=namespace, warn_on_unsafe_server=False)
     try:
-        await app.worker().prepare()
+        async with app.worker().running():
+            pass
     finally:
         await app.close()
     assert unsafe_warnings(caplog) == []
@@ -312,7 +314,8 @@ async def test_without_config_permission_the_policy_is_read_from_info(
     url = own_server.url.replace("redis://", "redis://app:pw@")
     app = App(redis_url=url, namespace=namespace)
     try:
-        await app.worker().prepare()
+        async with app.worker().running():
+            pass
     finally:
         await app.close()
     [text] = unsafe_warnings(caplog)
