@@ -4,6 +4,7 @@
 server_risks(redis)       what may make this server drop tasks (no persistence, eviction)
 DataLoss                  one worker's report of data the server lost: an ERROR line, once
                           per loss, naming the queues, plus the `data_lost` hooks (metrics)
+warn_if_unsafe(redis, url)  one WARNING when server_risks finds something
 ```
 
 A server that keeps nothing on disk loses every queued task and result when it restarts;
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
@@ -25,6 +26,7 @@ from .errors import CONNECTION_ERRORS
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from .client import Client
     from .hooks import Hooks
 
 log = logging.getLogger("aiotasks.worker")
@@ -103,6 +105,12 @@ async def warn_if_unsafe(redis: Redis, url: str) -> None:
         )
 
 
+#: How a loss shows: a worker creates its groups at start, so a missing one was lost.
+GROUPS_GONE = "the consumer groups were gone"
+#: How a loss shows to a worker whose groups another worker recreated first.
+REGISTRATION_GONE = "this worker's registration vanished before it expired"
+
+
 class DataLoss:
     """Reports what one worker finds lost: an ERROR line once per loss, and the hooks.
 
@@ -110,23 +118,38 @@ class DataLoss:
     that is missing later was lost with the data) or as the worker's registration gone
     before it could expire. One loss may show both ways, in either order: a report
     within `window` seconds of the last one belongs to the same loss.
+
+    Args:
+        worker: the worker's name.
+        client: its Client (the groups are recreated through it).
+        served: the worker's streams, each with the queue it belongs to.
+        hooks: the App's hooks (`data_lost` is called with the queues).
+        window: seconds within which two signs are one loss.
     """
 
-    def __init__(self, worker: str, url: str, hooks: Hooks, window: float) -> None:
+    def __init__(
+        self, worker: str, client: Client, served: dict[str, str], hooks: Hooks, window: float
+    ) -> None:
         self.worker = worker
-        self.url = url
+        self.client = client
+        self.served = served
         self.hooks = hooks
         self.window = window
         self.count = 0
         self._last = float("-inf")
 
-    def is_recent(self) -> bool:
-        """Whether a loss was reported within the window."""
-        return time.monotonic() - self._last < self.window
+    async def found(self, streams: Sequence[str], sign: str) -> None:
+        """The server lost data (the groups of `streams` were recreated, or `sign` shows
+        it): recreate every missing group now, so that the loss is reported once, naming
+        all its queues."""
+        lost = [*streams, *await self.client.ensure_groups(list(self.served))]
+        queues = sorted({self.served[s] for s in lost if s in self.served})
+        if queues and sign != GROUPS_GONE:
+            sign = f"{sign}, and {GROUPS_GONE}"
+        if queues or time.monotonic() - self._last >= self.window:
+            await self._report(queues or sorted(set(self.served.values())), sign)
 
-    async def report(self, queues: Iterable[str], sign: str) -> None:
-        """Say that the server lost data on `queues`; `sign` is what showed it."""
-        names = sorted(set(queues))
+    async def _report(self, queues: list[str], sign: str) -> None:
         self._last = time.monotonic()
         self.count += 1
         log.error(
@@ -134,10 +157,10 @@ class DataLoss:
             "scheduled or running there are gone and their waiters get TaskLost. Was the "
             "server restarted without persistence, or are keys evicted? (%s)",
             self.worker,
-            self.url,
+            self.client.url,
             sign,
-            ", ".join(repr(q) for q in names),
+            ", ".join(repr(q) for q in queues),
             SEE,
-            extra={"event": "data_lost", "queues": names, "worker": self.worker},
+            extra={"event": "data_lost", "queues": queues, "worker": self.worker},
         )
-        await self.hooks.call(self.hooks.data_lost, names)
+        await self.hooks.call(self.hooks.data_lost, queues)

@@ -26,7 +26,7 @@ from .backoff import Backoff
 from .cancel import cancel_and_wait
 from .client import broker_error, refusal
 from .contract import entry_ref
-from .durability import DataLoss, warn_if_unsafe
+from .durability import GROUPS_GONE, REGISTRATION_GONE, DataLoss, warn_if_unsafe
 from .errors import CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
 from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_error
 from .keys import PRIORITIES
@@ -47,9 +47,6 @@ _FETCH_ERRORS: tuple[type[BaseException], ...] = (*_SCRIPT_ERRORS, BrokerRefused
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
-
-#: How a data loss shows: the worker created its groups at start, so a missing one was lost.
-GROUPS_GONE = "the consumer groups were gone"
 
 
 class Worker:
@@ -107,7 +104,8 @@ class Worker:
         self._avg_run = 1.0  # moving average of run time (s); starts "slow": no prefetch
         self._prepared = False
         self._registered_at = float("-inf")  # when a registration last landed (monotonic)
-        self.losses = DataLoss(self.name, self.client.url, app.hooks, max(self.vt, 10.0))
+        queue_of = {stream: queue for stream, (queue, _) in self._served.items()}
+        self.losses = DataLoss(self.name, self.client, queue_of, app.hooks, max(self.vt, 10.0))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -374,19 +372,8 @@ class Worker:
             if "NOGROUP" not in text and "UNBLOCKED" not in text:
                 raise
             # The stream or its group is gone: the server lost its data.
-            await self._lost([], GROUPS_GONE)
+            await self.losses.found([], GROUPS_GONE)
             return []
-
-    async def _lost(self, streams: Sequence[str], sign: str) -> None:
-        """Redis lost data (fetch.lua recreated the groups of `streams`, or `sign` shows
-        it): recreate every missing group now, so that the loss is reported once, naming
-        all its queues."""
-        lost = [*streams, *await self.client.ensure_groups(self.streams)]
-        queues = [self._served[s][0] for s in lost if s in self._served]
-        if queues and sign != GROUPS_GONE:
-            sign = f"{sign}, and {GROUPS_GONE}"
-        if queues or not self.losses.is_recent():
-            await self.losses.report(queues or self.queues, sign)
 
     async def _sleep(self, seconds: float) -> None:
         with suppress(TimeoutError):
@@ -409,7 +396,7 @@ class Worker:
             default_ttl=self.app.settings.result_ttl,
         )
         if res.get(b"lost"):
-            await self._lost([s.decode() for s in res[b"lost"]], GROUPS_GONE)
+            await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         got = [self._delivery(e) for e in res[b"entries"]]
         if got:
             return got
@@ -547,7 +534,7 @@ class Worker:
                         streams=self.streams, consumer=self.name, entries=refs
                     )
                 if await self._register(ttl=max(interval * 3, 10.0)):
-                    await self._lost([], "this worker's registration vanished before it expired")
+                    await self.losses.found([], REGISTRATION_GONE)
             except CONNECTION_ERRORS as exc:
                 log.warning("worker %s heartbeat failed (%s)", self.name, exc)
             except (ResponseError, BrokerRefusedError) as exc:
