@@ -114,6 +114,8 @@ class App:
 
         Raises:
             BrokerConnectionError: Redis does not answer.
+            BrokerRefusedError: Redis refuses (a wrong password, a database it does not
+                have, an ACL without PING, still loading).
         """
         await self.client.ping()
 
