@@ -141,18 +141,25 @@ async def test_a_restart_without_persistence_ends_every_waiter(
             waits.append(("updates", asyncio.create_task(drain(h)), None))
         await until_done([t for _, t, _ in waits], n_tasks // 5, 60)
         restarted = time.monotonic()
+        ended_at: dict[asyncio.Task[Any], float] = {}
+        for _, t, _ in waits:
+            t.add_done_callback(lambda t: ended_at.setdefault(t, time.monotonic()))
         await asyncio.to_thread(own_server.restart)
         # The hang detector: far past every waiter's own timeout.
         _, pending = await asyncio.wait([t for _, t, _ in waits], timeout=timeout + 30)
         assert not pending, f"{len(pending)} waiters still wait"
         ended = time.monotonic() - restarted
         outcomes = Counter([(kind, await outcome(t, t0, to)) for kind, t, to in waits])
+        lost_after = max(
+            ended_at[t] - restarted for _, t, _ in waits if isinstance(t.exception(), TaskLost)
+        )
         after = await pause.send(99_999, 0.0)  # the workers go on
         assert await after.result(timeout=15) == 99_999
     finally:
         await app.close()
-    print(f"\nrestart without persistence: {n_tasks} tasks; waiters ended within "
-          f"{ended:.1f} s of the restart: {dict(sorted(outcomes.items()))}")  # fmt: skip
+    print(f"\nrestart without persistence: {n_tasks} tasks; every TaskLost within "
+          f"{lost_after:.2f} s of the restart, every waiter within {ended:.1f} s: "
+          f"{dict(sorted(outcomes.items()))}")  # fmt: skip
     kinds = {k for k, _ in outcomes}
     assert kinds == {"task", "chain", "forever", "updates"}
     assert outcomes[("task", "TaskLost")] > 0  # the queued and scheduled ones
