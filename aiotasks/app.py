@@ -60,6 +60,8 @@ class App:
         tracing: OpenTelemetry (extra `aiotasks[otel]`): the sender's trace context
             travels in each message, and sends and runs get spans (see tracing.py).
             Off, opentelemetry is never imported.
+        warn_on_unsafe_server: a worker logs one WARNING at start when the server keeps
+            nothing on disk or its maxmemory-policy evicts keys; False silences it.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class App:
         index_size: int = 10_000,
         events_size: int = 10_000,
         tracing: bool = False,
+        warn_on_unsafe_server: bool = True,
     ) -> None:
         from .codec import get_serializer
 
@@ -101,6 +104,7 @@ class App:
             events_size=int(events_size),
             task_routes=dict(task_routes or {}),
             retry_policy=RetryPolicy.of(retry_policy),
+            warn_on_unsafe_server=bool(warn_on_unsafe_server),
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.periodic_tasks: list[Any] = []
@@ -147,6 +151,8 @@ class App:
 
         Raises:
             BrokerConnectionError: Redis does not answer.
+            BrokerRefusedError: Redis refuses (a wrong password, a database it does not
+                have, an ACL without PING, still loading).
         """
         await self.client.ping()
 
@@ -286,7 +292,7 @@ class App:
         reply = client.notifier.reply_channel
         records = [m.record(ttl, reply=reply, **s.encoding) for m, ttl in built]
         await client.enqueue(records, policy)
-        return [TaskHandle(client, m.id, self._result_loader(m.name)) for m, _ in built]
+        return [TaskHandle(client, m.id, self._result_loader(m.name), sent=True) for m, _ in built]
 
     def _result_loader(self, name: str) -> Callable[[Any], Any] | None:
         """`result()` rebuilds the return annotation's type when the task is known here."""

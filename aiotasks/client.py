@@ -17,14 +17,22 @@ from typing import Any, TypeVar, cast
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec, contract
 from .config import RetryPolicy, Settings, redact_url
 from .contract import SEND, TaskRecord, unpack_reply
-from .errors import CONNECTION_ERRORS, BrokerConnectionError
+from .errors import CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
 from .keys import GROUP, Keys
 from .message import now
 from .notifier import Notifier
@@ -34,6 +42,62 @@ from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Error replies that mean "Redis answered, but will not do it", and what to do about them.
+_REFUSAL_HINTS = {
+    "OOM": "the server is out of memory: raise maxmemory or free memory",
+    "NOPERM": "the ACL user lacks a permission: see the README's ACL line",
+    "READONLY": "this is a read-only replica: point the URL at the primary",
+    "MISCONF": "the server cannot write to disk",
+}
+_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (OutOfMemoryError, "OOM"),
+    (NoPermissionError, "NOPERM"),
+    (ReadOnlyError, "READONLY"),
+    (BusyLoadingError, "LOADING"),
+    (AuthenticationError, "WRONGPASS"),
+    (AuthorizationError, "NOPERM"),
+)
+#: Connection errors that are really refusals: a retry does not change the answer.
+_REFUSED_CONNECTION = (AuthenticationError, AuthorizationError)
+
+
+#: Error codes that redis-py leaves in the message of a plain ResponseError.
+_OTHER_CODES = frozenset(
+    {"MISCONF", "BUSY", "NOSCRIPT", "NOREPLICAS", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
+)
+
+
+def error_code(exc: BaseException) -> str:
+    """The error code of a Redis error reply ("OOM", "NOPERM", ...; "ERR" by default)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    first = str(exc).split(" ", 1)[0]
+    return first if first in _OTHER_CODES else "ERR"
+
+
+def broker_error(url: str, exc: BaseException) -> BrokerConnectionError | BrokerRefusedError:
+    """The aiotasks error for a redis-py error: a refusal, or a connection problem."""
+    if isinstance(exc, (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION)):
+        return refusal(url, exc)
+    return BrokerConnectionError(f"cannot reach Redis at {url}: {exc}")
+
+
+def refusal(url: str, exc: BaseException, what: str = "the command") -> BrokerRefusedError:
+    """A BrokerRefusedError for an error reply, with its code and what it means."""
+    code = error_code(exc)
+    if isinstance(exc, AuthenticationError):
+        return BrokerRefusedError(f"Redis at {url} refused the credentials: {exc}", code)
+    text = str(exc) if code == "ERR" or str(exc).startswith(code) else f"{code} {exc}"
+    hint = _REFUSAL_HINTS.get(code)
+    message = f"Redis at {url} refused {what}: {text}" + (f" ({hint})" if hint else "")
+    return BrokerRefusedError(message, code)
+
+
+def _name(group: dict[Any, Any]) -> str:
+    name = group.get("name", group.get(b"name", b""))
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def now_ms() -> int:
@@ -126,20 +190,37 @@ class Client:
             await conn.pool.disconnect()
 
     async def ping(self) -> None:
-        """Raise BrokerConnectionError unless Redis answers."""
+        """Check that Redis answers.
+
+        Raises:
+            BrokerConnectionError: Redis cannot be reached.
+            BrokerRefusedError: Redis refused (credentials, database, ACL, loading).
+        """
         try:
             await self.redis.ping()
+        except (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION) as exc:
+            raise refusal(self.url, exc, "the connection") from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from exc
 
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
-        """Run `call`, retrying connection errors by `policy`, then BrokerConnectionError."""
+        """Run `call`, retrying connection errors (and a loading server) by `policy`.
+
+        Raises:
+            BrokerConnectionError: Redis stayed unreachable through the policy.
+            BrokerRefusedError: Redis refused the command (OOM, NOPERM, READONLY, or
+                LOADING through the policy); nothing was done.
+        """
         retry = 0
         while True:
             try:
                 return await call()
+            except (ResponseError, *_REFUSED_CONNECTION) as exc:
+                raise refusal(self.url, exc) from exc
             except CONNECTION_ERRORS as exc:
                 if retry >= policy.max_retries:
+                    if isinstance(exc, BusyLoadingError):
+                        raise refusal(self.url, exc) from exc
                     raise BrokerConnectionError(
                         f"cannot reach Redis at {self.url} after {retry + 1} tries: {exc}"
                     ) from exc
@@ -276,15 +357,43 @@ class Client:
 
     # -- workers ------------------------------------------------------------------------
 
-    async def ensure_groups(self, streams: Sequence[str]) -> None:
-        """Create the consumer group on every stream (existing ones are kept)."""
+    async def ensure_groups(self, streams: Sequence[str]) -> list[str]:
+        """Create the consumer group on every stream that lacks one (existing ones are
+        kept); the streams whose group had to be created.
+
+        Raises:
+            BrokerRefusedError: Redis refused to create a missing group (NOPERM, OOM,
+                READONLY, LOADING).
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
-        for res in results:
-            if isinstance(res, ResponseError) and "BUSYGROUP" not in str(res):
-                raise res
+        refused = {
+            stream: res
+            for stream, res in zip(streams, results, strict=True)
+            if isinstance(res, Exception) and "BUSYGROUP" not in str(res)
+        }
+        if refused and all(isinstance(r, OutOfMemoryError) for r in refused.values()):
+            # Out of memory refuses XGROUP CREATE even where the group exists: look.
+            for stream in await self._with_group(list(refused)):
+                del refused[stream]
+        if refused:
+            stream, exc = next(iter(refused.items()))
+            raise refusal(self.url, exc, f"creating the consumer group of {stream}") from exc
+        return [stream for stream, res in zip(streams, results, strict=True) if res is True]
+
+    async def _with_group(self, streams: Sequence[str]) -> list[str]:
+        """The streams among `streams` that have the consumer group."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            results = await pipe.execute(raise_on_error=False)
+        return [
+            stream
+            for stream, groups in zip(streams, results, strict=True)
+            if isinstance(groups, list) and any(_name(g) == GROUP for g in groups)
+        ]
 
     async def read_blocking(
         self, consumer: str, streams: Sequence[str], block_ms: int
@@ -305,8 +414,12 @@ class Client:
 
     async def register_worker(
         self, name: str, description: dict[str, str | int], ttl: float
-    ) -> None:
-        """Publish a worker's description (for `aiotasks status`), expiring unless renewed."""
+    ) -> bool:
+        """Publish a worker's description (for `aiotasks status`), expiring unless renewed.
+
+        Returns True when there was no description before (a first registration, or one
+        that expired or was lost).
+        """
         key = self.keys.worker(name)
         beat = now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -315,7 +428,8 @@ class Client:
             pipe.zadd(self.keys.workers, {name: beat})
             # Workers silent for a day leave the index (their hash expired long ago).
             pipe.zremrangebyscore(self.keys.workers, "-inf", beat - 86_400_000)
-            await pipe.execute()
+            added, *_ = await pipe.execute()
+        return bool(added)
 
     async def unregister_worker(self, name: str) -> None:
         """Remove a stopping worker from the registry."""

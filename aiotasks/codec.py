@@ -222,11 +222,14 @@ class JsonSerializer:
 
     def dumps(self, value: Any) -> bytes:
         try:
-            return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+            # NaN and Infinity are not JSON: other languages' parsers refuse them.
+            text = json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
+            return text.encode()
         except Exception as exc:
             # RecursionError: a structure too deep (or cyclic) for the json encoder; any
             # other: a registered type's own encode failed.
-            raise SerializationError(f"cannot encode with json: {exc}") from exc
+            hint = " (NaN or Infinity: use msgpack)" if "JSON compliant" in str(exc) else ""
+            raise SerializationError(f"cannot encode with json: {exc}{hint}") from exc
 
     def loads(self, data: bytes) -> Any:
         try:

@@ -220,6 +220,7 @@ class Settings:
     events_size: int = 10_000
     task_routes: dict[str, str] = field(default_factory=dict)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    warn_on_unsafe_server: bool = True
 
     @property
     def encoding(self) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 ```
 AiotasksError(Exception)
 ├── BrokerConnectionError(ConnectionError)  Redis unreachable after the send retry_policy ran out
+├── BrokerRefusedError                      Redis answered with a refusal (OOM, NOPERM, READONLY...)
 ├── SerializationError(ValueError)          the codec cannot encode or decode; nothing was enqueued
 ├── SignatureError                          a message is unsigned or its signature is forged
 ├── ResultTimeout(TimeoutError)             result()/results() gave up waiting
 ├── TaskRevoked                             the task was revoked or expired
+├── TaskLost                                the task's record vanished: Redis lost its data
 ├── TaskFailed                              remote failure: id, exc_type, exc_message, traceback
 │   ├── ChordError                          a chord header task failed; names that task
 │   └── UnknownTask(LookupError)            no worker knew the task's name
@@ -42,6 +44,28 @@ class BrokerConnectionError(AiotasksError, ConnectionError):
     """Redis could not be reached, after the retry policy ran out."""
 
 
+class BrokerRefusedError(AiotasksError):
+    """Redis answered, but refused the command: out of memory (OOM), an ACL without the
+    permission (NOPERM), a read-only replica (READONLY), still loading its data (LOADING),
+    a wrong password, or any other error reply. Nothing was enqueued.
+
+    `code` is the reply's error code ("OOM", "NOPERM", "READONLY", "LOADING", ...).
+    """
+
+    def __init__(self, message: str, code: str = "ERR") -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def is_transient(self) -> bool:
+        """True when waiting may help (the server is loading, or failing over)."""
+        return self.code in TRANSIENT_REFUSALS
+
+
+#: Refusals that go away by themselves: a server loading its data, a failover.
+TRANSIENT_REFUSALS = frozenset({"LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY"})
+
+
 class SerializationError(AiotasksError, ValueError):
     """A value could not be encoded or decoded by the serializer; nothing was enqueued."""
 
@@ -61,6 +85,22 @@ class TaskRevoked(AiotasksError):
 
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id} was revoked")
+        self.task_id = task_id
+
+
+class TaskLost(AiotasksError):
+    """The task's record vanished while it was awaited: Redis lost its data (a restart
+    without persistence, an eviction, a flush), so the task will never finish.
+
+    Raised by `result()` and `updates()` of a task this App sent, or that the handle saw
+    in Redis, when a read after a reconnect finds no record of it.
+    """
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(
+            f"task {task_id} was lost: its record vanished from Redis across a reconnect "
+            "(the server lost its data: restarted without persistence, evicted or flushed)"
+        )
         self.task_id = task_id
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .backoff import Backoff
@@ -12,14 +13,17 @@ from .context import current_task_or_none
 from .errors import (
     CONNECTION_ERRORS,
     BrokerConnectionError,
+    BrokerRefusedError,
     ResultTimeout,
     TaskFailed,
+    TaskLost,
     TaskRevoked,
 )
 from .state import TaskInfo, TaskState, with_success
 
 if TYPE_CHECKING:
     from .client import Client
+    from .notifier import Notifier
 
 __all__ = ["GroupHandle", "TaskHandle", "TaskInfo", "TaskState"]
 
@@ -27,20 +31,58 @@ R = TypeVar("R")
 
 
 _RIDE_OUT: tuple[type[BaseException], ...] = (BrokerConnectionError, *CONNECTION_ERRORS)
+_WAIT_ERRORS: tuple[type[BaseException], ...] = (BrokerRefusedError, *_RIDE_OUT)
+
+
+@dataclass(slots=True)
+class _Sight:
+    """What a waiter knows of its task across reconnects.
+
+    `live`: the task existed (its record was read, or this App sent it); `epoch`: the
+    notifier's reconnect count at that moment; `ridden_out`: a read failed on a lost
+    connection since. A record that is gone after a reconnect was lost with the server's
+    data: waiting on would never end.
+    """
+
+    live: bool
+    epoch: int
+    ridden_out: bool = False
+
+    def check(self, task_id: str, raw: dict[bytes, bytes], notifier: Notifier) -> None:
+        """Note a read of the task hash; raise TaskLost if its record vanished."""
+        if raw:
+            self.live, self.epoch, self.ridden_out = True, notifier.reconnects, False
+        elif self.live and (self.ridden_out or notifier.reconnects > self.epoch):
+            raise TaskLost(task_id)
+
+
+def _ride_out(exc: BaseException) -> bool:
+    """Whether a waiter waits through this error (a lost connection, a loading server)."""
+    if isinstance(exc, BrokerRefusedError):
+        return exc.is_transient
+    return isinstance(exc, _RIDE_OUT)
 
 
 class TaskHandle(Generic[R]):
     """A sent task: wait for its result, read its state, revoke or forget it."""
 
-    __slots__ = ("id", "client", "_load")
+    __slots__ = ("id", "client", "_load", "_sent_epoch")
 
     def __init__(
-        self, client: Client, task_id: str, load: Callable[[Any], Any] | None = None
+        self,
+        client: Client,
+        task_id: str,
+        load: Callable[[Any], Any] | None = None,
+        *,
+        sent: bool = False,
     ) -> None:
         self.client = client
         self.id = task_id
         # Rebuilds the value into the task's return annotation (a task known here).
         self._load = load
+        # Sent by this App: the task existed then, so a later reconnect that finds no
+        # record means the server lost it.
+        self._sent_epoch = client.notifier.reconnects if sent else None
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id!r})"
@@ -68,6 +110,7 @@ class TaskHandle(Generic[R]):
         Raises:
             TaskFailed: the task raised (ChordError for a chord whose header failed).
             TaskRevoked: the task was revoked or expired.
+            TaskLost: the task's record vanished across a reconnect (Redis lost its data).
             ResultTimeout: `timeout` seconds passed first.
         """
         ctx = current_task_or_none()
@@ -87,21 +130,34 @@ class TaskHandle(Generic[R]):
         value = info.outcome()
         return value if self._load is None or value is None else self._load(value)
 
+    def _sight(self) -> _Sight:
+        epoch = self._sent_epoch
+        return _Sight(epoch is not None, epoch or 0)
+
+    async def _read(self, sight: _Sight) -> tuple[TaskInfo, dict[bytes, bytes]]:
+        client = self.client
+        raw = await client.task_hash(self.id)
+        sight.check(self.id, raw, client.notifier)
+        return TaskInfo.from_hash(self.id, raw, client.read_limit), raw
+
     async def _wait_final(self) -> TaskInfo:
         # Ride out a lost connection: re-subscribe and re-read until the caller's timeout.
+        sight = self._sight()
         backoff = Backoff(start=0.05, cap=1.0)
         while True:
             try:
-                return await self._wait_once()
-            except _RIDE_OUT:
+                return await self._wait_once(sight)
+            except _WAIT_ERRORS as exc:
+                if not _ride_out(exc):
+                    raise
+                sight.ridden_out = True
                 await asyncio.sleep(backoff.next())
 
-    async def _wait_once(self) -> TaskInfo:
+    async def _wait_once(self, sight: _Sight) -> TaskInfo:
         client = self.client
         notifier = client.notifier
         async with notifier.watch_reply(self.id) as reply:
-            raw = await client.task_hash(self.id)
-            info = TaskInfo.from_hash(self.id, raw, client.read_limit)
+            info, raw = await self._read(sight)
             if info.state.is_final:
                 return info
             if raw.get(b"reply", b"").decode() == notifier.reply_channel:
@@ -111,12 +167,12 @@ class TaskHandle(Generic[R]):
                     if state == "SUCCESS" and ct is not None and data is not None:
                         return with_success(info, ct, data, client.read_limit)
                     if state in reply.RECHECK:
-                        info = await client.task_info(self.id)
+                        info, _ = await self._read(sight)
                         if info.state.is_final:
                             return info
         async with notifier.watch(self.id) as watch:
             while True:
-                info = await client.task_info(self.id)
+                info, _ = await self._read(sight)
                 if info.state.is_final:
                     return info
                 # Only a final state (or a reconnect) is worth another read.
@@ -127,14 +183,18 @@ class TaskHandle(Generic[R]):
         """Yield the task's info at each state or progress change; ends after a final state.
 
         Rides out a lost connection: it re-subscribes and re-reads, yielding only changes.
+
+        Raises:
+            TaskLost: the task's record vanished across a reconnect (Redis lost its data).
         """
         last: TaskInfo | None = None
+        sight = self._sight()
         backoff = Backoff(start=0.05, cap=1.0)
         while True:
             try:
                 async with self.client.notifier.watch(self.id) as watch:
                     while True:
-                        info = await self.client.task_info(self.id)
+                        info, _ = await self._read(sight)
                         backoff.reset()
                         if info != last:
                             yield info
@@ -142,7 +202,10 @@ class TaskHandle(Generic[R]):
                         if info.state.is_final:
                             return
                         await watch.get()
-            except _RIDE_OUT:
+            except _WAIT_ERRORS as exc:
+                if not _ride_out(exc):
+                    raise
+                sight.ridden_out = True
                 await asyncio.sleep(backoff.next())
 
     async def revoke(self, terminate: bool = False) -> None:
@@ -178,8 +241,8 @@ class GroupHandle:
     ) -> list[Any]:
         """The values of every task, in order.
 
-        With return_exceptions=True, a failed or revoked task's exception takes its place
-        in the list instead of being raised.
+        With return_exceptions=True, a failed, revoked or lost task's exception takes its
+        place in the list instead of being raised.
 
         Raises:
             ResultTimeout: `timeout` seconds passed before all finished.
@@ -199,7 +262,7 @@ class GroupHandle:
     async def _one(handle: TaskHandle[Any], return_exceptions: bool) -> Any:
         try:
             return handle._value(await handle._wait_final())
-        except (TaskFailed, TaskRevoked) as exc:
+        except (TaskFailed, TaskRevoked, TaskLost) as exc:
             if return_exceptions:
                 return exc
             raise

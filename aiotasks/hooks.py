@@ -21,6 +21,7 @@ class Hooks:
     - retry(ctx, exc): after a run that will be retried (`exc`: what caused it, or the
       `Retry` raised).
     - revoked(ctx): after a running task was revoked with terminate=True.
+    - data_lost(queues): a worker found that Redis lost data on these queues (metrics).
 
     A hook that raises is logged and otherwise ignored: it never fails the task.
     """
@@ -31,8 +32,10 @@ class Hooks:
         self.failure: list[Callable[..., Any]] = []
         self.retry: list[Callable[..., Any]] = []
         self.revoked: list[Callable[..., Any]] = []
+        self.data_lost: list[Callable[..., Any]] = []
 
     def __bool__(self) -> bool:
+        # The task hooks only: the worker skips building contexts when none is set.
         return bool(self.start or self.success or self.failure or self.retry or self.revoked)
 
     async def call(self, which: list[Callable[..., Any]], *args: Any) -> None:

@@ -5,6 +5,8 @@ Needs `prometheus-client`. Two kinds of metrics:
 - counted in this process through the task hooks: `aiotasks_tasks_total{task,state}`
   (state = started, success, failure, retry, revoked) and
   `aiotasks_task_duration_seconds{task}` (every run that ended, by any of those states);
+  `aiotasks_data_lost_total{queue}` counts the times this process's worker found that
+  Redis lost a queue's data (alert on any increase);
 - read from Redis when scraped (cached for `cache_seconds`, so a burst of scrapes costs
   one read): per queue `aiotasks_queue_waiting_tasks`, `aiotasks_queue_in_flight_tasks`,
   `aiotasks_queue_scheduled_tasks`, `aiotasks_queue_dead_letters`; per live worker
@@ -174,7 +176,14 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.data_lost = Counter(
+            "aiotasks_data_lost",
+            "Times a worker found that Redis lost a queue's data (groups or records gone).",
+            ["queue"],
+            registry=self.registry,
+        )
         self.registry.register(RedisCollector(app.settings, cache_seconds))
+        app.hooks.data_lost.append(self._lost)
         app.on_task_start(self._started)
         app.on_task_success(self._succeeded)
         app.on_task_failure(self._failed)
@@ -195,6 +204,10 @@ class Metrics:
 
     def _revoked(self, ctx: TaskContext) -> None:
         self._ended(ctx, "revoked")
+
+    def _lost(self, queues: list[str]) -> None:
+        for queue in queues:
+            self.data_lost.labels(queue).inc()
 
     def _ended(self, ctx: TaskContext, state: str) -> None:
         self.tasks.labels(ctx.name, state).inc()

@@ -72,6 +72,9 @@ class Notifier:
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._cmd_lock = asyncio.Lock()
+        #: Reconnects so far: a waiter that saw its task before one and finds no record
+        #: after it knows the server lost the task (handle.TaskLost).
+        self.reconnects = 0
 
     @asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[Watch]:
@@ -183,6 +186,7 @@ class Notifier:
                 backoff.reset()
                 log.warning("reconnected to Redis")
                 lost = False
+                self.reconnects += 1
                 self._broadcast((RECONNECTED, None, None))
                 continue
             except RuntimeError:

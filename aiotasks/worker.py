@@ -24,9 +24,11 @@ from redis.exceptions import ResponseError
 
 from .backoff import Backoff
 from .cancel import cancel_and_wait
+from .client import broker_error, refusal
 from .contract import entry_ref
 from .control import Queues, Schedules
-from .errors import CONNECTION_ERRORS
+from .durability import GROUPS_GONE, REGISTRATION_GONE, DataLoss, warn_if_unsafe
+from .errors import CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
 from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_error
 from .index import TaskIndex
 from .keys import PRIORITIES
@@ -44,6 +46,8 @@ task_log = logging.getLogger("aiotasks.worker")
 
 # A start or release call that fails is not fatal: the entry is run, or left pending.
 _SCRIPT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
+# A fetch that fails is retried with backoff: Redis gone, refusing, or its groups lost.
+_FETCH_ERRORS: tuple[type[BaseException], ...] = (*_SCRIPT_ERRORS, BrokerRefusedError)
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
@@ -106,6 +110,10 @@ class Worker:
         self._started = asyncio.Event()
         self._started_ms = 0
         self._avg_run = 1.0  # moving average of run time (s); starts "slow": no prefetch
+        self._prepared = False
+        self._registered_at = float("-inf")  # when a registration last landed (monotonic)
+        queue_of = {stream: queue for stream, (queue, _) in self._served.items()}
+        self.losses = DataLoss(self.name, self.client, queue_of, app.hooks, max(self.vt, 10.0))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -151,15 +159,70 @@ class Worker:
             self.stop()
             await task
 
-    async def run(self) -> None:
-        """Run until stop() (or, with burst, until the queues are empty)."""
-        await self.client.ensure_groups(self.streams)
+    async def prepare(self) -> None:
+        """Create the consumer groups and register the worker (once): run() does it first.
+
+        Raises:
+            BrokerConnectionError: Redis cannot be reached.
+            BrokerRefusedError: Redis refused to create a group (NOPERM, OOM, READONLY,
+                LOADING).
+        """
+        if self._prepared:
+            return
+        try:
+            await self.client.ensure_groups(self.streams)
+        except _SCRIPT_ERRORS as exc:
+            raise broker_error(self.client.url, exc) from exc
+        self._prepared = True
         self._started_ms = int(now() * 1000)
-        s = self.app.settings
-        await TaskIndex(self.client).configure(s.index_size, s.events_size)
-        await self._register(ttl=max(self.vt, 10.0))
-        await self.client.worker_event(self.name, "JOINED")
-        await self._check_peers()
+        try:
+            s = self.app.settings
+            await TaskIndex(self.client).configure(s.index_size, s.events_size)
+            await self._register(ttl=max(self.vt, 10.0))
+            await self.client.worker_event(self.name, "JOINED")
+            await self._check_peers()
+        except _SCRIPT_ERRORS as exc:
+            # Only `aiotasks status` and the dashboard need it (an OOM server refuses it):
+            # the heartbeat registers again.
+            log.warning("worker %s could not register yet (%s)", self.name, exc)
+
+    async def _start(self) -> bool:
+        """prepare(), retried with backoff (one line per try) until it works; False when
+        the worker is stopped first. A refusal at start is waited out like a lost Redis."""
+        backoff = Backoff(start=0.5, cap=5.0)
+        attempt = 1
+        while not self._stop.is_set():
+            try:
+                await self.prepare()
+                return True
+            except (BrokerConnectionError, BrokerRefusedError) as exc:
+                delay = backoff.next()
+                log.error(
+                    "worker %s cannot start (attempt %d): %s; retrying in %.1f s",
+                    self.name,
+                    attempt,
+                    exc,
+                    delay,
+                    extra={"worker": self.name, "attempt": attempt, "retry_in": round(delay, 3)},
+                )
+                attempt += 1
+                await self._sleep(delay)
+        return False
+
+    async def run(self) -> None:
+        """Run until stop() (or, with burst, until the queues are empty).
+
+        Redis unreachable or refusing at start (an ACL without a permission, out of
+        memory, a read-only replica, loading) is logged once per try and retried with
+        backoff, as when Redis goes away later. Once started, one WARNING says so when
+        the server may lose tasks (no persistence, an evicting maxmemory-policy), unless
+        the App's warn_on_unsafe_server is False.
+        """
+        if not await self._start():
+            self._stopped.set()
+            return
+        if self.app.settings.warn_on_unsafe_server:
+            await warn_if_unsafe(self.client.redis, self.client.url)
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
@@ -255,17 +318,9 @@ class Worker:
                 next_reclaim = time.monotonic() + reclaim_every
             try:
                 got = await self._next_batch(n + self._prefetch(n), reclaim)
-            except CONNECTION_ERRORS as exc:
+            except _FETCH_ERRORS as exc:
                 self.slots.release(n)
-                delay = backoff.next()
-                log.error(
-                    "worker %s lost Redis at %s (%s); retrying in %.1f s",
-                    self.name,
-                    self.client.url,
-                    exc,
-                    delay,
-                )
-                await self._sleep(delay)
+                await self._fetch_failed(exc, backoff.next())
                 continue
             backoff.reset()
             if len(got) < n:
@@ -290,6 +345,22 @@ class Worker:
                 mine = sorted(q for q in self.queues if q in paused)
                 log.info("worker %s: paused queues %s", self.name, ", ".join(mine) or "none")
             await asyncio.sleep(PAUSE_REFRESH)
+
+    async def _fetch_failed(self, exc: BaseException, delay: float) -> None:
+        """Log a fetch that Redis refused or could not answer, then wait `delay` s."""
+        if isinstance(exc, ResponseError):
+            exc = refusal(self.client.url, exc, "a fetch")
+        if isinstance(exc, BrokerRefusedError):
+            log.error("worker %s: %s; retrying in %.1f s", self.name, exc, delay)
+        else:
+            log.error(
+                "worker %s lost Redis at %s (%s); retrying in %.1f s",
+                self.name,
+                self.client.url,
+                exc,
+                delay,
+            )
+        await self._sleep(delay)
 
     def _prefetch(self, n: int) -> int:
         """Entries to read beyond the free slots: a second batch when tasks are short.
@@ -325,12 +396,10 @@ class Worker:
             return got or await self._fetch(n)
         except ResponseError as exc:
             text = str(exc)
-            if "NOGROUP" in text or "UNBLOCKED" in text:
-                # The stream or its group is gone (purged, or the server lost its data).
-                await self.client.ensure_groups(self.streams)
-                return []
-            log.error("worker %s: Redis refused a fetch (%s); retrying in 1 s", self.name, exc)
-            await self._sleep(1.0)
+            if "NOGROUP" not in text and "UNBLOCKED" not in text:
+                raise
+            # The stream or its group is gone: the server lost its data.
+            await self.losses.found([], GROUPS_GONE)
             return []
 
     async def _sleep(self, seconds: float) -> None:
@@ -356,6 +425,8 @@ class Worker:
             promote_limit=max(n, 100),
             default_ttl=self.app.settings.result_ttl,
         )
+        if res.get(b"lost"):
+            await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         got = [self._delivery(e) for e in res[b"entries"]]
         if got:
             return got
@@ -498,14 +569,21 @@ class Worker:
                         entries=refs,
                         now_ms=int(now() * 1000),
                     )
-                await self._register(ttl=max(interval * 3, 10.0))
+                if await self._register(ttl=max(interval * 3, 10.0)):
+                    await self.losses.found([], REGISTRATION_GONE)
             except CONNECTION_ERRORS as exc:
                 log.warning("worker %s heartbeat failed (%s)", self.name, exc)
-            except ResponseError as exc:
-                log.error("worker %s: Redis refused a heartbeat (%s)", self.name, exc)
+            except (ResponseError, BrokerRefusedError) as exc:
+                if isinstance(exc, ResponseError):
+                    exc = refusal(self.client.url, exc, "a heartbeat")
+                log.error("worker %s: %s", self.name, exc)
 
-    async def _register(self, ttl: float) -> None:
-        """Publish this worker's description (for `aiotasks status`)."""
+    async def _register(self, ttl: float) -> bool:
+        """Publish this worker's description (for `aiotasks status`) for `ttl` seconds.
+
+        Returns True when the previous registration vanished before its ttl was up: the
+        server lost data (a worker that found nothing wrong with its groups learns it so).
+        """
         description: dict[str, str | int] = {
             "name": self.name,
             "host": socket.gethostname(),
@@ -519,7 +597,9 @@ class Worker:
             "failed": self.outcomes.failed,
             **describe(self.app.tasks),
         }
-        await self.client.register_worker(self.name, description, ttl)
+        new = await self.client.register_worker(self.name, description, ttl)
+        previous, self._registered_at = self._registered_at, time.monotonic()
+        return new and time.monotonic() - previous < ttl * 0.8
 
     async def _check_peers(self) -> None:
         """Warn once when a live worker sharing a queue registers other tasks."""

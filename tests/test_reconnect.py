@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from aiotasks import AiotasksError, App, BrokerConnectionError, TaskState
+from aiotasks import AiotasksError, App, BrokerConnectionError, TaskLost, TaskState
 from aiotasks.testing.server import OwnServer
 from tests.helpers import pid_of, wait_consuming, wait_until
 
@@ -151,9 +151,12 @@ async def test_send_to_a_stopped_server_raises_after_the_retry_policy(
     assert await client.client.redis.exists(client.client.keys.task(h.id))
 
 
-async def test_result_waiter_rides_out_a_server_restart(
+async def test_result_waiter_of_a_task_lost_in_a_restart_raises_task_lost(
     own_server: OwnServer, client: App, spawn_worker: Spawn
 ) -> None:
+    """A restart without persistence loses the task: its waiter is told so at the
+    reconnect (TaskLost), not left waiting. (A restart that keeps the data is ridden out:
+    test_data_loss.py.)"""
     w = spawn_worker(url=own_server.url)
     await wait_consuming(client, w)
     # Scheduled far ahead, so the worker leaves it alone before the restart.
@@ -170,11 +173,10 @@ async def test_result_waiter_rides_out_a_server_restart(
     assert not waiter.done()
 
     await restart(own_server)  # the task is gone with the data
-    await asyncio.sleep(0.5)
-    if waiter.done():
-        pytest.fail(f"result() did not ride out the restart: {waiter.exception()!r}")
-    # Sent again under the same id, it runs; the waiter wakes with its result.
+    with pytest.raises(TaskLost):
+        await asyncio.wait_for(waiter, timeout=10)
+    # Sent again under the same id, it runs.
     again = await client.send_task(ADD, args=(20, 22), task_id=h.id)
     assert again.id == h.id
-    assert await asyncio.wait_for(waiter, timeout=20) == 42
+    assert await again.result(timeout=20) == 42
     assert w.proc.poll() is None

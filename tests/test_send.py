@@ -19,6 +19,7 @@ from aiotasks import (
     TaskHandle,
     TaskState,
     Worker,
+    chain,
 )
 
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -355,6 +356,62 @@ async def test_unencodable_argument_raises_and_enqueues_nothing(app: App, bad: A
     with pytest.raises(SerializationError):
         await echo.options(serializer="json").send(bad)
     assert await xlen(app) == 0
+    assert await namespace_keys(app) == []
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def cyclic() -> list[Any]:
+    value: list[Any] = []
+    value.append(value)
+    return value
+
+
+#: Arguments a serializer cannot encode: (serializer, value), by what is wrong with them.
+UNENCODABLE = {
+    "msgpack-deep": ("msgpack", nested(100_000)),
+    "json-deep": ("json", nested(100_000)),
+    "msgpack-cyclic": ("msgpack", cyclic()),
+    "json-cyclic": ("json", cyclic()),
+    "msgpack-int-over-64-bits": ("msgpack", 2**64),
+    "msgpack-int-under-64-bits": ("msgpack", -(2**63) - 1),
+    "json-int-of-5000-digits": ("json", 10**5000),
+    "json-nan": ("json", float("nan")),
+    "json-infinity": ("json", float("-inf")),
+    "json-tuple-key": ("json", {(1, 2): 3}),
+    "msgpack-lone-surrogate": ("msgpack", "\ud800"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNENCODABLE))
+async def test_what_a_serializer_cannot_encode_raises_serialization_error(
+    app: App, case: str
+) -> None:
+    """Whatever the serializer and the way of sending: SerializationError (never a
+    RecursionError, OverflowError or ValueError of its own), and nothing is enqueued."""
+    serializer, bad = UNENCODABLE[case]
+
+    @app.task(name="echo", serializer=serializer)
+    async def echo(x: Any) -> Any:
+        return x
+
+    sends = [
+        lambda: echo.send(bad),
+        lambda: echo.send(x=bad),
+        lambda: echo.send_many([((1,), None), ((bad,), None)]),
+        lambda: echo.s(bad).send(),
+        lambda: app.send_task("echo", args=(bad,), serializer=serializer),
+        lambda: chain(echo.s(1), echo.si(bad)).send(),
+    ]
+    for send in sends:
+        with pytest.raises(SerializationError) as err:
+            await send()
+        assert type(err.value) is SerializationError
     assert await namespace_keys(app) == []
 
 

@@ -19,10 +19,11 @@ from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ResponseError
 
 from ..admin import Admin
 from ..app import App
+from ..client import refusal
 from ..config import InvalidRedisURL, check_redis_url, env_redis_source, redact_url
 from ..errors import CONNECTION_ERRORS, AiotasksError, BrokerConnectionError
 from .group import fail
@@ -156,7 +157,7 @@ def run_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
     except CONNECTION_ERRORS as exc:
         raise fail(f"lost Redis at {url}: {exc}") from None
     except ResponseError as exc:
-        raise fail(f"Redis at {url} refused the command: {exc}") from None
+        raise fail(str(refusal(url, exc))) from None
 
 
 async def _with_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
@@ -176,12 +177,6 @@ async def _connect(app: App) -> None:
         raise BrokerConnectionError(
             f"cannot reach Redis at {url}: no answer in {CONNECT_TIMEOUT:g} s"
         ) from None
-    except ResponseError as exc:  # e.g. "DB index is out of range"
-        raise fail(f"Redis at {url} refused the connection: {exc}") from None
-    except BrokerConnectionError as exc:
-        if isinstance(exc.__cause__, AuthenticationError):
-            raise fail(f"Redis at {url} refused the credentials: {exc.__cause__}") from None
-        raise
 
 
 # -- asking and checking ------------------------------------------------------------------

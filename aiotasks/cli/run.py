@@ -13,13 +13,12 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-from redis.exceptions import AuthenticationError, ResponseError
 
 from .. import logs
 from ..app import App
 from ..backoff import Backoff
 from ..config import redact_url
-from ..errors import BrokerConnectionError
+from ..errors import BrokerConnectionError, BrokerRefusedError
 from ..worker import Worker
 from .common import APP_ENV, check_url, finite, load_app
 from .group import fail
@@ -165,10 +164,13 @@ def _serve_metrics(app: App, port: int, host: str) -> None:
         raise fail(f"cannot serve metrics on {host} port {port}: {reason}") from None
 
 
-async def wait_for_redis(app: App, timeout: float) -> None:
-    """Ping until Redis answers, one log line per failed try, for up to `timeout` seconds.
+async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None) -> None:
+    """Ping (and prepare the worker: its consumer groups) until Redis answers and agrees,
+    one log line per failed try, for up to `timeout` seconds.
 
-    A refusal that no retry can fix (a wrong password, a database out of range) fails at once.
+    A refusal that no retry can fix (a wrong password, a database out of range) fails at
+    once; one a retry may fix (NOPERM on a group while an admin fixes the ACL, out of
+    memory, a read-only replica, loading) is retried like an unreachable server.
     """
     deadline = time.monotonic() + timeout
     backoff = Backoff(start=0.5, cap=2.0)
@@ -176,28 +178,40 @@ async def wait_for_redis(app: App, timeout: float) -> None:
     attempt = 1
     while True:
         try:
-            await app.connect()
+            await _ready(app, worker)
             return
-        except ResponseError as exc:
-            raise fail(f"Redis at {url} refused the connection: {exc}") from None
         except BrokerConnectionError as exc:
-            cause = exc.__cause__ or exc
-            if isinstance(cause, AuthenticationError):
-                raise fail(f"Redis at {url} refused the credentials: {cause}") from None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise fail(f"cannot reach Redis at {url} after {timeout:g} s: {cause}") from None
-            delay = min(backoff.next(), left)
-            log.warning(
-                "cannot reach Redis at %s (attempt %d: %s); retrying in %.1f s",
-                url,
-                attempt,
-                cause,
-                delay,
-                extra={"redis_url": url, "attempt": attempt, "retry_in": round(delay, 3)},
-            )
-            attempt += 1
-            await asyncio.sleep(delay)
+            problem = f"cannot reach Redis at {url}"
+            cause: BaseException | str = exc.__cause__ or exc
+        except BrokerRefusedError as exc:
+            problem, cause = str(exc), ""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if cause:
+                raise fail(f"{problem} after {timeout:g} s: {cause}") from None
+            raise fail(f"{problem} (still refused after {timeout:g} s)") from None
+        delay = min(backoff.next(), left)
+        log.warning(
+            "%s (attempt %d%s); retrying in %.1f s",
+            problem,
+            attempt,
+            f": {cause}" if cause else "",
+            delay,
+            extra={"redis_url": url, "attempt": attempt, "retry_in": round(delay, 3)},
+        )
+        attempt += 1
+        await asyncio.sleep(delay)
+
+
+async def _ready(app: App, worker: Worker | None) -> None:
+    try:
+        await app.connect()
+    except BrokerRefusedError as exc:
+        if not exc.is_transient:
+            raise fail(str(exc)) from None
+        raise
+    if worker is not None:
+        await worker.prepare()
 
 
 def banner(app: App, worker: Worker, spec: str) -> str:
@@ -243,8 +257,8 @@ def _announce(app: App, worker: Worker, spec: str) -> None:
 
 async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeout: float) -> None:
     """Connect, run one worker until SIGTERM/SIGINT (a second signal exits at once)."""
-    await wait_for_redis(app, connect_timeout)
     worker = app.worker(**worker_opts)
+    await wait_for_redis(app, connect_timeout, worker)
     _announce(app, worker, spec)
     _handle_signals(worker)
     try:

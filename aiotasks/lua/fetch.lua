@@ -10,7 +10,8 @@
 -- ARGV[5]      most delayed tasks to promote in this call
 -- ARGV[6]      default ttl (s) for tasks settled here
 -- Returns      msgpack map {next_due = ms of the next delayed task or -1,
---              entries = {{stream, entry, fields = {name = value}}, ...}}
+--              entries = {{stream, entry, fields = {name = value}}, ...},
+--              lost = {stream, ...}: streams whose group was gone and was recreated}
 
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
@@ -43,12 +44,16 @@ local function promote()
   end
 end
 
+local lost = {}
+
 local function read(stream)
   local res = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count,
     'STREAMS', stream, '>')
   if type(res) == 'table' and res.err then
-    -- NOGROUP: the stream or its group is gone (purged, or the server lost its data).
+    -- NOGROUP: the stream or its group is gone (the server lost its data, or someone
+    -- deleted it). Recreate it, and say so: the worker reports the loss.
     redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+    lost[#lost + 1] = stream
     res = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count,
       'STREAMS', stream, '>')
   end
@@ -72,4 +77,4 @@ for k = 2, #KEYS do
 end
 local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')
 flush_journal(now_ms)
-return reply({next_due = tonumber(nxt[2]) or -1, entries = entries})
+return reply({next_due = tonumber(nxt[2]) or -1, entries = entries, lost = lost})

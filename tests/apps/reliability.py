@@ -15,7 +15,7 @@ import redis
 from aiotasks import current_task
 from tests.apps.basic import app
 
-__all__ = ["app", "blocking_count_runs", "soak", "staged_sleep"]
+__all__ = ["app", "blocking_count_runs", "pause", "soak", "staged_sleep"]
 
 
 @app.task
@@ -48,4 +48,12 @@ async def soak(i: int, seconds: float) -> int:
     await r.hincrby(prefix + "soak:runs", str(i), 1)
     await asyncio.sleep(seconds)
     await r.sadd(prefix + "soak:done", i)
+    return i
+
+
+@app.task
+async def pause(i: int, seconds: float) -> int:
+    """Sleeps, then returns i: a drill unit that does not use Redis itself, for drills
+    that take Redis away (a task's own Redis calls would fail while it is gone)."""
+    await asyncio.sleep(seconds)
     return i

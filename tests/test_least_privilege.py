@@ -1,0 +1,262 @@
+"""Least privilege: an app runs as an ACL user limited to its namespace's keys and
+channels and to the commands the README's ACL line lists (read from the README, so the
+two cannot drift apart); one permission fewer gives a clear error line. And TLS, with a
+throwaway CA and client certificates, in the URL forms the README documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from aiotasks import App, TaskRevoked, TaskState, chord
+from aiotasks.testing.server import OwnServer, server_binary
+from tests.conftest import ROOT
+from tests.helpers import wait_consuming, wait_state
+
+PASSWORD = "acl-pw-7d1e"
+ADMIN_PASSWORD = "admin-pw-2c9a"
+
+
+def readme_acl_line() -> str:
+    """The `ACL SETUSER` line of the README's least-privilege section."""
+    found = re.findall(r"^ACL SETUSER .+$", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert len(found) == 1, f"the README should hold one ACL SETUSER line, found {found}"
+    return found[0]
+
+
+def acl_rules(namespace: str) -> list[str]:
+    """The README's rules for `namespace`, without the user name and password."""
+    words = readme_acl_line().split()
+    assert words[:3] == ["ACL", "SETUSER", "myapp"], words
+    rules = [w.replace("{myapp}", "{" + namespace + "}") for w in words[3:]]
+    assert ">password" in rules
+    return [r for r in rules if r != ">password"]
+
+
+def admin(server: OwnServer) -> redis.Redis:
+    """The default user, password-protected once the app's user exists (so that the app's
+    connections start unauthenticated, as in production)."""
+    return redis.Redis(host="127.0.0.1", port=server.port, password=ADMIN_PASSWORD)
+
+
+def add_user(server: OwnServer, rules: list[str]) -> str:
+    with redis.Redis.from_url(server.url) as r:
+        r.execute_command("ACL", "SETUSER", "app", "reset", ">" + PASSWORD, *rules)
+        r.execute_command("ACL", "SETUSER", "default", "resetpass", ">" + ADMIN_PASSWORD)
+    with admin(server) as r:
+        r.execute_command("ACL", "LOG", "RESET")
+    return server.url.replace("redis://", f"redis://app:{PASSWORD}@")
+
+
+def denied(server: OwnServer) -> list[str]:
+    """What the ACL refused since the user was made: 'reason object' per entry."""
+    with admin(server) as r:
+        entries = r.acl_log()
+    return sorted({f"{e['reason']} {e['object']}" for e in entries})
+
+
+def ops(*args: str, url: str, namespace: str) -> subprocess.CompletedProcess[str]:
+    """`aiotasks ARGS...` on `url`: `run` finds the namespace in the environment (its App
+    reads it), the operations commands take --namespace."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIOTASKS_")}
+    env["AIOTASKS_TEST_NAMESPACE"] = namespace
+    where = ["--redis-url", url] + ([] if args[0] == "run" else ["--namespace", namespace])
+    return subprocess.run(
+        [sys.executable, "-m", "aiotasks", *args, *where],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def stand_ins(app: App) -> dict[str, Any]:
+    """Client-side tasks named like the worker's (tests/apps/acl.py)."""
+
+    async def never(*args: Any) -> Any:
+        raise AssertionError("runs on the worker only")
+
+    return {name: app.task(name=f"acl.{name}")(never) for name in ("add", "tsum", "sleep", "steps")}
+
+
+async def everything(app: App, url: str, namespace: str) -> None:
+    """Send, wait, a chord, retries with progress and a rate limit, revoke (queued and
+    running), and the operations commands, all as the app's user."""
+    t = stand_ins(app)
+    assert await (await t["add"].send(1, 2)).result(timeout=10) == 3
+    body = await chord([t["add"].s(1, 2), t["add"].s(3, 4)], t["tsum"].s()).send()
+    assert await body.result(timeout=10) == 10
+    steps = await t["steps"].send(3)
+    progress = [i.progress async for i in steps.updates() if i.progress]
+    assert await steps.result(timeout=10) == 3 and progress, progress
+    queued = await t["add"].options(countdown=60).send(5, 5)
+    await queued.revoke()
+    running = await t["sleep"].send(30)
+    await wait_state(running, TaskState.STARTED)
+    await running.revoke(terminate=True)
+    for h in (queued, running):
+        with pytest.raises(TaskRevoked):
+            await h.result(timeout=10)
+    waiting = await t["add"].options(queue="idle").send(1, 1)
+    await app.send_task("acl.nobody-knows-this", queue="default")  # a dead letter
+    for command in (
+        ["status"],
+        ["status", "--json"],
+        ["inspect", waiting.id],
+        ["revoke", waiting.id],
+        ["purge", "idle", "--yes"],
+        ["dead-letters", "list", "default"],
+        ["dead-letters", "requeue", "default"],
+    ):
+        proc = await asyncio.to_thread(ops, *command, url=url, namespace=namespace)
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+
+
+async def test_the_readme_acl_line_is_enough(
+    own_server: OwnServer, namespace: str, spawn_worker: Any
+) -> None:
+    url = add_user(own_server, acl_rules(namespace))
+    app = App(redis_url=url, namespace=namespace)
+    w = spawn_worker(module="acl", url=url)
+    try:
+        await wait_consuming(app, w)
+        await everything(app, url, namespace)
+        w.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(w.wait, 20) == 0
+    finally:
+        await app.close()
+    out = w.output()
+    assert "Traceback" not in out and "refused" not in out and "NOPERM" not in out, out
+    # The one refusal: the worker's startup check tries CONFIG GET, then reads INFO.
+    assert denied(own_server) == ["command config|get"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "command", "words"),
+    [
+        ("-xgroup", ["run", "tests.apps.acl:app", "--connect-timeout", "1"], "consumer group"),
+        ("-evalsha", ["send", "acl.add", "--args", "[1, 2]"], "refused the command"),
+        ("-smembers", ["status"], "refused the command"),
+    ],
+)
+def test_a_missing_permission_is_one_clear_error_line(
+    own_server: OwnServer, namespace: str, rule: str, command: list[str], words: str
+) -> None:
+    url = add_user(own_server, [*acl_rules(namespace), rule])
+    proc = ops(*command, url=url, namespace=namespace)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and words in last and "NOPERM" in last, proc.stderr
+    assert "Traceback" not in proc.stderr and PASSWORD not in proc.stderr + proc.stdout
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def tls_supported() -> str | None:
+    """Why TLS cannot be tested here, or None."""
+    if shutil.which("openssl") is None:
+        return "no openssl binary to make a throwaway CA"
+    try:
+        binary = server_binary()
+    except RuntimeError as exc:
+        return str(exc)
+    probe = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    if "not supported" in probe.stdout + probe.stderr or "Bad directive" in probe.stdout:
+        return f"{binary} was built without TLS"
+    return None
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path) -> None:
+    """A throwaway CA, a server certificate for 127.0.0.1, and a client certificate."""
+    key = ["-newkey", "rsa:2048", "-nodes"]
+    openssl("req", "-x509", *key, "-days", "1", "-keyout", "ca.key", "-out", "ca.crt",
+            "-subj", "/CN=aiotasks-test-ca", cwd=d)  # fmt: skip
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "1", "-out", f"{name}.crt",
+                "-extfile", "san.cnf", cwd=d)  # fmt: skip
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[OwnServer, int, Path]]:
+    reason = tls_supported()
+    if reason:
+        pytest.skip(f"TLS not tested: {reason}")
+    make_pki(tmp_path)
+    with socket.socket() as s:  # a free port, closed again before the server binds it
+        s.bind(("127.0.0.1", 0))
+        tls_port = int(s.getsockname()[1])
+    config = {
+        "tls-port": str(tls_port),
+        "tls-cert-file": str(tmp_path / "server.crt"),
+        "tls-key-file": str(tmp_path / "server.key"),
+        "tls-ca-cert-file": str(tmp_path / "ca.crt"),
+        "tls-auth-clients": "yes",  # a client certificate is required
+    }
+    with OwnServer(config=config) as server:  # the plain port stays, for setup only
+        yield server, tls_port, tmp_path
+
+
+async def test_tls_with_a_client_certificate(
+    tls_server: tuple[OwnServer, int, Path], namespace: str, spawn_worker: Any
+) -> None:
+    server, port, pki = tls_server
+    url = (
+        f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={pki / 'ca.crt'}"
+        f"&ssl_certfile={pki / 'client.crt'}&ssl_keyfile={pki / 'client.key'}"
+    )
+    app = App(redis_url=url, namespace=namespace)
+    t = stand_ins(app)
+    w = spawn_worker(module="acl", url=url)
+    try:
+        await wait_consuming(app, w)
+        assert await (await t["add"].send(20, 22)).result(timeout=10) == 42
+        body = await chord([t["add"].s(1, 1), t["add"].s(2, 2)], t["tsum"].s()).send()
+        assert await body.result(timeout=10) == 6
+        status = await asyncio.to_thread(ops, "status", url=url, namespace=namespace)
+        assert status.returncode == 0, status.stderr
+    finally:
+        await app.close()
+    with redis.Redis.from_url(server.url) as r:
+        clients = r.client_list()  # (no ACL user here: the default user is open)
+    assert "Traceback" not in w.output()
+    assert any(c["laddr"].endswith(f":{port}") for c in clients), clients  # they used TLS
+
+
+def test_tls_without_a_client_certificate_is_one_clear_error_line(
+    tls_server: tuple[OwnServer, int, Path], namespace: str
+) -> None:
+    _, port, pki = tls_server
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={pki / 'ca.crt'}"
+    proc = ops("status", url=url, namespace=namespace)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
