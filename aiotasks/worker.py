@@ -239,7 +239,9 @@ class Worker:
                 await self._drain()
                 await cancel_and_wait(background)
                 await self.outcomes.commit_all()
-            with suppress(*CONNECTION_ERRORS):
+            # Leaving the registry is a courtesy (the entry expires anyway): a lost or
+            # refusing server must not turn a clean stop into an error.
+            with suppress(*_SCRIPT_ERRORS):
                 await self.client.unregister_worker(self.name)
         finally:
             for ex in [*self._running.values(), *self._abandoned]:
