@@ -55,7 +55,8 @@ class App:
             the new one first on senders, then dropping the old one from workers.
         index_size: finished tasks the namespace's task index keeps, besides every
             unfinished one (for the dashboard and `aiotasks tasks list`); 0 turns it off.
-        events_size: batches of events the namespace's event feed keeps; 0 turns it off.
+        events_size: entries the namespace's event feed keeps (each up to 100 events of
+            one script call; about 8 MB at most by default); 0 turns it off.
             Both are set for the namespace by its workers when they start.
         tracing: OpenTelemetry (extra `aiotasks[otel]`): the sender's trace context
             travels in each message, and sends and runs get spans (see tracing.py).
@@ -81,7 +82,7 @@ class App:
         max_message_size: int = 16 * 1024 * 1024,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
         index_size: int = 10_000,
-        events_size: int = 10_000,
+        events_size: int = 1_000,
         tracing: bool = False,
         warn_on_unsafe_server: bool = True,
     ) -> None:
@@ -288,11 +289,13 @@ class App:
         retry_policy: RetryPolicy | dict[str, Any] | None,
     ) -> list[TaskHandle[Any]]:
         policy = RetryPolicy.of(retry_policy) if retry_policy else self.settings.retry_policy
-        client, s = self.client, self.settings
+        client, encoding = self.client, self.settings.encoding
         reply = client.notifier.reply_channel
-        records = [m.record(ttl, reply=reply, **s.encoding) for m, ttl in built]
+        records = [m.record(ttl, reply=reply, **encoding) for m, ttl in built]
         await client.enqueue(records, policy)
-        return [TaskHandle(client, m.id, self._result_loader(m.name), sent=True) for m, _ in built]
+        # A batch is (nearly always) of one task: look its result loader up once.
+        loaders = {name: self._result_loader(name) for name in {m.name for m, _ in built}}
+        return [TaskHandle(client, m.id, loaders[m.name], sent=True) for m, _ in built]
 
     def _result_loader(self, name: str) -> Callable[[Any], Any] | None:
         """`result()` rebuilds the return annotation's type when the task is known here."""

@@ -29,7 +29,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import codec, contract
+from . import codec
 from .config import RetryPolicy, Settings, redact_url
 from .contract import SEND, TaskRecord, unpack_reply
 from .errors import CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
@@ -444,7 +444,7 @@ class Client:
         size = self.settings.events_size
         if size <= 0:
             return
-        event = contract.pack([{"worker": name, "state": state}])
+        event = f"{state}\t\t\t\t{name}"  # a line of the feed (see index.py)
         await self.redis.xadd(
             self.keys.events, {"t": now_ms(), "e": event}, maxlen=size, approximate=True
         )

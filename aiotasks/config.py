@@ -217,7 +217,7 @@ class Settings:
     max_message_size: int = 16 * 1024 * 1024
     signing_keys: tuple[bytes, ...] = ()
     index_size: int = 10_000
-    events_size: int = 10_000
+    events_size: int = 1_000
     task_routes: dict[str, str] = field(default_factory=dict)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     warn_on_unsafe_server: bool = True

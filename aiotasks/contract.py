@@ -82,6 +82,17 @@ class TaskRecord:
     debounce: str | None = None
     sig: str | None = None
 
+    def _rare(self, w: dict[str, Any]) -> None:
+        """The fields only errbacks and debounced sends carry."""
+        if self.errbacks:
+            w["eb"] = [e.wire() for e in self.errbacks]
+        if self.immutable:
+            w["imm"] = 1
+        if self.err_chord:
+            w["ecid"] = self.err_chord
+        if self.debounce:
+            w["db"] = self.debounce
+
     def wire(self) -> dict[str, Any]:
         """The record as the map Lua reads (absent fields are left out)."""
         w: dict[str, Any] = {
@@ -94,21 +105,22 @@ class TaskRecord:
             "ct": self.ct,
             "ttl": self.ttl,
         }
-        optional = {
-            "due": self.due_ms,
-            "delay": self.delay_ms,
-            "exp": self.exp_ms,
-            "r": self.retries or None,
-            "cid": self.chord_id,
-            "cix": self.chord_idx if self.chord_id is not None else None,
-            "tail": self.tail or None,
-            "reply": self.reply or None,
-            "eb": [e.wire() for e in self.errbacks] or None,
-            "imm": 1 if self.immutable else None,
-            "ecid": self.err_chord,
-            "db": self.debounce,
-        }
-        w.update({k: v for k, v in optional.items() if v is not None})
+        if self.due_ms is not None:
+            w["due"] = self.due_ms
+        if self.delay_ms is not None:
+            w["delay"] = self.delay_ms
+        if self.exp_ms is not None:
+            w["exp"] = self.exp_ms
+        if self.retries:
+            w["r"] = self.retries
+        if self.chord_id is not None:
+            w["cid"], w["cix"] = self.chord_id, self.chord_idx
+        if self.tail:
+            w["tail"] = self.tail
+        if self.reply:
+            w["reply"] = self.reply
+        if self.errbacks or self.immutable or self.err_chord or self.debounce:
+            self._rare(w)
         if self.sig is not None:
             w["sig"] = self.sig
         return w

@@ -37,6 +37,9 @@ class DecodeError(SerializationError):
 
 _EMPTY: dict[str, Any] = {}
 
+#: The fields every entry has (v, id, ct, m): more means optional ones to read.
+_PLAIN = 4
+
 #: Largest integer an entry field may hold: exact as a Lua number (a double).
 MAX_INT = 2**53
 
@@ -260,12 +263,15 @@ def decode_entry(
         raise DecodeError("entry field 'id' contains a newline")
     serializer, _, compression = ct.partition("+")
     p = _payload(fields, ct, max_size)
-    retries, exp, cix = _int(fields, "r"), _int(fields, "exp"), _int(fields, "cix")
-    cid = _text(fields, "cid")
-    if (cid is None) != (cix is None):
-        raise DecodeError("entry fields 'cid' and 'cix' must come together")
-    if retries is not None and retries > MAX_COUNT:
-        raise DecodeError(f"entry field 'r' is out of range: {retries}")
+    retries = exp = cix = None
+    cid = tail = None
+    if len(fields) > _PLAIN:  # the optional fields: most entries have none
+        retries, exp, cix = _int(fields, "r"), _int(fields, "exp"), _int(fields, "cix")
+        cid, tail = _text(fields, "cid"), _text(fields, "tail")
+        if (cid is None) != (cix is None):
+            raise DecodeError("entry fields 'cid' and 'cix' must come together")
+        if retries is not None and retries > MAX_COUNT:
+            raise DecodeError(f"entry field 'r' is out of range: {retries}")
     return Message(
         task_id,
         p["name"],
@@ -282,8 +288,8 @@ def decode_entry(
         _nodes(p, "chain", "step"),
         _nodes(p, "link", "callback"),
         ChordRef(cid, cix) if cid is not None and cix is not None else None,
-        _text(fields, "tail"),
+        tail,
         p.get("chord_body"),
-        _err(fields),
+        _err(fields) if b"err" in fields else None,
         p.get("trace"),
     )

@@ -1,8 +1,9 @@
 """The task index and the event feed of a namespace, as the scripts write them.
 
-Every script call that changes task states adds the ids to two sorted sets (unfinished
-tasks by last change; the most recent finished ones by finish time, capped) and one
-entry to an events stream (capped): a few commands per batch, never one per task. The
+Every script call that changes task states adds the finished ones to a sorted set (by
+finish time, capped) and its events to a capped stream: a few commands per batch, never
+one per task. Unfinished tasks are found where they wait: their queue's streams and the
+delayed set. The
 dashboard, `aiotasks tasks list` and anyone else read them here.
 
 ```python
@@ -20,8 +21,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import msgpack  # type: ignore[import-untyped]
-
 from .state import TaskInfo, TaskState
 
 if TYPE_CHECKING:
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 
 #: Default caps: finished tasks kept in the index, and event batches kept in the feed.
 DEFAULT_INDEX_SIZE = 10_000
-DEFAULT_EVENTS_SIZE = 10_000
+DEFAULT_EVENTS_SIZE = 1_000
 
 #: Task records read per round trip while searching.
 _CHUNK = 500
@@ -82,8 +81,12 @@ class TaskIndex:
             info = await self.client.task_info(task_id)
             return [info] if _matches(info, state, name, queue) else []
         out: list[TaskInfo] = []
-        for key in (self.client.keys.index_live, self.client.keys.index_done):
-            async for batch in self._ids(key):
+        sources: list[list[str] | AsyncIterator[list[str]]] = [
+            await self._unfinished(),
+            self._ids(self.client.keys.index_done),
+        ]
+        for ids in sources:
+            async for batch in _batches(ids):
                 for info in await self._infos(batch):
                     if _matches(info, state, name, queue):
                         out.append(info)
@@ -91,7 +94,24 @@ class TaskIndex:
                             return out
         return out
 
-    async def _ids(self, key: str) -> AsyncIterator[list[str]]:
+    async def _unfinished(self) -> list[str]:
+        """Ids of unfinished tasks, where they wait: each queue's streams (queued and
+        running ones, newest first) and the delayed set (scheduled ones)."""
+        keys, redis = self.client.keys, cast(Any, self.client.redis)
+        queues = sorted(q.decode() for q in await redis.smembers(keys.queues))
+        async with redis.pipeline(transaction=False) as pipe:
+            for q in queues:
+                for stream in keys.streams(q):
+                    pipe.xrevrange(stream, count=_CHUNK)
+            pipe.zrange(keys.delayed, 0, _CHUNK - 1)
+            replies = await pipe.execute()
+        ids: list[str] = []
+        for reply in replies[:-1]:
+            ids += [f[b"id"].decode() for _, f in reply if b"id" in f]
+        ids += [i.decode() for i in replies[-1]]
+        return list(dict.fromkeys(ids))
+
+    async def _ids(self, key: str) -> AsyncIterator[list[str]]:  # newest first
         start = 0
         while True:
             raw: list[bytes] = await cast(Any, self.client.redis).zrevrange(
@@ -110,21 +130,15 @@ class TaskIndex:
             hashes = await pipe.execute()
         gone = [i for i, h in zip(ids, hashes, strict=True) if not h]
         if gone:  # expired records: the index forgets them too
-            async with self.client.redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(keys.index_live, *gone)
-                pipe.zrem(keys.index_done, *gone)
-                await pipe.execute()
+            await self.client.redis.zrem(keys.index_done, *gone)
         limit = self.client.read_limit
         return [TaskInfo.from_hash(i, h, limit) for i, h in zip(ids, hashes, strict=True) if h]
 
     async def size(self) -> tuple[int, int]:
-        """(unfinished, finished) tasks in the index."""
-        keys = self.client.keys
-        async with self.client.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(keys.index_live)
-            pipe.zcard(keys.index_done)
-            live, done = await pipe.execute()
-        return int(live), int(done)
+        """(unfinished, finished) tasks the index can list."""
+        live = len(await self._unfinished())
+        done = int(await self.client.redis.zcard(self.client.keys.index_done))
+        return live, done
 
     async def events(self, after: str = "0", count: int = 1000) -> list[Event]:
         """Events after the feed entry id `after` ("0": the oldest kept)."""
@@ -162,25 +176,33 @@ class TaskIndex:
 
 
 def _events(entry_id: bytes, fields: dict[bytes, bytes]) -> list[Event]:
+    """An entry's events: lines "state<TAB>id[<TAB>name<TAB>queue[<TAB>worker]]"."""
     eid = entry_id.decode()
     at_ms = int(fields.get(b"t", b"0"))
-    try:
-        items = msgpack.unpackb(fields.get(b"e", b"\x90"), raw=False)
-    except Exception:  # a foreign or damaged entry: nothing to show
-        return []
-    return [
-        Event(
-            id=eid,
-            at_ms=at_ms,
-            state=str(item.get("state", "")),
-            task_id=_text(item.get("id")),
-            name=_text(item.get("name")),
-            queue=_text(item.get("queue")),
-            worker=_text(item.get("worker")),
+    out = []
+    for line in fields.get(b"e", b"").decode(errors="replace").splitlines():
+        parts = [*line.split("\t"), "", "", "", ""]
+        out.append(
+            Event(
+                id=eid,
+                at_ms=at_ms,
+                state=parts[0],
+                task_id=parts[1] or None,
+                name=parts[2] or None,
+                queue=parts[3] or None,
+                worker=parts[4] or None,
+            )
         )
-        for item in items
-        if isinstance(item, dict)
-    ]
+    return out
+
+
+async def _batches(ids: list[str] | AsyncIterator[list[str]]) -> AsyncIterator[list[str]]:
+    if isinstance(ids, list):
+        for i in range(0, len(ids), _CHUNK):
+            yield ids[i : i + _CHUNK]
+    else:
+        async for batch in ids:
+            yield batch
 
 
 def _matches(

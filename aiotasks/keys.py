@@ -39,7 +39,6 @@ LAYOUT: dict[str, str] = {
     "periodic_tick": "tick:{name}:{tick}",  # string: one-shot claim of a periodic tick
     "rate": "rate:{name}",  # string: GCRA state of one task name's rate limit
     "meta": "meta",  # hash: namespace settings scripts read (index_cap, events_cap)
-    "index_live": "idx:live",  # zset: unfinished task ids by last change (ms)
     "index_done": "idx:done",  # zset: the most recent finished task ids by finish (ms)
     "events": "events",  # stream: state changes and worker joins/leaves, one entry a batch
     "slots": "slots:{key}",  # zset: ids holding a concurrency slot of a key, by lease end (ms)
@@ -144,11 +143,6 @@ class Keys:
     def meta(self) -> str:
         """Hash of namespace settings the scripts read (the index and event caps)."""
         return self._key("meta")
-
-    @property
-    def index_live(self) -> str:
-        """Sorted set of unfinished task ids, scored by their last state change (ms)."""
-        return self._key("index_live")
 
     @property
     def index_done(self) -> str:

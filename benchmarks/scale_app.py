@@ -19,7 +19,7 @@ app = App(
     namespace=os.environ.get("SCALE_NAMESPACE", "aiotasks-scale"),
     signing_key=os.environ.get("SCALE_SIGNING_KEY") or None,
     index_size=_index,
-    events_size=_index,
+    events_size=_index // 10,
     tracing=os.environ.get("SCALE_TRACING") == "1",
 )
 _state = {"count": 0, "t_first": 0.0, "t_last": 0.0}

@@ -77,8 +77,9 @@ async def test_the_payload_of_a_queued_and_a_scheduled_task(app: App) -> None:
     assert p is not None and (p.source, p.args) == (SCHEDULED, [3, 4])
     assert await read(app.client, "no-such-task") is None
     # The chain's first step names the step after it and the chain's end.
-    index = await app.client.redis.zrange(app.client.keys.index_live, 0, -1)
-    firsts = [i.decode() for i in index if i.decode() not in (queued.id, later.id)]
+    entries = await app.client.redis.xrange(app.client.keys.stream("default", 5))
+    ids = [f[b"id"].decode() for _, f in entries]
+    firsts = [i for i in ids if i not in (queued.id, later.id)]
     assert len(firsts) == 1
     step = await read(app.client, firsts[0])
     assert step is not None and step.next_ids == [first.id] and step.chain_end == first.id

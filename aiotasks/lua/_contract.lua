@@ -23,7 +23,6 @@ function K.periodic() return P .. 'periodic' end
 function K.periodic_tick(name, tick) return P .. 'tick:' .. name .. ':' .. tick end
 function K.rate(name) return P .. 'rate:' .. name end
 function K.meta() return P .. 'meta' end
-function K.index_live() return P .. 'idx:live' end
 function K.index_done() return P .. 'idx:done' end
 function K.events() return P .. 'events' end
 function K.slots(key) return P .. 'slots:' .. key end

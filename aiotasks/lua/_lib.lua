@@ -39,9 +39,18 @@ end
 -- (0 turns either off).
 local JOURNAL = {}
 local DEFAULT_CAP = 10000
+local DEFAULT_EVENTS_CAP = 1000
 
+-- The caps, read once per script call, on its first event (nil: not read yet).
+local CAPS
+
+-- event: {state, id} or {state, id, name, queue}
 local function journal(event)
-  JOURNAL[#JOURNAL + 1] = event
+  if CAPS == nil then
+    local conf = redis.call('HMGET', K.meta(), 'index_cap', 'events_cap')
+    CAPS = {tonumber(conf[1]) or DEFAULT_CAP, tonumber(conf[2]) or DEFAULT_EVENTS_CAP}
+  end
+  if CAPS[1] > 0 or CAPS[2] > 0 then JOURNAL[#JOURNAL + 1] = event end
 end
 
 -- A command with many members, in chunks that Lua's unpack can take.
@@ -53,20 +62,16 @@ local function call_chunked(cmd, key, items)
   end
 end
 
+-- Finished tasks go to the index (unfinished ones are found where they wait: streams
+-- and the delayed set), trimmed to the newest `cap`.
 local function index_tasks(cap, now_ms)
-  local live, gone, done = {}, {}, {}
+  local done = {}
   for _, e in ipairs(JOURNAL) do
-    if FINAL[e.state] then
-      gone[#gone + 1] = e.id
+    if FINAL[e[1]] then
       done[#done + 1] = now_ms
-      done[#done + 1] = e.id
-    elseif LIVE[e.state] then
-      live[#live + 1] = now_ms
-      live[#live + 1] = e.id
+      done[#done + 1] = e[2]
     end
   end
-  if #live > 0 then call_chunked('ZADD', K.index_live(), live) end
-  if #gone > 0 then call_chunked('ZREM', K.index_live(), gone) end
   if #done > 0 then
     call_chunked('ZADD', K.index_done(), done)
     local over = redis.call('ZCARD', K.index_done()) - cap
@@ -74,16 +79,27 @@ local function index_tasks(cap, now_ms)
   end
 end
 
+-- Events go to the feed in entries of at most EVENTS_PER_ENTRY, and the feed keeps about
+-- events_cap entries: its memory is bounded however large the batches are.
+local EVENTS_PER_ENTRY = 100
+
+-- An entry's events are lines "state<TAB>id[<TAB>name<TAB>queue]": cheaper to build here
+-- than msgpack, and as easy to read.
+local function feed_events(cap, now_ms)
+  for i = 1, #JOURNAL, EVENTS_PER_ENTRY do
+    local lines = {}
+    for j = i, math.min(i + EVENTS_PER_ENTRY - 1, #JOURNAL) do
+      lines[#lines + 1] = table.concat(JOURNAL[j], '\t')
+    end
+    redis.call('XADD', K.events(), 'MAXLEN', '~', cap, '*', 't', now_ms,
+      'e', table.concat(lines, '\n'))
+  end
+end
+
 local function flush_journal(now_ms)
   if #JOURNAL == 0 then return end
-  local conf = redis.call('HMGET', K.meta(), 'index_cap', 'events_cap')
-  local index_cap = tonumber(conf[1]) or DEFAULT_CAP
-  local events_cap = tonumber(conf[2]) or DEFAULT_CAP
-  if index_cap > 0 then index_tasks(index_cap, now_ms) end
-  if events_cap > 0 then
-    redis.call('XADD', K.events(), 'MAXLEN', '~', events_cap, '*', 't', now_ms,
-      'e', cmsgpack.pack(JOURNAL))
-  end
+  if CAPS[1] > 0 then index_tasks(CAPS[1], now_ms) end
+  if CAPS[2] > 0 then feed_events(CAPS[2], now_ms) end
   JOURNAL = {}
 end
 
@@ -124,7 +140,7 @@ local function xadd_task(t, ttl, now_ms, enqueued_at)
   -- sent again) is stale and must not run, and a revoke deletes the entry outright.
   redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
     'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream)
-  journal({id = t.id, state = 'PENDING', name = t.name, queue = t.queue})
+  journal({'PENDING', t.id, t.name, t.queue})
   if t.eb then redis.call('HSET', tkey, '_eb', cmsgpack.pack(t.eb)) end
   redis.call('PEXPIRE', tkey, ttl * 1000)
 end
@@ -137,7 +153,7 @@ local function schedule_task(t, ttl, now_ms, due_ms)
     'enqueued_at', now_ms, 'eta', due_ms, '_rec', cmsgpack.pack(t))
   redis.call('PEXPIRE', tkey, ttl * 1000 + (due_ms - now_ms))
   redis.call('ZADD', K.delayed(), due_ms, t.id)
-  journal({id = t.id, state = 'SCHEDULED', name = t.name, queue = t.queue})
+  journal({'SCHEDULED', t.id, t.name, t.queue})
 end
 
 -- A debounced send (t.db = its key) supersedes the previous send of the key while that
@@ -233,14 +249,14 @@ local function final_write(id, state, fields, ttl, now_ms)
   redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases')
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, state, fields.ct, fields.result)
-  journal({id = id, state = state})
+  journal({state, id})
   -- The sends this debounced one superseded end as it did.
   for _, alias in ipairs(aliases or {}) do
     cmd[2] = K.task(alias)
     redis.call(unpack(cmd))
     redis.call('PEXPIRE', cmd[2], ttl * 1000)
     notify(alias, state, fields.ct, fields.result)
-    journal({id = alias, state = state})
+    journal({state, alias})
   end
 end
 
@@ -340,7 +356,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', now_ms, 'worker', worker,
     'attempts', (tonumber(f.r) or 0) + deliveries)
   redis.call('PUBLISH', K.done_channel(id), 'STARTED')
-  journal({id = id, state = 'STARTED', worker = worker})
+  journal({'STARTED', id})
   return true
 end
 
@@ -409,7 +425,7 @@ local function wake(key, limit, now_ms, lease_ms)
       local entry_id = redis.call('XADD', w.stream, '*', unpack(flat))
       redis.call('HSET', tkey, 'state', 'PENDING', '_e', entry_id, '_st', w.stream)
       redis.call('PUBLISH', K.done_channel(w.id), 'PENDING')
-      journal({id = w.id, state = 'PENDING'})
+      journal({'PENDING', w.id})
     end
   end
 end

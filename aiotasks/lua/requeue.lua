@@ -40,7 +40,7 @@ local function reset(id, name, entry_id, stream)
   end
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, 'PENDING')
-  journal({id = id, state = 'PENDING', queue = queue})
+  journal({'PENDING', id, '', queue})
 end
 
 local out = {}

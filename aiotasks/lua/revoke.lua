@@ -43,6 +43,6 @@ redis.call('HSET', tkey, 'state', 'REVOKED', 'finished_at', now_ms)
 redis.call('HDEL', tkey, '_replaced', '_eb', '_e', '_st')
 redis.call('PEXPIRE', tkey, ttl * 1000)
 notify(id, 'REVOKED')
-journal({id = id, state = 'REVOKED'})
+journal({'REVOKED', id})
 flush_journal(now_ms)
 return state or ''

@@ -76,7 +76,7 @@ def worker_argv(cfg: pb.Config) -> list[str]:
 
 SPEC = pb.Spec(
     library="aiotasks",
-    dist="aiotasks",
+    dist="aiotasks-streams",
     notes="send_many batches of 1000; result() woken by pub/sub",
     client=client,
     worker_argv=worker_argv,
