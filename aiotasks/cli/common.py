@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import math
 import os
 import sys
@@ -204,4 +205,20 @@ def finite(option: str, value: float | None) -> float | None:
     """Refuse nan and inf, which the float parser accepts."""
     if value is not None and not math.isfinite(value):
         raise fail(f"{option} must be a finite number of seconds, got {value}", 2)
+    return value
+
+
+def json_arg(option: str, raw: str | None, kind: type) -> Any:
+    """An option holding JSON, parsed and checked to be a `kind` (list or dict)."""
+    if raw is None:
+        return kind()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise fail(f"{option} is not valid JSON ({exc}): {raw!r}", 2) from None
+    except RecursionError:
+        raise fail(f"{option} is nested too deeply", 2) from None
+    if not isinstance(value, kind):
+        want = "a JSON array, e.g. '[1, 2]'" if kind is list else "a JSON object, e.g. '{\"x\": 1}'"
+        raise fail(f"{option} must be {want}, got {raw!r}", 2)
     return value

@@ -10,10 +10,17 @@ from ..admin import Admin
 from ..control import ScheduleInfo
 from ..schedule import Periodic
 from ..task import Signature
-from .common import AppOption, JsonOption, NamespaceOption, RedisOption, open_app, run_admin
+from .common import (
+    AppOption,
+    JsonOption,
+    NamespaceOption,
+    RedisOption,
+    json_arg,
+    open_app,
+    run_admin,
+)
 from .group import fail
 from .output import Table, echo_json, show
-from .tasks import _json_arg
 
 schedules = typer.Typer(
     help="Schedules stored in Redis: workers take changes up within a second.",
@@ -65,7 +72,7 @@ def add_schedule(
     """Add (or replace) a schedule that sends TASK on --cron or --every."""
     if (cron is None) == (every is None):
         raise fail("give exactly one of --cron or --every", 2)
-    task_args, task_kwargs = _json_arg("--args", args, list), _json_arg("--kwargs", kwargs, dict)
+    task_args, task_kwargs = json_arg("--args", args, list), json_arg("--kwargs", kwargs, dict)
     try:  # checked before anything connects
         Periodic.make(task, cron=cron, every=every, name=name)
     except ValueError as exc:
@@ -90,63 +97,43 @@ def _change(verb: str, name: str, app_spec: str | None, url: str | None, ns: str
     typer.echo(f"schedule {name!r}: {verb}d" if verb != "remove" else f"schedule {name!r} removed")
 
 
-@schedules.command("pause")
-def pause_schedule(
-    name: NameArg,
-    app_spec: AppOption = None,
-    redis_url: RedisOption = None,
-    namespace: NamespaceOption = None,
-) -> None:
-    """Stop firing a schedule until it is resumed."""
-    _change("pause", name, app_spec, redis_url, namespace)
+def _schedule_command(verb: str, doc: str) -> None:
+    def command(
+        name: NameArg,
+        app_spec: AppOption = None,
+        redis_url: RedisOption = None,
+        namespace: NamespaceOption = None,
+    ) -> None:
+        _change(verb, name, app_spec, redis_url, namespace)
+
+    command.__doc__ = doc
+    schedules.command(verb)(command)
 
 
-@schedules.command("resume")
-def resume_schedule(
-    name: NameArg,
-    app_spec: AppOption = None,
-    redis_url: RedisOption = None,
-    namespace: NamespaceOption = None,
-) -> None:
-    """Fire a paused schedule again, from its next tick."""
-    _change("resume", name, app_spec, redis_url, namespace)
-
-
-@schedules.command("remove")
-def remove_schedule(
-    name: NameArg,
-    app_spec: AppOption = None,
-    redis_url: RedisOption = None,
-    namespace: NamespaceOption = None,
-) -> None:
-    """Delete a schedule (one declared in code comes back when a worker starts)."""
-    _change("remove", name, app_spec, redis_url, namespace)
+_schedule_command("pause", "Stop firing a schedule until it is resumed.")
+_schedule_command("resume", "Fire a paused schedule again, from its next tick.")
+_schedule_command(
+    "remove", "Delete a schedule (one declared in code comes back when a worker starts)."
+)
 
 
 QueueArg = Annotated[str, typer.Argument(help="The queue.")]
 
 
-@queues.command("pause")
-def pause_queue(
-    queue: QueueArg,
-    app_spec: AppOption = None,
-    redis_url: RedisOption = None,
-    namespace: NamespaceOption = None,
-) -> None:
-    """Workers stop taking tasks from QUEUE within a second; nothing queued is lost."""
-    app = open_app(app_spec, redis_url, namespace)
-    run_admin(app, lambda admin: admin.app.queues.pause(queue))
-    typer.echo(f"queue {queue!r} paused")
+def _queue_command(verb: str, doc: str) -> None:
+    def command(
+        queue: QueueArg,
+        app_spec: AppOption = None,
+        redis_url: RedisOption = None,
+        namespace: NamespaceOption = None,
+    ) -> None:
+        app = open_app(app_spec, redis_url, namespace)
+        run_admin(app, lambda admin: getattr(admin.app.queues, verb)(queue))
+        typer.echo(f"queue {queue!r} {verb}d")
+
+    command.__doc__ = doc
+    queues.command(verb)(command)
 
 
-@queues.command("resume")
-def resume_queue(
-    queue: QueueArg,
-    app_spec: AppOption = None,
-    redis_url: RedisOption = None,
-    namespace: NamespaceOption = None,
-) -> None:
-    """Workers take tasks from QUEUE again."""
-    app = open_app(app_spec, redis_url, namespace)
-    run_admin(app, lambda admin: admin.app.queues.resume(queue))
-    typer.echo(f"queue {queue!r} resumed")
+_queue_command("pause", "Workers stop taking tasks from QUEUE within a second; nothing is lost.")
+_queue_command("resume", "Workers take tasks from QUEUE again.")

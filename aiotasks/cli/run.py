@@ -186,6 +186,8 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None)
         except BrokerRefusedError as exc:
             problem, cause = str(exc), ""
         left = deadline - time.monotonic()
+        if worker is not None and worker.is_stopping:
+            return  # a signal came while waiting: run() sees the stop and ends at once
         if left <= 0:
             if cause:
                 raise fail(f"{problem} after {timeout:g} s: {cause}") from None
@@ -258,9 +260,11 @@ def _announce(app: App, worker: Worker, spec: str) -> None:
 async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeout: float) -> None:
     """Connect, run one worker until SIGTERM/SIGINT (a second signal exits at once)."""
     worker = app.worker(**worker_opts)
+    # Handlers first: preparing registers the worker, and from then on a SIGTERM must
+    # stop it gracefully (exit 0), not kill it with the default action.
+    _handle_signals(worker)
     await wait_for_redis(app, connect_timeout, worker)
     _announce(app, worker, spec)
-    _handle_signals(worker)
     try:
         await worker.run()
     except Exception as exc:  # a bug, not bad input: keep the traceback for the operator

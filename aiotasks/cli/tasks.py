@@ -20,6 +20,7 @@ from .common import (
     NamespaceOption,
     RedisOption,
     finite,
+    json_arg,
     open_app,
     run_admin,
 )
@@ -208,8 +209,8 @@ def send(
     """Send a task by name and print its id (with --wait, then its result as JSON)."""
     if not name.strip():
         raise fail("the task name is empty", 2)
-    task_args = _json_arg("--args", args, list)
-    task_kwargs = _json_arg("--kwargs", kwargs, dict)
+    task_args = json_arg("--args", args, list)
+    task_kwargs = json_arg("--kwargs", kwargs, dict)
     options: dict[str, Any] = {}
     if finite("--countdown", countdown):
         options["countdown"] = countdown
@@ -239,21 +240,6 @@ def send(
     result = run_admin(app, go)
     if wait:
         typer.echo(_result_text(result))
-
-
-def _json_arg(option: str, raw: str | None, kind: type) -> Any:
-    if raw is None:
-        return kind()
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise fail(f"{option} is not valid JSON ({exc}): {raw!r}", 2) from None
-    except RecursionError:
-        raise fail(f"{option} is nested too deeply", 2) from None
-    if not isinstance(value, kind):
-        want = "a JSON array, e.g. '[1, 2]'" if kind is list else "a JSON object, e.g. '{\"x\": 1}'"
-        raise fail(f"{option} must be {want}, got {raw!r}", 2)
-    return value
 
 
 def _encoding_hint(value: Any) -> str:
