@@ -510,31 +510,29 @@ class Admin:
         await self.check_queue(queue)
         streams = self.keys.streams(queue)
         ttl = self.app.settings.result_ttl
-        total = 0
-        more = b"1"
-        bounds = pack(await self._last_ids(streams))
-        while more != b"0":
-            n, more = await self.client.scripts.purge(
+
+        async def chunk(mode: str, bound: bytes) -> tuple[int, bytes]:
+            return await self.client.scripts.purge(
                 streams=streams,
                 queue=queue,
                 now_ms=int(now() * 1000),
                 ttl=ttl,
                 limit=PURGE_CHUNK,
-                mode="streams",
-                bound=bounds,
+                mode=mode,
+                bound=bound,
             )
+
+        total = 0
+        # Streams: the script answers whether more remain below the bounds taken now.
+        bounds = pack(await self._last_ids(streams))
+        more = b"1"
+        while more != b"0":
+            n, more = await chunk("streams", bounds)
             total += n
+        # The delayed set: a scan cursor, done when it comes back to "0".
         cursor = b"0"
         while True:
-            n, cursor = await self.client.scripts.purge(
-                streams=streams,
-                queue=queue,
-                now_ms=int(now() * 1000),
-                ttl=ttl,
-                limit=PURGE_CHUNK,
-                mode="delayed",
-                bound=cursor,
-            )
+            n, cursor = await chunk("delayed", cursor)
             total += n
             if cursor == b"0":
                 return total
