@@ -106,9 +106,10 @@ end
 -- Wake whoever waits on a task: its own channel carries the state (for updates() and
 -- handles of other processes); the reply channel of the process that sent it (stored in
 -- the task hash) carries the final state, and the encoded result, to result() waiters.
-local function notify(id, state, ct, result)
+-- `reply`: the hash's reply field when the caller has read it already (false: none).
+local function notify(id, state, ct, result, reply)
   redis.call('PUBLISH', K.done_channel(id), state)
-  local reply = redis.call('HGET', K.task(id), 'reply')
+  if reply == nil then reply = redis.call('HGET', K.task(id), 'reply') end
   if reply then
     local msg = id .. '\n' .. state
     if ct and result then msg = msg .. '\n' .. ct .. '\n' .. result end
@@ -225,33 +226,34 @@ local function send_errback(rec, failure, now_ms)
   enqueue_task('follow', rec, now_ms)
 end
 
+-- The task hash fields final_write needs, read in one HMGET (done() reads them with
+-- the state it checks, so a finish costs one read per task).
+local FINAL_READ = {'_eb', 'name', '_aliases', 'reply'}
+
 -- Record a final state with `fields` (a map), drop what only a live task needs, wake
 -- the waiters (with the result, when the fields hold one), and on FAILURE send the
--- errbacks stored with the task.
-local function final_write(id, state, fields, ttl, now_ms)
+-- errbacks stored with the task. `pre`: FINAL_READ's values when already read.
+local function final_write(id, state, fields, ttl, now_ms, pre)
   local tkey = K.task(id)
+  local h = pre or redis.call('HMGET', tkey, unpack(FINAL_READ))
   local cmd = {'HSET', tkey, 'state', state}
   for k, v in pairs(fields) do
     cmd[#cmd + 1] = k
     cmd[#cmd + 1] = v
   end
   redis.call(unpack(cmd))
-  if state == 'FAILURE' then
-    local h = redis.call('HMGET', tkey, '_eb', 'name')
-    if h[1] then
-      for _, rec in ipairs(read_record(h[1]) or {}) do
-        send_errback(rec, {task_id = id, name = h[2] or '', exc_type = fields.exc_type or '',
-          exc_message = fields.exc_message or ''}, now_ms)
-      end
+  if state == 'FAILURE' and h[1] then
+    for _, rec in ipairs(read_record(h[1]) or {}) do
+      send_errback(rec, {task_id = id, name = h[2] or '', exc_type = fields.exc_type or '',
+        exc_message = fields.exc_message or ''}, now_ms)
     end
   end
-  local aliases = read_record(redis.call('HGET', tkey, '_aliases'))
   redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases')
   redis.call('PEXPIRE', tkey, ttl * 1000)
-  notify(id, state, fields.ct, fields.result)
+  notify(id, state, fields.ct, fields.result, h[4])
   journal({state, id})
   -- The sends this debounced one superseded end as it did.
-  for _, alias in ipairs(aliases or {}) do
+  for _, alias in ipairs(read_record(h[3]) or {}) do
     cmd[2] = K.task(alias)
     redis.call(unpack(cmd))
     redis.call('PEXPIRE', cmd[2], ttl * 1000)
@@ -328,9 +330,38 @@ local function settle_unrun(id, state, exc_type, exc_message, cid, cix, tail, tt
   end
 end
 
+-- Entries to ack, by stream, when a script defers its acks (finish.lua: one XACK and
+-- one XDEL per stream per batch instead of two commands per task).
+local ACKS = nil
+
 local function ack(stream, entry_id)
+  if ACKS then
+    local ids = ACKS[stream]
+    if not ids then
+      ids = {}
+      ACKS[stream] = ids
+    end
+    ids[#ids + 1] = entry_id
+    return
+  end
   redis.call('XACK', stream, GROUP, entry_id)
   redis.call('XDEL', stream, entry_id)
+end
+
+local function defer_acks()
+  ACKS = {}
+end
+
+local function flush_acks()
+  local acks = ACKS
+  ACKS = nil
+  for stream, ids in pairs(acks or {}) do
+    for i = 1, #ids, 1000 do
+      local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+      redis.call('XACK', stream, GROUP, unpack(chunk))
+      redis.call('XDEL', stream, unpack(chunk))
+    end
+  end
 end
 
 -- Decide whether a delivered entry (fields `f`, a map) runs: an expired or revoked one

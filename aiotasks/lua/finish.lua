@@ -36,6 +36,7 @@
 
 local now_ms = tonumber(ARGV[1])
 local ops = unpack_arg(ARGV[2])
+defer_acks()
 
 -- Whether a task was revoked, or asked to be while it ran.
 local function revoked(id)
@@ -45,7 +46,9 @@ end
 
 local function done(op)
   local id, state, ttl = op.id, op.state, tonumber(op.ttl)
-  if revoked(id) then
+  -- One read for the revoke check and for what final_write needs (FINAL_READ).
+  local h = redis.call('HMGET', K.task(id), 'state', 'revoked_at', unpack(FINAL_READ))
+  if h[1] == 'REVOKED' or h[2] then
     -- Revoked while it ran (without terminate): it ends revoked, and what depends on
     -- it is settled as revoked.
     settle_unrun(id, 'REVOKED', nil, nil, op.cid, op.cix, op.tail, ttl, now_ms)
@@ -54,7 +57,7 @@ local function done(op)
     if op.ignore_result == 1 and state == 'SUCCESS' then
       f.result, f.ct = nil, nil
     end
-    final_write(id, state, f, ttl, now_ms)
+    final_write(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6]})
     if state ~= 'SUCCESS' then
       fail_task(op.tail, state, f.exc_type, f.exc_message, ttl, now_ms)
     end
@@ -64,7 +67,8 @@ local function done(op)
     end
   end
   release_slot(op.slot, id, now_ms)
-  -- Acked last: a script error above (they are not rolled back) leaves it pending.
+  -- Acked last (at the end of the batch): a script error above (they are not rolled
+  -- back) leaves it pending.
   ack(op.stream, op.entry)
 end
 
@@ -146,5 +150,6 @@ for _, op in ipairs(ops) do
     return redis.error_reply('finish.lua: unknown op ' .. tostring(name))
   end
 end
+flush_acks()
 flush_journal(now_ms)
 return #ops
