@@ -37,6 +37,7 @@ from .keys import GROUP, Keys
 from .message import now
 from .notifier import Notifier
 from .scripts import Scripts
+from .sendbatch import SendBatcher
 from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class _Connection:
     redis: Redis
     scripts: Scripts
     notifier: Notifier
+    sends: SendBatcher
 
 
 class Client:
@@ -155,8 +157,16 @@ class Client:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         redis = Redis(connection_pool=pool)
+        scripts = Scripts(redis, self.keys.prefix)
+
+        async def enqueue(tasks: list[dict[str, Any]], policy: RetryPolicy) -> list[int]:
+            async def call() -> list[int]:
+                return await scripts.enqueue(now_ms=now_ms(), mode=SEND, tasks=tasks)
+
+            return await self.with_retry(policy, call)
+
         self._conn = _Connection(
-            loop, pool, redis, Scripts(redis, self.keys.prefix), Notifier(s.redis_url, self.keys)
+            loop, pool, redis, scripts, Notifier(s.redis_url, self.keys), SendBatcher(enqueue)
         )
         return self._conn
 
@@ -230,16 +240,12 @@ class Client:
     # -- sending ------------------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[TaskRecord], policy: RetryPolicy) -> list[int]:
-        """Enqueue task records in one script call (1 = enqueued, 0 = a live id kept).
+        """Enqueue task records (1 = enqueued, 0 = a live id kept), in one script call
+        with whatever else this loop sends in the same turn (sendbatch.py).
 
         Ids are fixed before the first try, so a retried call never enqueues twice.
         """
-        tasks = [r.wire() for r in records]
-
-        async def call() -> list[int]:
-            return await self.scripts.enqueue(now_ms=now_ms(), mode=SEND, tasks=tasks)
-
-        return await self.with_retry(policy, call)
+        return await self._connect().sends.enqueue([r.wire() for r in records], policy)
 
     async def apply(self, ops: Sequence[Mapping[str, Any]], policy: RetryPolicy) -> None:
         """Apply finish.lua ops atomically (a canvas being sent), retried by `policy`."""

@@ -53,6 +53,34 @@ async def sequential_sends(url: str, n: int = 3000) -> dict[str, Any]:
     }
 
 
+async def concurrent_sends(url: str, n: int = 20_000, senders: int = 100) -> dict[str, Any]:
+    """`senders` coroutines each awaiting task.send() in a loop, as a busy web server does:
+    the sends of one loop turn go to Redis as one script call (sendbatch.py)."""
+    from aiotasks import App
+
+    app = App(redis_url=url, namespace=f"bench-conc-{uuid.uuid4().hex[:6]}")
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    async def sender(k: int) -> None:
+        for _ in range(k):
+            await noop.send()
+
+    async with app:
+        await asyncio.gather(*(sender(10) for _ in range(senders)))  # warm up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(sender(n // senders) for _ in range(senders)))
+        rate = n / (time.perf_counter() - t0)
+        await _drain_keys(app.client.redis, app.settings.namespace)
+    return {
+        "scenario": f"{senders} coroutines sending concurrently",
+        "sends_per_s": round(rate, 1),
+        "summary": f"{rate:,.0f} sends/s",
+    }
+
+
 async def scaling(
     url: str,
     tasks: int,
@@ -174,7 +202,7 @@ async def scaling(
 
 async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, Any]]:
     """Every aiotasks-only scenario, as JSON-able dicts with a `summary`."""
-    out = [await sequential_sends(url)]
+    out = [await sequential_sends(url), await concurrent_sends(url)]
     for processes in (1, 2, 4):
         print(f"[bench] scaling: {processes} process(es)", file=sys.stderr, flush=True)
         out.append(await scaling(url, tasks * 2, concurrency, processes))

@@ -13,6 +13,7 @@ import pytest
 from aiotasks import (
     App,
     BrokerConnectionError,
+    BrokerRefusedError,
     SerializationError,
     Signature,
     Task,
@@ -561,3 +562,85 @@ async def test_priority_bounds_are_accepted(app: App, priority: int) -> None:
 
     h = await add.apply_async((1, 2), priority=priority)
     assert await entry_ids(app, "default", priority) == [h.id]
+
+
+# -- automatic batching ------------------------------------------------------------------
+
+
+def count_enqueue_calls(app: App) -> list[int]:
+    """Record the number of task records of each enqueue.lua call (the real call runs)."""
+    scripts = app.client.scripts
+    sizes: list[int] = []
+    original = scripts.enqueue
+
+    async def counting(**kw: Any) -> list[int]:
+        sizes.append(len(kw["tasks"]))
+        return await original(**kw)
+
+    scripts.enqueue = counting  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_concurrent_sends_go_out_as_one_script_call(app: App, worker: StartWorker) -> None:
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    sizes = count_enqueue_calls(app)
+    handles = await asyncio.gather(*(double.send(i) for i in range(100)))
+    assert sizes == [100], "100 sends of one loop turn must be one enqueue.lua call"
+    assert len({h.id for h in handles}) == 100
+    assert sorted(await entry_ids(app)) == sorted(h.id for h in handles)
+    await worker()
+    assert [await h.result(timeout=10) for h in handles] == [2 * i for i in range(100)]
+
+
+async def test_a_lone_send_is_not_delayed_into_a_later_batch(app: App) -> None:
+    @app.task
+    async def noop() -> None:
+        return None
+
+    sizes = count_enqueue_calls(app)
+    for _ in range(3):
+        await noop.send()
+    assert sizes == [1, 1, 1]
+
+
+async def test_a_refused_record_fails_only_its_own_sender(app: App) -> None:
+    @app.task
+    async def noop() -> None:
+        return None
+
+    sends = app.client._connect().sends
+    # A record enqueue.lua cannot take (no queue): Redis refuses the script call.
+    bad = sends.enqueue([{"id": "broken", "v": 1}], app.settings.retry_policy)
+    good = [noop.send() for _ in range(5)]
+    out = await asyncio.gather(bad, *good, return_exceptions=True)
+    assert isinstance(out[0], BrokerRefusedError)
+    handles = out[1:]
+    assert all(isinstance(h, TaskHandle) for h in handles)
+    assert sorted(await entry_ids(app)) == sorted(h.id for h in handles)  # type: ignore[union-attr]
+
+
+async def test_concurrent_sends_of_one_id_enqueue_it_once(app: App) -> None:
+    @app.task
+    async def noop() -> None:
+        return None
+
+    handles = await asyncio.gather(*(noop.apply_async(task_id="same-id") for _ in range(10)))
+    assert {h.id for h in handles} == {"same-id"}
+    assert await entry_ids(app) == ["same-id"]
+
+
+async def test_a_cancelled_sender_does_not_break_the_batch(app: App) -> None:
+    @app.task
+    async def noop() -> None:
+        return None
+
+    doomed = asyncio.ensure_future(noop.send())
+    others = [asyncio.ensure_future(noop.send()) for _ in range(3)]
+    await asyncio.sleep(0)
+    doomed.cancel()
+    handles = await asyncio.gather(*others)
+    assert len({h.id for h in handles}) == 3
+    assert set(h.id for h in handles) <= set(await entry_ids(app))
