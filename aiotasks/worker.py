@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger(__name__)
+
+#: Python 3.12+ can start a task eagerly (asyncio.Task(eager_start=True)).
+_EAGER = sys.version_info >= (3, 12)
 task_log = logging.getLogger("aiotasks.worker")
 
 # A start or release call that fails is not fatal: the entry is run, or left pending.
@@ -498,7 +502,15 @@ class Worker:
             return
         ex = Execution(self._runtime, d, Lease(self.slots, held))
         self._running[d.key] = ex
-        ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
+        if _EAGER:
+            # Runs at once, up to its first suspension: a body that never suspends
+            # finishes here without ever being scheduled (ex.task is set before any
+            # timer or revoke can need it, since those run only once it suspends).
+            ex.task = asyncio.Task(  # type: ignore[call-arg,unused-ignore]
+                self._execute(ex), loop=asyncio.get_running_loop(), eager_start=True
+            )
+        else:
+            ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
 
     async def _execute(self, ex: Execution) -> None:
         outcome: Outcome | None = None
