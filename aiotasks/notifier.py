@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import msgpack  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -215,18 +216,32 @@ class Notifier:
                 confirm.set_result(None)
 
     def _reply(self, data: bytes) -> None:
+        if data[:1] == b"\n":
+            # A batch: "\n" + msgpack [[id, state(, content type, result bytes)], ...]
+            try:
+                batch = msgpack.unpackb(data[1:], raw=True)
+            except Exception:
+                log.warning("notifier: unreadable reply batch of %d bytes", len(data))
+                return
+            for item in batch:
+                if isinstance(item, list) and len(item) in (2, 4):
+                    self._wake(item[0].decode(), item[1].decode(), *item[2:])
+            return
         # "<id>\n<state>" or "<id>\n<state>\n<content type>\n<result bytes>"
         parts = data.split(b"\n", 3)
-        watchers = self._replies.get(parts[0].decode())
-        if not watchers:
-            return
-        note: Note = (
-            (parts[1].decode(), parts[2], parts[3])
-            if len(parts) == 4
-            else (parts[1].decode(), None, None)
-        )
-        for w in watchers:
-            w.put(note)
+        if len(parts) == 4:
+            self._wake(parts[0].decode(), parts[1].decode(), parts[2], parts[3])
+        elif len(parts) == 2:
+            self._wake(parts[0].decode(), parts[1].decode())
+
+    def _wake(
+        self, task_id: str, state: str, ct: bytes | None = None, data: bytes | None = None
+    ) -> None:
+        watchers = self._replies.get(task_id)
+        if watchers:
+            note: Note = (state, ct, data)
+            for w in watchers:
+                w.put(note)
 
     def _broadcast(self, note: Note) -> None:
         for watchers in [*self._watches.values(), *self._replies.values()]:

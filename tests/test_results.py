@@ -371,3 +371,33 @@ async def test_many_waiters_share_one_subscription(
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def test_results_of_one_batch_reach_their_sender_in_one_message(
+    app: App, worker: StartWorker
+) -> None:
+    """A worker's batch of finals for one sender is one PUBLISH on its reply channel; results
+    holding newlines and arbitrary bytes arrive intact, each to its own waiter."""
+
+    @app.task(serializer="msgpack")
+    async def blob(i: int) -> bytes:
+        return b"line\n" + bytes([i % 256]) * (i % 7) + b"\n\x00end"
+
+    notifier = app.client.notifier
+    await notifier.ensure_reply()
+    seen: list[bytes] = []
+    original = notifier._reply
+
+    def recording(data: bytes) -> None:
+        seen.append(data)
+        original(data)
+
+    notifier._reply = recording  # type: ignore[method-assign]
+    handles = await blob.send_many([((i,), None) for i in range(200)])
+    waiters = [asyncio.ensure_future(h.result(timeout=30)) for h in handles]
+    await worker(concurrency=50)
+    results = await asyncio.gather(*waiters)
+    assert results == [b"line\n" + bytes([i % 256]) * (i % 7) + b"\n\x00end" for i in range(200)]
+    batches = [d for d in seen if d.startswith(b"\n")]
+    assert batches, "a batch of finals for one sender must arrive as one message"
+    assert len(seen) < 200

@@ -103,6 +103,10 @@ local function flush_journal(now_ms)
   JOURNAL = {}
 end
 
+-- Final states for reply channels, by channel, when a script batches them (finish.lua):
+-- one PUBLISH per sender per batch instead of one per task.
+local REPLIES = nil
+
 -- Wake whoever waits on a task: its own channel carries the state (for updates() and
 -- handles of other processes); the reply channel of the process that sent it (stored in
 -- the task hash) carries the final state, and the encoded result, to result() waiters.
@@ -110,10 +114,40 @@ end
 local function notify(id, state, ct, result, reply)
   redis.call('PUBLISH', K.done_channel(id), state)
   if reply == nil then reply = redis.call('HGET', K.task(id), 'reply') end
-  if reply then
-    local msg = id .. '\n' .. state
-    if ct and result then msg = msg .. '\n' .. ct .. '\n' .. result end
-    redis.call('PUBLISH', reply, msg)
+  if not reply then return end
+  if REPLIES then
+    local batch = REPLIES[reply]
+    if not batch then
+      batch = {}
+      REPLIES[reply] = batch
+    end
+    batch[#batch + 1] = (ct and result) and {id, state, ct, result} or {id, state}
+    return
+  end
+  local msg = id .. '\n' .. state
+  if ct and result then msg = msg .. '\n' .. ct .. '\n' .. result end
+  redis.call('PUBLISH', reply, msg)
+end
+
+local function batch_replies()
+  REPLIES = {}
+end
+
+-- One message per reply channel: a single final state as "<id>\n<state>[\n<ct>\n<result>]",
+-- several as "\n" + a msgpack array of {id, state[, ct, result]} (an id never holds a
+-- newline, so the leading one tells the two apart).
+local function flush_replies()
+  local replies = REPLIES
+  REPLIES = nil
+  for channel, batch in pairs(replies or {}) do
+    if #batch == 1 then
+      local m = batch[1]
+      local msg = m[1] .. '\n' .. m[2]
+      if m[3] then msg = msg .. '\n' .. m[3] .. '\n' .. m[4] end
+      redis.call('PUBLISH', channel, msg)
+    else
+      redis.call('PUBLISH', channel, '\n' .. cmsgpack.pack(batch))
+    end
   end
 end
 

@@ -37,6 +37,7 @@
 local now_ms = tonumber(ARGV[1])
 local ops = unpack_arg(ARGV[2])
 defer_acks()
+batch_replies()
 
 -- Whether a task was revoked, or asked to be while it ran.
 local function revoked(id)
@@ -150,6 +151,7 @@ for _, op in ipairs(ops) do
     return redis.error_reply('finish.lua: unknown op ' .. tostring(name))
   end
 end
+flush_replies()
 flush_acks()
 flush_journal(now_ms)
 return #ops
