@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -148,6 +149,10 @@ def main() -> int:
         rss = HERE / "notifier_rss.py"
         extra_rows.append(run_script(sys.executable, rss, ["--redis-url", a.redis_url], 300))
 
+    print(
+        f"\naiotasks ran on Python {platform.python_version()} ({sys.executable}); "
+        "another interpreter: make bench PY=/path/to/python3.13 VENV=.venv-3.13"
+    )
     print(f"\n## One worker process, concurrency {a.concurrency}, {a.tasks:,} no-op tasks\n")
     print(library_table(rows))
     best_peer = max((r.get("worker_per_s") or 0 for r in rows[1:]), default=0)
