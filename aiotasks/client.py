@@ -101,6 +101,11 @@ def _name(group: dict[Any, Any]) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+#: Seconds a watch mark (scripts.watch) keeps the hash of a task not sent yet; one that
+#: is sent gets its own TTL.
+WATCH_MARK_TTL = 86_400
+
+
 def now_ms() -> int:
     """Wall-clock milliseconds, as scripts take them."""
     return int(now() * 1000)
@@ -165,8 +170,11 @@ class Client:
 
             return await self.with_retry(policy, call)
 
+        async def mark(task_id: str) -> int:
+            return await scripts.watch(task_id=task_id, ttl=WATCH_MARK_TTL)
+
         self._conn = _Connection(
-            loop, pool, redis, scripts, Notifier(s.redis_url, self.keys), SendBatcher(enqueue)
+            loop, pool, redis, scripts, Notifier(s.redis_url, self.keys, mark), SendBatcher(enqueue)
         )
         return self._conn
 

@@ -50,7 +50,7 @@ class _Sight:
 
     def check(self, task_id: str, raw: dict[bytes, bytes], notifier: Notifier) -> None:
         """Note a read of the task hash; raise TaskLost if its record vanished."""
-        if raw:
+        if b"state" in raw:  # a hash holding only a watch mark (_w) is no record
             self.live, self.epoch, self.ridden_out = True, notifier.reconnects, False
         elif self.live and (self.ridden_out or notifier.reconnects > self.epoch):
             raise TaskLost(task_id)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -59,12 +59,16 @@ class Watch:
 class Notifier:
     """Shared subscription for all task waiters of one App."""
 
-    def __init__(self, url: str, keys: Keys) -> None:
+    def __init__(
+        self, url: str, keys: Keys, mark: Callable[[str], Awaitable[object]] | None = None
+    ) -> None:
+        """`mark`: marks a task watched (scripts.watch, on the App's own pool)."""
         # A connection of its own, without redis-py's silent retries: the reader must see
         # a lost connection to tell every waiter to re-read what it may have missed.
         # RESP2: under RESP3 every message is a push reply, and hiredis-py leaks about
         # 95 bytes per push reply (benchmarks/notifier_rss.py measures it).
         self._redis = Redis.from_url(url, protocol=2)
+        self._mark = mark
         self._keys = keys
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex[:16])
         self._pubsub: PubSub | None = None
@@ -79,8 +83,14 @@ class Notifier:
 
     @asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[Watch]:
-        """Subscribe to a task's own channel for the duration of the block."""
+        """Subscribe to a task's own channel for the duration of the block.
+
+        The task is marked watched once subscribed (watch.lua): only then do the scripts
+        publish its state changes there. Read the task after entering the block.
+        """
         async with self.listen(self._keys.done_channel(task_id)) as w:
+            if self._mark is not None:
+                await self._mark(task_id)
             yield w
 
     @asynccontextmanager

@@ -31,6 +31,7 @@ NAMES = (
     "purge",
     "requeue",
     "acquire",
+    "watch",
 )
 
 
@@ -142,6 +143,12 @@ class Scripts:
         """Take concurrency slots ({key, limit, id, lease} each); 1 = held, 0 = at limit."""
         return await self._s["acquire"](  # type: ignore[no-any-return]
             keys=[self.prefix], args=[now_ms, pack(requests)]
+        )
+
+    async def watch(self, *, task_id: str, ttl: int) -> int:
+        """Mark a task watched: its STARTED and final state get published (watch.lua)."""
+        return await self._s["watch"](  # type: ignore[no-any-return]
+            keys=[self.prefix], args=[task_id, ttl]
         )
 
     async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Record]) -> int:

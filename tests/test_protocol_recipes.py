@@ -92,9 +92,11 @@ class Producer:
         )
 
     async def result(self, task_id: str, timeout: float = 10) -> dict[bytes, bytes]:
-        """SUBSCRIBE done:<id> first, then HGETALL; again on each final state message."""
+        """SUBSCRIBE done:<id> first, mark the task watched, then HGETALL; again on each
+        final state message."""
         pubsub = self.r.pubsub()
         await pubsub.subscribe(f"{self.P}done:{task_id}")
+        await self.r.hset(f"{self.P}t:{task_id}", "_w", 1)
         try:
             async with asyncio.timeout(timeout):
                 while True:

@@ -401,3 +401,37 @@ async def test_results_of_one_batch_reach_their_sender_in_one_message(
     batches = [d for d in seen if d.startswith(b"\n")]
     assert batches, "a batch of finals for one sender must arrive as one message"
     assert len(seen) < 200
+
+
+async def test_a_task_nobody_watches_costs_no_publish_on_its_channel(
+    app: App, worker: StartWorker
+) -> None:
+    """STARTED and the final state go to a task's own channel only once someone watches it
+    (handle.updates(), or a handle of another App): a raw subscriber that did not mark the
+    task hears nothing, a marked one hears both."""
+
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    redis = app.client.redis
+    pubsub = redis.pubsub()
+    unwatched = await double.send(1)
+    watched = await double.send(2)
+    await pubsub.subscribe(app.client.keys.done_channel(unwatched.id))
+    await pubsub.subscribe(app.client.keys.done_channel(watched.id))
+    await app.client.scripts.watch(task_id=watched.id, ttl=60)
+    try:
+        await worker()
+        assert await unwatched.result(timeout=10) == 2
+        assert await watched.result(timeout=10) == 4
+        heard: dict[str, list[bytes]] = {unwatched.id: [], watched.id: []}
+        async with asyncio.timeout(5):
+            while len(heard[watched.id]) < 2:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if msg is not None:
+                    heard[msg["channel"].decode().rsplit(":", 1)[1]].append(msg["data"])
+        assert heard[watched.id] == [b"STARTED", b"SUCCESS"]
+        assert heard[unwatched.id] == []
+    finally:
+        await pubsub.aclose()

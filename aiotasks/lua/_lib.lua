@@ -110,9 +110,11 @@ local REPLIES = nil
 -- Wake whoever waits on a task: its own channel carries the state (for updates() and
 -- handles of other processes); the reply channel of the process that sent it (stored in
 -- the task hash) carries the final state, and the encoded result, to result() waiters.
--- `reply`: the hash's reply field when the caller has read it already (false: none).
-local function notify(id, state, ct, result, reply)
-  redis.call('PUBLISH', K.done_channel(id), state)
+-- `reply`: the hash's reply field when the caller has read it already (false: none);
+-- `watched`: its watch mark (`_w`, see watch.lua) when read (false: nobody watches, so
+-- the task's own channel is skipped; nil: not read, so it is published).
+local function notify(id, state, ct, result, reply, watched)
+  if watched ~= false then redis.call('PUBLISH', K.done_channel(id), state) end
   if reply == nil then reply = redis.call('HGET', K.task(id), 'reply') end
   if not reply then return end
   if REPLIES then
@@ -173,8 +175,13 @@ local function xadd_task(t, ttl, now_ms, enqueued_at)
   local tkey = K.task(t.id)
   -- _e/_st name the task's one live entry: an older entry of the same id (revoked, then
   -- sent again) is stale and must not run, and a revoke deletes the entry outright.
-  redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
-    'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream)
+  if t.reply and t.reply ~= '' then
+    redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
+      'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream, 'reply', t.reply)
+  else
+    redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
+      'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream)
+  end
   journal({'PENDING', t.id, t.name, t.queue})
   if t.eb then redis.call('HSET', tkey, '_eb', cmsgpack.pack(t.eb)) end
   redis.call('PEXPIRE', tkey, ttl * 1000)
@@ -186,6 +193,7 @@ local function schedule_task(t, ttl, now_ms, due_ms)
   local tkey = K.task(t.id)
   redis.call('HSET', tkey, 'state', 'SCHEDULED', 'name', t.name, 'queue', t.queue,
     'enqueued_at', now_ms, 'eta', due_ms, '_rec', cmsgpack.pack(t))
+  if t.reply and t.reply ~= '' then redis.call('HSET', tkey, 'reply', t.reply) end
   redis.call('PEXPIRE', tkey, ttl * 1000 + (due_ms - now_ms))
   redis.call('ZADD', K.delayed(), due_ms, t.id)
   journal({'SCHEDULED', t.id, t.name, t.queue})
@@ -219,7 +227,7 @@ end
 -- Returns 1 when enqueued, 0 when skipped.
 local function enqueue_task(mode, t, now_ms)
   local tkey = K.task(t.id)
-  local cur = redis.call('HMGET', tkey, 'state', 'retries', '_replaced')
+  local cur = redis.call('HMGET', tkey, 'state', 'retries', '_replaced', '_w')
   local state = cur[1]
   local again = mode == 'retry' or mode == 'defer'
   if cur[3] and not again then
@@ -235,7 +243,11 @@ local function enqueue_task(mode, t, now_ms)
     return 0
   end
   -- A new send of a finished id starts a clean record; a retry keeps its own.
-  if state and not again then redis.call('DEL', tkey) end
+  if state and not again then
+    redis.call('DEL', tkey)
+    -- Someone watching the id (watch.lua) goes on hearing of its new run.
+    if cur[4] then redis.call('HSET', tkey, '_w', 1) end
+  end
   if t.r and t.r ~= '' then redis.call('HSET', tkey, 'retries', t.r) end
   local due_ms = math.max(tonumber(t.due) or 0, now_ms + (tonumber(t.delay) or 0))
   t.due, t.delay = nil, nil
@@ -246,7 +258,6 @@ local function enqueue_task(mode, t, now_ms)
   else
     xadd_task(t, t.ttl, now_ms)
   end
-  if t.reply and t.reply ~= '' then redis.call('HSET', tkey, 'reply', t.reply) end
   return 1
 end
 
@@ -262,7 +273,7 @@ end
 
 -- The task hash fields final_write needs, read in one HMGET (done() reads them with
 -- the state it checks, so a finish costs one read per task).
-local FINAL_READ = {'_eb', 'name', '_aliases', 'reply'}
+local FINAL_READ = {'_eb', 'name', '_aliases', 'reply', '_w'}
 
 -- Record a final state with `fields` (a map), drop what only a live task needs, wake
 -- the waiters (with the result, when the fields hold one), and on FAILURE send the
@@ -284,7 +295,7 @@ local function final_write(id, state, fields, ttl, now_ms, pre)
   end
   redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases')
   redis.call('PEXPIRE', tkey, ttl * 1000)
-  notify(id, state, fields.ct, fields.result, h[4])
+  notify(id, state, fields.ct, fields.result, h[4], h[5])
   journal({state, id})
   -- The sends this debounced one superseded end as it did.
   for _, alias in ipairs(read_record(h[3]) or {}) do
@@ -405,7 +416,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   local id = f.id
   if not id then return true end  -- undecodable: the worker dead-letters it
   local tkey = K.task(id)
-  local h = redis.call('HMGET', tkey, 'state', '_e', 'revoked_at')
+  local h = redis.call('HMGET', tkey, 'state', '_e', 'revoked_at', '_w')
   if h[2] and h[2] ~= entry_id then
     -- A stale entry: the id was revoked and sent again, and that newer entry runs.
     ack(stream, entry_id)
@@ -420,7 +431,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   end
   redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', now_ms, 'worker', worker,
     'attempts', (tonumber(f.r) or 0) + deliveries)
-  redis.call('PUBLISH', K.done_channel(id), 'STARTED')
+  if h[4] then redis.call('PUBLISH', K.done_channel(id), 'STARTED') end
   journal({'STARTED', id})
   return true
 end

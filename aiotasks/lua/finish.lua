@@ -58,7 +58,7 @@ local function done(op)
     if op.ignore_result == 1 and state == 'SUCCESS' then
       f.result, f.ct = nil, nil
     end
-    final_write(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6]})
+    final_write(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6], h[7]})
     if state ~= 'SUCCESS' then
       fail_task(op.tail, state, f.exc_type, f.exc_message, ttl, now_ms)
     end
