@@ -288,7 +288,7 @@ class App:
         built: Sequence[tuple[Message, int]],
         retry_policy: RetryPolicy | dict[str, Any] | None,
     ) -> list[TaskHandle[Any]]:
-        policy = RetryPolicy.of(retry_policy) if retry_policy else self.settings.retry_policy
+        policy = RetryPolicy.of(retry_policy) if retry_policy else self.client.retry_policy
         client, encoding = self.client, self.settings.encoding
         reply = client.notifier.reply_channel
         records = [m.record(ttl, reply=reply, **encoding) for m, ttl in built]

@@ -181,7 +181,7 @@ async def _apply(app: App, node: Node, policy: Any) -> None:
     ops = Compiler(app, app.client).ops(node)
     from .config import RetryPolicy
 
-    await app.client.apply(ops, RetryPolicy.of(policy) if policy else app.settings.retry_policy)
+    await app.client.apply(ops, RetryPolicy.of(policy) if policy else app.client.retry_policy)
 
 
 def _app_of(canvas: Any) -> App | None:

@@ -29,10 +29,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import codec
-from .config import RetryPolicy, Settings, redact_url
+from . import codec, topology
+from .config import InvalidRedisURL, RetryPolicy, Settings, redact_url
 from .contract import SEND, TaskRecord, unpack_reply
-from .errors import CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
+from .errors import CLUSTER_TRANSIENT, CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
 from .keys import GROUP, Keys
 from .message import now
 from .notifier import Notifier
@@ -116,7 +116,7 @@ class _Connection:
     """What belongs to one event loop: the pool, its client, scripts and notifier."""
 
     loop: asyncio.AbstractEventLoop | None
-    pool: BlockingConnectionPool
+    pool: BlockingConnectionPool | None  # None: a cluster's or Sentinel's client owns its pools
     redis: Redis
     scripts: Scripts
     notifier: Notifier
@@ -134,6 +134,16 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
+        try:
+            self.topology = topology.parse(settings.redis_url)
+        except ValueError as exc:
+            shown = redact_url(settings.redis_url)
+            raise InvalidRedisURL(f"invalid Redis URL {shown!r}: {exc}") from None
+        #: send's retry policy unless a send names one: the App's, or behind a Cluster or
+        #: Sentinel URL and left at the default, one that outlasts a normal failover.
+        self.retry_policy = settings.retry_policy
+        if self.topology.failover and settings.retry_policy == RetryPolicy():
+            self.retry_policy = RetryPolicy.of(topology.FAILOVER_RETRIES)
         #: Largest result body read back (results are written under max_message_size).
         self.read_limit = max(settings.max_message_size, codec.MAX_SIZE)
         self._conn: _Connection | None = None
@@ -149,19 +159,34 @@ class Client:
                 conn.loop = loop
             return conn
         s = self.settings
-        # A blocking pool makes a burst of sends wait for a connection instead of
-        # failing with MaxConnectionsError past the limit.
-        pool = BlockingConnectionPool.from_url(
-            s.redis_url,
-            max_connections=s.max_connections,
-            timeout=None,
-            health_check_interval=30,
-            # A pooled connection that died with the server (a restart, a failover) is
-            # replaced on its next use instead of failing that command.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        redis = Redis(connection_pool=pool)
+        top = self.topology
+        pool: BlockingConnectionPool | None = None
+        pick: Callable[[], Awaitable[Redis]] | None = None
+        if top.kind == "single":
+            # A blocking pool makes a burst of sends wait for a connection instead of
+            # failing with MaxConnectionsError past the limit.
+            pool = BlockingConnectionPool.from_url(
+                s.redis_url,
+                max_connections=s.max_connections,
+                timeout=None,
+                health_check_interval=30,
+                # A pooled connection that died with the server (a restart, a failover)
+                # is replaced on its next use instead of failing that command.
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            )
+            redis = Redis(connection_pool=pool)
+            listener = None
+        else:
+            # A Cluster or a Sentinel-managed primary: redis-py's clients follow
+            # failovers (and, on a cluster, slot moves).
+            redis = topology.command_client(top, s.max_connections)
+            listener = topology.listener(top)
+            if top.kind == "cluster":
+
+                async def pick() -> Redis:
+                    return await topology.pubsub_client(top)
+
         scripts = Scripts(redis, self.keys.prefix)
 
         async def enqueue(tasks: list[dict[str, Any]], policy: RetryPolicy) -> list[int]:
@@ -173,9 +198,8 @@ class Client:
         async def mark(task_id: str) -> int:
             return await scripts.watch(task_id=task_id, ttl=WATCH_MARK_TTL)
 
-        self._conn = _Connection(
-            loop, pool, redis, scripts, Notifier(s.redis_url, self.keys, mark), SendBatcher(enqueue)
-        )
+        notifier = Notifier(s.redis_url, self.keys, mark, redis=listener, pick=pick)
+        self._conn = _Connection(loop, pool, redis, scripts, notifier, SendBatcher(enqueue))
         return self._conn
 
     @property
@@ -205,7 +229,8 @@ class Client:
             # A connection of another (finished) loop is dropped, not closed from here.
             await conn.notifier.close()
             await conn.redis.aclose()
-            await conn.pool.disconnect()
+            if conn.pool is not None:
+                await conn.pool.disconnect()
 
     async def ping(self) -> None:
         """Check that Redis answers.
@@ -221,6 +246,14 @@ class Client:
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from exc
 
+    def _transient(self, exc: BaseException) -> bool:
+        """A cluster error that a failover or slot move explains (CLUSTERDOWN, TRYAGAIN,
+        MOVED/ASK), or a primary turned replica (READONLY) behind a Cluster or Sentinel URL:
+        worth retrying. Against one server READONLY is a refusal (a replica's URL)."""
+        if isinstance(exc, CLUSTER_TRANSIENT):
+            return True
+        return isinstance(exc, ReadOnlyError) and self.topology.failover
+
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call`, retrying connection errors (and a loading server) by `policy`.
 
@@ -234,7 +267,10 @@ class Client:
             try:
                 return await call()
             except (ResponseError, *_REFUSED_CONNECTION) as exc:
-                raise refusal(self.url, exc) from exc
+                if not self._transient(exc) or retry >= policy.max_retries:
+                    raise refusal(self.url, exc) from exc
+                await asyncio.sleep(policy.delay(retry))
+                retry += 1
             except CONNECTION_ERRORS as exc:
                 if retry >= policy.max_retries:
                     if isinstance(exc, BusyLoadingError):
@@ -351,10 +387,16 @@ class Client:
 
     async def store_progress(self, task_id: str, meta: dict[str, Any]) -> None:
         """Store progress metadata in the task hash and notify watchers."""
-        key = self.keys.task(task_id)
+        key, channel = self.keys.task(task_id), self.keys.done_channel(task_id)
+        packed = codec.encode(meta, "msgpack")[0]
+        if self.topology.kind == "cluster":
+            # A cluster pipeline takes no PUBLISH (it has no key): stored, then published.
+            await cast(Any, self.redis).hset(key, "progress", packed)
+            await self.redis.publish(channel, "progress")
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
-            cast(Any, pipe).hset(key, "progress", codec.encode(meta, "msgpack")[0])
-            pipe.publish(self.keys.done_channel(task_id), "progress")
+            cast(Any, pipe).hset(key, "progress", packed)
+            pipe.publish(channel, "progress")
             await pipe.execute()
 
     async def rate_wait(self, task_name: str, interval_ms: float) -> int:

@@ -22,7 +22,15 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 #: The environment variables that name the Redis URL, the first set (and non-empty) wins.
 ENV_VARS = ("AIOTASKS_REDIS_URL", "REDIS_URL")
 #: URL schemes the connection pool accepts.
-SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
+SUPPORTED_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 #: What replaces a password.
 HIDDEN = "***"
 
@@ -128,7 +136,14 @@ def check_redis_url(url: str) -> None:
     """
     shown = redact_url(url)
     problem = _url_problem(url)
-    if problem is None:
+    if problem is None and "+" in url.partition("://")[0]:
+        from .topology import parse
+
+        try:
+            parse(url)
+        except ValueError as exc:
+            problem = str(exc).rstrip(".")
+    elif problem is None:
         from redis.asyncio.connection import parse_url
 
         try:
@@ -141,11 +156,17 @@ def check_redis_url(url: str) -> None:
 
 def _url_problem(url: str) -> str | None:
     scheme, sep, _ = url.partition("://")
-    expected = "expected redis://host:port/db, rediss://host:port/db or unix:///path/to/socket"
+    expected = (
+        "expected redis://host:port/db, rediss://host:port/db, unix:///path/to/socket, "
+        "redis+cluster://host:port[,host:port...] or "
+        "redis+sentinel://host:port[,host:port...]/service"
+    )
     if not sep:
         return f"not a URL ({expected})"
     if scheme not in SUPPORTED_SCHEMES:
         return f"unsupported scheme {scheme + '://'!r} ({expected})"
+    if "+" in scheme:
+        return None  # topology.parse reads the host list and the service
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -69,12 +69,11 @@ async def _config(redis: Redis) -> dict[str, str]:
     """save, appendonly and maxmemory-policy, from CONFIG GET or else from INFO."""
     names = ("save", "appendonly", "maxmemory-policy")
     try:
-        # One name per call: CONFIG GET takes several only from Redis 7.
-        async with redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.config_get(name)
-            replies = await pipe.execute()
-        return {k: _text(v) for reply in replies for k, v in dict(reply).items()}
+        # One name per call: CONFIG GET takes several only from Redis 7. Not pipelined:
+        # a cluster client cannot pipeline a command without a key (a worker's start
+        # pays three round trips).
+        replies = [await redis.config_get(name) for name in names]
+        return {_text(k): _text(v) for reply in replies for k, v in dict(reply).items()}
     except ResponseError:  # NOPERM, or CONFIG renamed away
         pass
     persistence = await redis.info("persistence")

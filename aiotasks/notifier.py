@@ -60,14 +60,22 @@ class Notifier:
     """Shared subscription for all task waiters of one App."""
 
     def __init__(
-        self, url: str, keys: Keys, mark: Callable[[str], Awaitable[object]] | None = None
+        self,
+        url: str,
+        keys: Keys,
+        mark: Callable[[str], Awaitable[object]] | None = None,
+        redis: Redis | None = None,
+        pick: Callable[[], Awaitable[Redis]] | None = None,
     ) -> None:
-        """`mark`: marks a task watched (scripts.watch, on the App's own pool)."""
+        """`mark`: marks a task watched (scripts.watch, on the App's own pool).
+        `redis`: the client to subscribe with (default: one for `url`); `pick`: gives a
+        client of another node when a reconnect fails (a cluster node that died)."""
         # A connection of its own, without redis-py's silent retries: the reader must see
         # a lost connection to tell every waiter to re-read what it may have missed.
         # RESP2: under RESP3 every message is a push reply, and hiredis-py leaks about
         # 95 bytes per push reply (benchmarks/notifier_rss.py measures it).
-        self._redis = Redis.from_url(url, protocol=2)
+        self._redis = redis if redis is not None else Redis.from_url(url, protocol=2)
+        self._pick = pick
         self._mark = mark
         self._keys = keys
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex[:16])
@@ -189,6 +197,12 @@ class Notifier:
                 await asyncio.sleep(backoff.next())
                 try:
                     async with self._cmd_lock:
+                        if self._pick is not None:
+                            # Another node may answer where this one died.
+                            old, self._redis = self._redis, await self._pick()
+                            await cast(Any, pubsub).aclose()
+                            await old.aclose()
+                            pubsub = self._pubsub = self._redis.pubsub()
                         await cast(Any, pubsub).connect()
                         if self._watches:
                             await pubsub.subscribe(*self._watches)

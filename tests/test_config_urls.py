@@ -113,6 +113,10 @@ def test_settings_repr_hides_the_password() -> None:
         "unix:///run/redis.sock?db=2",
         "redis://[::1]:6379/0",
         "redis://h/0?socket_timeout=1.5",
+        "redis+cluster://h1:7000,h2:7001,h3:7002",
+        "rediss+cluster://:pw@h1:7000?ssl_cert_reqs=none",
+        "redis+sentinel://h1:26379,h2:26379/mymaster",
+        "redis+sentinel://:pw@h1:26379/mymaster/2?sentinel_password=spw",
     ],
 )
 def test_good_urls_pass(url: str) -> None:
@@ -123,7 +127,11 @@ def test_good_urls_pass(url: str) -> None:
     ("url", "problem"),
     [
         ("http://h:6379/0", "unsupported scheme 'http://'"),
-        ("redis+sentinel://h:26379/m", "unsupported scheme 'redis+sentinel://'"),
+        ("redis+sentinel://h:26379", "no service name"),
+        ("redis+sentinel://h:26379/m/x", "expected /<service> or /<service>/<db>"),
+        ("redis+cluster://h:70000", "the port of 'h:70000' is not a port"),
+        ("redis+cluster://h:7000/2", "a cluster has only database 0"),
+        ("redis+memcached://h:1", "unsupported scheme 'redis+memcached://'"),
         ("localhost:6379", "not a URL"),
         ("redis://h:notaport/0", "the port is not a number: 'notaport'"),
         ("redis://h:99999/0", "the port is out of range"),

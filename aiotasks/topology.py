@@ -1,0 +1,173 @@
+"""Where Redis is: one server, a Cluster, or a Sentinel-managed primary, from the URL.
+
+- `redis://`, `rediss://`, `unix://`: one server (redis-py's connection pool).
+- `redis+cluster://h1:7000,h2:7001[?...]` (`rediss+cluster://` for TLS): a Redis or Valkey
+  Cluster through redis-py's RedisCluster, seeded by any of the listed nodes. Every key
+  of a namespace carries its `{namespace}` hash tag, so each script is one atomic call
+  on the master that owns that slot.
+- `redis+sentinel://h1:26379,h2:26379/<service>[/db][?...]` (`rediss+sentinel://`: TLS to
+  the primary): the primary Sentinel names for `<service>`, followed across failovers by
+  redis-py's Sentinel support.
+
+Query parameters (`?password=`, `?ssl_cert_reqs=`, ...) and the userinfo's credentials go
+to every node (for Sentinel: to the primary and its replicas; `sentinel_password=` /
+`sentinel_username=` to the Sentinels themselves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.sentinel import Sentinel
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+#: How `send` retries by default against a Cluster or Sentinel: long enough to ride out a
+#: normal failover (a cluster's node timeout plus an election, or Sentinel's
+#: down-after-milliseconds plus an election, kept at a few seconds) before giving up.
+FAILOVER_RETRIES = {
+    "max_retries": 40,
+    "interval_start": 0.1,
+    "interval_step": 0.1,
+    "interval_max": 0.5,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Topology:
+    """A parsed Redis URL: kind ('single', 'cluster' or 'sentinel') and where to reach it."""
+
+    kind: str
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sentinel_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def failover(self) -> bool:
+        """A Cluster or a Sentinel: failovers are normal events to ride out."""
+        return self.kind != "single"
+
+
+def parse(url: str) -> Topology:
+    """Read `url`.
+
+    Raises:
+        ValueError: naming what is wrong (the caller hides passwords).
+    """
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in CLUSTER_SCHEMES + SENTINEL_SCHEMES:
+        return Topology("single", url)
+    tls = scheme.startswith("rediss")
+    parts = urlsplit(url)
+    userinfo, _at, hostlist = parts.netloc.rpartition("@")
+    nodes = tuple(
+        _node(n, 26379 if scheme in SENTINEL_SCHEMES else 6379) for n in hostlist.split(",")
+    )
+    if not nodes or not all(h for h, _ in nodes):
+        raise ValueError("no host: expected host:port[,host:port...]")
+    # The node options as redis-py reads them from a plain URL (credentials, TLS, query).
+    base = "rediss" if tls else "redis"
+    first_host, first_port = nodes[0]
+    plain = f"{base}://{userinfo + '@' if userinfo else ''}{first_host}:{first_port}"
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    sentinel_opts: dict[str, Any] = {}
+    for key in ("sentinel_password", "sentinel_username"):
+        if key in query:
+            sentinel_opts[key.removeprefix("sentinel_")] = query.pop(key)
+    rest = "&".join(f"{k}={v}" for k, v in query.items())
+    options: dict[str, Any] = dict(parse_url(plain + ("?" + rest if rest else "")))
+    options.pop("host", None)
+    options.pop("port", None)
+    if scheme in CLUSTER_SCHEMES:
+        if parts.path.strip("/"):
+            raise ValueError("a cluster has only database 0: drop the path after the hosts")
+        options.pop("db", None)
+        return Topology("cluster", url, nodes, options=options)
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError("no service name: expected redis+sentinel://host:port/<service>")
+    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("expected /<service> or /<service>/<db> after the hosts")
+    db = int(path[1]) if len(path) == 2 else 0
+    options.pop("db", None)
+    return Topology("sentinel", url, nodes, path[0], db, options, sentinel_opts)
+
+
+def _node(text: str, default_port: int) -> tuple[str, int]:
+    host, colon, port = text.strip().rpartition(":")
+    if not colon:
+        return text.strip(), default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"the port of {text!r} is not a port (1..65535)")
+    return host.strip("[]"), int(port)
+
+
+def command_client(top: Topology, max_connections: int, **pool: Any) -> Redis:
+    """The client for commands and scripts.
+
+    A RedisCluster is returned typed as Redis: aiotasks calls only what both have
+    (commands on its namespace's keys, scripts, non-transactional pipelines).
+    """
+    if top.kind == "cluster":
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in top.nodes],
+            max_connections=max_connections,
+            # A failover or a slot migration: re-read the topology and try again.
+            cluster_error_retry_attempts=6,
+            **{k: v for k, v in top.options.items() if k not in ("connection_class",)},
+        )
+        return cast(Redis, cluster)
+    if top.kind == "sentinel":
+        primary = sentinel(top).master_for(
+            top.service, db=top.db, max_connections=max_connections, **top.options
+        )
+        return cast(Redis, primary)
+    raise ValueError("command_client is for a cluster or a Sentinel")
+
+
+def sentinel(top: Topology) -> Sentinel:
+    """redis-py's Sentinel for `top`'s Sentinels."""
+    return Sentinel(  # type: ignore[no-untyped-call]
+        list(top.nodes),
+        sentinel_kwargs=dict(top.sentinel_options) or None,
+        **{k: v for k, v in top.options.items() if k not in ("connection_class",)},
+    )
+
+
+def listener(top: Topology) -> Redis:
+    """The notifier's first client: the primary (Sentinel) or the first listed node."""
+    if top.kind == "sentinel":
+        primary = sentinel(top).master_for(top.service, db=top.db, protocol=2, **top.options)
+        return cast(Redis, primary)
+    host, port = top.nodes[0]
+    return Redis(host=host, port=port, protocol=2, **top.options)
+
+
+async def pubsub_client(top: Topology) -> Redis:
+    """A client whose pub/sub connection hears the namespace's channels.
+
+    On a Cluster a classic PUBLISH reaches every node, so any live node will do: the
+    first listed node that answers (asked again at every reconnect).
+    """
+    if top.kind == "sentinel":
+        return listener(top)
+    last: Exception | None = None
+    for host, port in top.nodes:
+        client = Redis(host=host, port=port, protocol=2, **top.options)
+        try:
+            await client.ping()
+            return client
+        except Exception as exc:
+            last = exc
+            await client.aclose()
+    raise ConnectionError(f"no node of the cluster answers: {last}")
