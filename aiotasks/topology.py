@@ -21,6 +21,8 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
@@ -123,7 +125,7 @@ def command_client(top: Topology, max_connections: int, **pool: Any) -> Redis:
             startup_nodes=[ClusterNode(h, p) for h, p in top.nodes],
             max_connections=max_connections,
             # A failover or a slot migration: re-read the topology and try again.
-            cluster_error_retry_attempts=6,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 6),
             **{k: v for k, v in top.options.items() if k not in ("connection_class",)},
         )
         return cast(Redis, cluster)
