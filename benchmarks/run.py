@@ -65,21 +65,23 @@ def fmt(value: Any, unit: str = "", digits: int = 0) -> str:
 def library_table(rows: list[dict[str, Any]]) -> str:
     out = [
         "| library | enqueue tasks/s | worker no-op tasks/s | send -> result p50 | p99 "
-        "| worker RSS |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| worker RSS | worker CPU per task | Redis CPU per task |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if "skipped" in r:
-            out.append(f"| {r['library']} | skipped: {r['skipped']} | | | | |")
+            out.append(f"| {r['library']} | skipped: {r['skipped']} | | | | | | |")
             continue
         if "error" in r and r.get("worker_per_s") is None:
-            out.append(f"| {r['library']} | error: {str(r['error'])[:60]} | | | | |")
+            out.append(f"| {r['library']} | error: {str(r['error'])[:60]} | | | | | | |")
             continue
         name = f"{r['library']} {r.get('version', '')}".strip()
         out.append(
             f"| {name} | {fmt(r.get('enqueue_per_s'))} | {fmt(r.get('worker_per_s'))} "
             f"| {fmt(r.get('p50_ms'), 'ms', 2)} | {fmt(r.get('p99_ms'), 'ms', 2)} "
-            f"| {fmt(r.get('rss_mb'), 'MB', 1)} |"
+            f"| {fmt(r.get('rss_mb'), 'MB', 1)} "
+            f"| {fmt(r.get('worker_cpu_us_per_task'), 'µs')} "
+            f"| {fmt(r.get('redis_cpu_us_per_task'), 'µs')} |"
         )
     return "\n".join(out)
 
