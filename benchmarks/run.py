@@ -1,11 +1,14 @@
 """`make bench`: every scenario, aiotasks beside the peers, one Markdown table + JSON lines.
 
     python benchmarks/run.py [--redis-url URL] [--tasks 20000] [--concurrency 32]
-                             [--peers arq,saq,...] [--peers-python PATH] [--skip-peers]
+                             [--peers arq,saq,...] [--peers-python PATH]
+                             [--docket-python PATH] [--skip-peers]
 
 The Redis URL defaults to $AIOTASKS_REDIS_URL (make bench sets it; see the Makefile).
 Peers run with --peers-python (default: .venv-peers/bin/python when it exists, else
 this interpreter); a peer that is not installed there is reported as skipped.
+pydocket needs redis-py >= 6 and runs with --docket-python (default:
+.venv-docket/bin/python when it exists, else it is skipped with the reason).
 The protocol is in benchmarks/README.md.
 """
 
@@ -24,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PEERS = ["dramatiq", "celery", "taskiq", "saq", "streaq", "arq"]
+PEERS = ["dramatiq", "celery", "taskiq", "saq", "streaq", "arq", "docket"]
 
 
 def log(msg: str) -> None:
@@ -33,6 +36,9 @@ def log(msg: str) -> None:
 
 def run_script(python: str, script: Path, args: list[str], timeout: float) -> dict[str, Any]:
     """Run one benchmark script; its last stdout line is its JSON result."""
+    if not Path(python).exists():  # e.g. a peer venv that `make bench` could not install
+        library = script.stem.removesuffix("_bench")
+        return {"library": library, "skipped": f"no interpreter at {python}"}
     log(f"{script.name} {' '.join(args)}")
     try:
         proc = subprocess.run(
@@ -65,30 +71,39 @@ def fmt(value: Any, unit: str = "", digits: int = 0) -> str:
 def library_table(rows: list[dict[str, Any]]) -> str:
     out = [
         "| library | enqueue tasks/s | worker no-op tasks/s | send -> result p50 | p99 "
-        "| worker RSS |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| worker RSS | worker CPU per task | Redis CPU per task |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if "skipped" in r:
-            out.append(f"| {r['library']} | skipped: {r['skipped']} | | | | |")
+            out.append(f"| {r['library']} | skipped: {r['skipped']} | | | | | | |")
             continue
         if "error" in r and r.get("worker_per_s") is None:
-            out.append(f"| {r['library']} | error: {str(r['error'])[:60]} | | | | |")
+            out.append(f"| {r['library']} | error: {str(r['error'])[:60]} | | | | | | |")
             continue
         name = f"{r['library']} {r.get('version', '')}".strip()
         out.append(
             f"| {name} | {fmt(r.get('enqueue_per_s'))} | {fmt(r.get('worker_per_s'))} "
             f"| {fmt(r.get('p50_ms'), 'ms', 2)} | {fmt(r.get('p99_ms'), 'ms', 2)} "
-            f"| {fmt(r.get('rss_mb'), 'MB', 1)} |"
+            f"| {fmt(r.get('rss_mb'), 'MB', 1)} "
+            f"| {fmt(r.get('worker_cpu_us_per_task'), 'µs')} "
+            f"| {fmt(r.get('redis_cpu_us_per_task'), 'µs')} |"
         )
     return "\n".join(out)
 
 
 def peers_python(explicit: str | None) -> str:
     if explicit:
-        return explicit
+        return os.path.abspath(explicit)  # not resolve(): a venv's python is a symlink
     candidate = ROOT / ".venv-peers" / "bin" / "python"
     return str(candidate) if candidate.exists() else sys.executable
+
+
+def docket_python(explicit: str | None) -> str:
+    """pydocket's own venv: it needs redis-py >= 6, .venv-peers has 5 (for arq)."""
+    if explicit:
+        return os.path.abspath(explicit)
+    return str(ROOT / ".venv-docket" / "bin" / "python")  # skipped when missing
 
 
 async def extras(url: str, tasks: int, concurrency: int) -> list[dict[str, Any]]:
@@ -109,6 +124,7 @@ def main() -> int:
     p.add_argument("--latency-samples", type=int, default=200)
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--peers-python", default=None)
+    p.add_argument("--docket-python", default=None, help="pydocket's venv (redis-py >= 6)")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--skip-extras", action="store_true")
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
@@ -128,11 +144,15 @@ def main() -> int:
     rows = [run_script(sys.executable, HERE / "peers" / "aiotasks_bench.py", common, 600)]
     if not a.skip_peers:
         python = peers_python(a.peers_python)
-        log(f"peers with {python}")
+        pythons = {"docket": docket_python(a.docket_python)}
+        log(f"peers with {python}; docket with {pythons['docket']}")
         for peer in [x.strip() for x in a.peers.split(",") if x.strip()]:
             rows.append(
                 run_script(
-                    python, HERE / "peers" / f"{peer}_bench.py", [*common, "--timeout", "400"], 600
+                    pythons.get(peer, python),
+                    HERE / "peers" / f"{peer}_bench.py",
+                    [*common, "--timeout", "400"],
+                    600,
                 )
             )
     extra_rows: list[dict[str, Any]] = []

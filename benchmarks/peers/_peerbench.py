@@ -3,8 +3,8 @@
 Every ``<lib>_bench.py`` script supplies a :class:`Spec` (how to enqueue, how to do one
 round trip, how to start the library's worker) and calls :func:`main`. This module owns
 everything that must be identical across libraries: argument parsing, the namespace,
-the in-worker probe, worker start/stop, timings, percentiles, peak RSS, key cleanup and
-the one JSON line printed on stdout.
+the in-worker probe, worker start/stop, timings, percentiles, peak RSS, CPU per task
+(worker process tree and Redis server), key cleanup and the one JSON line printed on stdout.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -100,8 +101,17 @@ def worker_env() -> WorkerEnv | None:
     return WorkerEnv(os.environ[ENV_URL], ns, int(os.environ[ENV_CONCURRENCY]))
 
 
+def first_marker(probe: Path | str) -> Path:
+    """The file the probe creates when the first no-op starts (the driver's CPU start mark)."""
+    return Path(str(probe) + ".first")
+
+
 class Probe:
-    """In-memory task counter living in the worker process; writes one file at the N-th hit."""
+    """In-memory task counter living in the worker process.
+
+    It creates an empty marker file when the first task starts and writes one small JSON
+    file at the N-th; nothing else touches the disk or Redis.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -113,10 +123,13 @@ class Probe:
     def hit(self) -> None:
         with self._lock:
             now = time.monotonic()
-            if self._first is None:
+            first = self._first is None
+            if first:
                 self._first = now
             self._count += 1
             done = self._count == self._target
+        if first and self._path:
+            first_marker(self._path).touch()
         if done and self._path:
             report = {"t_first": self._first, "t_last": now, "pid": os.getpid()}
             tmp = self._path + ".tmp"
@@ -194,13 +207,72 @@ class WorkerProcess:
         return self.log_path.read_bytes()[-chars:].decode(errors="replace")
 
 
-async def wait_for_probe(path: Path, worker: WorkerProcess) -> dict[str, Any]:
+async def wait_for_file(path: Path, worker: WorkerProcess) -> None:
     while not path.exists():
         if worker.proc.poll() is not None:
             raise RuntimeError(f"worker exited with {worker.proc.returncode}")
         await asyncio.sleep(0.005)
-    report: dict[str, Any] = json.loads(path.read_text())
-    return report
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + sys) used so far by a process and all its descendants.
+
+    Live descendants are summed one by one; ``children_user``/``children_system`` add
+    those already exited and reaped. None when psutil is missing or the process is gone.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class RedisCpu:
+    """The Redis server's own CPU time (``INFO cpu``: used_cpu_user + used_cpu_sys).
+
+    It is the whole server's, so it only means something on a server that nothing
+    else is using during the run.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(redis_url)
+
+    def seconds(self) -> float | None:
+        try:
+            info: Any = self._client.info("cpu")
+            return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+
+class CpuMark:
+    """Worker-tree and Redis CPU seconds at one instant."""
+
+    def __init__(self, worker_pid: int, redis_cpu: RedisCpu) -> None:
+        self.worker = tree_cpu_s(worker_pid)
+        self.redis = redis_cpu.seconds()
+
+    @staticmethod
+    def us_per_task(start: float | None, end: float | None, tasks: int) -> float | None:
+        if start is None or end is None or tasks <= 0:
+            return None
+        return round((end - start) / tasks * 1e6, 1)
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -257,6 +329,8 @@ async def run_protocol(cfg: Config, spec: Spec) -> dict[str, Any]:
         "concurrency": cfg.concurrency,
         "enqueue_per_s": None,
         "worker_per_s": None,
+        "worker_cpu_us_per_task": None,
+        "redis_cpu_us_per_task": None,
         "p50_ms": None,
         "p99_ms": None,
         "rss_mb": None,
@@ -265,6 +339,7 @@ async def run_protocol(cfg: Config, spec: Spec) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{cfg.namespace}-"))
     probe_path = tmp / "probe.json"
     worker: WorkerProcess | None = None
+    redis_cpu: RedisCpu | None = None
     probe: dict[str, Any] = {}
     samples: list[float] = []
     phase = "connect"
@@ -278,10 +353,25 @@ async def run_protocol(cfg: Config, spec: Spec) -> dict[str, Any]:
             log(f"enqueued {cfg.tasks} no-ops: {out['enqueue_per_s']}/s")
 
             phase = "worker"
+            redis_cpu = RedisCpu(cfg.redis_url)
             worker = WorkerProcess(spec.worker_argv(cfg), cfg, probe_path, tmp / "worker.log")
-            probe = await wait_for_probe(probe_path, worker)
+            # CPU of the drain: from the first no-op's start to the N-th, as the driver
+            # sees the probe's two files (polled every 5 ms), so start-up is not counted.
+            await wait_for_file(first_marker(probe_path), worker)
+            start = CpuMark(worker.proc.pid, redis_cpu)
+            await wait_for_file(probe_path, worker)
+            end = CpuMark(worker.proc.pid, redis_cpu)
+            probe = json.loads(probe_path.read_text())
             out["worker_per_s"] = round(cfg.tasks / (probe["t_last"] - probe["t_first"]), 1)
-            log(f"worker ran {cfg.tasks} no-ops: {out['worker_per_s']}/s")
+            out["worker_cpu_us_per_task"] = CpuMark.us_per_task(start.worker, end.worker, cfg.tasks)
+            out["redis_cpu_us_per_task"] = CpuMark.us_per_task(start.redis, end.redis, cfg.tasks)
+            if out["worker_cpu_us_per_task"] is None and importlib.util.find_spec("psutil") is None:
+                out["notes"] += " (worker CPU not measured: psutil is not installed)"
+            log(
+                f"worker ran {cfg.tasks} no-ops: {out['worker_per_s']}/s, CPU per task: "
+                f"worker {out['worker_cpu_us_per_task']} us, "
+                f"Redis {out['redis_cpu_us_per_task']} us"
+            )
 
             phase = "latency"
             for i in range(cfg.latency_samples):
@@ -301,6 +391,8 @@ async def run_protocol(cfg: Config, spec: Spec) -> dict[str, Any]:
             out["p50_ms"], out["p99_ms"] = percentile(ordered, 0.5), percentile(ordered, 0.99)
             if len(samples) < cfg.latency_samples:
                 out["notes"] += f" (latency from {len(samples)} samples only)"
+        if redis_cpu is not None:
+            redis_cpu.close()
         if worker is not None:
             out["rss_mb"] = peak_rss_mb(int(probe.get("pid", worker.proc.pid)))
             worker.stop()
