@@ -175,8 +175,9 @@ def test_a_bad_url_from_the_environment_is_one_line(keep_logging: None) -> None:
         assert result.exit_code == 2, result.output
         assert result.stderr == (
             "error: invalid Redis URL 'ftp://files.example.com/0': unsupported scheme 'ftp://' "
-            "(expected redis://host:port/db, rediss://host:port/db or unix:///path/to/socket) "
-            "(from $AIOTASKS_REDIS_URL)\n"
+            "(expected redis://host:port/db, rediss://host:port/db, unix:///path/to/socket, "
+            "redis+cluster://host:port[,host:port...] or "
+            "redis+sentinel://host:port[,host:port...]/service) (from $AIOTASKS_REDIS_URL)\n"
         )
 
 

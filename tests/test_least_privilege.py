@@ -194,9 +194,17 @@ def openssl(*args: str, cwd: Path) -> None:
 def make_pki(d: Path) -> None:
     """A throwaway CA, a server certificate for 127.0.0.1, and a client certificate."""
     key = ["-newkey", "rsa:2048", "-nodes"]
+    # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a CA needs basicConstraints and
+    # keyUsage, a leaf its authorityKeyIdentifier.
     openssl("req", "-x509", *key, "-days", "1", "-keyout", "ca.key", "-out", "ca.crt",
-            "-subj", "/CN=aiotasks-test-ca", cwd=d)  # fmt: skip
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+            "-subj", "/CN=aiotasks-test-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)  # fmt: skip
+    (d / "san.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+    )
     for name in ("server", "client"):
         openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip

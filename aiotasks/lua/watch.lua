@@ -9,6 +9,8 @@
 -- Returns      1
 
 local tkey = K.task(ARGV[1])
+local ttl_ms = tonumber(ARGV[2]) * 1000
+
 redis.call('HSET', tkey, '_w', 1)
-if redis.call('PTTL', tkey) < 0 then redis.call('PEXPIRE', tkey, tonumber(ARGV[2]) * 1000) end
+if redis.call('PTTL', tkey) < 0 then redis.call('PEXPIRE', tkey, ttl_ms) end
 return 1

@@ -65,9 +65,7 @@ def _wait(what: str, check: object, timeout: float = 30.0) -> None:
 class OwnCluster:
     """`masters` masters sharing the slots evenly, each with `replicas` replicas."""
 
-    def __init__(
-        self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 2000
-    ) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 2000) -> None:
         self.binary = server_binary()
         config = {
             "cluster-enabled": "yes",
@@ -238,7 +236,7 @@ class OwnSentinel:
             f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
             f"sentinel failover-timeout {self.service} 5000\n"
         )
-        log = open(Path(self._dir, "sentinel.log"), "wb")  # noqa: SIM115 - kept by the process
+        log = open(Path(self._dir, "sentinel.log"), "wb")
         self._proc = subprocess.Popen(
             [self.binary, str(conf), "--sentinel"],
             stdout=log,
@@ -249,9 +247,7 @@ class OwnSentinel:
 
         def ready() -> bool:
             with redis.Redis(host=_HOST, port=self.sentinel_port) as c:
-                return bool(
-                    c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
-                )
+                return bool(c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service))
 
         _wait("the Sentinel answering", ready)
 
