@@ -16,6 +16,7 @@ queue until it is resumed. Nothing queued is lost meanwhile.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,16 +48,28 @@ class ScheduleInfo:
     kwargs: dict[str, Any] = field(default_factory=dict)
     paused: bool = False
     source: str = "runtime"  # "runtime" (schedules.add) or "code" (@tasks.periodic)
+    since: int = 0  # ms when added or resumed: a tick due before it never fires
 
     def periodic(self) -> Periodic:
         """The Periodic a worker fires."""
         return Periodic(
-            self.task, self.cron, self.every, self.name, self.queue, tuple(self.args), self.kwargs
+            self.task,
+            self.cron,
+            self.every,
+            self.name,
+            self.queue,
+            tuple(self.args),
+            self.kwargs,
+            self.since,
         )
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _spec(info: ScheduleInfo) -> bytes:
@@ -98,7 +111,8 @@ class Schedules:
         """
         p = Periodic.make(sig.name, cron=cron, every=every, name=name, queue=queue,
                           args=sig.args, kwargs=sig.kwargs)  # fmt: skip
-        info = ScheduleInfo(name, p.task, p.cron, p.every, p.queue, list(p.args), p.kwargs)
+        info = ScheduleInfo(name, p.task, p.cron, p.every, p.queue, list(p.args), p.kwargs,
+                            since=_now_ms())  # fmt: skip
         await cast(Any, self.app.client.redis).hset(self._key, name, _spec(info))
         return info
 
@@ -131,7 +145,8 @@ class Schedules:
 
     async def _set_paused(self, name: str, paused: bool) -> None:
         info = await self.get(name)
-        data = _spec(ScheduleInfo(**{**info.as_dict(), "paused": paused}))
+        since = info.since if paused else _now_ms()  # resumed: no catching up
+        data = _spec(ScheduleInfo(**{**info.as_dict(), "paused": paused, "since": since}))
         await cast(Any, self.app.client.redis).hset(self._key, name, data)
 
     async def remove(self, name: str) -> None:

@@ -60,6 +60,7 @@ class Periodic:
     queue: str | None = None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    since_ms: int = 0  # a tick due before it never fires (a schedule added at run time)
 
     @classmethod
     def make(
@@ -168,14 +169,15 @@ class Scheduler:
         """Take up the current schedules; True when the set changed."""
         if list(active) == self.periodics:
             return False
-        start = _at(int((time.time() - GRACE) * 1000))
+        start_ms = int((time.time() - GRACE) * 1000)
         old = {p.name: p for p in self.periodics}
         # A schedule that did not change keeps its next tick; a new or changed one starts
-        # from now (a resumed one does not catch up on the ticks it missed).
+        # from now, never before it was added or resumed (a resumed one does not catch
+        # up on the ticks it missed).
         self._next = {
             p.name: self._next[p.name]
             if old.get(p.name) == p and p.name in self._next
-            else _ms(p.next_run(start))
+            else _ms(p.next_run(_at(max(start_ms, p.since_ms))))
             for p in active
         }
         self.periodics = list(active)

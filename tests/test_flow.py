@@ -228,3 +228,26 @@ async def test_cli_schedules_queues_and_status(app: App) -> None:
     assert await app.schedules.list() == []
     missing = await asyncio.to_thread(cli, "schedules", "pause", "nope")
     assert missing.returncode == 1 and missing.stderr.startswith("error: no schedule named")
+
+
+async def test_a_schedule_never_fires_a_tick_due_before_it_was_added(app: App) -> None:
+    """A worker takes a new schedule up within a second and may fire a tick up to a
+    second late (GRACE), but never one that fell due before the schedule existed; the
+    same after a resume."""
+    from aiotasks.control import Schedules
+    from aiotasks.schedule import Scheduler
+
+    while not 0.05 < time.time() % 1 < 0.15:  # just after a tick: the one GRACE reaches
+        await asyncio.sleep(0.01)  # back to is that tick, due before the schedule exists
+    info = await app.schedules.add("early", sig(app, "tick", "early"), every=1)
+    scheduler = Scheduler(app, "w", Schedules(app))
+    await asyncio.sleep(0.3)  # taken up later, as a worker would
+    assert scheduler._load(await Schedules(app).active())
+    assert scheduler._next["early"] > info.since
+    await app.schedules.pause("early")
+    await asyncio.sleep(0.3)
+    await app.schedules.resume("early")
+    resumed = await app.schedules.get("early")
+    assert resumed.since >= info.since + 300
+    assert scheduler._load(await Schedules(app).active())
+    assert scheduler._next["early"] > resumed.since
