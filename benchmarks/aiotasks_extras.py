@@ -93,7 +93,8 @@ async def scaling(
 
     `env` switches features on both sides (see scale_app.py): SCALE_SIGNING_KEY signs
     every message, SCALE_INDEX=0 turns the task index and event feed off, SCALE_TRACING=1
-    turns tracing on.
+    turns tracing on, SCALE_FLOW=1 registers tasks with concurrency, rate and debounce
+    limits beside the unlimited no-ops.
     """
     from aiotasks import App
     from aiotasks.index import TaskIndex
@@ -225,4 +226,5 @@ VARIANTS = [
     ("task index and events off", {"SCALE_INDEX": "0"}),
     ("messages signed", {"SCALE_SIGNING_KEY": "bench-key"}),
     ("tracing on (no SDK)", {"SCALE_TRACING": "1"}),
+    ("flow-controlled tasks in the app (no-op tasks unlimited)", {"SCALE_FLOW": "1"}),
 ]

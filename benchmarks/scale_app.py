@@ -24,6 +24,22 @@ app = App(
 )
 _state = {"count": 0, "t_first": 0.0, "t_last": 0.0}
 
+if os.environ.get("SCALE_FLOW") == "1":
+    # Flow control in use by other tasks of the app (never sent here): the no-op tasks,
+    # which have no limit, must not pay for it.
+
+    @app.task(name="limited", concurrency_limit=2, concurrency_key="customer")
+    async def limited(customer: str) -> None:
+        return None
+
+    @app.task(name="rated", rate_limit="100/s", rate_key="customer")
+    async def rated(customer: str) -> None:
+        return None
+
+    @app.task(name="debounced", debounce=1, debounce_key="doc")
+    async def debounced(doc: str) -> None:
+        return None
+
 
 @app.task(name="noop")
 async def noop() -> None:
