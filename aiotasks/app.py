@@ -295,7 +295,8 @@ class App:
         await client.enqueue(records, policy)
         # A batch is (nearly always) of one task: look its result loader up once.
         loaders = {name: self._result_loader(name) for name in {m.name for m, _ in built}}
-        return [TaskHandle(client, m.id, loaders[m.name], sent=True) for m, _ in built]
+        epoch = client.notifier.reconnects
+        return [TaskHandle(client, m.id, loaders[m.name], sent=True, epoch=epoch) for m, _ in built]
 
     def _result_loader(self, name: str) -> Callable[[Any], Any] | None:
         """`result()` rebuilds the return annotation's type when the task is known here."""

@@ -75,14 +75,19 @@ class TaskHandle(Generic[R]):
         load: Callable[[Any], Any] | None = None,
         *,
         sent: bool = False,
+        epoch: int | None = None,
     ) -> None:
+        """`sent`: this App sent it; `epoch`: the notifier's reconnect count then, when
+        the caller has read it already (a batch of sends reads it once)."""
         self.client = client
         self.id = task_id
         # Rebuilds the value into the task's return annotation (a task known here).
         self._load = load
         # Sent by this App: the task existed then, so a later reconnect that finds no
         # record means the server lost it.
-        self._sent_epoch = client.notifier.reconnects if sent else None
+        if sent and epoch is None:
+            epoch = client.notifier.reconnects
+        self._sent_epoch = epoch if sent else None
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id!r})"
