@@ -103,9 +103,26 @@ local function flush_journal(now_ms)
   JOURNAL = {}
 end
 
+-- Append `value` to the list at map[key], creating it.
+local function push(map, key, value)
+  local list = map[key]
+  if not list then
+    list = {}
+    map[key] = list
+  end
+  list[#list + 1] = value
+end
+
 -- Final states for reply channels, by channel, when a script batches them (finish.lua):
 -- one PUBLISH per sender per batch instead of one per task.
 local REPLIES = nil
+
+-- One final state as a reply channel message: "<id>\n<state>[\n<ct>\n<result>]".
+local function reply_text(id, state, ct, result)
+  local msg = id .. '\n' .. state
+  if ct and result then msg = msg .. '\n' .. ct .. '\n' .. result end
+  return msg
+end
 
 -- Wake whoever waits on a task: its own channel carries the state (for updates() and
 -- handles of other processes); the reply channel of the process that sent it (stored in
@@ -118,35 +135,26 @@ local function notify(id, state, ct, result, reply, watched)
   if reply == nil then reply = redis.call('HGET', K.task(id), 'reply') end
   if not reply then return end
   if REPLIES then
-    local batch = REPLIES[reply]
-    if not batch then
-      batch = {}
-      REPLIES[reply] = batch
-    end
-    batch[#batch + 1] = (ct and result) and {id, state, ct, result} or {id, state}
-    return
+    push(REPLIES, reply, (ct and result) and {id, state, ct, result} or {id, state})
+  else
+    redis.call('PUBLISH', reply, reply_text(id, state, ct, result))
   end
-  local msg = id .. '\n' .. state
-  if ct and result then msg = msg .. '\n' .. ct .. '\n' .. result end
-  redis.call('PUBLISH', reply, msg)
 end
 
 local function batch_replies()
   REPLIES = {}
 end
 
--- One message per reply channel: a single final state as "<id>\n<state>[\n<ct>\n<result>]",
--- several as "\n" + a msgpack array of {id, state[, ct, result]} (an id never holds a
--- newline, so the leading one tells the two apart).
+-- One message per reply channel: a single final state as reply_text() makes it, several
+-- as "\n" + a msgpack array of {id, state[, ct, result]} (an id never holds a newline,
+-- so the leading one tells the two apart).
 local function flush_replies()
   local replies = REPLIES
   REPLIES = nil
   for channel, batch in pairs(replies or {}) do
     if #batch == 1 then
       local m = batch[1]
-      local msg = m[1] .. '\n' .. m[2]
-      if m[3] then msg = msg .. '\n' .. m[3] .. '\n' .. m[4] end
-      redis.call('PUBLISH', channel, msg)
+      redis.call('PUBLISH', channel, reply_text(m[1], m[2], m[3], m[4]))
     else
       redis.call('PUBLISH', channel, '\n' .. cmsgpack.pack(batch))
     end
@@ -381,12 +389,7 @@ local ACKS = nil
 
 local function ack(stream, entry_id)
   if ACKS then
-    local ids = ACKS[stream]
-    if not ids then
-      ids = {}
-      ACKS[stream] = ids
-    end
-    ids[#ids + 1] = entry_id
+    push(ACKS, stream, entry_id)
     return
   end
   redis.call('XACK', stream, GROUP, entry_id)

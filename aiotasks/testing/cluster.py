@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redis
 
@@ -62,7 +63,28 @@ def _wait(what: str, check: object, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{what} did not happen within {timeout:g} s ({last})")
 
 
-class OwnCluster:
+class _Owned:
+    """`with` starts it and stops it, whatever happens inside."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class OwnCluster(_Owned):
     """`masters` masters sharing the slots evenly, each with `replicas` replicas."""
 
     def __init__(self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 2000) -> None:
@@ -181,19 +203,8 @@ class OwnCluster:
         for s in self.servers:
             s.stop()
 
-    def __enter__(self) -> OwnCluster:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class OwnSentinel:
+class OwnSentinel(_Owned):
     """A primary, one replica and one Sentinel watching them as `service` (quorum 1)."""
 
     def __init__(self, service: str = "aiotasks", *, down_after_ms: int = 1000) -> None:
@@ -275,14 +286,3 @@ class OwnSentinel:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-    def __enter__(self) -> OwnSentinel:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
