@@ -348,8 +348,9 @@ class Admin:
         return self.keys.periodic
 
     async def exists(self, task_id: str) -> bool:
-        """Whether a record of the task exists."""
-        return bool(await self.redis.exists(self.keys.task(task_id)))
+        """Whether a record of the task exists (a hash holding only a waiter's watch mark,
+        for an id never sent, is none)."""
+        return bool(await cast(Any, self.redis).hexists(self.keys.task(task_id), "state"))
 
     async def inspect(self, task_id: str) -> TaskInfo:
         """Everything stored about a task.

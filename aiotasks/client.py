@@ -187,6 +187,18 @@ class Client:
                 async def pick() -> Redis:
                     return await topology.pubsub_client(top)
 
+        self._conn = self._assemble(loop, pool, redis, listener, pick)
+        return self._conn
+
+    def _assemble(
+        self,
+        loop: asyncio.AbstractEventLoop | None,
+        pool: BlockingConnectionPool | None,
+        redis: Redis,
+        listener: Redis | None,
+        pick: Callable[[], Awaitable[Redis]] | None,
+    ) -> _Connection:
+        """The scripts, notifier and send batcher on top of a command client."""
         scripts = Scripts(redis, self.keys.prefix)
 
         async def enqueue(tasks: list[dict[str, Any]], policy: RetryPolicy) -> list[int]:
@@ -196,11 +208,17 @@ class Client:
             return await self.with_retry(policy, call)
 
         async def mark(task_id: str) -> int:
-            return await scripts.watch(task_id=task_id, ttl=WATCH_MARK_TTL)
+            try:
+                return await scripts.watch(task_id=task_id, ttl=WATCH_MARK_TTL)
+            except (ResponseError, *_REFUSED_CONNECTION) as exc:
+                # A wait that cannot mark its task (OOM, NOPERM) would never be woken:
+                # say why instead. Waiters ride out the transient ones (CLUSTERDOWN,
+                # TRYAGAIN, LOADING) and a lost connection.
+                raise refusal(self.url, exc, "marking a task watched") from exc
 
+        s = self.settings
         notifier = Notifier(s.redis_url, self.keys, mark, redis=listener, pick=pick)
-        self._conn = _Connection(loop, pool, redis, scripts, notifier, SendBatcher(enqueue))
-        return self._conn
+        return _Connection(loop, pool, redis, scripts, notifier, SendBatcher(enqueue))
 
     @property
     def redis(self) -> Redis:

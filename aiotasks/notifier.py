@@ -77,6 +77,9 @@ class Notifier:
         self._redis = redis if redis is not None else Redis.from_url(url, protocol=2)
         self._pick = pick
         self._mark = mark
+        #: Watched task channels and their ids: marked again after a reconnect, since a
+        #: failover may have promoted a replica that never got the mark.
+        self._marked: dict[str, str] = {}
         self._keys = keys
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex[:16])
         self._pubsub: PubSub | None = None
@@ -96,10 +99,16 @@ class Notifier:
         The task is marked watched once subscribed (watch.lua): only then do the scripts
         publish its state changes there. Read the task after entering the block.
         """
-        async with self.listen(self._keys.done_channel(task_id)) as w:
-            if self._mark is not None:
-                await self._mark(task_id)
-            yield w
+        channel = self._keys.done_channel(task_id)
+        try:
+            async with self.listen(channel) as w:
+                if self._mark is not None:
+                    await self._mark(task_id)
+                    self._marked[channel] = task_id
+                yield w
+        finally:
+            if channel not in self._watches:  # the last waiter of this task left
+                self._marked.pop(channel, None)
 
     @asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[Watch]:
@@ -146,17 +155,26 @@ class Notifier:
         self._watches[channel] = {w}
         confirm = asyncio.get_running_loop().create_future()
         self._confirm[channel] = confirm
-        pubsub = self._ensure_reader()
         try:
             # redis-py's PubSub opens its connection on first use; two concurrent first
             # subscribes would each open one and the reader would hear only the last.
             async with self._cmd_lock:
+                if self._pubsub is None and self._pick is not None:
+                    old, self._redis = self._redis, await self._pick()  # a live node
+                    await old.aclose()
+                pubsub = self._ensure_reader()
                 await pubsub.subscribe(channel)
             # Read the state only once Redis confirms the subscription, so a result that
             # lands in between is seen either by the read or by the notification.
             await asyncio.shield(confirm)
         except BaseException:
+            # Not subscribed: the next waiter of this channel subscribes again.
             self._confirm.pop(channel, None)
+            watchers = self._watches.get(channel)
+            if watchers is not None:
+                watchers.discard(w)
+                if not watchers:
+                    del self._watches[channel]
             raise
 
     async def _remove(self, channel: str, w: Watch) -> None:
@@ -174,6 +192,19 @@ class Notifier:
                     await self._pubsub.unsubscribe(channel)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 pass  # the reconnect drops it anyway
+
+    async def _remark(self) -> None:
+        """Mark every watched task again (after a reconnect)."""
+        if self._mark is None:
+            return
+        for channel, task_id in list(self._marked.items()):
+            if channel not in self._watches:
+                del self._marked[channel]
+                continue
+            try:
+                await self._mark(task_id)
+            except Exception as exc:  # the reader must live on
+                log.warning("cannot mark task %s watched again (%s)", task_id, exc)
 
     def _ensure_reader(self) -> PubSub:
         if self._pubsub is None:
@@ -194,32 +225,43 @@ class Notifier:
                 if not lost:
                     log.warning("lost Redis (%s); reconnecting with backoff", exc)
                 lost = True
-                await asyncio.sleep(backoff.next())
-                try:
-                    async with self._cmd_lock:
-                        if self._pick is not None:
-                            # Another node may answer where this one died.
-                            old, self._redis = self._redis, await self._pick()
-                            await cast(Any, pubsub).aclose()
-                            await old.aclose()
-                            pubsub = self._pubsub = self._redis.pubsub()
-                        await cast(Any, pubsub).connect()
-                        if self._watches:
-                            await pubsub.subscribe(*self._watches)
-                except (RedisConnectionError, RedisTimeoutError, OSError):
-                    continue
-                backoff.reset()
-                log.warning("reconnected to Redis")
-                lost = False
-                self.reconnects += 1
-                self._broadcast((RECONNECTED, None, None))
-                continue
             except RuntimeError:
-                # Nothing subscribed yet: redis-py refuses to read.
-                await asyncio.sleep(0.01)
+                # redis-py's "pubsub connection not set": nothing subscribed yet (wait),
+                # or the first subscribe could not connect (as good as a lost connection).
+                if not self._watches or self._cmd_lock.locked():
+                    await asyncio.sleep(0.01)
+                    continue
+                lost = True
+            else:
+                if msg is not None:
+                    self._dispatch(msg)
                 continue
-            if msg is not None:
-                self._dispatch(msg)
+            await asyncio.sleep(backoff.next())
+            try:
+                pubsub = await self._reconnect(pubsub)
+            except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
+                continue
+            backoff.reset()
+            log.warning("reconnected to Redis")
+            lost = False
+            self.reconnects += 1
+            self._broadcast((RECONNECTED, None, None))
+
+    async def _reconnect(self, pubsub: PubSub) -> PubSub:
+        """Connect again (on a cluster, to a node that answers), subscribe to every
+        channel still watched and mark their tasks again; the pubsub now in use."""
+        async with self._cmd_lock:
+            if self._pick is not None:
+                # Another node may answer where this one died.
+                old, self._redis = self._redis, await self._pick()
+                await cast(Any, pubsub).aclose()
+                await old.aclose()
+                pubsub = self._pubsub = self._redis.pubsub()
+            await cast(Any, pubsub).connect()
+            if self._watches:
+                await pubsub.subscribe(*self._watches)
+        await self._remark()
+        return pubsub
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         channel = msg["channel"]

@@ -76,22 +76,31 @@ class SendBatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[_Pending], policy: RetryPolicy) -> None:
+        try:
+            await self._send_batch(batch, policy)
+        finally:
+            # Whatever happened (the loop shutting down included), no sender waits on.
+            for p in batch:
+                if not p.future.done():
+                    p.future.cancel()
+
+    async def _send_batch(self, batch: list[_Pending], policy: RetryPolicy) -> None:
         tasks = [t for p in batch for t in p.tasks]
         try:
             out = await self._enqueue(tasks, policy)
         except BrokerRefusedError as exc:
-            if len(batch) == 1:
-                _fail(batch[0], exc)
+            if len(batch) == 1 or exc.is_transient:
+                # One sender, or a refusal that its retries did not outlast (a loading
+                # server, a failover): every sender hears it as it would alone.
+                for p in batch:
+                    _fail(p, exc)
                 return
-            # Refused: find whose records Redis refuses; the others go through alone.
-            for p in batch:
-                await self._send([p], policy)
+            # Refused for what a record holds: find whose; the others go through alone.
+            await asyncio.gather(*(self._send_batch([p], policy) for p in batch))
             return
-        except BaseException as exc:  # unreachable Redis, or cancelled: all fail alike
+        except Exception as exc:  # unreachable Redis: all fail alike
             for p in batch:
                 _fail(p, exc)
-            if not isinstance(exc, Exception):
-                raise
             return
         i = 0
         for p in batch:
@@ -102,9 +111,5 @@ class SendBatcher:
 
 
 def _fail(p: _Pending, exc: BaseException) -> None:
-    if p.future.done():
-        return
-    if isinstance(exc, asyncio.CancelledError):
-        p.future.cancel()
-    else:
+    if not p.future.done():
         p.future.set_exception(exc)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -77,19 +77,7 @@ def parse(url: str) -> Topology:
     )
     if not nodes or not all(h for h, _ in nodes):
         raise ValueError("no host: expected host:port[,host:port...]")
-    # The node options as redis-py reads them from a plain URL (credentials, TLS, query).
-    base = "rediss" if tls else "redis"
-    first_host, first_port = nodes[0]
-    plain = f"{base}://{userinfo + '@' if userinfo else ''}{first_host}:{first_port}"
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    sentinel_opts: dict[str, Any] = {}
-    for key in ("sentinel_password", "sentinel_username"):
-        if key in query:
-            sentinel_opts[key.removeprefix("sentinel_")] = query.pop(key)
-    rest = "&".join(f"{k}={v}" for k, v in query.items())
-    options: dict[str, Any] = dict(parse_url(plain + ("?" + rest if rest else "")))
-    options.pop("host", None)
-    options.pop("port", None)
+    options, sentinel_opts = _options(tls, userinfo, nodes[0], parts.query)
     if scheme in CLUSTER_SCHEMES:
         if parts.path.strip("/"):
             raise ValueError("a cluster has only database 0: drop the path after the hosts")
@@ -103,6 +91,29 @@ def parse(url: str) -> Topology:
     db = int(path[1]) if len(path) == 2 else 0
     options.pop("db", None)
     return Topology("sentinel", url, nodes, path[0], db, options, sentinel_opts)
+
+
+def _options(
+    tls: bool, userinfo: str, first: tuple[str, int], query_text: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The node options as redis-py reads them from a plain URL (credentials, TLS, the
+    query), and the Sentinels' own credentials (`sentinel_password=`, `sentinel_username=`)."""
+    plain = f"{'rediss' if tls else 'redis'}://{userinfo + '@' if userinfo else ''}"
+    plain += f"{first[0]}:{first[1]}"
+    query = dict(parse_qsl(query_text, keep_blank_values=True))
+    sentinel_opts: dict[str, Any] = {}
+    for key in ("sentinel_password", "sentinel_username"):
+        if key in query:
+            sentinel_opts[key.removeprefix("sentinel_")] = query.pop(key)
+    rest = urlencode(query)
+    options: dict[str, Any] = dict(parse_url(plain + ("?" + rest if rest else "")))
+    for key in ("host", "port", "protocol"):  # the listener speaks RESP2 whatever is asked
+        options.pop(key, None)
+    # redis-py's URL parser says TLS with a connection class; RedisCluster, Sentinel
+    # pools and a plain Redis all take `ssl=True` instead (and keep their own class).
+    if options.pop("connection_class", None) is not None or tls:
+        options["ssl"] = tls
+    return options, sentinel_opts
 
 
 def _node(text: str, default_port: int) -> tuple[str, int]:
@@ -126,7 +137,7 @@ def command_client(top: Topology, max_connections: int, **pool: Any) -> Redis:
             max_connections=max_connections,
             # A failover or a slot migration: re-read the topology and try again.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 6),
-            **{k: v for k, v in top.options.items() if k not in ("connection_class",)},
+            **top.options,
         )
         return cast(Redis, cluster)
     if top.kind == "sentinel":
@@ -142,7 +153,7 @@ def sentinel(top: Topology) -> Sentinel:
     return Sentinel(  # type: ignore[no-untyped-call]
         list(top.nodes),
         sentinel_kwargs=dict(top.sentinel_options) or None,
-        **{k: v for k, v in top.options.items() if k not in ("connection_class",)},
+        **top.options,
     )
 
 

@@ -285,3 +285,39 @@ def test_the_cluster_helper_spreads_slots_over_three_masters(cluster: OwnCluster
     assert len(owners) == 3
     with redis.Redis(port=cluster.masters[0].port) as c:
         assert b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+
+
+async def test_a_dead_first_node_in_the_url_does_not_stop_results(cluster: OwnCluster) -> None:
+    """The URL's first node is down: commands go to the others, and the result notifier
+    subscribes on a node that answers instead of waiting on the dead one forever."""
+    namespace = ns()
+    dead = "127.0.0.1:1"  # nothing listens there
+    url = "redis+cluster://" + ",".join([dead, *(f"127.0.0.1:{s.port}" for s in cluster.servers)])
+    app = App(redis_url=url, namespace=namespace)
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        async with app:
+            other = App(redis_url=url, namespace=namespace)
+            async with other:
+                # Both wait before any worker runs: only a notification can wake them.
+                h = await add.send(40, 2)
+                h2 = await add.send(1, 2)
+                mine = asyncio.ensure_future(h.result(timeout=20))
+                # A handle of another App waits on the task's own channel (watch mark).
+                theirs = asyncio.ensure_future(other.handle(h2.id).result(timeout=20))
+                await asyncio.sleep(1.0)
+                assert not mine.done() and not theirs.done()
+                w = app.worker(concurrency=4)
+                run = asyncio.create_task(w.run())
+                try:
+                    assert await mine == 42
+                    assert await theirs == 3
+                finally:
+                    w.stop()
+                    await run
+    finally:
+        delete_namespace(cluster, namespace)

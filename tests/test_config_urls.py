@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from aiotasks import App
@@ -156,3 +158,25 @@ def test_bad_url_message_hides_the_password() -> None:
         check_redis_url(f"redis://:{SECRET}@h:notaport/0?password={SECRET}")
     assert SECRET not in str(err.value)
     assert "redis://:***@h:notaport/0?password=***" in str(err.value)
+
+
+async def test_tls_cluster_and_sentinel_urls_build_tls_clients() -> None:
+    """rediss+cluster:// and rediss+sentinel:// speak TLS to every node and primary (the
+    clients are only built here: nothing connects)."""
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelManagedSSLConnection
+
+    from aiotasks.topology import command_client, listener, parse
+
+    top = parse("rediss+cluster://:pw@h1:7000,h2:7001?ssl_cert_reqs=none&protocol=3")
+    assert top.options["ssl"] is True and top.options["password"] == "pw"
+    cluster: Any = command_client(top, 8)
+    assert cluster.connection_kwargs["connection_class"] is SSLConnection
+    assert listener(top).connection_pool.connection_class is SSLConnection
+
+    top = parse("rediss+sentinel://s1:26379,s2:26380/mymaster/2?password=a%26b")
+    assert top.nodes == (("s1", 26379), ("s2", 26380))
+    assert (top.service, top.db, top.options["password"]) == ("mymaster", 2, "a&b")
+    primary = command_client(top, 8)
+    assert primary.connection_pool.connection_class is SentinelManagedSSLConnection
+    assert listener(top).connection_pool.connection_class is SentinelManagedSSLConnection

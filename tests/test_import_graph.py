@@ -6,6 +6,7 @@ Imports under `if TYPE_CHECKING:` are left out: they never run.
 from __future__ import annotations
 
 import ast
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiotasks
@@ -33,6 +34,14 @@ def _runtime_imports(tree: ast.AST) -> list[ast.ImportFrom | ast.Import]:
     return found
 
 
+def _parse(source: str) -> ast.Module:
+    """ast.parse from a fresh thread: CPython 3.11.7 (gh-106905, fixed in 3.11.8) may
+    raise SystemError "AST constructor recursion depth mismatch" depending on the depth
+    of the caller's stack, which pytest's varies from run to run."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ast.parse, source).result()
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the aiotasks modules it imports at run time."""
     modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
@@ -40,7 +49,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps: set[str] = set()
-        for node in _runtime_imports(ast.parse(path.read_text())):
+        for node in _runtime_imports(_parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 target = ".".join([*base, *([node.module] if node.module else [])])

@@ -180,3 +180,47 @@ async def test_result_waiter_of_a_task_lost_in_a_restart_raises_task_lost(
     assert again.id == h.id
     assert await again.result(timeout=20) == 42
     assert w.proc.poll() is None
+
+
+async def test_a_watcher_marks_its_task_again_after_a_reconnect(
+    own_server: OwnServer, client: App
+) -> None:
+    """A failover can promote a replica that never got a waiter's watch mark (`_w`): after
+    its reconnect, the notifier marks every watched task again, so the worker still
+    publishes the task's final state and the waiter is woken."""
+
+    @client.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    h = await double.send(21)
+    seen: list[TaskState] = []
+
+    async def follow() -> None:
+        async for info in client.handle(h.id).updates():
+            seen.append(info.state)
+
+    follower = asyncio.ensure_future(follow())
+    key = client.client.keys.task(h.id)
+    raw = redis.Redis.from_url(own_server.url)
+    try:
+        await wait_until(lambda: asyncio.to_thread(raw.hexists, key, "_w"), timeout=5)
+        reconnects = client.client.notifier.reconnects
+        raw.hdel(key, "_w")  # the mark lost, as on a replica that never received it
+        raw.client_kill_filter(_type="pubsub")  # the notifier's connection drops
+        await wait_until(
+            lambda: asyncio.sleep(0, client.client.notifier.reconnects > reconnects), timeout=10
+        )
+        await wait_until(lambda: asyncio.to_thread(raw.hexists, key, "_w"), timeout=5)
+    finally:
+        raw.close()
+    w = client.worker(concurrency=4)
+    running = asyncio.create_task(w.run())
+    try:
+        # Woken by the published final state: updates() does not poll.
+        await asyncio.wait_for(follower, timeout=10)
+    finally:
+        w.stop()
+        await running
+    assert seen[-1] is TaskState.SUCCESS
+    assert await h.result(timeout=1) == 42

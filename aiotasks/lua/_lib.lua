@@ -434,7 +434,9 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   end
   redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', now_ms, 'worker', worker,
     'attempts', (tonumber(f.r) or 0) + deliveries)
-  if h[4] then redis.call('PUBLISH', K.done_channel(id), 'STARTED') end
+  -- Published when watched, or when the hash was lost (a restart, a failover): a
+  -- watcher's mark may have gone with it.
+  if h[4] or not h[1] then redis.call('PUBLISH', K.done_channel(id), 'STARTED') end
   journal({'STARTED', id})
   return true
 end

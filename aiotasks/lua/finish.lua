@@ -58,7 +58,10 @@ local function done(op)
     if op.ignore_result == 1 and state == 'SUCCESS' then
       f.result, f.ct = nil, nil
     end
-    final_write(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6], h[7]})
+    local watched = h[7]
+    -- A hash without a state was lost (a restart, a failover): publish as if watched.
+    if not h[1] then watched = nil end
+    final_write(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6], watched})
     if state ~= 'SUCCESS' then
       fail_task(op.tail, state, f.exc_type, f.exc_message, ttl, now_ms)
     end
