@@ -6,7 +6,10 @@ Imports under `if TYPE_CHECKING:` are left out: they never run.
 from __future__ import annotations
 
 import ast
-from concurrent.futures import ThreadPoolExecutor
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import aiotasks
@@ -34,22 +37,33 @@ def _runtime_imports(tree: ast.AST) -> list[ast.ImportFrom | ast.Import]:
     return found
 
 
-def _parse(source: str) -> ast.Module:
-    """ast.parse from a fresh thread: CPython 3.11.7 (gh-106905, fixed in 3.11.8) may
-    raise SystemError "AST constructor recursion depth mismatch" depending on the depth
-    of the caller's stack, which pytest's varies from run to run."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(ast.parse, source).result()
-
-
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the aiotasks modules it imports at run time."""
+    """Module -> the aiotasks modules it imports at run time.
+
+    Built in a fresh interpreter: CPython 3.11.7's `ast` keeps its recursion depth in
+    state shared by threads (gh-106905, fixed in 3.11.8), so a traceback formatted by
+    another thread of the test process meanwhile (3.11's traceback module parses source
+    lines) makes ast.parse raise SystemError "AST constructor recursion depth mismatch".
+    """
+    code = (
+        "import json, tests.test_import_graph as m; "
+        "print(json.dumps({k: sorted(v) for k, v in m.graph_here().items()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, check=True
+    )
+    return {k: set(v) for k, v in json.loads(out.stdout).items()}
+
+
+def graph_here() -> dict[str, set[str]]:
+    """import_graph(), computed in this process."""
     modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps: set[str] = set()
-        for node in _runtime_imports(_parse(path.read_text())):
+        for node in _runtime_imports(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 target = ".".join([*base, *([node.module] if node.module else [])])
