@@ -41,10 +41,10 @@ def _runtime_imports(tree: ast.AST) -> list[ast.ImportFrom | ast.Import]:
 def import_graph() -> dict[str, set[str]]:
     """Module -> the aiotasks modules it imports at run time.
 
-    Built in a fresh interpreter: CPython 3.11.7's `ast` keeps its recursion depth in
-    state shared by threads (gh-106905, fixed in 3.11.8), so a traceback formatted by
-    another thread of the test process meanwhile (3.11's traceback module parses source
-    lines) makes ast.parse raise SystemError "AST constructor recursion depth mismatch".
+    Built in a fresh interpreter: in the test process, CPython 3.11.7's ast.parse raised
+    SystemError "AST constructor recursion depth mismatch" now and then (see gh-106905:
+    ast keeps its recursion depth in module state, which other threads of a busy process,
+    such as one formatting a traceback, can disturb).
     """
     code = (
         "import json, tests.test_import_graph as m; "
