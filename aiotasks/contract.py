@@ -49,7 +49,9 @@ def unpack_reply(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=True, strict_map_key=False)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets its fields through object.__setattr__, and
+# that __init__ costs ~2 µs on the send path. Nothing mutates one after it is built.
+@dataclass(slots=True)
 class TaskRecord:
     """One task for enqueue_task (Lua): what goes on its stream entry, and its record.
 

@@ -55,7 +55,9 @@ class ChordRef:
     idx: int
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets its fields through object.__setattr__, and
+# that __init__ costs ~2 µs on the send path. Nothing mutates one after it is built.
+@dataclass(slots=True)
 class Message:
     """One task invocation.
 

@@ -127,6 +127,17 @@ def build_message(
     task: Task[Any, Any] | None = None,
 ) -> tuple[Message, int]:
     """A Message for one send, and the ttl (s) of its task hash."""
+    return message_builder(app, name, options, task)(args, kwargs)
+
+
+def message_builder(
+    app: App, name: str, options: dict[str, Any], task: Task[Any, Any] | None = None
+) -> Callable[[Sequence[Any], dict[str, Any] | None], tuple[Message, int]]:
+    """Builds the Messages of sends that share `options`, and their ttl (s).
+
+    Everything but the arguments and the id is worked out here once: `send_many` pays
+    for the options of a batch once, not once per task.
+    """
     check_options(options)
     s = app.settings
     t = task.opts if task is not None else None
@@ -140,30 +151,44 @@ def build_message(
         priority = t.priority if t and t.priority is not None else 5
     opts = {k: _RUN_OPTIONS[k](options[k]) for k in _RUN_OPTIONS if options.get(k) is not None}
     ttl = int(options.get("result_ttl") or (t.result_ttl if t else None) or s.result_ttl)
-    debounce_key = None
-    if task is not None and task.opts.debounce:
+    given_id = options.get("task_id")
+    expires = _epoch(options.get("expires"), sent_at)
+    serializer = options.get("serializer") or (t.serializer if t else None) or s.serializer
+    compression = options.get("compression") or s.compression
+    # The current trace context (a canvas sent inside a `send` span); App.send_messages
+    # stamps plain sends with their own `send` span.
+    trace = app.tracer.inject() if app.tracer is not None else None
+    debounce = task.opts.debounce if task is not None else None
+    if debounce:
         # Trailing edge: it runs `debounce` s after the last send for its key.
-        debounce_key = task.key_of(task.opts.debounce_key, args, kwargs or {})
-        eta = sent_at + float(task.opts.debounce)
-    msg = Message(
-        # 32 random hex digits, as uuid4().hex gives, at a fifth of the cost.
-        id=options.get("task_id") or os.urandom(16).hex(),
-        name=name,
-        args=list(args),
-        kwargs=dict(kwargs or {}),
-        queue=queue,
-        priority=priority,
-        opts=opts,
-        eta=eta if eta is not None and eta > sent_at else None,
-        expires=_epoch(options.get("expires"), sent_at),
-        serializer=options.get("serializer") or (t.serializer if t else None) or s.serializer,
-        compression=options.get("compression") or s.compression,
-        debounce=debounce_key,
-        # The current trace context (a canvas sent inside a `send` span); App.send_messages
-        # stamps plain sends with their own `send` span.
-        trace=app.tracer.inject() if app.tracer is not None else None,
-    )
-    return msg, ttl
+        eta = sent_at + float(debounce)
+    if eta is not None and eta <= sent_at:
+        eta = None
+
+    def build(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[Message, int]:
+        debounce_key = None
+        if debounce:
+            assert task is not None
+            debounce_key = task.key_of(task.opts.debounce_key, args, kwargs or {})
+        msg = Message(
+            # 32 random hex digits, as uuid4().hex gives, at a fifth of the cost.
+            id=given_id or os.urandom(16).hex(),
+            name=name,
+            args=list(args),
+            kwargs=dict(kwargs or {}),
+            queue=queue,
+            priority=priority,
+            opts=opts,
+            eta=eta,
+            expires=expires,
+            serializer=serializer,
+            compression=compression,
+            debounce=debounce_key,
+            trace=trace,
+        )
+        return msg, ttl
+
+    return build
 
 
 class Task(Generic[P, R]):
@@ -303,7 +328,8 @@ class Task(Generic[P, R]):
         else:
             for a, k in calls:
                 self.check_args(a, k)
-        built = [build_message(self.app, self.name, a, k, options, self) for a, k in calls]
+        build = message_builder(self.app, self.name, options, self)
+        built = [build(a, k) for a, k in calls]
         return await self.app.send_messages(built, options.get("retry_policy"))
 
 
