@@ -96,13 +96,16 @@ def _int(fields: dict[bytes, bytes], name: str, low: int = 0) -> int | None:
     return value
 
 
+_VERSION = str(PROTOCOL).encode()
+
+
 def _check_version(fields: dict[bytes, bytes]) -> None:
     raw = fields.get(b"v")
     if raw is None:
         raise DecodeError(
             f"entry has no protocol version (field 'v'; this worker speaks {PROTOCOL})"
         )
-    if raw != str(PROTOCOL).encode():
+    if raw != _VERSION:
         shown = raw[:20].decode(errors="replace")
         raise DecodeError(f"unknown protocol version {shown!r} (this worker speaks {PROTOCOL})")
 

@@ -116,7 +116,7 @@ def internal_error(exc: BaseException) -> Outcome:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs on every delivery
 class RunOptions:
     """A task's run options, resolved once: send options over the task's, over the App's."""
 
@@ -434,7 +434,10 @@ class Execution:
     async def _invoke(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         args, kwargs = task.load_args(args, kwargs)  # dataclasses/models from the annotations
         if task.is_async:
-            return await Interruptible(task.fn(*args, **kwargs), self.limits)  # type: ignore[arg-type]
+            coro = task.fn(*args, **kwargs)
+            if self.limits.soft is None:  # nothing to turn into SoftTimeLimitExceeded
+                return await coro
+            return await Interruptible(coro, self.limits)  # type: ignore[arg-type]
         from anyio.to_thread import run_sync  # loaded with the first `def` task only
 
         return await run_sync(
