@@ -469,23 +469,6 @@ class Client:
             if isinstance(groups, list) and any(_name(g) == GROUP for g in groups)
         ]
 
-    async def read_blocking(
-        self, consumer: str, streams: Sequence[str], block_ms: int
-    ) -> list[tuple[str, bytes]]:
-        """Wait up to `block_ms` for one new entry; its (stream, entry id), or nothing.
-
-        The entry's fields are not used here: start.lua reads them, by the same rules
-        as fetch.lua.
-        """
-        reply: list[Any] = await cast(Any, self.redis).xreadgroup(
-            GROUP, consumer, dict.fromkeys(streams, ">"), count=1, block=block_ms
-        )
-        return [
-            (stream.decode(), entry_id)
-            for stream, entries in reply or ()
-            for entry_id, _fields in entries
-        ]
-
     async def register_worker(
         self, name: str, description: dict[str, str | int], ttl: float
     ) -> bool:

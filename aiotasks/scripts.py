@@ -13,15 +13,15 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from .contract import pack, unpack_reply
 
 NAMES = (
     "enqueue",
     "fetch",
-    "start",
     "reclaim",
     "release",
     "heartbeat",
@@ -51,6 +51,7 @@ class Scripts:
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self.prefix = prefix
+        self._redis = redis
         self._s: dict[str, AsyncScript] = {
             name: redis.register_script(src) for name, src in SOURCES.items()
         }
@@ -79,20 +80,46 @@ class Scripts:
         )
         return unpack_reply(raw)  # type: ignore[no-any-return]
 
-    async def start(
+    async def fetch_after(
         self,
         *,
+        block_ms: int,
+        tips: Mapping[str, bytes],
         streams: Sequence[str],
-        now_ms: int,
+        consumer: str,
+        count: int,
         worker: str,
+        promote_limit: int,
         default_ttl: int,
-        entries: Sequence[Record],
     ) -> dict[bytes, Any]:
-        """Start entries delivered by a blocking read ({stream, entry} refs); those to run."""
-        raw = await self._s["start"](
-            keys=[self.prefix, *streams], args=[now_ms, worker, default_ttl, pack(entries)]
-        )
-        return unpack_reply(raw)  # type: ignore[no-any-return]
+        """Wait up to `block_ms` for an entry newer than `tips` (fetch's reply when it
+        read nothing), then fetch as `fetch` does: one round trip for an idle worker.
+
+        The XREAD and the fetch go in one pipeline: Redis runs the fetch the moment the
+        XREAD returns, by fetch.lua's rules (priorities, paused queues, revoked and
+        expired entries), with the server's clock. The XREAD's own reply is not used.
+        """
+        keys = [self.prefix, *streams]
+        args: list[str | int] = [consumer, count, 0, worker, promote_limit, default_ttl]
+        script = self._s["fetch"]
+        if isinstance(self._redis, RedisCluster):
+            # redis-py refuses EVALSHA in a cluster pipeline: two round trips there.
+            await self._redis.xread(dict(tips), count=1, block=block_ms)
+            return unpack_reply(await script(keys=keys, args=args))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xread(dict(tips), count=1, block=block_ms)  # type: ignore[arg-type]
+            # EVALSHA by hand: a registered script in a pipeline costs a SCRIPT EXISTS
+            # round trip on every execute.
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            woken, raw = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, NoScriptError):  # the server forgot it (restarted): load, run
+            raw = await script(keys=keys, args=args)
+        elif isinstance(raw, BaseException):
+            raise raw
+        res: dict[bytes, Any] = unpack_reply(raw)
+        if isinstance(woken, BaseException) and not res[b"entries"]:
+            raise woken  # e.g. NOPERM on XREAD: say so rather than spin
+        return res
 
     async def release(
         self, *, streams: Sequence[str], consumer: str, entries: Sequence[Record]

@@ -103,6 +103,8 @@ class Worker:
         self._thread_limiter: Any = None
         self.vt = app.settings.visibility_timeout
         self._active = list(self.streams)  # the streams of queues not paused
+        #: After a fetch that read nothing: how long to wait, and each stream's newest id.
+        self._idle: tuple[int, dict[str, bytes]] | None = None
         # One table of the entries this worker holds, each with its phase.
         self._running: dict[Key, Execution] = {}
         self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
@@ -422,52 +424,36 @@ class Worker:
         if not self._active:
             await self._sleep(self.block_ms / 1000)  # every queue of ours is paused
             return []
-        res = await self.client.scripts.fetch(
-            streams=self._active,
-            consumer=self.name,
-            count=n,
-            now_ms=int(now() * 1000),
-            worker=self.name,
-            promote_limit=max(n, 100),
-            default_ttl=self.app.settings.result_ttl,
-        )
+        idle, self._idle = self._idle, None
+        common: dict[str, Any] = {
+            "streams": self._active,
+            "consumer": self.name,
+            "count": n,
+            "worker": self.name,
+            "promote_limit": max(n, 100),
+            "default_ttl": self.app.settings.result_ttl,
+        }
+        scripts = self.client.scripts
+        if idle is not None and list(idle[1]) == self._active:
+            # Nothing was there last time: wait for the next entry and fetch it in the
+            # same round trip. The body still runs only once fetch.lua marked it STARTED.
+            res = await scripts.fetch_after(block_ms=idle[0], tips=idle[1], **common)
+        else:
+            res = await scripts.fetch(now_ms=int(now() * 1000), **common)
         if res.get(b"lost"):
             await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         got = [self._delivery(e) for e in res[b"entries"]]
-        if got:
-            return got
-        next_due = int(res[b"next_due"])
-        block_ms = self.block_ms
-        if next_due >= 0:
-            block_ms = max(1, min(block_ms, next_due - int(now() * 1000)))
-        return await self._block(block_ms)
-
-    async def _block(self, block_ms: int) -> list[Delivery]:
-        """Wait for new entries on any stream, then start them by fetch.lua's rules.
-
-        The body runs only after start.lua marked it STARTED, so `state()` reads STARTED
-        while it runs and an entry revoked or expired between the read and the start is
-        never run. start.lua reads the entry's fields itself; they come back with the
-        entries to run.
-        """
-        got = await self.client.read_blocking(self.name, self._active, block_ms)
         if not got:
-            return []
-        refs = [entry_ref(stream, entry_id) for stream, entry_id in got]
-        try:
-            res = await self.client.scripts.start(
-                streams=self.streams,
-                now_ms=int(now() * 1000),
-                worker=self.name,
-                default_ttl=self.app.settings.result_ttl,
-                entries=refs,
+            next_due = int(res[b"next_due"])
+            block_ms = self.block_ms
+            if next_due >= 0:
+                block_ms = max(1, min(block_ms, next_due - int(now() * 1000)))
+            tips = res.get(b"tips") or {}
+            self._idle = (
+                block_ms,
+                {s: tips.get(s.encode(), b"0-0") for s in self._active},
             )
-        except _SCRIPT_ERRORS as exc:
-            # Not started: they stay pending for this consumer and are reclaimed after
-            # the visibility timeout, by the same rules.
-            log.warning("worker %s could not start %d task(s) (%s)", self.name, len(got), exc)
-            return []
-        return [self._delivery(e) for e in res[b"entries"]]
+        return got
 
     async def _reclaim(self, n: int) -> list[Delivery]:
         res = await self.client.scripts.reclaim(

@@ -78,7 +78,8 @@ class ReadAhead:
 
     `await send()` makes a concurrency-1 worker (already running) hold `hold` in its slot
     and read `ahead` beyond it: short tasks first, so the worker reads a batch ahead, then
-    `first`, `hold` and `ahead` in one script call. Returns the three handles.
+    `first`, then `hold` and `ahead` in one script call, which the idle worker wakes to
+    and fetches together. Returns the three handles.
     """
 
     def __init__(self, app: App) -> None:
@@ -99,9 +100,9 @@ class ReadAhead:
     async def send(self) -> tuple[TaskHandle[str], TaskHandle[str], TaskHandle[str]]:
         for h in await self.job.send_many([((f"w{i}",), None) for i in range(100)]):
             await h.result(timeout=10)
-        first, held, ahead = await self.job.send_many(
-            [(("first",), None), (("hold",), None), (("ahead",), None)]
-        )
+        first = await self.job.send("first")
+        await first.result(timeout=10)
+        held, ahead = await self.job.send_many([(("hold",), None), (("ahead",), None)])
         await asyncio.wait_for(self.holding.wait(), 10)
         return first, held, ahead
 

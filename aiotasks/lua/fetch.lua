@@ -5,17 +5,24 @@
 -- KEYS[2..]    the streams to read, in priority order
 -- ARGV[1]      consumer name
 -- ARGV[2]      count: most entries to return
--- ARGV[3]      now, in ms
+-- ARGV[3]      now, in ms; 0: read the server's clock (a fetch queued behind a blocking
+--              XREAD runs when that returns, not when it was sent)
 -- ARGV[4]      worker name recorded on started tasks
 -- ARGV[5]      most delayed tasks to promote in this call
 -- ARGV[6]      default ttl (s) for tasks settled here
 -- Returns      msgpack map {next_due = ms of the next delayed task or -1,
 --              entries = {{stream, entry, fields = {name = value}}, ...},
---              lost = {stream, ...}: streams whose group was gone and was recreated}
+--              lost = {stream, ...}: streams whose group was gone and was recreated,
+--              tips = {stream = id of its newest entry or '0-0'} when nothing was read:
+--              an XREAD from the tips wakes on the first entry added after this call}
 
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])
+if now_ms == 0 then
+  local t = redis.call('TIME')
+  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local worker = ARGV[4]
 local promote_limit = tonumber(ARGV[5])
 local default_ttl = tonumber(ARGV[6])
@@ -75,6 +82,14 @@ for k = 2, #KEYS do
     end
   end
 end
+local tips = nil
+if #entries == 0 then
+  tips = {}
+  for k = 2, #KEYS do
+    local newest = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
+    tips[KEYS[k]] = newest[1] and newest[1][1] or '0-0'
+  end
+end
 local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')
 flush_journal(now_ms)
-return reply({next_due = tonumber(nxt[2]) or -1, entries = entries, lost = lost})
+return reply({next_due = tonumber(nxt[2]) or -1, entries = entries, lost = lost, tips = tips})
