@@ -261,7 +261,11 @@ def decode_entry(
     if keys and not verify(keys, fields):
         given = "no signature" if not fields.get(b"sig") else "a signature no key matches"
         raise SignatureError(f"the message has {given}: refused unrun")
-    task_id, ct = _required(fields, "id"), _required(fields, "ct")
+    raw_id, raw_ct = fields.get(b"id"), fields.get(b"ct")
+    if raw_id and raw_ct and raw_id.isascii() and raw_ct.isascii():  # the common case, quick
+        task_id, ct = raw_id.decode(), raw_ct.decode()
+    else:
+        task_id, ct = _required(fields, "id"), _required(fields, "ct")
     if "\n" in task_id:
         raise DecodeError("entry field 'id' contains a newline")
     serializer, _, compression = ct.partition("+")

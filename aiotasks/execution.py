@@ -116,7 +116,7 @@ def internal_error(exc: BaseException) -> Outcome:
     return out
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs on every delivery
+@dataclass(frozen=True, slots=True)
 class RunOptions:
     """A task's run options, resolved once: send options over the task's, over the App's."""
 
@@ -130,6 +130,17 @@ class RunOptions:
     def resolve(cls, task: Task[Any, Any], msg: Message, default_ttl: int) -> RunOptions:
         """The options of one run of `task` for `msg`."""
         o, t = msg.opts, task.opts
+        if not o:  # no per-send options: the task's own, worked out once
+            cached = task.run_defaults
+            if cached is None or cached.result_ttl != (t.result_ttl or default_ttl):
+                cached = task.run_defaults = cls(
+                    t.soft_timeout,
+                    t.hard_timeout,
+                    int(t.max_retries),
+                    bool(t.ignore_result),
+                    int(t.result_ttl or default_ttl),
+                )
+            return cached
         return cls(
             soft_timeout=o.get("soft_timeout", t.soft_timeout),
             hard_timeout=o.get("hard_timeout", t.hard_timeout),

@@ -17,6 +17,7 @@ from .nodes import sig_node, signature_of
 
 if TYPE_CHECKING:
     from .app import App
+    from .execution import RunOptions
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -209,6 +210,8 @@ class Task(Generic[P, R]):
         self.__wrapped__ = fn
         self._adapter: adapt.Adapter | None = None
         self._adapter_read = False
+        #: The RunOptions of a send without options, shared (execution.RunOptions).
+        self.run_defaults: RunOptions | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"

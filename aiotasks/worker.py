@@ -99,6 +99,8 @@ class Worker:
         # Each stream's (queue, priority), most important queue first, most urgent first.
         self._served = {keys.stream(q, p): (q, p) for q in self.queues for p in PRIORITIES}
         self.streams = list(self._served)
+        # Fetch replies name streams as bytes: looked up as they come, no decoding.
+        self._by_raw = {s.encode(): (s, q, p) for s, (q, p) in self._served.items()}
         self.slots = Slots(concurrency)
         self._thread_limiter: Any = None
         self.vt = app.settings.visibility_timeout
@@ -416,8 +418,7 @@ class Worker:
                 await self._stop.wait()
 
     def _delivery(self, entry: dict[bytes, Any], deliveries: int = 1) -> Delivery:
-        stream = entry[b"stream"].decode()
-        queue, priority = self._served[stream]
+        stream, queue, priority = self._by_raw[entry[b"stream"]]
         return Delivery(stream, queue, priority, entry[b"entry"], entry[b"fields"], deliveries)
 
     async def _fetch(self, n: int) -> list[Delivery]:

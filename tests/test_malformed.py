@@ -37,16 +37,17 @@ def good_payload() -> dict[str, Any]:
 
 
 async def xadd(app: App, fields: dict[str, Any]) -> str:
-    """Put an entry on the default queue as a raw producer would; its task id."""
+    """Put an entry on the default queue as a raw producer would (protocol.md's plain-task
+    recipe: the hash first, in one MULTI with the entry); its task id."""
     task_id = str(fields.get("id") or uuid.uuid4().hex)
     stream = app.client.keys.stream("default", 5)
+    tkey = app.client.keys.task(task_id)
     r: Any = app.client.redis
-    entry = await r.xadd(stream, {"id": task_id, **fields})
-    await r.hset(
-        app.client.keys.task(task_id),
-        mapping={"state": "PENDING", "name": NAME, "queue": "default", "_e": entry, "_st": stream},
-    )
-    await r.expire(app.client.keys.task(task_id), 300)
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.hset(tkey, mapping={"state": "PENDING", "name": NAME, "queue": "default"})
+        pipe.expire(tkey, 300)
+        pipe.xadd(stream, {"id": task_id, **fields})
+        await pipe.execute()
     return task_id
 
 
