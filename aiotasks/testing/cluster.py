@@ -19,12 +19,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis
 
-from .server import OwnServer, _free_port, _port_bindable, server_binary
+from .server import Owned, OwnServer, _free_port, _port_bindable, server_binary
 
 SLOTS = 16384
 _HOST = "127.0.0.1"
@@ -63,28 +62,7 @@ def _wait(what: str, check: object, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{what} did not happen within {timeout:g} s ({last})")
 
 
-class _Owned:
-    """`with` starts it and stops it, whatever happens inside."""
-
-    def start(self) -> Self:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class OwnCluster(_Owned):
+class OwnCluster(Owned):
     """`masters` masters sharing the slots evenly, each with `replicas` replicas."""
 
     def __init__(self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 2000) -> None:
@@ -113,14 +91,11 @@ class OwnCluster(_Owned):
     def client(self, server: OwnServer) -> redis.Redis:
         return redis.Redis(host=_HOST, port=server.port, socket_timeout=5)
 
-    def start(self) -> OwnCluster:
-        try:
+    def start(self) -> Self:
+        with self.stopped_on_error():
             for s in self.servers:
                 s.start()
             self._build()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _build(self) -> None:
@@ -204,7 +179,7 @@ class OwnCluster(_Owned):
             s.stop()
 
 
-class OwnSentinel(_Owned):
+class OwnSentinel(Owned):
     """A primary, one replica and one Sentinel watching them as `service` (quorum 1)."""
 
     def __init__(self, service: str = "aiotasks", *, down_after_ms: int = 1000) -> None:
@@ -221,17 +196,14 @@ class OwnSentinel(_Owned):
     def url(self) -> str:
         return f"redis+sentinel://{_HOST}:{self.sentinel_port}/{self.service}"
 
-    def start(self) -> OwnSentinel:
-        try:
+    def start(self) -> Self:
+        with self.stopped_on_error():
             self.primary.start()
             self.replica.start()
             with redis.Redis(host=_HOST, port=self.replica.port) as c:
                 c.execute_command("REPLICAOF", _HOST, self.primary.port)
             _wait("the replica's first sync", self._synced)
             self._start_sentinel()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _synced(self) -> bool:

@@ -39,7 +39,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 import redis
 from redis.backoff import NoBackoff
@@ -176,7 +176,38 @@ class _Proc:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-class OwnServer:
+class Owned:
+    """Server processes owned by this code: `with` starts them and stops them, whatever
+    happens inside."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def stopped_on_error(self) -> Iterator[None]:
+        """Stop what was started when starting the rest fails."""
+        try:
+            yield
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class OwnServer(Owned):
     """A Redis/Valkey server process owned by this code, on a free loopback port.
 
     No persistence (``--save '' --appendonly no``): after ``restart()`` or ``kill()`` +
@@ -243,7 +274,7 @@ class OwnServer:
 
     # ---- lifecycle
 
-    def start(self) -> OwnServer:
+    def start(self) -> Self:
         """Start the server and wait (up to ``start_timeout``) until it answers on its port."""
         if self.is_running():
             raise RuntimeError(f"server already running on port {self._port}")
@@ -300,18 +331,10 @@ class OwnServer:
             popen.send_signal(signal.SIGCONT)
         self._paused = False
 
-    def __enter__(self) -> OwnServer:
+    def __enter__(self) -> Self:
         if not self.is_running():
             self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
