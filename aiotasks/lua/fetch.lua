@@ -19,13 +19,14 @@
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])
+local worker = ARGV[4]
+local promote_limit = tonumber(ARGV[5])
+local default_ttl = tonumber(ARGV[6])
+
 if now_ms == 0 then
   local t = redis.call('TIME')
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local worker = ARGV[4]
-local promote_limit = tonumber(ARGV[5])
-local default_ttl = tonumber(ARGV[6])
 
 local function promote()
   local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', now_ms, 'LIMIT', 0,
