@@ -4,7 +4,7 @@ event loop go to Redis as one enqueue.lua call (like ioredis' enableAutoPipelini
 A web server sending from a hundred requests at once pays one round trip per batch
 instead of one per send. Each caller still gets its own result and its own error: a
 batch that Redis refuses is split, so one bad record fails only its own sender. A
-lone send waits one loop turn more than it would unbatched, which costs microseconds.
+lone send waits one loop turn more than it would unbatched.
 """
 
 from __future__ import annotations
@@ -35,25 +35,40 @@ class _Pending:
 
 
 class SendBatcher:
-    """Collects the enqueues of one loop turn and sends them together (one per loop)."""
+    """Collects the enqueues of one loop turn and sends them together (one per loop).
+
+    The first sender of a turn leads: it yields once, so that every coroutine ready in
+    this turn can join, then sends. Alone (a sequential sender), it sends from its own
+    task, paying one loop turn; with company, the batch goes from a task of its own, so
+    that cancelling one sender never cancels the others' sends.
+    """
 
     def __init__(self, enqueue: Enqueue) -> None:
         self._enqueue = enqueue
-        self._pending: list[_Pending] = []
+        self._pending: list[_Pending] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def enqueue(self, tasks: list[dict[str, Any]], policy: RetryPolicy) -> list[int]:
         """Enqueue `tasks` with the others sent in this loop turn; 1/0 per task."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[int]] = loop.create_future()
-        if not self._pending:
-            # Runs after every coroutine that is ready in this turn has had its go.
-            loop.call_soon(self._flush)
-        self._pending.append(_Pending(tasks, policy, future))
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        if self._pending is not None:  # a leader collects this turn's sends
+            self._pending.append(_Pending(tasks, policy, future))
+            return await future
+        self._pending = [_Pending(tasks, policy, future)]
+        try:
+            await asyncio.sleep(0)  # every coroutine ready in this turn has its go
+        except asyncio.CancelledError:
+            future.cancel()  # the others still go; this one does not
+            raise
+        finally:
+            pending, self._pending = self._pending, None
+            if len(pending) > 1:
+                self._flush(pending)
+        if len(pending) == 1:
+            return await self._enqueue(tasks, policy)
         return await future
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
+    def _flush(self, pending: list[_Pending]) -> None:
         by_policy: dict[RetryPolicy, list[_Pending]] = {}
         for p in pending:
             if not p.future.done():  # its sender was cancelled before the batch left
