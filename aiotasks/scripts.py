@@ -15,9 +15,10 @@ from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .contract import pack, unpack_reply
+from .keys import GROUP
 
 NAMES = (
     "enqueue",
@@ -76,7 +77,7 @@ class Scripts:
         """Promote due tasks, then read and start up to `count` entries."""
         raw = await self._s["fetch"](
             keys=[self.prefix, *streams],
-            args=[consumer, count, now_ms, worker, promote_limit, default_ttl],
+            args=[consumer, count, now_ms, worker, promote_limit, default_ttl, "", 0],
         )
         return unpack_reply(raw)  # type: ignore[no-any-return]
 
@@ -88,26 +89,41 @@ class Scripts:
         streams: Sequence[str],
         consumer: str,
         count: int,
+        now_ms: int,
         worker: str,
         promote_limit: int,
         default_ttl: int,
     ) -> dict[bytes, Any]:
-        """Wait up to `block_ms` for an entry newer than `tips` (fetch's reply when it
-        read nothing), then fetch as `fetch` does: one round trip for an idle worker.
+        """Wait up to `block_ms` for a new entry, then fetch as `fetch` does: one round
+        trip for an idle worker. `tips`: the reply of the fetch that read nothing.
 
-        The XREAD and the fetch go in one pipeline: Redis runs the fetch the moment the
-        XREAD returns, by fetch.lua's rules (priorities, paused queues, revoked and
-        expired entries), with the server's clock. The XREAD's own reply is not used.
+        A blocking XREADGROUP (one consumer gets each new entry, so one idle worker
+        wakes) and fetch.lua go in one pipeline: Redis runs the fetch the moment the
+        read returns, and it starts what the read delivered by fetch.lua's rules
+        (revoked and expired entries, priorities).
         """
         keys = [self.prefix, *streams]
-        args: list[str | int] = [consumer, count, 0, worker, promote_limit, default_ttl]
+        args: list[str | int | bytes] = [
+            consumer,
+            count,
+            now_ms,
+            worker,
+            promote_limit,
+            default_ttl,
+            pack(dict(tips)),
+            block_ms,
+        ]
         script = self._s["fetch"]
+        wait = {stream: ">" for stream in streams}
         if isinstance(self._redis, RedisCluster):
             # redis-py refuses EVALSHA in a cluster pipeline: two round trips there.
-            await self._redis.xread(dict(tips), count=1, block=block_ms)
+            try:
+                await self._redis.xreadgroup(GROUP, consumer, wait, count=1, block=block_ms)
+            except ResponseError:
+                pass  # NOGROUP: fetch.lua recreates the group and reports the loss
             return unpack_reply(await script(keys=keys, args=args))
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xread(dict(tips), count=1, block=block_ms)  # type: ignore[arg-type]
+            pipe.xreadgroup(GROUP, consumer, wait, count=1, block=block_ms)  # type: ignore[arg-type]
             # EVALSHA by hand: a registered script in a pipeline costs a SCRIPT EXISTS
             # round trip on every execute.
             pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -117,8 +133,9 @@ class Scripts:
         elif isinstance(raw, BaseException):
             raise raw
         res: dict[bytes, Any] = unpack_reply(raw)
-        if isinstance(woken, BaseException) and not res[b"entries"]:
-            raise woken  # e.g. NOPERM on XREAD: say so rather than spin
+        lost_group = isinstance(woken, ResponseError) and "NOGROUP" in str(woken)
+        if isinstance(woken, BaseException) and not lost_group and not res[b"entries"]:
+            raise woken  # e.g. NOPERM: say so rather than spin
         return res
 
     async def release(

@@ -105,6 +105,7 @@ class Worker:
         self._thread_limiter: Any = None
         self.vt = app.settings.visibility_timeout
         self._active = list(self.streams)  # the streams of queues not paused
+        self._beats_end = asyncio.Event()
         #: After a fetch that read nothing: how long to wait, and each stream's newest id.
         self._idle: tuple[int, dict[str, bytes]] | None = None
         # One table of the entries this worker holds, each with its phase.
@@ -235,8 +236,8 @@ class Worker:
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
             async with asyncio.TaskGroup() as tg:
+                beats = tg.create_task(self._heartbeat_loop())
                 background = [
-                    tg.create_task(self._heartbeat_loop()),
                     tg.create_task(self.outcomes.flush_loop()),
                     tg.create_task(self._control_loop()),
                 ]
@@ -245,6 +246,10 @@ class Worker:
                 background.append(tg.create_task(self._paused_loop()))
                 await self._fetch_loop()
                 await self._drain()
+                # The heartbeat ends between beats, never inside one: a registration
+                # cut off mid-flight could land after unregister_worker and outlive us.
+                self._beats_end.set()
+                await beats
                 await cancel_and_wait(background)
                 await self.outcomes.commit_all()
             # Leaving the registry is a courtesy (the entry expires anyway): a lost or
@@ -436,9 +441,11 @@ class Worker:
         }
         scripts = self.client.scripts
         if idle is not None and list(idle[1]) == self._active:
-            # Nothing was there last time: wait for the next entry and fetch it in the
+            # Nothing was there last time: wait for the next entry and start it in the
             # same round trip. The body still runs only once fetch.lua marked it STARTED.
-            res = await scripts.fetch_after(block_ms=idle[0], tips=idle[1], **common)
+            res = await scripts.fetch_after(
+                block_ms=idle[0], tips=idle[1], now_ms=int(now() * 1000), **common
+            )
         else:
             res = await scripts.fetch(now_ms=int(now() * 1000), **common)
         if res.get(b"lost"):
@@ -448,12 +455,12 @@ class Worker:
             next_due = int(res[b"next_due"])
             block_ms = self.block_ms
             if next_due >= 0:
-                block_ms = max(1, min(block_ms, next_due - int(now() * 1000)))
-            tips = res.get(b"tips") or {}
-            self._idle = (
-                block_ms,
-                {s: tips.get(s.encode(), b"0-0") for s in self._active},
-            )
+                block_ms = min(block_ms, next_due - int(now() * 1000))
+            if block_ms > 0:
+                tips = res.get(b"tips") or {}
+                self._idle = (block_ms, {s: tips.get(s.encode(), b"0-0") for s in self._active})
+            # else a delayed task is due already (the wait overran: Redis times blocking
+            # reads out on its clock tick): fetch again at once, with the time as it is.
         return got
 
     async def _reclaim(self, n: int) -> list[Delivery]:
@@ -557,7 +564,11 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         interval = max(self.vt / 3, 0.05)
         while True:
-            await asyncio.sleep(interval)
+            with suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._beats_end.wait()
+            if self._beats_end.is_set():
+                return
             refs = [
                 entry_ref(stream, entry_id, ex.tid or "", ex.slot)
                 for (stream, entry_id), ex in self._running.items()

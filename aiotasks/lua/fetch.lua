@@ -5,16 +5,21 @@
 -- KEYS[2..]    the streams to read, in priority order
 -- ARGV[1]      consumer name
 -- ARGV[2]      count: most entries to return
--- ARGV[3]      now, in ms; 0: read the server's clock (a fetch queued behind a blocking
---              XREAD runs when that returns, not when it was sent)
+-- ARGV[3]      now, in ms
 -- ARGV[4]      worker name recorded on started tasks
 -- ARGV[5]      most delayed tasks to promote in this call
 -- ARGV[6]      default ttl (s) for tasks settled here
+-- ARGV[7]      '' or, when this call is pipelined behind a blocking XREADGROUP of this
+--              consumer, the `tips` of the fetch before it (msgpack map): the entries that
+--              read delivered are this consumer's pending ones past the tips, started
+--              here first. `now` was taken before the wait: their ids (the time they
+--              were added) bring it forward, or, when the read delivered nothing, its
+--              timeout ARGV[8] (ms) does (a read that delivers nothing waits it out).
 -- Returns      msgpack map {next_due = ms of the next delayed task or -1,
 --              entries = {{stream, entry, fields = {name = value}}, ...},
 --              lost = {stream, ...}: streams whose group was gone and was recreated,
 --              tips = {stream = id of its newest entry or '0-0'} when nothing was read:
---              an XREAD from the tips wakes on the first entry added after this call}
+--              every entry delivered to this consumer so far is at or below them}
 
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
@@ -22,11 +27,8 @@ local now_ms = tonumber(ARGV[3])
 local worker = ARGV[4]
 local promote_limit = tonumber(ARGV[5])
 local default_ttl = tonumber(ARGV[6])
-
-if now_ms == 0 then
-  local t = redis.call('TIME')
-  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local after_wait = ARGV[7]
+local waited = tonumber(ARGV[8]) or 0
 
 local function promote()
   local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', now_ms, 'LIMIT', 0,
@@ -68,8 +70,39 @@ local function read(stream)
   return res
 end
 
-promote()
 local entries = {}
+
+-- The entries the blocking read delivered to this consumer (pending past the tips; the
+-- entries it runs already are at or below them), all started: they are ours now.
+-- XPENDING, not a history read, which would count a second delivery.
+local function delivered(tips)
+  local woken = {}
+  for k = 2, #KEYS do
+    local tip = tips[KEYS[k]]
+    local res = tip and redis.pcall('XPENDING', KEYS[k], GROUP, '(' .. tip, '+', 100, consumer)
+    if type(res) == 'table' and not res.err then
+      for _, p in ipairs(res) do
+        woken[#woken + 1] = {KEYS[k], p[1]}
+        local ms = tonumber(string.match(p[1], '^(%d+)'))
+        if ms and ms > now_ms then now_ms = ms end
+      end
+    end
+  end
+  if #woken == 0 then now_ms = now_ms + waited end
+  for _, w in ipairs(woken) do
+    local stream, entry_id = w[1], w[2]
+    local f = entry_fields(stream, entry_id)
+    if not f then
+      ack(stream, entry_id)  -- deleted meanwhile (a purge, a revoke): nothing to run
+    elseif start_entry(stream, entry_id, f, now_ms, worker, 1, default_ttl) then
+      entries[#entries + 1] = {stream = stream, entry = entry_id, fields = f}
+      count = count - 1
+    end
+  end
+end
+
+if after_wait ~= '' then delivered(unpack_arg(after_wait)) end
+promote()
 for k = 2, #KEYS do
   if count <= 0 then break end
   local res = read(KEYS[k])
