@@ -158,9 +158,11 @@ class App:
         await self.client.ping()
 
     async def close(self) -> None:
-        """Close every connection of this App."""
+        """Close every connection of this App. A later use connects anew, with the
+        settings the App has then (the test plugin rebinds an App between tests)."""
         if self._client is not None:
-            await self._client.close()
+            client, self._client = self._client, None
+            await client.close()
 
     async def __aenter__(self) -> Self:
         await self.connect()
