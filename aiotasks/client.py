@@ -39,6 +39,7 @@ from .notifier import Notifier
 from .scripts import Scripts
 from .sendbatch import SendBatcher
 from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
+from .transport import guard
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +177,19 @@ class Client:
                 retry_on_error=[RedisConnectionError, RedisTimeoutError],
             )
             redis = Redis(connection_pool=pool)
+            guard(redis)
             listener = None
         else:
             # A Cluster or a Sentinel-managed primary: redis-py's clients follow
             # failovers (and, on a cluster, slot moves).
             redis = topology.command_client(top, s.max_connections)
             listener = topology.listener(top)
+            guard(redis)
+            guard(listener)
             if top.kind == "cluster":
 
                 async def pick() -> Redis:
-                    return await topology.pubsub_client(top)
+                    return await topology.pubsub_client(top, self.keys.control_channel)
 
         self._conn = self._assemble(loop, pool, redis, listener, pick)
         return self._conn
@@ -199,7 +203,8 @@ class Client:
         pick: Callable[[], Awaitable[Redis]] | None,
     ) -> _Connection:
         """The scripts, notifier and send batcher on top of a command client."""
-        scripts = Scripts(redis, self.keys.prefix)
+        sharded = self.topology.kind == "cluster"
+        scripts = Scripts(redis, self.keys, sharded_pubsub=sharded)
 
         async def enqueue(tasks: list[dict[str, Any]], policy: RetryPolicy) -> list[int]:
             async def call() -> list[int]:
@@ -217,7 +222,9 @@ class Client:
                 raise refusal(self.url, exc, "marking a task watched") from exc
 
         s = self.settings
-        notifier = Notifier(s.redis_url, self.keys, mark, redis=listener, pick=pick)
+        notifier = Notifier(
+            s.redis_url, self.keys, mark, redis=listener, pick=pick, sharded=sharded
+        )
         return _Connection(loop, pool, redis, scripts, notifier, SendBatcher(enqueue))
 
     @property
@@ -371,7 +378,7 @@ class Client:
             task_id=task_id, now_ms=now_ms(), ttl=self.settings.result_ttl
         )
         if terminate and prev == "STARTED":
-            await self.redis.publish(self.keys.control_channel, f"revoke {task_id}")
+            await self.publish(self.keys.control_channel, f"revoke {task_id}")
         if payload is not None and prev in ("SCHEDULED", "PENDING", "STARTED"):
             await self._keep_payload(task_id, payload)
         return prev
@@ -403,14 +410,22 @@ class Client:
         """Delete a task's stored state and result."""
         await self.redis.delete(self.keys.task(task_id))
 
+    async def publish(self, channel: str, message: str) -> None:
+        """Publish on one of the namespace's channels: SPUBLISH on a Cluster, where the
+        notifiers subscribe on the shard that owns the namespace's slot."""
+        if self.topology.kind == "cluster":
+            await cast(Any, self.redis).spublish(channel, message)
+        else:
+            await self.redis.publish(channel, message)
+
     async def store_progress(self, task_id: str, meta: dict[str, Any]) -> None:
         """Store progress metadata in the task hash and notify watchers."""
         key, channel = self.keys.task(task_id), self.keys.done_channel(task_id)
         packed = codec.encode(meta, "msgpack")[0]
         if self.topology.kind == "cluster":
-            # A cluster pipeline takes no PUBLISH (it has no key): stored, then published.
+            # A cluster pipeline takes no SPUBLISH: stored, then published.
             await cast(Any, self.redis).hset(key, "progress", packed)
-            await self.redis.publish(channel, "progress")
+            await self.publish(channel, "progress")
             return
         async with self.redis.pipeline(transaction=True) as pipe:
             cast(Any, pipe).hset(key, "progress", packed)

@@ -26,6 +26,11 @@ from .keys import GROUP, lua_functions
 #: a version it does not know dead-letters the entry as DecodeError.
 PROTOCOL = 2
 
+#: How scripts publish notifications, as `_contract.lua` spells it; on a Cluster the
+#: scripts are loaded with SHARDED_PUBLISH instead (see scripts.py).
+PUBLISH = "PUBLISH"
+SHARDED_PUBLISH = "SPUBLISH"
+
 #: Fields of a stream entry, in the order Lua writes them. Lua reads them by name.
 ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail", "err", "sig")
 
@@ -267,9 +272,12 @@ def lua_source() -> str:
     lines = [
         "-- GENERATED from aiotasks/contract.py and keys.py; do not edit. Regenerate with",
         "--   python -m aiotasks.contract > aiotasks/lua/_contract.lua",
-        "-- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1]; K.<kind>(...)",
-        "-- builds a key or channel name exactly as aiotasks.keys.Keys does in Python.",
+        "-- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1] and the guard",
+        "-- key (P .. 'guard', see keys.Keys.guard) as KEYS[2]; K.<kind>(...) builds a key or",
+        "-- channel name exactly as aiotasks.keys.Keys does in Python.",
         "local P = KEYS[1]",
+        "-- The publish command: scripts.py makes it SPUBLISH on a Cluster (sharded pub/sub).",
+        f"local PUBLISH = '{PUBLISH}'",
         f"local GROUP = '{GROUP}'",
         f"local PROTOCOL = {PROTOCOL}",
         f"local ENTRY_FIELDS = {{{fields}}}",

@@ -6,7 +6,8 @@ Python; `lua_functions()` renders the same templates as Lua functions for
 same names.
 
 Every key carries the `{namespace}` hash tag, so all of an app's keys hash to one
-cluster slot and every Lua script stays cluster-safe.
+cluster slot and every Lua script stays cluster-safe; `Keys.guard` keeps scripts from
+running while that slot migrates.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ LAYOUT: dict[str, str] = {
     "paused": "paused",  # set: paused queue names
     "schedules": "schedules",  # hash: schedule name -> msgpack schedule
     "debounce": "debounce:{key}",  # string: the id of the latest send for a debounce key
+    "guard": "guard",  # never written: every script's KEYS[2] (see Keys.guard)
 }
 
 _PART = re.compile(r"\{(\w+)\}")
@@ -175,6 +177,16 @@ class Keys:
     def debounce(self, key: str) -> str:
         """The id of the latest send for a debounce key (expires after its window)."""
         return self._key("debounce", key=key)
+
+    @property
+    def guard(self) -> str:
+        """A key no one writes, every script's KEYS[2] (KEYS[1], the prefix, is no key
+        either). Redis checks a script's declared keys before it runs: while the slot
+        migrates, a call naming missing keys gets ASK from the old master and TRYAGAIN
+        from the new one, so a script never runs beside half-moved keys (creating a
+        second copy of a stream the migration then cannot move: BUSYKEY). Clients retry
+        TRYAGAIN; the slot's scripts pause for as long as the move takes."""
+        return self._key("guard")
 
     @property
     def events(self) -> str:

@@ -66,10 +66,13 @@ class Notifier:
         mark: Callable[[str], Awaitable[object]] | None = None,
         redis: Redis | None = None,
         pick: Callable[[], Awaitable[Redis]] | None = None,
+        sharded: bool = False,
     ) -> None:
         """`mark`: marks a task watched (scripts.watch, on the App's own pool).
         `redis`: the client to subscribe with (default: one for `url`); `pick`: gives a
-        client of another node when a reconnect fails (a cluster node that died)."""
+        client of another node when a reconnect fails (a cluster node that died), or of
+        the node that owns the namespace's slot (`sharded`). `sharded`: subscribe with
+        SSUBSCRIBE (a Cluster, whose scripts SPUBLISH)."""
         # A connection of its own, without redis-py's silent retries: the reader must see
         # a lost connection to tell every waiter to re-read what it may have missed.
         # RESP2: under RESP3 every message is a push reply, and hiredis-py leaks about
@@ -88,6 +91,9 @@ class Notifier:
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._cmd_lock = asyncio.Lock()
+        self._sharded = sharded
+        #: A sharded subscription the server dropped (its slot moved): reconnect.
+        self._dropped = False
         #: Reconnects so far: a waiter that saw its task before one and finds no record
         #: after it knows the server lost the task (handle.TaskLost).
         self.reconnects = 0
@@ -163,7 +169,7 @@ class Notifier:
                     old, self._redis = self._redis, await self._pick()  # a live node
                     await old.aclose()
                 pubsub = self._ensure_reader()
-                await pubsub.subscribe(channel)
+                await self._subscribe(pubsub, channel)
             # Read the state only once Redis confirms the subscription, so a result that
             # lands in between is seen either by the read or by the notification.
             await asyncio.shield(confirm)
@@ -189,7 +195,10 @@ class Notifier:
         if self._pubsub is not None:
             try:
                 async with self._cmd_lock:
-                    await self._pubsub.unsubscribe(channel)
+                    if self._sharded:
+                        await self._pubsub.sunsubscribe(channel)
+                    else:
+                        await self._pubsub.unsubscribe(channel)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 pass  # the reconnect drops it anyway
 
@@ -235,7 +244,12 @@ class Notifier:
             else:
                 if msg is not None:
                     self._dispatch(msg)
-                continue
+                if not self._dropped:
+                    continue
+                # The slot moved: its new owner's shard is where its messages go now.
+                self._dropped = False
+                log.warning("the namespace's slot moved; subscribing on its new owner")
+                lost = True
             await asyncio.sleep(backoff.next())
             try:
                 pubsub = await self._reconnect(pubsub)
@@ -259,15 +273,21 @@ class Notifier:
                 pubsub = self._pubsub = self._redis.pubsub()
             await cast(Any, pubsub).connect()
             if self._watches:
-                await pubsub.subscribe(*self._watches)
+                await self._subscribe(pubsub, *self._watches)
         await self._remark()
         return pubsub
+
+    async def _subscribe(self, pubsub: PubSub, *channels: str) -> None:
+        if self._sharded:
+            await pubsub.ssubscribe(*channels)
+        else:
+            await pubsub.subscribe(*channels)
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         channel = msg["channel"]
         channel = channel.decode() if isinstance(channel, bytes) else channel
         kind = msg["type"]
-        if kind == "message":
+        if kind in ("message", "smessage"):
             data = msg["data"]
             data = data if isinstance(data, bytes) else str(data).encode()
             if channel == self.reply_channel:
@@ -276,10 +296,12 @@ class Notifier:
             note: Note = (data.decode(), None, None)
             for w in self._watches.get(channel, ()):
                 w.put(note)
-        elif kind == "subscribe":
+        elif kind in ("subscribe", "ssubscribe"):
             confirm = self._confirm.pop(channel, None)
             if confirm is not None and not confirm.done():
                 confirm.set_result(None)
+        elif kind == "sunsubscribe" and channel in self._watches:
+            self._dropped = True  # not asked for: the server moved the channel's slot
 
     def _reply(self, data: bytes) -> None:
         if data[:1] == b"\n":

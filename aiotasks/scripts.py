@@ -17,8 +17,8 @@ from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from .contract import pack, unpack_reply
-from .keys import GROUP
+from .contract import PUBLISH, SHARDED_PUBLISH, pack, unpack_reply
+from .keys import GROUP, Keys
 
 NAMES = (
     "enqueue",
@@ -44,23 +44,37 @@ def _source(name: str) -> str:
 
 SOURCES: dict[str, str] = {name: _source(name) for name in NAMES}
 
+
+def sharded(source: str) -> str:
+    """A script that publishes with SPUBLISH: on a Cluster a channel's messages then go
+    to the shard that owns its slot (the namespace's), not to every master."""
+    line = f"local PUBLISH = '{PUBLISH}'"
+    if line not in source:
+        raise RuntimeError("_contract.lua no longer names the publish command")
+    return source.replace(line, f"local PUBLISH = '{SHARDED_PUBLISH}'", 1)
+
+
 Record = Mapping[str, Any]
 
 
 class Scripts:
     """The Lua scripts registered on one Redis client, under one key prefix."""
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
-        self.prefix = prefix
+    def __init__(self, redis: Redis, keys: Keys, *, sharded_pubsub: bool = False) -> None:
+        """`sharded_pubsub`: the scripts publish with SPUBLISH (a Cluster)."""
+        self.prefix = keys.prefix
+        # Every call names the prefix and the guard first (see Keys.guard).
+        self._fixed = [keys.prefix, keys.guard]
         self._redis = redis
         self._s: dict[str, AsyncScript] = {
-            name: redis.register_script(src) for name, src in SOURCES.items()
+            name: redis.register_script(sharded(src) if sharded_pubsub else src)
+            for name, src in SOURCES.items()
         }
 
     async def enqueue(self, *, now_ms: int, mode: str, tasks: Sequence[Record]) -> list[int]:
         """Enqueue a batch of task records; 1 (enqueued) or 0 (kept) per record."""
         return await self._s["enqueue"](  # type: ignore[no-any-return]
-            keys=[self.prefix], args=[now_ms, mode, pack(tasks)]
+            keys=self._fixed, args=[now_ms, mode, pack(tasks)]
         )
 
     async def fetch(
@@ -76,7 +90,7 @@ class Scripts:
     ) -> dict[bytes, Any]:
         """Promote due tasks, then read and start up to `count` entries."""
         raw = await self._s["fetch"](
-            keys=[self.prefix, *streams],
+            keys=[*self._fixed, *streams],
             args=[consumer, count, now_ms, worker, promote_limit, default_ttl, "", 0],
         )
         return unpack_reply(raw)  # type: ignore[no-any-return]
@@ -102,7 +116,7 @@ class Scripts:
         read returns, and it starts what the read delivered by fetch.lua's rules
         (revoked and expired entries, priorities).
         """
-        keys = [self.prefix, *streams]
+        keys = [*self._fixed, *streams]
         args: list[str | int | bytes] = [
             consumer,
             count,
@@ -143,7 +157,7 @@ class Scripts:
     ) -> int:
         """Give entries read ahead but never begun back to their streams."""
         return await self._s["release"](  # type: ignore[no-any-return]
-            keys=[self.prefix, *streams], args=[consumer, pack(entries)]
+            keys=[*self._fixed, *streams], args=[consumer, pack(entries)]
         )
 
     async def reclaim(
@@ -161,7 +175,7 @@ class Scripts:
     ) -> dict[bytes, Any]:
         """Claim entries idle past the visibility timeout; dead-letter over-delivered ones."""
         raw = await self._s["reclaim"](
-            keys=[self.prefix, *streams],
+            keys=[*self._fixed, *streams],
             args=[
                 consumer,
                 min_idle_ms,
@@ -180,34 +194,34 @@ class Scripts:
     ) -> int:
         """Refresh the idle time (and slot leases) of running entries."""
         return await self._s["heartbeat"](  # type: ignore[no-any-return]
-            keys=[self.prefix, *streams], args=[consumer, pack(entries), now_ms]
+            keys=[*self._fixed, *streams], args=[consumer, pack(entries), now_ms]
         )
 
     async def acquire(self, *, now_ms: int, requests: Sequence[Record]) -> list[int]:
         """Take concurrency slots ({key, limit, id, lease} each); 1 = held, 0 = at limit."""
         return await self._s["acquire"](  # type: ignore[no-any-return]
-            keys=[self.prefix], args=[now_ms, pack(requests)]
+            keys=self._fixed, args=[now_ms, pack(requests)]
         )
 
     async def watch(self, *, task_id: str, ttl: int) -> int:
         """Mark a task watched: its STARTED and final state get published (watch.lua)."""
         return await self._s["watch"](  # type: ignore[no-any-return]
-            keys=[self.prefix], args=[task_id, ttl]
+            keys=self._fixed, args=[task_id, ttl]
         )
 
     async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Record]) -> int:
         """Apply a batch of done/ack/dead/enqueue/chord ops atomically (see finish.lua)."""
         return await self._s["finish"](  # type: ignore[no-any-return]
-            keys=[self.prefix, *streams], args=[now_ms, pack(ops)]
+            keys=[*self._fixed, *streams], args=[now_ms, pack(ops)]
         )
 
     async def rate(self, *, task_name: str, interval_ms: float, now_ms: int) -> int:
         """Reserve the next start slot under a rate limit; ms to wait for it (0 = now)."""
-        return int(await self._s["rate"](keys=[self.prefix], args=[task_name, interval_ms, now_ms]))
+        return int(await self._s["rate"](keys=self._fixed, args=[task_name, interval_ms, now_ms]))
 
     async def revoke(self, *, task_id: str, now_ms: int, ttl: int) -> str:
         """Revoke a task; returns its state before the call ('' when unknown)."""
-        res = await self._s["revoke"](keys=[self.prefix], args=[task_id, now_ms, ttl])
+        res = await self._s["revoke"](keys=self._fixed, args=[task_id, now_ms, ttl])
         return res.decode() if isinstance(res, bytes) else str(res)
 
     async def purge(
@@ -223,7 +237,7 @@ class Scripts:
     ) -> tuple[int, bytes]:
         """Delete one chunk of a queue's waiting tasks: (deleted, next) (see purge.lua)."""
         raw = await self._s["purge"](
-            keys=[self.prefix, *streams], args=[queue, now_ms, ttl, limit, mode, bound]
+            keys=[*self._fixed, *streams], args=[queue, now_ms, ttl, limit, mode, bound]
         )
         res = unpack_reply(raw)
         return int(res[b"deleted"]), res[b"next"]
@@ -240,5 +254,5 @@ class Scripts:
     ) -> list[bytes]:
         """Move dead letters ({entry, name} maps) back to their streams; the ids moved."""
         return await self._s["requeue"](  # type: ignore[no-any-return]
-            keys=[self.prefix, dead, fallback], args=[queue, now_ms, ttl, pack(entries)]
+            keys=[*self._fixed, dead, fallback], args=[queue, now_ms, ttl, pack(entries)]
         )

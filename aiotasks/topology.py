@@ -26,6 +26,9 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
+
+from .transport import guard
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -166,21 +169,38 @@ def listener(top: Topology) -> Redis:
     return Redis(host=host, port=port, protocol=2, **top.options)
 
 
-async def pubsub_client(top: Topology) -> Redis:
+async def pubsub_client(top: Topology, key: str) -> Redis:
     """A client whose pub/sub connection hears the namespace's channels.
 
-    On a Cluster a classic PUBLISH reaches every node, so any live node will do: the
-    first listed node that answers (asked again at every reconnect).
+    Behind Sentinel, the primary. On a Cluster, notifications are sharded (SPUBLISH),
+    so the master that owns `key`'s slot (every channel of a namespace shares its hash
+    tag), as the first node that answers sees the slot map; asked again at every
+    reconnect, which a slot move forces (Redis unsubscribes the slot's channels).
     """
     if top.kind == "sentinel":
         return listener(top)
+    slot = key_slot(key.encode())
     last: Exception | None = None
     for host, port in top.nodes:
-        client = Redis(host=host, port=port, protocol=2, **top.options)
+        probe = Redis(host=host, port=port, protocol=2, **top.options)
         try:
-            await client.ping()
-            return client
+            slots = await cast(Any, probe).execute_command("CLUSTER", "SLOTS")
+            for first, end, owner, *_ in slots:
+                if first <= slot <= end:
+                    owner_host = owner[0].decode() if isinstance(owner[0], bytes) else owner[0]
+                    client = Redis(
+                        host=owner_host or host, port=int(owner[1]), protocol=2, **top.options
+                    )
+                    guard(client)
+                    try:
+                        await client.ping()
+                    except BaseException:
+                        await client.aclose()
+                        raise
+                    return client
+            last = RuntimeError(f"no node serves slot {slot} yet")
         except Exception as exc:
             last = exc
-            await client.aclose()
-    raise ConnectionError(f"no node of the cluster answers: {last}")
+        finally:
+            await probe.aclose()
+    raise ConnectionError(f"no node of the cluster answers for slot {slot}: {last}")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from aiotasks import App, TaskRevoked, TaskState, chain, chord
 from aiotasks.admin import Admin
@@ -157,6 +159,7 @@ async def test_every_feature_through_a_node_that_does_not_own_the_keys(
 def spawn(url: str, namespace: str, log: Path, vt: str = "2") -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "AIOTASKS_TEST_RUNS": str(log.parent / "runs"),
         "AIOTASKS_REDIS_URL": url,
         "AIOTASKS_TEST_NAMESPACE": namespace,
         "AIOTASKS_TEST_VT": vt,
@@ -240,14 +243,7 @@ async def test_killing_the_namespaces_master_loses_nothing(
                 assert results == [0.01] * len(handles)
                 assert all(w.poll() is None for w in workers), "a worker exited"
             finally:
-                for w in workers:
-                    if w.poll() is None:
-                        w.send_signal(signal.SIGTERM)
-                for w in workers:
-                    try:
-                        w.wait(30)
-                    except subprocess.TimeoutExpired:
-                        w.kill()
+                stop_workers(workers)
             logs = "".join((tmp_path / f"w{i}.log").read_text(errors="replace") for i in range(2))
             assert "Traceback" not in logs, logs[-3000:]
 
@@ -278,6 +274,51 @@ async def test_a_sentinel_failover_loses_nothing(tmp_path: Path) -> None:
                     worker.kill()
             log = (tmp_path / "w.log").read_text(errors="replace")
             assert "Traceback" not in log, log[-3000:]
+
+
+async def test_notifications_stay_on_the_shard_that_owns_the_namespace(
+    cluster: OwnCluster, capp: App
+) -> None:
+    """Scripts SPUBLISH and notifiers SSUBSCRIBE on the slot's owner: a master without the
+    namespace's keys hears nothing of it (a classic PUBLISH would reach every master)."""
+    app, namespace = capp, capp.settings.namespace
+    owner = cluster.master_of("{" + namespace + "}:x")
+    others = [m for m in cluster.masters if m is not owner and m.is_running()]
+    heard: list[Any] = []
+    listeners = []
+    for m in others:
+        r = redis.asyncio.Redis(port=m.port)
+        p = r.pubsub()
+        await p.psubscribe("{" + namespace + "}*")
+        listeners.append((r, p))
+
+    @app.task
+    async def step() -> int:
+        from aiotasks import current_task
+
+        await current_task().progress(at=1)
+        return 1
+
+    w = app.worker(concurrency=8)
+    run = asyncio.create_task(w.run())
+    try:
+        hs = await asyncio.gather(*(step.send() for _ in range(20)))
+        assert [await h.result(timeout=15) for h in hs] == [1] * 20
+        watched = await step.send()
+        assert [i.state async for i in watched.updates()][-1] is TaskState.SUCCESS
+        with cluster.client(owner) as c:
+            channels = c.execute_command("PUBSUB", "SHARDCHANNELS", "{" + namespace + "}*")
+        assert any(b"reply:" in ch for ch in channels), channels
+    finally:
+        w.stop()
+        await run
+        for r, p in listeners:
+            while (msg := await p.get_message(timeout=0.2)) is not None:
+                if msg["type"] == "pmessage":
+                    heard.append(msg)
+            await p.aclose()
+            await r.aclose()
+    assert heard == []
 
 
 def test_the_cluster_helper_spreads_slots_over_three_masters(cluster: OwnCluster) -> None:
@@ -321,3 +362,144 @@ async def test_a_dead_first_node_in_the_url_does_not_stop_results(cluster: OwnCl
                     await run
     finally:
         delete_namespace(cluster, namespace)
+
+
+def namespace_in_slot(slot: int) -> str:
+    """A fresh namespace whose hash tag lands in `slot`."""
+    from redis.crc import key_slot
+
+    while True:
+        name = f"rs-{uuid.uuid4().hex[:8]}"
+        if key_slot(("{" + name + "}").encode()) == slot:
+            return name
+
+
+def node_id(own: OwnCluster, server: Any) -> str:
+    with own.client(server) as c:
+        return str(c.execute_command("CLUSTER", "MYID").decode())
+
+
+async def reshard_one_slot(own: OwnCluster, source: Any, target: Any) -> str:
+    """`redis-cli --cluster reshard` of the source's lowest slot; its output."""
+    proc = await asyncio.create_subprocess_exec(
+        *("redis-cli", "--cluster", "reshard", f"127.0.0.1:{source.port}"),
+        *("--cluster-from", node_id(own, source), "--cluster-to", node_id(own, target)),
+        # Few keys per MIGRATE: the slot stays open while tasks flow.
+        *("--cluster-slots", "1", "--cluster-pipeline", "1", "--cluster-yes"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "BUSYKEY" not in text and "[ERR]" not in text, text[-3000:]
+    return text
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            w.wait(30)
+        except subprocess.TimeoutExpired:
+            w.kill()
+
+
+class Traffic:
+    """Three coroutines sending plain tasks one at a time, and one sending chords whose
+    body records its runs: a chord's send waits out a slot move, plain sends keep
+    arriving while keys are half moved."""
+
+    def __init__(self, app: App) -> None:
+        self.add = app.task(name="tests.apps.basic.add")(_add)
+        self.sleep = app.task(name="tests.apps.basic.sleep")(_sleep)
+        self.tally = app.task(name="tests.apps.basic.tally")(_tally)
+        self.handles: list[Any] = []
+        self.chords: list[tuple[str, Any]] = []
+        self.sent_at: list[float] = []
+        self._stop = asyncio.Event()
+        self._running: Any = None
+
+    def start(self) -> None:
+        self._running = asyncio.gather(self._chords(), *(self._plain() for _ in range(3)))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._running
+
+    async def _plain(self) -> None:
+        while not self._stop.is_set():
+            self.handles.append(await self.sleep.send(0.001))
+            self.sent_at.append(time.monotonic())
+            await asyncio.sleep(0.002)
+
+    async def _chords(self) -> None:
+        while not self._stop.is_set():
+            key = uuid.uuid4().hex
+            c = chord([self.add.s(j, j) for j in range(4)], self.tally.s(key))
+            self.chords.append((key, await c.send()))
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.slow
+async def test_resharding_a_busy_namespace_slot_loses_nothing(tmp_path: Path) -> None:
+    """`redis-cli --cluster reshard` moves the namespace's slot to another master while
+    two workers run tasks and senders send tasks and chords: no BUSYKEY, every task ends
+    SUCCESS, every chord body runs once, no send raises, no worker exits."""
+    with OwnCluster(masters=3, replicas=0) as own:
+        source, target = own.masters[1], own.masters[2]
+        with own.client(source) as c:
+            slots = c.execute_command("CLUSTER", "SLOTS")
+        # reshard moves the source's lowest slots first: put the namespace in that one.
+        first = min(lo for lo, _hi, primary, *_ in slots if int(primary[1]) == source.port)
+        namespace = namespace_in_slot(first)
+        assert own.master_of("{" + namespace + "}:x") is source
+        app = App(redis_url=own.url, namespace=namespace)
+        traffic = Traffic(app)
+        async with app:
+            # A backlog, so the slot holds thousands of keys while it moves.
+            backlog = await asyncio.gather(*(traffic.sleep.send(0.001) for _ in range(4000)))
+            workers = [spawn(own.url, namespace, tmp_path / f"w{i}.log") for i in range(2)]
+            try:
+                traffic.start()
+                await asyncio.sleep(1.0)
+                # A wait subscribed before the move, whose notification comes after it.
+                slow = await traffic.sleep.send(3.0)
+                waiting = asyncio.ensure_future(slow.result(timeout=30))
+                await asyncio.sleep(0.1)
+                t0 = time.monotonic()
+                await reshard_one_slot(own, source, target)
+                t1 = time.monotonic()
+                await asyncio.sleep(1.0)
+                await traffic.stop()
+                assert own.master_of("{" + namespace + "}:x") is target
+                # The result subscription followed the slot to its new owner.
+                assert not waiting.done()
+                assert await waiting == 3.0
+                assert len(traffic.handles) > 100 and len(traffic.chords) > 10
+                assert any(t0 < t < t1 for t in traffic.sent_at), "no send while the slot moved"
+                for h in [*backlog, *traffic.handles]:
+                    assert await h.result(timeout=60) == 0.001
+                for _key, h in traffic.chords:
+                    assert await h.result(timeout=60) == 12
+                runs = (tmp_path / "runs").read_text().split()
+                assert sorted(runs) == sorted(key for key, _h in traffic.chords)
+                assert all(w.poll() is None for w in workers), "a worker exited"
+            finally:
+                stop_workers(workers)
+        logs = "".join((tmp_path / f"w{i}.log").read_text(errors="replace") for i in range(2))
+        assert "Traceback" not in logs, logs[-3000:]
+
+
+async def _add(x: int, y: int) -> int:
+    return x + y
+
+
+async def _sleep(seconds: float) -> float:
+    return seconds
+
+
+async def _tally(results: list[int], key: str) -> int:
+    return sum(results)

@@ -50,6 +50,7 @@ class Producer:
     def __init__(self, r: aioredis.Redis, namespace: str) -> None:
         self.r = r
         self.P = "{" + namespace + "}:"
+        self.G = self.P + "guard"  # protocol.md: KEYS[2], a key no one writes
         self.sha: dict[str, str] = {}
 
     async def load(self, name: str) -> str:
@@ -76,19 +77,19 @@ class Producer:
     async def enqueue(self, *records: dict[str, Any]) -> list[int]:
         sha = await self.load("enqueue")
         return await self.r.execute_command(  # type: ignore[no-any-return]
-            "EVALSHA", sha, 1, self.P, now_ms(), "send", pack(list(records))
+            "EVALSHA", sha, 2, self.P, self.G, now_ms(), "send", pack(list(records))
         )
 
     async def finish(self, ops: list[dict[str, Any]]) -> int:
         sha = await self.load("finish")
         return await self.r.execute_command(  # type: ignore[no-any-return]
-            "EVALSHA", sha, 1, self.P, now_ms(), pack(ops)
+            "EVALSHA", sha, 2, self.P, self.G, now_ms(), pack(ops)
         )
 
     async def revoke(self, task_id: str) -> bytes:
         sha = await self.load("revoke")
         return await self.r.execute_command(  # type: ignore[no-any-return]
-            "EVALSHA", sha, 1, self.P, task_id, now_ms(), 86400
+            "EVALSHA", sha, 2, self.P, self.G, task_id, now_ms(), 86400
         )
 
     async def result(self, task_id: str, timeout: float = 10) -> dict[bytes, bytes]:

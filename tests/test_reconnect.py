@@ -224,3 +224,23 @@ async def test_a_watcher_marks_its_task_again_after_a_reconnect(
         await running
     assert seen[-1] is TaskState.SUCCESS
     assert await h.result(timeout=1) == 42
+
+
+async def test_a_connection_torn_down_under_a_command_is_a_lost_connection(app: App) -> None:
+    """A pooled connection whose transport is gone but not yet noticed (another coroutine
+    closed it between redis-py's "connected?" check and the write, as a cluster's topology
+    refresh does) fails that write with AttributeError inside asyncio; aiotasks' clients
+    report it as a lost connection, so the send is retried and succeeds."""
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await add.send(0, 0)  # the pool now holds a connected connection
+    pool = app.client.redis.connection_pool
+    torn = [c for c in pool._available_connections if c.is_connected]  # type: ignore[attr-defined]
+    assert torn, "no idle connected connection to tear down"
+    for c in torn:
+        c._writer = object()  # has no writelines: what a torn transport raises on
+    h = await add.send(1, 2)
+    assert await h.state() is TaskState.PENDING

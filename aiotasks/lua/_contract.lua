@@ -1,8 +1,11 @@
 -- GENERATED from aiotasks/contract.py and keys.py; do not edit. Regenerate with
 --   python -m aiotasks.contract > aiotasks/lua/_contract.lua
--- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1]; K.<kind>(...)
--- builds a key or channel name exactly as aiotasks.keys.Keys does in Python.
+-- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1] and the guard
+-- key (P .. 'guard', see keys.Keys.guard) as KEYS[2]; K.<kind>(...) builds a key or
+-- channel name exactly as aiotasks.keys.Keys does in Python.
 local P = KEYS[1]
+-- The publish command: scripts.py makes it SPUBLISH on a Cluster (sharded pub/sub).
+local PUBLISH = 'PUBLISH'
 local GROUP = 'workers'
 local PROTOCOL = 2
 local ENTRY_FIELDS = {'v', 'id', 'ct', 'm', 'exp', 'r', 'cid', 'cix', 'tail', 'err', 'sig'}
@@ -31,3 +34,4 @@ function K.slot_keys() return P .. 'slots' end
 function K.paused() return P .. 'paused' end
 function K.schedules() return P .. 'schedules' end
 function K.debounce(key) return P .. 'debounce:' .. key end
+function K.guard() return P .. 'guard' end

@@ -131,13 +131,13 @@ end
 -- `watched`: its watch mark (`_w`, see watch.lua) when read (false: nobody watches, so
 -- the task's own channel is skipped; nil: not read, so it is published).
 local function notify(id, state, ct, result, reply, watched)
-  if watched ~= false then redis.call('PUBLISH', K.done_channel(id), state) end
+  if watched ~= false then redis.call(PUBLISH, K.done_channel(id), state) end
   if reply == nil then reply = redis.call('HGET', K.task(id), 'reply') end
   if not reply then return end
   if REPLIES then
     push(REPLIES, reply, (ct and result) and {id, state, ct, result} or {id, state})
   else
-    redis.call('PUBLISH', reply, reply_text(id, state, ct, result))
+    redis.call(PUBLISH, reply, reply_text(id, state, ct, result))
   end
 end
 
@@ -154,9 +154,9 @@ local function flush_replies()
   for channel, batch in pairs(replies or {}) do
     if #batch == 1 then
       local m = batch[1]
-      redis.call('PUBLISH', channel, reply_text(m[1], m[2], m[3], m[4]))
+      redis.call(PUBLISH, channel, reply_text(m[1], m[2], m[3], m[4]))
     else
-      redis.call('PUBLISH', channel, '\n' .. cmsgpack.pack(batch))
+      redis.call(PUBLISH, channel, '\n' .. cmsgpack.pack(batch))
     end
   end
 end
@@ -436,7 +436,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
     'attempts', (tonumber(f.r) or 0) + deliveries)
   -- Published when watched, or when the hash was lost (a restart, a failover): a
   -- watcher's mark may have gone with it.
-  if h[4] or not h[1] then redis.call('PUBLISH', K.done_channel(id), 'STARTED') end
+  if h[4] or not h[1] then redis.call(PUBLISH, K.done_channel(id), 'STARTED') end
   journal({'STARTED', id})
   return true
 end
@@ -505,7 +505,7 @@ local function wake(key, limit, now_ms, lease_ms)
       end
       local entry_id = redis.call('XADD', w.stream, '*', unpack(flat))
       redis.call('HSET', tkey, 'state', 'PENDING', '_e', entry_id, '_st', w.stream)
-      redis.call('PUBLISH', K.done_channel(w.id), 'PENDING')
+      redis.call(PUBLISH, K.done_channel(w.id), 'PENDING')
       journal({'PENDING', w.id})
     end
   end

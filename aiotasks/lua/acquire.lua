@@ -4,6 +4,7 @@
 -- and no longer count.
 --
 -- KEYS[1]      key prefix
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
 -- ARGV[1]      now, in ms
 -- ARGV[2]      msgpack array of {key, limit, id, lease} maps (lease: ms)
 -- Returns      {1 or 0 per request}: 1 = the slot is held, 0 = the key is at its limit

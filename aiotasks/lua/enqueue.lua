@@ -2,6 +2,7 @@
 -- due later), skipping ids that are already queued, scheduled or running (dedup).
 --
 -- KEYS[1]      key prefix, e.g. "{aiotasks}:"
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
 -- ARGV[1]      now, in ms
 -- ARGV[2]      mode: 'send' (dedup live ids), 'follow' (skip ids that exist at all),
 --              'retry' or 'defer' (the running task again, see _lib.lua)

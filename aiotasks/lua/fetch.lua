@@ -2,7 +2,8 @@
 -- consumer, most urgent stream first, and mark each one STARTED.
 --
 -- KEYS[1]      key prefix (task hashes and the delayed zset derive from it)
--- KEYS[2..]    the streams to read, in priority order
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
+-- KEYS[3..]    the streams to read, in priority order
 -- ARGV[1]      consumer name
 -- ARGV[2]      count: most entries to return
 -- ARGV[3]      now, in ms
@@ -77,7 +78,7 @@ local entries = {}
 -- XPENDING, not a history read, which would count a second delivery.
 local function delivered(tips)
   local woken = {}
-  for k = 2, #KEYS do
+  for k = 3, #KEYS do
     local tip = tips[KEYS[k]]
     local res = tip and redis.pcall('XPENDING', KEYS[k], GROUP, '(' .. tip, '+', 100, consumer)
     if type(res) == 'table' and not res.err then
@@ -103,7 +104,7 @@ end
 
 if after_wait ~= '' then delivered(unpack_arg(after_wait)) end
 promote()
-for k = 2, #KEYS do
+for k = 3, #KEYS do
   if count <= 0 then break end
   local res = read(KEYS[k])
   if res then
@@ -119,7 +120,7 @@ end
 local tips = nil
 if #entries == 0 then
   tips = {}
-  for k = 2, #KEYS do
+  for k = 3, #KEYS do
     local newest = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
     tips[KEYS[k]] = newest[1] and newest[1][1] or '0-0'
   end

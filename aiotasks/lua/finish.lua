@@ -2,7 +2,8 @@
 -- every finished task of a batch in one call; a canvas is sent through it too.
 --
 -- KEYS[1]      key prefix
--- KEYS[2..]    streams the ops refer to (declared for the reader; ops name them)
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
+-- KEYS[3..]    streams the ops refer to (declared for the reader; ops name them)
 -- ARGV[1]      now, in ms
 -- ARGV[2]      msgpack array of ops, each a map with `op` naming it (contract.py):
 --   {op='done', stream, entry, id, state, ttl, fields={name=value}, ignore_result?,
@@ -88,7 +89,7 @@ local function wait(op)
     redis.call('SADD', K.slot_keys(), op.key)
     redis.call('HSET', K.task(op.id), 'state', 'SCHEDULED')
     redis.call('HDEL', K.task(op.id), 'started_at', 'worker', '_e', '_st')
-    redis.call('PUBLISH', K.done_channel(op.id), 'SCHEDULED')
+    redis.call(PUBLISH, K.done_channel(op.id), 'SCHEDULED')
     journal({'SCHEDULED', op.id})
   end
   ack(op.stream, op.entry)
@@ -114,7 +115,7 @@ local function replaced(op)
   if FINAL[redis.call('HGET', tkey, 'state') or ''] then return end  -- revoked meanwhile
   redis.call('HSET', tkey, 'state', 'PENDING', '_replaced', 1)
   redis.call('HDEL', tkey, 'started_at', 'worker', '_e', '_st')
-  redis.call('PUBLISH', K.done_channel(op.id), 'PENDING')
+  redis.call(PUBLISH, K.done_channel(op.id), 'PENDING')
 end
 
 local function chord(op)

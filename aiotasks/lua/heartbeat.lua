@@ -7,7 +7,8 @@
 -- its lease renewed too, so only a dead holder's slot frees itself.
 --
 -- KEYS[1]      key prefix
--- KEYS[2..]    streams
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
+-- KEYS[3..]    streams
 -- ARGV[1]      consumer name
 -- ARGV[2]      msgpack array of {stream, entry, id?, slot?} maps
 -- ARGV[3]      now, in ms

@@ -3,7 +3,8 @@
 -- waiters, chord and chain do not hang.
 --
 -- KEYS[1]      key prefix (task hashes and the delayed zset derive from it)
--- KEYS[2..]    the queue's streams
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
+-- KEYS[3..]    the queue's streams
 -- ARGV[1]      queue name
 -- ARGV[2]      now, in ms
 -- ARGV[3]      ttl (s) of the revoked task records
@@ -56,7 +57,7 @@ end
 if mode == 'streams' then
   local bounds = unpack_arg(bound)
   local deleted = 0
-  for k = 2, #KEYS do
+  for k = 3, #KEYS do
     deleted = deleted + purge_stream(KEYS[k], limit - deleted, bounds[KEYS[k]])
     if deleted >= limit then
       flush_journal(now_ms)

@@ -4,6 +4,7 @@
 -- its reserved slot, never dropped, and never blocks the worker meanwhile.
 --
 -- KEYS[1]      key prefix
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
 -- ARGV[1]      task name
 -- ARGV[2]      emission interval, ms (1000 / rate per second)
 -- ARGV[3]      now, in ms

@@ -3,7 +3,8 @@
 -- queue's dead-letter stream and its task ends FAILURE instead of looping forever.
 --
 -- KEYS[1]      key prefix
--- KEYS[2..]    streams to reclaim from
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
+-- KEYS[3..]    streams to reclaim from
 -- ARGV[1]      consumer name (the new owner)
 -- ARGV[2]      min idle time, ms (the visibility timeout)
 -- ARGV[3]      count: most entries to return
@@ -24,7 +25,7 @@ local default_ttl = tonumber(ARGV[7])
 local queue_of = unpack_arg(ARGV[8])
 
 local entries = {}
-for k = 2, #KEYS do
+for k = 3, #KEYS do
   if count <= 0 then break end
   local stream = KEYS[k]
   local cursor = '0-0'

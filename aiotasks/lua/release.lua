@@ -6,7 +6,8 @@
 -- is dropped.
 --
 -- KEYS[1]      key prefix
--- KEYS[2..]    streams, as given to XREADGROUP
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
+-- KEYS[3..]    streams, as given to XREADGROUP
 -- ARGV[1]      consumer (this worker)
 -- ARGV[2]      msgpack array of {stream, entry} maps
 -- Returns      the number of entries given back to their streams
@@ -35,7 +36,7 @@ for _, ref in ipairs(refs) do
       if tkey then
         redis.call('HSET', tkey, 'state', 'PENDING', '_e', new_id, '_st', stream)
         redis.call('HDEL', tkey, 'started_at', 'worker')
-        redis.call('PUBLISH', K.done_channel(f.id), 'PENDING')
+        redis.call(PUBLISH, K.done_channel(f.id), 'PENDING')
       end
       released = released + 1
     end

@@ -4,8 +4,9 @@
 -- that the dead letter already failed stays failed.
 --
 -- KEYS[1]      key prefix (task hashes and target streams derive from it)
--- KEYS[2]      the queue's dead-letter stream
--- KEYS[3]      fallback stream (the queue's default priority) when the entry names none
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
+-- KEYS[3]      the queue's dead-letter stream
+-- KEYS[4]      fallback stream (the queue's default priority) when the entry names none
 -- ARGV[1]      queue name
 -- ARGV[2]      now, in ms
 -- ARGV[3]      ttl (s) of the requeued task's record
@@ -13,8 +14,8 @@
 --              ('' when unknown)
 -- Returns      {entry_id, ...} of the entries requeued (missing ids are skipped)
 
-local dead = KEYS[2]
-local fallback = KEYS[3]
+local dead = KEYS[3]
+local fallback = KEYS[4]
 local queue = ARGV[1]
 local now_ms = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])

@@ -5,6 +5,7 @@
 -- Final states are left alone.
 --
 -- KEYS[1]      key prefix
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
 -- ARGV[1]      task id
 -- ARGV[2]      now, in ms
 -- ARGV[3]      ttl (s) of the revocation

@@ -4,6 +4,7 @@
 -- first, then marks, then reads the hash: a change it was not told of, it reads.
 --
 -- KEYS[1]      key prefix
+-- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
 -- ARGV[1]      task id
 -- ARGV[2]      seconds the mark keeps a hash that has no expiry yet (a task not sent)
 -- Returns      1

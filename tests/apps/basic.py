@@ -50,3 +50,12 @@ async def suicide() -> None:
 @app.task
 async def boom() -> None:
     raise ValueError("boom")
+
+
+@app.task
+async def tally(results: list[int], key: str) -> int:
+    """A chord body that appends `key` to $AIOTASKS_TEST_RUNS (a file, so counting runs
+    needs no Redis); returns the headers' sum."""
+    with open(os.environ["AIOTASKS_TEST_RUNS"], "a") as f:
+        f.write(key + "\n")
+    return sum(results)

@@ -1,0 +1,69 @@
+"""Connections whose torn-down transport reads as a lost connection.
+
+redis-py's asyncio connection can be disconnected by another coroutine between its
+"connected?" check and its write or read: on a cluster, a topology refresh after a MOVED
+or ASK closes connections a command has just taken. The write then fails inside asyncio
+with AttributeError or TypeError ('NoneType' object has no attribute 'writelines'; also
+redis-py#4287 for a peer reset), which no retry policy recognises, so a send raised it to
+the caller in the middle of a slot migration. Here that failure is what it is, a
+ConnectionError, and every retry loop waits it out like any other lost connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, cast
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+#: What a write or read on a transport torn down under it raises instead.
+_TORN = (AttributeError, TypeError)
+
+
+class _Guarded:
+    """Mixed in before a redis-py connection class (see `guarded`)."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except _TORN as exc:
+            raise await self._lost(exc) from exc
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except _TORN as exc:
+            raise await self._lost(exc) from exc
+
+    async def _lost(self, exc: BaseException) -> RedisConnectionError:
+        await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+        return RedisConnectionError(f"the connection was closed under a command ({exc})")
+
+
+_MADE: dict[type, type] = {}
+C = TypeVar("C", bound=AbstractConnection)
+
+
+def guarded(cls: type[C]) -> type[C]:
+    """`cls` (Connection, SSLConnection, a Sentinel's, ...) reporting a transport torn
+    down mid-command as redis-py's ConnectionError."""
+    if issubclass(cls, _Guarded):
+        return cls
+    made = _MADE.get(cls)
+    if made is None:
+        made = _MADE[cls] = type(f"Guarded{cls.__name__}", (_Guarded, cls), {})
+    return cast("type[C]", made)
+
+
+def guard(client: Redis | RedisCluster) -> None:
+    """Make every connection `client` opens from now on a `guarded` one."""
+    if isinstance(client, RedisCluster):
+        # Nodes found later are built from these kwargs; the startup nodes already are.
+        kwargs = client.get_connection_kwargs()
+        kwargs["connection_class"] = guarded(kwargs.get("connection_class") or Connection)
+        for node in client.startup_nodes:
+            node.connection_class = guarded(node.connection_class)
+    else:
+        pool = client.connection_pool
+        pool.connection_class = guarded(pool.connection_class)
