@@ -39,7 +39,7 @@ from .notifier import Notifier
 from .scripts import Scripts
 from .sendbatch import SendBatcher
 from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
-from .transport import guard
+from .transport import guard_connections
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +177,15 @@ class Client:
                 retry_on_error=[RedisConnectionError, RedisTimeoutError],
             )
             redis = Redis(connection_pool=pool)
-            guard(redis)
+            guard_connections(redis)
             listener = None
         else:
             # A Cluster or a Sentinel-managed primary: redis-py's clients follow
             # failovers (and, on a cluster, slot moves).
             redis = topology.command_client(top, s.max_connections)
             listener = topology.listener(top)
-            guard(redis)
-            guard(listener)
+            guard_connections(redis)
+            guard_connections(listener)
             if top.kind == "cluster":
 
                 async def pick() -> Redis:

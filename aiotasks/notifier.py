@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -25,11 +26,13 @@ import msgpack  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Backoff
 from .cancel import cancel_and_wait
 from .keys import Keys
+from .transport import guard_connections
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,10 @@ class Notifier:
         # a lost connection to tell every waiter to re-read what it may have missed.
         # RESP2: under RESP3 every message is a push reply, and hiredis-py leaks about
         # 95 bytes per push reply (benchmarks/notifier_rss.py measures it).
-        self._redis = redis if redis is not None else Redis.from_url(url, protocol=2)
+        if redis is None:
+            redis = Redis.from_url(url, protocol=2)
+            guard_connections(redis)
+        self._redis = redis
         self._pick = pick
         self._mark = mark
         #: Watched task channels and their ids: marked again after a reconnect, since a
@@ -94,6 +100,9 @@ class Notifier:
         self._sharded = sharded
         #: A sharded subscription the server dropped (its slot moved): reconnect.
         self._dropped = False
+        #: SUNSUBSCRIBEs sent and not yet confirmed, by channel: their replies are ours,
+        #: not the server dropping a channel a new waiter watches again meanwhile.
+        self._leaving: Counter[str] = Counter()
         #: Reconnects so far: a waiter that saw its task before one and finds no record
         #: after it knows the server lost the task (handle.TaskLost).
         self.reconnects = 0
@@ -196,6 +205,7 @@ class Notifier:
             try:
                 async with self._cmd_lock:
                     if self._sharded:
+                        self._leaving[channel] += 1
                         await self._pubsub.sunsubscribe(channel)
                     else:
                         await self._pubsub.unsubscribe(channel)
@@ -224,38 +234,48 @@ class Notifier:
             )
         return self._pubsub
 
+    async def _next(self, pubsub: PubSub) -> tuple[dict[str, Any] | None, str | None]:
+        """The next message (None: none yet), or why the subscription is gone ("" when
+        that needs no warning)."""
+        try:
+            return await pubsub.get_message(timeout=None), None
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            return None, f"lost Redis ({exc}); reconnecting with backoff"
+        except ResponseError as exc:
+            # A refused (S)SUBSCRIBE: MOVED (a node's slot map behind a move),
+            # CLUSTERDOWN, LOADING... Subscribe again, on the node asked anew.
+            return None, f"Redis refused a subscription ({exc}); subscribing again"
+        except RuntimeError:
+            # redis-py's "pubsub connection not set": nothing subscribed yet (wait),
+            # or the first subscribe could not connect (as good as a lost connection).
+            if not self._watches or self._cmd_lock.locked():
+                await asyncio.sleep(0.01)
+                return None, None
+            return None, ""
+
     async def _read(self, pubsub: PubSub) -> None:
         backoff = Backoff(start=0.05, cap=2.0)
         lost = False
         while True:
-            try:
-                msg = await pubsub.get_message(timeout=None)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if not lost:
-                    log.warning("lost Redis (%s); reconnecting with backoff", exc)
-                lost = True
-            except RuntimeError:
-                # redis-py's "pubsub connection not set": nothing subscribed yet (wait),
-                # or the first subscribe could not connect (as good as a lost connection).
-                if not self._watches or self._cmd_lock.locked():
-                    await asyncio.sleep(0.01)
-                    continue
-                lost = True
-            else:
+            msg, gone = await self._next(pubsub)
+            if gone is None:
                 if msg is not None:
                     self._dispatch(msg)
+                    if msg["type"] != "sunsubscribe":
+                        backoff.reset()  # a working subscription, not one refused again
                 if not self._dropped:
                     continue
                 # The slot moved: its new owner's shard is where its messages go now.
                 self._dropped = False
-                log.warning("the namespace's slot moved; subscribing on its new owner")
-                lost = True
+                gone = "the namespace's slot moved; subscribing on its new owner"
+            if gone and not lost:
+                log.warning("%s", gone)
+            lost = True
             await asyncio.sleep(backoff.next())
             try:
                 pubsub = await self._reconnect(pubsub)
             except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
                 continue
-            backoff.reset()
             log.warning("reconnected to Redis")
             lost = False
             self.reconnects += 1
@@ -300,8 +320,13 @@ class Notifier:
             confirm = self._confirm.pop(channel, None)
             if confirm is not None and not confirm.done():
                 confirm.set_result(None)
-        elif kind == "sunsubscribe" and channel in self._watches:
-            self._dropped = True  # not asked for: the server moved the channel's slot
+        elif kind == "sunsubscribe":
+            if self._leaving[channel] > 0:
+                self._leaving[channel] -= 1
+                if not self._leaving[channel]:
+                    del self._leaving[channel]
+            elif channel in self._watches:
+                self._dropped = True  # not asked for: the server moved the channel's slot
 
     def _reply(self, data: bytes) -> None:
         if data[:1] == b"\n":

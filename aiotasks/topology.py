@@ -28,7 +28,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 
-from .transport import guard
+from .transport import guard_connections
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -178,7 +178,9 @@ async def pubsub_client(top: Topology, key: str) -> Redis:
     reconnect, which a slot move forces (Redis unsubscribes the slot's channels).
     """
     if top.kind == "sentinel":
-        return listener(top)
+        primary = listener(top)
+        guard_connections(primary)
+        return primary
     slot = key_slot(key.encode())
     last: Exception | None = None
     for host, port in top.nodes:
@@ -191,7 +193,7 @@ async def pubsub_client(top: Topology, key: str) -> Redis:
                     client = Redis(
                         host=owner_host or host, port=int(owner[1]), protocol=2, **top.options
                     )
-                    guard(client)
+                    guard_connections(client)
                     try:
                         await client.ping()
                     except BaseException:

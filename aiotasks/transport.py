@@ -17,8 +17,13 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-#: What a write or read on a transport torn down under it raises instead.
-_TORN = (AttributeError, TypeError)
+
+def _torn(exc: BaseException) -> bool:
+    """What a write or read on a transport torn down under it raises: an attribute of
+    None (the writer, reader or transport the disconnect cleared), or a call of one."""
+    if isinstance(exc, AttributeError):
+        return exc.obj is None
+    return isinstance(exc, TypeError) and "'NoneType'" in str(exc)
 
 
 class _Guarded:
@@ -27,13 +32,17 @@ class _Guarded:
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
             await super().send_packed_command(command, check_health)  # type: ignore[misc]
-        except _TORN as exc:
+        except (AttributeError, TypeError) as exc:
+            if not _torn(exc):
+                raise
             raise await self._lost(exc) from exc
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except _TORN as exc:
+        except (AttributeError, TypeError) as exc:
+            if not _torn(exc):
+                raise
             raise await self._lost(exc) from exc
 
     async def _lost(self, exc: BaseException) -> RedisConnectionError:
@@ -56,7 +65,7 @@ def guarded(cls: type[C]) -> type[C]:
     return cast("type[C]", made)
 
 
-def guard(client: Redis | RedisCluster) -> None:
+def guard_connections(client: Redis | RedisCluster) -> None:
     """Make every connection `client` opens from now on a `guarded` one."""
     if isinstance(client, RedisCluster):
         # Nodes found later are built from these kwargs; the startup nodes already are.

@@ -182,6 +182,19 @@ async def test_plain_task_deduplicated(recipes_app: App, producer: Producer) -> 
     assert entries == 0
 
 
+async def test_a_reply_channel_outside_the_namespace_is_ignored(producer: Producer) -> None:
+    """protocol.md: `reply` is `P reply:<client id>`; another channel is not stored (on a
+    Cluster its SPUBLISH would fail the worker's call)."""
+    mine, theirs, later = new_id(), new_id(), new_id()
+    await producer.enqueue(
+        producer.record(mine, "add", [1, 1], reply=f"{producer.P}reply:abc"),
+        producer.record(theirs, "add", [1, 1], reply="elsewhere:reply:abc"),
+        producer.record(later, "add", [1, 1], reply="elsewhere", due=now_ms() + 60_000),
+    )
+    got = [await producer.r.hget(f"{producer.P}t:{i}", "reply") for i in (mine, theirs, later)]
+    assert got == [f"{producer.P}reply:abc".encode(), None, None]
+
+
 async def test_prioritised_task(recipes_app: App, producer: Producer) -> None:
     task_id = new_id()
     assert await producer.enqueue(producer.record(task_id, "add", [4, 5], priority=9)) == [1]

@@ -241,6 +241,39 @@ async def test_a_connection_torn_down_under_a_command_is_a_lost_connection(app: 
     torn = [c for c in pool._available_connections if c.is_connected]  # type: ignore[attr-defined]
     assert torn, "no idle connected connection to tear down"
     for c in torn:
-        c._writer = object()  # has no writelines: what a torn transport raises on
+        c._writer = _TornWriter()
     h = await add.send(1, 2)
     assert await h.state() is TaskState.PENDING
+
+
+class _TornWriter:
+    """An asyncio StreamWriter whose transport a disconnect has just cleared."""
+
+    _transport: Any = None
+
+    def writelines(self, data: Any) -> None:
+        self._transport.writelines(data)  # AttributeError on None, as asyncio raises
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+def test_only_a_torn_transport_reads_as_a_lost_connection() -> None:
+    """A bug elsewhere (an attribute missing on a real object) is not retried as one."""
+    from aiotasks.transport import _torn
+
+    def error_of(f: Any) -> BaseException:
+        try:
+            f()
+        except Exception as exc:
+            return exc
+        raise AssertionError("no error")
+
+    assert _torn(error_of(lambda: _TornWriter().writelines([b"x"])))
+    nothing: Any = None
+    assert _torn(error_of(lambda: nothing()))
+    assert not _torn(error_of(lambda: object().writelines))  # type: ignore[attr-defined]
+    assert not _torn(error_of(lambda: len(1)))  # type: ignore[arg-type]

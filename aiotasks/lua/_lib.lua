@@ -168,6 +168,14 @@ local function held_by(stream, entry_id, consumer)
   return type(p) == 'table' and not p.err and p[1] ~= nil
 end
 
+-- Whether a record names a reply channel of this namespace (`P reply:<client>`). Any
+-- other is ignored: on a Cluster it would hash to another slot, where this script's
+-- SPUBLISH cannot reach, and fail the call.
+local function own_reply(t)
+  local r = t.reply
+  return r ~= nil and r ~= '' and string.sub(r, 1, #P) == P
+end
+
 -- Put a ready task record on its stream and mark it PENDING.
 local function xadd_task(t, ttl, now_ms, enqueued_at)
   local stream = K.stream(t.queue, t.priority)
@@ -183,7 +191,7 @@ local function xadd_task(t, ttl, now_ms, enqueued_at)
   local tkey = K.task(t.id)
   -- _e/_st name the task's one live entry: an older entry of the same id (revoked, then
   -- sent again) is stale and must not run, and a revoke deletes the entry outright.
-  if t.reply and t.reply ~= '' then
+  if own_reply(t) then
     redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
       'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream, 'reply', t.reply)
   else
@@ -201,7 +209,7 @@ local function schedule_task(t, ttl, now_ms, due_ms)
   local tkey = K.task(t.id)
   redis.call('HSET', tkey, 'state', 'SCHEDULED', 'name', t.name, 'queue', t.queue,
     'enqueued_at', now_ms, 'eta', due_ms, '_rec', cmsgpack.pack(t))
-  if t.reply and t.reply ~= '' then redis.call('HSET', tkey, 'reply', t.reply) end
+  if own_reply(t) then redis.call('HSET', tkey, 'reply', t.reply) end
   redis.call('PEXPIRE', tkey, ttl * 1000 + (due_ms - now_ms))
   redis.call('ZADD', K.delayed(), due_ms, t.id)
   journal({'SCHEDULED', t.id, t.name, t.queue})
