@@ -81,6 +81,16 @@ async def concurrent_sends(url: str, n: int = 20_000, senders: int = 100) -> dic
     }
 
 
+async def _cpu(probes: list[Any]) -> list[float]:
+    """CPU seconds (user + sys) each server has used so far."""
+    infos = [await _info(r, "cpu") for r in probes]
+    return [i["used_cpu_sys"] + i["used_cpu_user"] for i in infos]
+
+
+async def _memory(probes: list[Any]) -> int:
+    return sum([(await _info(r, "memory"))["used_memory"] for r in probes])
+
+
 async def scaling(
     url: str,
     tasks: int,
@@ -88,14 +98,18 @@ async def scaling(
     processes: int,
     variant: str = "",
     env: dict[str, str] | None = None,
+    masters: list[str] | None = None,
 ) -> dict[str, Any]:
     """`processes` workers drain `tasks` no-ops; Redis CPU and memory measured around it.
 
     `env` switches features on both sides (see scale_app.py): SCALE_SIGNING_KEY signs
     every message, SCALE_INDEX=0 turns the task index and event feed off, SCALE_TRACING=1
     turns tracing on, SCALE_FLOW=1 registers tasks with concurrency, rate and debounce
-    limits beside the unlimited no-ops.
+    limits beside the unlimited no-ops. `masters`: on a Cluster, a URL per master, whose
+    CPU is measured one by one (and memory summed).
     """
+    from redis.asyncio import Redis
+
     from aiotasks import App
     from aiotasks.index import TaskIndex
 
@@ -119,12 +133,13 @@ async def scaling(
     probe_dir = Path(tempfile.mkdtemp(prefix="aiotasks-scale-"))
     async with app:
         redis = app.client.redis
+        probes = [Redis.from_url(u) for u in masters] if masters else [redis]
         await TaskIndex(app.client).configure(index, events)  # the sends' scripts too
-        mem0 = (await _info(redis, "memory"))["used_memory"]
+        mem0 = await _memory(probes)
         for start in range(0, tasks, 1000):
             await noop.send_many([((), None)] * min(1000, tasks - start))
-        mem_queued = (await _info(redis, "memory"))["used_memory"]
-        cpu0 = await _info(redis, "cpu")
+        mem_queued = await _memory(probes)
+        cpu0 = await _cpu(probes)
         env = {
             **os.environ,
             "SCALE_NAMESPACE": namespace,
@@ -162,23 +177,25 @@ async def scaling(
             if not left:
                 break
             await asyncio.sleep(0.02)
-        cpu1 = await _info(redis, "cpu")
+        cpu1 = await _cpu(probes)
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(30)
-        mem_results = (await _info(redis, "memory"))["used_memory"]
+        mem_results = await _memory(probes)
         live, finished = await TaskIndex(app.client).size()
         events = await redis.xlen(app.client.keys.events)
         reports = [json.loads(f.read_text()) for f in probe_dir.glob("*.json")]
         await _drain_keys(redis, namespace)
+        if masters:
+            for r in probes:
+                await r.aclose()
     done = sum(r["count"] for r in reports)
     t_first = min(r["t_first"] for r in reports if r["count"])
     t_last = max(r["t_last"] for r in reports if r["count"])
     rate = done / (t_last - t_first) if t_last > t_first else 0.0
-    cpu = (cpu1["used_cpu_sys"] + cpu1["used_cpu_user"]) - (
-        cpu0["used_cpu_sys"] + cpu0["used_cpu_user"]
-    )
+    per_server = [after - before for before, after in zip(cpu0, cpu1, strict=True)]
+    cpu = sum(per_server)
     return {
         "scenario": f"{processes} worker process(es), concurrency {concurrency}"
         + (f", {variant}" if variant else ""),
@@ -186,6 +203,7 @@ async def scaling(
         "tasks": done,
         "tasks_per_s": round(rate, 1),
         "redis_cpu_us_per_task": round(cpu / max(done, 1) * 1e6, 1),
+        "redis_cpu_us_per_task_per_server": [round(c / max(done, 1) * 1e6, 1) for c in per_server],
         "redis_bytes_per_queued_task": round((mem_queued - mem0) / tasks),
         "redis_bytes_per_result": round((mem_results - mem0) / tasks),
         "redis_mb_before": round(mem0 / 2**20, 1),
@@ -219,6 +237,8 @@ async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, A
             f"; {change:+.1%} vs {plain['tasks_per_s']:,.0f} tasks/s plain just before"
         )
         out.append(row)
+    print("[bench] a 3-master cluster", file=sys.stderr, flush=True)
+    out.append(await cluster(tasks * 2, concurrency))
     print("[bench] 100,000 tasks: the index stays within its cap", file=sys.stderr, flush=True)
     cap = await scaling(url, 100_000, concurrency, 1, "100,000 tasks")
     cap["summary"] += (
@@ -228,6 +248,27 @@ async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, A
     )
     out.append(cap)
     return out
+
+
+async def cluster(tasks: int, concurrency: int) -> dict[str, Any]:
+    """One namespace on a 3-master loopback cluster the scenario starts: throughput, and
+    Redis CPU per task on each master (one holds the namespace; the others should see
+    none of it, notifications included)."""
+    from aiotasks.testing.cluster import OwnCluster, supports_cluster
+
+    name = "3-master cluster, 1 worker process, one namespace"
+    if not supports_cluster():
+        return {"scenario": name, "summary": "skipped: redis-server has no cluster mode"}
+    with OwnCluster(masters=3, replicas=0) as own:
+        masters = [f"redis://127.0.0.1:{m.port}" for m in own.masters]
+        row = await scaling(own.url, tasks, concurrency, 1, masters=masters)
+    row["scenario"] = name
+    per = row["redis_cpu_us_per_task_per_server"]
+    row["summary"] = (
+        f"{row['tasks_per_s']:,.0f} tasks/s; Redis CPU per task by master: "
+        + ", ".join(f"{c:.1f} µs" for c in sorted(per, reverse=True))
+    )
+    return row
 
 
 VARIANTS = [
