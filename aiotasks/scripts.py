@@ -87,46 +87,36 @@ class Scripts:
         worker: str,
         promote_limit: int,
         default_ttl: int,
+        wait: tuple[int, Mapping[str, bytes]] | None = None,
     ) -> dict[bytes, Any]:
-        """Promote due tasks, then read and start up to `count` entries."""
-        raw = await self._s["fetch"](
-            keys=[*self._fixed, *streams],
-            args=[consumer, count, now_ms, worker, promote_limit, default_ttl, "", 0],
-        )
-        return unpack_reply(raw)  # type: ignore[no-any-return]
+        """Promote due tasks, then read and start up to `count` entries.
 
-    async def fetch_after(
-        self,
-        *,
-        block_ms: int,
-        tips: Mapping[str, bytes],
-        streams: Sequence[str],
-        consumer: str,
-        count: int,
-        now_ms: int,
-        worker: str,
-        promote_limit: int,
-        default_ttl: int,
-    ) -> dict[bytes, Any]:
-        """Wait up to `block_ms` for a new entry, then fetch as `fetch` does: one round
-        trip for an idle worker. `tips`: the reply of the fetch that read nothing.
-
-        A blocking XREADGROUP (one consumer gets each new entry, so one idle worker
-        wakes) and fetch.lua go in one pipeline: Redis runs the fetch the moment the
-        read returns, and it starts what the read delivered by fetch.lua's rules
-        (revoked and expired entries, priorities).
+        `wait`: (block_ms, tips), tips being the reply of the fetch that read nothing:
+        first wait up to block_ms for a new entry, in the same round trip (an idle
+        worker's fetch).
         """
         keys = [*self._fixed, *streams]
-        args: list[str | int | bytes] = [
-            consumer,
-            count,
-            now_ms,
-            worker,
-            promote_limit,
-            default_ttl,
-            pack(dict(tips)),
-            block_ms,
-        ]
+        block_ms, tips = wait if wait is not None else (0, None)
+        packed_tips: str | bytes = pack(dict(tips)) if tips is not None else ""
+        args: list[str | int | bytes] = [consumer, count, now_ms, worker]
+        args += [promote_limit, default_ttl, packed_tips, block_ms]
+        if wait is None:
+            raw = await self._s["fetch"](keys=keys, args=args)
+            return unpack_reply(raw)  # type: ignore[no-any-return]
+        return await self._wait_then_fetch(keys, args, streams, consumer, block_ms)
+
+    async def _wait_then_fetch(
+        self,
+        keys: list[str],
+        args: list[str | int | bytes],
+        streams: Sequence[str],
+        consumer: str,
+        block_ms: int,
+    ) -> dict[bytes, Any]:
+        """A blocking XREADGROUP (one consumer gets each new entry, so one idle worker
+        wakes) and fetch.lua in one pipeline: Redis runs the fetch the moment the read
+        returns, and it starts what the read delivered by fetch.lua's rules (revoked and
+        expired entries, priorities)."""
         script = self._s["fetch"]
         wait = {stream: ">" for stream in streams}
         if isinstance(self._redis, RedisCluster):

@@ -417,10 +417,11 @@ class Worker:
             await self.losses.found([], GROUPS_GONE)
             return []
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        """Sleep `seconds`, or less if `until` (the stop, by default) is set meanwhile."""
         with suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self._stop.wait()
+                await (until or self._stop).wait()
 
     def _delivery(self, entry: dict[bytes, Any], deliveries: int = 1) -> Delivery:
         stream, queue, priority = self._by_raw[entry[b"stream"]]
@@ -439,15 +440,10 @@ class Worker:
             "promote_limit": max(n, 100),
             "default_ttl": self.app.settings.result_ttl,
         }
-        scripts = self.client.scripts
-        if idle is not None and list(idle[1]) == self._active:
-            # Nothing was there last time: wait for the next entry and start it in the
-            # same round trip. The body still runs only once fetch.lua marked it STARTED.
-            res = await scripts.fetch_after(
-                block_ms=idle[0], tips=idle[1], now_ms=int(now() * 1000), **common
-            )
-        else:
-            res = await scripts.fetch(now_ms=int(now() * 1000), **common)
+        # Nothing was there last time: wait for the next entry and start it in the same
+        # round trip. The body still runs only once fetch.lua marked it STARTED.
+        wait = idle if idle is not None and list(idle[1]) == self._active else None
+        res = await self.client.scripts.fetch(now_ms=int(now() * 1000), wait=wait, **common)
         if res.get(b"lost"):
             await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         got = [self._delivery(e) for e in res[b"entries"]]
@@ -564,9 +560,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         interval = max(self.vt / 3, 0.05)
         while True:
-            with suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._beats_end.wait()
+            await self._sleep(interval, until=self._beats_end)
             if self._beats_end.is_set():
                 return
             refs = [
