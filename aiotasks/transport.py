@@ -4,8 +4,9 @@ redis-py's asyncio connection can be disconnected by another coroutine between i
 "connected?" check and its write or read: on a cluster, a topology refresh after a MOVED
 or ASK closes connections a command has just taken. The write then fails inside asyncio
 with AttributeError or TypeError ('NoneType' object has no attribute 'writelines'; also
-redis-py#4287 for a peer reset), which no retry policy recognises, so a send raised it to
-the caller in the middle of a slot migration. Here that failure is what it is, a
+redis-py#4287 for a peer reset), or under uvloop with RuntimeError ("the handler is
+closed"). No retry policy recognises those, so a send raised them to its caller, and a
+worker stopped, in the middle of a slot migration. Here that failure is what it is, a
 ConnectionError, and every retry loop waits it out like any other lost connection.
 """
 
@@ -20,10 +21,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 def _torn(exc: BaseException) -> bool:
     """What a write or read on a transport torn down under it raises: an attribute of
-    None (the writer, reader or transport the disconnect cleared), or a call of one."""
+    None (the writer, reader or transport the disconnect cleared), a call of one, or
+    uvloop's refusal to use a closed handle."""
     if isinstance(exc, AttributeError):
         return exc.obj is None
-    return isinstance(exc, TypeError) and "'NoneType'" in str(exc)
+    if isinstance(exc, TypeError):
+        return "'NoneType'" in str(exc)
+    return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
 
 
 class _Guarded:
@@ -32,7 +36,7 @@ class _Guarded:
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
             await super().send_packed_command(command, check_health)  # type: ignore[misc]
-        except (AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError, RuntimeError) as exc:
             if not _torn(exc):
                 raise
             raise await self._lost(exc) from exc
@@ -40,7 +44,7 @@ class _Guarded:
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except (AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError, RuntimeError) as exc:
             if not _torn(exc):
                 raise
             raise await self._lost(exc) from exc

@@ -275,5 +275,8 @@ def test_only_a_torn_transport_reads_as_a_lost_connection() -> None:
     assert _torn(error_of(lambda: _TornWriter().writelines([b"x"])))
     nothing: Any = None
     assert _torn(error_of(lambda: nothing()))
+    closed = "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+    assert _torn(RuntimeError(closed))  # uvloop's closed transport
+    assert not _torn(RuntimeError("Event loop is closed"))
     assert not _torn(error_of(lambda: object().writelines))  # type: ignore[attr-defined]
     assert not _torn(error_of(lambda: len(1)))  # type: ignore[arg-type]
