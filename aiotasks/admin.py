@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from .app import App
+    from .client import Client
 
 #: Above this many delayed tasks, `status()` reports only the total, not per queue
 #: (counting per queue reads every scheduled task's queue name).
@@ -197,10 +198,18 @@ class Admin:
 
     # -- reading ------------------------------------------------------------------------
 
+    @property
+    def shards(self) -> list[Client]:
+        """The client of each shard of the namespace (one unless `shards` > 1)."""
+        return self.client.shards
+
     async def known_queues(self) -> list[str]:
         """Names of every queue ever sent to, sorted."""
-        members: set[bytes] = await cast(Any, self.redis).smembers(self.keys.queues)
-        return sorted(_text(m) for m in members)
+        names: set[str] = set()
+        for c in self.shards:
+            members: set[bytes] = await cast(Any, c.redis).smembers(c.keys.queues)
+            names.update(_text(m) for m in members)
+        return sorted(names)
 
     async def check_queue(self, queue: str) -> None:
         """Raise QueueNotFound unless the queue was sent to or has a stream.
@@ -208,13 +217,15 @@ class Admin:
         Raises:
             QueueNotFound: never sent to, and neither its streams nor dead letters exist.
         """
-        keys = self.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.sismember(keys.queues, queue)
-            pipe.exists(*keys.streams(queue), keys.dead(queue))
-            member, existing = await pipe.execute()
-        if not member and not existing:
-            raise QueueNotFound(f"no queue named {queue!r} in namespace {keys.namespace!r}")
+        for c in self.shards:
+            keys = c.keys
+            async with c.redis.pipeline(transaction=False) as pipe:
+                pipe.sismember(keys.queues, queue)
+                pipe.exists(*keys.streams(queue), keys.dead(queue))
+                member, existing = await pipe.execute()
+            if member or existing:
+                return
+        raise QueueNotFound(f"no queue named {queue!r} in namespace {self.keys.namespace!r}")
 
     async def status(self, queues: Sequence[str] = ()) -> Status:
         """A snapshot: every known queue (plus `queues`), live workers, periodic tasks.
@@ -245,52 +256,56 @@ class Admin:
     async def _queue(
         self, queue: str, scheduled: dict[str, int] | None, workers: list[WorkerStatus]
     ) -> QueueStatus:
-        streams = self.keys.streams(queue)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for s in streams:
-                pipe.xlen(s)
-            for s in streams:
-                pipe.xinfo_groups(s)
-            pipe.xlen(self.keys.dead(queue))
-            res = await pipe.execute(raise_on_error=False)
-        lengths, infos, dead = res[: len(streams)], res[len(streams) : -1], res[-1]
-        in_flight = consumers = 0
-        for groups in infos:
-            if isinstance(groups, Exception):  # the stream does not exist (yet)
-                continue
-            for g in groups:
-                if _text(g.get("name")) == GROUP:
-                    in_flight += int(g.get("pending") or 0)
-                    # Every worker reads all ten streams: the same consumers on each.
-                    consumers = max(consumers, int(g.get("consumers") or 0))
-        length = sum(n for n in lengths if isinstance(n, int))
+        length = in_flight = consumers = dead_letters = 0
+        for c in self.shards:
+            streams = c.keys.streams(queue)
+            async with c.redis.pipeline(transaction=False) as pipe:
+                for s in streams:
+                    pipe.xlen(s)
+                for s in streams:
+                    pipe.xinfo_groups(s)
+                pipe.xlen(c.keys.dead(queue))
+                res = await pipe.execute(raise_on_error=False)
+            lengths, infos, dead = res[: len(streams)], res[len(streams) : -1], res[-1]
+            for groups in infos:
+                if isinstance(groups, Exception):  # the stream does not exist (yet)
+                    continue
+                for g in groups:
+                    if _text(g.get("name")) == GROUP:
+                        in_flight += int(g.get("pending") or 0)
+                        # Every worker reads all ten streams: the same consumers on each.
+                        consumers = max(consumers, int(g.get("consumers") or 0))
+            length += sum(n for n in lengths if isinstance(n, int))
+            dead_letters += dead if isinstance(dead, int) else 0
         return QueueStatus(
             name=queue,
             length=length,
             waiting=max(length - in_flight, 0),
             in_flight=in_flight,
             scheduled=None if scheduled is None else scheduled.get(queue, 0),
-            dead_letters=dead if isinstance(dead, int) else 0,
+            dead_letters=dead_letters,
             consumers=consumers,
             workers=sum(1 for w in workers if queue in w.queues),
         )
 
     async def _scheduled(self) -> tuple[int, dict[str, int] | None]:
         """Delayed tasks: the total, and per queue when there are few enough to read."""
-        redis = cast(Any, self.redis)
-        total = int(await redis.zcard(self.keys.delayed))
+        total = 0
+        for c in self.shards:
+            total += int(await cast(Any, c.redis).zcard(c.keys.delayed))
         if total > SCHEDULED_SCAN_LIMIT:
             return total, None
-        ids: list[bytes] = await redis.zrange(self.keys.delayed, 0, SCHEDULED_SCAN_LIMIT - 1)
         counts: dict[str, int] = {}
-        for i in range(0, len(ids), 1000):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for task_id in ids[i : i + 1000]:
-                    cast(Any, pipe).hget(self.keys.task(_text(task_id)), "queue")
-                queues = await pipe.execute()
-            for q in queues:
-                if q is not None:
-                    counts[_text(q)] = counts.get(_text(q), 0) + 1
+        for c in self.shards:
+            ids: list[bytes] = await cast(Any, c.redis).zrange(c.keys.delayed, 0, -1)
+            for i in range(0, len(ids), 1000):
+                async with c.redis.pipeline(transaction=False) as pipe:
+                    for task_id in ids[i : i + 1000]:
+                        cast(Any, pipe).hget(c.keys.task(_text(task_id)), "queue")
+                    queues = await pipe.execute()
+                for q in queues:
+                    if q is not None:
+                        counts[_text(q)] = counts.get(_text(q), 0) + 1
         return total, counts
 
     async def workers(self) -> list[WorkerStatus]:
@@ -350,7 +365,8 @@ class Admin:
     async def exists(self, task_id: str) -> bool:
         """Whether a record of the task exists (a hash holding only a waiter's watch mark,
         for an id never sent, is none)."""
-        return bool(await cast(Any, self.redis).hexists(self.keys.task(task_id), "state"))
+        c = self.client.for_task(task_id)
+        return bool(await cast(Any, c.redis).hexists(c.keys.task(task_id), "state"))
 
     async def inspect(self, task_id: str) -> TaskInfo:
         """Everything stored about a task.
@@ -373,8 +389,9 @@ class Admin:
         a dead-lettered task's dead letter (among the newest DEAD_SCAN_LIMIT). None once
         the task has finished: its message is deleted then, and aiotasks keeps no copy.
         """
-        rec, entry, stream, queue, exc_type = await cast(Any, self.redis).hmget(
-            self.keys.task(task_id), ["_rec", "_e", "_st", "queue", "exc_type"]
+        c = self.client.for_task(task_id)
+        rec, entry, stream, queue, exc_type = await cast(Any, c.redis).hmget(
+            c.keys.task(task_id), ["_rec", "_e", "_st", "queue", "exc_type"]
         )
         if rec:
             record = unpack_reply(rec)
@@ -391,8 +408,9 @@ class Admin:
         return None
 
     async def _dead_arguments(self, task_id: str, queue: str) -> Arguments | None:
-        entries: list[Any] = await cast(Any, self.redis).xrevrange(
-            self.keys.dead(queue), count=DEAD_SCAN_LIMIT
+        c = self.client.for_task(task_id)  # dead-lettered in its own shard
+        entries: list[Any] = await cast(Any, c.redis).xrevrange(
+            c.keys.dead(queue), count=DEAD_SCAN_LIMIT
         )
         for _entry_id, fields in entries:
             if fields.get(b"id") == task_id.encode():
@@ -421,7 +439,8 @@ class Admin:
         return before
 
     async def _unreadable(self, task_id: str, exc: ValueError) -> TaskUnreadable:
-        raw: Any = await cast(Any, self.redis).hget(self.keys.task(task_id), "state")
+        c = self.client.for_task(task_id)
+        raw: Any = await cast(Any, c.redis).hget(c.keys.task(task_id), "state")
         state = None if raw is None else _text(raw)
         if state not in set(TaskState):
             problem = f"has an unknown state {state!r} (known: {', '.join(TaskState)})"
@@ -450,11 +469,12 @@ class Admin:
                 f"task {task_id} is {info.state}: only a FAILURE or REVOKED task can be retried"
             )
         queue = info.queue or self.app.settings.default_queue
-        dead = await self._dead_entry(queue, task_id)
+        c = self.client.for_task(task_id)
+        dead = await self._dead_entry(c, queue, task_id)
         if dead is not None:
-            await self._requeue(queue, [dead])
+            await self._requeue(c, queue, [dead])
             return f"put back from its dead letter {dead} on queue {queue!r}"
-        raw: bytes | None = await cast(Any, self.redis).hget(self.keys.task(task_id), PAYLOAD)
+        raw: bytes | None = await cast(Any, c.redis).hget(c.keys.task(task_id), PAYLOAD)
         if raw is None:
             raise CannotRetry(
                 f"the arguments of task {task_id} ({info.state}) are no longer known "
@@ -471,12 +491,12 @@ class Admin:
         )
         return f"sent again to queue {queue!r} with its arguments"
 
-    async def _dead_entry(self, queue: str, task_id: str) -> str | None:
-        """The id of the newest dead letter of `task_id` on `queue`, if any."""
-        dead, end = self.keys.dead(queue), "+"
+    async def _dead_entry(self, c: Client, queue: str, task_id: str) -> str | None:
+        """The id of the newest dead letter of `task_id` on `queue` (in shard `c`), if any."""
+        dead, end = c.keys.dead(queue), "+"
         want = task_id.encode()
         while True:
-            batch: list[Any] = await cast(Any, self.redis).xrevrange(dead, max=end, count=500)
+            batch: list[Any] = await cast(Any, c.redis).xrevrange(dead, max=end, count=500)
             for entry_id, fields in batch:
                 if fields.get(b"id") == want:
                     return _text(entry_id)
@@ -509,11 +529,18 @@ class Admin:
             QueueNotFound: see check_queue.
         """
         await self.check_queue(queue)
-        streams = self.keys.streams(queue)
+        total = 0
+        for c in self.shards:
+            total += await self._purge(c, queue)
+        return total
+
+    async def _purge(self, c: Client, queue: str) -> int:
+        """purge() in one shard."""
+        streams = c.keys.streams(queue)
         ttl = self.app.settings.result_ttl
 
         async def chunk(mode: str, bound: bytes) -> tuple[int, bytes]:
-            return await self.client.scripts.purge(
+            return await c.scripts.purge(
                 streams=streams,
                 queue=queue,
                 now_ms=int(now() * 1000),
@@ -525,7 +552,7 @@ class Admin:
 
         total = 0
         # Streams: the script answers whether more remain below the bounds taken now.
-        bounds = pack(await self._last_ids(streams))
+        bounds = pack(await self._last_ids(c, streams))
         more = b"1"
         while more != b"0":
             n, more = await chunk("streams", bounds)
@@ -538,9 +565,9 @@ class Admin:
             if cursor == b"0":
                 return total
 
-    async def _last_ids(self, streams: list[str]) -> dict[str, bytes]:
+    async def _last_ids(self, c: Client, streams: list[str]) -> dict[str, bytes]:
         """Each stream's newest entry id now: a purge deletes nothing added after it."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with c.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xrevrange(stream, count=1)
             found = await pipe.execute()
@@ -555,7 +582,11 @@ class Admin:
             QueueNotFound: see check_queue.
         """
         await self.check_queue(queue)
-        entries: list[Any] = await cast(Any, self.redis).xrange(self.keys.dead(queue), count=count)
+        entries: list[Any] = []
+        for c in self.shards:
+            entries += await cast(Any, c.redis).xrange(c.keys.dead(queue), count=count)
+        if len(self.shards) > 1:  # oldest first over every shard
+            entries = sorted(entries, key=lambda e: _entry_order(e[0]))[:count]
         return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
 
     async def requeue_dead(self, queue: str, entry_ids: Sequence[str] | None = None) -> int:
@@ -573,27 +604,34 @@ class Admin:
             ValueError: an entry id is malformed.
         """
         await self.check_queue(queue)
-        if entry_ids is not None:
-            return await self._requeue(queue, parse_entry_ids(entry_ids))
+        ids = None if entry_ids is None else parse_entry_ids(entry_ids)
+        moved = 0
+        for c in self.shards:  # an id names an entry of whichever shard holds it
+            moved += await self._requeue_all(c, queue, ids)
+        return moved
+
+    async def _requeue_all(self, c: Client, queue: str, ids: list[str] | None) -> int:
+        if ids is not None:
+            return await self._requeue(c, queue, ids)
         moved, start = 0, "-"
         while True:
-            batch: list[Any] = await cast(Any, self.redis).xrange(
-                self.keys.dead(queue), min=start, count=100
+            batch: list[Any] = await cast(Any, c.redis).xrange(
+                c.keys.dead(queue), min=start, count=100
             )
             if not batch:
                 return moved
-            moved += await self._requeue(queue, [_text(e) for e, _ in batch])
+            moved += await self._requeue(c, queue, [_text(e) for e, _ in batch])
             start = "(" + _text(batch[-1][0])
 
-    async def _requeue(self, queue: str, entry_ids: list[str]) -> int:
-        dead = self.keys.dead(queue)
+    async def _requeue(self, c: Client, queue: str, entry_ids: list[str]) -> int:
+        dead = c.keys.dead(queue)
         moved = 0
         for i in range(0, len(entry_ids), 100):
             chunk = entry_ids[i : i + 100]
-            names = await self._names(dead, chunk)
-            requeued = await self.client.scripts.requeue(
+            names = await self._names(c, dead, chunk)
+            requeued = await c.scripts.requeue(
                 dead=dead,
-                fallback=self.keys.stream(queue, DEFAULT_PRIORITY),
+                fallback=c.keys.stream(queue, DEFAULT_PRIORITY),
                 queue=queue,
                 now_ms=int(now() * 1000),
                 ttl=self.app.settings.result_ttl,
@@ -602,9 +640,9 @@ class Admin:
             moved += len(requeued)
         return moved
 
-    async def _names(self, dead: str, entry_ids: list[str]) -> dict[str, str]:
+    async def _names(self, c: Client, dead: str, entry_ids: list[str]) -> dict[str, str]:
         """Task names of dead letters (to restore a task record that has expired)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with c.redis.pipeline(transaction=False) as pipe:
             for e in entry_ids:
                 pipe.xrange(dead, min=e, max=e, count=1)
             found = await pipe.execute()
@@ -627,11 +665,15 @@ class Admin:
             ValueError: an entry id is malformed.
         """
         await self.check_queue(queue)
-        dead = self.keys.dead(queue)
-        if entry_ids is None:
-            return int(await self.redis.xtrim(dead, maxlen=0, approximate=False))
-        ids = parse_entry_ids(entry_ids)
-        return int(await self.redis.xdel(dead, *ids)) if ids else 0
+        ids = None if entry_ids is None else parse_entry_ids(entry_ids)
+        dropped = 0
+        for c in self.shards:
+            dead = c.keys.dead(queue)
+            if ids is None:
+                dropped += int(await c.redis.xtrim(dead, maxlen=0, approximate=False))
+            elif ids:
+                dropped += int(await c.redis.xdel(dead, *ids))
+        return dropped
 
 
 def parse_entry_ids(entry_ids: Sequence[str]) -> list[str]:
@@ -640,6 +682,11 @@ def parse_entry_ids(entry_ids: Sequence[str]) -> list[str]:
     if bad:
         raise ValueError(f"malformed entry id(s): {', '.join(bad)} (expected e.g. 1712345678901-0)")
     return list(dict.fromkeys(entry_ids))
+
+
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _arguments(where: str, m: bytes | None, ct: bytes | None) -> Arguments:

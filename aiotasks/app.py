@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 from .canvas import COLLECT, compose, send_canvas
 from .client import Client
-from .config import RetryPolicy, Settings, resolve_redis_url
+from .config import RetryPolicy, Settings, resolve_redis_url, resolve_shards
 from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
@@ -58,6 +58,10 @@ class App:
         events_size: entries the namespace's event feed keeps (each up to 100 events of
             one script call; about 8 MB at most by default); 0 turns it off.
             Both are set for the namespace by its workers when they start.
+        shards: hash tags the namespace's tasks spread over (None: $AIOTASKS_SHARDS,
+            else 1). On a Redis Cluster each shard can live on its own master, so one
+            busy queue uses every master; every process of a namespace must use the same
+            number (a worker refuses to start with another). See the README's "Scaling out".
         tracing: OpenTelemetry (extra `aiotasks[otel]`): the sender's trace context
             travels in each message, and sends and runs get spans (see tracing.py).
             Off, opentelemetry is never imported.
@@ -83,12 +87,16 @@ class App:
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
         index_size: int = 10_000,
         events_size: int = 1_000,
+        shards: int | None = None,
         tracing: bool = False,
         warn_on_unsafe_server: bool = True,
     ) -> None:
         from .codec import get_serializer
 
         get_serializer(serializer)  # fail fast on a typo
+        n_shards = resolve_shards(shards)
+        if n_shards > 1 and "#" in namespace:
+            raise ValueError(f"with shards, a namespace cannot contain '#': {namespace!r}")
         self.settings = Settings(
             redis_url=resolve_redis_url(redis_url),
             namespace=namespace,
@@ -103,6 +111,7 @@ class App:
             signing_keys=_keys(signing_key),
             index_size=int(index_size),
             events_size=int(events_size),
+            shards=n_shards,
             task_routes=dict(task_routes or {}),
             retry_policy=RetryPolicy.of(retry_policy),
             warn_on_unsafe_server=bool(warn_on_unsafe_server),
@@ -292,13 +301,31 @@ class App:
     ) -> list[TaskHandle[Any]]:
         policy = RetryPolicy.of(retry_policy) if retry_policy else self.client.retry_policy
         client, encoding = self.client, self.settings.encoding
-        reply = client.notifier.reply_channel
-        records = [m.record(ttl, reply=reply, **encoding) for m, ttl in built]
-        await client.enqueue(records, policy)
+        epoch: int | None = None
+        if len(client.shards) == 1:
+            notifier = client.notifier
+            reply = notifier.reply_channel
+            records = [m.record(ttl, reply=reply, **encoding) for m, ttl in built]
+            # Taken before the enqueue, so that no final state can come before its box.
+            boxes = [notifier.mailbox(m.id) for m, _ in built]
+        else:  # a task's final state is published in its shard: on that shard's channel
+            records = [
+                m.record(ttl, reply=client.for_task(m.id).notifier.reply_channel, **encoding)
+                for m, ttl in built
+            ]
+            boxes = [None] * len(built)
+        enqueued = await client.enqueue(records, policy)
+        if len(client.shards) == 1:
+            epoch = client.notifier.reconnects  # else each handle reads its shard's
         # A batch is (nearly always) of one task: look its result loader up once.
         loaders = {name: self._result_loader(name) for name in {m.name for m, _ in built}}
-        epoch = client.notifier.reconnects
-        return [TaskHandle(client, m.id, loaders[m.name], sent=True, epoch=epoch) for m, _ in built]
+        return [
+            # A send that kept a live task of the same id (0) hears of it by reading.
+            TaskHandle(
+                client, m.id, loaders[m.name], sent=True, epoch=epoch, box=box if ok else None
+            )
+            for (m, _), box, ok in zip(built, boxes, enqueued, strict=True)
+        ]
 
     def _result_loader(self, name: str) -> Callable[[Any], Any] | None:
         """`result()` rebuilds the return annotation's type when the task is known here."""

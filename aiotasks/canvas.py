@@ -16,24 +16,29 @@ types, or, for a new node type, one more branch in `nodes` and `compiler`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .compiler import Compiler
 from .handle import GroupHandle, TaskHandle
+from .keys import shard_of
 from .nodes import (
     COLLECT,
     Node,
+    canvas_shard,
     check_args,
+    check_unpinned,
     chord_node,
     final_id,
     final_sig,
     freeze,
     is_canvas,
     node,
+    pinned_task,
 )
-from .task import Signature
+from .task import Signature, pinned_id
 
 if TYPE_CHECKING:
     from .app import App
@@ -164,24 +169,64 @@ async def send_canvas(app: App, canvas: Any, options: dict[str, Any]) -> str:
 
 async def _send(app: App, canvas: Any, options: dict[str, Any]) -> Node:
     policy = options.pop("retry_policy", None)
-    node = freeze(canvas, options, app)
+    drawn: set[str] = set()
+    node = freeze(canvas, options, app, drawn=drawn)
     check_args(app, node)
     if app.tracer is None:
-        await _apply(app, node, policy)
+        await _apply(app, node, policy, drawn)
         return node
     # The messages are built inside the `send` span: they carry its context.
     kind = node["name"] if node["t"] == "sig" else node["t"]
     final = final_sig(node)
     with app.tracer.send(kind, [str(final["id"])] if final is not None else [], []):
-        await _apply(app, node, policy)
+        await _apply(app, node, policy, drawn)
     return node
 
 
-async def _apply(app: App, node: Node, policy: Any) -> None:
-    ops = Compiler(app, app.client).ops(node)
+async def _apply(app: App, node: Node, policy: Any, drawn: set[str]) -> None:
     from .config import RetryPolicy
 
-    await app.client.apply(ops, RetryPolicy.of(policy) if policy else app.client.retry_policy)
+    client = app.client
+    retry = RetryPolicy.of(policy) if policy else client.retry_policy
+    if len(client.shards) == 1:
+        await client.apply(Compiler(app, client).ops(node), retry)
+        return
+    # Several shards: what must meet in one atomic call (a chord, a chain, a task and its
+    # callbacks) has its ids in one shard; a group's members each go to their own.
+    n = len(client.shards)
+    parts = node["tasks"] if node["t"] == "group" else [node]
+    by_shard: dict[int, list[Node]] = {}
+    for part in parts:
+        k = _pinned_member(app, part, drawn) if node["t"] == "group" else None
+        if k is None:
+            check_unpinned(app, part)
+            k = canvas_shard(part, n)
+        by_shard.setdefault(k, []).append(part)
+    calls = []
+    for k, members in by_shard.items():
+        shard = client.shards[k]
+        compiler = Compiler(app, shard)
+        calls.append(shard.apply([op for m in members for op in compiler.ops(m)], retry))
+    for failed in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(failed, BaseException):
+            raise failed  # the first failed shard's; the others' were retrieved
+
+
+def _pinned_member(app: App, member: Node, drawn: set[str]) -> int | None:
+    """A group member that is a plain call of a task with a concurrency limit or
+    debounce: its id moves to its key's shard (as a send of its own would); its shard.
+    None for any other member."""
+    if member["t"] != "sig" or member.get("link") or member.get("link_error"):
+        return None
+    task = pinned_task(app, member)
+    if task is None:
+        return None
+    args, kwargs = member["args"], member["kwargs"]
+    debounce = task.key_of(task.opts.debounce_key, args, kwargs) if task.opts.debounce else None
+    given = None if member["id"] in drawn else str(member["id"])
+    n = app.settings.shards
+    member["id"] = pinned_id(task, given, debounce, args, kwargs, n)
+    return shard_of(member["id"], n)
 
 
 def _app_of(canvas: Any) -> App | None:

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -26,20 +24,23 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec, topology
 from .config import InvalidRedisURL, RetryPolicy, Settings, redact_url
 from .contract import SEND, TaskRecord, unpack_reply
-from .errors import CLUSTER_TRANSIENT, CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
-from .keys import GROUP, Keys
+from .errors import (
+    CLUSTER_TRANSIENT,
+    CONNECTION_ERRORS,
+    BrokerConnectionError,
+    BrokerRefusedError,
+    ConfigurationError,
+)
+from .keys import GROUP, Keys, shard_of
 from .message import now
 from .notifier import Notifier
 from .scripts import Scripts
 from .sendbatch import SendBatcher
 from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
-from .transport import guard_connections
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,13 @@ class _Connection:
     loop: asyncio.AbstractEventLoop | None
     pool: BlockingConnectionPool | None  # None: a cluster's or Sentinel's client owns its pools
     redis: Redis
+    listener: Redis | None  # the notifiers' client behind a Cluster or Sentinel URL
     scripts: Scripts
     notifier: Notifier
     sends: SendBatcher
+    base: _Connection | None = None  # a shard's: the namespace client's connection it shares
+    shards_checked: bool = False  # this connection's first send compared the shard counts
+    checking: asyncio.Future[None] | None = None  # that comparison, shared by its senders
 
 
 class Client:
@@ -132,22 +137,47 @@ class Client:
     loop and cannot be used from this one.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, _shard: int = 0, _root: Client | None = None) -> None:
         self.settings = settings
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, _shard, settings.shards)
+        self._conn: _Connection | None = None
+        #: A client per shard, shard 0 (which also holds the namespace-wide keys) first;
+        #: tasks live in shard `shard_of(id)`. A shard's client shares the root's pool.
+        self.shards: list[Client]
+        self.topology: topology.Topology
+        #: send's retry policy unless a send names one: the App's, or behind a Cluster or
+        #: Sentinel URL and left at the default, one that outlasts a normal failover.
+        self.retry_policy: RetryPolicy
+        #: Largest result body read back (results are written under max_message_size).
+        self.read_limit: int
+        if _root is not None:
+            self._root = _root
+            self.topology, self.retry_policy = _root.topology, _root.retry_policy
+            self.read_limit = _root.read_limit
+            self.shards = _root.shards
+            return
+        self._root = self
         try:
             self.topology = topology.parse(settings.redis_url)
         except ValueError as exc:
             shown = redact_url(settings.redis_url)
             raise InvalidRedisURL(f"invalid Redis URL {shown!r}: {exc}") from None
-        #: send's retry policy unless a send names one: the App's, or behind a Cluster or
-        #: Sentinel URL and left at the default, one that outlasts a normal failover.
         self.retry_policy = settings.retry_policy
         if self.topology.failover and settings.retry_policy == RetryPolicy():
             self.retry_policy = RetryPolicy.of(topology.FAILOVER_RETRIES)
-        #: Largest result body read back (results are written under max_message_size).
         self.read_limit = max(settings.max_message_size, codec.MAX_SIZE)
-        self._conn: _Connection | None = None
+        self.shards = [self]
+        self.shards += [Client(settings, _shard=k, _root=self) for k in range(1, settings.shards)]
+
+    def for_task(self, task_id: str) -> Client:
+        """The client of the shard that holds `task_id`."""
+        shards = self.shards
+        return shards[shard_of(task_id, len(shards))] if len(shards) > 1 else self
+
+    @property
+    def root(self) -> Client:
+        """The namespace's client (shard 0, with the namespace-wide keys)."""
+        return self._root
 
     def _connect(self) -> _Connection:
         try:
@@ -155,6 +185,13 @@ class Client:
         except RuntimeError:
             loop = None
         conn = self._conn
+        if self._root is not self:
+            base = self._root._connect()
+            if conn is None or conn.base is not base:
+                self._conn = conn = self._assemble(
+                    base.loop, None, base.redis, base.listener, self._pick(), base
+                )
+            return conn
         if conn is not None and (loop is None or conn.loop in (None, loop)):
             if conn.loop is None:
                 conn.loop = loop
@@ -164,35 +201,27 @@ class Client:
         pool: BlockingConnectionPool | None = None
         pick: Callable[[], Awaitable[Redis]] | None = None
         if top.kind == "single":
-            # A blocking pool makes a burst of sends wait for a connection instead of
-            # failing with MaxConnectionsError past the limit.
-            pool = BlockingConnectionPool.from_url(
-                s.redis_url,
-                max_connections=s.max_connections,
-                timeout=None,
-                health_check_interval=30,
-                # A pooled connection that died with the server (a restart, a failover)
-                # is replaced on its next use instead of failing that command.
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-                retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            )
-            redis = Redis(connection_pool=pool)
-            guard_connections(redis)
+            redis, pool = topology.single_client(top, s.max_connections)
             listener = None
         else:
             # A Cluster or a Sentinel-managed primary: redis-py's clients follow
             # failovers (and, on a cluster, slot moves).
             redis = topology.command_client(top, s.max_connections)
             listener = topology.listener(top)
-            guard_connections(redis)
-            guard_connections(listener)
-            if top.kind == "cluster":
-
-                async def pick() -> Redis:
-                    return await topology.pubsub_client(top, self.keys.control_channel)
-
+            pick = self._pick()
         self._conn = self._assemble(loop, pool, redis, listener, pick)
         return self._conn
+
+    def _pick(self) -> Callable[[], Awaitable[Redis]] | None:
+        """On a Cluster: how the notifier finds the master that owns this shard's slot."""
+        top = self.topology
+        if top.kind != "cluster":
+            return None
+
+        async def pick() -> Redis:
+            return await topology.pubsub_client(top, self.keys.control_channel)
+
+        return pick
 
     def _assemble(
         self,
@@ -201,6 +230,7 @@ class Client:
         redis: Redis,
         listener: Redis | None,
         pick: Callable[[], Awaitable[Redis]] | None,
+        base: _Connection | None = None,
     ) -> _Connection:
         """The scripts, notifier and send batcher on top of a command client."""
         sharded = self.topology.kind == "cluster"
@@ -225,7 +255,9 @@ class Client:
         notifier = Notifier(
             s.redis_url, self.keys, mark, redis=listener, pick=pick, sharded=sharded
         )
-        return _Connection(loop, pool, redis, scripts, notifier, SendBatcher(enqueue))
+        return _Connection(
+            loop, pool, redis, listener, scripts, notifier, SendBatcher(enqueue), base
+        )
 
     @property
     def redis(self) -> Redis:
@@ -250,6 +282,12 @@ class Client:
     async def close(self) -> None:
         """Close the notifier and every pooled connection (later use opens new ones)."""
         conn, self._conn = self._conn, None
+        if self._root is not self:
+            if conn is not None and conn.loop in (None, asyncio.get_running_loop()):
+                await conn.notifier.close()  # the pool is the root's
+            return
+        for shard in self.shards[1:]:
+            await shard.close()
         if conn is not None and conn.loop in (None, asyncio.get_running_loop()):
             # A connection of another (finished) loop is dropped, not closed from here.
             await conn.notifier.close()
@@ -312,12 +350,35 @@ class Client:
         """Enqueue task records (1 = enqueued, 0 = a live id kept), in one script call
         with whatever else this loop sends in the same turn (sendbatch.py).
 
-        Ids are fixed before the first try, so a retried call never enqueues twice.
+        Ids are fixed before the first try, so a retried call never enqueues twice. With
+        several shards, each shard's records go in a call of their own, concurrently
+        (several calls: one may fail after another enqueued its records).
+
+        Raises:
+            ConfigurationError: the namespace's workers use another shard count.
         """
-        return await self._connect().sends.enqueue([r.wire() for r in records], policy)
+        await self._root.check_sender(policy)
+        if len(self.shards) == 1:
+            return await self._connect().sends.enqueue([r.wire() for r in records], policy)
+        by_shard: dict[int, list[int]] = {}
+        for i, r in enumerate(records):
+            by_shard.setdefault(shard_of(r.id, len(self.shards)), []).append(i)
+        calls = [
+            self.shards[k]._connect().sends.enqueue([records[i].wire() for i in idx], policy)
+            for k, idx in by_shard.items()
+        ]
+        out = [0] * len(records)
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for idx, got in zip(by_shard.values(), replies, strict=True):
+            if isinstance(got, BaseException):
+                raise got  # the first failed shard's; the others' were retrieved
+            for i, flag in zip(idx, got, strict=True):
+                out[i] = flag
+        return out
 
     async def apply(self, ops: Sequence[Mapping[str, Any]], policy: RetryPolicy) -> None:
         """Apply finish.lua ops atomically (a canvas being sent), retried by `policy`."""
+        await self._root.check_sender(policy)
 
         async def call() -> int:
             return await self.scripts.finish(streams=[], now_ms=now_ms(), ops=ops)
@@ -332,10 +393,11 @@ class Client:
         Raises:
             BrokerConnectionError: Redis stayed unreachable through the retry policy.
         """
-        key = self.keys.task(task_id)
+        c = self.for_task(task_id)
+        key = c.keys.task(task_id)
 
         async def call() -> dict[bytes, bytes]:
-            h: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(key)
+            h: dict[bytes, bytes] = await cast(Any, c.redis).hgetall(key)
             return h
 
         return await self.with_retry(self.settings.retry_policy, call)
@@ -346,10 +408,11 @@ class Client:
 
     async def task_state(self, task_id: str) -> TaskState:
         """The state of a task (PENDING when unknown)."""
-        key = self.keys.task(task_id)
+        c = self.for_task(task_id)
+        key = c.keys.task(task_id)
 
         async def call() -> bytes | None:
-            raw: bytes | None = await cast(Any, self.redis).hget(key, "state")
+            raw: bytes | None = await cast(Any, c.redis).hget(key, "state")
             return raw
 
         raw = await self.with_retry(self.settings.retry_policy, call)
@@ -357,9 +420,8 @@ class Client:
 
     async def chord_results(self, chord_id: str) -> list[Any]:
         """The header results of a chord, in header order."""
-        raw: dict[bytes, bytes] = await cast(Any, self.redis).hgetall(
-            self.keys.chord_results(chord_id)
-        )
+        c = self.for_task(chord_id)
+        raw: dict[bytes, bytes] = await cast(Any, c.redis).hgetall(c.keys.chord_results(chord_id))
         out: list[Any] = [None] * len(raw)
         for idx, value in raw.items():
             ct, _, data = value.partition(b"\n")
@@ -373,18 +435,21 @@ class Client:
 
         Returns the state before the revoke ('' when unknown).
         """
-        payload = await self._live_payload(task_id)  # read before the revoke deletes it
-        prev = await self.scripts.revoke(
+        c = self.for_task(task_id)
+        payload = await c._live_payload(task_id)  # read before the revoke deletes it
+        prev = await c.scripts.revoke(
             task_id=task_id, now_ms=now_ms(), ttl=self.settings.result_ttl
         )
         if terminate and prev == "STARTED":
-            await self.publish(self.keys.control_channel, f"revoke {task_id}")
+            # Workers listen on the namespace's control channel, in shard 0.
+            await self._root.publish(self._root.keys.control_channel, f"revoke {task_id}")
         if payload is not None and prev in ("SCHEDULED", "PENDING", "STARTED"):
-            await self._keep_payload(task_id, payload)
+            await c._keep_payload(task_id, payload)
         return prev
 
     async def _live_payload(self, task_id: str) -> bytes | None:
-        """A live task's payload (from its delayed record or its entry), for `aiotasks retry`."""
+        """A live task's payload (from its delayed record or its entry), for `aiotasks retry`
+        (called on the task's shard)."""
         rec, entry, stream = await cast(Any, self.redis).hmget(
             self.keys.task(task_id), "_rec", "_e", "_st"
         )
@@ -408,7 +473,8 @@ class Client:
 
     async def forget(self, task_id: str) -> None:
         """Delete a task's stored state and result."""
-        await self.redis.delete(self.keys.task(task_id))
+        c = self.for_task(task_id)
+        await c.redis.delete(c.keys.task(task_id))
 
     async def publish(self, channel: str, message: str) -> None:
         """Publish on one of the namespace's channels: SPUBLISH on a Cluster, where the
@@ -420,28 +486,33 @@ class Client:
 
     async def store_progress(self, task_id: str, meta: dict[str, Any]) -> None:
         """Store progress metadata in the task hash and notify watchers."""
-        key, channel = self.keys.task(task_id), self.keys.done_channel(task_id)
+        c = self.for_task(task_id)
+        key, channel = c.keys.task(task_id), c.keys.done_channel(task_id)
         packed = codec.encode(meta, "msgpack")[0]
         if self.topology.kind == "cluster":
             # A cluster pipeline takes no SPUBLISH: stored, then published.
-            await cast(Any, self.redis).hset(key, "progress", packed)
-            await self.publish(channel, "progress")
+            await cast(Any, c.redis).hset(key, "progress", packed)
+            await c.publish(channel, "progress")
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with c.redis.pipeline(transaction=True) as pipe:
             cast(Any, pipe).hset(key, "progress", packed)
             pipe.publish(channel, "progress")
             await pipe.execute()
 
     async def rate_wait(self, task_name: str, interval_ms: float) -> int:
-        """Reserve a start slot under a task's rate limit; ms to wait for it."""
-        return await self.scripts.rate(
+        """Reserve a start slot under a task's rate limit; ms to wait for it (one limit
+        for the namespace: kept in shard 0)."""
+        return await self._root.scripts.rate(
             task_name=task_name, interval_ms=interval_ms, now_ms=now_ms()
         )
 
     async def acquire_slot(self, key: str, limit: int, task_id: str, lease_ms: int) -> bool:
-        """Take (or keep) a concurrency slot of `key` for a task; False at the limit."""
+        """Take (or keep) a concurrency slot of `key` for a task; False at the limit.
+
+        The slots live in the task's shard: a send draws the id of a task with a
+        concurrency key in that key's shard (task.pinned_id), so each key has one limit."""
         request = {"key": key, "limit": limit, "id": task_id, "lease": lease_ms}
-        held = await self.scripts.acquire(now_ms=now_ms(), requests=[request])
+        held = await self.for_task(task_id).scripts.acquire(now_ms=now_ms(), requests=[request])
         return bool(held[0])
 
     # -- workers ------------------------------------------------------------------------
@@ -529,6 +600,71 @@ class Client:
             pipe.zcount(self.keys.delayed, "-inf", int((now() + within) * 1000))
             counts = await pipe.execute()
         return any(counts)
+
+    async def recorded_shards(self) -> int | None:
+        """The shard count the namespace's workers recorded (None before any did)."""
+        root = self._root
+        raw = await cast(Any, root.redis).hget(root.keys.meta, "shards")
+        return int(raw) if raw and raw.isdigit() else None
+
+    async def check_sender(self, policy: RetryPolicy) -> None:
+        """On a connection's first send: refuse to send with a shard count other than the
+        one the namespace's workers recorded (their tasks would land where no worker
+        reads). One HGET per connection; a refused read skips the check.
+
+        Raises:
+            ConfigurationError: the counts differ.
+        """
+        conn = self._connect()
+        if conn.shards_checked:
+            return
+        if conn.checking is None:
+            # Shared: the senders of one loop turn wait for one read, then send together
+            # (still one batch); cancelling one of them does not cancel it.
+            conn.checking = asyncio.ensure_future(self._check_once(conn, policy))
+        await asyncio.shield(conn.checking)
+
+    async def _check_once(self, conn: _Connection, policy: RetryPolicy) -> None:
+        async def call() -> int | None:
+            return await self.recorded_shards()
+
+        try:
+            recorded = await self.with_retry(policy, call)
+        except BrokerRefusedError:
+            recorded = None
+        except BaseException:
+            conn.checking = None  # the next send tries again
+            raise
+        if recorded is not None and recorded != self.settings.shards:
+            conn.checking = None
+            raise self._mismatch(recorded)
+        conn.shards_checked = True
+
+    def _mismatch(self, recorded: int) -> ConfigurationError:
+        return ConfigurationError(
+            f"namespace {self.keys.namespace!r} is spread over {recorded} shard(s), but this "
+            f"App has shards={self.settings.shards}: every process of a namespace must use "
+            "the same number (to change it, drain the namespace, then delete its 'meta' hash)"
+        )
+
+    async def check_shards(self) -> None:
+        """Record this App's shard count for the namespace, or refuse another one.
+
+        Raises:
+            ConfigurationError: the namespace's tasks are spread over another number of
+                shards (a worker with fewer would never read some of them).
+        """
+        root, n = self._root, self.settings.shards
+        try:
+            await cast(Any, root.redis).hsetnx(root.keys.meta, "shards", n)
+            recorded = await self.recorded_shards()
+        except ResponseError as exc:
+            # A safety net, never a reason not to start (a server out of memory refuses
+            # the write even where the count is recorded; an ACL may not reach `meta`).
+            log.warning("cannot check the namespace's shard count (%s)", exc)
+            return
+        if recorded is not None and recorded != n:
+            raise self._mismatch(recorded)
 
     # -- periodic ticks -----------------------------------------------------------------
 

@@ -15,8 +15,18 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .contract import FOLLOW, SEND, TaskRecord, chord_op, enqueue_op, replaced_op
+from .keys import shard_of
 from .message import ChordRef, Message
-from .nodes import Node, final_id, final_sig, freeze, single
+from .nodes import (
+    Node,
+    canvas_shard,
+    check_unpinned,
+    drawing_in,
+    final_id,
+    final_sig,
+    freeze,
+    single,
+)
 from .task import build_message
 
 if TYPE_CHECKING:
@@ -177,7 +187,17 @@ def replacement(
 ) -> list[Op]:
     """Ops that replace the task of `msg` by `canvas`: its final task takes the task's id,
     callbacks, chord and chain continuation (errbacks stay stored with the id)."""
-    node = single(freeze(canvas, {}, app), app)
+    # The replacement's ids are drawn in the replaced task's shard (this finish call's).
+    shards = app.settings.shards
+    with drawing_in(shard_of(msg.id, shards), shards):
+        node = single(freeze(canvas, {}, app, shard=shard_of(msg.id, shards)), app)
+    if shards > 1:  # refused as a send would be: the replaced task fails with the reason
+        check_unpinned(app, node)
+        if canvas_shard(node, shards) != shard_of(msg.id, shards):
+            raise ValueError(
+                f"the replacement of task {msg.id} names task ids outside its shard "
+                f"({shards} shards): leave task_id out of it"
+            )
     final = final_sig(node)
     assert final is not None, "single() leaves one final task"
     final["id"] = msg.id

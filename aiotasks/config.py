@@ -199,6 +199,25 @@ def _db_problem(path: str, query: str) -> str | None:
     return None
 
 
+#: Upper bound of `shards`: each shard costs a worker one script call per batch.
+MAX_SHARDS = 64
+
+
+def resolve_shards(explicit: int | None) -> int:
+    """The shard count: `explicit`, else $AIOTASKS_SHARDS, else 1.
+
+    Raises:
+        ValueError: not a whole number from 1 to MAX_SHARDS.
+    """
+    raw: object = explicit
+    if explicit is None:
+        raw = os.environ.get("AIOTASKS_SHARDS", "").strip() or "1"
+    text = str(raw).strip()
+    if isinstance(raw, bool) or not text.isdigit() or not 1 <= int(text) <= MAX_SHARDS:
+        raise ValueError(f"shards must be a whole number from 1 to {MAX_SHARDS}, got {raw!r}")
+    return int(text)
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How `send` retries a publish on connection errors (Celery's defaults)."""
@@ -239,6 +258,7 @@ class Settings:
     signing_keys: tuple[bytes, ...] = ()
     index_size: int = 10_000
     events_size: int = 1_000
+    shards: int = 1
     task_routes: dict[str, str] = field(default_factory=dict)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     warn_on_unsafe_server: bool = True

@@ -203,7 +203,7 @@ def _payload(fields: dict[bytes, bytes], ct: str, max_size: int) -> dict[str, An
     args, kwargs = p.get("args", ()), p.get("kwargs", _EMPTY)
     if not isinstance(args, list | tuple):
         raise DecodeError(f"payload 'args' must be an array, got {type(args).__name__}")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    if not isinstance(kwargs, dict) or (kwargs and not all(isinstance(k, str) for k in kwargs)):
         raise DecodeError("payload 'kwargs' must be a map with string keys")
     if "chord_body" in p and not isinstance(p["chord_body"], str):
         raise DecodeError("payload 'chord_body' must be a string")

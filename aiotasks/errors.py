@@ -82,6 +82,11 @@ class BrokerRefusedError(AiotasksError):
 TRANSIENT_REFUSALS = frozenset({"LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY"})
 
 
+class ConfigurationError(AiotasksError, ValueError):
+    """Settings that cannot work with the namespace as it is in Redis: a shard count other
+    than the one its tasks are spread over."""
+
+
 class SerializationError(AiotasksError, ValueError):
     """A value could not be encoded or decoded by the serializer; nothing was enqueued."""
 

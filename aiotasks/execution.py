@@ -460,11 +460,14 @@ class Execution:
     # -- timers ------------------------------------------------------------------------
 
     def _arm(self) -> None:
+        soft, hard = self.limits.soft, self.limits.hard
+        if soft is None and hard is None:
+            return  # most tasks: no timer to arm, so no loop lookup either
         loop = asyncio.get_running_loop()
-        if self.limits.soft is not None:
-            self._timers.append(loop.call_later(self.limits.soft, self._soft))
-        if self.limits.hard is not None:
-            self._timers.append(loop.call_later(self.limits.hard, self._hard))
+        if soft is not None:
+            self._timers.append(loop.call_later(soft, self._soft))
+        if hard is not None:
+            self._timers.append(loop.call_later(hard, self._hard))
 
     def _soft(self) -> None:
         if self.task is not None and not self.task.done():

@@ -23,7 +23,7 @@ from .state import TaskInfo, TaskState, with_success
 
 if TYPE_CHECKING:
     from .client import Client
-    from .notifier import Notifier
+    from .notifier import Mailbox, Notifier
 
 __all__ = ["GroupHandle", "TaskHandle", "TaskInfo", "TaskState"]
 
@@ -66,7 +66,7 @@ def _ride_out(exc: BaseException) -> bool:
 class TaskHandle(Generic[R]):
     """A sent task: wait for its result, read its state, revoke or forget it."""
 
-    __slots__ = ("id", "client", "_load", "_sent_epoch")
+    __slots__ = ("id", "client", "_load", "_sent_epoch", "_box")
 
     def __init__(
         self,
@@ -76,9 +76,12 @@ class TaskHandle(Generic[R]):
         *,
         sent: bool = False,
         epoch: int | None = None,
+        box: Mailbox | None = None,
     ) -> None:
         """`sent`: this App sent it; `epoch`: the notifier's reconnect count then, when
-        the caller has read it already (a batch of sends reads it once)."""
+        the caller has read it already (a batch of sends reads it once); `box`: where
+        its final state lands (Notifier.mailbox, taken before it was enqueued)."""
+        client = client.for_task(task_id)  # the client of the task's shard
         self.client = client
         self.id = task_id
         # Rebuilds the value into the task's return annotation (a task known here).
@@ -88,6 +91,7 @@ class TaskHandle(Generic[R]):
         if sent and epoch is None:
             epoch = client.notifier.reconnects
         self._sent_epoch = epoch if sent else None
+        self._box = box
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id!r})"
@@ -146,6 +150,16 @@ class TaskHandle(Generic[R]):
         return TaskInfo.from_hash(self.id, raw, client.read_limit), raw
 
     async def _wait_final(self) -> TaskInfo:
+        box = self._box
+        if box is not None and box.owner is self.client.notifier:
+            # Sent from here while the reply channel was subscribed: its final state
+            # comes to the mailbox, so no read first (one round trip less). Anything
+            # but a success with its result (a failure, a reconnect) is read.
+            state, ct, data = await box.get()
+            if state == "SUCCESS" and ct is not None and data is not None:
+                info = TaskInfo.from_hash(self.id, {})
+                return with_success(info, ct, data, self.client.read_limit)
+            self._box = None
         # Ride out a lost connection: re-subscribe and re-read until the caller's timeout.
         sight = self._sight()
         backoff = Backoff(start=0.05, cap=1.0)

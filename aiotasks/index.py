@@ -16,6 +16,7 @@ async for event in index.follow():          # live, without polling task records
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -56,16 +57,19 @@ def _text(value: Any) -> str | None:
 
 
 class TaskIndex:
-    """Reads a namespace's task index and event feed."""
+    """Reads a namespace's task index and event feed (of every shard, merged)."""
 
     def __init__(self, client: Client) -> None:
-        self.client = client
+        self.client = client.root
+        self.shards = self.client.shards
 
     async def configure(self, index_size: int, events_size: int) -> None:
-        """Set the caps every script of the namespace applies (0 turns either off)."""
-        await cast(Any, self.client.redis).hset(
-            self.client.keys.meta, mapping={"index_cap": index_size, "events_cap": events_size}
-        )
+        """Set the caps every script of the namespace applies (0 turns either off); with
+        several shards each keeps its share, so the namespace keeps about as many."""
+        n = len(self.shards)
+        caps = {"index_cap": -(-index_size // n), "events_cap": -(-events_size // n)}
+        for shard in self.shards:
+            await cast(Any, shard.redis).hset(shard.keys.meta, mapping=caps)
 
     async def recent(
         self,
@@ -83,7 +87,7 @@ class TaskIndex:
         out: list[TaskInfo] = []
         sources: list[list[str] | AsyncIterator[list[str]]] = [
             await self._unfinished(),
-            self._ids(self.client.keys.index_done),
+            self._done_ids(),
         ]
         for ids in sources:
             async for batch in _batches(ids):
@@ -97,82 +101,147 @@ class TaskIndex:
     async def _unfinished(self) -> list[str]:
         """Ids of unfinished tasks, where they wait: each queue's streams (queued and
         running ones, newest first) and the delayed set (scheduled ones)."""
-        keys, redis = self.client.keys, cast(Any, self.client.redis)
-        queues = sorted(q.decode() for q in await redis.smembers(keys.queues))
+        redis = cast(Any, self.client.redis)
         async with redis.pipeline(transaction=False) as pipe:
-            for q in queues:
-                for stream in keys.streams(q):
-                    pipe.xrevrange(stream, count=_CHUNK)
-            pipe.zrange(keys.delayed, 0, _CHUNK - 1)
+            for shard in self.shards:
+                pipe.smembers(shard.keys.queues)
+            named = await pipe.execute()
+        queues = sorted({q.decode() for members in named for q in members})
+        async with redis.pipeline(transaction=False) as pipe:
+            for shard in self.shards:
+                for q in queues:
+                    for stream in shard.keys.streams(q):
+                        pipe.xrevrange(stream, count=_CHUNK)
+            for shard in self.shards:
+                pipe.zrange(shard.keys.delayed, 0, _CHUNK - 1)
             replies = await pipe.execute()
+        n = len(self.shards)
         ids: list[str] = []
-        for reply in replies[:-1]:
+        for reply in replies[:-n]:
             ids += [f[b"id"].decode() for _, f in reply if b"id" in f]
-        ids += [i.decode() for i in replies[-1]]
+        for reply in replies[-n:]:
+            ids += [i.decode() for i in reply]
         return list(dict.fromkeys(ids))
 
-    async def _ids(self, key: str) -> AsyncIterator[list[str]]:  # newest first
-        start = 0
-        while True:
-            raw: list[bytes] = await cast(Any, self.client.redis).zrevrange(
-                key, start, start + _CHUNK - 1
+    async def _done_ids(self) -> AsyncIterator[list[str]]:
+        """Finished task ids, newest first, over every shard's index (merged by finish)."""
+        if len(self.shards) == 1:
+            async for batch in self._ids(self.client, 0):
+                yield [i for i, _ in batch]
+            return
+        readers = [self._ids(shard, 0) for shard in self.shards]
+        heads: list[list[tuple[str, float]]] = [[] for _ in readers]
+        live = list(range(len(readers)))
+        out: list[str] = []
+        while live:
+            for k in list(live):
+                if not heads[k]:
+                    try:
+                        heads[k] = await anext(readers[k])
+                    except StopAsyncIteration:
+                        live.remove(k)
+            if not live:
+                break
+            k = max(live, key=lambda j: heads[j][0][1])
+            out.append(heads[k].pop(0)[0])
+            if len(out) >= _CHUNK:
+                yield out
+                out = []
+        if out:
+            yield out
+
+    async def _ids(self, shard: Client, start: int) -> AsyncIterator[list[tuple[str, float]]]:
+        while True:  # newest first
+            raw: list[tuple[bytes, float]] = await cast(Any, shard.redis).zrevrange(
+                shard.keys.index_done, start, start + _CHUNK - 1, withscores=True
             )
             if not raw:
                 return
-            yield [r.decode() for r in raw]
+            yield [(r.decode(), score) for r, score in raw]
             start += _CHUNK
 
     async def _infos(self, ids: Sequence[str]) -> list[TaskInfo]:
-        keys = self.client.keys
-        async with self.client.redis.pipeline(transaction=False) as pipe:
+        client = self.client
+        async with client.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hgetall(keys.task(task_id))
+                pipe.hgetall(client.for_task(task_id).keys.task(task_id))
             hashes = await pipe.execute()
         gone = [i for i, h in zip(ids, hashes, strict=True) if not h]
-        if gone:  # expired records: the index forgets them too
-            await self.client.redis.zrem(keys.index_done, *gone)
-        limit = self.client.read_limit
+        for task_id in gone:  # expired records: the index forgets them too
+            shard = client.for_task(task_id)
+            await shard.redis.zrem(shard.keys.index_done, task_id)
+        limit = client.read_limit
         return [TaskInfo.from_hash(i, h, limit) for i, h in zip(ids, hashes, strict=True) if h]
 
     async def size(self) -> tuple[int, int]:
         """(unfinished, finished) tasks the index can list."""
         live = len(await self._unfinished())
-        done = int(await self.client.redis.zcard(self.client.keys.index_done))
+        done = 0
+        for shard in self.shards:
+            done += int(await shard.redis.zcard(shard.keys.index_done))
         return live, done
 
     async def events(self, after: str = "0", count: int = 1000) -> list[Event]:
         """Events after the feed entry id `after` ("0": the oldest kept)."""
-        raw: list[Any] = await cast(Any, self.client.redis).xrange(
-            self.client.keys.events, min=f"({after}" if after != "0" else "-", count=count
-        )
-        return [e for entry_id, fields in raw for e in _events(entry_id, fields)]
+        low = f"({after}" if after != "0" else "-"
+        return await self._range(low, "+", count)
 
     async def events_between(self, start_ms: int, end_ms: int, count: int = 1000) -> list[Event]:
         """Events of the feed entries written from `start_ms` to `end_ms` (the first `count`)."""
-        raw: list[Any] = await cast(Any, self.client.redis).xrange(
-            self.client.keys.events, min=str(max(start_ms, 0)), max=str(end_ms), count=count
-        )
+        return await self._range(str(max(start_ms, 0)), str(end_ms), count)
+
+    async def _range(self, low: str, high: str, count: int) -> list[Event]:
+        """Feed entries from `low` to `high` of every shard, in entry id order (time)."""
+        raw: list[Any] = []
+        for shard in self.shards:
+            raw += await cast(Any, shard.redis).xrange(
+                shard.keys.events, min=low, max=high, count=count
+            )
+        if len(self.shards) > 1:
+            raw = sorted(raw, key=lambda e: _entry_order(e[0]))[:count]
         return [e for entry_id, fields in raw for e in _events(entry_id, fields)]
 
     async def last_id(self) -> str:
         """The id of the feed's newest entry ("0-0" when it is empty): follow after it."""
-        raw: list[Any] = await cast(Any, self.client.redis).xrevrange(
-            self.client.keys.events, count=1
-        )
-        return raw[0][0].decode() if raw else "0-0"
+        newest = "0-0"
+        for shard in self.shards:
+            raw: list[Any] = await cast(Any, shard.redis).xrevrange(shard.keys.events, count=1)
+            if raw and _entry_order(raw[0][0]) > _entry_order(newest):
+                newest = raw[0][0].decode()
+        return newest
 
     async def follow(self, after: str = "$", block_ms: int = 5000) -> AsyncIterator[Event]:
-        """Yield events as they come (a blocking read, no polling); `after="$"`: new only."""
-        last = after
-        while True:
-            reply: list[Any] = await cast(Any, self.client.redis).xread(
-                {self.client.keys.events: last}, block=block_ms, count=1000
-            )
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    last = entry_id.decode()
-                    for event in _events(entry_id, fields):
-                        yield event
+        """Yield events as they come (a blocking read, no polling); `after="$"`: new only.
+
+        With several shards, each shard's feed is read by a blocking read of its own
+        (a Cluster refuses one read over keys of several slots).
+        """
+        last = {shard.keys.events: after for shard in self.shards}
+        redis = {shard.keys.events: shard.redis for shard in self.shards}
+        reads: dict[asyncio.Future[Any], str] = {}
+        try:
+            while True:
+                for stream in set(last) - set(reads.values()):
+                    read = cast(Any, redis[stream]).xread(
+                        {stream: last[stream]}, block=block_ms, count=1000
+                    )
+                    reads[asyncio.ensure_future(read)] = stream
+                done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: reads[f]):
+                    stream = reads.pop(future)
+                    for _stream, entries in future.result() or ():
+                        for entry_id, fields in entries:
+                            last[stream] = entry_id.decode()
+                            for event in _events(entry_id, fields):
+                                yield event
+        finally:
+            for future in reads:
+                future.cancel()
+
+
+def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _events(entry_id: bytes, fields: dict[bytes, bytes]) -> list[Event]:

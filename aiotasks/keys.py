@@ -5,15 +5,21 @@ Python; `lua_functions()` renders the same templates as Lua functions for
 `lua/_contract.lua` (see contract.py), and a test checks that both sides build the
 same names.
 
-Every key carries the `{namespace}` hash tag, so all of an app's keys hash to one
-cluster slot and every Lua script stays cluster-safe; `Keys.guard` keeps scripts from
-running while that slot migrates.
+Every key carries its shard's hash tag, `{namespace}` for shard 0 and `{namespace#k...}`
+for shard k (see shard_tag), so all keys of a shard hash to one cluster slot and every
+Lua script (which touches one shard) stays cluster-safe; `Keys.guard` keeps scripts
+from running while that slot migrates. A task lives in shard `shard_of(id)`.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import zlib
 from dataclasses import dataclass
+from functools import lru_cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 #: Priority buckets: one stream per priority level 0..9 (9 most urgent).
 PRIORITIES = range(9, -1, -1)
@@ -58,16 +64,66 @@ def _parts(template: str) -> list[str]:
     return _PART.findall(template)
 
 
+def shard_of(task_id: str, shards: int) -> int:
+    """The shard a task id lives in, of `shards` (a handle needs only the id)."""
+    if shards <= 1:
+        return 0
+    return zlib.crc32(task_id.encode()) % shards
+
+
+def new_id(shards: int = 1, shard: int | None = None) -> str:
+    """A task id: 32 random hex digits (as uuid4().hex, at a fifth of the cost); with
+    `shard`, drawn again until it lands in that shard (`shards` tries on average)."""
+    while True:
+        task_id = os.urandom(16).hex()
+        if shard is None or shard_of(task_id, shards) == shard:
+            return task_id
+
+
+def namespace_pattern(namespace: str) -> str:
+    """A SCAN pattern matching every key of a namespace, in all its shards."""
+    escaped = re.sub(r"([*?\[\]\\])", r"\\\1", namespace)
+    return "{" + escaped + "[}#]*"
+
+
+@lru_cache(maxsize=256)
+def shard_tag(namespace: str, shard: int, shards: int) -> str:
+    """The hash tag of one shard: `namespace` for shard 0 (one shard is the classic
+    layout), else `namespace#k` or `namespace#k.j`, j the first number that puts it in
+    its own 1/shards of the cluster's 16384 slots, counted from shard 0's.
+
+    A cluster made by `redis-cli --cluster create` gives each of its M masters one run of
+    16384/M slots, so with shards = M (or a multiple) every master holds as many shards.
+    """
+    if shard == 0:
+        return namespace
+    width = REDIS_CLUSTER_HASH_SLOTS / shards
+    first = int(key_slot(namespace.encode()) // width)
+    want = (first + shard) % shards
+    j = 0
+    while True:
+        tag = f"{namespace}#{shard}" + (f".{j}" if j else "")
+        if int(key_slot(tag.encode()) // width) == want:
+            return tag
+        j += 1
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names of one namespace."""
+    """Key names of one shard of a namespace (shard 0 also holds the namespace-wide keys:
+    registry, schedules, pauses, periodic ticks, rate limits, control channel)."""
 
     namespace: str
+    shard: int = 0
+    shards: int = 1
 
     @property
     def prefix(self) -> str:
-        """Common prefix, `{namespace}:`; scripts take it as KEYS[1] and build from it."""
-        return "{" + self.namespace + "}:"
+        """Common prefix, `{tag}:` (see shard_tag: `{namespace}:` for shard 0); scripts
+        take it as KEYS[1] and build from it."""
+        if self.shard == 0:
+            return "{" + self.namespace + "}:"
+        return "{" + shard_tag(self.namespace, self.shard, self.shards) + "}:"
 
     def _key(self, kind: str, **parts: object) -> str:
         return self.prefix + LAYOUT[kind].format(**parts)

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-from uuid import uuid4
 
+from .keys import new_id, shard_of
 from .message import check_options
 
 if TYPE_CHECKING:
     from .app import App
+    from .task import Task
 
 Node = dict[str, Any]
 
@@ -55,7 +58,7 @@ def sig_node(
     opts = dict(opts or {})
     node: Node = {
         "t": "sig",
-        "id": opts.pop("task_id", None) or uuid4().hex,
+        "id": opts.pop("task_id", None) or canvas_id(),
         "name": name,
         "args": list(args),
         "kwargs": dict(kwargs or {}),
@@ -73,8 +76,136 @@ def sig_node(
     return node
 
 
-def freeze(canvas: Any, options: dict[str, Any] | None = None, app: App | None = None) -> Node:
-    """The canvas as runnable nodes, with send `options` applied the way Celery does."""
+#: While a canvas freezes with several shards: (its shard, the shard count). Every id it
+#: draws lands in that shard, so a chord's counter, its headers and its body, a chain's
+#: steps and their callbacks all meet in one atomic script call.
+_SHARD: ContextVar[tuple[int, int] | None] = ContextVar("aiotasks_canvas_shard", default=None)
+#: While freeze() looks for the ids a canvas was given: the ids it drew itself.
+_DRAWN: ContextVar[set[str] | None] = ContextVar("aiotasks_canvas_drawn", default=None)
+
+
+def canvas_id() -> str:
+    """A new id for a node of the canvas being frozen (in its shard, see `_SHARD`)."""
+    where = _SHARD.get()
+    task_id = new_id(where[1], where[0]) if where is not None else new_id()
+    drawn = _DRAWN.get()
+    if drawn is not None:
+        drawn.add(task_id)
+    return task_id
+
+
+def freeze(
+    canvas: Any,
+    options: dict[str, Any] | None = None,
+    app: App | None = None,
+    *,
+    shard: int | None = None,
+    drawn: set[str] | None = None,
+) -> Node:
+    """The canvas as runnable nodes, with send `options` applied the way Celery does.
+
+    With several shards, every id it draws is in one shard: `shard`, else that of an id
+    the canvas was given (its `task_id` option, or one set on a signature), else a
+    random one (see `canvas_shard`). `drawn` collects the ids it drew (not given).
+    """
+    shards = app.settings.shards if app is not None else 1
+    if shards <= 1:
+        return _freeze(canvas, options, app)
+    if shard is None:
+        assert app is not None  # several shards come from an App's settings
+        shard = _given_shard(canvas, options, app, shards)
+    token = _DRAWN.set(drawn)
+    try:
+        with drawing_in(shard, shards):
+            return _freeze(canvas, options, app)
+    finally:
+        _DRAWN.reset(token)
+
+
+def _given_shard(canvas: Any, options: dict[str, Any] | None, app: App, shards: int) -> int:
+    """The shard of the first id given in the canvas, else a random one (freezing it once
+    to find them costs a canvas sent with several shards a second freeze)."""
+    drawn: set[str] = set()
+    token = _DRAWN.set(drawn)
+    try:
+        probe = _freeze(canvas, options, app)
+    finally:
+        _DRAWN.reset(token)
+    given = (str(n["id"]) for n in _with_ids(probe) if n["id"] not in drawn)
+    first = (options or {}).get("task_id") or next(given, None)
+    return shard_of(str(first), shards) if first else shard_of(new_id(), shards)
+
+
+@contextmanager
+def drawing_in(shard: int, shards: int) -> Iterator[None]:
+    """Within the block, canvas nodes made (freeze, single) draw their ids in `shard`."""
+    token = _SHARD.set((shard, shards) if shards > 1 else None)
+    try:
+        yield
+    finally:
+        _SHARD.reset(token)
+
+
+def canvas_shard(node: Node, shards: int) -> int:
+    """The one shard of a frozen canvas's ids.
+
+    Raises:
+        ValueError: ids given with `task_id` on its tasks are in different shards.
+    """
+    found = {shard_of(str(n["id"]), shards) for n in _with_ids(node)}
+    if len(found) > 1:
+        raise ValueError(
+            f"with {shards} shards, the ids given to a canvas's tasks (task_id) must all "
+            "be in one shard (aiotasks.keys.shard_of): leave them out, or give only the "
+            "final task's"
+        )
+    return found.pop() if found else 0
+
+
+def pinned_task(app: App, node: Node) -> Task[Any, Any] | None:
+    """The task of a signature node when it has a concurrency limit or debounce."""
+    task = app.tasks.get(str(node.get("name")))
+    if task is not None and (task.opts.concurrency_limit or task.opts.debounce):
+        return task
+    return None
+
+
+def check_unpinned(app: App, node: Node) -> None:
+    """With several shards, refuse a canvas holding a task with a concurrency limit or
+    debounce: its key's shard is known only once its arguments are (a chain step gets the
+    step before's result), and the canvas's ids are all in one shard.
+
+    Raises:
+        ValueError: naming the task.
+    """
+    for n in _with_ids(node):
+        task = pinned_task(app, n) if n["t"] == "sig" else None
+        if task is not None:
+            raise ValueError(
+                f"{task.name} has a concurrency limit or debounce, so with "
+                f"{app.settings.shards} shards it can be sent on its own or as a plain "
+                "member of a group, but not in a chain, chord or callback: see the "
+                "README's 'Scaling out'"
+            )
+
+
+#: Where a node holds other nodes (never its arguments: those are the user's data).
+_CHILDREN = ("header", "body", "tasks", "steps", "link", "link_error", "on_error")
+
+
+def _with_ids(node: Node | None) -> Iterator[Node]:
+    """Every signature and chord node of a canvas, callbacks and errbacks included."""
+    if not isinstance(node, dict):
+        return
+    if node.get("t") in ("sig", "chord"):
+        yield node
+    for part in _CHILDREN:
+        child = node.get(part)
+        for sub in child if isinstance(child, list) else [child]:
+            yield from _with_ids(sub)
+
+
+def _freeze(canvas: Any, options: dict[str, Any] | None, app: App | None) -> Node:
     options = dict(options or {})
     shaping = {k: options.pop(k) for k in CANVAS_OPTIONS if k in options}
     check_options(options)
@@ -134,7 +265,7 @@ def chord_node(header: list[Any], body: Any, on_error: Any, shared: dict[str, An
         raise TypeError(f"chord on_error must be a signature, got {type(on_error).__name__}")
     return {
         "t": "chord",
-        "id": uuid4().hex,
+        "id": canvas_id(),
         "header": [node(t, shared) for t in header],
         "body": node(body, shared),
         "on_error": error_node,
@@ -185,7 +316,7 @@ def _chain(node: Node, app: App | None) -> Node:
             step = _normalize(
                 {
                     "t": "chord",
-                    "id": uuid4().hex,
+                    "id": canvas_id(),
                     "header": step["tasks"],
                     "body": body,
                     "on_error": None,
@@ -205,7 +336,7 @@ def single(node: Node, app: App | None) -> Node:
     return _normalize(
         {
             "t": "chord",
-            "id": uuid4().hex,
+            "id": canvas_id(),
             "header": node["tasks"],
             "body": collect(app, node),
             "on_error": None,
@@ -245,7 +376,7 @@ def _attach_links(node: Node, links: list[Node], app: App | None) -> Node:
         body["link"] = links
         return {
             "t": "chord",
-            "id": uuid4().hex,
+            "id": canvas_id(),
             "header": members,
             "body": body,
             "on_error": None,
@@ -337,13 +468,9 @@ def _check_sig_args(app: App, node: Node, prepended: int) -> None:
     for callback in [*node.get("link", ()), *node.get("link_error", ())]:
         check_args(app, callback, 1)
     task = app.tasks.get(node["name"])
-    if task is None or task.signature is None:
-        return
-    values = [None] * (0 if node.get("imm") else prepended)
-    try:
-        task.signature.bind(*values, *node["args"], **node["kwargs"])
-    except TypeError as exc:
-        raise TypeError(f"task {node['name']}: {exc}") from None
+    if task is not None:
+        values = [None] * (0 if node.get("imm") else prepended)
+        task.check_args([*values, *node["args"]], node["kwargs"])
 
 
 def signature_of(fn: Callable[..., Any]) -> inspect.Signature | None:

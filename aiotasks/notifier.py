@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .backoff import Backoff
 from .cancel import cancel_and_wait
 from .keys import Keys
-from .transport import guard_connections
+from .topology import notifier_client
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,40 @@ class Watch:
         return await self._queue.get()
 
 
+class Mailbox:
+    """Where the first notification of a task this App sent lands, from the moment it
+    is sent: `result()` on a fresh handle waits here instead of reading the task first.
+
+    Held by the handle only: a task sent and forgotten costs a weak reference. A handle
+    that keeps its mailbox keeps the result it received, as `info()` would return it.
+    """
+
+    __slots__ = ("owner", "note", "_waiter", "__weakref__")
+
+    def __init__(self, owner: Notifier) -> None:
+        #: The notifier that fills it: one of another event loop, or of a closed App,
+        #: never will (TaskHandle reads the task instead).
+        self.owner = owner
+        self.note: Note | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, note: Note) -> None:
+        if self.note is None:
+            self.note = note
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    async def get(self) -> Note:
+        """The first notification: a final state, or RECONNECTED (one may be lost)."""
+        if self.note is None:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            # Shielded: one waiter's timeout must not cancel the others' wait.
+            await asyncio.shield(self._waiter)
+        assert self.note is not None
+        return self.note
+
+
 class Notifier:
     """Shared subscription for all task waiters of one App."""
 
@@ -81,8 +116,7 @@ class Notifier:
         # RESP2: under RESP3 every message is a push reply, and hiredis-py leaks about
         # 95 bytes per push reply (benchmarks/notifier_rss.py measures it).
         if redis is None:
-            redis = Redis.from_url(url, protocol=2)
-            guard_connections(redis)
+            redis = notifier_client(url)
         self._redis = redis
         self._pick = pick
         self._mark = mark
@@ -94,6 +128,10 @@ class Notifier:
         self._pubsub: PubSub | None = None
         self._watches: dict[str, set[Watch]] = {}  # channel -> waiters
         self._replies: dict[str, set[Watch]] = {}  # task id -> waiters on the reply channel
+        #: Mailboxes of sent tasks whose handles are alive (see Mailbox), by task id.
+        self._boxes: weakref.WeakValueDictionary[str, Mailbox] = weakref.WeakValueDictionary()
+        #: The reply channel is subscribed and the subscription has not been lost since.
+        self._reply_live = False
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._cmd_lock = asyncio.Lock()
@@ -149,6 +187,17 @@ class Notifier:
                 watchers.discard(w)
                 if not watchers:
                     del self._replies[task_id]
+
+    def mailbox(self, task_id: str) -> Mailbox | None:
+        """A mailbox for a task about to be sent, when its final state cannot be missed:
+        the reply channel is subscribed already (None: read the task when waiting)."""
+        if not self._reply_live or task_id in self._boxes:
+            # The id is live in another handle of this App (a second send of a task id):
+            # its box stays, and this send reads.
+            return None
+        box = Mailbox(self)
+        self._boxes[task_id] = box
+        return box
 
     async def ensure_reply(self) -> None:
         """Subscribe to the reply channel (once per App)."""
@@ -268,6 +317,7 @@ class Notifier:
                 # The slot moved: its new owner's shard is where its messages go now.
                 self._dropped = False
                 gone = "the namespace's slot moved; subscribing on its new owner"
+            self._reply_live = False  # from here on, a reply may be missed
             if gone and not lost:
                 log.warning("%s", gone)
             lost = True
@@ -317,9 +367,7 @@ class Notifier:
             for w in self._watches.get(channel, ()):
                 w.put(note)
         elif kind in ("subscribe", "ssubscribe"):
-            confirm = self._confirm.pop(channel, None)
-            if confirm is not None and not confirm.done():
-                confirm.set_result(None)
+            self._subscribed(channel)
         elif kind == "sunsubscribe":
             if self._leaving[channel] > 0:
                 self._leaving[channel] -= 1
@@ -327,6 +375,13 @@ class Notifier:
                     del self._leaving[channel]
             elif channel in self._watches:
                 self._dropped = True  # not asked for: the server moved the channel's slot
+
+    def _subscribed(self, channel: str) -> None:
+        if channel == self.reply_channel:
+            self._reply_live = True
+        confirm = self._confirm.pop(channel, None)
+        if confirm is not None and not confirm.done():
+            confirm.set_result(None)
 
     def _reply(self, data: bytes) -> None:
         if data[:1] == b"\n":
@@ -350,13 +405,18 @@ class Notifier:
     def _wake(
         self, task_id: str, state: str, ct: bytes | None = None, data: bytes | None = None
     ) -> None:
+        note: Note = (state, ct, data)
+        box = self._boxes.get(task_id)
+        if box is not None:
+            box.put(note)
         watchers = self._replies.get(task_id)
         if watchers:
-            note: Note = (state, ct, data)
             for w in watchers:
                 w.put(note)
 
     def _broadcast(self, note: Note) -> None:
+        for box in list(self._boxes.values()):
+            box.put(note)
         for watchers in [*self._watches.values(), *self._replies.values()]:
             for w in watchers:
                 w.put(note)
@@ -367,6 +427,9 @@ class Notifier:
 
     async def close(self) -> None:
         """Stop the reader and close the connection."""
+        self._reply_live = False
+        for box in list(self._boxes.values()):  # nothing reaches them from now on
+            box.put((RECONNECTED, None, None))
         if self._reader is not None:
             await cancel_and_wait([self._reader])
             self._reader = None

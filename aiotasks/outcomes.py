@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -264,6 +265,18 @@ class Outcomes:
             await asyncio.sleep(0)
             self._flush.clear()
             await self.commit_all()
+
+    async def flushed(self, turns: int = 4, timeout: float = 1.0) -> None:
+        """Give tasks just started and the flush loop a few turns of the loop (at most
+        `turns`), then wait for the commit in flight, if any (at most `timeout` s)."""
+        for _ in range(turns):
+            await asyncio.sleep(0)
+            if not self._groups:
+                break
+        if self._commit_lock.locked():
+            with suppress(TimeoutError):
+                async with asyncio.timeout(timeout), self._commit_lock:
+                    pass
 
     async def commit_all(self) -> None:
         """Commit every queued op. The lock lets a stopping worker wait for a commit that

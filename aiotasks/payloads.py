@@ -116,6 +116,7 @@ def _fields(raw: dict[Any, Any]) -> dict[str, Any]:
 
 async def read(client: Client, task_id: str, h: dict[bytes, bytes] | None = None) -> Payload | None:
     """The payload of a task (`h`: its hash, when already read), or None where none is kept."""
+    client = client.for_task(task_id)
     if h is None:
         h = await cast(Any, client.redis).hgetall(client.keys.task(task_id))
     if not h:

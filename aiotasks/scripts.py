@@ -121,11 +121,15 @@ class Scripts:
         wait = {stream: ">" for stream in streams}
         if isinstance(self._redis, RedisCluster):
             # redis-py refuses EVALSHA in a cluster pipeline: two round trips there.
+            gone = False
             try:
                 await self._redis.xreadgroup(GROUP, consumer, wait, count=1, block=block_ms)
-            except ResponseError:
-                pass  # NOGROUP: fetch.lua recreates the group and reports the loss
-            return unpack_reply(await script(keys=keys, args=args))
+            except ResponseError as exc:
+                gone = "NOGROUP" in str(exc)  # see below
+            reply: dict[bytes, Any] = unpack_reply(await script(keys=keys, args=args))
+            if gone:
+                reply[b"group_gone"] = 1
+            return reply
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xreadgroup(GROUP, consumer, wait, count=1, block=block_ms)  # type: ignore[arg-type]
             # EVALSHA by hand: a registered script in a pipeline costs a SCRIPT EXISTS
@@ -140,6 +144,11 @@ class Scripts:
         lost_group = isinstance(woken, ResponseError) and "NOGROUP" in str(woken)
         if isinstance(woken, BaseException) and not lost_group and not res[b"entries"]:
             raise woken  # e.g. NOPERM: say so rather than spin
+        if lost_group:
+            # A stream without its group: fetch.lua recreates it and reports the loss
+            # when the stream holds entries; an empty one is left to the caller
+            # (Client.ensure_groups), `group_gone` says so.
+            res[b"group_gone"] = 1
         return res
 
     async def release(

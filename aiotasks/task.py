@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ca
 
 from . import adapt
 from .handle import TaskHandle
+from .keys import new_id, shard_of
 from .message import Message, check_options, now
 from .nodes import sig_node, signature_of
 
@@ -166,14 +167,20 @@ def message_builder(
     if eta is not None and eta <= sent_at:
         eta = None
 
+    shards = s.shards
+    pinned = shards > 1 and t is not None and bool(t.concurrency_limit or t.debounce)
+
     def build(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[Message, int]:
         debounce_key = None
         if debounce:
             assert task is not None
             debounce_key = task.key_of(task.opts.debounce_key, args, kwargs or {})
+        task_id = given_id
+        if pinned:
+            assert task is not None
+            task_id = pinned_id(task, given_id, debounce_key, args, kwargs or {}, shards)
         msg = Message(
-            # 32 random hex digits, as uuid4().hex gives, at a fifth of the cost.
-            id=given_id or os.urandom(16).hex(),
+            id=task_id or os.urandom(16).hex(),
             name=name,
             args=list(args),
             kwargs=dict(kwargs or {}),
@@ -192,6 +199,42 @@ def message_builder(
     return build
 
 
+def pinned_id(
+    task: Task[Any, Any],
+    given: str | None,
+    debounce_key: str | None,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    shards: int,
+) -> str:
+    """The id of a send whose task has a concurrency limit or debounce, with several
+    shards: in the shard of its key, where the key's slots (or debounce record) live and
+    the task's own finish can release them in the same script call.
+
+    Raises:
+        ValueError: `given` (a task_id) is in another shard.
+    """
+    keys = [debounce_key] if debounce_key is not None else []
+    if task.opts.concurrency_limit:
+        keys.append(task.key_of(task.opts.concurrency_key, args, kwargs))
+    key = keys[0]
+    shard = shard_of(key, shards)
+    if any(shard_of(k, shards) != shard for k in keys):
+        raise ValueError(
+            f"{task.name}'s debounce key {keys[0]!r} and concurrency key {keys[1]!r} are "
+            f"in different shards ({shards} shards): give both the same argument"
+        )
+    if given is None:
+        return new_id(shards, shard)
+    if shard_of(given, shards) != shard:
+        raise ValueError(
+            f"task_id {given!r} is not in the shard of {task.name}'s flow-control key "
+            f"{key!r} ({shards} shards): leave task_id out, or pick one with "
+            f"aiotasks.keys.shard_of(task_id, {shards}) == {shard}"
+        )
+    return given
+
+
 class Task(Generic[P, R]):
     """A registered task. `await task(...)` runs it inline; `await task.send(...)` enqueues."""
 
@@ -206,6 +249,7 @@ class Task(Generic[P, R]):
         self.rate_interval_ms = parse_rate(opts.rate_limit) if opts.rate_limit else 0.0
         #: The function's call signature: sends are checked against it.
         self.signature = signature_of(fn)
+        self._shapes_ok: set[int | tuple[int, tuple[str, ...]]] = set()
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
         self._adapter: adapt.Adapter | None = None
@@ -302,11 +346,19 @@ class Task(Generic[P, R]):
 
     def check_args(self, args: Sequence[Any], kwargs: dict[str, Any] | None) -> None:
         """Raise TypeError, naming the task, when the arguments do not fit its function."""
-        if self.signature is not None:
-            try:
-                self.signature.bind(*args, **(kwargs or {}))
-            except TypeError as exc:
-                raise TypeError(f"task {self.name}: {exc}") from None
+        if self.signature is None:
+            return
+        # Whether a call binds depends only on how many positional arguments it has and
+        # which keywords it names, so a shape that bound once is not bound again.
+        shape = (len(args), tuple(kwargs)) if kwargs else len(args)
+        if shape in self._shapes_ok:
+            return
+        try:
+            self.signature.bind(*args, **(kwargs or {}))
+        except TypeError as exc:
+            raise TypeError(f"task {self.name}: {exc}") from None
+        if len(self._shapes_ok) < 64:
+            self._shapes_ok.add(shape)
 
     async def send_many(
         self, calls: Iterable[tuple[Sequence[Any], dict[str, Any] | None]], **options: Any
@@ -320,17 +372,8 @@ class Task(Generic[P, R]):
         if "link" in options or "link_error" in options:
             raise TypeError("send_many() takes no link/link_error: send a group instead")
         calls = list(calls)
-        shapes = {(len(a), tuple(k or ())) for a, k in calls}
-        if len(shapes) <= 8:  # the common case: one shape, checked once
-            checked = set()
-            for a, k in calls:
-                shape = (len(a), tuple(k or ()))
-                if shape not in checked:
-                    checked.add(shape)
-                    self.check_args(a, k)
-        else:
-            for a, k in calls:
-                self.check_args(a, k)
+        for a, k in calls:
+            self.check_args(a, k)  # a shape that fitted once costs a set lookup
         build = message_builder(self.app, self.name, options, self)
         built = [build(a, k) for a, k in calls]
         return await self.app.send_messages(built, options.get("retry_policy"))

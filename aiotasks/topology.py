@@ -20,13 +20,15 @@ import dataclasses
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .transport import guard_connections
 
@@ -128,12 +130,45 @@ def _node(text: str, default_port: int) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# Every client below comes back with its connections guarded (transport.py): a redis-py
+# race can tear a connection's transport from under a command, and that must read as a
+# lost connection, which every caller retries, not as an AttributeError.
+
+
+def single_client(top: Topology, max_connections: int) -> tuple[Redis, BlockingConnectionPool]:
+    """The client for commands and scripts on one server, and its pool.
+
+    A blocking pool makes a burst of sends wait for a connection instead of failing with
+    MaxConnectionsError past the limit.
+    """
+    pool = BlockingConnectionPool.from_url(
+        top.url,
+        max_connections=max_connections,
+        timeout=None,
+        health_check_interval=30,
+        # A pooled connection that died with the server (a restart, a failover) is
+        # replaced on its next use instead of failing that command.
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return guard_connections(Redis(connection_pool=pool)), pool
+
+
+def notifier_client(url: str) -> Redis:
+    """A notifier's own client on one server: RESP2 (see Notifier)."""
+    return guard_connections(Redis.from_url(url, protocol=2))
+
+
 def command_client(top: Topology, max_connections: int, **pool: Any) -> Redis:
-    """The client for commands and scripts.
+    """The client for commands and scripts behind a Cluster or Sentinel URL.
 
     A RedisCluster is returned typed as Redis: aiotasks calls only what both have
     (commands on its namespace's keys, scripts, non-transactional pipelines).
     """
+    return guard_connections(_command_client(top, max_connections, **pool))
+
+
+def _command_client(top: Topology, max_connections: int, **pool: Any) -> Redis:
     if top.kind == "cluster":
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in top.nodes],
@@ -153,7 +188,7 @@ def command_client(top: Topology, max_connections: int, **pool: Any) -> Redis:
 
 def sentinel(top: Topology) -> Sentinel:
     """redis-py's Sentinel for `top`'s Sentinels."""
-    return Sentinel(  # type: ignore[no-untyped-call]
+    return Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8.2
         list(top.nodes),
         sentinel_kwargs=dict(top.sentinel_options) or None,
         **top.options,
@@ -164,9 +199,9 @@ def listener(top: Topology) -> Redis:
     """The notifier's first client: the primary (Sentinel) or the first listed node."""
     if top.kind == "sentinel":
         primary = sentinel(top).master_for(top.service, db=top.db, protocol=2, **top.options)
-        return cast(Redis, primary)
+        return guard_connections(cast(Redis, primary))
     host, port = top.nodes[0]
-    return Redis(host=host, port=port, protocol=2, **top.options)
+    return guard_connections(Redis(host=host, port=port, protocol=2, **top.options))
 
 
 async def pubsub_client(top: Topology, key: str) -> Redis:
@@ -178,9 +213,7 @@ async def pubsub_client(top: Topology, key: str) -> Redis:
     reconnect, which a slot move forces (Redis unsubscribes the slot's channels).
     """
     if top.kind == "sentinel":
-        primary = listener(top)
-        guard_connections(primary)
-        return primary
+        return listener(top)
     slot = key_slot(key.encode())
     last: Exception | None = None
     for host, port in top.nodes:
@@ -190,10 +223,10 @@ async def pubsub_client(top: Topology, key: str) -> Redis:
             for first, end, owner, *_ in slots:
                 if first <= slot <= end:
                     owner_host = owner[0].decode() if isinstance(owner[0], bytes) else owner[0]
-                    client = Redis(
-                        host=owner_host or host, port=int(owner[1]), protocol=2, **top.options
+                    owner_port = int(owner[1])
+                    client = guard_connections(
+                        Redis(host=owner_host or host, port=owner_port, protocol=2, **top.options)
                     )
-                    guard_connections(client)
                     try:
                         await client.ping()
                     except BaseException:

@@ -69,8 +69,11 @@ def guarded(cls: type[C]) -> type[C]:
     return cast("type[C]", made)
 
 
-def guard_connections(client: Redis | RedisCluster) -> None:
-    """Make every connection `client` opens from now on a `guarded` one."""
+R = TypeVar("R", Redis, RedisCluster)
+
+
+def guard_connections(client: R) -> R:
+    """Make every connection `client` opens from now on a `guarded` one; the client."""
     if isinstance(client, RedisCluster):
         # Nodes found later are built from these kwargs; the startup nodes already are.
         kwargs = client.get_connection_kwargs()
@@ -80,3 +83,4 @@ def guard_connections(client: Redis | RedisCluster) -> None:
     else:
         pool = client.connection_pool
         pool.connection_class = guarded(pool.connection_class)
+    return client

@@ -24,7 +24,9 @@ async def _info(redis: Any, section: str) -> dict[str, Any]:
 
 
 async def _drain_keys(redis: Any, namespace: str) -> None:
-    keys = [k async for k in redis.scan_iter(match="{" + namespace + "}*", count=1000)]
+    from aiotasks.keys import namespace_pattern
+
+    keys = [k async for k in redis.scan_iter(match=namespace_pattern(namespace), count=1000)]
     for i in range(0, len(keys), 500):
         await redis.delete(*keys[i : i + 500])
 
@@ -99,6 +101,7 @@ async def scaling(
     variant: str = "",
     env: dict[str, str] | None = None,
     masters: list[str] | None = None,
+    shards: int = 1,
 ) -> dict[str, Any]:
     """`processes` workers drain `tasks` no-ops; Redis CPU and memory measured around it.
 
@@ -106,7 +109,7 @@ async def scaling(
     every message, SCALE_INDEX=0 turns the task index and event feed off, SCALE_TRACING=1
     turns tracing on, SCALE_FLOW=1 registers tasks with concurrency, rate and debounce
     limits beside the unlimited no-ops. `masters`: on a Cluster, a URL per master, whose
-    CPU is measured one by one (and memory summed).
+    CPU is measured one by one (and memory summed). `shards`: the namespace's shards.
     """
     from redis.asyncio import Redis
 
@@ -124,6 +127,7 @@ async def scaling(
         index_size=index,
         events_size=events,
         tracing=env.get("SCALE_TRACING") == "1",
+        shards=shards,
     )
 
     @app.task(name="noop")
@@ -145,6 +149,7 @@ async def scaling(
             "SCALE_NAMESPACE": namespace,
             "SCALE_PROBE_DIR": str(probe_dir),
             **env,
+            "AIOTASKS_SHARDS": str(shards),
             "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         }
         procs = [
@@ -167,7 +172,7 @@ async def scaling(
             )
             for _ in range(processes)
         ]
-        streams = app.client.keys.streams("default")
+        streams = [s for shard in app.client.shards for s in shard.keys.streams("default")]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             async with redis.pipeline(transaction=False) as pipe:
@@ -184,7 +189,7 @@ async def scaling(
             p.wait(30)
         mem_results = await _memory(probes)
         live, finished = await TaskIndex(app.client).size()
-        events = await redis.xlen(app.client.keys.events)
+        events = sum([await redis.xlen(shard.keys.events) for shard in app.client.shards])
         reports = [json.loads(f.read_text()) for f in probe_dir.glob("*.json")]
         await _drain_keys(redis, namespace)
         if masters:
@@ -238,7 +243,7 @@ async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, A
         )
         out.append(row)
     print("[bench] a 3-master cluster", file=sys.stderr, flush=True)
-    out.append(await cluster(tasks * 2, concurrency))
+    out += await cluster(tasks * 2, concurrency)
     print("[bench] 100,000 tasks: the index stays within its cap", file=sys.stderr, flush=True)
     cap = await scaling(url, 100_000, concurrency, 1, "100,000 tasks")
     cap["summary"] += (
@@ -250,25 +255,29 @@ async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, A
     return out
 
 
-async def cluster(tasks: int, concurrency: int) -> dict[str, Any]:
-    """One namespace on a 3-master loopback cluster the scenario starts: throughput, and
-    Redis CPU per task on each master (one holds the namespace; the others should see
-    none of it, notifications included)."""
+async def cluster(tasks: int, concurrency: int) -> list[dict[str, Any]]:
+    """One namespace on a 3-master loopback cluster the scenario starts, in 1 shard and
+    in 3: throughput, and Redis CPU per task on each master (1 shard: one master holds
+    the namespace and the others should see none of it, notifications included; 3
+    shards: each master holds one)."""
     from aiotasks.testing.cluster import OwnCluster, supports_cluster
 
     name = "3-master cluster, 1 worker process, one namespace"
     if not supports_cluster():
-        return {"scenario": name, "summary": "skipped: redis-server has no cluster mode"}
+        return [{"scenario": name, "summary": "skipped: redis-server has no cluster mode"}]
+    rows = []
     with OwnCluster(masters=3, replicas=0) as own:
         masters = [f"redis://127.0.0.1:{m.port}" for m in own.masters]
-        row = await scaling(own.url, tasks, concurrency, 1, masters=masters)
-    row["scenario"] = name
-    per = row["redis_cpu_us_per_task_per_server"]
-    row["summary"] = (
-        f"{row['tasks_per_s']:,.0f} tasks/s; Redis CPU per task by master: "
-        + ", ".join(f"{c:.1f} µs" for c in sorted(per, reverse=True))
-    )
-    return row
+        for shards in (1, 3):
+            row = await scaling(own.url, tasks, concurrency, 1, masters=masters, shards=shards)
+            row["scenario"] = f"{name} in {shards} shard(s)"
+            per = row["redis_cpu_us_per_task_per_server"]
+            row["summary"] = (
+                f"{row['tasks_per_s']:,.0f} tasks/s; Redis CPU per task by master: "
+                + ", ".join(f"{c:.1f} µs" for c in sorted(per, reverse=True))
+            )
+            rows.append(row)
+    return rows
 
 
 VARIANTS = [

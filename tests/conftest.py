@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from aiotasks import App, Worker
+from aiotasks.keys import namespace_pattern
 from aiotasks.testing.server import OwnServer, resolve_server, server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def cleanup_namespace(url: str, namespace: str) -> None:
     """Delete every key of a namespace (SCAN + DEL, never FLUSH)."""
     r = redis.Redis.from_url(url)
     try:
-        keys = list(r.scan_iter(match="{" + namespace + "}*", count=1000))
+        keys = list(r.scan_iter(match=namespace_pattern(namespace), count=1000))
         for i in range(0, len(keys), 500):
             r.delete(*keys[i : i + 500])
     finally:

@@ -169,6 +169,21 @@ async def test_info_level_logs_each_finished_task(spawn_worker: SpawnWorker, app
     assert "INFO" in line
 
 
+async def test_a_worker_process_tunes_the_collector(spawn_worker: SpawnWorker, app: App) -> None:
+    """`aiotasks run` freezes what it loaded and collects young objects less often (see
+    GC_THRESHOLD); the process's own defaults are not what it runs with."""
+    import gc
+
+    from aiotasks.cli.run import GC_THRESHOLD
+
+    spawn_worker()
+    h = await app.send_task("tests.apps.basic.gc_settings")
+    *threshold, frozen = await h.result(timeout=15)
+    assert tuple(threshold) == GC_THRESHOLD
+    assert gc.get_threshold() != GC_THRESHOLD  # what the worker would run with untuned
+    assert frozen > 1000  # the interpreter, aiotasks and the app's modules
+
+
 async def test_failing_task_logs_error_with_traceback_at_default_level(
     spawn_worker: SpawnWorker, app: App
 ) -> None:

@@ -26,6 +26,7 @@ import redis.asyncio
 
 from aiotasks import App, TaskRevoked, TaskState, chain, chord
 from aiotasks.admin import Admin
+from aiotasks.keys import Keys, namespace_pattern
 from aiotasks.testing.cluster import OwnCluster, OwnSentinel, supports_cluster
 from tests.helpers import wait_until
 
@@ -54,7 +55,7 @@ def url_avoiding(cluster: OwnCluster, namespace: str) -> str:
 
 
 def keys_left(cluster: OwnCluster, namespace: str) -> dict[int, int]:
-    return cluster.keys_per_master("{" + namespace + "}*")
+    return cluster.keys_per_master(namespace_pattern(namespace))
 
 
 def delete_namespace(cluster: OwnCluster, namespace: str) -> None:
@@ -64,15 +65,16 @@ def delete_namespace(cluster: OwnCluster, namespace: str) -> None:
         with cluster.client(s) as c:
             if c.info("replication").get("role") != "master":
                 continue
-            keys = list(c.scan_iter(match="{" + namespace + "}*", count=1000))
+            keys = list(c.scan_iter(match=namespace_pattern(namespace), count=1000))
             for k in keys:
                 c.delete(k)
 
 
-@pytest.fixture
-async def capp(cluster: OwnCluster) -> AsyncIterator[App]:
+@pytest.fixture(params=[1, 3], ids=["1-shard", "3-shards"])
+async def capp(cluster: OwnCluster, request: pytest.FixtureRequest) -> AsyncIterator[App]:
     namespace = ns()
-    app = App(redis_url=url_avoiding(cluster, namespace), namespace=namespace)
+    url = url_avoiding(cluster, namespace)
+    app = App(redis_url=url, namespace=namespace, shards=request.param)
     async with app:
         yield app
     delete_namespace(cluster, namespace)
@@ -83,6 +85,7 @@ async def test_every_feature_through_a_node_that_does_not_own_the_keys(
     cluster: OwnCluster, capp: App
 ) -> None:
     app = capp
+    shards = app.settings.shards
     owner = cluster.master_of("{" + app.settings.namespace + "}:x")
     assert f"127.0.0.1:{owner.port}" not in app.settings.redis_url.split(",")[0]
 
@@ -126,7 +129,7 @@ async def test_every_feature_through_a_node_that_does_not_own_the_keys(
         with pytest.raises(TaskRevoked):
             await later.result(timeout=5)
         # A handle from another App (another node first in its URL) reads the result.
-        other = App(redis_url=cluster.url, namespace=app.settings.namespace)
+        other = App(redis_url=cluster.url, namespace=app.settings.namespace, shards=shards)
         async with other:
             h2 = await add.send(20, 22)
             assert await other.handle(h2.id).result(timeout=15) == 42
@@ -147,6 +150,9 @@ async def test_every_feature_through_a_node_that_does_not_own_the_keys(
     dead = await admin.dead_letters("default")
     assert [d.task_id for d in dead] == [ghost.id]
     assert await admin.drop_dead("default") == 1
+    if shards > 1:  # the tasks of one queue are on every master
+        held = keys_left(cluster, app.settings.namespace)
+        assert len([n for n in held.values() if n]) == 3, held
     # Status and purge.
     for i in range(5):
         await add.send(i, 1)
@@ -156,9 +162,35 @@ async def test_every_feature_through_a_node_that_does_not_own_the_keys(
     assert await admin.purge("default") == 5
 
 
-def spawn(url: str, namespace: str, log: Path, vt: str = "2") -> subprocess.Popen[bytes]:
+@pytest.mark.slow
+async def test_three_shards_spread_one_queue_over_every_master(
+    cluster: OwnCluster, tmp_path: Path
+) -> None:
+    namespace = ns()
+    app = App(redis_url=url_avoiding(cluster, namespace), namespace=namespace, shards=3)
+    try:
+        async with app:
+            handles = [await app.send_task("tests.apps.basic.add", args=(i, 1)) for i in range(300)]
+            held = keys_left(cluster, namespace)
+            total = sum(held.values())
+            assert len(held) == 3 and all(n >= 0.2 * total for n in held.values()), held
+            worker = spawn(app.settings.redis_url, namespace, tmp_path / "w.log", shards=3)
+            try:
+                results = [await h.result(timeout=60) for h in handles]
+            finally:
+                stop_workers([worker])
+            assert results == [i + 1 for i in range(300)]
+    finally:
+        delete_namespace(cluster, namespace)
+    assert sum(keys_left(cluster, namespace).values()) == 0
+
+
+def spawn(
+    url: str, namespace: str, log: Path, vt: str = "2", shards: int = 1
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "AIOTASKS_SHARDS": str(shards),
         "AIOTASKS_TEST_RUNS": str(log.parent / "runs"),
         "AIOTASKS_REDIS_URL": url,
         "AIOTASKS_TEST_NAMESPACE": namespace,
@@ -193,14 +225,14 @@ async def drain(app: App, n: int, seconds: float, timeout: float) -> tuple[list[
 async def test_a_sigkilled_worker_loses_nothing_on_a_cluster(
     cluster: OwnCluster, capp: App, tmp_path: Path
 ) -> None:
-    app, namespace = capp, capp.settings.namespace
-    first = spawn(app.settings.redis_url, namespace, tmp_path / "w1.log")
+    app, namespace, shards = capp, capp.settings.namespace, capp.settings.shards
+    first = spawn(app.settings.redis_url, namespace, tmp_path / "w1.log", shards=shards)
     try:
         handles = [await app.send_task("tests.apps.basic.sleep", args=(0.2,)) for _ in range(60)]
         await wait_until(lambda: _started(app, handles), timeout=20)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
-        second = spawn(app.settings.redis_url, namespace, tmp_path / "w2.log")
+        second = spawn(app.settings.redis_url, namespace, tmp_path / "w2.log", shards=shards)
         try:
             results = [await h.result(timeout=60) for h in handles]
             assert results == [0.2] * 60
@@ -218,27 +250,28 @@ async def _started(app: App, handles: list[Any]) -> bool:
 
 
 @pytest.mark.slow
-async def test_killing_the_namespaces_master_loses_nothing(
-    tmp_path: Path,
-) -> None:
-    """A cluster of its own: the master that owns the namespace is SIGKILLed while tasks
-    are sent and run; its replica takes over, no worker exits, no send raises, and every
-    accepted task ends SUCCESS."""
+@pytest.mark.parametrize("shards", [1, 3], ids=["1-shard", "3-shards"])
+async def test_killing_the_namespaces_master_loses_nothing(tmp_path: Path, shards: int) -> None:
+    """A cluster of its own: the master that owns the namespace (with 3 shards: its last
+    shard) is SIGKILLed while tasks are sent and run; its replica takes over, no worker
+    exits, no send raises, and every accepted task ends SUCCESS."""
     with OwnCluster(masters=3, replicas=1) as own:
         namespace = ns()
-        app = App(redis_url=url_avoiding(own, namespace), namespace=namespace)
+        app = App(redis_url=url_avoiding(own, namespace), namespace=namespace, shards=shards)
+        victim = Keys(namespace, shards - 1, shards).prefix + "x"
         async with app:
             workers = [
-                spawn(app.settings.redis_url, namespace, tmp_path / f"w{i}.log") for i in range(2)
+                spawn(app.settings.redis_url, namespace, tmp_path / f"w{i}.log", shards=shards)
+                for i in range(2)
             ]
             try:
                 sending = asyncio.create_task(drain(app, 200, 0.01, timeout=8))
                 await asyncio.sleep(2)
-                owner = own.master_of("{" + namespace + "}:x")
+                owner = own.master_of(victim)
                 own.kill(owner)
                 handles, failed = await sending
                 assert failed == 0
-                assert own.master_of("{" + namespace + "}:x") is not owner
+                assert own.master_of(victim) is not owner
                 results = [await h.result(timeout=90) for h in handles]
                 assert results == [0.01] * len(handles)
                 assert all(w.poll() is None for w in workers), "a worker exited"

@@ -171,12 +171,13 @@ async def test_tls_cluster_and_sentinel_urls_build_tls_clients() -> None:
     top = parse("rediss+cluster://:pw@h1:7000,h2:7001?ssl_cert_reqs=none&protocol=3")
     assert top.options["ssl"] is True and top.options["password"] == "pw"
     cluster: Any = command_client(top, 8)
-    assert cluster.connection_kwargs["connection_class"] is SSLConnection
-    assert listener(top).connection_pool.connection_class is SSLConnection
+    # (guarded subclasses: transport.py)
+    assert issubclass(cluster.connection_kwargs["connection_class"], SSLConnection)
+    assert issubclass(listener(top).connection_pool.connection_class, SSLConnection)
 
     top = parse("rediss+sentinel://s1:26379,s2:26380/mymaster/2?password=a%26b")
     assert top.nodes == (("s1", 26379), ("s2", 26380))
     assert (top.service, top.db, top.options["password"]) == ("mymaster", 2, "a&b")
     primary = command_client(top, 8)
-    assert primary.connection_pool.connection_class is SentinelManagedSSLConnection
-    assert listener(top).connection_pool.connection_class is SentinelManagedSSLConnection
+    assert issubclass(primary.connection_pool.connection_class, SentinelManagedSSLConnection)
+    assert issubclass(listener(top).connection_pool.connection_class, SentinelManagedSSLConnection)

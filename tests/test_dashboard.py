@@ -178,6 +178,16 @@ def aiotasks(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[
     )
 
 
+async def once_up(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    """GET `url` as soon as the server started in a subprocess answers (10 s at most)."""
+    for _ in range(100):
+        try:
+            return await client.get(url)
+        except httpx.ConnectError:
+            await asyncio.sleep(0.1)
+    return await client.get(url)
+
+
 async def test_aiotasks_web_serves_the_dashboard(app: App, redis_url: str) -> None:
     await app.send_task("web.add", (1, 2))
     port = free_port()
@@ -185,12 +195,7 @@ async def test_aiotasks_web_serves_the_dashboard(app: App, redis_url: str) -> No
     proc = aiotasks("web", "--redis-url", redis_url, "--namespace", ns, "--port", str(port))
     try:
         async with httpx.AsyncClient(timeout=5) as client:
-            for _ in range(100):
-                try:
-                    r = await client.get(f"http://127.0.0.1:{port}/tasks")
-                    break
-                except httpx.ConnectError:
-                    await asyncio.sleep(0.1)
+            r = await once_up(client, f"http://127.0.0.1:{port}/tasks")
             assert r.status_code == 200 and "web.add" in r.text
             assert "actions/" in (await client.get(f"http://127.0.0.1:{port}/")).text
     finally:

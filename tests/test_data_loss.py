@@ -118,6 +118,35 @@ async def test_no_loss_is_reported_when_the_connection_only_drops(
     assert loss_records(caplog) == []
 
 
+async def test_an_empty_stream_that_lost_its_group_gets_it_back_while_idle(
+    lost_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fetches skip an empty stream, but the idle worker's blocking read names it: a group
+    gone from it (XGROUP DESTROY, or a partial loss) is recreated and reported at once,
+    instead of every wait failing on it."""
+
+    @lost_app.task(name="add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    caplog.set_level(logging.WARNING, logger="aiotasks")
+    w = lost_app.worker(block=0.5)
+    async with w.running():
+        assert await (await add.send(1, 1)).result(timeout=5) == 2  # idle after this
+        r: Any = lost_app.client.redis
+        stream = lost_app.client.keys.stream("default", 9)
+        assert await r.xlen(stream) == 0 and await r.exists(stream)
+        await r.xgroup_destroy(stream, "workers")
+
+        async def regrouped() -> bool:
+            return len(await r.xinfo_groups(stream)) == 1
+
+        await wait_until(regrouped, 5, "the worker to recreate the group")
+        assert w.losses.count == 1
+        assert await (await add.options(priority=9).send(2, 2)).result(timeout=5) == 4
+    assert len(loss_records(caplog)) == 1
+
+
 # -- waiters raise TaskLost ------------------------------------------------------------
 
 

@@ -121,8 +121,9 @@ async def producer(redis_url: str, namespace: str) -> AsyncIterator[Producer]:
     await r.aclose()
 
 
-@pytest.fixture
-async def recipes_app(app: App, worker: StartWorker) -> App:
+def recipe_tasks(app: App) -> None:
+    """The tasks the recipes send by name."""
+
     @app.task(name="add")
     async def add(x: int, y: int) -> int:
         return x + y
@@ -140,6 +141,10 @@ async def recipes_app(app: App, worker: StartWorker) -> App:
         await asyncio.sleep(0.5)
         return "slow"
 
+
+@pytest.fixture
+async def recipes_app(app: App, worker: StartWorker) -> App:
+    recipe_tasks(app)
     await worker()
     return app
 
@@ -243,15 +248,14 @@ async def test_chain(recipes_app: App, producer: Producer) -> None:
     assert value(await producer.result(first)) == 3
 
 
-async def test_chord(recipes_app: App, producer: Producer) -> None:
-    cid, body = new_id(), new_id()
-    heads = [new_id(), new_id()]
-    ops = [
+def chord_ops(producer: Producer, cid: str, body: str, heads: list[str]) -> list[dict[str, Any]]:
+    """A chord of `add(i + 1, i + 1)` headers and a `tsum` body, as finish.lua ops."""
+    return [
         {
             "op": "chord",
             "id": cid,
             "ttl": 86400,
-            "n": 2,
+            "n": len(heads),
             "body": producer.record(body, "tsum", [], m=payload("tsum", [], chord_body=cid)),
         },
         *(
@@ -263,7 +267,12 @@ async def test_chord(recipes_app: App, producer: Producer) -> None:
             for i, h in enumerate(heads)
         ),
     ]
-    assert await producer.finish(ops) == 3
+
+
+async def test_chord(recipes_app: App, producer: Producer) -> None:
+    cid, body = new_id(), new_id()
+    heads = [new_id(), new_id()]
+    assert await producer.finish(chord_ops(producer, cid, body, heads)) == 3
     assert value(await producer.result(body)) == 6
 
 
@@ -324,3 +333,59 @@ async def test_signed_task(make_app: Any, worker: StartWorker, producer: Produce
     assert await producer.enqueue(forged) == [1]
     h = await producer.result(forged["id"])
     assert h[b"state"] == b"FAILURE" and h[b"exc_type"] == b"SignatureError"
+
+
+def doc_shard_tag(namespace: str, k: int, n: int) -> str:
+    """protocol.md "Shards", written from the text alone (CRC-16/XMODEM is binascii's
+    crc_hqx with a 0 start; the slot is it mod 16384)."""
+    import binascii
+
+    def slot(s: str) -> int:
+        return binascii.crc_hqx(s.encode(), 0) % 16384
+
+    if k == 0:
+        return namespace
+    width = 16384 / n
+    want = (int(slot(namespace) // width) + k) % n
+    j = 0
+    while True:
+        tag = f"{namespace}#{k}" + (f".{j}" if j else "")
+        if int(slot(tag) // width) == want:
+            return tag
+        j += 1
+
+
+async def test_a_task_in_each_shard_of_a_sharded_namespace(
+    make_app: Callable[..., App], worker: StartWorker, redis_url: str, namespace: str
+) -> None:
+    import zlib
+
+    n = 3
+    assert [doc_shard_tag("aiotasks", k, 3) for k in range(3)] == [
+        "aiotasks",
+        "aiotasks#1.3",
+        "aiotasks#2",
+    ]
+    app = make_app(shards=n)
+    recipe_tasks(app)
+    await worker(app)
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        for k in range(n):
+            producer = Producer(r, namespace)
+            producer.P = "{" + doc_shard_tag(namespace, k, n) + "}:"
+            producer.G = producer.P + "guard"
+            task_id = next(i for i in iter(new_id, None) if zlib.crc32(i.encode()) % n == k)
+            assert await producer.enqueue(producer.record(task_id, "add", [k, 10])) == [1]
+            assert value(await producer.result(task_id)) == k + 10
+            # A chord: every id in the shard, one finish.lua call there (as test_chord).
+            cid, body, *heads = [
+                next(i for i in iter(new_id, None) if zlib.crc32(i.encode()) % n == k)
+                for _ in range(4)
+            ]
+            ops = chord_ops(producer, cid, body, heads)
+            assert await producer.finish(ops) == 3
+            assert value(await producer.result(body)) == 6
+        assert await app.client.recorded_shards() == n
+    finally:
+        await r.aclose()

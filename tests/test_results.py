@@ -443,3 +443,140 @@ async def test_a_task_nobody_watches_costs_no_publish_on_its_channel(
         assert heard[unwatched.id] == []
     finally:
         await pubsub.aclose()
+
+
+# -- the mailbox of a fresh handle ------------------------------------------------------
+
+
+def count_reads(a: App, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids whose hash the App reads from here on (a spy on our own code; Redis is real)."""
+    reads: list[str] = []
+    original = a.client.task_hash
+
+    async def task_hash(task_id: str) -> dict[bytes, bytes]:
+        reads.append(task_id)
+        return await original(task_id)
+
+    monkeypatch.setattr(a.client, "task_hash", task_hash)
+    return reads
+
+
+async def test_a_fresh_handles_result_comes_without_reading_the_task(
+    app: App, worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent while the reply channel is subscribed, a task's success (with its value) lands
+    in its handle's mailbox: result() reads nothing, even when called long after the
+    task finished. A failure is read, for its error."""
+
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @app.task
+    async def boom() -> None:
+        raise ValueError("no")
+
+    await worker()
+    assert await (await double.send(0)).result(timeout=10) == 0  # subscribes the channel
+    reads = count_reads(app, monkeypatch)
+    handles = [await double.send(i) for i in range(1, 6)]
+    other = app.handle(handles[-1].id)  # a handle made from an id has no mailbox
+
+    async def all_done() -> bool:
+        return all([await h.state() is TaskState.SUCCESS for h in handles])
+
+    await wait_until(all_done, timeout=10)  # finished before anyone waits
+    assert [await h.result(timeout=5) for h in handles] == [2, 4, 6, 8, 10]
+    assert reads == []
+    assert await other.result(timeout=5) == 10  # read: it was not sent from this handle
+    assert reads == [other.id]
+    failing = await boom.send()
+    with pytest.raises(TaskFailed, match="ValueError"):
+        await failing.result(timeout=10)
+    assert reads[1:] == [failing.id]
+
+
+async def test_a_fresh_handle_reads_its_task_after_the_notifier_reconnects(
+    own_server: Any, namespace: str
+) -> None:
+    """A final state published while the notifier is away is lost to it: the reconnect
+    tells every mailbox, and its handle reads the task instead of waiting forever."""
+    import redis
+
+    a = App(redis_url=own_server.url, namespace=namespace)
+    release = asyncio.Event()
+
+    @a.task
+    async def held(x: int) -> int:
+        await release.wait()
+        return x
+
+    w = a.worker(concurrency=4)
+    running = asyncio.create_task(w.run())
+    raw = redis.Redis.from_url(own_server.url)
+    try:
+        release.set()
+        assert await (await held.send(0)).result(timeout=10) == 0  # subscribes the channel
+        release.clear()
+        handles = [await held.send(x) for x in (1, 2, 3)]
+
+        async def running_all() -> bool:
+            return all([await h.state() is TaskState.STARTED for h in handles])
+
+        await wait_until(running_all, timeout=10)
+        reconnects = a.client.notifier.reconnects
+        raw.client_kill_filter(_type="pubsub")  # the notifier's connection drops...
+        release.set()  # ...and the results are published before it reconnects (50 ms on)
+        assert [await h.result(timeout=10) for h in handles] == [1, 2, 3]
+        assert a.client.notifier.reconnects > reconnects
+    finally:
+        raw.close()
+        w.stop()
+        await running
+        await a.close()
+
+
+async def test_a_second_send_of_a_live_id_leaves_the_first_handle_its_result(
+    app: App, worker: StartWorker
+) -> None:
+    """Two sends of one id while it is live: the second is kept out (dedup), and both
+    handles, and two waiters on one handle, get the one result."""
+    gate = asyncio.Event()
+
+    @app.task
+    async def gated(x: int) -> int:
+        await gate.wait()
+        return x
+
+    await worker()
+    gate.set()
+    assert await (await gated.send(0)).result(timeout=10) == 0  # subscribes the channel
+    gate.clear()
+    first = await gated.options(task_id="same-id").send(7)
+    second = await gated.options(task_id="same-id").send(8)  # live: kept out
+    waits = [first.result(timeout=10), first.result(timeout=10), second.result(timeout=10)]
+    gate.set()
+    assert await asyncio.gather(*waits) == [7, 7, 7]
+
+
+async def test_a_handle_outliving_its_apps_connection_reads_its_result(
+    app: App, worker: StartWorker, make_app: Callable[..., App]
+) -> None:
+    """A handle whose App was closed after the send (the next use opens a new connection
+    and notifier) gets its result by reading: its mailbox's notifier is gone."""
+    gate = asyncio.Event()
+
+    @app.task(name="gated")
+    async def gated(x: int) -> int:
+        await gate.wait()
+        return x
+
+    sender = make_app()
+    await worker()
+    gate.set()
+    assert await (await sender.send_task("gated", args=(0,))).result(timeout=10) == 0
+    gate.clear()
+    h = await sender.send_task("gated", args=(5,))
+    await sender.close()
+    gate.set()  # its result is published while nobody of the sender listens
+    assert await h.result(timeout=10) == 5

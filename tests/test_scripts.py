@@ -250,3 +250,51 @@ async def test_release_skips_a_stream_that_vanished(app: App) -> None:
     stream, entry_id = await read_as(app, "c1")
     await app.client.redis.delete(stream)  # purged, or the server lost its data
     assert await release(app, stream, "c1", entry_id) == 0
+
+
+# -- fetch.lua: tips and the wait behind them -----------------------------------------------
+
+
+async def fetch(app: App, count: int, wait: tuple[int, Any] | None = None) -> dict[bytes, Any]:
+    return await app.client.scripts.fetch(
+        streams=app.client.keys.streams("default"),
+        consumer="c1",
+        count=count,
+        now_ms=now_ms(),
+        worker="w1",
+        promote_limit=100,
+        default_ttl=60,
+        wait=wait,
+    )
+
+
+def fetched_ids(res: dict[bytes, Any]) -> list[str]:
+    return [e[b"fields"][b"id"].decode() for e in res[b"entries"]]
+
+
+async def test_a_fetch_that_reads_every_stream_to_its_end_returns_tips(app: App) -> None:
+    """A fetch that drains its streams says how far they went (tips), so the worker's next
+    call can be the blocking wait, and that wait starts only what came after the tips:
+    never a second start of what this fetch started."""
+    streams = app.client.keys.streams("default")
+    await app.client.ensure_groups(streams)
+    first = [message() for _ in range(5)]
+    await enqueue(app, "send", *first)
+    part = await fetch(app, count=3)  # not drained: no tips
+    assert fetched_ids(part) == [m.id for m in first[:3]]
+    assert part.get(b"tips") is None
+    rest = await fetch(app, count=10)  # drained, with entries: tips
+    assert fetched_ids(rest) == [m.id for m in first[3:]]
+    tips = rest[b"tips"]
+    newest: Any = await app.client.redis.xrevrange(app.client.keys.stream("default", 5), count=1)
+    assert tips[app.client.keys.stream("default", 5).encode()] == newest[0][0]
+    assert {tips[s.encode()] for s in streams if not s.endswith(":5")} == {b"0-0"}
+    # The wait behind those tips: one new entry, in another priority, is all it starts.
+    late = message(priority=9)
+    await enqueue(app, "send", late)
+    r: Any = app.client.redis
+    await r.xreadgroup(GROUP, "c1", {s: ">" for s in streams}, count=10)  # the blocking read
+    woken = await fetch(app, count=10, wait=(1000, tips))
+    assert fetched_ids(woken) == [late.id]
+    pending = await r.xpending(app.client.keys.stream("default", 5), GROUP)
+    assert pending["pending"] == 5  # the first five, started once each

@@ -164,6 +164,11 @@ def run_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
 async def _with_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
     try:
         await _connect(app)
+        recorded = await app.client.recorded_shards()
+        if recorded is not None and recorded != app.settings.shards:
+            # Operate on the namespace as its workers spread it, whatever this App says.
+            await app.close()
+            app.configure(shards=recorded)
         return await fn(Admin(app))
     finally:
         await app.close()

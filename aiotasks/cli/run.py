@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from .. import logs
 from ..app import App
 from ..backoff import Backoff
 from ..config import redact_url
-from ..errors import BrokerConnectionError, BrokerRefusedError
+from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError
 from ..worker import Worker
 from .common import APP_ENV, check_url, finite, load_app
 from .group import fail
@@ -213,7 +214,10 @@ async def _ready(app: App, worker: Worker | None) -> None:
             raise fail(str(exc)) from None
         raise
     if worker is not None:
-        await worker.prepare()
+        try:
+            await worker.prepare()
+        except ConfigurationError as exc:
+            raise fail(str(exc)) from None
 
 
 def banner(app: App, worker: Worker, spec: str) -> str:
@@ -265,6 +269,7 @@ async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeou
     _handle_signals(worker)
     await wait_for_redis(app, connect_timeout, worker)
     _announce(app, worker, spec)
+    _tune_gc()
     try:
         await worker.run()
     except Exception as exc:  # a bug, not bad input: keep the traceback for the operator
@@ -281,6 +286,22 @@ async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeou
         )
         logging.shutdown()
         os._exit(0)
+
+
+# A young-generation collection every 10,000 allocations instead of 700: each one walks
+# the containers allocated since the last, in a busy worker mostly those of the tasks in
+# flight, which at the default cost a no-op task ~6 us of its ~31 (Python 3.11). Cyclic
+# garbage waits a little longer; refcounting frees the rest.
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+def _tune_gc() -> None:
+    """Tune the cyclic collector for a worker process (not for an embedded worker, whose
+    process is the user's): what was loaded at startup stays out of every collection, and
+    young collections run less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def _handle_signals(worker: Worker) -> None:

@@ -32,6 +32,8 @@ def web(
     # Redis must answer before we listen: one error line rather than a page of errors.
     probe = App(redis_url=app.settings.redis_url, namespace=app.settings.namespace)
     run_admin(probe, lambda admin: admin.known_queues())
+    if probe.settings.shards != app.settings.shards:
+        app.configure(shards=probe.settings.shards)  # as the namespace's workers spread it
     _check_port(host, port)
     asgi = app.dashboard(read_only=read_only)
     shown = f"[{host}]" if ":" in host else host

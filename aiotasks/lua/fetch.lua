@@ -19,8 +19,9 @@
 -- Returns      msgpack map {next_due = ms of the next delayed task or -1,
 --              entries = {{stream, entry, fields = {name = value}}, ...},
 --              lost = {stream, ...}: streams whose group was gone and was recreated,
---              tips = {stream = id of its newest entry or '0-0'} when nothing was read:
---              every entry delivered to this consumer so far is at or below them}
+--              tips = {stream = id of its newest entry or '0-0'} when every stream was
+--              read to its end: every entry delivered to this consumer so far is at or
+--              below them, and the next call may wait for more (ARGV[7])}
 
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
@@ -56,6 +57,18 @@ local function promote()
 end
 
 local lost = {}
+
+-- Each stream's length, as empty() found it: the tips reuse it.
+local lengths = {}
+
+-- Whether a stream holds no entry at all (none new, none pending): most of a worker's
+-- streams, one per priority, are empty, and XLEN costs a fraction of an XREADGROUP.
+-- A stream that is gone is not empty here: its read finds the group gone and says so.
+local function empty(stream)
+  local n = redis.call('XLEN', stream)
+  lengths[stream] = n
+  return n == 0 and redis.call('EXISTS', stream) == 1
+end
 
 local function read(stream)
   local res = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count,
@@ -104,9 +117,16 @@ end
 
 if after_wait ~= '' then delivered(unpack_arg(after_wait)) end
 promote()
+-- Whether every stream was read to its end: then the next call can be a blocking wait.
+local drained = true
 for k = 3, #KEYS do
-  if count <= 0 then break end
-  local res = read(KEYS[k])
+  if count <= 0 then
+    drained = false
+    break
+  end
+  local asked = count
+  local res = not empty(KEYS[k]) and read(KEYS[k])
+  if res and #res[1][2] >= asked then drained = false end
   if res then
     for _, e in ipairs(res[1][2]) do
       local f = fields_map(e[2])
@@ -118,11 +138,14 @@ for k = 3, #KEYS do
   end
 end
 local tips = nil
-if #entries == 0 then
+if drained then
   tips = {}
   for k = 3, #KEYS do
-    local newest = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
-    tips[KEYS[k]] = newest[1] and newest[1][1] or '0-0'
+    -- Every stream was looked at (drained), and a script adds no entry meanwhile: a
+    -- length of 0 is still 0.
+    local newest = lengths[KEYS[k]] > 0
+      and redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
+    tips[KEYS[k]] = newest and newest[1] and newest[1][1] or '0-0'
   end
 end
 local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from ..app import App
+from ..keys import namespace_pattern
 from ..worker import Worker
 
 try:
@@ -47,7 +48,8 @@ def aiotasks_redis_url() -> Iterator[str]:
 async def delete_namespace(app: App) -> None:
     """Delete every key of the app's namespace (SCAN + DEL, never FLUSH)."""
     redis = app.client.redis
-    keys = [k async for k in redis.scan_iter(match="{" + app.settings.namespace + "}*", count=1000)]
+    pattern = namespace_pattern(app.settings.namespace)
+    keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
     for i in range(0, len(keys), 500):
         await redis.delete(*keys[i : i + 500])
 

@@ -88,7 +88,7 @@ class Detail:
 
 async def task_detail(admin: Admin, task_id: str) -> Detail | None:
     """A task's page, or None when no record of it exists."""
-    client = admin.client
+    client = admin.client.for_task(task_id)
     raw: dict[bytes, bytes] = await cast(Any, client.redis).hgetall(client.keys.task(task_id))
     if not raw:
         return None
@@ -141,7 +141,8 @@ async def _timeline(index: TaskIndex, info: TaskInfo) -> tuple[list[Step], str]:
 
 
 async def _chord(admin: Admin, chord_id: str) -> Chord:
-    raw: dict[bytes, bytes] = await cast(Any, admin.redis).hgetall(admin.keys.chord(chord_id))
+    c = admin.client.for_task(chord_id)
+    raw: dict[bytes, bytes] = await cast(Any, c.redis).hgetall(c.keys.chord(chord_id))
 
     def num(key: bytes) -> int | None:
         value = raw.get(key)
@@ -174,7 +175,9 @@ async def dead_letters(admin: Admin) -> list[DeadQueue]:
     """Every queue that has dead letters, with the oldest of them."""
     out = []
     for queue in await admin.known_queues():
-        count = int(await admin.redis.xlen(admin.keys.dead(queue)))
+        count = 0
+        for c in admin.shards:
+            count += int(await c.redis.xlen(c.keys.dead(queue)))
         if count:
             out.append(DeadQueue(queue, count, await admin.dead_letters(queue, DEAD_SHOWN)))
     return out

@@ -249,7 +249,7 @@ class Dashboard:
         async def events() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
             # Watch first, then render: no change between the two goes unseen.
-            async with self.app.client.notifier.watch(task_id) as watch:
+            async with self.app.client.for_task(task_id).notifier.watch(task_id) as watch:
                 last = await render()
                 yield _sse("task", last)
                 while True:

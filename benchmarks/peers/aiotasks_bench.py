@@ -2,7 +2,7 @@
 
 Enqueue: ``Task.send_many`` in batches of 1,000 (one round trip per batch).
 Worker: ``python -m aiotasks run aiotasks_bench:app --concurrency C``, defaults otherwise
-(uvloop, result stored, timeouts armed, leases kept).
+(uvloop, result stored, leases kept; the no-op sets no timeout, as the peers' do not).
 Round trip: ``await (await echo.send(i)).result()``, woken by pub/sub (no polling).
 """
 

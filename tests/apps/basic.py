@@ -53,6 +53,14 @@ async def boom() -> None:
 
 
 @app.task
+async def gc_settings() -> list[int]:
+    """The worker process's collector settings: its thresholds and frozen object count."""
+    import gc
+
+    return [*gc.get_threshold(), gc.get_freeze_count()]
+
+
+@app.task
 async def tally(results: list[int], key: str) -> int:
     """A chord body that appends `key` to $AIOTASKS_TEST_RUNS (a file, so counting runs
     needs no Redis); returns the headers' sum."""
