@@ -284,15 +284,24 @@ class Worker:
                 await beats
                 await cancel_and_wait(background)
                 await self._commit_all()
-            # Leaving the registry is a courtesy (the entry expires anyway): a lost or
-            # refusing server must not turn a clean stop into an error.
-            with suppress(*_SCRIPT_ERRORS):
-                await self.client.unregister_worker(self.name)
+            await self._unregister()
         finally:
             for ex in [*self._running.values(), *self._abandoned]:
                 if ex.task is not None:
                     ex.task.cancel()
             self._stopped.set()
+
+    async def _unregister(self) -> None:
+        """Leave the registry. A courtesy (the entry expires anyway), so a lost or refusing
+        server is logged, never raised; a connection torn by the stop is tried once more."""
+        for attempt in (1, 2):
+            try:
+                await self.client.unregister_worker(self.name)
+                return
+            except _SCRIPT_ERRORS as exc:
+                if attempt == 2 or not isinstance(exc, CONNECTION_ERRORS):
+                    log.warning("worker %s could not unregister (%s)", self.name, exc)
+                    return
 
     async def _drain(self) -> None:
         """Let running tasks finish within shutdown_timeout; give back what never began.

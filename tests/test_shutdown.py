@@ -79,7 +79,7 @@ async def test_sigterm_on_an_idle_worker_exits_0_and_unregisters(
     code, took = await wait_exit(w, 10)
     assert code == 0, w.output()
     assert took < 2.0
-    assert not await app.client.redis.exists(app.client.keys.worker(name))
+    assert not await app.client.redis.exists(app.client.keys.worker(name)), w.output()
 
 
 async def test_shutdown_timeout_leaves_the_unfinished_task_to_be_redelivered(
