@@ -52,6 +52,22 @@ async def test_result_returns_the_value(app: App, worker: StartWorker) -> None:
     assert await h.result(timeout=5) == {"sum": 5}
 
 
+async def test_timestamps_keep_their_order_when_a_run_takes_under_a_millisecond(
+    app: App, worker: StartWorker
+) -> None:
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    await worker()
+    for _ in range(50):  # an idle worker starts and ends each within the send's millisecond
+        h = await noop.send()
+        await h.result(timeout=10)
+        info = await h.info()
+        assert info.enqueued_at and info.started_at and info.finished_at
+        assert info.enqueued_at <= info.started_at <= info.finished_at, info
+
+
 async def test_result_without_timeout_waits(app: App, worker: StartWorker) -> None:
     @app.task
     async def add(x: int, y: int) -> int:
