@@ -1,10 +1,11 @@
 """Canvas callbacks under worker crashes: real worker processes and SIGKILL.
 
 Each parent task SIGKILLs its worker on its first run, after its side effect and before
-its result is stored, so it runs again elsewhere. What its result sets off (link
-callbacks, the replacement of a task that replaces itself, the group that ends a chain)
-is enqueued only by the Lua call that stores the result, with ids chosen at send time,
-so each runs exactly once, and nothing is left unfinished.
+its result is stored, so it runs again elsewhere (and again when the worker running it
+again is killed by another parent's first run before it stores the result). What its
+result sets off (link callbacks, the replacement of a task that replaces itself, the
+group that ends a chain) is enqueued only by the Lua call that stores the result, with
+ids chosen at send time, so each runs exactly once, and nothing is left unfinished.
 
 The worker subprocesses run tests.apps.canvas with visibility_timeout=2 s: long enough
 that a worker starved of CPU on a busy two-core CI machine still renews its leases in
@@ -72,12 +73,17 @@ async def test_sigkill_mid_callbacks_replace_and_chain_runs_each_once(
 
     await asyncio.sleep(2 * VT)  # anything left to redeliver would have run by now
     counted = await runs(app)
-    assert counted["link"] == 2 and counted["chain"] == 2 and counted["replacer"] == 2, counted
+    killed = [w for w in workers if w.proc.poll() is not None]
+    assert 1 <= len(killed) <= 3
+    assert all(w.proc.returncode == -signal.SIGKILL for w in killed)
+    # Each parent ran again after the kill that cut its first run. A worker running a
+    # redelivered parent can be killed by another parent's first run before it stores
+    # that result, so a parent runs again once per kill at most (at-least-once).
+    for parent in ("link", "chain", "replacer"):
+        assert 2 <= counted[parent] <= 1 + len(killed), counted
+    # What a stored result sets off is enqueued with it, by one Lua call: exactly once.
     assert counted["cb1"] == 1 and counted["cb2"] == 1, counted
     assert counted["replaced"] == 1, counted
     assert counted["g"] == 2, counted  # two members, each once
     assert "errback" not in counted
     assert await unfinished(app) == []
-    killed = [w for w in workers if w.proc.poll() is not None]
-    assert 1 <= len(killed) <= 3
-    assert all(w.proc.returncode == -signal.SIGKILL for w in killed)
