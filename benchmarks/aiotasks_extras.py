@@ -31,6 +31,12 @@ async def _drain_keys(redis: Any, namespace: str) -> None:
         await redis.delete(*keys[i : i + 500])
 
 
+def _loop_name() -> str:
+    """'uvloop' when the running loop is uvloop's (the loop `aiotasks run` and uvicorn
+    pick when it is installed), else 'asyncio'."""
+    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
+
+
 async def sequential_sends(url: str, n: int = 3000) -> dict[str, Any]:
     from aiotasks import App
 
@@ -49,7 +55,7 @@ async def sequential_sends(url: str, n: int = 3000) -> dict[str, Any]:
         rate = n / (time.perf_counter() - t0)
         await _drain_keys(app.client.redis, app.settings.namespace)
     return {
-        "scenario": "sequential await task.send()",
+        "scenario": f"sequential await task.send() ({_loop_name()})",
         "sends_per_s": round(rate, 1),
         "summary": f"{rate:,.0f} sends/s",
     }
@@ -77,7 +83,7 @@ async def concurrent_sends(url: str, n: int = 20_000, senders: int = 100) -> dic
         rate = n / (time.perf_counter() - t0)
         await _drain_keys(app.client.redis, app.settings.namespace)
     return {
-        "scenario": f"{senders} coroutines sending concurrently",
+        "scenario": f"{senders} coroutines sending concurrently ({_loop_name()})",
         "sends_per_s": round(rate, 1),
         "summary": f"{rate:,.0f} sends/s",
     }
@@ -222,6 +228,11 @@ async def scaling(
             f"{(mem_results - mem0) / tasks:.0f} B per stored result"
         ),
     }
+
+
+async def send_scenarios(url: str) -> list[dict[str, Any]]:
+    """Sequential and concurrent sends, on whichever loop runs this."""
+    return [await sequential_sends(url), await concurrent_sends(url)]
 
 
 async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, Any]]:

@@ -114,6 +114,21 @@ async def extras(url: str, tasks: int, concurrency: int) -> list[dict[str, Any]]
     return await run_extras(url, tasks, concurrency)
 
 
+def sends_on_uvloop(url: str) -> list[dict[str, Any]]:
+    """The send scenarios again on uvloop, the loop a uvicorn app or `aiotasks run`
+    uses when it is installed (the rows above ran on asyncio's own loop)."""
+    try:
+        import uvloop
+    except ImportError:
+        log("uvloop is not installed: the send scenarios ran on asyncio only")
+        return []
+    sys.path.insert(0, str(HERE))
+    from aiotasks_extras import send_scenarios
+
+    rows: list[dict[str, Any]] = uvloop.run(send_scenarios(url))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -158,6 +173,7 @@ def main() -> int:
     extra_rows: list[dict[str, Any]] = []
     if not a.skip_extras:
         extra_rows = asyncio.run(extras(a.redis_url, a.tasks, a.concurrency))
+        extra_rows += sends_on_uvloop(a.redis_url)
         chord = HERE / "chord_bench.py"
         if chord.exists():
             extra_rows.append(
