@@ -575,22 +575,26 @@ class Client:
         return bool(added)
 
     async def unregister_worker(self, name: str) -> None:
-        """Remove a stopping worker from the registry."""
+        """Remove a stopping worker from the registry, and say LEFT in the event feed."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(self.keys.worker(name))
             pipe.zrem(self.keys.workers, name)
+            self._worker_event(pipe, name, "LEFT")
             await pipe.execute()
-        await self.worker_event(name, "LEFT")
 
     async def worker_event(self, name: str, state: str) -> None:
         """Add a worker's JOINED or LEFT to the namespace's event feed (when it is on)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if self._worker_event(pipe, name, state):
+                await pipe.execute()
+
+    def _worker_event(self, pipe: Any, name: str, state: str) -> bool:
         size = self.settings.events_size
         if size <= 0:
-            return
+            return False
         event = f"{state}\t\t\t\t{name}"  # a line of the feed (see index.py)
-        await self.redis.xadd(
-            self.keys.events, {"t": now_ms(), "e": event}, maxlen=size, approximate=True
-        )
+        pipe.xadd(self.keys.events, {"t": now_ms(), "e": event}, maxlen=size, approximate=True)
+        return True
 
     async def has_work(self, streams: Sequence[str], within: float) -> bool:
         """Whether any stream has entries or a delayed task is due within `within` s."""

@@ -300,7 +300,7 @@ class Worker:
                 return
             except _SCRIPT_ERRORS as exc:
                 if attempt == 2 or not isinstance(exc, CONNECTION_ERRORS):
-                    log.warning("worker %s could not unregister (%s)", self.name, exc)
+                    log.warning("worker %s could not unregister (%r)", self.name, exc)
                     return
 
     async def _drain(self) -> None:

@@ -90,6 +90,16 @@ async def test_events_are_batched_and_followed_live(app: App, worker: StartWorke
     assert entries < 20 * 3
 
 
+async def test_a_stopped_worker_leaves_the_registry_and_says_left(app: App) -> None:
+    w = app.worker(concurrency=2)
+    async with w.running():
+        assert await app.client.redis.exists(app.client.keys.worker(w.name))
+    assert not await app.client.redis.exists(app.client.keys.worker(w.name))
+    assert await app.client.redis.zscore(app.client.keys.workers, w.name) is None
+    seen = [(e.worker, e.state) for e in await TaskIndex(app.client).events(after="0")]
+    assert (w.name, "JOINED") in seen and (w.name, "LEFT") in seen, seen
+
+
 async def test_index_and_events_can_be_turned_off(
     make_app: Callable[..., App], worker: StartWorker
 ) -> None:
