@@ -165,12 +165,13 @@ class Outcomes:
         return codec.encode(value, ex.msg.serializer, ex.msg.compression, max_size=limit)
 
     def _fields(self, ex: Execution, out: Outcome) -> dict[str, Any]:
+        elapsed = time.perf_counter() - ex.started
         finished = now()
         # Both floored from seconds, as every stored time is: flooring the start after
         # subtracting from an already floored finish put it a millisecond before a send
         # made in the same millisecond (enqueued_at > started_at).
         fields: dict[str, Any] = {
-            "started_at": int((finished - (time.perf_counter() - ex.started)) * 1000),
+            "started_at": int((finished - elapsed) * 1000),
             "finished_at": int(finished * 1000),
             "attempts": (ex.msg.retries if ex.msg else 0) + ex.delivery.deliveries,
             "worker": self.worker,
