@@ -9,8 +9,7 @@ ids chosen at send time, so each runs exactly once, and nothing is left unfinish
 
 The worker subprocesses run tests.apps.canvas with visibility_timeout=2 s: long enough
 that a worker starved of CPU on a busy two-core CI machine still renews its leases in
-time (at 1 s one CI run saw a parent run a third time, which is at-least-once delivery
-doing its job, not what this test is about).
+time.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ async def unfinished(app: App) -> list[tuple[str, bytes]]:
     return out
 
 
-async def test_sigkill_mid_callbacks_replace_and_chain_runs_each_once(
+async def test_sigkill_mid_callbacks_replace_and_chain_sets_each_off_once(
     app: App, spawn_worker: Spawn
 ) -> None:
     workers = [spawn_worker(module="canvas", env={"AIOTASKS_TEST_VT": str(VT)}) for _ in range(4)]
