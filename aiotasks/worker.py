@@ -134,6 +134,7 @@ class Worker:
         self.slots = Slots(concurrency)
         self._thread_limiter: Any = None
         self.vt = app.settings.visibility_timeout
+        self._reclaim_every = min(max(self.vt / 2, 0.1), 10.0)  # s between reclaims
         self._beats_end = asyncio.Event()
         self._turn = asyncio.Lock()  # lanes fetch one at a time (see _fetch_loop)
         # One table of the entries this worker holds, each with its phase.
@@ -429,7 +430,7 @@ class Worker:
         n = 1 + self.slots.take(self.concurrency - 1)
         reclaim = time.monotonic() >= lane.next_reclaim
         if reclaim:
-            lane.next_reclaim = time.monotonic() + min(max(self.vt / 2, 0.1), 10.0)
+            lane.next_reclaim = time.monotonic() + self._reclaim_every
         want = n + self._prefetch(n)
         if waits:
             self.slots.release(n)
