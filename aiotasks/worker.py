@@ -258,6 +258,8 @@ class Worker:
         the App's warn_on_unsafe_server is False.
         """
         if not await self._start():
+            if self._prepared:  # prepare() registered us, then a stop came before run()
+                await self._unregister()
             self._stopped.set()
             return
         if self.app.settings.warn_on_unsafe_server:

@@ -82,6 +82,18 @@ async def test_sigterm_on_an_idle_worker_exits_0_and_unregisters(
     assert not await app.client.redis.exists(app.client.keys.worker(name)), w.output()
 
 
+async def test_a_worker_stopped_between_prepare_and_run_unregisters(app: App) -> None:
+    """`aiotasks run` prepares (registers), prints its banner, then runs: a SIGTERM in
+    between used to leave the registration to expire."""
+    w = app.worker()
+    await w.prepare()
+    key = app.client.keys.worker(w.name)
+    assert await app.client.redis.exists(key)
+    w.stop()
+    await asyncio.wait_for(w.run(), 5)
+    assert not await app.client.redis.exists(key)
+
+
 async def test_shutdown_timeout_leaves_the_unfinished_task_to_be_redelivered(
     app: App, spawn_worker: Spawn
 ) -> None:
