@@ -114,6 +114,16 @@ def test_own_server_start_restart_kill() -> None:
     assert not tmpdir.exists()
 
 
+def test_own_ports_stay_below_the_ephemeral_range() -> None:
+    # a port there could be taken by some client's socket while a killed server is down,
+    # and its restart on the same port would fail (a cluster node's bus port did, in CI)
+    floor = devserver._ephemeral_floor()
+    ports = [devserver._free_port(bus_offset=10_000) for _ in range(50)]
+    assert len(set(ports)) == 50
+    if floor - 10_000 > devserver._PORT_FLOOR + 1_000:
+        assert all(port + 10_000 < floor for port in ports)
+
+
 def test_own_server_pause_resume() -> None:
     with OwnServer() as server:
         server.pause()

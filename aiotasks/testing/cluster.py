@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ from typing import Self
 
 import redis
 
-from .server import Owned, OwnServer, _free_port, _port_bindable, server_binary
+from .server import Owned, OwnServer, _free_port, server_binary
 
 SLOTS = 16384
 _HOST = "127.0.0.1"
@@ -31,11 +30,7 @@ _HOST = "127.0.0.1"
 
 def _cluster_port() -> int:
     """A free port whose cluster bus port (10,000 higher) is free too."""
-    for _ in range(200):
-        port = random.randint(20_000, 50_000)
-        if _port_bindable(port) and _port_bindable(port + 10_000):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
+    return _free_port(bus_offset=10_000)
 
 
 def supports_cluster(binary: str | None = None) -> bool:

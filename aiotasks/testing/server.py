@@ -26,6 +26,7 @@ import argparse
 import importlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -123,11 +124,42 @@ def server_binary(prefer_embedded: bool = False) -> str:
         ) from exc
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
+_PORT_FLOOR = 10_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel gives outgoing connections. A server port (and a cluster
+    node's bus port) below it cannot be taken by some client's socket while the server is down
+    between a kill and its restart on the same port."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _free_port(*, bus_offset: int = 0) -> int:
+    """A free loopback port below the ephemeral range, never the same one twice in a process.
+    With ``bus_offset``, the port that much higher (a cluster node's bus) is free and below
+    the range too."""
+    top = _ephemeral_floor() - 1 - bus_offset
+    for _ in range(200 if top - _PORT_FLOOR >= 1_000 else 0):
+        port = random.randint(_PORT_FLOOR, top)
+        if port in _handed_out or not _port_bindable(port):
+            continue
+        if bus_offset and not _port_bindable(port + bus_offset):
+            continue
+        _handed_out.add(port)
         return port
+    # a kernel whose ephemeral range starts low: take a port from it (a restart may collide)
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((_HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out and (not bus_offset or _port_bindable(port + bus_offset)):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free loopback port")
 
 
 def _port_bindable(port: int) -> bool:
