@@ -19,12 +19,13 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 WITH_SERVER = $(VPY) -m aiotasks.testing.server --mode $(REDIS) --
 
-.PHONY: all help install format lint typecheck test test-embedded demo bench clean distclean
+.PHONY: all help install format lint typecheck test test-embedded demo bench bench-scripts clean distclean
 
 all: lint test
 
 help:
 	@echo "make [all] | install | format | lint | typecheck | test | test-embedded | demo | bench"
+	@echo "     bench-scripts (Redis CPU per task, script by script)"
 	@echo "     clean | distclean (also removes $(VENV))"
 	@echo "  REDIS=auto|embedded|system (now: $(REDIS))  PYTEST_ARGS=...  BENCH_ARGS=..."
 
@@ -84,6 +85,10 @@ demo: $(STAMP)
 bench: $(BENCH_STAMP) $(PEERS_STAMP) $(DOCKET_STAMP)
 	$(WITH_SERVER) $(VPY) benchmarks/run.py --peers-python $(PEERS_VENV)/bin/python \
 		--docket-python $(DOCKET_VENV)/bin/python $(BENCH_ARGS)
+
+# Redis CPU per task of enqueue.lua, fetch.lua and finish.lua apart, on a server of its own.
+bench-scripts: $(STAMP)
+	$(VPY) benchmarks/script_cost.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,161 @@
+"""Redis CPU per task, script by script: where the server's time goes on the hot path.
+
+    python benchmarks/script_cost.py [--tasks 20000] [--batch 32] [--reps 5]
+                                     [--redis-url URL]
+
+Drives the three hot-path scripts the way a worker does, one phase at a time, on a
+server of its own (the `redis-server` on PATH, else the embedded one; `--redis-url` to
+measure another, whose other clients then count too): `enqueue.lua` through
+`send_many` in batches of 1,000, `fetch.lua` reading `--batch` entries per call, and
+`finish.lua` storing `--batch` results per call (the fields a worker stores for a no-op
+that returned None). Each phase is reported in microseconds per task, as EVALSHA time
+(`INFO commandstats`, the script with the commands it calls) and as the server's CPU
+(`INFO cpu`, which adds parsing and networking), the median of `--reps` runs, with the
+task index and event feed on (the defaults) and off (both caps 0).
+
+`make bench` reports the worker phase as a whole ("Redis us/task"); this splits it, so a
+change to a script can be measured on its own. The protocol is in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+from aiotasks import App
+from aiotasks.contract import done_op
+from aiotasks.keys import Keys
+from aiotasks.testing.server import OwnServer
+
+NAMESPACE = "script-cost"
+PHASES = ("enqueue", "fetch", "finish")
+
+
+def _mark(r: redis.Redis) -> tuple[float, float]:
+    """(EVALSHA µs so far, server CPU seconds so far)."""
+    stats: Any = r.info("commandstats")
+    cpu: Any = r.info("cpu")
+    evalsha = float(stats.get("cmdstat_evalsha", {}).get("usec", 0))
+    return evalsha, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _clean(r: redis.Redis) -> None:
+    keys = list(r.scan_iter(match=f"{{{NAMESPACE}}}:*", count=1000))
+    for i in range(0, len(keys), 500):
+        r.delete(*keys[i : i + 500])
+
+
+async def _run(url: str, tasks: int, batch: int, caps: int | None) -> dict[str, list[float]]:
+    """One run of the three phases: {phase: [evalsha µs/task, cpu µs/task]}."""
+    r = redis.Redis.from_url(url)
+    _clean(r)
+    if caps is not None:
+        r.hset(Keys(NAMESPACE).meta, mapping={"index_cap": caps, "events_cap": caps})
+    app = App(redis_url=url, namespace=NAMESPACE)
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    marks = [_mark(r)]
+    async with app:
+        client = app.client
+        for start in range(0, tasks, 1000):
+            await noop.send_many([((), None)] * min(1000, tasks - start))
+        marks.append(_mark(r))
+        streams = client.keys.streams("default")
+        got: list[dict[bytes, Any]] = []
+        while len(got) < tasks:
+            reply = await client.scripts.fetch(
+                streams=streams,
+                consumer="bench",
+                count=batch,
+                now_ms=int(time.time() * 1000),
+                worker="bench",
+                promote_limit=100,
+                default_ttl=3600,
+            )
+            if not reply[b"entries"]:
+                break
+            got += reply[b"entries"]
+        marks.append(_mark(r))
+        for start in range(0, len(got), batch):
+            ops = []
+            for entry in got[start : start + batch]:
+                t = int(time.time() * 1000)
+                fields = {"started_at": t, "finished_at": t, "attempts": 1, "worker": "bench"}
+                fields |= {"result": b"\xc0", "ct": "msgpack"}  # None, msgpack-encoded
+                ops.append(
+                    done_op(
+                        entry[b"stream"].decode(),
+                        entry[b"entry"],
+                        entry[b"fields"][b"id"].decode(),
+                        "SUCCESS",
+                        3600,
+                        fields,
+                    )
+                )
+            await client.scripts.finish(streams=streams, now_ms=int(time.time() * 1000), ops=ops)
+        marks.append(_mark(r))
+    _clean(r)
+    r.close()
+    if len(got) != tasks:
+        raise SystemExit(f"fetched {len(got)} of {tasks} tasks: is a worker running here?")
+    return {
+        phase: [(b[0] - a[0]) / tasks, (b[1] - a[1]) * 1e6 / tasks]
+        for phase, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)
+    }
+
+
+def measure(url: str, tasks: int, batch: int, reps: int) -> list[dict[str, Any]]:
+    rows = []
+    for label, caps in (("index and events on", None), ("index and events off", 0)):
+        runs = [asyncio.run(_run(url, tasks, batch, caps)) for _ in range(reps)]
+        for phase in PHASES:
+            rows.append(
+                {
+                    "scenario": label,
+                    "phase": phase,
+                    "evalsha_us_per_task": round(statistics.median(x[phase][0] for x in runs), 2),
+                    "cpu_us_per_task": round(statistics.median(x[phase][1] for x in runs), 2),
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", type=int, default=20_000)
+    p.add_argument("--batch", type=int, default=32, help="entries per fetch and per finish")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--redis-url", default=None, help="default: a server of its own")
+    a = p.parse_args()
+    if a.redis_url:
+        rows = measure(a.redis_url, a.tasks, a.batch, a.reps)
+    else:
+        with OwnServer(config={"save": "", "appendonly": "no"}) as server:
+            rows = measure(server.url, a.tasks, a.batch, a.reps)
+    print(f"{a.tasks} no-op tasks, {a.batch} per fetch and per finish, median of {a.reps} runs\n")
+    print("| scenario | phase | EVALSHA µs/task | Redis CPU µs/task |")
+    print("|---|---|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['scenario']} | {row['phase']} | {row['evalsha_us_per_task']:.2f} "
+            f"| {row['cpu_us_per_task']:.2f} |"
+        )
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
