@@ -170,11 +170,11 @@ class Outcomes:
         # Both floored from seconds, as every stored time is: flooring the start after
         # subtracting from an already floored finish put it a millisecond before a send
         # made in the same millisecond (enqueued_at > started_at).
-        # `worker` and `attempts` are not sent again: the script that started the task
-        # wrote both, and two fields less per task is measurable in Redis' CPU.
         fields: dict[str, Any] = {
             "started_at": int((finished - elapsed) * 1000),
             "finished_at": int(finished * 1000),
+            "attempts": (ex.msg.retries if ex.msg else 0) + ex.delivery.deliveries,
+            "worker": self.worker,
         }
         if out.kind is Kind.FAILURE:
             fields["exc_type"] = out.exc_type

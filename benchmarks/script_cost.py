@@ -93,8 +93,8 @@ async def _run(url: str, tasks: int, batch: int, caps: int | None) -> dict[str, 
             ops = []
             for entry in got[start : start + batch]:
                 t = int(time.time() * 1000)
-                # what a worker stores for a no-op: None, msgpack-encoded (outcomes.py)
-                fields = {"started_at": t, "finished_at": t, "result": b"\xc0", "ct": "msgpack"}
+                fields = {"started_at": t, "finished_at": t, "attempts": 1, "worker": "bench"}
+                fields |= {"result": b"\xc0", "ct": "msgpack"}  # None, msgpack-encoded
                 ops.append(
                     done_op(
                         entry[b"stream"].decode(),
