@@ -138,27 +138,30 @@ def _ephemeral_floor() -> int:
         return 32_768
 
 
+def _candidate_ports(top: int) -> Iterator[int]:
+    """Ports below the ephemeral range up to `top`, at random; then, for a kernel whose
+    range starts too low to leave room, ports it picks (a restart there may collide)."""
+    if top - _PORT_FLOOR >= 1_000:
+        for _ in range(200):
+            yield random.randint(_PORT_FLOOR, top)
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((_HOST, 0))
+            port = int(sock.getsockname()[1])
+        yield port  # closed first, or it would not look bindable
+
+
 def _free_port(*, bus_offset: int = 0) -> int:
     """A free loopback port below the ephemeral range, never the same one twice in a process.
     With ``bus_offset``, the port that much higher (a cluster node's bus) is free and below
     the range too."""
-    top = _ephemeral_floor() - 1 - bus_offset
-    for _ in range(200 if top - _PORT_FLOOR >= 1_000 else 0):
-        port = random.randint(_PORT_FLOOR, top)
+    for port in _candidate_ports(_ephemeral_floor() - 1 - bus_offset):
         if port in _handed_out or not _port_bindable(port):
             continue
         if bus_offset and not _port_bindable(port + bus_offset):
             continue
         _handed_out.add(port)
         return port
-    # a kernel whose ephemeral range starts low: take a port from it (a restart may collide)
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((_HOST, 0))
-            port = int(sock.getsockname()[1])
-        if port not in _handed_out and (not bus_offset or _port_bindable(port + bus_offset)):
-            _handed_out.add(port)
-            return port
     raise RuntimeError("no free loopback port")
 
 
