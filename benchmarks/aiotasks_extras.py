@@ -236,8 +236,9 @@ async def send_scenarios(url: str) -> list[dict[str, Any]]:
 
 
 async def run_extras(url: str, tasks: int, concurrency: int) -> list[dict[str, Any]]:
-    """Every aiotasks-only scenario, as JSON-able dicts with a `summary`."""
-    out = [await sequential_sends(url), await concurrent_sends(url)]
+    """Every aiotasks-only scenario but the sends (`send_scenarios`, which run.py runs on
+    each loop), as JSON-able dicts with a `summary`."""
+    out: list[dict[str, Any]] = []
     for processes in (1, 2, 4):
         print(f"[bench] scaling: {processes} process(es)", file=sys.stderr, flush=True)
         out.append(await scaling(url, tasks * 2, concurrency, processes))

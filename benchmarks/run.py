@@ -107,24 +107,25 @@ def docket_python(explicit: str | None) -> str:
 
 
 async def extras(url: str, tasks: int, concurrency: int) -> list[dict[str, Any]]:
-    """aiotasks-only scenarios: sequential sends, scaling, Redis memory per task."""
+    """aiotasks-only scenarios: scaling, feature costs, a cluster, Redis memory per task."""
     from aiotasks_extras import run_extras
 
     return await run_extras(url, tasks, concurrency)
 
 
-def sends_on_uvloop(url: str) -> list[dict[str, Any]]:
-    """The send scenarios again on uvloop, the loop a uvicorn app or `aiotasks run`
-    uses when it is installed (the rows above ran on asyncio's own loop)."""
+def send_rows(url: str) -> list[dict[str, Any]]:
+    """The send scenarios on asyncio's own loop, then on uvloop (the loop a uvicorn app or
+    `aiotasks run` uses when it is installed), back to back so that the two compare."""
+    from aiotasks_extras import send_scenarios
+
+    rows: list[dict[str, Any]] = asyncio.run(send_scenarios(url))
     try:
         import uvloop
     except ImportError:
         log("uvloop is not installed: the send scenarios ran on asyncio only")
-        return []
-    from aiotasks_extras import send_scenarios
-
-    rows: list[dict[str, Any]] = uvloop.run(send_scenarios(url))
-    return rows
+        return rows
+    on_uvloop: list[dict[str, Any]] = uvloop.run(send_scenarios(url))
+    return rows + on_uvloop
 
 
 sys.path.insert(0, str(HERE))  # aiotasks_extras, beside this file
@@ -173,11 +174,8 @@ def main() -> int:
             )
     extra_rows: list[dict[str, Any]] = []
     if not a.skip_extras:
-        # The send scenarios on uvloop first, so that they run next to their asyncio
-        # twins (the first rows of the extras) rather than minutes later.
-        on_uvloop = sends_on_uvloop(a.redis_url)
-        extra_rows = asyncio.run(extras(a.redis_url, a.tasks, a.concurrency))
-        extra_rows[2:2] = on_uvloop
+        extra_rows = send_rows(a.redis_url)
+        extra_rows += asyncio.run(extras(a.redis_url, a.tasks, a.concurrency))
         chord = HERE / "chord_bench.py"
         if chord.exists():
             extra_rows.append(
