@@ -28,13 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # aiotasks_extras, beside this
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # aiotasks, this checkout
 
 import redis
+from aiotasks_extras import _drain_keys
 
 from aiotasks import App
 from aiotasks.contract import done_op
-from aiotasks.keys import Keys
+from aiotasks.index import DEFAULT_EVENTS_SIZE, DEFAULT_INDEX_SIZE, TaskIndex
 from aiotasks.testing.server import OwnServer
 
 NAMESPACE = "script-cost"
@@ -49,27 +51,22 @@ def _mark(r: redis.Redis) -> tuple[float, float]:
     return evalsha, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-def _clean(r: redis.Redis) -> None:
-    keys = list(r.scan_iter(match=f"{{{NAMESPACE}}}:*", count=1000))
-    for i in range(0, len(keys), 500):
-        r.delete(*keys[i : i + 500])
-
-
-async def _run(url: str, tasks: int, batch: int, caps: int | None) -> dict[str, list[float]]:
+async def _run(url: str, tasks: int, batch: int, on: bool) -> dict[str, list[float]]:
     """One run of the three phases: {phase: [evalsha µs/task, cpu µs/task]}."""
     r = redis.Redis.from_url(url)
-    _clean(r)
-    if caps is not None:
-        r.hset(Keys(NAMESPACE).meta, mapping={"index_cap": caps, "events_cap": caps})
     app = App(redis_url=url, namespace=NAMESPACE)
 
     @app.task(name="noop")
     async def noop() -> None:
         return None
 
-    marks = [_mark(r)]
     async with app:
         client = app.client
+        await _drain_keys(client.redis, NAMESPACE)
+        # As a worker sets them when it starts (this one never does): defaults, or off.
+        sizes = (DEFAULT_INDEX_SIZE, DEFAULT_EVENTS_SIZE) if on else (0, 0)
+        await TaskIndex(client).configure(*sizes)
+        marks = [_mark(r)]
         for start in range(0, tasks, 1000):
             await noop.send_many([((), None)] * min(1000, tasks - start))
         marks.append(_mark(r))
@@ -107,7 +104,7 @@ async def _run(url: str, tasks: int, batch: int, caps: int | None) -> dict[str, 
                 )
             await client.scripts.finish(streams=streams, now_ms=int(time.time() * 1000), ops=ops)
         marks.append(_mark(r))
-    _clean(r)
+        await _drain_keys(client.redis, NAMESPACE)
     r.close()
     if len(got) != tasks:
         raise SystemExit(f"fetched {len(got)} of {tasks} tasks: is a worker running here?")
@@ -119,8 +116,8 @@ async def _run(url: str, tasks: int, batch: int, caps: int | None) -> dict[str, 
 
 def measure(url: str, tasks: int, batch: int, reps: int) -> list[dict[str, Any]]:
     rows = []
-    for label, caps in (("index and events on", None), ("index and events off", 0)):
-        runs = [asyncio.run(_run(url, tasks, batch, caps)) for _ in range(reps)]
+    for label, on in (("index and events on", True), ("index and events off", False)):
+        runs = [asyncio.run(_run(url, tasks, batch, on)) for _ in range(reps)]
         for phase in PHASES:
             rows.append(
                 {
