@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -31,13 +32,20 @@ if TYPE_CHECKING:
 DEFAULT_INDEX_SIZE = 10_000
 DEFAULT_EVENTS_SIZE = 1_000
 
+_ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
+
 #: Task records read per round trip while searching.
 _CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One change: a task's new state, or a worker that joined or left (`worker`)."""
+    """One change: a task's new state, or a worker that joined or left (`worker`).
+
+    `id` is the feed entry that holds it; `cursor` is where to go on from after it
+    (`follow(after=event.cursor)`): the entry id itself with one shard, one id per shard
+    (comma-separated) with several, each shard's feed having ids of its own.
+    """
 
     id: str
     at_ms: int
@@ -46,6 +54,7 @@ class Event:
     name: str | None = None
     queue: str | None = None
     worker: str | None = None
+    cursor: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The event as a JSON-able dict."""
@@ -182,41 +191,65 @@ class TaskIndex:
         return live, done
 
     async def events(self, after: str = "0", count: int = 1000) -> list[Event]:
-        """Events after the feed entry id `after` ("0": the oldest kept)."""
-        low = f"({after}" if after != "0" else "-"
-        return await self._range(low, "+", count)
+        """Events after the feed position `after` ("0": the oldest kept): an entry id, or
+        a cursor from `last_id()` or `Event.cursor`."""
+        lows = [f"({a}" if a != "0" else "-" for a in self._positions(after)]
+        return await self._range(lows, "+", count)
 
     async def events_between(self, start_ms: int, end_ms: int, count: int = 1000) -> list[Event]:
         """Events of the feed entries written from `start_ms` to `end_ms` (the first `count`)."""
-        return await self._range(str(max(start_ms, 0)), str(end_ms), count)
+        return await self._range([str(max(start_ms, 0))] * len(self.shards), str(end_ms), count)
 
-    async def _range(self, low: str, high: str, count: int) -> list[Event]:
-        """Feed entries from `low` to `high` of every shard, in entry id order (time)."""
-        raw: list[Any] = []
-        for shard in self.shards:
-            raw += await cast(Any, shard.redis).xrange(
-                shard.keys.events, min=low, max=high, count=count
+    async def _range(self, lows: list[str], high: str, count: int) -> list[Event]:
+        """Feed entries of every shard from its `lows` entry to `high`, in entry id order
+        (time), each event with the cursor after its entry."""
+        raw: list[tuple[int, bytes, Any]] = []
+        for k, shard in enumerate(self.shards):
+            entries = await cast(Any, shard.redis).xrange(
+                shard.keys.events, min=lows[k], max=high, count=count
             )
+            raw += [(k, entry_id, fields) for entry_id, fields in entries]
         if len(self.shards) > 1:
-            raw = sorted(raw, key=lambda e: _entry_order(e[0]))[:count]
-        return [e for entry_id, fields in raw for e in _events(entry_id, fields)]
+            raw = sorted(raw, key=lambda e: _entry_order(e[1]))[:count]
+        positions = [low.lstrip("(") if low != "-" else "0-0" for low in lows]
+        out: list[Event] = []
+        for k, entry_id, fields in raw:
+            positions[k] = entry_id.decode()
+            out += _events(entry_id, fields, ",".join(positions))
+        return out
 
     async def last_id(self) -> str:
-        """The id of the feed's newest entry ("0-0" when it is empty): follow after it."""
-        newest = "0-0"
+        """The cursor of the feed's newest entry ("0-0" when it is empty): follow after
+        it. With several shards, one entry id per shard, comma-separated."""
+        newest: list[str] = []
         for shard in self.shards:
             raw: list[Any] = await cast(Any, shard.redis).xrevrange(shard.keys.events, count=1)
-            if raw and _entry_order(raw[0][0]) > _entry_order(newest):
-                newest = raw[0][0].decode()
-        return newest
+            newest.append(raw[0][0].decode() if raw else "0-0")
+        return ",".join(newest)
+
+    def _positions(self, after: str) -> list[str]:
+        """Each shard's feed position in `after`: one for all ("0", "$" or an entry id),
+        or one per shard. A cursor of another shard count (the namespace was re-spread)
+        restarts every shard from its oldest position: events seen twice, none missed."""
+        parts = after.split(",")
+        n = len(self.shards)
+        if len(parts) == n:
+            return parts
+        if len(parts) == 1:
+            return parts * n
+        if all(_ENTRY_ID.match(p) for p in parts):
+            return [min(parts, key=_entry_order)] * n
+        return ["0"] * n
 
     async def follow(self, after: str = "$", block_ms: int = 5000) -> AsyncIterator[Event]:
-        """Yield events as they come (a blocking read, no polling); `after="$"`: new only.
+        """Yield events as they come (a blocking read, no polling); `after="$"`: new only,
+        or a cursor (`last_id()`, `Event.cursor`) to go on from.
 
         With several shards, each shard's feed is read by a blocking read of its own
         (a Cluster refuses one read over keys of several slots).
         """
-        last = {shard.keys.events: after for shard in self.shards}
+        streams = [shard.keys.events for shard in self.shards]
+        last = dict(zip(streams, self._positions(after), strict=True))
         redis = {shard.keys.events: shard.redis for shard in self.shards}
         reads: dict[asyncio.Future[Any], str] = {}
         try:
@@ -232,7 +265,8 @@ class TaskIndex:
                     for _stream, entries in future.result() or ():
                         for entry_id, fields in entries:
                             last[stream] = entry_id.decode()
-                            for event in _events(entry_id, fields):
+                            cursor = ",".join(last[s] for s in streams)
+                            for event in _events(entry_id, fields, cursor):
                                 yield event
         finally:
             for future in reads:
@@ -244,7 +278,7 @@ def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _events(entry_id: bytes, fields: dict[bytes, bytes]) -> list[Event]:
+def _events(entry_id: bytes, fields: dict[bytes, bytes], cursor: str) -> list[Event]:
     """An entry's events: lines "state<TAB>id[<TAB>name<TAB>queue[<TAB>worker]]"."""
     eid = entry_id.decode()
     at_ms = int(fields.get(b"t", b"0"))
@@ -260,6 +294,7 @@ def _events(entry_id: bytes, fields: dict[bytes, bytes]) -> list[Event]:
                 name=parts[2] or None,
                 queue=parts[3] or None,
                 worker=parts[4] or None,
+                cursor=cursor,
             )
         )
     return out

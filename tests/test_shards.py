@@ -14,7 +14,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from typer.testing import CliRunner
@@ -321,6 +321,35 @@ async def test_the_task_index_and_feed_merge_every_shard(sapp: App, worker: Star
     assert len({shard_of(i.id, SHARDS) for i in recent}) == SHARDS
     events = await index.events(after=after)
     assert ids <= {e.task_id for e in events if e.state == "SUCCESS"}
+
+
+async def test_a_feed_cursor_holds_each_shards_own_position(sapp: App) -> None:
+    """Each shard's feed has ids of its own (on a Cluster, its own clock): a single id
+    as the cursor would skip a shard's entry older than another shard's newest one."""
+    index = TaskIndex(sapp.client)
+    a, b, c = (cast(Any, s.redis) for s in sapp.client.shards)
+    ka, kb, kc = (s.keys.events for s in sapp.client.shards)
+    await a.xadd(ka, {"t": 1, "e": "SUCCESS\ta1"}, id="5000-0")
+    await b.xadd(kb, {"t": 1, "e": "SUCCESS\tb1"}, id="1000-0")
+    cursor = await index.last_id()
+    assert cursor == "5000-0,1000-0,0-0"
+    # Written after the cursor was taken, with ids below shard a's newest.
+    await b.xadd(kb, {"t": 1, "e": "SUCCESS\tb2"}, id="2000-0")
+    await c.xadd(kc, {"t": 1, "e": "SUCCESS\tc1"}, id="3000-0")
+    missed = await index.events(after=cursor)
+    assert [e.task_id for e in missed] == ["b2", "c1"]
+    assert missed[-1].cursor == "5000-0,2000-0,3000-0"
+    # A follower resumes from an event's cursor: what came after, nothing twice.
+    await a.xadd(ka, {"t": 1, "e": "SUCCESS\ta2"}, id="6000-0")
+    await c.xadd(kc, {"t": 1, "e": "SUCCESS\tc2"}, id="4000-0")
+    seen: list[str | None] = []
+    async for event in index.follow(after=missed[-1].cursor or "", block_ms=100):
+        seen.append(event.task_id)
+        if len(seen) == 2:
+            break
+    assert sorted(seen, key=str) == ["a2", "c2"]
+    # A plain entry id still means the same position on every shard.
+    assert [e.task_id for e in await index.events(after="2500-0")] == ["c1", "c2", "a1", "a2"]
 
 
 async def test_a_worker_with_another_shard_count_refuses_to_start(

@@ -199,7 +199,7 @@ class Hub:
                     await self._read_back()
                     self.ready.set()
                 async for event in self.index.follow(after=after):
-                    after = event.id
+                    after = event.cursor or event.id
                     self._note(event)
                     backoff.reset()
             except CONNECTION_ERRORS as exc:

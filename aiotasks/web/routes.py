@@ -62,7 +62,7 @@ RECENT = 12
 #: Bytes an action's form may have.
 MAX_FORM = 16 * 1024
 
-_FEED_ID = re.compile(r"^\d+-\d+$")
+_FEED_ID = re.compile(r"^\d+-\d+(,\d+-\d+)*$")  # TaskIndex.last_id(): one id per shard
 _NEXT = re.compile(r"^[A-Za-z0-9_\-.~%/?=&+]*$")
 
 
