@@ -264,6 +264,8 @@ class Worker:
             return
         if self.app.settings.warn_on_unsafe_server:
             await warn_if_unsafe(self.client.redis, self.client.url)
+        # Before the first fetch: a queue paused before we started gives us nothing.
+        paused = await self._take_up_paused(frozenset())
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
@@ -273,7 +275,7 @@ class Worker:
                 background.append(tg.create_task(self._control_loop()))
                 scheduler = Scheduler(self.app, self.name, Schedules(self.app))
                 background.append(tg.create_task(scheduler.run()))
-                background.append(tg.create_task(self._paused_loop()))
+                background.append(tg.create_task(self._paused_loop(paused)))
                 if len(self.lanes) == 1:
                     await self._fetch_loop(self.lanes[0])
                 else:
@@ -456,21 +458,24 @@ class Worker:
     def _has_ops(self) -> bool:
         return any(lane.outcomes.has_ops for lane in self.lanes)
 
-    async def _paused_loop(self) -> None:
+    async def _paused_loop(self, paused: frozenset[str]) -> None:
         """Take up paused and resumed queues (tasks.queues) within a second."""
-        queues, paused = Queues(self.app), frozenset[str]()
         while True:
-            try:
-                now_paused = frozenset(await queues.paused())
-            except CONNECTION_ERRORS:
-                now_paused = paused  # the fetch loop reports the lost connection
-            if now_paused != paused:
-                paused = now_paused
-                for lane in self.lanes:
-                    lane.active = [s for s in lane.streams if self._served[s][0] not in paused]
-                mine = sorted(q for q in self.queues if q in paused)
-                log.info("worker %s: paused queues %s", self.name, ", ".join(mine) or "none")
             await asyncio.sleep(PAUSE_REFRESH)
+            paused = await self._take_up_paused(paused)
+
+    async def _take_up_paused(self, paused: frozenset[str]) -> frozenset[str]:
+        """Read the paused queues; fetch only from the others. Returns the paused set."""
+        try:
+            now_paused = frozenset(await Queues(self.app).paused())
+        except CONNECTION_ERRORS:
+            return paused  # the fetch loop reports the lost connection
+        if now_paused != paused:
+            for lane in self.lanes:
+                lane.active = [s for s in lane.streams if self._served[s][0] not in now_paused]
+            mine = sorted(q for q in self.queues if q in now_paused)
+            log.info("worker %s: paused queues %s", self.name, ", ".join(mine) or "none")
+        return now_paused
 
     async def _fetch_failed(self, exc: BaseException, delay: float) -> None:
         """Log a fetch that Redis refused or could not answer, then wait `delay` s."""

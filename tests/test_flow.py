@@ -130,6 +130,28 @@ async def test_a_paused_queue_is_not_consumed_and_loses_nothing(
     assert [await h.result(timeout=5) for h in ha] == ["a0", "a1", "a2"]
 
 
+async def test_a_worker_started_after_the_pause_takes_nothing_from_it(
+    app: App, worker: StartWorker
+) -> None:
+    ran: list[str] = []
+
+    @app.task
+    async def job(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    await app.queues.pause("a")
+    held = await job.options(queue="a").send("held")
+    await worker(queues=["a", "b"])  # its very first fetch already leaves "a" alone
+    hb = await job.options(queue="b").send("b")
+    assert await hb.result(timeout=5) == "b"
+    await asyncio.sleep(0.5)
+    assert ran == ["b"]
+    assert await held.state() == TaskState.PENDING
+    await app.queues.resume("a")
+    assert await held.result(timeout=5) == "held"
+
+
 async def test_rate_limit_per_key(app: App, worker: StartWorker) -> None:
     starts: dict[int, list[float]] = defaultdict(list)
 
