@@ -17,9 +17,17 @@ from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
 from .logs import visible_errors
-from .message import Message, check_options
+from .message import SEND_OPTIONS, Message, check_options
 from .nodes import signature_of
-from .task import Task, TaskDecorator, TaskOptions, build_message, default_name, field_names
+from .task import (
+    Task,
+    TaskDecorator,
+    TaskOptions,
+    build_message,
+    default_name,
+    field_names,
+    parse_rate,
+)
 
 if TYPE_CHECKING:
     from .tracing import Tracing
@@ -29,6 +37,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _TASK_OPTIONS = frozenset(field_names(TaskOptions)) - {"name"}
+#: Task options that are send options too, checked alike.
+_SENT = _TASK_OPTIONS & SEND_OPTIONS
 
 
 class App:
@@ -94,6 +104,14 @@ class App:
         from .codec import get_serializer
 
         get_serializer(serializer)  # fail fast on a typo
+        # As a send would check them: refused here, not at the first send or never.
+        check_options(
+            {"result_ttl": result_ttl, "compression": compression, "queue": default_queue}
+        )
+        if not (isinstance(visibility_timeout, int | float) and visibility_timeout > 0):
+            raise ValueError(
+                f"visibility_timeout must be a positive number, got {visibility_timeout!r}"
+            )
         n_shards = resolve_shards(shards)
         if n_shards > 1 and "#" in namespace:
             raise ValueError(f"with shards, a namespace cannot contain '#': {namespace!r}")
@@ -207,8 +225,16 @@ class App:
         unknown = set(options) - _TASK_OPTIONS
         if unknown:
             raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
-        timeouts = {k: options[k] for k in ("soft_timeout", "hard_timeout") if k in options}
-        check_options({k: v for k, v in timeouts.items() if v is not None})
+        # The options a send may also give are checked as a send checks them: a priority
+        # of 11 or a result_ttl of 0 refused here, not left to strand every send.
+        check_options({k: v for k, v in options.items() if k in _SENT and v is not None})
+        rate = options.get("rate_limit")
+        if isinstance(rate, int | float) and not isinstance(rate, bool):
+            options["rate_limit"] = f"{rate}/s"  # Celery: a number is tasks per second
+        if options.get("rate_limit") is not None:
+            if not isinstance(options["rate_limit"], str):
+                raise ValueError(f"rate_limit must look like '100/s', got {rate!r}")
+            parse_rate(options["rate_limit"])
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
             _check_flow(f, options)

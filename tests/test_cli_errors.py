@@ -248,6 +248,11 @@ def with_db(url: str, db: int) -> str:
             "error: invalid value for '--metrics-port': 99999 is not in the range 1<=x<=65535",
         ),
         (
+            ["send", "ops.add", "--queue", ""],
+            {},
+            "error: --queue is empty",
+        ),
+        (
             ["run", "tests.apps.ops:app", "--redis-url", f"redis://:{SECRET}@h:x/0"],
             {},
             "error: invalid Redis URL 'redis://:***@h:x/0': the port is not a number: 'x'",

@@ -82,6 +82,46 @@ async def test_unknown_task_decorator_option_is_a_type_error(app: App) -> None:
         async def f() -> None: ...
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"priority": 11}, "priority"),
+        ({"priority": -3}, "priority"),
+        ({"priority": 5.5}, "priority"),
+        ({"result_ttl": -5}, "result_ttl"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"max_retries": "3"}, "max_retries"),
+        ({"queue": ""}, "queue"),
+        ({"rate_limit": "fast"}, "rate_limit"),
+    ],
+)
+def test_bad_task_options_are_refused_when_declared(
+    app: App, options: dict[str, Any], match: str
+) -> None:
+    """What a send would refuse is refused at decoration, not left to strand every send
+    (a priority of 11 went to a stream no worker reads)."""
+    with pytest.raises(ValueError, match=match):
+
+        @app.task(**options)
+        async def t() -> None: ...
+
+
+def test_a_numeric_rate_limit_is_tasks_per_second(app: App) -> None:
+    @app.task(rate_limit=10)
+    async def t() -> None: ...
+
+    assert t.opts.rate_limit == "10/s"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"result_ttl": 0}, {"result_ttl": -1}, {"compression": "snappy"}, {"default_queue": ""}],
+)
+def test_bad_app_options_are_refused_at_construction(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(options)).removeprefix("default_")):
+        App(namespace="refused", **options)
+
+
 async def test_each_app_has_its_own_registry(app: App, redis_url: str) -> None:
     other = App(redis_url=redis_url, namespace=app.settings.namespace + "-other")
 

@@ -209,6 +209,8 @@ def send(
     """Send a task by name and print its id (with --wait, then its result as JSON)."""
     if not name.strip():
         raise fail("the task name is empty", 2)
+    if queue is not None and not queue.strip():
+        raise fail("--queue is empty: give a queue name, or leave it out for the task's route", 2)
     task_args = json_arg("--args", args, list)
     task_kwargs = json_arg("--kwargs", kwargs, dict)
     options: dict[str, Any] = {}
