@@ -146,7 +146,8 @@ class DeadLetter:
 @dataclass(frozen=True, slots=True)
 class Arguments:
     """A task's arguments, read back from its message: `where` it was found (`scheduled`,
-    `queued` or `dead letter`), or `error` when that message cannot be decoded."""
+    `queued`, `dead letter` or `kept payload`: a failed or revoked task's), or `error`
+    when that message cannot be decoded."""
 
     where: str
     args: list[Any] = field(default_factory=list)
@@ -385,13 +386,14 @@ class Admin:
     async def arguments(self, task_id: str) -> Arguments | None:
         """The arguments of a task, from wherever its message still is.
 
-        A scheduled task's record (`_rec`), a queued or running task's stream entry, or
-        a dead-lettered task's dead letter (among the newest DEAD_SCAN_LIMIT). None once
-        the task has finished: its message is deleted then, and aiotasks keeps no copy.
+        A scheduled task's record (`_rec`), a queued or running task's stream entry, a
+        dead-lettered task's dead letter (among the newest DEAD_SCAN_LIMIT), or the
+        payload a failed or revoked task's record keeps. None for a task that succeeded:
+        its message is deleted then, and aiotasks keeps no copy.
         """
         c = self.client.for_task(task_id)
-        rec, entry, stream, queue, exc_type = await cast(Any, c.redis).hmget(
-            c.keys.task(task_id), ["_rec", "_e", "_st", "queue", "exc_type"]
+        rec, entry, stream, queue, exc_type, kept = await cast(Any, c.redis).hmget(
+            c.keys.task(task_id), ["_rec", "_e", "_st", "queue", "exc_type", PAYLOAD]
         )
         if rec:
             record = unpack_reply(rec)
@@ -404,7 +406,15 @@ class Admin:
                 fields = found[0][1]
                 return _arguments("queued", fields.get(b"m"), fields.get(b"ct"))
         if queue and exc_type and _text(exc_type) in _DEAD_LETTERED:
-            return await self._dead_arguments(task_id, _text(queue))
+            letter = await self._dead_arguments(task_id, _text(queue))
+            if letter is not None:
+                return letter
+        if kept:
+            try:
+                payload = codec.decode(kept, "msgpack")
+                return _arguments("kept payload", payload.get("m"), payload.get("ct"))
+            except Exception as exc:  # written by hand, or by another version
+                return Arguments("kept payload", error=f"{type(exc).__name__}: {exc}")
         return None
 
     async def _dead_arguments(self, task_id: str, queue: str) -> Arguments | None:

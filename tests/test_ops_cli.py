@@ -220,19 +220,29 @@ async def test_inspect_shows_arguments_and_results_as_json(app: App, worker: Any
     async def echo(*args: Any, **kwargs: Any) -> Any:
         return {"args": list(args), "when": datetime(2030, 1, 2, tzinfo=UTC), "tags": {"x"}}
 
+    @app.task(name="boom")
+    async def boom(x: int, y: int = 0) -> None:
+        raise ValueError(x + y)
+
     scheduled = await echo.options(countdown=600).send("é", 2, flag=True)
     queued = await echo.options(queue="nobody").send([1, 2], key=None)
     dead = await app.send_task("nobody.knows", args=[3], kwargs={"k": "v"})
+    revoked = await echo.options(countdown=600).send(4)
+    await revoked.revoke()
     await worker()
     done = await echo.send("hi")
+    failed = await boom.send(7, y=9)
     assert (await done.result(timeout=10))["args"] == ["hi"]
-    with pytest.raises(TaskFailed):
-        await dead.result(timeout=10)
+    for h in (dead, failed):
+        with pytest.raises(TaskFailed):
+            await h.result(timeout=10)
 
     expected = {
         scheduled.id: ('["é", 2]', '{"flag": true}'),
         queued.id: ("[[1, 2]]", '{"key": null}'),
         dead.id: ("[3]", '{"k": "v"}'),  # read back from its dead letter
+        failed.id: ("[7]", '{"y": 9}'),  # the payload a failure keeps
+        revoked.id: ("[4]", "{}"),  # and a revoke
     }
     for task_id, (args, kwargs) in expected.items():
         res = await invoke("inspect", task_id, *conn(app))

@@ -209,15 +209,9 @@ def send(
     """Send a task by name and print its id (with --wait, then its result as JSON)."""
     if not name.strip():
         raise fail("the task name is empty", 2)
-    if queue is not None and not queue.strip():
-        raise fail("--queue is empty: give a queue name, or leave it out for the task's route", 2)
     task_args = json_arg("--args", args, list)
     task_kwargs = json_arg("--kwargs", kwargs, dict)
-    options: dict[str, Any] = {}
-    if finite("--countdown", countdown):
-        options["countdown"] = countdown
-    if priority is not None:
-        options["priority"] = priority
+    options = _send_options(queue, countdown, priority)
     finite("--timeout", timeout)
     app = open_app(app_spec, redis_url, namespace)
 
@@ -242,6 +236,20 @@ def send(
     result = run_admin(app, go)
     if wait:
         typer.echo(_result_text(result))
+
+
+def _send_options(
+    queue: str | None, countdown: float | None, priority: int | None
+) -> dict[str, Any]:
+    """`send`'s options from the command line, each checked (exit 2 when wrong)."""
+    if queue is not None and not queue.strip():
+        raise fail("--queue is empty: give a queue name, or leave it out for the task's route", 2)
+    options: dict[str, Any] = {}
+    if finite("--countdown", countdown):
+        options["countdown"] = countdown
+    if priority is not None:
+        options["priority"] = priority
+    return options
 
 
 def _encoding_hint(value: Any) -> str:
