@@ -517,7 +517,7 @@ async def test_dead_letters_round_trip(app: App, worker: Any) -> None:
     assert [d["entry_id"] for d in json.loads(res.stdout)] == [third]
 
     # Requeue everything that is left (no --id).
-    res = await invoke("dead-letters", "requeue", "default", *conn(app))
+    res = await invoke("dead-letters", "requeue", "default", "--yes", *conn(app))
     assert res.stdout.strip() == "requeued 1 dead letter(s) of queue 'default'"
     assert await handles[2].result(timeout=10) == 20
     res = await invoke("dead-letters", "list", "default", *conn(app))

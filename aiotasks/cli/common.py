@@ -202,8 +202,7 @@ def confirm(question: str, yes: bool) -> None:
     if not answer:
         raise fail("no answer to the confirmation (standard input ended): pass --yes to skip it")
     if answer.strip().lower() not in ("y", "yes"):
-        typer.echo("aborted", err=True)
-        raise typer.Exit(1)
+        raise fail("aborted: nothing was changed")
 
 
 def finite(option: str, value: float | None) -> float | None:

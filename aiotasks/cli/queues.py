@@ -114,6 +114,7 @@ def _report(verb: str, queue: str, done: int, ids: list[str] | None) -> None:
 def dead_requeue(
     queue: QueueArg,
     ids: IdsOption = None,
+    yes: YesOption = False,  # nothing to confirm: accepted, so `requeue|drop ... --yes` both work
     app_spec: AppOption = None,
     redis_url: RedisOption = None,
     namespace: NamespaceOption = None,
