@@ -155,9 +155,12 @@ class Schedules:
         Raises:
             ScheduleNotFound: no schedule of that name.
         """
-        if not await cast(Any, self.app.client.redis).hdel(self._key, name):
+        client = self.app.client
+        if not await cast(Any, client.redis).hdel(self._key, name):
             ns = self.app.settings.namespace
             raise ScheduleNotFound(f"no schedule named {name!r} in namespace {ns!r}")
+        # Its next run, as the workers keep it: `aiotasks status` would list it still.
+        await cast(Any, client.redis).hdel(client.keys.periodic, name)
 
     async def declare(self, periodics: Sequence[Periodic]) -> None:
         """Write the schedules declared in code (keeping a paused flag set at run time)."""

@@ -245,9 +245,12 @@ async def test_cli_schedules_queues_and_status(app: App) -> None:
     table = (await run("status")).stdout
     assert "paused" in table
     await run("queues", "resume", "mail")
+    # A worker keeps each schedule's next run (as one does once it has fired it).
+    await app.client.redis.hset(app.client.keys.periodic, "nightly", 4102444800000)
     await run("schedules", "remove", "nightly")
     assert await app.queues.paused() == set()
     assert await app.schedules.list() == []
+    assert json.loads((await run("status", "--json")).stdout)["periodic"] == []
     missing = await asyncio.to_thread(cli, "schedules", "pause", "nope")
     assert missing.returncode == 1 and missing.stderr.startswith("error: no schedule named")
 
