@@ -49,6 +49,7 @@ class ScheduleInfo:
     paused: bool = False
     source: str = "runtime"  # "runtime" (schedules.add) or "code" (@tasks.periodic)
     since: int = 0  # ms when added or resumed: a tick due before it never fires
+    options: dict[str, Any] = field(default_factory=dict)  # send options of each tick's send
 
     def periodic(self) -> Periodic:
         """The Periodic a worker fires."""
@@ -61,6 +62,7 @@ class ScheduleInfo:
             tuple(self.args),
             self.kwargs,
             self.since,
+            self.options,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,6 +72,16 @@ class ScheduleInfo:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+#: Send options a schedule keeps for each tick's send (an `expires` in seconds only).
+_RECURRING = frozenset({"priority", "countdown", "expires", "soft_timeout", "hard_timeout",
+                        "max_retries", "ignore_result", "result_ttl", "serializer",
+                        "compression"})  # fmt: skip
+
+
+def _recurring(name: str, value: Any) -> bool:
+    return name in _RECURRING and (name != "expires" or isinstance(value, int | float))
 
 
 def _spec(info: ScheduleInfo) -> bytes:
@@ -106,13 +118,33 @@ class Schedules:
     ) -> ScheduleInfo:
         """Add (or replace) a schedule sending `sig` on `cron` (UTC) or `every` seconds.
 
+        The signature's send options go with each tick's send (`queue=` here wins over
+        its own queue); options that cannot recur (`eta`, `task_id`, callbacks) are refused.
+
         Raises:
-            ValueError: not exactly one of cron/every, or an invalid one.
+            TypeError: `sig` is not a signature of one task (a chain, a group...).
+            ValueError: not exactly one of cron/every, an invalid one, or such an option.
         """
+        from .task import Signature
+
+        if not isinstance(sig, Signature):
+            raise TypeError(
+                f"a schedule sends one task: give a signature (task.s(...)), not a "
+                f"{type(sig).__name__}"
+            )
+        options = dict(sig.options)
+        queue = queue or options.pop("queue", None)
+        options.pop("queue", None)
+        refused = sorted(k for k, v in options.items() if not _recurring(k, v))
+        if refused:
+            raise ValueError(
+                f"a schedule sends its task anew on every tick: send option(s) "
+                f"{', '.join(refused)} cannot go with it"
+            )
         p = Periodic.make(sig.name, cron=cron, every=every, name=name, queue=queue,
                           args=sig.args, kwargs=sig.kwargs)  # fmt: skip
         info = ScheduleInfo(name, p.task, p.cron, p.every, p.queue, list(p.args), p.kwargs,
-                            since=_now_ms())  # fmt: skip
+                            since=_now_ms(), options=options)  # fmt: skip
         await cast(Any, self.app.client.redis).hset(self._key, name, _spec(info))
         return info
 

@@ -61,6 +61,7 @@ class Periodic:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     since_ms: int = 0  # a tick due before it never fires (a schedule added at run time)
+    options: dict[str, Any] = field(default_factory=dict)  # send options of each send
 
     @classmethod
     def make(
@@ -210,7 +211,12 @@ class Scheduler:
             # Remember the claim: if the send fails, a retry must not lose to our own key.
             self._claimed.add((p.name, tick_ms))
         handle = await self.app.send_task(
-            p.task, p.args, p.kwargs, queue=p.queue, task_id=f"periodic:{p.name}:{tick_ms}"
+            p.task,
+            p.args,
+            p.kwargs,
+            queue=p.queue,
+            task_id=f"periodic:{p.name}:{tick_ms}",
+            **p.options,
         )
         late_ms = int(time.time() * 1000) - tick_ms
         log.info(

@@ -276,3 +276,34 @@ async def test_a_schedule_never_fires_a_tick_due_before_it_was_added(app: App) -
     assert resumed.since >= info.since + 300
     assert scheduler._load(await Schedules(app).active())
     assert scheduler._next["early"] > resumed.since
+
+
+async def test_a_schedule_keeps_its_signatures_send_options(app: App) -> None:
+    from aiotasks import chain
+    from aiotasks.control import Schedules
+    from aiotasks.schedule import Scheduler
+
+    @app.task(name="report")
+    async def report(region: str) -> str:
+        return region
+
+    info = await app.schedules.add(
+        "opts", report.s("eu").set(queue="mail", priority=7, expires=60), every=3600
+    )
+    assert (info.queue, info.options) == ("mail", {"priority": 7, "expires": 60})
+    stored = await app.schedules.get("opts")
+    assert (stored.queue, stored.options) == ("mail", {"priority": 7, "expires": 60})
+    # queue= given to add() wins over the signature's.
+    assert (
+        await app.schedules.add("q", report.s("eu").set(queue="x"), every=60, queue="y")
+    ).queue == "y"
+    # A tick's send carries them: queue "mail", priority 7.
+    await Scheduler(app, "w", Schedules(app))._fire(stored.periodic(), 1_000)
+    handle = app.handle("periodic:opts:1000")
+    assert (await handle.info()).queue == "mail"
+    assert await app.client.redis.xlen(app.client.keys.stream("mail", 7)) == 1
+
+    with pytest.raises(TypeError, match="one task"):
+        await app.schedules.add("c", chain(report.s("a"), report.s("b")), every=60)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="task_id"):
+        await app.schedules.add("t", report.s("a").set(task_id="fixed"), every=60)
