@@ -17,7 +17,7 @@ types, or, for a new node type, one more branch in `nodes` and `compiler`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,12 +56,42 @@ def compose(left: Any, right: Any) -> Any:
 
 
 class _Composable:
-    """`|` between signatures and canvases builds chains (and `group | sig` a chord)."""
+    """`|` between signatures and canvases builds chains (and `group | sig` a chord),
+    and Celery's `apply_async`/`delay` send them."""
 
     __slots__ = ()
 
     def __or__(self, other: Any) -> Any:
         return compose(self, other)
+
+    async def send(self, **options: Any) -> Any:
+        raise NotImplementedError
+
+    async def apply_async(
+        self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> Any:
+        """`send(**options)`, Celery's spelling. Partial `args`/`kwargs` go to the tasks
+        that start it, as in Celery: a chain's first step, each member of a group, each
+        header task of a chord (not to an immutable one)."""
+        canvas = _partial(self, tuple(args), kwargs or {}) if args or kwargs else self
+        return await canvas.send(**options)
+
+    async def delay(self, *args: Any, **kwargs: Any) -> Any:
+        """`apply_async(args, kwargs)`, Celery's spelling."""
+        return await self.apply_async(args, kwargs)
+
+
+def _partial(c: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`c` with partial arguments given to the tasks that start it."""
+    if isinstance(c, Signature):
+        return c if c.immutable else c.clone(args, kwargs)
+    if isinstance(c, chain) and c.tasks:
+        return chain(_partial(c.tasks[0], args, kwargs), *c.tasks[1:])
+    if isinstance(c, group):
+        return group([_partial(t, args, kwargs) for t in c.tasks])
+    if isinstance(c, chord):
+        return chord([_partial(t, args, kwargs) for t in c.header], c.body, c.on_error)
+    return c
 
 
 def _steps(c: Any) -> tuple[Any, ...]:
@@ -139,14 +169,24 @@ class chord(_Composable):
     body: Any
     on_error: Signature | None = None
 
-    def __init__(self, header: Iterable[Any], body: Any, on_error: Signature | None = None) -> None:
+    def __init__(
+        self, header: Iterable[Any], body: Any = None, on_error: Signature | None = None
+    ) -> None:
         if isinstance(header, group):
             header = header.tasks
         object.__setattr__(self, "header", tuple(header))
         object.__setattr__(self, "body", body)
         object.__setattr__(self, "on_error", on_error)
 
+    def __call__(self, body: Any = None, **options: Any) -> Awaitable[TaskHandle[Any]]:
+        """Celery's `chord(header)(body)`: send it with this body; await the handle."""
+        return chord(self.header, body if body is not None else self.body, self.on_error).send(
+            **options
+        )
+
     def _freeze(self, shared: dict[str, Any]) -> Node:
+        if self.body is None:
+            raise TypeError("a chord needs a body: chord(header, body) or chord(header)(body)")
         return chord_node(list(self.header), self.body, self.on_error, shared)
 
     async def send(self, **options: Any) -> TaskHandle[Any]:

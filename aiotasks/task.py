@@ -292,6 +292,10 @@ class Task(Generic[P, R]):
         """Enqueue with the task's default options (Celery's `delay`)."""
         return await self.apply_async(args, kwargs)
 
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """`send`, Celery's spelling."""
+        return await self.apply_async(args, kwargs)
+
     async def apply_async(
         self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
     ) -> TaskHandle[R]:
@@ -400,6 +404,10 @@ class BoundTask(Generic[P, R]):
         """Enqueue with the bound options."""
         return await self.task.apply_async(args, kwargs, **self.send_options)
 
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """`send`, Celery's spelling."""
+        return await self.task.apply_async(args, kwargs, **self.send_options)
+
     async def apply_async(
         self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
     ) -> TaskHandle[R]:
@@ -429,9 +437,56 @@ class Signature:
     immutable: bool = False
 
     def set(self, **options: Any) -> Signature:
-        """A copy with these send options added (`link`/`link_error` included)."""
+        """A copy with these send options added (`link`/`link_error` included);
+        `immutable=True` makes it ignore the previous result, as `.si()` does."""
+        immutable = options.pop("immutable", self.immutable)
         check_options(options)
-        return replace(self, options={**self.options, **options})
+        return replace(self, options={**self.options, **options}, immutable=bool(immutable))
+
+    # Celery's in-place spellings. They change this signature's options, as Celery's do.
+
+    def link(self, callback: Signature) -> Signature:
+        """Add a callback (the `link` option) to this signature; returns the callback."""
+        self._add_option("link", callback)
+        return callback
+
+    def link_error(self, errback: Signature) -> Signature:
+        """Add an errback (the `link_error` option) to this signature; returns it."""
+        self._add_option("link_error", errback)
+        return errback
+
+    on_error = link_error
+
+    def _add_option(self, name: str, sig: Signature) -> None:
+        current = self.options.get(name)
+        items = [] if current is None else list(current) if isinstance(current, list) else [current]
+        check_options({name: [*items, sig]})
+        self.options[name] = [*items, sig]
+
+    def freeze(self) -> TaskHandle[Any]:
+        """Choose this call's task id now (the `task_id` option) and return its handle,
+        as Celery's `freeze()`: the id is known before the send."""
+        if "task_id" not in self.options:
+            self.options["task_id"] = new_id()
+        return TaskHandle(self._app().client, self.options["task_id"])
+
+    @property
+    def id(self) -> str | None:
+        """The task id this call will have, once chosen (`freeze()` or `task_id=`)."""
+        task_id = self.options.get("task_id")
+        return task_id if isinstance(task_id, str) else None
+
+    async def apply_async(
+        self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> TaskHandle[Any]:
+        """Celery's spelling: `args` go before the signature's own (not for an immutable
+        one), `kwargs` and `options` are merged in."""
+        sig = self if self.immutable else self.clone(args, kwargs)
+        return await sig.send(**options)
+
+    async def delay(self, *args: Any, **kwargs: Any) -> TaskHandle[Any]:
+        """`apply_async(args, kwargs)`, Celery's spelling."""
+        return await self.apply_async(args, kwargs)
 
     def __or__(self, other: Any) -> Any:
         """`sig | other`: a chain (see canvas.compose)."""

@@ -1,0 +1,107 @@
+"""Celery's spellings of sending and composing: `delay`, `apply_async` with partial
+arguments, `chord(header)(body)`, `sig.link()`/`link_error()`, `freeze()`, `set(immutable=)`.
+Each runs through a real worker and gives what Celery gives."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, TaskFailed, Worker, chain, chord, group
+from tests.helpers import wait_until
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+def tasks(app: App) -> dict[str, Any]:
+    seen: list[Any] = []
+
+    @app.task(name="add")
+    async def add(x: int, y: int = 0) -> int:
+        return x + y
+
+    @app.task(name="tsum")
+    async def tsum(xs: list[int]) -> int:
+        return sum(xs)
+
+    @app.task(name="record")
+    async def record(value: Any) -> None:
+        seen.append(value)
+
+    @app.task(name="boom")
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    return {"add": add, "tsum": tsum, "record": record, "boom": boom, "seen": seen}
+
+
+async def test_delay_and_apply_async_on_tasks_and_signatures(
+    app: App, worker: StartWorker, tasks: dict[str, Any]
+) -> None:
+    add = tasks["add"]
+    await worker(concurrency=8)
+    assert await (await add.delay(1, 2)).result(timeout=5) == 3
+    assert await (await add.options(queue="default").delay(2, 2)).result(timeout=5) == 4
+    # Partial arguments go before the signature's own, as in Celery: add(3, 2).
+    assert await (await add.s(2).delay(3)).result(timeout=5) == 5
+    assert await (await add.s(2).apply_async((5,), countdown=0)).result(timeout=5) == 7
+    assert await (await add.s(y=1).apply_async((5,), {"y": 10})).result(timeout=5) == 15
+    # An immutable signature keeps only its own arguments.
+    assert await (await add.si(1, 1).apply_async((5,))).result(timeout=5) == 2
+
+
+async def test_delay_and_apply_async_on_canvases(
+    app: App, worker: StartWorker, tasks: dict[str, Any]
+) -> None:
+    add, tsum = tasks["add"], tasks["tsum"]
+    await worker(concurrency=8)
+    assert await (await chain(add.s(1, 1), add.s(3)).delay()).result(timeout=5) == 5
+    # A chain's partial arguments go to its first step: add(10, 1) + 3.
+    h = await chain(add.s(1), add.s(3)).apply_async((10,))
+    assert await h.result(timeout=5) == 14
+    g = await group(add.s(1), add.s(2)).apply_async((10,))  # to each member
+    assert await g.results(timeout=5) == [11, 12]
+    h = await chord([add.s(1, 1), add.s(2, 2)], tsum.s()).apply_async()
+    assert await h.result(timeout=5) == 6
+    h = await chord([add.s(1), add.s(2)], tsum.s()).delay(5)  # to each header task
+    assert await h.result(timeout=5) == 13
+    h = await chord([add.s(1, 1), add.s(2, 2)])(tsum.s())
+    assert await h.result(timeout=5) == 6
+    with pytest.raises(TypeError, match="needs a body"):
+        await chord([add.s(1, 1)]).send()
+
+
+async def test_link_link_error_freeze_and_set_immutable(
+    app: App, worker: StartWorker, tasks: dict[str, Any]
+) -> None:
+    add, record, boom, seen = tasks["add"], tasks["record"], tasks["boom"], tasks["seen"]
+    await worker(concurrency=8)
+    sig = add.s(4, 4)
+    callback = record.s()
+    assert sig.link(callback) is callback
+    assert await (await sig.delay()).result(timeout=5) == 8
+    await wait_until(lambda: _async(seen == [8]), timeout=5, what="the callback")
+
+    failing = boom.s()
+    failing.link_error(record.s())
+    with pytest.raises(TaskFailed):
+        await (await failing.delay()).result(timeout=5)
+    await wait_until(lambda: _async(len(seen) == 2), timeout=5, what="the errback")
+    assert seen[1]["exc_type"] == "ValueError"
+
+    frozen = add.s(7, 7)
+    handle = frozen.freeze()  # the id is known before the send
+    assert frozen.id == handle.id
+    assert (await frozen.delay()).id == handle.id
+    assert await handle.result(timeout=5) == 14
+
+    ignores = add.s(1, 1).set(immutable=True)
+    assert ignores.immutable
+    assert await (await chain(add.s(5, 5), ignores).delay()).result(timeout=5) == 2
+
+
+async def _async(value: bool) -> bool:
+    return value
