@@ -185,6 +185,11 @@ class TimeLimitExceeded(AiotasksError, TimeoutError):
     """A task ran past its hard_timeout and was cancelled (recorded as its exc_type)."""
 
 
+class MaxRetriesExceededError(AiotasksError):
+    """A task asked for a retry (`raise Retry()`, no `exc=`) with its retries used up:
+    its recorded exc_type (Celery's name)."""
+
+
 class Retry(Exception):
     """Raise inside a task to run it again later, as a retry (counts against max_retries).
 

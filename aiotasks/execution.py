@@ -22,6 +22,7 @@ from .context import TaskContext, _current
 from .decode import DecodeError, decode_entry
 from .errors import (
     CONNECTION_ERRORS,
+    MaxRetriesExceededError,
     Replace,
     Retry,
     SignatureError,
@@ -434,7 +435,9 @@ class Execution:
             cause = (
                 exc
                 if not isinstance(exc, Retry)
-                else RuntimeError(f"retry limit ({max_retries}) exceeded")
+                else MaxRetriesExceededError(
+                    f"{task.name} asked for a retry with its {max_retries} retries used up"
+                )
             )
             return failure(cause)
         out = failure(exc) if not isinstance(exc, Retry) else Outcome(Kind.RETRY, exc=exc)

@@ -32,7 +32,7 @@ class TaskOptions:
     queue: str | None = None
     soft_timeout: float | None = None
     hard_timeout: float | None = None
-    max_retries: int = 0
+    max_retries: int = 3  # as in Celery
     autoretry_for: tuple[type[BaseException], ...] = ()
     retry_backoff: bool | float = False
     retry_backoff_max: float = 600.0

@@ -238,3 +238,17 @@ async def test_soft_timeout_is_retried_when_listed_in_autoretry_for(
     await worker()
     assert await (await slow_twice.send()).result(timeout=10) == "third try"
     assert attempts == [1, 2, 3]
+
+
+async def test_max_retries_defaults_to_three_as_in_celery(app: App, worker: StartWorker) -> None:
+    attempts: list[int] = []
+
+    @app.task
+    async def stubborn() -> None:
+        attempts.append(current_task().attempt)
+        raise Retry(countdown=0.01)
+
+    await worker()
+    err = await failure_of(await stubborn.send())
+    assert attempts == [1, 2, 3, 4]
+    assert err.exc_type == "MaxRetriesExceededError"
