@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .compiler import Compiler
+from .contract import COLLECT
 from .handle import GroupHandle, TaskHandle
 from .keys import shard_of
 from .nodes import (
-    COLLECT,
     Node,
     canvas_shard,
     check_args,

@@ -31,6 +31,11 @@ PROTOCOL = 2
 PUBLISH = "PUBLISH"
 SHARDED_PUBLISH = "SPUBLISH"
 
+#: The built-in task that returns its first argument: a group followed by anything (or
+#: nested) runs as a chord whose body is this task, gathering the results into a list.
+#: A member's failure fails it as the member failed (not as ChordError), as in Celery.
+COLLECT = "aiotasks.collect"
+
 #: Fields of a stream entry, in the order Lua writes them. Lua reads them by name.
 ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail", "err", "sig")
 
@@ -281,6 +286,8 @@ def lua_source() -> str:
         f"local GROUP = '{GROUP}'",
         f"local PROTOCOL = {PROTOCOL}",
         f"local ENTRY_FIELDS = {{{fields}}}",
+        "-- The built-in task gathering a group's results (contract.COLLECT).",
+        f"local COLLECT = '{COLLECT}'",
         *lua_functions(),
     ]
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from .contract import COLLECT  # the built-in task gathering a group's results
 from .keys import new_id, shard_of
 from .message import check_options
 
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 
 Node = dict[str, Any]
 
-COLLECT = "aiotasks.collect"
-"""Built-in task that returns its first argument: gathers a group's results into a list."""
 
 #: Send options that shape a canvas rather than reach each of its tasks.
 CANVAS_OPTIONS = ("task_id", "countdown", "eta", "link", "link_error")

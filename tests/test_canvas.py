@@ -683,3 +683,46 @@ async def test_header_with_ignore_result_still_feeds_the_body(
     await worker(concurrency=4)
     h = await chord([t.add.s(1, 1).set(ignore_result=True), t.add.s(2, 2)], t.ident.s()).send()
     assert await h.result(timeout=10) == [2, 4]
+
+
+# -- a group fails as its member did (Celery), wherever it stands --------------------------
+
+
+async def test_a_group_that_ends_a_chain_fails_with_its_members_error(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    h = await chain(t.add.s(1, 1), group(t.boom.s().set(task_id="member"), t.add.s(1))).send()
+    with pytest.raises(TaskFailed) as ei:
+        await h.result(timeout=10)
+    assert not isinstance(ei.value, ChordError)
+    assert (ei.value.exc_type, ei.value.exc_message) == ("ValueError", "boom")
+    assert "raise ValueError" in (ei.value.traceback or "")  # the member's own traceback
+    assert (await h.info()).exc_type == "ValueError"
+
+
+async def test_a_group_as_a_chord_body_or_nested_fails_with_its_members_error(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    h = await chord([t.add.s(1, 1)], group(t.boom.s(), t.add.s(1))).send()
+    with pytest.raises(TaskFailed) as ei:
+        await h.result(timeout=10)
+    assert ei.value.exc_type == "ValueError" and not isinstance(ei.value, ChordError)
+    g = await group(group(t.boom.s()), t.add.s(2, 2)).send()
+    with pytest.raises(TaskFailed) as ei:
+        await g.results(timeout=10)
+    assert ei.value.exc_type == "ValueError" and not isinstance(ei.value, ChordError)
+
+
+async def test_a_group_with_a_revoked_member_ends_revoked(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    member = t.add.s(1).set(task_id="later", countdown=30)
+    h = await chain(t.add.s(1, 1), group(member, t.add.s(2))).send()
+    later = app.handle("later")
+    await wait_until(lambda: _state_is(later, TaskState.SCHEDULED), timeout=5)
+    await later.revoke()
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=10)

@@ -9,6 +9,8 @@ local PUBLISH = 'PUBLISH'
 local GROUP = 'workers'
 local PROTOCOL = 2
 local ENTRY_FIELDS = {'v', 'id', 'ct', 'm', 'exp', 'r', 'cid', 'cix', 'tail', 'err', 'sig'}
+-- The built-in task gathering a group's results (contract.COLLECT).
+local COLLECT = 'aiotasks.collect'
 local K = {}
 function K.stream(queue, priority) return P .. 'q:' .. queue .. ':' .. priority end
 function K.task(id) return P .. 't:' .. id end
