@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -267,13 +267,13 @@ class GroupHandle:
             ResultTimeout: `timeout` seconds passed before all finished.
         """
         ctx = current_task_or_none()
-        waits = (self._one(h, return_exceptions) for h in self.handles)
+        waits = [self._one(h, return_exceptions) for h in self.handles]
         try:
             async with asyncio.timeout(timeout):
                 if ctx is None:
-                    return await asyncio.gather(*waits)
+                    return await _in_order(waits)
                 async with ctx._slot_released():
-                    return await asyncio.gather(*waits)
+                    return await _in_order(waits)
         except TimeoutError:
             raise ResultTimeout(f"group did not finish within {timeout} s") from None
 
@@ -285,3 +285,17 @@ class GroupHandle:
             if return_exceptions:
                 return exc
             raise
+
+
+async def _in_order(waits: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """Every wait's value, in order; all wait at once, and the first failure in member
+    order is raised (as Celery's join does), not the first in time."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        return [await t for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+            elif not t.cancelled():
+                t.exception()  # retrieved: a later member's failure is not "never retrieved"

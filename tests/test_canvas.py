@@ -726,3 +726,18 @@ async def test_a_group_with_a_revoked_member_ends_revoked(
     await later.revoke()
     with pytest.raises(TaskRevoked):
         await h.result(timeout=10)
+
+
+async def test_group_results_raise_the_first_failure_in_member_order(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    @app.task(name="late_boom")
+    async def late_boom(msg: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        raise ValueError(msg)
+
+    await worker(concurrency=4)
+    g = await group(late_boom.s("first", 0.3), t.add.s(1, 1), late_boom.s("second", 0)).send()
+    with pytest.raises(TaskFailed) as ei:
+        await g.results(timeout=10)
+    assert ei.value.exc_message == "first"  # the second failed earlier, but stands later
