@@ -221,7 +221,24 @@ def _freeze(canvas: Any, options: dict[str, Any] | None, app: App | None) -> Nod
         final = final_sig(root)
         if final is not None:
             final["id"] = str(shaping["task_id"])
+    _check_unique_ids(root)
     return root
+
+
+def _check_unique_ids(root: Node) -> None:
+    """Refuse two tasks of one canvas with the same id: the second would be taken for
+    the first (dedup) and silently skipped. A callback shared by several tasks is one
+    task, once."""
+    seen: dict[str, Node] = {}
+    for n in _with_ids(root):
+        if n.get("t") != "sig":
+            continue
+        first = seen.setdefault(str(n["id"]), n)
+        if first is not n:
+            raise ValueError(
+                f"task id {n['id']!r} is given to two tasks of this canvas "
+                f"({first['name']} and {n['name']}): each task needs its own"
+            )
 
 
 def _as_list(value: Any) -> list[Any]:

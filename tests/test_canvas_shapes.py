@@ -466,3 +466,19 @@ async def test_unrunnable_shapes_are_refused_at_send(t: Tasks) -> None:
         await group([t.add.s(1, 1), 42]).send()
     with pytest.raises(TypeError, match="on_error"):
         await chord([t.add.s(1, 1)], t.tsum.s(), on_error=chain(t.add.s(1, 1))).send()  # type: ignore[arg-type]
+
+
+async def test_two_tasks_of_one_canvas_with_one_id_are_refused(app: App, t: Tasks) -> None:
+    """The second would be taken for the first (dedup) and skipped without a word."""
+    same = t.add.s(1, 1).set(task_id="same")
+    for canvas in (
+        chain(same, t.add.s(1).set(task_id="same")),
+        group(same, t.add.s(2, 2).set(task_id="same")),
+        chord([same], t.tsum.s().set(task_id="same")),
+    ):
+        with pytest.raises(ValueError, match="'same' is given to two tasks"):
+            await canvas.send()
+    assert not await app.client.redis.exists(app.client.keys.task("same"))
+    # One errback shared by every member is one task: fine.
+    handle = await group(t.add.s(1, 1), t.add.s(2, 2)).send(link_error=t.add.s(0))
+    assert len(handle.handles) == 2
