@@ -472,9 +472,14 @@ class Client:
             await self.redis.pexpire(key, self.settings.result_ttl * 1000)
 
     async def forget(self, task_id: str) -> None:
-        """Delete a task's stored state and result."""
+        """Delete a finished task's stored state and result. A task not finished yet
+        keeps its record (its queue entry, revoke marks and waiters need it): there is
+        no result to forget yet."""
         c = self.for_task(task_id)
-        await c.redis.delete(c.keys.task(task_id))
+        key = c.keys.task(task_id)
+        state = await cast(Any, c.redis).hget(key, "state")
+        if state is None or state.decode() not in ("PENDING", "SCHEDULED", "STARTED"):
+            await c.redis.delete(key)
 
     async def publish(self, channel: str, message: str) -> None:
         """Publish on one of the namespace's channels: SPUBLISH on a Cluster, where the

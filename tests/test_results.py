@@ -16,6 +16,7 @@ from aiotasks import (
     App,
     ResultTimeout,
     TaskFailed,
+    TaskHandle,
     TaskInfo,
     TaskRevoked,
     TaskState,
@@ -231,6 +232,28 @@ async def test_info_of_a_queued_task(app: App) -> None:
 
 
 # -- forget -----------------------------------------------------------------------------
+
+
+async def test_forget_leaves_an_unfinished_task_alone(app: App, worker: StartWorker) -> None:
+    """No result to forget yet: the task still runs, and its waiters still hear of it."""
+
+    @app.task
+    async def slow_add(x: int, y: int) -> int:
+        await asyncio.sleep(0.5)
+        return x + y
+
+    queued = await slow_add.send(1, 1)
+    await queued.forget()
+    await worker()
+    running = await slow_add.send(2, 3)
+    await wait_until(lambda: _is_started(running), timeout=5, what="the task to start")
+    await running.forget()
+    assert await running.result(timeout=5) == 5
+    assert await queued.result(timeout=5) == 2
+
+
+async def _is_started(h: TaskHandle[Any]) -> bool:
+    return await h.state() == TaskState.STARTED
 
 
 async def test_forget_makes_the_task_unknown(app: App, worker: StartWorker) -> None:
