@@ -38,6 +38,7 @@ class TaskContext:
     retries: int = 0
     started: float = 0.0  # time.perf_counter() when the run began
     _slot: Slot | None = field(default=None, repr=False)
+    inline: bool = False  # called as `await task(...)`: no worker, no broker
 
     def retry(
         self,
@@ -62,8 +63,10 @@ class TaskContext:
         return Replace(canvas)
 
     async def progress(self, **meta: Any) -> None:
-        """Store progress metadata; callers see it in info().progress and updates()."""
-        await self.client.store_progress(self.id, meta)
+        """Store progress metadata; callers see it in info().progress and updates().
+        A task called inline has no record to store it in: nothing is stored."""
+        if not self.inline:
+            await self.client.store_progress(self.id, meta)
 
     @asynccontextmanager
     async def _slot_released(self) -> AsyncIterator[None]:

@@ -261,10 +261,22 @@ class Task(Generic[P, R]):
         return f"<Task {self.name}>"
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function here and now, without the broker."""
-        if self.is_async:
-            return await cast(Callable[P, Awaitable[R]], self.fn)(*args, **kwargs)
-        return cast(Callable[P, R], self.fn)(*args, **kwargs)
+        """Run the function here and now, without the broker. `current_task()` inside it
+        gives a context of its own (a new id, attempt 1; `progress()` stores nothing), as
+        Celery's request of a task called directly."""
+        from .context import TaskContext, _current
+
+        app = self.app
+        queue = self.opts.queue or app.route(self.name)
+        ctx = TaskContext(new_id(), self.name, 1, self.opts.max_retries, queue, app, app.client,
+                          inline=True)  # fmt: skip
+        token = _current.set(ctx)
+        try:
+            if self.is_async:
+                return await cast(Callable[P, Awaitable[R]], self.fn)(*args, **kwargs)
+            return cast(Callable[P, R], self.fn)(*args, **kwargs)
+        finally:
+            _current.reset(token)
 
     @property
     def adapter(self) -> adapt.Adapter | None:

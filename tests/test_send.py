@@ -21,6 +21,7 @@ from aiotasks import (
     TaskState,
     Worker,
     chain,
+    current_task,
 )
 
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -370,13 +371,22 @@ async def test_inline_call_needs_no_broker() -> None:
     def mul(x: int, y: int) -> int:
         return x * y
 
+    @offline.task(name="whoami", max_retries=2)
+    async def whoami() -> tuple[str, int, int, str]:
+        ctx = current_task()  # a context of its own, as Celery gives a direct call
+        await ctx.progress(done=1)  # stores nothing: there is no broker
+        return ctx.name, ctx.attempt, ctx.max_retries, ctx.queue
+
     try:
         async with asyncio.timeout(2):
             assert await add(2, 3) == 5
             assert await mul(2, 3) == 6
             assert await add.s(1)(2) == 3
+            assert await whoami() == ("whoami", 1, 2, "default")
     finally:
         await offline.close()
+    with pytest.raises(RuntimeError):
+        current_task()  # only inside the call
 
 
 # -- send errors --------------------------------------------------------------------------
