@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -79,8 +80,14 @@ class TaskContext:
         slot.release()
         try:
             yield
-        finally:
+        except asyncio.CancelledError:
+            # Ending (a hard timeout, a revoke, a stop): it runs no more work, so it does
+            # not wait in line for a slot just to finish dying; its lease stays given back.
+            raise
+        except BaseException:
             await slot.acquire()
+            raise
+        await slot.acquire()
 
 
 _current: ContextVar[TaskContext | None] = ContextVar("aiotasks_current_task", default=None)

@@ -10,6 +10,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from aiotasks import App, ChordError, TaskFailed, Worker, chord, current_task, group
 
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -173,3 +175,27 @@ async def test_waiting_parent_does_not_exceed_concurrency(app: App, worker: Star
     hs = [await parent.send() for _ in range(3)]
     assert [await h.result(timeout=20) for h in hs] == [1, 1, 1]
     assert 1 <= peak <= 2
+
+
+async def test_a_waiting_parents_hard_timeout_ends_it_on_time(
+    app: App, worker: StartWorker
+) -> None:
+    """Cancelled while its child holds the only slot, it does not wait in line for the
+    slot just to end: it ends at its hard timeout, as a timeout, not as an abandoned task."""
+
+    @app.task
+    async def child() -> str:
+        await asyncio.sleep(3)
+        return "late"
+
+    @app.task(hard_timeout=0.5)
+    async def parent() -> str:
+        return await (await child.send()).result(timeout=10)
+
+    await worker(concurrency=1)
+    started = time.monotonic()
+    with pytest.raises(TaskFailed) as ei:
+        await (await parent.send()).result(timeout=10)
+    assert time.monotonic() - started < 2.5
+    assert ei.value.exc_type == "TimeLimitExceeded"
+    assert "abandoned" not in ei.value.exc_message
