@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import Replace, Retry
+from .errors import Replace, Retry, SoftTimeLimitExceeded
 
 if TYPE_CHECKING:
     from .app import App
@@ -80,9 +80,10 @@ class TaskContext:
         slot.release()
         try:
             yield
-        except asyncio.CancelledError:
-            # Ending (a hard timeout, a revoke, a stop): it runs no more work, so it does
-            # not wait in line for a slot just to finish dying; its lease stays given back.
+        except (asyncio.CancelledError, SoftTimeLimitExceeded):
+            # Ending (a hard timeout, a revoke, a stop) or told to wrap up (its soft
+            # timeout): it does not wait in line for a slot its child may hold for long,
+            # so the timeout reaches it on time; its lease stays given back.
             raise
         except BaseException:
             await slot.acquire()

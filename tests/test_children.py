@@ -12,7 +12,16 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from aiotasks import App, ChordError, TaskFailed, Worker, chord, current_task, group
+from aiotasks import (
+    App,
+    ChordError,
+    SoftTimeLimitExceeded,
+    TaskFailed,
+    Worker,
+    chord,
+    current_task,
+    group,
+)
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -199,3 +208,24 @@ async def test_a_waiting_parents_hard_timeout_ends_it_on_time(
     assert time.monotonic() - started < 2.5
     assert ei.value.exc_type == "TimeLimitExceeded"
     assert "abandoned" not in ei.value.exc_message
+
+
+async def test_a_waiting_parents_soft_timeout_reaches_it_on_time(
+    app: App, worker: StartWorker
+) -> None:
+    @app.task
+    async def child() -> str:
+        await asyncio.sleep(3)
+        return "late"
+
+    @app.task(soft_timeout=0.5)
+    async def parent() -> str:
+        try:
+            return await (await child.send()).result(timeout=10)
+        except SoftTimeLimitExceeded:
+            return "wrapped up"
+
+    await worker(concurrency=1)
+    started = time.monotonic()
+    assert await (await parent.send()).result(timeout=10) == "wrapped up"
+    assert time.monotonic() - started < 2.5
