@@ -220,12 +220,22 @@ class Queues:
         self.app = app
 
     async def pause(self, queue: str) -> None:
-        """Workers stop taking tasks from `queue` (within a second); nothing is lost."""
-        await cast(Any, self.app.client.redis).sadd(self.app.client.keys.paused, queue)
+        """Workers stop taking tasks from `queue` at once; nothing is lost (a task a
+        worker was fetching just then goes back to the queue unrun)."""
+        client = self.app.client
+        await cast(Any, client.redis).sadd(client.keys.paused, queue)
+        await self._tell_workers("pause", queue)
 
     async def resume(self, queue: str) -> None:
         """Workers take tasks from `queue` again."""
-        await cast(Any, self.app.client.redis).srem(self.app.client.keys.paused, queue)
+        client = self.app.client
+        await cast(Any, client.redis).srem(client.keys.paused, queue)
+        await self._tell_workers("resume", queue)
+
+    async def _tell_workers(self, what: str, queue: str) -> None:
+        # Workers also re-read the set every second: one that misses this still follows.
+        client = self.app.client
+        await client.publish(client.keys.control_channel, f"{what} {queue}")
 
     async def paused(self) -> set[str]:
         """The paused queues."""

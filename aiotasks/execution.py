@@ -160,6 +160,7 @@ class Runtime:
     worker: str
     thread_limiter: Callable[[], Any]
     on_abandon: Callable[[Execution, Outcome], None]
+    paused: frozenset[str] = frozenset()  # queues paused (tasks.queues), as last read
 
 
 @dataclass(slots=True)
@@ -330,6 +331,9 @@ class Execution:
         self.limits = Limits(opts.soft_timeout, opts.hard_timeout)
         if self.revoke_requested:
             return Outcome(Kind.REVOKED)  # terminated before its body began: never run it
+        if msg.queue in self.rt.paused:
+            # Fetched as its queue was paused (a read in flight): back on its stream, unrun.
+            return Outcome(Kind.DEFER, retry_at=now())
         try:
             deferred = await self._before_body(task, msg)
         except CONNECTION_ERRORS as exc:

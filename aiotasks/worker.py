@@ -465,17 +465,25 @@ class Worker:
             paused = await self._take_up_paused(paused)
 
     async def _take_up_paused(self, paused: frozenset[str]) -> frozenset[str]:
-        """Read the paused queues; fetch only from the others. Returns the paused set."""
+        """Read the paused queues; fetch only from the others. Returns the paused set.
+
+        A task fetched from a queue as it was being paused (a read already in flight)
+        goes back to its stream unrun (Execution, `rt.paused`)."""
         try:
             now_paused = frozenset(await Queues(self.app).paused())
         except CONNECTION_ERRORS:
             return paused  # the fetch loop reports the lost connection
-        if now_paused != paused:
-            for lane in self.lanes:
-                lane.active = [s for s in lane.streams if self._served[s][0] not in now_paused]
-            mine = sorted(q for q in self.queues if q in now_paused)
-            log.info("worker %s: paused queues %s", self.name, ", ".join(mine) or "none")
+        self._set_paused(now_paused)
         return now_paused
+
+    def _set_paused(self, paused: frozenset[str]) -> None:
+        if paused == self._runtime.paused:
+            return
+        self._runtime.paused = paused
+        for lane in self.lanes:
+            lane.active = [s for s in lane.streams if self._served[s][0] not in paused]
+        mine = sorted(q for q in self.queues if q in paused)
+        log.info("worker %s: paused queues %s", self.name, ", ".join(mine) or "none")
 
     async def _fetch_failed(self, exc: BaseException, delay: float) -> None:
         """Log a fetch that Redis refused or could not answer, then wait `delay` s."""
@@ -768,7 +776,10 @@ class Worker:
 
     def _control(self, data: bytes) -> None:
         cmd, _, arg = data.decode(errors="replace").partition(" ")
-        if cmd == "revoke":
+        if cmd in ("pause", "resume"):  # take it up now, before a fetch in flight lands
+            paused = self._runtime.paused
+            self._set_paused(paused | {arg} if cmd == "pause" else paused - {arg})
+        elif cmd == "revoke":
             # A scan of the running table: revokes are rare, the table is small.
             for ex in list(self._running.values()):
                 if ex.tid == arg and ex.phase is not Phase.COMMITTING:

@@ -152,6 +152,34 @@ async def test_a_worker_started_after_the_pause_takes_nothing_from_it(
     assert await held.result(timeout=5) == "held"
 
 
+async def test_a_pause_takes_effect_at_once_for_a_running_worker(
+    app: App, worker: StartWorker
+) -> None:
+    """pause() then send() straight away: the idle worker, blocked reading the queue,
+    runs nothing of it (a task its read was already taking goes back, unrun)."""
+    ran: list[str] = []
+
+    @app.task
+    async def job(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    await worker(queues=["a"])
+    warm = await job.options(queue="a").send("warm")
+    assert await warm.result(timeout=5) == "warm"
+    for round_ in range(3):
+        await app.queues.pause("a")
+        held = [await job.options(queue="a").send(f"{round_}-{i}") for i in range(3)]
+        await asyncio.sleep(0.5)
+        # (One the read was taking goes back to the end of its queue: order may change.)
+        assert sorted(ran) == sorted(
+            ["warm"] + [f"{r}-{i}" for r in range(round_) for i in range(3)]
+        )
+        assert {await h.state() for h in held} == {TaskState.PENDING}
+        await app.queues.resume("a")
+        assert [await h.result(timeout=5) for h in held] == [f"{round_}-{i}" for i in range(3)]
+
+
 async def test_rate_limit_per_key(app: App, worker: StartWorker) -> None:
     starts: dict[int, list[float]] = defaultdict(list)
 
