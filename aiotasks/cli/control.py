@@ -135,5 +135,5 @@ def _queue_command(verb: str, doc: str) -> None:
     queues.command(verb)(command)
 
 
-_queue_command("pause", "Workers stop taking tasks from QUEUE within a second; nothing is lost.")
+_queue_command("pause", "Workers stop taking tasks from QUEUE at once; nothing is lost.")
 _queue_command("resume", "Workers take tasks from QUEUE again.")
