@@ -233,8 +233,9 @@ async def test_delayed_task_without_scripts(recipes_app: App, producer: Producer
                 "_rec": pack(rec),
             },
         )
-        tx.pexpire(f"{P}t:{task_id}", 86_400_000)
+        tx.pexpire(f"{P}t:{task_id}", 86_400_000 + due - now_ms())
         tx.zadd(f"{P}delayed", {task_id: due})
+        tx.sadd(f"{P}queues", "default")
         await tx.execute()
     assert value(await producer.result(task_id)) == 21
 
