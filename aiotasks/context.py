@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -21,6 +21,8 @@ class Slot(Protocol):
     """A worker concurrency slot that a waiting task can hand back."""
 
     def release(self) -> None: ...
+
+    def take_now(self) -> None: ...
 
     async def acquire(self) -> None: ...
 
@@ -40,6 +42,7 @@ class TaskContext:
     started: float = 0.0  # time.perf_counter() when the run began
     _slot: Slot | None = field(default=None, repr=False)
     inline: bool = False  # called as `await task(...)`: no worker, no broker
+    _ending: Callable[[], bool] | None = field(default=None, repr=False)  # cancelled to end
 
     def retry(
         self,
@@ -80,10 +83,17 @@ class TaskContext:
         slot.release()
         try:
             yield
-        except (asyncio.CancelledError, SoftTimeLimitExceeded):
-            # Ending (a hard timeout, a revoke, a stop) or told to wrap up (its soft
-            # timeout): it does not wait in line for a slot its child may hold for long,
-            # so the timeout reaches it on time; its lease stays given back.
+        except asyncio.CancelledError:
+            if self._ending is not None and self._ending():
+                # Ending (its hard timeout, a revoke): it runs no more work, so it does not
+                # wait in line for a slot its child may hold for long; none is taken back.
+                raise
+            await slot.acquire()  # a timeout of its own (asyncio.timeout): it goes on
+            raise
+        except SoftTimeLimitExceeded:
+            # Told to wrap up now: it goes on at once, over the limit until a task ends,
+            # rather than after the children that hold the slots.
+            slot.take_now()
             raise
         except BaseException:
             await slot.acquire()

@@ -327,6 +327,7 @@ class Execution:
             client=self.rt.client,
             retries=msg.retries,
             _slot=self.lease,
+            _ending=self._ending,
         )
         self.limits = Limits(opts.soft_timeout, opts.hard_timeout)
         if self.revoke_requested:
@@ -489,6 +490,10 @@ class Execution:
         self.task.cancel()
         # Do not wait forever on a coroutine that swallows cancellation.
         asyncio.get_running_loop().call_later(HARD_TIMEOUT_GRACE, self._abandon)
+
+    def _ending(self) -> bool:
+        """Whether the run was cancelled to end it (its hard timeout, a revoke)."""
+        return self.limits.hard_fired or self.limits.revoked
 
     def cancel_revoked(self) -> None:
         """Cancel the running task because it was revoked with terminate=True.

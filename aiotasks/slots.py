@@ -34,15 +34,23 @@ class Slots:
 
     def take(self, most: int) -> int:
         """Take up to `most` free slots without waiting; returns how many."""
-        if self._waiters:
+        if self._waiters or self.free <= 0:
             return 0
         n = min(most, self.free)
         self.free -= n
         return n
 
+    def take_now(self) -> None:
+        """Take one slot at once, over the limit if none is free (a waiting parent told
+        to wrap up): the next releases pay it back before anyone else gets one."""
+        self.free -= 1
+
     def release(self, n: int = 1) -> None:
-        """Give back `n` slots, handing them to waiters first."""
+        """Give back `n` slots, handing them to waiters first (once none is owed)."""
         for _ in range(n):
+            if self.free < 0:
+                self.free += 1
+                continue
             while self._waiters:
                 fut = self._waiters.popleft()
                 if not fut.done():
@@ -74,4 +82,9 @@ class Lease:
     async def acquire(self) -> None:
         if not self.held:
             await self._slots.acquire()
+            self.held = True
+
+    def take_now(self) -> None:
+        if not self.held:
+            self._slots.take_now()
             self.held = True

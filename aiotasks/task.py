@@ -261,22 +261,25 @@ class Task(Generic[P, R]):
         return f"<Task {self.name}>"
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function here and now, without the broker. `current_task()` inside it
-        gives a context of its own (a new id, attempt 1; `progress()` stores nothing), as
-        Celery's request of a task called directly."""
+        """Run the function here and now, without the broker. Outside a task,
+        `current_task()` inside it gives a context of its own (a new id, attempt 1;
+        `progress()` stores nothing), as Celery's request of a task called directly;
+        inside a running task it stays that task's (its slot, its progress)."""
         from .context import TaskContext, _current
 
-        app = self.app
-        queue = self.opts.queue or app.route(self.name)
-        ctx = TaskContext(new_id(), self.name, 1, self.opts.max_retries, queue, app, app.client,
-                          inline=True)  # fmt: skip
-        token = _current.set(ctx)
+        token = None
+        if _current.get() is None:
+            app = self.app
+            queue = self.opts.queue or app.route(self.name)
+            token = _current.set(TaskContext(new_id(), self.name, 1, self.opts.max_retries,
+                                             queue, app, app.client, inline=True))  # fmt: skip
         try:
             if self.is_async:
                 return await cast(Callable[P, Awaitable[R]], self.fn)(*args, **kwargs)
             return cast(Callable[P, R], self.fn)(*args, **kwargs)
         finally:
-            _current.reset(token)
+            if token is not None:
+                _current.reset(token)
 
     @property
     def adapter(self) -> adapt.Adapter | None:

@@ -15,6 +15,7 @@ import pytest
 from aiotasks import (
     App,
     ChordError,
+    ResultTimeout,
     SoftTimeLimitExceeded,
     TaskFailed,
     Worker,
@@ -229,3 +230,58 @@ async def test_a_waiting_parents_soft_timeout_reaches_it_on_time(
     started = time.monotonic()
     assert await (await parent.send()).result(timeout=10) == "wrapped up"
     assert time.monotonic() - started < 2.5
+
+
+async def test_a_parent_whose_wait_times_out_takes_its_slot_back_before_going_on(
+    app: App, worker: StartWorker
+) -> None:
+    running = peak = 0
+
+    async def work(seconds: float) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            running -= 1
+
+    @app.task
+    async def child() -> int:
+        await work(1.0)
+        return 1
+
+    @app.task
+    async def parent() -> str:
+        try:
+            await (await child.send()).result(timeout=0.2)
+        except ResultTimeout:
+            pass
+        await work(0.5)  # goes on working: with its slot, after the child's
+        return "done"
+
+    await worker(concurrency=1)
+    assert await (await parent.send()).result(timeout=10) == "done"
+    assert peak == 1  # never two at once on a worker of one slot
+
+
+async def test_a_task_called_inline_inside_a_task_waits_with_the_callers_slot(
+    app: App, worker: StartWorker
+) -> None:
+    @app.task
+    async def child() -> int:
+        return 1
+
+    @app.task
+    async def helper() -> int:
+        await current_task().progress(step="helper")  # the running task's progress
+        return await (await child.send()).result(timeout=5)
+
+    @app.task
+    async def parent() -> int:
+        return await helper()
+
+    await worker(concurrency=1)
+    h = await parent.send()
+    assert await h.result(timeout=10) == 1
+    assert (await h.info()).progress == {"step": "helper"}

@@ -28,6 +28,24 @@ async def test_waiters_get_released_slots_in_order() -> None:
     assert slots.free == 0
 
 
+async def test_a_slot_taken_over_the_limit_is_paid_back_first() -> None:
+    """take_now() (a waiting parent told to wrap up) may go over the limit: the next
+    release pays it back before a waiter or a fetch gets a slot."""
+    slots = Slots(1)
+    await slots.acquire()
+    slots.take_now()
+    assert (slots.free, slots.busy) == (-1, 2)
+    assert slots.take(5) == 0
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()  # pays the debt
+    await asyncio.sleep(0)
+    assert not waiter.done() and slots.free == 0
+    slots.release()  # now the waiter's turn
+    await asyncio.wait_for(waiter, 1)
+    assert slots.free == 0
+
+
 async def test_a_waiter_cancelled_then_skipped_by_a_release_does_not_raise() -> None:
     """Cancelled while waiting, and a release() ran before it resumed: the release passes
     over the cancelled waiter (dropping it) and the cancelled acquire ends quietly."""
