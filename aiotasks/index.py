@@ -211,7 +211,7 @@ class TaskIndex:
             raw += [(k, entry_id, fields) for entry_id, fields in entries]
         if len(self.shards) > 1:
             raw = sorted(raw, key=lambda e: _entry_order(e[1]))[:count]
-        positions = [low.lstrip("(") if low != "-" else "0-0" for low in lows]
+        positions = [_position_before(low) for low in lows]
         out: list[Event] = []
         for k, entry_id, fields in raw:
             positions[k] = entry_id.decode()
@@ -249,7 +249,11 @@ class TaskIndex:
         (a Cluster refuses one read over keys of several slots).
         """
         streams = [shard.keys.events for shard in self.shards]
-        last = dict(zip(streams, self._positions(after), strict=True))
+        positions = self._positions(after)
+        if "$" in positions:  # "new only": each shard's newest entry, so a cursor holds ids
+            newest = (await self.last_id()).split(",")
+            positions = [n if p == "$" else p for p, n in zip(positions, newest, strict=True)]
+        last = dict(zip(streams, positions, strict=True))
         redis = {shard.keys.events: shard.redis for shard in self.shards}
         reads: dict[asyncio.Future[Any], str] = {}
         try:
@@ -271,6 +275,16 @@ class TaskIndex:
         finally:
             for future in reads:
                 future.cancel()
+
+
+def _position_before(low: str) -> str:
+    """The cursor position just before an XRANGE start: "-", "(<id>" or "<ms>"."""
+    if low == "-":
+        return "0-0"
+    if low.startswith("("):
+        return low[1:]
+    ms = int(low.partition("-")[0])
+    return f"{ms - 1}-18446744073709551615" if ms > 0 else "0-0"  # the last id of ms - 1
 
 
 def _entry_order(entry_id: bytes | str) -> tuple[int, int]:

@@ -352,6 +352,32 @@ async def test_a_feed_cursor_holds_each_shards_own_position(sapp: App) -> None:
     assert [e.task_id for e in await index.events(after="2500-0")] == ["c1", "c2", "a1", "a2"]
 
 
+async def test_a_cursor_from_following_new_events_only_resumes_every_shard(sapp: App) -> None:
+    """follow() from "$" (new only): its events' cursors name each shard's entry id, not
+    "$", so a resume misses nothing a quiet shard wrote meanwhile."""
+    index = TaskIndex(sapp.client)
+    a, b, _ = (cast(Any, s.redis) for s in sapp.client.shards)
+    ka, kb, _ = (s.keys.events for s in sapp.client.shards)
+    followed: list[Any] = []
+
+    async def follow() -> None:
+        async for event in index.follow(block_ms=100):
+            followed.append(event)
+            return
+
+    reader = asyncio.create_task(follow())
+    await asyncio.sleep(0.3)  # it reads, from each shard's newest entry
+    await a.xadd(ka, {"t": 1, "e": "SUCCESS\ta1"})
+    await asyncio.wait_for(reader, 5)
+    cursor = followed[0].cursor or ""
+    assert "$" not in cursor
+    await b.xadd(kb, {"t": 1, "e": "SUCCESS\tb1"})  # while nobody follows
+    assert [e.task_id for e in await index.events(after=cursor)] == ["b1"]
+    async for event in index.follow(after=cursor, block_ms=100):
+        assert event.task_id == "b1"
+        break
+
+
 async def test_a_worker_with_another_shard_count_refuses_to_start(
     make_app: Callable[..., App], worker: StartWorker
 ) -> None:
