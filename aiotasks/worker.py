@@ -142,6 +142,7 @@ class Worker:
         self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
         self._abandoned: set[Execution] = set()  # bodies that ignored cancellation
         self._runtime = Runtime(app, self.client, self.name, self.thread_limiter, self._abandon)
+        self._pause_messages = 0  # pause/resume messages taken up (see _take_up_paused)
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = asyncio.Event()
@@ -450,7 +451,7 @@ class Worker:
         if self._running or self._has_ops:
             return
         for lane in self.lanes:
-            if await lane.client.has_work(lane.streams, within=1.0):
+            if await lane.client.has_work(lane.active, within=1.0):  # paused ones wait
                 return
         self.stop()
 
@@ -469,10 +470,13 @@ class Worker:
 
         A task fetched from a queue as it was being paused (a read already in flight)
         goes back to its stream unrun (Execution, `rt.paused`)."""
+        told = self._pause_messages
         try:
             now_paused = frozenset(await Queues(self.app).paused())
         except CONNECTION_ERRORS:
             return paused  # the fetch loop reports the lost connection
+        if told != self._pause_messages:
+            return self._runtime.paused  # a message came meanwhile: the read may predate it
         self._set_paused(now_paused)
         return now_paused
 
@@ -777,6 +781,7 @@ class Worker:
     def _control(self, data: bytes) -> None:
         cmd, _, arg = data.decode(errors="replace").partition(" ")
         if cmd in ("pause", "resume"):  # take it up now, before a fetch in flight lands
+            self._pause_messages += 1
             paused = self._runtime.paused
             self._set_paused(paused | {arg} if cmd == "pause" else paused - {arg})
         elif cmd == "revoke":

@@ -186,6 +186,21 @@ async def test_burst_worker_on_empty_queues_exits_at_once(app: App) -> None:
     assert time.monotonic() - started < 2
 
 
+async def test_burst_worker_leaves_a_paused_queue_for_later(app: App) -> None:
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await app.queues.pause("held")
+    held = await add.options(queue="held").send(1, 1)
+    done = await add.send(2, 2)
+    w = app.worker(burst=True, queues=["default", "held"])
+    async with asyncio.timeout(5):
+        await w.run()
+    assert await done.result(timeout=1) == 4
+    assert await held.state() == TaskState.PENDING
+
+
 async def test_burst_worker_waits_for_a_task_due_soon(app: App) -> None:
     @app.task
     async def add(x: int, y: int) -> int:
