@@ -77,7 +77,7 @@ def _now_ms() -> int:
 #: Send options a schedule keeps for each tick's send (an `expires` in seconds only).
 _RECURRING = frozenset({"priority", "countdown", "expires", "soft_timeout", "hard_timeout",
                         "max_retries", "ignore_result", "result_ttl", "serializer",
-                        "compression"})  # fmt: skip
+                        "compression", "retry_policy"})  # fmt: skip
 
 
 def _recurring(name: str, value: Any) -> bool:
@@ -85,16 +85,23 @@ def _recurring(name: str, value: Any) -> bool:
 
 
 def _spec(info: ScheduleInfo) -> bytes:
-    data, _ = codec.encode(info.as_dict(), "msgpack")
+    spec = info.as_dict()
+    if not spec["options"]:
+        del spec["options"]  # a spec as 0.2.0 wrote it: workers of that version still read it
+    data, _ = codec.encode(spec, "msgpack")
     return data
+
+
+_SPEC_KEYS = frozenset(ScheduleInfo.__slots__)
 
 
 def _info(raw: bytes) -> ScheduleInfo | None:
     try:
         spec = codec.decode(raw, "msgpack")
-        return ScheduleInfo(**spec)
-    except (SerializationError, TypeError):
-        return None  # written by another version: ignored
+        # Keys a later version added are left out: its schedules still fire here.
+        return ScheduleInfo(**{k: v for k, v in spec.items() if k in _SPEC_KEYS})
+    except (SerializationError, TypeError, AttributeError):
+        return None  # not a spec (written by hand): ignored
 
 
 class Schedules:
@@ -133,7 +140,7 @@ class Schedules:
                 f"{type(sig).__name__}"
             )
         options = dict(sig.options)
-        queue = queue or options.pop("queue", None)
+        queue = queue or options.pop("queue", None)  # queue= given here wins
         options.pop("queue", None)
         refused = sorted(k for k, v in options.items() if not _recurring(k, v))
         if refused:

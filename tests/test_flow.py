@@ -335,3 +335,18 @@ async def test_a_schedule_keeps_its_signatures_send_options(app: App) -> None:
         await app.schedules.add("c", chain(report.s("a"), report.s("b")), every=60)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="task_id"):
         await app.schedules.add("t", report.s("a").set(task_id="fixed"), every=60)
+
+
+async def test_schedule_specs_read_across_versions(app: App) -> None:
+    """A spec without send options is written as 0.2.0 wrote it (its workers still read
+    it), and a key a later version adds does not hide a schedule from this one."""
+    import msgpack  # type: ignore[import-untyped]
+
+    from aiotasks.control import _info, _spec
+
+    info = await app.schedules.add("plain", sig(app, "tick", "p"), every=60)
+    stored = await app.client.redis.hget(app.client.keys.schedules, "plain")
+    assert "options" not in msgpack.unpackb(stored)
+    later = msgpack.unpackb(_spec(info))
+    later["added_by_a_later_version"] = 1
+    assert _info(msgpack.packb(later)) == info
