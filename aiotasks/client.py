@@ -475,11 +475,7 @@ class Client:
         """Delete a finished task's stored state and result. A task not finished yet
         keeps its record (its queue entry, revoke marks and waiters need it): there is
         no result to forget yet."""
-        c = self.for_task(task_id)
-        key = c.keys.task(task_id)
-        state = await cast(Any, c.redis).hget(key, "state")
-        if state is None or state.decode() not in ("PENDING", "SCHEDULED", "STARTED"):
-            await c.redis.delete(key)
+        await self.for_task(task_id).scripts.forget(task_id=task_id)
 
     async def publish(self, channel: str, message: str) -> None:
         """Publish on one of the namespace's channels: SPUBLISH on a Cluster, where the
@@ -683,8 +679,13 @@ class Client:
         return bool(await self.redis.set(key, worker, nx=True, px=ttl_ms))
 
     async def publish_schedule(self, next_runs: dict[str, int], ttl_ms: int) -> None:
-        """Record each periodic's next run (ms) for `aiotasks status`."""
+        """Record each periodic's next run (ms) for `aiotasks status`: the whole map, so
+        a schedule removed meanwhile leaves it (every worker fires the same schedules)."""
+        # Not a transaction (a Cluster pipeline may refuse one): a reader between the
+        # two writes sees no next runs for a moment, nothing worse.
         async with self.redis.pipeline(transaction=False) as pipe:
-            cast(Any, pipe).hset(self.keys.periodic, mapping=next_runs)
-            pipe.pexpire(self.keys.periodic, ttl_ms)
+            pipe.delete(self.keys.periodic)
+            if next_runs:
+                cast(Any, pipe).hset(self.keys.periodic, mapping=next_runs)
+                pipe.pexpire(self.keys.periodic, ttl_ms)
             await pipe.execute()

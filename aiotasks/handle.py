@@ -232,7 +232,8 @@ class TaskHandle(Generic[R]):
         await self.client.revoke(self.id, terminate=terminate)
 
     async def forget(self) -> None:
-        """Delete the stored result; the task reads as PENDING (unknown) afterwards."""
+        """Delete the stored result of a finished task; it reads as PENDING (unknown)
+        afterwards. A task not finished yet is left alone: it has no result yet."""
         await self.client.forget(self.id)
 
 

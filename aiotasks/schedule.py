@@ -225,7 +225,5 @@ class Scheduler:
 
     async def _publish(self) -> None:
         """Record each periodic's next run for `aiotasks status`."""
-        if not self._next:
-            return
-        horizon_ms = max(self._next.values()) - int(time.time() * 1000) + 86_400_000
+        horizon_ms = max(self._next.values(), default=0) - int(time.time() * 1000) + 86_400_000
         await self.app.client.publish_schedule(self._next, max(horizon_ms, 86_400_000))

@@ -33,6 +33,7 @@ NAMES = (
     "requeue",
     "acquire",
     "watch",
+    "forget",
 )
 
 
@@ -207,6 +208,10 @@ class Scripts:
         return await self._s["watch"](  # type: ignore[no-any-return]
             keys=self._fixed, args=[task_id, ttl]
         )
+
+    async def forget(self, *, task_id: str) -> int:
+        """Delete a finished task's record; 0 when it is live or unknown (forget.lua)."""
+        return await self._s["forget"](keys=self._fixed, args=[task_id])  # type: ignore[no-any-return]
 
     async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Record]) -> int:
         """Apply a batch of done/ack/dead/enqueue/chord ops atomically (see finish.lua)."""

@@ -264,6 +264,8 @@ local function enqueue_task(mode, t, now_ms)
     -- Someone watching the id (watch.lua) goes on hearing of its new run.
     if cur[4] then redis.call('HSET', tkey, '_w', 1) end
   end
+  -- A deferral (a rate limit, a paused queue) never ran: no trace of its start stays.
+  if mode == 'defer' and state then redis.call('HDEL', tkey, 'started_at', 'worker') end
   if t.r and t.r ~= '' then redis.call('HSET', tkey, 'retries', t.r) end
   local due_ms = math.max(tonumber(t.due) or 0, now_ms + (tonumber(t.delay) or 0))
   t.due, t.delay = nil, nil
