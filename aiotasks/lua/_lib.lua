@@ -366,28 +366,25 @@ settle_chord = function(cid, idx, id, state, value, exc_type, exc_message, now_m
   redis.call('DEL', rk)
   local body = read_record(redis.call('HGET', ck, 'body'))
   if not body then return end  -- unreadable (another version's chord): nothing to fail
-  if body.name == COLLECT then
-    -- A group (its results gathered by COLLECT), not a chord the user wrote: it ends as
-    -- its member did, as a Celery group does, and what waits on it hears of that member.
-    local out = state == 'REVOKED' and 'REVOKED' or 'FAILURE'
-    final_write(body.id, out, {finished_at = now_ms, exc_type = exc_type,
-      exc_message = exc_message, failed_task_id = id,
-      traceback = redis.call('HGET', K.task(id), 'traceback') or nil}, ttl, now_ms)
-    fail_task(body.tail, out, exc_type, exc_message, ttl, now_ms, id)
-    if body.cid and body.cid ~= '' then
-      settle_chord(body.cid, body.cix, id, out, '', exc_type, exc_message, now_ms)
-    end
+  -- A group (its results gathered by COLLECT), not a chord the user wrote, ends as its
+  -- member did, as a Celery group does, and what waits on it hears of that member.
+  local group = body.name == COLLECT
+  local out, etype, emsg, tb = 'FAILURE', 'ChordError', nil, nil
+  if group then
+    out = state == 'REVOKED' and 'REVOKED' or 'FAILURE'
+    etype, emsg = exc_type, exc_message
+    tb = redis.call('HGET', K.task(id), 'traceback') or nil
   else
-    local msg = 'header task ' .. id .. ' ended ' .. state
+    emsg = 'header task ' .. id .. ' ended ' .. state
     if exc_type and exc_type ~= '' then
-      msg = msg .. ': ' .. exc_type .. ': ' .. (exc_message or '')
+      emsg = emsg .. ': ' .. exc_type .. ': ' .. (exc_message or '')
     end
-    final_write(body.id, 'FAILURE', {finished_at = now_ms, exc_type = 'ChordError',
-      exc_message = msg, failed_task_id = id}, ttl, now_ms)
-    fail_task(body.tail, 'FAILURE', 'ChordError', msg, ttl, now_ms, id)
-    if body.cid and body.cid ~= '' then
-      settle_chord(body.cid, body.cix, body.id, 'FAILURE', '', 'ChordError', msg, now_ms)
-    end
+  end
+  final_write(body.id, out, {finished_at = now_ms, exc_type = etype, exc_message = emsg,
+    failed_task_id = id, traceback = tb}, ttl, now_ms)
+  fail_task(body.tail, out, etype, emsg, ttl, now_ms, id)
+  if body.cid and body.cid ~= '' then
+    settle_chord(body.cid, body.cix, group and id or body.id, out, '', etype, emsg, now_ms)
   end
   local on_error = read_record(redis.call('HGET', ck, 'on_error'))
   if on_error then
