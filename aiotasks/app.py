@@ -17,7 +17,7 @@ from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
 from .logs import visible_errors
-from .message import SEND_OPTIONS, Message, check_options
+from .message import SEND_OPTIONS, Message, check_options, positive_number
 from .nodes import signature_of
 from .task import (
     Task,
@@ -108,7 +108,7 @@ class App:
         check_options(
             {"result_ttl": result_ttl, "compression": compression, "queue": default_queue}
         )
-        if not (isinstance(visibility_timeout, int | float) and visibility_timeout > 0):
+        if not positive_number(visibility_timeout):
             raise ValueError(
                 f"visibility_timeout must be a positive number, got {visibility_timeout!r}"
             )
@@ -229,8 +229,11 @@ class App:
         # of 11 or a result_ttl of 0 refused here, not left to strand every send.
         check_options({k: v for k, v in options.items() if k in _SENT and v is not None})
         rate = options.get("rate_limit")
-        if isinstance(rate, int | float) and not isinstance(rate, bool):
-            options["rate_limit"] = f"{rate}/s"  # Celery: a number is tasks per second
+        if rate in (0, "0"):
+            options["rate_limit"] = None  # Celery: 0 is no limit
+        elif isinstance(rate, int | float | str) and not isinstance(rate, bool):
+            if isinstance(rate, int | float) or "/" not in rate:
+                options["rate_limit"] = f"{rate}/s"  # Celery: a bare number is per second
         if options.get("rate_limit") is not None:
             if not isinstance(options["rate_limit"], str):
                 raise ValueError(f"rate_limit must look like '100/s', got {rate!r}")

@@ -13,6 +13,7 @@ AiotasksError(Exception)
 │   ├── ChordError                          a chord header task failed; names that task
 │   └── UnknownTask(LookupError)            no worker knew the task's name
 ├── SoftTimeLimitExceeded                   raised inside a task at its soft_timeout
+├── MaxRetriesExceededError                 recorded as exc_type: a bare Retry() past max_retries
 └── TimeLimitExceeded(TimeoutError)         recorded as exc_type when hard_timeout cancels a task
 Retry(Exception)                            control flow, not an error: re-run the task later
 Replace(Exception)                          control flow: the task becomes a canvas

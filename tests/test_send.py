@@ -107,16 +107,27 @@ def test_bad_task_options_are_refused_when_declared(
         async def t() -> None: ...
 
 
-def test_a_numeric_rate_limit_is_tasks_per_second(app: App) -> None:
-    @app.task(rate_limit=10)
+@pytest.mark.parametrize(
+    ("given", "kept"), [(10, "10/s"), ("100", "100/s"), (2.5, "2.5/s"), ("5/m", "5/m"), (0, None)]
+)
+def test_a_bare_rate_limit_is_tasks_per_second_and_0_is_none(
+    app: App, given: Any, kept: str | None
+) -> None:
+    @app.task(rate_limit=given)
     async def t() -> None: ...
 
-    assert t.opts.rate_limit == "10/s"
+    assert t.opts.rate_limit == kept
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"result_ttl": 0}, {"result_ttl": -1}, {"compression": "snappy"}, {"default_queue": ""}],
+    [
+        {"result_ttl": 0},
+        {"result_ttl": -1},
+        {"compression": "snappy"},
+        {"default_queue": ""},
+        {"visibility_timeout": float("inf")},
+    ],
 )
 def test_bad_app_options_are_refused_at_construction(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(options)).removeprefix("default_")):
