@@ -225,14 +225,25 @@ def _freeze(canvas: Any, options: dict[str, Any] | None, app: App | None) -> Nod
     return root
 
 
+def _tasks_of(node: Node | None) -> Iterator[Node]:
+    """The signature nodes a canvas runs as its own steps (not its callbacks, which may
+    be one task shared by several: sent once)."""
+    if not isinstance(node, dict):
+        return
+    if node.get("t") == "sig":
+        yield node
+    for part in ("header", "body", "tasks", "steps"):
+        child = node.get(part)
+        for sub in child if isinstance(child, list) else [child]:
+            yield from _tasks_of(sub)
+
+
 def _check_unique_ids(root: Node) -> None:
     """Refuse two tasks of one canvas with the same id: the second would be taken for
     the first (dedup) and silently skipped. A callback shared by several tasks is one
     task, once."""
     seen: dict[str, Node] = {}
-    for n in _with_ids(root):
-        if n.get("t") != "sig":
-            continue
+    for n in _tasks_of(root):
         first = seen.setdefault(str(n["id"]), n)
         if first is not n:
             raise ValueError(

@@ -481,9 +481,10 @@ class Signature:
     def freeze(self) -> TaskHandle[Any]:
         """Choose this call's task id now (the `task_id` option) and return its handle,
         as Celery's `freeze()`: the id is known before the send."""
+        client = self._app().client
         if "task_id" not in self.options:
             self.options["task_id"] = new_id()
-        return TaskHandle(self._app().client, self.options["task_id"])
+        return TaskHandle(client, self.options["task_id"])
 
     @property
     def id(self) -> str | None:
