@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -27,6 +27,13 @@ class Slot(Protocol):
     async def acquire(self) -> None: ...
 
 
+class Ending(Protocol):
+    """Whether a run was cancelled to end it (execution.Limits)."""
+
+    hard_fired: bool
+    revoked: bool
+
+
 @dataclass(slots=True)
 class TaskContext:
     """The running task: `id`, `name`, `attempt` (1-based), `max_retries`, `queue`, `app`."""
@@ -42,7 +49,9 @@ class TaskContext:
     started: float = 0.0  # time.perf_counter() when the run began
     _slot: Slot | None = field(default=None, repr=False)
     inline: bool = False  # called as `await task(...)`: no worker, no broker
-    _ending: Callable[[], bool] | None = field(default=None, repr=False)  # cancelled to end
+    # The run's timer state: whether it was cancelled to end (a hard timeout, a revoke).
+    # Not a callback into the Execution: that would make every run a reference cycle.
+    _limits: Ending | None = field(default=None, repr=False)
 
     def retry(
         self,
@@ -84,7 +93,8 @@ class TaskContext:
         try:
             yield
         except asyncio.CancelledError:
-            if self._ending is not None and self._ending():
+            limits = self._limits
+            if limits is not None and (limits.hard_fired or limits.revoked):
                 # Ending (its hard timeout, a revoke): it runs no more work, so it does not
                 # wait in line for a slot its child may hold for long; none is taken back.
                 raise

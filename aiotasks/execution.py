@@ -317,6 +317,7 @@ class Execution:
             await hooks.call(hooks.revoked, self.ctx)
 
     async def _run_task(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome:
+        self.limits = Limits(opts.soft_timeout, opts.hard_timeout)
         ctx = TaskContext(
             id=msg.id,
             name=msg.name,
@@ -327,9 +328,8 @@ class Execution:
             client=self.rt.client,
             retries=msg.retries,
             _slot=self.lease,
-            _ending=self._ending,
+            _limits=self.limits,
         )
-        self.limits = Limits(opts.soft_timeout, opts.hard_timeout)
         if self.revoke_requested:
             return Outcome(Kind.REVOKED)  # terminated before its body began: never run it
         if msg.queue in self.rt.paused:
@@ -490,10 +490,6 @@ class Execution:
         self.task.cancel()
         # Do not wait forever on a coroutine that swallows cancellation.
         asyncio.get_running_loop().call_later(HARD_TIMEOUT_GRACE, self._abandon)
-
-    def _ending(self) -> bool:
-        """Whether the run was cancelled to end it (its hard timeout, a revoke)."""
-        return self.limits.hard_fired or self.limits.revoked
 
     def cancel_revoked(self) -> None:
         """Cancel the running task because it was revoked with terminate=True.

@@ -359,3 +359,28 @@ async def test_a_running_task_reads_started_on_an_idle_worker(
     for _ in range(20):
         await (await look.send()).result(timeout=10)
     assert seen == [TaskState.STARTED] * 20
+
+
+async def test_a_run_leaves_no_reference_cycle(app: App, worker: StartWorker) -> None:
+    """Each run is freed by reference counting alone: a cycle per task (a context holding
+    a callback into its Execution, say) costs the cyclic collector µs per task."""
+    import gc
+
+    @app.task
+    async def noop(i: int) -> int:
+        return i
+
+    await worker(concurrency=8)
+    warm = await noop.send_many([((i,), None) for i in range(50)])
+    for h in warm:
+        await h.result(timeout=10)
+    gc.collect()
+    gc.disable()
+    try:
+        handles = await noop.send_many([((i,), None) for i in range(300)])
+        for h in handles:
+            await h.result(timeout=10)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found < 100, f"{found} objects in cycles after 300 runs"  # 0 today; 5,396 with one
