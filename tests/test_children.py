@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -187,16 +188,24 @@ async def test_waiting_parent_does_not_exceed_concurrency(app: App, worker: Star
     assert 1 <= peak <= 2
 
 
+def slow_child(app: App) -> Any:
+    """A child that holds a slot for 3 s."""
+
+    @app.task(name="slow_child")
+    async def child() -> str:
+        await asyncio.sleep(3)
+        return "late"
+
+    return child
+
+
 async def test_a_waiting_parents_hard_timeout_ends_it_on_time(
     app: App, worker: StartWorker
 ) -> None:
     """Cancelled while its child holds the only slot, it does not wait in line for the
     slot just to end: it ends at its hard timeout, as a timeout, not as an abandoned task."""
 
-    @app.task
-    async def child() -> str:
-        await asyncio.sleep(3)
-        return "late"
+    child = slow_child(app)
 
     @app.task(hard_timeout=0.5)
     async def parent() -> str:
@@ -214,10 +223,7 @@ async def test_a_waiting_parents_hard_timeout_ends_it_on_time(
 async def test_a_waiting_parents_soft_timeout_reaches_it_on_time(
     app: App, worker: StartWorker
 ) -> None:
-    @app.task
-    async def child() -> str:
-        await asyncio.sleep(3)
-        return "late"
+    child = slow_child(app)
 
     @app.task(soft_timeout=0.5)
     async def parent() -> str:

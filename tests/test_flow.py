@@ -26,6 +26,18 @@ def key(app: App, name: str) -> str:
     return f"{app.client.keys.prefix}test:{name}"
 
 
+def recording_job(app: App) -> tuple[Any, list[str]]:
+    """A task that records each run's tag (in this process) and returns it."""
+    ran: list[str] = []
+
+    @app.task(name="job")
+    async def job(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    return job, ran
+
+
 def max_overlap(spans: list[tuple[float, float]]) -> int:
     points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     running = peak = 0
@@ -109,13 +121,7 @@ async def test_a_schedule_added_at_run_time_fires_once_per_tick(
 async def test_a_paused_queue_is_not_consumed_and_loses_nothing(
     app: App, worker: StartWorker
 ) -> None:
-    ran: list[str] = []
-
-    @app.task
-    async def job(tag: str) -> str:
-        ran.append(tag)
-        return tag
-
+    job, ran = recording_job(app)
     await app.queues.pause("a")
     await worker(queues=["a", "b"])
     await asyncio.sleep(1.2)  # the worker reads the paused set within a second
@@ -133,13 +139,7 @@ async def test_a_paused_queue_is_not_consumed_and_loses_nothing(
 async def test_a_worker_started_after_the_pause_takes_nothing_from_it(
     app: App, worker: StartWorker
 ) -> None:
-    ran: list[str] = []
-
-    @app.task
-    async def job(tag: str) -> str:
-        ran.append(tag)
-        return tag
-
+    job, ran = recording_job(app)
     await app.queues.pause("a")
     held = await job.options(queue="a").send("held")
     await worker(queues=["a", "b"])  # its very first fetch already leaves "a" alone
@@ -157,13 +157,7 @@ async def test_a_pause_takes_effect_at_once_for_a_running_worker(
 ) -> None:
     """pause() then send() straight away: the idle worker, blocked reading the queue,
     runs nothing of it (a task its read was already taking goes back, unrun)."""
-    ran: list[str] = []
-
-    @app.task
-    async def job(tag: str) -> str:
-        ran.append(tag)
-        return tag
-
+    job, ran = recording_job(app)
     await worker(queues=["a"])
     warm = await job.options(queue="a").send("warm")
     assert await warm.result(timeout=5) == "warm"
