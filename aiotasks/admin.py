@@ -411,10 +411,10 @@ class Admin:
                 return letter
         if kept:
             try:
-                payload = codec.decode(kept, "msgpack")
-                return _arguments("kept payload", payload.get("m"), payload.get("ct"))
+                p = unpack_payload(kept, self.client.read_limit)
             except Exception as exc:  # written by hand, or by another version
                 return Arguments("kept payload", error=f"{type(exc).__name__}: {exc}")
+            return Arguments("kept payload", p.args, p.kwargs)
         return None
 
     async def _dead_arguments(self, task_id: str, queue: str) -> Arguments | None:

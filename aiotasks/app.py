@@ -26,7 +26,7 @@ from .task import (
     build_message,
     default_name,
     field_names,
-    parse_rate,
+    rate_limit_of,
 )
 
 if TYPE_CHECKING:
@@ -228,16 +228,8 @@ class App:
         # The options a send may also give are checked as a send checks them: a priority
         # of 11 or a result_ttl of 0 refused here, not left to strand every send.
         check_options({k: v for k, v in options.items() if k in _SENT and v is not None})
-        rate = options.get("rate_limit")
-        if rate in (0, "0"):
-            options["rate_limit"] = None  # Celery: 0 is no limit
-        elif isinstance(rate, int | float | str) and not isinstance(rate, bool):
-            if isinstance(rate, int | float) or "/" not in rate:
-                options["rate_limit"] = f"{rate}/s"  # Celery: a bare number is per second
-        if options.get("rate_limit") is not None:
-            if not isinstance(options["rate_limit"], str):
-                raise ValueError(f"rate_limit must look like '100/s', got {rate!r}")
-            parse_rate(options["rate_limit"])
+        if "rate_limit" in options:
+            options["rate_limit"] = rate_limit_of(options["rate_limit"])
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
             _check_flow(f, options)

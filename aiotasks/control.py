@@ -140,8 +140,8 @@ class Schedules:
                 f"{type(sig).__name__}"
             )
         options = dict(sig.options)
-        queue = queue or options.pop("queue", None)  # queue= given here wins
-        options.pop("queue", None)
+        own_queue = options.pop("queue", None)
+        queue = queue or own_queue  # queue= given here wins
         refused = sorted(k for k, v in options.items() if not _recurring(k, v))
         if refused:
             raise ValueError(
@@ -229,20 +229,18 @@ class Queues:
     async def pause(self, queue: str) -> None:
         """Workers stop taking tasks from `queue` at once; nothing is lost (a task a
         worker was fetching just then goes back to the queue unrun)."""
-        client = self.app.client
-        await cast(Any, client.redis).sadd(client.keys.paused, queue)
-        await self._tell_workers("pause", queue)
+        await self._change("pause", queue)
 
     async def resume(self, queue: str) -> None:
         """Workers take tasks from `queue` again."""
-        client = self.app.client
-        await cast(Any, client.redis).srem(client.keys.paused, queue)
-        await self._tell_workers("resume", queue)
+        await self._change("resume", queue)
 
-    async def _tell_workers(self, what: str, queue: str) -> None:
-        # Workers also re-read the set every second: one that misses this still follows.
+    async def _change(self, verb: str, queue: str) -> None:
         client = self.app.client
-        await client.publish(client.keys.control_channel, f"{what} {queue}")
+        redis = cast(Any, client.redis)
+        await (redis.sadd if verb == "pause" else redis.srem)(client.keys.paused, queue)
+        # Workers also re-read the set every second: one that misses this still follows.
+        await client.publish(client.keys.control_channel, f"{verb} {queue}")
 
     async def paused(self) -> set[str]:
         """The paused queues."""

@@ -81,6 +81,25 @@ def parse_rate(rate: str) -> float:
     return seconds * 1000.0 / n
 
 
+def rate_limit_of(value: Any) -> str | None:
+    """A task's rate_limit as stored: "N/unit", or None for none. Celery's forms are
+    taken: a bare number (`10`, `"100"`) is per second, `0` is no limit.
+
+    Raises:
+        ValueError: not a rate limit.
+    """
+    if value is None or value in (0, "0"):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = f"{value}/s"
+    elif isinstance(value, str) and "/" not in value:
+        value = f"{value}/s"
+    if not isinstance(value, str):
+        raise ValueError(f"rate_limit must look like '100/s', got {value!r}")
+    parse_rate(value)
+    return value
+
+
 def _epoch(value: datetime | float | timedelta | None, base: float) -> float | None:
     """An eta/expires value as epoch seconds: datetime (naive = UTC), or seconds from now."""
     if value is None:

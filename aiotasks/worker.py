@@ -266,7 +266,7 @@ class Worker:
         if self.app.settings.warn_on_unsafe_server:
             await warn_if_unsafe(self.client.redis, self.client.url)
         # Before the first fetch: a queue paused before we started gives us nothing.
-        paused = await self._take_up_paused(frozenset())
+        await self._take_up_paused()
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
@@ -276,7 +276,7 @@ class Worker:
                 background.append(tg.create_task(self._control_loop()))
                 scheduler = Scheduler(self.app, self.name, Schedules(self.app))
                 background.append(tg.create_task(scheduler.run()))
-                background.append(tg.create_task(self._paused_loop(paused)))
+                background.append(tg.create_task(self._paused_loop()))
                 if len(self.lanes) == 1:
                     await self._fetch_loop(self.lanes[0])
                 else:
@@ -459,14 +459,15 @@ class Worker:
     def _has_ops(self) -> bool:
         return any(lane.outcomes.has_ops for lane in self.lanes)
 
-    async def _paused_loop(self, paused: frozenset[str]) -> None:
-        """Take up paused and resumed queues (tasks.queues) within a second."""
+    async def _paused_loop(self) -> None:
+        """Take up paused and resumed queues (tasks.queues) within a second, should a
+        pause message (taken up at once, see _control) have been missed."""
         while True:
             await asyncio.sleep(PAUSE_REFRESH)
-            paused = await self._take_up_paused(paused)
+            await self._take_up_paused()
 
-    async def _take_up_paused(self, paused: frozenset[str]) -> frozenset[str]:
-        """Read the paused queues; fetch only from the others. Returns the paused set.
+    async def _take_up_paused(self) -> None:
+        """Read the paused queues; fetch only from the others.
 
         A task fetched from a queue as it was being paused (a read already in flight)
         goes back to its stream unrun (Execution, `rt.paused`)."""
@@ -474,11 +475,9 @@ class Worker:
         try:
             now_paused = frozenset(await Queues(self.app).paused())
         except CONNECTION_ERRORS:
-            return paused  # the fetch loop reports the lost connection
-        if told != self._pause_messages:
-            return self._runtime.paused  # a message came meanwhile: the read may predate it
-        self._set_paused(now_paused)
-        return now_paused
+            return  # the fetch loop reports the lost connection
+        if told == self._pause_messages:  # else a message came meanwhile: it is newer
+            self._set_paused(now_paused)
 
     def _set_paused(self, paused: frozenset[str]) -> None:
         if paused == self._runtime.paused:
