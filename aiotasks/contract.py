@@ -168,7 +168,9 @@ def done_op(
         "id": task_id,
         "state": state,
         "ttl": ttl,
-        "fields": fields,
+        # Flat (name, value, ...): finish.lua hands it to HSET as it is, where a map would
+        # cost a Lua table and a loop per task. None is left out: it would end the array.
+        "fields": [x for k, v in fields.items() if v is not None for x in (k, v)],
     }
     if ignore_result:
         op["ignore_result"] = 1

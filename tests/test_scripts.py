@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from aiotasks import App, TaskState
+from aiotasks.contract import done_op
 from aiotasks.keys import GROUP
 from aiotasks.message import Message
 from aiotasks.scripts import SOURCES, _source
@@ -298,3 +299,41 @@ async def test_a_fetch_that_reads_every_stream_to_its_end_returns_tips(app: App)
     assert fetched_ids(woken) == [late.id]
     pending = await r.xpending(app.client.keys.stream("default", 5), GROUP)
     assert pending["pending"] == 5  # the first five, started once each
+
+
+async def finish_done(app: App, entry: dict[bytes, Any], state: str = "SUCCESS") -> None:
+    fields = {"finished_at": now_ms(), "result": b"\xc0", "ct": "msgpack", "traceback": None}
+    op = done_op(
+        entry[b"stream"].decode(),
+        entry[b"entry"],
+        entry[b"fields"][b"id"].decode(),
+        state,
+        60,
+        fields,
+    )
+    streams = app.client.keys.streams("default")
+    await app.client.scripts.finish(streams=streams, now_ms=now_ms(), ops=[op])
+
+
+async def test_a_finish_blanks_the_entry_fields_and_a_raw_resend_of_the_id_runs(app: App) -> None:
+    """A plain finish blanks `_e`/`_st` in its HSET (no HDEL): nothing reads a finished task
+    as holding a live entry, and the no-script recipe of docs/protocol.md, which writes the
+    hash and XADDs without touching `_e`, runs the id again."""
+    await app.client.ensure_groups(app.client.keys.streams("default"))
+    m = message()
+    await enqueue(app, "send", m)
+    [entry] = (await fetch(app, count=10))[b"entries"]
+    await finish_done(app, entry)
+    r: Any = app.client.redis
+    key = app.client.keys.task(m.id)
+    h = await r.hgetall(key)
+    assert h[b"state"] == b"SUCCESS" and h[b"result"] == b"\xc0"
+    assert h[b"_e"] == b"" and h[b"_st"] == b""
+    assert b"traceback" not in h  # a None field is left out, not stored
+    stream = app.client.keys.stream("default", 5)
+    assert await r.xrange(stream) == []
+    # Sent again by hand, as a producer in another language may.
+    await r.hset(key, mapping={"state": "PENDING", "name": m.name, "queue": "default"})
+    await r.xadd(stream, {"v": "2", "id": m.id, "ct": "msgpack", "m": entry[b"fields"][b"m"]})
+    assert fetched_ids(await fetch(app, count=10)) == [m.id]
+    assert await r.hget(key, "state") == b"STARTED"

@@ -291,38 +291,57 @@ end
 
 -- The task hash fields final_write needs, read in one HMGET (done() reads them with
 -- the state it checks, so a finish costs one read per task).
-local FINAL_READ = {'_eb', 'name', '_aliases', 'reply', '_w'}
+local FINAL_READ = {'_eb', 'name', '_aliases', 'reply', '_w', '_replaced'}
 
--- Record a final state with `fields` (a map), drop what only a live task needs, wake
--- the waiters (with the result, when the fields hold one), and on FAILURE send the
--- errbacks stored with the task. `pre`: FINAL_READ's values when already read.
-local function final_write(id, state, fields, ttl, now_ms, pre)
+-- Record a final state with `flat` (its fields as name, value, ...), drop what only a
+-- live task needs, wake the waiters (with the result `ct`/`result`, when stored), and on
+-- FAILURE send the errbacks stored with the task (with `exc_type`/`exc_message`).
+-- `pre`: FINAL_READ's values when already read, by a caller that found no `revoked_at`
+-- (done() in finish.lua).
+local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_type, exc_message)
   local tkey = K.task(id)
   local h = pre or redis.call('HMGET', tkey, unpack(FINAL_READ))
-  local cmd = {'HSET', tkey, 'state', state}
-  for k, v in pairs(fields) do
-    cmd[#cmd + 1] = k
-    cmd[#cmd + 1] = v
+  -- A task that ran from its stream with nothing else of a live task on it (the common
+  -- case: no errbacks, aliases, replacement or revoke; `_rec` goes when it falls due)
+  -- has only its entry fields left: they are blanked in this HSET instead of deleted
+  -- by an HDEL, a command less per task.
+  local plain = pre and not h[1] and not h[3] and not h[6]
+  if plain then
+    redis.call('HSET', tkey, 'state', state, '_e', '', '_st', '', unpack(flat))
+  else
+    redis.call('HSET', tkey, 'state', state, unpack(flat))
   end
-  redis.call(unpack(cmd))
   if state == 'FAILURE' and h[1] then
     for _, rec in ipairs(read_record(h[1]) or {}) do
-      send_errback(rec, {task_id = id, name = h[2] or '', exc_type = fields.exc_type or '',
-        exc_message = fields.exc_message or ''}, now_ms)
+      send_errback(rec, {task_id = id, name = h[2] or '', exc_type = exc_type or '',
+        exc_message = exc_message or ''}, now_ms)
     end
   end
-  redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases')
+  if not plain then
+    redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases')
+  end
   redis.call('PEXPIRE', tkey, ttl * 1000)
-  notify(id, state, fields.ct, fields.result, h[4], h[5])
+  notify(id, state, ct, result, h[4], h[5])
   journal({state, id})
   -- The sends this debounced one superseded end as it did.
   for _, alias in ipairs(read_record(h[3]) or {}) do
-    cmd[2] = K.task(alias)
-    redis.call(unpack(cmd))
-    redis.call('PEXPIRE', cmd[2], ttl * 1000)
-    notify(alias, state, fields.ct, fields.result)
+    local akey = K.task(alias)
+    redis.call('HSET', akey, 'state', state, unpack(flat))
+    redis.call('PEXPIRE', akey, ttl * 1000)
+    notify(alias, state, ct, result)
     journal({state, alias})
   end
+end
+
+-- write_final with the fields as a map (nil values are left out).
+local function final_write(id, state, fields, ttl, now_ms)
+  local flat = {}
+  for k, v in pairs(fields) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  write_final(id, state, flat, ttl, now_ms, nil, fields.ct, fields.result, fields.exc_type,
+    fields.exc_message)
 end
 
 local settle_chord
@@ -440,7 +459,8 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   if not id then return true end  -- undecodable: the worker dead-letters it
   local tkey = K.task(id)
   local h = redis.call('HMGET', tkey, 'state', '_e', 'revoked_at', '_w')
-  if h[2] and h[2] ~= entry_id then
+  -- '' is a finished task's blanked entry (write_final): none is live.
+  if h[2] and h[2] ~= '' and h[2] ~= entry_id then
     -- A stale entry: the id was revoked and sent again, and that newer entry runs.
     ack(stream, entry_id)
     return false

@@ -6,7 +6,7 @@
 -- KEYS[3..]    streams the ops refer to (declared for the reader; ops name them)
 -- ARGV[1]      now, in ms
 -- ARGV[2]      msgpack array of ops, each a map with `op` naming it (contract.py):
---   {op='done', stream, entry, id, state, ttl, fields={name=value}, ignore_result?,
+--   {op='done', stream, entry, id, state, ttl, fields={name, value, ...}, ignore_result?,
 --    linked?, cid?, cix?, tail?, value?, slot?}
 --          Store the final state and fields, XACK + XDEL the entry, wake the waiters,
 --          and settle the chord and the chain tail that depend on the task. `linked`:
@@ -48,26 +48,44 @@ end
 
 local function done(op)
   local id, state, ttl = op.id, op.state, tonumber(op.ttl)
-  -- One read for the revoke check and for what final_write needs (FINAL_READ).
+  -- One read for the revoke check and for what write_final needs (FINAL_READ).
   local h = redis.call('HMGET', K.task(id), 'state', 'revoked_at', unpack(FINAL_READ))
   if h[1] == 'REVOKED' or h[2] then
     -- Revoked while it ran (without terminate): it ends revoked, and what depends on
     -- it is settled as revoked.
     settle_unrun(id, 'REVOKED', nil, nil, op.cid, op.cix, op.tail, ttl, now_ms)
   else
+    -- fields: flat (name, value, ...); the values the settling reads are picked out.
     local f = op.fields
-    if op.ignore_result == 1 and state == 'SUCCESS' then
-      f.result, f.ct = nil, nil
+    local ct, result, exc_type, exc_message
+    for i = 1, #f, 2 do
+      local k = f[i]
+      if k == 'result' then result = f[i + 1]
+      elseif k == 'ct' then ct = f[i + 1]
+      elseif k == 'exc_type' then exc_type = f[i + 1]
+      elseif k == 'exc_message' then exc_message = f[i + 1]
+      end
+    end
+    if op.ignore_result == 1 and state == 'SUCCESS' and result then
+      local kept = {}
+      for i = 1, #f, 2 do
+        if f[i] ~= 'result' and f[i] ~= 'ct' then
+          kept[#kept + 1] = f[i]
+          kept[#kept + 1] = f[i + 1]
+        end
+      end
+      f, ct, result = kept, nil, nil
     end
     local watched = h[7]
     -- A hash without a state was lost (a restart, a failover): publish as if watched.
     if not h[1] then watched = nil end
-    final_write(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6], watched})
+    write_final(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6], watched, h[8]}, ct, result,
+      exc_type, exc_message)
     if state ~= 'SUCCESS' then
-      fail_task(op.tail, state, f.exc_type, f.exc_message, ttl, now_ms)
+      fail_task(op.tail, state, exc_type, exc_message, ttl, now_ms)
     end
     if op.cid and (state ~= 'SUCCESS' or op.linked ~= 1) then
-      settle_chord(op.cid, op.cix, id, state, op.value or '', f.exc_type, f.exc_message,
+      settle_chord(op.cid, op.cix, id, state, op.value or '', exc_type, exc_message,
         now_ms)
     end
   end

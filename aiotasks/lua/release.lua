@@ -28,7 +28,7 @@ for _, ref in ipairs(refs) do
       -- Not a stale entry (see start_entry), and not a task that ended meanwhile. A
       -- task whose record expired while queued is still given back, as start_entry
       -- would still run it.
-      keep = (not h[2] or h[2] == entry_id) and not FINAL[h[1]]
+      keep = (not h[2] or h[2] == '' or h[2] == entry_id) and not FINAL[h[1]]
       if not h[1] then tkey = nil end
     end
     if keep then

@@ -26,7 +26,7 @@ if state == 'SCHEDULED' then
   flush_journal(now_ms)
   return state
 end
-if state == 'PENDING' and h[3] and h[4] then
+if state == 'PENDING' and h[3] and h[3] ~= '' and h[4] then
   local f = entry_fields(h[4], h[3])
   if f then
     -- Still in its stream (no worker has it): delete it and settle what waits on it.
