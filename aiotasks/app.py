@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 from .canvas import COLLECT, compose, send_canvas
 from .client import Client
 from .config import RetryPolicy, Settings, resolve_redis_url, resolve_shards
+from .contract import GATHER
 from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
@@ -145,6 +146,7 @@ class App:
 
             self.tracer = Tracing()
         self.task(name=COLLECT)(_collect)
+        self.task(name=GATHER)(_collect)
 
     def __repr__(self) -> str:
         return f"<App namespace={self.settings.namespace!r}>"

@@ -35,6 +35,9 @@ SHARDED_PUBLISH = "SPUBLISH"
 #: nested) runs as a chord whose body is this task, gathering the results into a list.
 #: A member's failure fails it as the member failed (not as ChordError), as in Celery.
 COLLECT = "aiotasks.collect"
+#: The built-in task passing a chord's header results on to a body that is a canvas (a
+#: group, a chord): as COLLECT, but its chord fails with ChordError, as chords one writes do.
+GATHER = "aiotasks.gather"
 
 #: Fields of a stream entry, in the order Lua writes them. Lua reads them by name.
 ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail", "err", "sig")

@@ -165,10 +165,9 @@ class ChordError(TaskFailed):
         self.failed_task_id = failed_task_id
 
     def __str__(self) -> str:
-        return (
-            f"chord body {self.task_id} will not run: header task {self.failed_task_id} "
-            f"failed: {self.exc_type}: {self.exc_message}"
-        )
+        # exc_message names the header and its error already ("header task <id> ended
+        # FAILURE: ValueError: ...").
+        return f"chord body {self.task_id} will not run: {self.exc_message}"
 
 
 class UnknownTask(TaskFailed, LookupError):

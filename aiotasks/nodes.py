@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from .contract import COLLECT  # the built-in task gathering a group's results
+from .contract import COLLECT, GATHER  # the built-in tasks gathering results
 from .keys import new_id, shard_of
 from .message import check_options
 
@@ -310,7 +310,10 @@ def _normalize(node: Node, app: App | None) -> Node:
         header = [single(_normalize(m, app), app) for m in node["header"]]
         body = _normalize(node["body"], app)
         if not _starts_with_sig(body):
-            body = _normalize({"t": "chain", "steps": [collect(app, body), body]}, app)
+            # A chord one writes: a failed header fails it with ChordError (GATHER, not
+            # COLLECT, tells Lua so), whatever canvas its body is.
+            gather = collect(app, body, GATHER)
+            body = _normalize({"t": "chain", "steps": [gather, body]}, app)
         on_error = node["on_error"]
         if on_error is not None:
             # on_error also fires when the body itself fails (the same id: once).
@@ -377,8 +380,9 @@ def _starts_with_sig(node: Node) -> bool:
     return bool(first["t"] == "sig")
 
 
-def collect(app: App | None, near: Node) -> Node:
-    """A COLLECT step, on the queue of the tasks it follows (so the same workers run it)."""
+def collect(app: App | None, near: Node, name: str = COLLECT) -> Node:
+    """A COLLECT (or GATHER) step, on the queue of the tasks it follows (so the same
+    workers run it)."""
     opts: dict[str, Any] = {}
     first = next(sigs(near), None)
     if first is not None:
@@ -388,7 +392,7 @@ def collect(app: App | None, near: Node) -> Node:
             queue = (task.opts.queue if task else None) or app.route(first["name"])
         if queue:
             opts["queue"] = queue
-    return sig_node(COLLECT, (), {}, opts)
+    return sig_node(name, (), {}, opts)
 
 
 def _attach_links(node: Node, links: list[Node], app: App | None) -> Node:

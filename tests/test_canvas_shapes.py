@@ -19,6 +19,7 @@ from aiotasks import (
     ChordError,
     GroupHandle,
     TaskFailed,
+    TaskRevoked,
     TaskState,
     Worker,
     chain,
@@ -482,3 +483,92 @@ async def test_two_tasks_of_one_canvas_with_one_id_are_refused(app: App, t: Task
     # One errback shared by every member is one task: fine.
     handle = await group(t.add.s(1, 1), t.add.s(2, 2)).send(link_error=t.add.s(0))
     assert len(handle.handles) == 2
+
+
+# -- revoked before they exist, and the body's errbacks ------------------------------------
+
+
+async def test_a_chain_step_revoked_before_the_chain_reaches_it_ends_the_chain(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    mid = t.record.s("mid")
+    mid_h = mid.freeze()
+    last = await chain(t.slow.s(1, 0.3), mid, t.record.s("last")).send()
+    await mid_h.revoke()
+    with pytest.raises(TaskRevoked):
+        await last.result(timeout=10)
+    assert await mid_h.state() == TaskState.REVOKED
+    assert await counter(app, "mid") == 0 and await counter(app, "last") == 0
+
+
+async def test_a_chord_body_revoked_before_it_exists_never_runs_mid_chain(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    body = t.count_body.s("body")
+    body_h = body.freeze()
+    last = await chain(
+        t.slow.s(1, 0.3), chord([t.add.s(1), t.add.s(2)], body), t.record.s("after")
+    ).send()
+    await body_h.revoke()
+    with pytest.raises(TaskRevoked):
+        await last.result(timeout=10)
+    assert await body_h.state() == TaskState.REVOKED
+    assert await counter(app, "body") == 0 and await counter(app, "after") == 0
+
+
+async def test_a_frozen_id_revoked_before_its_send_does_not_run_that_send(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=2)
+    sig = t.record.s(1, "once")
+    h = sig.freeze()
+    await h.revoke()  # unknown until now
+    await sig.send()
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=5)
+    # That send was the one the revoke cancelled: the next one starts over, as for any
+    # finished id.
+    again = await t.record.s(1, "once").set(task_id=h.id).send()
+    assert await again.result(timeout=10) == 1
+    assert await counter(app, "once") == 1
+
+
+async def test_a_failed_header_sends_the_body_s_own_link_error(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    body = t.tsum.s().set(link_error=t.errback.s("body_eb"))
+    h = await (group(t.boom.s(), t.add.s(1, 1)) | body).send()
+    with pytest.raises(ChordError):
+        await h.result(timeout=10)
+    [info] = await wait_recorded(app, "body_eb", 1)
+    assert info["task_id"] == h.id and info["exc_type"] == "ChordError"
+    assert "ValueError: boom" in info["exc_message"]
+    await asyncio.sleep(0.3)
+    assert len(await recorded(app, "body_eb")) == 1
+
+
+async def test_a_chord_with_on_error_and_a_body_errback_reports_the_header_to_on_error(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    body = t.tsum.s().set(link_error=t.errback.s("body_eb"))
+    h = await chord([t.boom.s(), t.add.s(1, 1)], body, on_error=t.errback.s("on_error")).send()
+    with pytest.raises(ChordError) as failed:
+        await h.result(timeout=10)
+    [info] = await wait_recorded(app, "on_error", 1)
+    assert info["task_id"] == failed.value.failed_task_id and info["exc_type"] == "ValueError"
+    assert [i["task_id"] for i in await wait_recorded(app, "body_eb", 1)] == [h.id]
+
+
+async def test_a_chord_whose_body_is_a_group_fails_with_chord_error(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    h = await chord([t.boom.s(), t.add.s(1, 1)], group(t.tsum.s(), t.tsum.s(1))).send()
+    with pytest.raises(ChordError) as failed:
+        await h.result(timeout=10)
+    assert "ValueError: boom" in str(failed.value)
+    assert str(failed.value).count("header task") == 1

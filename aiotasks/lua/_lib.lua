@@ -233,6 +233,8 @@ local function debounce(t, due_ms, now_ms)
   redis.call('HSET', K.task(t.id), '_aliases', cmsgpack.pack(aliases))
 end
 
+local settle_unrun  -- defined below: enqueue_task and the settling call each other
+
 -- Enqueue one task record on its stream now, or in the delayed zset when it is due later
 -- (t.due, an absolute time in ms, or t.delay, ms from now).
 -- mode 'send': skip when the id is queued, scheduled or running (dedup);
@@ -243,9 +245,16 @@ end
 -- Returns 1 when enqueued, 0 when skipped.
 local function enqueue_task(mode, t, now_ms)
   local tkey = K.task(t.id)
-  local cur = redis.call('HMGET', tkey, 'state', 'retries', '_replaced', '_w')
+  local cur = redis.call('HMGET', tkey, 'state', 'retries', '_replaced', '_w', '_unsent')
   local state = cur[1]
   local again = mode == 'retry' or mode == 'defer'
+  if cur[5] and state == 'REVOKED' and not again then
+    -- Revoked before it was sent (revoke.lua: a frozen id, a canvas step not reached
+    -- yet): this send is dropped, and what waits on it is settled as revoked.
+    redis.call('HDEL', tkey, '_unsent')
+    settle_unrun(t.id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, tonumber(t.ttl), now_ms)
+    return 0
+  end
   if cur[3] and not again then
     -- The final task of a replacement takes the place of the task it replaced (the
     -- same id): its record, reply channel and errbacks stay.
@@ -411,10 +420,19 @@ settle_chord = function(cid, idx, id, state, value, exc_type, exc_message, now_m
     send_errback(on_error, {task_id = id, name = name or '',
       exc_type = exc_type or state, exc_message = exc_message or ''}, now_ms)
   end
+  -- The body's own errbacks (its `link_error`), as Celery sends them when a header fails:
+  -- it never ran, so its hash holds none. After on_error, which may be one of them (the
+  -- same id, enqueued once) and reports the header that failed.
+  if out == 'FAILURE' then
+    for _, rec in ipairs(body.eb or {}) do
+      send_errback(rec, {task_id = body.id, name = body.name or '', exc_type = etype or '',
+        exc_message = emsg or ''}, now_ms)
+    end
+  end
 end
 
 -- A task that will not run (revoked, expired, dead-lettered) still settles what waits on it.
-local function settle_unrun(id, state, exc_type, exc_message, cid, cix, tail, ttl, now_ms)
+settle_unrun = function(id, state, exc_type, exc_message, cid, cix, tail, ttl, now_ms)
   fail_task(id, state, exc_type, exc_message, ttl, now_ms)
   fail_task(tail, state, exc_type, exc_message, ttl, now_ms)
   if cid and cid ~= '' then

@@ -2,7 +2,8 @@
 -- queued one's entry is deleted from its stream (a worker that already read it finds the
 -- task REVOKED); either is settled now. A running one is marked `revoked_at`: its run
 -- goes on (unless the caller broadcasts a terminate) and ends REVOKED, never retried.
--- Final states are left alone.
+-- An unknown id (not sent yet) reads REVOKED and its first send is dropped. Final states
+-- are left alone.
 --
 -- KEYS[1]      key prefix
 -- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
@@ -41,6 +42,9 @@ if state == 'STARTED' then
   return state
 end
 redis.call('HSET', tkey, 'state', 'REVOKED', 'finished_at', now_ms)
+-- An id not sent yet (a frozen signature, a step its canvas has not reached): its first
+-- send is dropped, settling what waits on it (enqueue_task).
+if not state then redis.call('HSET', tkey, '_unsent', 1) end
 redis.call('HDEL', tkey, '_replaced', '_eb', '_e', '_st')
 redis.call('PEXPIRE', tkey, ttl * 1000)
 notify(id, 'REVOKED')
