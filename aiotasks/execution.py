@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,25 @@ class RunOptions:
         )
 
 
+class ThreadBodies:
+    """How many `def` task bodies run in threads right now, those given up on a timeout
+    or a stop included: the interpreter joins each such thread before it exits."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn (in the thread), counted."""
+        with self._lock:
+            self.running += 1
+        try:
+            return fn()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
 @dataclass(slots=True)
 class Runtime:
     """What every execution of one worker shares (no reference back to the worker)."""
@@ -161,6 +181,7 @@ class Runtime:
     thread_limiter: Callable[[], Any]
     on_abandon: Callable[[Execution, Outcome], None]
     paused: frozenset[str] = frozenset()  # queues paused (tasks.queues), as last read
+    threads: ThreadBodies = field(default_factory=ThreadBodies)
 
 
 @dataclass(slots=True)
@@ -460,6 +481,7 @@ class Execution:
         from anyio.to_thread import run_sync  # loaded with the first `def` task only
 
         return await run_sync(
+            self.rt.threads.call,
             partial(task.fn, *args, **kwargs),
             abandon_on_cancel=True,
             limiter=self.rt.thread_limiter(),

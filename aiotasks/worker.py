@@ -61,6 +61,11 @@ FAST_TASK = 0.005
 #: Seconds between two reads of the paused queues.
 PAUSE_REFRESH = 1.0
 
+# Seconds a stopping worker gives Redis, past shutdown_timeout, to take the last outcomes,
+# and to take its leaving the registry.
+STORE_GRACE = 5.0
+UNREGISTER_TIMEOUT = 2.0
+
 
 class Lane:
     """The streams of one shard that a worker reads, with that shard's fetch state and
@@ -174,6 +179,12 @@ class Worker:
         return sum(1 for ex in self._abandoned if ex.task is not None and not ex.task.done())
 
     @property
+    def threads_running(self) -> int:
+        """`def` task bodies still running in threads (after a stop: those that ran past
+        the shutdown timeout; they keep the process from exiting)."""
+        return self._runtime.threads.running
+
+    @property
     def is_stopping(self) -> bool:
         """True once stop() was called."""
         return self._stop.is_set()
@@ -283,6 +294,27 @@ class Worker:
                     async with asyncio.TaskGroup() as fetching:
                         for lane in self.lanes:
                             fetching.create_task(self._fetch_loop(lane))
+                await self._shut_down(beats, background)
+            try:
+                async with asyncio.timeout(UNREGISTER_TIMEOUT):
+                    await self._unregister()
+            except TimeoutError:
+                log.warning("worker %s could not unregister (Redis did not answer)", self.name)
+        finally:
+            for ex in [*self._running.values(), *self._abandoned]:
+                if ex.task is not None:
+                    ex.task.cancel()
+            self._stopped.set()
+
+    async def _shut_down(
+        self, beats: asyncio.Task[None], background: list[asyncio.Task[Any]]
+    ) -> None:
+        """Drain, store the last outcomes, end the background loops: within
+        shutdown_timeout plus STORE_GRACE, so a Redis that is gone cannot hold a stop
+        forever. What was not stored by then is redelivered after the visibility timeout,
+        as if the worker had died."""
+        try:
+            async with asyncio.timeout(self.shutdown_timeout + STORE_GRACE):
                 await self._drain()
                 # The heartbeat ends between beats, never inside one: a registration
                 # cut off mid-flight could land after unregister_worker and outlive us.
@@ -290,12 +322,14 @@ class Worker:
                 await beats
                 await cancel_and_wait(background)
                 await self._commit_all()
-            await self._unregister()
-        finally:
-            for ex in [*self._running.values(), *self._abandoned]:
-                if ex.task is not None:
-                    ex.task.cancel()
-            self._stopped.set()
+        except TimeoutError:
+            log.error(
+                "worker %s: stopping with outcomes Redis did not take within the shutdown "
+                "timeout; their tasks will be redelivered after the visibility timeout",
+                self.name,
+                extra={"worker": self.name},
+            )
+            await cancel_and_wait([beats, *background])
 
     async def _unregister(self) -> None:
         """Leave the registry. A courtesy (the entry expires anyway), so a lost or refusing

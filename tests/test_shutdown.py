@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from aiotasks import App, TaskState
+from aiotasks.testing.server import OwnServer
+from aiotasks.worker import STORE_GRACE, UNREGISTER_TIMEOUT
 from tests.helpers import ReadAhead, pid_of, runs_key, wait_consuming, wait_state, wait_until
 
 Spawn = Callable[..., Any]
@@ -206,3 +208,40 @@ async def test_a_stop_gives_entries_read_ahead_back_to_the_queue(app: App) -> No
     w2.stop()
     await asyncio.wait_for(again, 10)
     assert gate.runs.count("ahead") == 1
+
+
+async def test_a_def_task_past_the_shutdown_timeout_does_not_hold_the_exit(
+    app: App, spawn_worker: Spawn
+) -> None:
+    """The interpreter joins a thread still running a `def` body before it exits: the
+    worker leaves it (its entry is redelivered) and exits on time."""
+    w = spawn_worker("--shutdown-timeout", "1")
+    await wait_consuming(app, w)
+    h = await app.send_task("tests.apps.basic.blocking_sleep", args=(30,))
+    await wait_state(h, TaskState.STARTED)
+    w.signal(signal.SIGTERM)
+    code, took = await wait_exit(w, 15)
+    assert code == 0, w.output()
+    assert took < 5.0, took
+    assert "abandoned task(s) still running" in w.output()
+    assert await pending_entries(app) == 1  # redelivered after the visibility timeout
+
+
+async def test_sigterm_with_redis_gone_exits_after_the_shutdown_timeout(
+    own_server: OwnServer, spawn_worker: Spawn, namespace: str
+) -> None:
+    """Outcomes that Redis cannot take are retried while the worker runs; a stop gives
+    them shutdown_timeout plus a grace, then exits (they are redelivered)."""
+    async with App(redis_url=own_server.url, namespace=namespace) as client:
+        w = spawn_worker("--shutdown-timeout", "1", url=own_server.url)
+        await wait_consuming(client, w)
+        await client.send_task(SLEEP, args=(0.5,))
+        await asyncio.sleep(0.2)
+        own_server.kill()  # the run ends with nowhere to store its result
+        await asyncio.to_thread(w.wait_for_output, "cannot store", 10)
+        w.signal(signal.SIGTERM)
+        code, took = await wait_exit(w, 20)
+    assert code == 0, w.output()
+    assert took < 1.0 + STORE_GRACE + UNREGISTER_TIMEOUT + 2.0, took
+    assert "will be redelivered" in w.output()
+    assert "Traceback" not in w.output()

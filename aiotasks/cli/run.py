@@ -277,12 +277,15 @@ async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeou
         raise fail(f"the worker stopped on an unexpected {type(exc).__name__}: {exc}") from None
     finally:
         await app.close()
-    if worker.abandoned:
-        # A task that swallows cancellation would keep asyncio's shutdown waiting forever.
+    threads = worker.threads_running
+    if worker.abandoned or threads:
+        # A task that swallows cancellation would keep asyncio's shutdown waiting forever,
+        # and a `def` task past its timeout the interpreter's exit (it joins its thread).
+        # Their entries were given up: they are redelivered.
         log.warning(
             "exiting with %d abandoned task(s) still running",
-            worker.abandoned,
-            extra={"worker": worker.name, "abandoned": worker.abandoned},
+            worker.abandoned + threads,
+            extra={"worker": worker.name, "abandoned": worker.abandoned + threads},
         )
         logging.shutdown()
         os._exit(0)
