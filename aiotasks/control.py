@@ -236,6 +236,15 @@ class Queues:
         await self._change("resume", queue)
 
     async def _change(self, verb: str, queue: str) -> None:
+        if (
+            not isinstance(queue, str)
+            or not queue.strip()
+            or "," in queue
+            or queue != queue.strip()
+        ):
+            # A worker's queues are named without surrounding spaces or commas
+            # (`--queues a,b`): no worker could take from such a queue.
+            raise ValueError(f"{queue!r} is not a queue name")
         client = self.app.client
         redis = cast(Any, client.redis)
         await (redis.sadd if verb == "pause" else redis.srem)(client.keys.paused, queue)

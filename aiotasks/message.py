@@ -210,12 +210,18 @@ def _when(value: Any) -> bool:
     )
 
 
+_TEN_YEARS = f"{MAX_SECONDS:,} (ten years)"
+
+
 def _checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
     return {
         "priority": (lambda v: count(v, 9) and isinstance(v, int), "an int from 0 to 9"),
-        "soft_timeout": (positive_number, "a positive number of seconds"),
-        "hard_timeout": (positive_number, "a positive number of seconds"),
-        "countdown": (lambda v: v == 0 or positive_number(v), "a number of seconds >= 0"),
+        "soft_timeout": (positive_number, f"a positive number of seconds up to {_TEN_YEARS}"),
+        "hard_timeout": (positive_number, f"a positive number of seconds up to {_TEN_YEARS}"),
+        "countdown": (
+            lambda v: v == 0 or positive_number(v),
+            f"a number of seconds from 0 to {_TEN_YEARS}",
+        ),
         "eta": (_when, "a datetime"),
         "expires": (_when, "seconds after the send, or a datetime"),
         "queue": (lambda v: isinstance(v, str) and bool(v), "a queue name"),
@@ -224,7 +230,10 @@ def _checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "serializer": (lambda v: v in codec.SERIALIZERS, "'msgpack' or 'json'"),
         "compression": (lambda v: v in codec.COMPRESSIONS, "zlib, lzma, bz2 or zstd"),
         "max_retries": (count, "a whole number >= 0"),
-        "result_ttl": (lambda v: count(v, MAX_SECONDS) and v > 0, "a whole number of seconds"),
+        "result_ttl": (
+            lambda v: count(v, MAX_SECONDS) and v > 0,
+            f"a whole number of seconds from 1 to {_TEN_YEARS}",
+        ),
     }
 
 

@@ -257,6 +257,15 @@ def with_db(url: str, db: int) -> str:
             {},
             "error: invalid Redis URL 'redis://:***@h:x/0': the port is not a number: 'x'",
         ),
+        (
+            ["send", "ops.add", "--countdown", "1e12"],
+            {},
+            "error: --countdown must be a number of seconds from 0 to 315,360,000 (ten years)",
+        ),
+        (["queues", "pause", ""], {}, "error: '' is not a queue name"),
+        (["queues", "resume", "a,b"], {}, "error: 'a,b' is not a queue name"),
+        (["queues", "pause", " "], {}, "error: ' ' is not a queue name"),
+        (["run", "tests.apps.ops:app", "--queues", ",,"], {}, "error: --queues ',,' names no"),
     ],
 )
 def test_reported_bad_inputs_exit_2(args: list[str], env: dict[str, str], expected: str) -> None:

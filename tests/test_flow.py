@@ -136,6 +136,13 @@ async def test_a_paused_queue_is_not_consumed_and_loses_nothing(
     assert [await h.result(timeout=5) for h in ha] == ["a0", "a1", "a2"]
 
 
+@pytest.mark.parametrize("name", ["", " ", "a,b", " a"])
+async def test_pausing_a_name_no_worker_could_take_from_is_refused(app: App, name: str) -> None:
+    with pytest.raises(ValueError, match="is not a queue name"):
+        await app.queues.pause(name)
+    assert await app.queues.paused() == set()
+
+
 async def test_a_worker_started_after_the_pause_takes_nothing_from_it(
     app: App, worker: StartWorker
 ) -> None:

@@ -127,6 +127,8 @@ def _queue_command(verb: str, doc: str) -> None:
         redis_url: RedisOption = None,
         namespace: NamespaceOption = None,
     ) -> None:
+        if not queue.strip() or "," in queue or queue != queue.strip():
+            raise fail(f"{queue!r} is not a queue name (no commas, no surrounding spaces)", 2)
         app = open_app(app_spec, redis_url, namespace)
         run_admin(app, lambda admin: getattr(admin.app.queues, verb)(queue))
         typer.echo(f"queue {queue!r} {verb}d")

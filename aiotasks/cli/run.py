@@ -115,8 +115,11 @@ def run(
         raise typer.Exit(supervise(processes, sys.argv))
     if metrics_port is not None:
         _serve_metrics(app, metrics_port, metrics_host)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues is not None else None
+    if names == []:
+        raise fail(f"--queues {queues!r} names no queue: give names separated by commas", 2)
     opts: dict[str, Any] = {
-        "queues": [q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+        "queues": names,
         "concurrency": concurrency,
         "burst": burst,
         "shutdown_timeout": shutdown_timeout,

@@ -14,6 +14,7 @@ import typer
 from ..admin import Admin, Arguments
 from ..errors import ResultTimeout, SerializationError, TaskFailed, TaskRevoked
 from ..handle import TaskInfo, TaskState
+from ..message import check_options
 from .common import (
     AppOption,
     JsonOption,
@@ -249,6 +250,10 @@ def _send_options(
         options["countdown"] = countdown
     if priority is not None:
         options["priority"] = priority
+    try:
+        check_options(options)
+    except ValueError as exc:  # out of range: the message names the bounds
+        raise fail(f"--{exc}", 2) from None
     return options
 
 
