@@ -120,7 +120,16 @@ def _ext_hook(code: int, data: bytes) -> Any:
     user = usertypes.by_code(code)
     if user is not None:
         return user.decode(_unpackb(data))
-    return msgpack.ExtType(code, data)
+    # Never handed to a task as a raw ExtType: its message is refused (dead-lettered).
+    raise ValueError(
+        f"msgpack extension type {code} is not registered in this process "
+        "(aiotasks.register_type(..., code=...))"
+    )
+
+
+def _why(exc: BaseException) -> str:
+    """An error's message, or its class name when it has none (msgpack's StackError)."""
+    return str(exc) or type(exc).__name__
 
 
 def _packb(value: Any) -> bytes:
@@ -152,7 +161,7 @@ class MsgpackSerializer:
         try:
             return _unpackb(data)
         except Exception as exc:
-            raise SerializationError(f"cannot decode msgpack: {exc}") from exc
+            raise SerializationError(f"cannot decode msgpack: {_why(exc)}") from exc
 
 
 def _json_default(obj: Any) -> Any:
@@ -235,7 +244,7 @@ class JsonSerializer:
         try:
             return json.loads(data, object_hook=_json_hook)
         except Exception as exc:
-            raise SerializationError(f"cannot decode json: {exc}") from exc
+            raise SerializationError(f"cannot decode json: {_why(exc)}") from exc
 
 
 Decompress = Callable[[bytes, int], bytes]
@@ -337,5 +346,5 @@ def decode(data: bytes, content_type: str, max_size: int = MAX_SIZE) -> Any:
         except SerializationError:
             raise
         except Exception as exc:
-            raise SerializationError(f"cannot decompress {compression}: {exc}") from exc
+            raise SerializationError(f"cannot decompress {compression}: {_why(exc)}") from exc
     return get_serializer(serializer).loads(data)

@@ -252,9 +252,9 @@ class Outcomes:
             self.worker,
             entry_id,
             ex.delivery.queue,
-            ex.tid or "?",
+            _printable(ex.tid or "?"),
             out.exc_type,
-            out.exc_message,
+            _printable(out.exc_message),
             extra={**_fields(ex, out), "exc_type": out.exc_type, "entry_id": entry_id},
         )
 
@@ -346,6 +346,12 @@ class Outcomes:
                 )
                 await asyncio.sleep(backoff.next())
         # Left pending: redelivered after the visibility timeout.
+
+
+def _printable(text: str) -> str:
+    """Text from a malformed entry, quoted when it holds a newline or another control
+    character: one log record stays one line."""
+    return text if text.isprintable() else repr(text)
 
 
 def _fields(ex: Execution, out: Outcome) -> dict[str, Any]:

@@ -87,7 +87,15 @@ def entry_cases(serializer: str) -> dict[str, dict[str, Any]]:
     def with_payload(**changes: Any) -> dict[str, Any]:
         return {"v": v, "ct": ct, "m": encode({**good_payload(), **changes}, serializer)}
 
-    return {
+    raw: dict[str, dict[str, Any]] = {}
+    if serializer == "msgpack":
+        ext = msgpack.packb({**good_payload(), "args": [msgpack.ExtType(99, b"zz")]})
+        deep = b"\x91" * 100_000 + b"\xc0"  # arrays nested past what msgpack unpacks
+        raw = {
+            "unregistered ext type": {"v": v, "ct": ct, "m": ext},
+            "nested too deep": {"v": v, "ct": ct, "m": deep},
+        }
+    return raw | {
         "chord id without index": {**with_payload(), "cid": "c1"},
         "chord index not a number": {**with_payload(), "cid": "c1", "cix": "abc"},
         "link not canvas nodes": with_payload(link=[1]),
@@ -160,6 +168,9 @@ async def test_malformed_entry_is_dead_lettered_once_and_never_runs(
     assert len(reasons) == 1 and reasons[0].startswith("DecodeError: "), reasons
     if case == "unknown protocol version":
         assert "'99'" in reasons[0]
+    if case == "unregistered ext type":
+        assert "extension type 99 is not registered" in reasons[0]
+    assert not reasons[0].rstrip().endswith(":"), reasons  # a reason, not an empty one
     # A well-formed task still runs after it, and the malformed one never did.
     ok = await (await app.send_task(NAME, args=(7,))).result(timeout=10)
     assert ok == 7 and runs == [7]
@@ -372,3 +383,14 @@ async def test_send_refuses_a_compressed_body_over_max_message_size(
     # Compresses to almost nothing, but a worker would have to inflate 2 MiB.
     with pytest.raises(SerializationError, match="max_message_size"):
         await app.send_task(NAME, args=("x" * (2 * 1024 * 1024),))
+
+
+async def test_a_dead_letter_with_a_newline_in_its_id_is_logged_on_one_line(
+    app: App, worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    await worker()
+    task_id = await xadd(app, {"id": "c-nl\nforged line", "v": str(PROTOCOL), "ct": "pickle"})
+    with pytest.raises(TaskFailed):
+        await app.handle(task_id).result(timeout=10)
+    [line] = [r.getMessage() for r in caplog.records if "dead-lettering" in r.getMessage()]
+    assert "\n" not in line and "'c-nl\\nforged line'" in line, line
