@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .backoff import Backoff
 from .cancel import cancel_and_wait
 from .keys import Keys
+from .outage import Outage
 from .topology import notifier_client
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ class Notifier:
         #: The reply channel is subscribed and the subscription has not been lost since.
         self._reply_live = False
         self._confirm: dict[str, asyncio.Future[None]] = {}
+        #: A worker running on this App says "lost Redis" once for all its loops, this
+        #: listener's included (outage.py); None: the listener logs on its own.
+        self.outage: Outage | None = None
         self._reader: asyncio.Task[None] | None = None
         self._cmd_lock = asyncio.Lock()
         self._sharded = sharded
@@ -283,13 +287,15 @@ class Notifier:
             )
         return self._pubsub
 
-    async def _next(self, pubsub: PubSub) -> tuple[dict[str, Any] | None, str | None]:
-        """The next message (None: none yet), or why the subscription is gone ("" when
-        that needs no warning)."""
+    async def _next(
+        self, pubsub: PubSub
+    ) -> tuple[dict[str, Any] | None, str | BaseException | None]:
+        """The next message (None: none yet), or why the subscription is gone: a lost
+        connection's error, or a message ("" when that needs no warning)."""
         try:
             return await pubsub.get_message(timeout=None), None
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            return None, f"lost Redis ({exc}); reconnecting with backoff"
+            return None, exc
         except ResponseError as exc:
             # A refused (S)SUBSCRIBE: MOVED (a node's slot map behind a move),
             # CLUSTERDOWN, LOADING... Subscribe again, on the node asked anew.
@@ -318,18 +324,34 @@ class Notifier:
                 self._dropped = False
                 gone = "the namespace's slot moved; subscribing on its new owner"
             self._reply_live = False  # from here on, a reply may be missed
-            if gone and not lost:
-                log.warning("%s", gone)
+            self._say_gone(gone, lost)
             lost = True
             await asyncio.sleep(backoff.next())
             try:
                 pubsub = await self._reconnect(pubsub)
             except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
                 continue
-            log.warning("reconnected to Redis")
+            self._say_back()
             lost = False
             self.reconnects += 1
             self._broadcast((RECONNECTED, None, None))
+
+    def _say_gone(self, gone: str | BaseException, again: bool) -> None:
+        """Log why the subscription is gone: once per loss (`again`: said already), or
+        through the worker's Outage, which says it once for all its loops."""
+        if isinstance(gone, BaseException):
+            if self.outage is not None:
+                self.outage.failed("result listener", gone)
+            elif not again:
+                log.warning("lost Redis (%s); reconnecting with backoff", gone)
+        elif gone and not again:
+            log.warning("%s", gone)
+
+    def _say_back(self) -> None:
+        if self.outage is not None:
+            self.outage.ok()
+        else:
+            log.warning("reconnected to Redis")
 
     async def _reconnect(self, pubsub: PubSub) -> PubSub:
         """Connect again (on a cluster, to a node that answers), subscribe to every

@@ -24,6 +24,7 @@ from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op, wait_o
 from .errors import CONNECTION_ERRORS, SerializationError
 from .execution import Execution, Kind, Outcome, Phase, failure, internal_error
 from .message import now
+from .outage import Outage
 from .state import PAYLOAD, entry_payload
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ class Outcomes:
         worker: str,
         streams: list[str],
         committed: Callable[[list[Key]], None],
+        outage: Outage | None = None,
     ) -> None:
         self.app = app
+        self.outage = outage or Outage(f"worker {worker}", client.url)
         self.client = client
         self.worker = worker
         self.streams = streams
@@ -312,17 +315,12 @@ class Outcomes:
                 await self.client.scripts.finish(
                     streams=self.streams, now_ms=int(now() * 1000), ops=ops
                 )
+                self.outage.ok()
                 return
             except CONNECTION_ERRORS as exc:
                 # Results must land before their entries are acked: keep trying.
                 delay = backoff.next()
-                log.error(
-                    "worker %s cannot store %d result(s) (%s); retrying in %.1f s",
-                    self.worker,
-                    count,
-                    exc,
-                    delay,
-                )
+                self.outage.failed(f"storing {count} result(s)", exc, delay)
                 await asyncio.sleep(delay)
 
     async def _refused(self, ex: Execution, exc: Exception) -> None:

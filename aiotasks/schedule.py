@@ -35,6 +35,7 @@ from croniter import croniter  # type: ignore[import-untyped]
 
 from .backoff import Backoff
 from .errors import CONNECTION_ERRORS
+from .outage import Outage
 
 if TYPE_CHECKING:
     from .app import App
@@ -127,10 +128,13 @@ def _at(ms: int) -> datetime:
 class Scheduler:
     """Fires an App's periodic tasks from one worker (one of any number doing the same)."""
 
-    def __init__(self, app: App, worker: str, schedules: Schedules) -> None:
+    def __init__(
+        self, app: App, worker: str, schedules: Schedules, outage: Outage | None = None
+    ) -> None:
         self.app = app
         self.worker = worker
         self.schedules = schedules
+        self.outage = outage or Outage(f"periodic scheduler of worker {worker}", app.client.url)
         self.periodics: list[Periodic] = []
         self._next: dict[str, int] = {}  # periodic name -> next tick, epoch ms
         self._claimed: set[tuple[str, int]] = set()  # claimed ticks whose send failed
@@ -157,9 +161,10 @@ class Scheduler:
                     await self._publish()
                     dirty = False
                 backoff.reset()
+                self.outage.ok()
             except CONNECTION_ERRORS as exc:
                 delay = backoff.next()
-                log.warning("periodic scheduler lost Redis (%s); retrying in %.1f s", exc, delay)
+                self.outage.failed("periodic scheduler", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             nxt = min(self._next.values(), default=None)

@@ -34,6 +34,7 @@ from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_er
 from .index import TaskIndex
 from .keys import PRIORITIES
 from .message import now
+from .outage import Outage
 from .outcomes import Key, Outcomes
 from .peers import describe, warn_if_tasks_differ
 from .schedule import Scheduler
@@ -119,6 +120,7 @@ class Worker:
         self.max_deliveries = max_deliveries
         self.block_ms = max(1, int(block * 1000))
         self.client = app.client
+        self.outage = Outage(f"worker {self.name}", self.client.url)
         # Each stream's (queue, priority), most important queue first, most urgent first;
         # with several shards, one lane of streams per shard, all under one concurrency.
         self._served: dict[str, tuple[str, int]] = {}
@@ -129,7 +131,9 @@ class Worker:
             served = {keys.stream(q, p): (q, p) for q in self.queues for p in PRIORITIES}
             self._served.update(served)
             lane = Lane(
-                shard, list(served), Outcomes(app, shard, self.name, list(served), self._committed)
+                shard,
+                list(served),
+                Outcomes(app, shard, self.name, list(served), self._committed, self.outage),
             )
             self.lanes.append(lane)
             self._lane_of.update(dict.fromkeys(served, lane))
@@ -278,6 +282,7 @@ class Worker:
             await warn_if_unsafe(self.client.redis, self.client.url)
         # Before the first fetch: a queue paused before we started gives us nothing.
         await self._take_up_paused()
+        self._share_outage(True)
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
         try:
@@ -285,7 +290,7 @@ class Worker:
                 beats = tg.create_task(self._heartbeat_loop())
                 background = [tg.create_task(lane.outcomes.flush_loop()) for lane in self.lanes]
                 background.append(tg.create_task(self._control_loop()))
-                scheduler = Scheduler(self.app, self.name, Schedules(self.app))
+                scheduler = Scheduler(self.app, self.name, Schedules(self.app), self.outage)
                 background.append(tg.create_task(scheduler.run()))
                 background.append(tg.create_task(self._paused_loop()))
                 if len(self.lanes) == 1:
@@ -301,6 +306,7 @@ class Worker:
             except TimeoutError:
                 log.warning("worker %s could not unregister (Redis did not answer)", self.name)
         finally:
+            self._share_outage(False)
             for ex in [*self._running.values(), *self._abandoned]:
                 if ex.task is not None:
                     ex.task.cancel()
@@ -330,6 +336,15 @@ class Worker:
                 extra={"worker": self.name},
             )
             await cancel_and_wait([beats, *background])
+
+    def _share_outage(self, on: bool) -> None:
+        """While we run, the App's result listener reports a lost Redis through our
+        Outage: one line for it and all our loops (unless another worker's has it)."""
+        notifier = self.client.notifier
+        if on and notifier.outage is None:
+            notifier.outage = self.outage
+        elif not on and notifier.outage is self.outage:
+            notifier.outage = None
 
     async def _unregister(self) -> None:
         """Leave the registry. A courtesy (the entry expires anyway), so a lost or refusing
@@ -438,6 +453,7 @@ class Worker:
                 await self._fetch_failed(failed, backoff.next())
                 continue
             backoff.reset()
+            self.outage.ok()
             if len(got) < n:
                 self.slots.release(n - len(got))
             for i, d in enumerate(got):
@@ -529,13 +545,7 @@ class Worker:
         if isinstance(exc, BrokerRefusedError):
             log.error("worker %s: %s; retrying in %.1f s", self.name, exc, delay)
         else:
-            log.error(
-                "worker %s lost Redis at %s (%s); retrying in %.1f s",
-                self.name,
-                self.client.url,
-                exc,
-                delay,
-            )
+            self.outage.failed("fetch", exc, delay)
         await self._sleep(delay)
 
     def _prefetch(self, n: int) -> int:
@@ -760,13 +770,16 @@ class Worker:
     async def _beat_call(self, call: Awaitable[T]) -> T | None:
         """Await one heartbeat call; a failure is logged (the next beat tries again)."""
         try:
-            return await call
+            result = await call
         except CONNECTION_ERRORS as exc:
-            log.warning("worker %s heartbeat failed (%s)", self.name, exc)
+            self.outage.failed("heartbeat", exc)
         except (ResponseError, BrokerRefusedError) as exc:
             if isinstance(exc, ResponseError):
                 exc = refusal(self.client.url, exc, "a heartbeat")
             log.error("worker %s: %s", self.name, exc)
+        else:
+            self.outage.ok()
+            return result
         return None
 
     async def _register(self, ttl: float) -> bool:

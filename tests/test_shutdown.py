@@ -238,7 +238,8 @@ async def test_sigterm_with_redis_gone_exits_after_the_shutdown_timeout(
         await client.send_task(SLEEP, args=(0.5,))
         await asyncio.sleep(0.2)
         own_server.kill()  # the run ends with nowhere to store its result
-        await asyncio.to_thread(w.wait_for_output, "cannot store", 10)
+        await asyncio.to_thread(w.wait_for_output, "lost Redis", 10)
+        await asyncio.sleep(0.6)
         w.signal(signal.SIGTERM)
         code, took = await wait_exit(w, 20)
     assert code == 0, w.output()

@@ -1,0 +1,71 @@
+"""One log line when a worker loses Redis, one when Redis is back.
+
+A worker's loops (fetching, storing outcomes, the heartbeat, the periodic scheduler) each
+retry on their own when Redis goes away. Each logging every retry made a 30 s outage 75
+lines; they share one Outage instead: the first failure is an ERROR, the others DEBUG, a
+reminder every REMIND seconds while it lasts, and a WARNING with its length once any
+loop gets through again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("aiotasks.worker")
+
+#: Seconds between two reminders that Redis is still unreachable.
+REMIND = 60.0
+
+
+class Outage:
+    """The state of a worker's connection to Redis, as its loops see it."""
+
+    def __init__(self, who: str, url: str) -> None:
+        self.who = who
+        self.url = url
+        self.since: float | None = None  # monotonic time of the first failure, if down
+        self._reminded = 0.0
+
+    def failed(self, what: str, exc: BaseException, retry_in: float | None = None) -> None:
+        """`what` (a loop: "fetch", "store", ...) could not reach Redis."""
+        now = time.monotonic()
+        retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
+        if self.since is None:
+            self.since = self._reminded = now
+            log.error(
+                "%s lost Redis at %s (%s: %s)%s",
+                self.who,
+                self.url,
+                what,
+                exc,
+                retry,
+                extra={"outage": "started"},
+            )
+        elif now - self._reminded >= REMIND:
+            self._reminded = now
+            log.error(
+                "%s still cannot reach Redis at %s after %.0f s (%s: %s)%s",
+                self.who,
+                self.url,
+                now - self.since,
+                what,
+                exc,
+                retry,
+                extra={"outage": "ongoing"},
+            )
+        else:
+            log.debug("%s: %s cannot reach Redis (%s)%s", self.who, what, exc, retry)
+
+    def ok(self) -> None:
+        """A loop got through: when Redis was down, say it is back (once)."""
+        if self.since is not None:
+            took = time.monotonic() - self.since
+            self.since = None
+            log.warning(
+                "%s: Redis at %s is back after %.1f s",
+                self.who,
+                self.url,
+                took,
+                extra={"outage": "ended", "duration": round(took, 3)},
+            )
