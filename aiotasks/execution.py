@@ -55,6 +55,7 @@ class Delivery:
     entry_id: bytes
     fields: dict[bytes, bytes]
     deliveries: int = 1
+    alone: bool = False  # reclaimed after its workers died with it twice: runs alone
 
     @property
     def key(self) -> tuple[str, bytes]:

@@ -172,8 +172,14 @@ class Scripts:
         max_deliveries: int,
         default_ttl: int,
         queue_of: Mapping[str, str],
+        alone_from: int = 0,
+        may_take_alone: bool = False,
     ) -> dict[bytes, Any]:
-        """Claim entries idle past the visibility timeout; dead-letter over-delivered ones."""
+        """Claim entries idle past the visibility timeout; dead-letter over-delivered ones.
+
+        An entry at its `alone_from`-th delivery or later is claimed only when
+        `may_take_alone` (the caller runs nothing), and then alone (flagged `alone`);
+        `waiting` counts those left for an idle worker."""
         raw = await self._s["reclaim"](
             keys=[*self._fixed, *streams],
             args=[
@@ -185,6 +191,8 @@ class Scripts:
                 max_deliveries,
                 default_ttl,
                 pack(dict(queue_of)),
+                alone_from,
+                "1" if may_take_alone else "0",
             ],
         )
         return unpack_reply(raw)  # type: ignore[no-any-return]

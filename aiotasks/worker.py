@@ -62,6 +62,11 @@ FAST_TASK = 0.005
 #: Seconds between two reads of the paused queues.
 PAUSE_REFRESH = 1.0
 
+#: The delivery from which a reclaimed entry runs alone, on an idle worker: its workers
+#: died twice while it ran. A task that kills its process then takes no other along
+#: (they would reach max_deliveries with it, and be dead-lettered unrun).
+ALONE_FROM = 3
+
 # Seconds a stopping worker gives Redis, past shutdown_timeout, to take the last outcomes,
 # and to take its leaving the registry.
 STORE_GRACE = 5.0
@@ -149,6 +154,8 @@ class Worker:
         # One table of the entries this worker holds, each with its phase.
         self._running: dict[Key, Execution] = {}
         self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
+        self._alone: asyncio.Task[None] | None = None  # a reclaimed entry running alone
+        self._alone_waiting = 0  # entries to run alone, left for an idle worker
         self._abandoned: set[Execution] = set()  # bodies that ignored cancellation
         self._runtime = Runtime(app, self.client, self.name, self.thread_limiter, self._abandon)
         self._pause_messages = 0  # pause/resume messages taken up (see _take_up_paused)
@@ -478,6 +485,8 @@ class Worker:
         """Take the free slots and fetch (reclaiming when due): (entries, slots held, the
         error of a failed fetch); None once the worker stops. `waits`: an idle lane's
         wait, holding no slot, for one entry at most."""
+        if self._alone is not None:
+            await self._after_alone()
         if not await self._slot_or_stop():
             return None
         if shared and not waits:
@@ -558,6 +567,20 @@ class Worker:
         if n == self.concurrency and self._avg_run < FAST_TASK:
             return n
         return 0
+
+    async def _after_alone(self) -> None:
+        """Fetch nothing while an entry runs alone; reclaim at once after it when more
+        wait to run alone."""
+        alone = self._alone
+        if alone is not None and not alone.done():
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({alone, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+        if alone is not None and alone.done() and self._alone is alone:
+            self._alone = None
+            if self._alone_waiting:
+                for lane in self.lanes:
+                    lane.next_reclaim = 0.0
 
     async def _slot_or_stop(self) -> bool:
         """Take a slot; False when the worker stops first (a stop fetches nothing more)."""
@@ -655,14 +678,19 @@ class Worker:
             max_deliveries=self.max_deliveries,
             default_ttl=self.app.settings.result_ttl,
             queue_of={stream: self._served[stream][0] for stream in lane.streams},
+            alone_from=min(ALONE_FROM, self.max_deliveries),
+            may_take_alone=not self._running,
         )
         got = [self._delivery(e, int(e[b"deliveries"])) for e in res[b"entries"]]
-        for d in got:
+        self._alone_waiting = int(res.get(b"waiting") or 0)
+        for d, e in zip(got, res[b"entries"], strict=True):
+            d.alone = bool(e.get(b"alone"))
             log.warning(
-                "worker %s reclaimed entry %s (delivery %d) from a dead worker",
+                "worker %s reclaimed entry %s (delivery %d) from a dead worker%s",
                 self.name,
                 d.entry_id.decode(),
                 d.deliveries,
+                ": it runs alone (its workers died with it before)" if d.alone else "",
             )
         return got
 
@@ -686,6 +714,8 @@ class Worker:
             )
         else:
             ex.task = loop.create_task(self._execute(ex))
+        if d.alone:
+            self._alone = ex.task
 
     async def _execute(self, ex: Execution) -> None:
         outcome: Outcome | None = None

@@ -159,3 +159,24 @@ async def test_task_that_kills_every_worker_is_dead_lettered_after_max_deliverie
     assert b"max_deliveries=3" in dead[b"reason"]
     assert await queue_is_empty(app)
     await worker_goes_on(app, last)
+
+
+async def test_a_task_that_kills_its_worker_takes_none_of_its_batch_mates_along(
+    app: App, spawn_worker: Spawn
+) -> None:
+    """The tasks running beside a process killer died with it, twice, and reached
+    max_deliveries with it (dead-lettered, never run). From its third delivery a
+    reclaimed entry runs alone on an idle worker: only the killer is dead-lettered."""
+    sup = spawn_worker("--concurrency", "8", "--processes", "2")
+    await asyncio.sleep(1.5)  # both children up (the supervisor restarts the killed ones)
+    killer, *mates = await asyncio.gather(
+        app.send_task("tests.apps.basic.slow_suicide", args=(0.2,)),
+        *(app.send_task("tests.apps.basic.sleep", args=(0.5,)) for _ in range(20)),
+    )
+    results = await asyncio.gather(*(h.result(timeout=60) for h in mates))
+    assert results == [0.5] * 20
+    with pytest.raises(TaskFailed) as err:
+        await killer.result(timeout=30)
+    assert err.value.exc_type == "MaxDeliveriesExceeded"
+    assert [d[b"id"].decode() for d in await wait_dead_letters(app, 1)] == [killer.id]
+    assert "runs alone" in sup.output()

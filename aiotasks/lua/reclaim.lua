@@ -1,5 +1,5 @@
 -- reclaim: take over entries that a dead consumer left idle past the visibility
--- timeout (XAUTOCLAIM). An entry delivered more than max_deliveries times goes to its
+-- timeout. An entry delivered more than max_deliveries times goes to its
 -- queue's dead-letter stream and its task ends FAILURE instead of looping forever.
 --
 -- KEYS[1]      key prefix
@@ -13,7 +13,13 @@
 -- ARGV[6]      max deliveries
 -- ARGV[7]      default ttl (s) for tasks settled here
 -- ARGV[8]      msgpack map of stream key -> queue name, for dead letters
--- Returns      msgpack map {entries = {{stream, entry, fields, deliveries}, ...}}
+-- ARGV[9]      alone_from: the delivery from which an entry runs alone (its workers died
+--              with it twice: it may be what kills them, and must not take the tasks
+--              running beside it along); 0: never
+-- ARGV[10]     '1' when the caller runs nothing now: it may take one such entry, which is
+--              then all this call claims (the caller runs nothing else beside it)
+-- Returns      msgpack map {entries = {{stream, entry, fields, deliveries, alone?}, ...},
+--              waiting = entries left idle because they run alone (for an idle worker)}
 
 local consumer = ARGV[1]
 local min_idle = tonumber(ARGV[2])
@@ -24,33 +30,45 @@ local max_deliveries = tonumber(ARGV[6])
 local default_ttl = tonumber(ARGV[7])
 local queue_of = unpack_arg(ARGV[8])
 
+local alone_from = tonumber(ARGV[9]) or 0
+local may_take_alone = ARGV[10] == '1'
+
+-- XPENDING first, then XCLAIM one by one: a claim counts a delivery, so an entry that
+-- must run alone is claimed only by a worker that will run it now, and alone.
 local entries = {}
+local waiting = 0
+local took_alone = false
 for k = 3, #KEYS do
-  if count <= 0 then break end
+  if count <= 0 or took_alone then break end
   local stream = KEYS[k]
-  local cursor = '0-0'
-  for _ = 1, 10 do
-    local res = redis.pcall('XAUTOCLAIM', stream, GROUP, consumer, min_idle, cursor,
-      'COUNT', count)
-    if type(res) ~= 'table' or res.err then break end
-    cursor = res[1]
-    for _, e in ipairs(res[2]) do
-      local entry_id = e[1]
-      local p = redis.call('XPENDING', stream, GROUP, entry_id, entry_id, 1)
-      local deliveries = p[1] and tonumber(p[1][4]) or 1
-      local f = fields_map(e[2])
-      if deliveries > max_deliveries then
-        dead_letter(stream, entry_id, e[2], f, queue_of[stream] or 'default',
-          'MaxDeliveriesExceeded', 'delivered ' .. deliveries
-            .. ' times without finishing (max_deliveries=' .. max_deliveries
-            .. '): the worker died or stalled each time', default_ttl, now_ms)
-      elseif start_entry(stream, entry_id, f, now_ms, worker, deliveries, default_ttl) then
-        entries[#entries + 1] = {stream = stream, entry = entry_id, fields = f,
-          deliveries = deliveries}
-        count = count - 1
+  local idle = redis.pcall('XPENDING', stream, GROUP, 'IDLE', min_idle, '-', '+', count + 100)
+  if type(idle) == 'table' and not idle.err then
+    for _, p in ipairs(idle) do
+      if count <= 0 or took_alone then break end
+      local entry_id = p[1]
+      local deliveries = tonumber(p[4]) + 1
+      local alone = alone_from > 0 and deliveries >= alone_from and deliveries <= max_deliveries
+      if alone and (not may_take_alone or #entries > 0) then
+        waiting = waiting + 1
+      else
+        -- Gone from the stream (deleted meanwhile): XCLAIM drops it from the PEL.
+        local e = redis.call('XCLAIM', stream, GROUP, consumer, min_idle, entry_id)[1]
+        if e then
+          local f = fields_map(e[2])
+          if deliveries > max_deliveries then
+            dead_letter(stream, entry_id, e[2], f, queue_of[stream] or 'default',
+              'MaxDeliveriesExceeded', 'delivered ' .. deliveries
+                .. ' times without finishing (max_deliveries=' .. max_deliveries
+                .. '): the worker died or stalled each time', default_ttl, now_ms)
+          elseif start_entry(stream, entry_id, f, now_ms, worker, deliveries, default_ttl) then
+            entries[#entries + 1] = {stream = stream, entry = entry_id, fields = f,
+              deliveries = deliveries, alone = alone and 1 or nil}
+            count = count - 1
+            took_alone = alone
+          end
+        end
       end
     end
-    if cursor == '0-0' or count <= 0 then break end
   end
 end
 -- Keys whose waiters no release will wake (their slot holders died): their leases have
@@ -64,4 +82,4 @@ for _, key in ipairs(redis.call('SRANDMEMBER', K.slot_keys(), 20)) do
   end
 end
 flush_journal(now_ms)
-return reply({entries = entries})
+return reply({entries = entries, waiting = waiting})

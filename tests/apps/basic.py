@@ -48,6 +48,13 @@ async def suicide() -> None:
 
 
 @app.task
+async def slow_suicide(seconds: float) -> None:
+    """Kills its own worker `seconds` into every run (the tasks beside it die too)."""
+    await asyncio.sleep(seconds)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task
 async def boom() -> None:
     raise ValueError("boom")
 
