@@ -78,6 +78,7 @@ class Outcomes:
         self.failed = 0
         # One group of ops per entry, applied in order, with the run it records.
         self._groups: list[Group] = []
+        self._committing = 0  # outcomes of the commit under way
         self._flush = asyncio.Event()
         self._commit_lock = asyncio.Lock()
 
@@ -291,8 +292,15 @@ class Outcomes:
         async with self._commit_lock:
             while self._groups:
                 groups, self._groups = self._groups, []
+                self._committing = len(groups)
                 await self._commit(groups)
+                self._committing = 0
                 self._committed([g.ex.delivery.key for g in groups])
+
+    @property
+    def unstored(self) -> int:
+        """Outcomes not stored yet: queued, or in a commit under way."""
+        return len(self._groups) + self._committing
 
     async def _commit(self, groups: list[Group]) -> None:
         """Commit `groups` in one call; find and fail the ones Redis refuses, if any."""

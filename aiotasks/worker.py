@@ -77,10 +77,25 @@ class Lane:
     """The streams of one shard that a worker reads, with that shard's fetch state and
     commit buffer (a namespace of one shard: one lane)."""
 
-    __slots__ = ("client", "streams", "active", "idle", "outcomes", "next_reclaim")
+    __slots__ = (
+        "client",
+        "streams",
+        "active",
+        "idle",
+        "outcomes",
+        "next_reclaim",
+        "alone_waiting",
+        "outage",
+    )
 
-    def __init__(self, client: Client, streams: list[str], outcomes: Outcomes) -> None:
+    def __init__(
+        self, client: Client, streams: list[str], outcomes: Outcomes, outage: Outage
+    ) -> None:
         self.client = client
+        #: This shard's connection as the worker's loops see it (one log line an outage).
+        self.outage = outage
+        #: Entries the last reclaim left because they run alone (for an idle worker).
+        self.alone_waiting = 0
         self.streams = streams
         self.active = list(streams)  # the streams of queues not paused
         #: After a fetch that read every stream to its end: when the next delayed task
@@ -125,7 +140,6 @@ class Worker:
         self.max_deliveries = max_deliveries
         self.block_ms = max(1, int(block * 1000))
         self.client = app.client
-        self.outage = Outage(f"worker {self.name}", self.client.url)
         # Each stream's (queue, priority), most important queue first, most urgent first;
         # with several shards, one lane of streams per shard, all under one concurrency.
         self._served: dict[str, tuple[str, int]] = {}
@@ -135,14 +149,18 @@ class Worker:
             keys = shard.keys
             served = {keys.stream(q, p): (q, p) for q in self.queues for p in PRIORITIES}
             self._served.update(served)
+            outage = Outage(f"worker {self.name}", shard.url)
             lane = Lane(
                 shard,
                 list(served),
-                Outcomes(app, shard, self.name, list(served), self._committed, self.outage),
+                Outcomes(app, shard, self.name, list(served), self._committed, outage),
+                outage,
             )
             self.lanes.append(lane)
             self._lane_of.update(dict.fromkeys(served, lane))
         self.streams = list(self._served)
+        #: The root shard's: its heartbeat, scheduler and result listener report there.
+        self.outage = self.lanes[0].outage
         # Fetch replies name streams as bytes: looked up as they come, no decoding.
         self._by_raw = {s.encode(): (s, q, p) for s, (q, p) in self._served.items()}
         self.slots = Slots(concurrency)
@@ -155,7 +173,7 @@ class Worker:
         self._running: dict[Key, Execution] = {}
         self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
         self._alone: asyncio.Task[None] | None = None  # a reclaimed entry running alone
-        self._alone_waiting = 0  # entries to run alone, left for an idle worker
+        self._stop_at = float("inf")  # when stop() was first called (monotonic)
         self._abandoned: set[Execution] = set()  # bodies that ignored cancellation
         self._runtime = Runtime(app, self.client, self.name, self.thread_limiter, self._abandon)
         self._pause_messages = 0  # pause/resume messages taken up (see _take_up_paused)
@@ -173,7 +191,15 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the worker to stop: no more fetching, running tasks may finish."""
+        if not self._stop.is_set():
+            self._stop_at = time.monotonic()
         self._stop.set()
+
+    def _left(self, grace: float = 0.0) -> float:
+        """Seconds left of shutdown_timeout (plus `grace`) since stop()."""
+        if self._stop_at == float("inf"):  # not stopped: the whole of it
+            return self.shutdown_timeout + grace
+        return max(self._stop_at + self.shutdown_timeout + grace - time.monotonic(), 0.1)
 
     def thread_limiter(self) -> Any:
         """The anyio limiter of `def` tasks' threads (made on first use: anyio is loaded
@@ -255,8 +281,8 @@ class Worker:
         attempt = 1
         while not self._stop.is_set():
             try:
-                await self.prepare()
-                return True
+                await self._unless_stopped(self.prepare())
+                return self._prepared
             except (BrokerConnectionError, BrokerRefusedError) as exc:
                 delay = backoff.next()
                 log.error(
@@ -285,10 +311,11 @@ class Worker:
                 await self._unregister()
             self._stopped.set()
             return
+        # A stop here must not wait for a Redis that does not answer (a hung server).
         if self.app.settings.warn_on_unsafe_server:
-            await warn_if_unsafe(self.client.redis, self.client.url)
+            await self._unless_stopped(warn_if_unsafe(self.client.redis, self.client.url))
         # Before the first fetch: a queue paused before we started gives us nothing.
-        await self._take_up_paused()
+        await self._unless_stopped(self._take_up_paused())
         self._share_outage(True)
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
@@ -300,12 +327,8 @@ class Worker:
                 scheduler = Scheduler(self.app, self.name, Schedules(self.app), self.outage)
                 background.append(tg.create_task(scheduler.run()))
                 background.append(tg.create_task(self._paused_loop()))
-                if len(self.lanes) == 1:
-                    await self._fetch_loop(self.lanes[0])
-                else:
-                    async with asyncio.TaskGroup() as fetching:
-                        for lane in self.lanes:
-                            fetching.create_task(self._fetch_loop(lane))
+                loop = asyncio.get_running_loop()
+                await self._until_fetching_ends(loop.create_task(self._fetch_all()))
                 await self._shut_down(beats, background)
             try:
                 async with asyncio.timeout(UNREGISTER_TIMEOUT):
@@ -327,7 +350,7 @@ class Worker:
         forever. What was not stored by then is redelivered after the visibility timeout,
         as if the worker had died."""
         try:
-            async with asyncio.timeout(self.shutdown_timeout + STORE_GRACE):
+            async with asyncio.timeout(self._left(STORE_GRACE)):
                 await self._drain()
                 # The heartbeat ends between beats, never inside one: a registration
                 # cut off mid-flight could land after unregister_worker and outlive us.
@@ -336,13 +359,61 @@ class Worker:
                 await cancel_and_wait(background)
                 await self._commit_all()
         except TimeoutError:
+            unstored = sum(lane.outcomes.unstored for lane in self.lanes)
             log.error(
-                "worker %s: stopping with outcomes Redis did not take within the shutdown "
-                "timeout; their tasks will be redelivered after the visibility timeout",
+                "worker %s: stopping without waiting longer for Redis; %d outcome(s) not "
+                "stored, whose tasks will be redelivered after the visibility timeout",
                 self.name,
-                extra={"worker": self.name},
+                unstored,
+                extra={"worker": self.name, "unstored": unstored},
             )
             await cancel_and_wait([beats, *background])
+
+    async def _unless_stopped(self, aw: Awaitable[T]) -> T | None:
+        """Await `aw`, or give it up (None) if the worker is stopped first."""
+        task = asyncio.ensure_future(aw)
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()  # stopped first (or run() cancelled): it ends on its own
+        if not task.done() or task.cancelled():
+            return None
+        return task.result()
+
+    async def _fetch_all(self) -> None:
+        if len(self.lanes) == 1:
+            await self._fetch_loop(self.lanes[0])
+            return
+        async with asyncio.TaskGroup() as fetching:
+            for lane in self.lanes:
+                fetching.create_task(self._fetch_loop(lane))
+
+    async def _until_fetching_ends(self, fetching: asyncio.Task[None]) -> None:
+        """Wait for the fetch loops; once stopped, shutdown_timeout at most: a fetch that
+        Redis never answers (a hung server, a partition) must not hold the stop. What it
+        started is redelivered after the visibility timeout."""
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({fetching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetching.done():
+                await asyncio.wait({fetching}, timeout=self._left())
+            if not fetching.done():
+                log.error(
+                    "worker %s: stopping without the answer to a fetch Redis has not given "
+                    "in %s s; what it started is redelivered after the visibility timeout",
+                    self.name,
+                    self.shutdown_timeout,
+                )
+                await cancel_and_wait([fetching])
+                return
+        finally:
+            stopped.cancel()
+            if not fetching.done():  # run() itself was cancelled
+                fetching.cancel()
+        fetching.result()  # its error, if it failed, as run()'s own
 
     def _share_outage(self, on: bool) -> None:
         """While we run, the App's result listener reports a lost Redis through our
@@ -391,7 +462,7 @@ class Worker:
                 self.shutdown_timeout,
                 len(pending),
             )
-            _, late = await asyncio.wait(pending, timeout=self.shutdown_timeout)
+            _, late = await asyncio.wait(pending, timeout=self._left())
             for t in late:
                 t.cancel()
             if late:
@@ -457,10 +528,9 @@ class Worker:
                 break
             got, n, failed = batch
             if failed is not None:
-                await self._fetch_failed(failed, backoff.next())
+                await self._fetch_failed(lane, failed, backoff.next())
                 continue
             backoff.reset()
-            self.outage.ok()
             if len(got) < n:
                 self.slots.release(n - len(got))
             for i, d in enumerate(got):
@@ -547,14 +617,14 @@ class Worker:
         mine = sorted(q for q in self.queues if q in paused)
         log.info("worker %s: paused queues %s", self.name, ", ".join(mine) or "none")
 
-    async def _fetch_failed(self, exc: BaseException, delay: float) -> None:
+    async def _fetch_failed(self, lane: Lane, exc: BaseException, delay: float) -> None:
         """Log a fetch that Redis refused or could not answer, then wait `delay` s."""
         if isinstance(exc, ResponseError):
-            exc = refusal(self.client.url, exc, "a fetch")
+            exc = refusal(lane.client.url, exc, "a fetch")
         if isinstance(exc, BrokerRefusedError):
             log.error("worker %s: %s; retrying in %.1f s", self.name, exc, delay)
         else:
-            self.outage.failed("fetch", exc, delay)
+            lane.outage.failed("fetch", exc, delay)
         await self._sleep(delay)
 
     def _prefetch(self, n: int) -> int:
@@ -578,8 +648,8 @@ class Worker:
             stop.cancel()
         if alone is not None and alone.done() and self._alone is alone:
             self._alone = None
-            if self._alone_waiting:
-                for lane in self.lanes:
+            for lane in self.lanes:
+                if lane.alone_waiting:
                     lane.next_reclaim = 0.0
 
     async def _slot_or_stop(self) -> bool:
@@ -652,6 +722,7 @@ class Worker:
             # blocking reads out on its clock tick): fetch at once, with the time as it is.
             wait = (block_ms, last_tips) if block_ms > 0 else None
         res = await lane.client.scripts.fetch(now_ms=now_ms, wait=wait, **common)
+        lane.outage.ok()
         if res.get(b"lost"):
             await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         if res.get(b"group_gone"):
@@ -679,10 +750,12 @@ class Worker:
             default_ttl=self.app.settings.result_ttl,
             queue_of={stream: self._served[stream][0] for stream in lane.streams},
             alone_from=min(ALONE_FROM, self.max_deliveries),
-            may_take_alone=not self._running,
+            # Finished runs waiting for their commit run no code: they do not count.
+            may_take_alone=all(ex.phase is Phase.COMMITTING for ex in self._running.values()),
         )
+        lane.outage.ok()
         got = [self._delivery(e, int(e[b"deliveries"])) for e in res[b"entries"]]
-        self._alone_waiting = int(res.get(b"waiting") or 0)
+        lane.alone_waiting = int(res.get(b"waiting") or 0)
         for d, e in zip(got, res[b"entries"], strict=True):
             d.alone = bool(e.get(b"alone"))
             log.warning(
@@ -720,6 +793,10 @@ class Worker:
     async def _execute(self, ex: Execution) -> None:
         outcome: Outcome | None = None
         try:
+            alone = self._alone
+            if alone is not None and alone is not ex.task and not alone.done():
+                # Read by another lane's wait while an entry runs alone: after it.
+                await asyncio.wait({alone})
             await ex.lease.acquire()
             if self._stop.is_set() and not ex.lease_was_given:
                 # Read ahead, and the worker stopped before it had a slot: give it back.
@@ -790,25 +867,28 @@ class Worker:
         await self._beat_call(
             lane.client.scripts.heartbeat(
                 streams=lane.streams, consumer=self.name, entries=refs, now_ms=int(now() * 1000)
-            )
+            ),
+            lane.outage,
         )
 
     async def _beat_registration(self, interval: float) -> None:
         if await self._beat_call(self._register(ttl=max(interval * 3, 10.0))):
             await self._beat_call(self.losses.found([], REGISTRATION_GONE))
 
-    async def _beat_call(self, call: Awaitable[T]) -> T | None:
-        """Await one heartbeat call; a failure is logged (the next beat tries again)."""
+    async def _beat_call(self, call: Awaitable[T], outage: Outage | None = None) -> T | None:
+        """Await one heartbeat call (to the root shard, or `outage`'s); a failure is logged
+        (the next beat tries again)."""
+        outage = outage or self.outage
         try:
             result = await call
         except CONNECTION_ERRORS as exc:
-            self.outage.failed("heartbeat", exc)
+            outage.failed("heartbeat", exc)
         except (ResponseError, BrokerRefusedError) as exc:
             if isinstance(exc, ResponseError):
                 exc = refusal(self.client.url, exc, "a heartbeat")
             log.error("worker %s: %s", self.name, exc)
         else:
-            self.outage.ok()
+            outage.ok()
             return result
         return None
 

@@ -572,3 +572,20 @@ async def test_a_chord_whose_body_is_a_group_fails_with_chord_error(
         await h.result(timeout=10)
     assert "ValueError: boom" in str(failed.value)
     assert str(failed.value).count("header task") == 1
+
+
+async def test_a_chord_body_revoked_before_a_header_fails_stays_revoked(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker(concurrency=4)
+    body = t.tsum.s().set(link_error=t.errback.s("body_eb"))
+    body_h = body.freeze()
+    await body_h.revoke()
+    h = await chord([t.slow.s(1, 0.3), t.boom.s()], body, on_error=t.errback.s("on_error")).send()
+    with pytest.raises(TaskRevoked):
+        await h.result(timeout=10)
+    assert await body_h.state() == TaskState.REVOKED
+    [info] = await wait_recorded(app, "on_error", 1)  # the failed header is still reported
+    assert info["exc_type"] == "ValueError"
+    await asyncio.sleep(0.5)
+    assert await recorded(app, "body_eb") == []

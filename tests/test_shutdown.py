@@ -246,3 +246,23 @@ async def test_sigterm_with_redis_gone_exits_after_the_shutdown_timeout(
     assert took < 1.0 + STORE_GRACE + UNREGISTER_TIMEOUT + 2.0, took
     assert "will be redelivered" in w.output()
     assert "Traceback" not in w.output()
+
+
+async def test_sigterm_with_redis_hung_exits_in_bounded_time(
+    own_server: OwnServer, spawn_worker: Spawn, namespace: str
+) -> None:
+    """A server that accepts nothing and answers nothing (SIGSTOP: a hung host, a
+    partition) holds no stop longer than the shutdown timeout and its graces."""
+    async with App(redis_url=own_server.url, namespace=namespace) as client:
+        w = spawn_worker("--shutdown-timeout", "1", url=own_server.url)
+        await wait_consuming(client, w)
+    own_server.pause()
+    try:
+        await asyncio.sleep(0.5)
+        w.signal(signal.SIGTERM)
+        code, took = await wait_exit(w, 30)
+    finally:
+        own_server.resume()
+    assert code == 0, w.output()
+    assert took < 1.0 + 1.0 + STORE_GRACE + UNREGISTER_TIMEOUT + 3.0, took
+    assert "Traceback" not in w.output()

@@ -279,7 +279,13 @@ async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeou
         log.critical("worker %s stopped on an unexpected error", worker.name, exc_info=True)
         raise fail(f"the worker stopped on an unexpected {type(exc).__name__}: {exc}") from None
     finally:
-        await app.close()
+        try:
+            # Closing sends nothing that must be answered, but a hung server can still
+            # hold a connection's close: the worker is done with them.
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await app.close()
+        except TimeoutError:
+            log.warning("closing the connections to Redis timed out; exiting anyway")
     threads = worker.threads_running
     if worker.abandoned or threads:
         # A task that swallows cancellation would keep asyncio's shutdown waiting forever,
@@ -308,6 +314,10 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
+
+
+#: Seconds `aiotasks run` waits for the App's connections to close once its worker stopped.
+CLOSE_TIMEOUT = 2.0
 
 
 def _handle_signals(worker: Worker) -> None:

@@ -327,7 +327,8 @@ local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_ty
     end
   end
   if not plain then
-    redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases')
+    redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases',
+      '_unsent')
   end
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, state, ct, result, h[4], h[5])
@@ -368,6 +369,32 @@ local function fail_task(id, state, exc_type, exc_message, ttl, now_ms, failed_i
   final_write(id, state, fields, ttl, now_ms)
 end
 
+-- Fail a chord's body for the header `id` that ended `state`: a group (its results
+-- gathered by COLLECT), not a chord the user wrote, ends as its member did, as a Celery
+-- group does, and what waits on it hears of that member; a chord ends with ChordError.
+-- Returns the body's state, exc_type and exc_message.
+local function fail_body(body, id, state, exc_type, exc_message, ttl, now_ms)
+  local group = body.name == COLLECT
+  local out, etype, emsg, tb = 'FAILURE', 'ChordError', nil, nil
+  if group then
+    out = state == 'REVOKED' and 'REVOKED' or 'FAILURE'
+    etype, emsg = exc_type, exc_message
+    tb = redis.call('HGET', K.task(id), 'traceback') or nil
+  else
+    emsg = 'header task ' .. id .. ' ended ' .. state
+    if exc_type and exc_type ~= '' then
+      emsg = emsg .. ': ' .. exc_type .. ': ' .. (exc_message or '')
+    end
+  end
+  final_write(body.id, out, {finished_at = now_ms, exc_type = etype, exc_message = emsg,
+    failed_task_id = id, traceback = tb}, ttl, now_ms)
+  fail_task(body.tail, out, etype, emsg, ttl, now_ms, id)
+  if body.cid and body.cid ~= '' then
+    settle_chord(body.cid, body.cix, group and id or body.id, out, '', etype, emsg, now_ms)
+  end
+  return out, etype, emsg
+end
+
 -- Record a header's final state for its chord. Idempotent per header index; the call
 -- that records the last success enqueues the body, once, behind the `fired` flag.
 settle_chord = function(cid, idx, id, state, value, exc_type, exc_message, now_ms)
@@ -394,25 +421,15 @@ settle_chord = function(cid, idx, id, state, value, exc_type, exc_message, now_m
   redis.call('DEL', rk)
   local body = read_record(redis.call('HGET', ck, 'body'))
   if not body then return end  -- unreadable (another version's chord): nothing to fail
-  -- A group (its results gathered by COLLECT), not a chord the user wrote, ends as its
-  -- member did, as a Celery group does, and what waits on it hears of that member.
-  local group = body.name == COLLECT
-  local out, etype, emsg, tb = 'FAILURE', 'ChordError', nil, nil
-  if group then
-    out = state == 'REVOKED' and 'REVOKED' or 'FAILURE'
-    etype, emsg = exc_type, exc_message
-    tb = redis.call('HGET', K.task(id), 'traceback') or nil
+  local unsent = redis.call('HGET', K.task(body.id), '_unsent')
+  local out, etype, emsg = 'REVOKED', nil, nil
+  if unsent then
+    -- The body was revoked before it was sent: it stays REVOKED, and so ends what waits
+    -- on it; on_error still hears of the failed header.
+    redis.call('HDEL', K.task(body.id), '_unsent')
+    settle_unrun(body.id, 'REVOKED', nil, nil, body.cid, body.cix, body.tail, ttl, now_ms)
   else
-    emsg = 'header task ' .. id .. ' ended ' .. state
-    if exc_type and exc_type ~= '' then
-      emsg = emsg .. ': ' .. exc_type .. ': ' .. (exc_message or '')
-    end
-  end
-  final_write(body.id, out, {finished_at = now_ms, exc_type = etype, exc_message = emsg,
-    failed_task_id = id, traceback = tb}, ttl, now_ms)
-  fail_task(body.tail, out, etype, emsg, ttl, now_ms, id)
-  if body.cid and body.cid ~= '' then
-    settle_chord(body.cid, body.cix, group and id or body.id, out, '', etype, emsg, now_ms)
+    out, etype, emsg = fail_body(body, id, state, exc_type, exc_message, ttl, now_ms)
   end
   local on_error = read_record(redis.call('HGET', ck, 'on_error'))
   if on_error then

@@ -38,37 +38,54 @@ local may_take_alone = ARGV[10] == '1'
 local entries = {}
 local waiting = 0
 local took_alone = false
+
+-- One idle pending entry: claim it (and start or dead-letter it), or leave it for an idle
+-- worker when it runs alone.
+local function consider(stream, p)
+  local entry_id = p[1]
+  local deliveries = tonumber(p[4]) + 1
+  local alone = alone_from > 0 and deliveries >= alone_from and deliveries <= max_deliveries
+  if alone and (not may_take_alone or #entries > 0) then
+    waiting = waiting + 1
+    return
+  end
+  local e = redis.call('XCLAIM', stream, GROUP, consumer, min_idle, entry_id)[1]
+  if not e then
+    -- Gone from the stream (deleted meanwhile): Redis 7 drops it from the PEL as it
+    -- claims; 6.2 keeps it, pending for ever, unless acked.
+    redis.call('XACK', stream, GROUP, entry_id)
+    return
+  end
+  local f = fields_map(e[2])
+  if deliveries > max_deliveries then
+    dead_letter(stream, entry_id, e[2], f, queue_of[stream] or 'default',
+      'MaxDeliveriesExceeded', 'delivered ' .. deliveries
+        .. ' times without finishing (max_deliveries=' .. max_deliveries
+        .. '): the worker died or stalled each time', default_ttl, now_ms)
+  elseif start_entry(stream, entry_id, f, now_ms, worker, deliveries, default_ttl) then
+    entries[#entries + 1] = {stream = stream, entry = entry_id, fields = f,
+      deliveries = deliveries, alone = alone and 1 or nil}
+    count = count - 1
+    took_alone = alone
+  end
+end
+
+-- The idle pending entries a page at a time (entries left waiting must not hide the ones
+-- behind them), at most PAGES pages per stream.
+local PAGE, PAGES = 100, 10
 for k = 3, #KEYS do
-  if count <= 0 or took_alone then break end
   local stream = KEYS[k]
-  local idle = redis.pcall('XPENDING', stream, GROUP, 'IDLE', min_idle, '-', '+', count + 100)
-  if type(idle) == 'table' and not idle.err then
-    for _, p in ipairs(idle) do
+  local start = '-'
+  for _ = 1, PAGES do
+    if count <= 0 or took_alone then break end
+    local page = redis.pcall('XPENDING', stream, GROUP, 'IDLE', min_idle, start, '+', PAGE)
+    if type(page) ~= 'table' or page.err or #page == 0 then break end
+    for _, p in ipairs(page) do
       if count <= 0 or took_alone then break end
-      local entry_id = p[1]
-      local deliveries = tonumber(p[4]) + 1
-      local alone = alone_from > 0 and deliveries >= alone_from and deliveries <= max_deliveries
-      if alone and (not may_take_alone or #entries > 0) then
-        waiting = waiting + 1
-      else
-        -- Gone from the stream (deleted meanwhile): XCLAIM drops it from the PEL.
-        local e = redis.call('XCLAIM', stream, GROUP, consumer, min_idle, entry_id)[1]
-        if e then
-          local f = fields_map(e[2])
-          if deliveries > max_deliveries then
-            dead_letter(stream, entry_id, e[2], f, queue_of[stream] or 'default',
-              'MaxDeliveriesExceeded', 'delivered ' .. deliveries
-                .. ' times without finishing (max_deliveries=' .. max_deliveries
-                .. '): the worker died or stalled each time', default_ttl, now_ms)
-          elseif start_entry(stream, entry_id, f, now_ms, worker, deliveries, default_ttl) then
-            entries[#entries + 1] = {stream = stream, entry = entry_id, fields = f,
-              deliveries = deliveries, alone = alone and 1 or nil}
-            count = count - 1
-            took_alone = alone
-          end
-        end
-      end
+      consider(stream, p)
     end
+    if #page < PAGE then break end
+    start = '(' .. page[#page][1]
   end
 end
 -- Keys whose waiters no release will wake (their slot holders died): their leases have
