@@ -150,7 +150,7 @@ def done_op(
     task_id: str,
     state: str,
     ttl: int,
-    fields: dict[str, Any],
+    fields: dict[str, Any] | list[Any],
     *,
     ignore_result: bool = False,
     linked: bool = False,
@@ -159,7 +159,8 @@ def done_op(
     chord_value: bytes | None = None,
     slot: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Store a run's final state and `fields`, ack the entry, settle what depends on it.
+    """Store a run's final state and `fields` (a map, or flat: name, value, ...; no
+    None values in a flat one), ack the entry, settle what depends on it.
 
     `linked`: a chain goes on from this task (its chord reports through the chain's
     last step). `chord_value`: the result as the chord body will read it.
@@ -173,7 +174,9 @@ def done_op(
         "ttl": ttl,
         # Flat (name, value, ...): finish.lua hands it to HSET as it is, where a map would
         # cost a Lua table and a loop per task. None is left out: it would end the array.
-        "fields": [x for k, v in fields.items() if v is not None for x in (k, v)],
+        "fields": fields
+        if isinstance(fields, list)
+        else [x for k, v in fields.items() if v is not None for x in (k, v)],
     }
     if ignore_result:
         op["ignore_result"] = 1

@@ -155,7 +155,7 @@ class Outcomes:
                 out.traceback = failed.traceback
                 fields = self._fields(ex, out)
             else:
-                fields["result"], fields["ct"] = data, ct
+                fields += ("result", data, "ct", ct)
                 if msg.chord is not None and not msg.chain:
                     chord_value = ct.encode() + b"\n" + data
                 if msg.chain or msg.link:
@@ -168,34 +168,40 @@ class Outcomes:
         limit = self.app.settings.max_message_size
         return codec.encode(value, ex.msg.serializer, ex.msg.compression, max_size=limit)
 
-    def _fields(self, ex: Execution, out: Outcome) -> dict[str, Any]:
+    def _fields(self, ex: Execution, out: Outcome) -> list[Any]:
+        """The fields a run's final write stores, flat (name, value, ...): finish.lua
+        hands them to HSET as they are."""
         elapsed = time.perf_counter() - ex.started
         finished = now()
         # Both floored from seconds, as every stored time is: flooring the start after
         # subtracting from an already floored finish put it a millisecond before a send
         # made in the same millisecond (enqueued_at > started_at).
-        fields: dict[str, Any] = {
-            "started_at": int((finished - elapsed) * 1000),
-            "finished_at": int(finished * 1000),
-            "attempts": (ex.msg.retries if ex.msg else 0) + ex.delivery.deliveries,
-            "worker": self.worker,
-        }
+        fields: list[Any] = [
+            "started_at",
+            int((finished - elapsed) * 1000),
+            "finished_at",
+            int(finished * 1000),
+            "attempts",
+            (ex.msg.retries if ex.msg else 0) + ex.delivery.deliveries,
+            "worker",
+            self.worker,
+        ]
         if out.kind is Kind.FAILURE:
-            fields["exc_type"] = out.exc_type
-            fields["exc_message"] = out.exc_message
-            fields["traceback"] = out.traceback
+            fields += ("exc_type", out.exc_type, "exc_message", out.exc_message)
+            if out.traceback is not None:
+                fields += ("traceback", out.traceback)
             payload = entry_payload(ex.delivery.fields, ex.delivery.priority)
             if payload is not None:
                 # Failures are rare: keep what it was sent with (as sent, no re-encoding),
                 # for `aiotasks retry`, `inspect` and the dashboard.
-                fields[PAYLOAD] = payload
+                fields += (PAYLOAD, payload)
         return fields
 
     def _done(
         self,
         ex: Execution,
         out: Outcome,
-        fields: dict[str, Any],
+        fields: list[Any],
         chord_value: bytes | None = None,
     ) -> Op:
         d, msg, opts = ex.delivery, ex.msg, ex.opts
