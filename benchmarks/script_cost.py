@@ -1,7 +1,7 @@
 """Redis CPU per task, script by script: where the server's time goes on the hot path.
 
     python benchmarks/script_cost.py [--tasks 20000] [--batch 32] [--reps 5]
-                                     [--redis-url URL]
+                                     [--redis-url URL] [--callgrind]
 
 Drives the three hot-path scripts the way a worker does, one phase at a time, on a
 server of its own (the `redis-server` on PATH, else the embedded one; `--redis-url` to
@@ -22,9 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +57,11 @@ def _mark(r: redis.Redis) -> tuple[float, float]:
     return evalsha, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-async def _run(url: str, tasks: int, batch: int, on: bool) -> dict[str, list[float]]:
-    """One run of the three phases: {phase: [evalsha µs/task, cpu µs/task]}."""
+async def _run(
+    url: str, tasks: int, batch: int, on: bool, mark: Callable[[redis.Redis], Any] = _mark
+) -> dict[str, list[float]]:
+    """One run of the three phases: {phase: [evalsha µs/task, cpu µs/task]}; `mark` is
+    called before each phase and after the last."""
     r = redis.Redis.from_url(url)
     app = App(redis_url=url, namespace=NAMESPACE)
 
@@ -66,10 +75,10 @@ async def _run(url: str, tasks: int, batch: int, on: bool) -> dict[str, list[flo
         # As a worker sets them when it starts (this one never does): defaults, or off.
         sizes = (DEFAULT_INDEX_SIZE, DEFAULT_EVENTS_SIZE) if on else (0, 0)
         await TaskIndex(client).configure(*sizes)
-        marks = [_mark(r)]
+        marks = [mark(r)]
         for start in range(0, tasks, 1000):
             await noop.send_many([((), None)] * min(1000, tasks - start))
-        marks.append(_mark(r))
+        marks.append(mark(r))
         streams = client.keys.streams("default")
         got: list[dict[bytes, Any]] = []
         while len(got) < tasks:
@@ -85,7 +94,7 @@ async def _run(url: str, tasks: int, batch: int, on: bool) -> dict[str, list[flo
             if not reply[b"entries"]:
                 break
             got += reply[b"entries"]
-        marks.append(_mark(r))
+        marks.append(mark(r))
         for start in range(0, len(got), batch):
             ops = []
             for entry in got[start : start + batch]:
@@ -103,7 +112,7 @@ async def _run(url: str, tasks: int, batch: int, on: bool) -> dict[str, list[flo
                     )
                 )
             await client.scripts.finish(streams=streams, now_ms=int(time.time() * 1000), ops=ops)
-        marks.append(_mark(r))
+        marks.append(mark(r))
         await _drain_keys(client.redis, NAMESPACE)
     r.close()
     if len(got) != tasks:
@@ -130,13 +139,99 @@ def measure(url: str, tasks: int, batch: int, reps: int) -> list[dict[str, Any]]
     return rows
 
 
+def instructions(tasks: int, batch: int) -> list[dict[str, Any]]:
+    """Redis instructions per task and phase, counted by valgrind's callgrind on a
+    `redis-server` of its own: the same count run after run, whatever else the machine
+    does, so a change to a script shows up however small (timings here move ±0.5 µs)."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("--callgrind needs redis-server on PATH")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, on in (("index and events on", True), ("index and events off", False)):
+            out = Path(tmp) / label.replace(" ", "-")
+            out.mkdir()
+            totals = _callgrind_run(server, out, tasks, batch, on)
+            for phase, total in zip(PHASES, totals, strict=True):
+                kinstr = round(total / tasks / 1000, 1)
+                rows.append({"scenario": label, "phase": phase, "kinstr_per_task": kinstr})
+    return rows
+
+
+def _callgrind_run(server: str, out: Path, tasks: int, batch: int, on: bool) -> list[int]:
+    """One run under callgrind: the instructions of each phase."""
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p"]
+    argv += [server, "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = redis.Redis(port=port)
+    dumps: list[Path] = []
+
+    def dump(rr: redis.Redis) -> tuple[float, float]:
+        # callgrind takes the request when the server next runs: ping it until written.
+        ctl = subprocess.Popen(
+            ["callgrind_control", "-d", str(proc.pid)], stdout=subprocess.DEVNULL
+        )
+        path = out / f"cg.{proc.pid}.{len(dumps) + 1}"
+        for _ in range(600):
+            rr.ping()
+            if path.exists() and "totals:" in path.read_text():
+                break
+            time.sleep(0.05)
+        ctl.wait()
+        dumps.append(path)
+        return 0.0, 0.0
+
+    try:
+        for _ in range(600):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        asyncio.run(_run(f"redis://127.0.0.1:{port}/0", tasks, batch, on, dump))
+    finally:
+        with suppress(redis.RedisError):
+            r.shutdown(nosave=True)
+        r.close()
+        proc.wait(60)
+    # Dump n holds what ran since dump n-1: dumps 2, 3 and 4 are the phases.
+    return [
+        next(
+            int(line.split()[1])
+            for line in path.read_text().splitlines()
+            if line.startswith(("totals:", "summary:"))
+        )
+        for path in dumps[1:]
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=32, help="entries per fetch and per finish")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--redis-url", default=None, help="default: a server of its own")
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count Redis instructions per task (valgrind) instead of timing",
+    )
     a = p.parse_args()
+    if a.callgrind:
+        crows = instructions(a.tasks, a.batch)
+        print(f"{a.tasks} no-op tasks, {a.batch} per fetch and per finish, under callgrind\n")
+        print("| scenario | phase | Redis instructions per task |")
+        print("|---|---|---:|")
+        for row in crows:
+            print(f"| {row['scenario']} | {row['phase']} | {row['kinstr_per_task']:,.1f} k |")
+        for row in crows:
+            print(json.dumps(row))
+        return
     if a.redis_url:
         rows = measure(a.redis_url, a.tasks, a.batch, a.reps)
     else:
