@@ -76,7 +76,10 @@ class TaskInfo:
             except SerializationError as exc:
                 result = exc
         if b"progress" in h:
-            progress = codec.decode(h[b"progress"], "msgpack")
+            try:
+                progress = codec.decode(h[b"progress"], "msgpack")
+            except SerializationError:  # a type registered only where it ran: not shown
+                progress = None
         return cls(
             id=task_id,
             name=_text(h.get(b"name")),
