@@ -8,19 +8,21 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_script_cost_reports_every_phase_of_both_scenarios() -> None:
+def script_cost(*args: str, timeout: float) -> tuple[list[dict[str, Any]], str]:
+    """Run benchmarks/script_cost.py: its JSON rows (checked to cover every phase of both
+    scenarios) and its output."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "script_cost.py"), "--tasks", "300"]
-        + ["--batch", "16", "--reps", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / "script_cost.py"), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -28,8 +30,13 @@ def test_script_cost_reports_every_phase_of_both_scenarios() -> None:
     assert [(r["scenario"].endswith("on"), r["phase"]) for r in rows] == [
         (on, phase) for on in (True, False) for phase in ("enqueue", "fetch", "finish")
     ]
+    return rows, proc.stdout
+
+
+def test_script_cost_reports_every_phase_of_both_scenarios() -> None:
+    rows, out = script_cost("--tasks", "300", "--batch", "16", "--reps", "1", timeout=120)
     assert all(r["evalsha_us_per_task"] > 0 and r["cpu_us_per_task"] > 0 for r in rows)
-    assert "| index and events on | finish |" in proc.stdout
+    assert "| index and events on | finish |" in out
 
 
 @pytest.mark.skipif(
@@ -37,18 +44,6 @@ def test_script_cost_reports_every_phase_of_both_scenarios() -> None:
     reason="needs valgrind and redis-server",
 )
 def test_script_cost_counts_redis_instructions_under_callgrind() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "script_cost.py"), "--callgrind"]
-        + ["--tasks", "200", "--batch", "16"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [(r["scenario"].endswith("on"), r["phase"]) for r in rows] == [
-        (on, phase) for on in (True, False) for phase in ("enqueue", "fetch", "finish")
-    ]
+    rows, _ = script_cost("--callgrind", "--tasks", "200", "--batch", "16", timeout=300)
     # Tens of thousands of instructions a task, not a dump taken at the wrong time.
     assert all(10 < r["kinstr_per_task"] < 2000 for r in rows), rows

@@ -27,6 +27,17 @@ local function read_record(packed)
   return nil
 end
 
+-- `out` with the name/value pairs of `flat` appended, but those named `a` or `b`.
+local function flat_without(flat, a, b, out)
+  for i = 1, #flat, 2 do
+    if flat[i] ~= a and flat[i] ~= b then
+      out[#out + 1] = flat[i]
+      out[#out + 1] = flat[i + 1]
+    end
+  end
+  return out
+end
+
 local function fields_map(flat)
   local m = {}
   for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
@@ -521,13 +532,7 @@ end
 -- waits on it).
 local function dead_letter(stream, entry_id, flat, f, queue, exc_type, exc_message, ttl,
                            now_ms)
-  local cmd = {'XADD', K.dead(queue), '*'}
-  for i = 1, #flat, 2 do
-    if flat[i] ~= 'reason' and flat[i] ~= 'stream' then
-      cmd[#cmd + 1] = flat[i]
-      cmd[#cmd + 1] = flat[i + 1]
-    end
-  end
+  local cmd = flat_without(flat, 'reason', 'stream', {'XADD', K.dead(queue), '*'})
   cmd[#cmd + 1] = 'reason'
   cmd[#cmd + 1] = exc_type .. ': ' .. exc_message
   cmd[#cmd + 1] = 'stream'

@@ -67,14 +67,7 @@ local function done(op)
       end
     end
     if op.ignore_result == 1 and state == 'SUCCESS' and result then
-      local kept = {}
-      for i = 1, #f, 2 do
-        if f[i] ~= 'result' and f[i] ~= 'ct' then
-          kept[#kept + 1] = f[i]
-          kept[#kept + 1] = f[i + 1]
-        end
-      end
-      f, ct, result = kept, nil, nil
+      f, ct, result = flat_without(f, 'result', 'ct', {}), nil, nil
     end
     local watched = h[7]
     -- A hash without a state was lost (a restart, a failover): publish as if watched.
