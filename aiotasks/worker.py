@@ -311,6 +311,7 @@ class Worker:
                 await self._unregister()
             self._stopped.set()
             return
+        self._warn_unserved()
         # A stop here must not wait for a Redis that does not answer (a hung server).
         if self.app.settings.warn_on_unsafe_server:
             await self._unless_stopped(warn_if_unsafe(self.client.redis, self.client.url))
@@ -368,6 +369,27 @@ class Worker:
                 extra={"worker": self.name, "unstored": unstored},
             )
             await cancel_and_wait([beats, *background])
+
+    def _warn_unserved(self) -> None:
+        """One WARNING when tasks of this App are sent to queues this worker does not take
+        (`queue=`, task_routes): a worker started without `--queues` for them leaves them
+        waiting (another worker may take them)."""
+        elsewhere: dict[str, list[str]] = {}
+        for name, task in self.app.tasks.items():
+            queue = task.opts.queue or self.app.route(name)
+            if queue not in self.queues and not name.startswith("aiotasks."):
+                elsewhere.setdefault(queue, []).append(name)
+        if elsewhere:
+            log.warning(
+                "worker %s takes tasks from %s only; %s (give it --queues to take them)",
+                self.name,
+                ", ".join(self.queues),
+                "; ".join(
+                    f"queue {q!r} gets {', '.join(sorted(names))}"
+                    for q, names in sorted(elsewhere.items())
+                ),
+                extra={"worker": self.name, "queues": sorted(elsewhere)},
+            )
 
     async def _unless_stopped(self, aw: Awaitable[T]) -> T | None:
         """Await `aw`, or give it up (None) if the worker is stopped first."""

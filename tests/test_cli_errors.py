@@ -266,6 +266,11 @@ def with_db(url: str, db: int) -> str:
         (["queues", "resume", "a,b"], {}, "error: 'a,b' is not a queue name"),
         (["queues", "pause", " "], {}, "error: ' ' is not a queue name"),
         (["run", "tests.apps.ops:app", "--queues", ",,"], {}, "error: --queues ',,' names no"),
+        (
+            ["send", "tests.apps.basic.add", "--args", "[1]", "--app", "tests.apps.basic:app"],
+            {},
+            "error: task tests.apps.basic.add: missing a required argument: 'y'",
+        ),
     ],
 )
 def test_reported_bad_inputs_exit_2(args: list[str], env: dict[str, str], expected: str) -> None:
@@ -332,3 +337,24 @@ def test_a_wrong_password_is_refused_at_once(own_server: Any) -> None:
         )
         assert time.monotonic() - started < 10  # not retried for --connect-timeout
         assert "wrong-pw" not in proc.stdout + proc.stderr
+
+
+def test_a_watch_whose_reader_goes_away_exits_without_an_error(redis_url: str) -> None:
+    """`aiotasks status --watch | head -2`: the closed pipe is not a lost Redis."""
+    env = {k: v for k, v in os.environ.items() if k not in ("AIOTASKS_APP", "REDIS_URL")}
+    env["AIOTASKS_REDIS_URL"] = redis_url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiotasks", "status", "--watch", "--interval", "0.1"]
+        + ["--namespace", "watch-pipe"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does once it has its lines
+    proc.wait(20)
+    stderr = proc.stderr.read().decode()
+    assert "error:" not in stderr and "Traceback" not in stderr, stderr

@@ -547,3 +547,16 @@ async def test_dead_letters_drop_all_and_bad_arguments(app: App, worker: Any) ->
     assert res.exit_code == 0
     assert res.stdout.strip() == "dropped 2 dead letter(s) of queue 'default'"
     assert await app.client.redis.xlen(app.client.keys.dead("default")) == 0
+
+
+async def test_queues_pause_says_when_no_task_was_ever_sent_to_the_queue(app: App) -> None:
+    res = await invoke("queues", "pause", "mial", *conn(app))  # a typo of "mail"
+    assert res.exit_code == 0
+    assert (
+        res.stdout.strip()
+        == "queue 'mial' paused (no task was ever sent to it: is the name right?)"
+    )
+    assert await app.queues.paused() == {"mial"}  # pausing ahead of the first task is allowed
+    await app.send_task("never.runs", queue="mail")
+    res = await invoke("queues", "pause", "mail", *conn(app))
+    assert res.stdout.strip() == "queue 'mail' paused"

@@ -384,3 +384,23 @@ async def test_a_run_leaves_no_reference_cycle(app: App, worker: StartWorker) ->
     finally:
         gc.enable()
     assert found < 100, f"{found} objects in cycles after 300 runs"  # 0 today; 5,396 with one
+
+
+async def test_a_worker_says_which_of_its_app_s_tasks_go_to_queues_it_does_not_take(
+    app: App, worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    app.configure(task_routes={"routed.*": "high"})
+
+    @app.task(name="routed.report")
+    async def report() -> None: ...
+
+    @app.task(name="mail.send", queue="mail")
+    async def send_mail() -> None: ...
+
+    @app.task(name="plain.add")
+    async def add() -> None: ...
+
+    await worker(queues=["default", "mail"])
+    [line] = [r.getMessage() for r in caplog.records if "takes tasks from" in r.getMessage()]
+    assert "queue 'high' gets routed.report" in line
+    assert "mail.send" not in line and "plain.add" not in line

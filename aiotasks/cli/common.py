@@ -155,6 +155,10 @@ def run_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
         return asyncio.run(_with_admin(app, fn))
     except AiotasksError as exc:  # before CONNECTION_ERRORS: ResultTimeout is a TimeoutError
         raise fail(str(exc)) from None
+    except BrokenPipeError:
+        # Our stdout's reader went away (`status --watch | head`); redis-py reports a
+        # broken connection as its own ConnectionError. The CLI exits without a word.
+        raise
     except CONNECTION_ERRORS as exc:
         raise fail(f"lost Redis at {url}: {exc}") from None
     except ResponseError as exc:

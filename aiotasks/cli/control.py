@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..admin import Admin
+from ..admin import Admin, QueueNotFound
 from ..control import ScheduleInfo
 from ..schedule import Periodic
 from ..task import Signature
@@ -130,8 +130,19 @@ def _queue_command(verb: str, doc: str) -> None:
         if not queue.strip() or "," in queue or queue != queue.strip():
             raise fail(f"{queue!r} is not a queue name (no commas, no surrounding spaces)", 2)
         app = open_app(app_spec, redis_url, namespace)
-        run_admin(app, lambda admin: getattr(admin.app.queues, verb)(queue))
-        typer.echo(f"queue {queue!r} {verb}d")
+
+        async def change(admin: Admin) -> bool:
+            await getattr(admin.app.queues, verb)(queue)
+            try:
+                await admin.check_queue(queue)
+            except QueueNotFound:
+                return False
+            return True
+
+        known = run_admin(app, change)
+        # Pausing a queue before its first task is allowed; a typo should not pass unseen.
+        note = "" if known else " (no task was ever sent to it: is the name right?)"
+        typer.echo(f"queue {queue!r} {verb}d{note}")
 
     command.__doc__ = doc
     queues.command(verb)(command)

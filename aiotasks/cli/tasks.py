@@ -215,6 +215,12 @@ def send(
     options = _send_options(queue, countdown, priority)
     finite("--timeout", timeout)
     app = open_app(app_spec, redis_url, namespace)
+    task = app.tasks.get(name)
+    if task is not None:  # the App knows it: its arguments are checked here, as send() does
+        try:
+            task.check_args(task_args, task_kwargs)
+        except TypeError as exc:
+            raise fail(f"{exc} (see --args/--kwargs)", 2) from None
 
     async def go(admin: Admin) -> Any:
         try:
