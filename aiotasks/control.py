@@ -220,6 +220,13 @@ class Schedules:
         return [i.periodic() for i in await self.list() if not i.paused]
 
 
+def check_queue_name(queue: str) -> None:
+    """Raise ValueError for a name no worker could take from: a worker's queues are named
+    without surrounding spaces or commas (`--queues a,b`)."""
+    if not isinstance(queue, str) or not queue.strip() or "," in queue or queue != queue.strip():
+        raise ValueError(f"{queue!r} is not a queue name (no commas, no surrounding spaces)")
+
+
 class Queues:
     """Pausing and resuming an App's queues at run time (`tasks.queues`)."""
 
@@ -236,15 +243,7 @@ class Queues:
         await self._change("resume", queue)
 
     async def _change(self, verb: str, queue: str) -> None:
-        if (
-            not isinstance(queue, str)
-            or not queue.strip()
-            or "," in queue
-            or queue != queue.strip()
-        ):
-            # A worker's queues are named without surrounding spaces or commas
-            # (`--queues a,b`): no worker could take from such a queue.
-            raise ValueError(f"{queue!r} is not a queue name")
+        check_queue_name(queue)
         client = self.app.client
         redis = cast(Any, client.redis)
         await (redis.sadd if verb == "pause" else redis.srem)(client.keys.paused, queue)

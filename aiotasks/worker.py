@@ -391,14 +391,20 @@ class Worker:
                 extra={"worker": self.name, "queues": sorted(elsewhere)},
             )
 
+    async def _done_or_stopped(self, fut: asyncio.Future[Any]) -> None:
+        """Wait until `fut` is done or the worker is stopped, whichever comes first."""
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({fut, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+
     async def _unless_stopped(self, aw: Awaitable[T]) -> T | None:
         """Await `aw`, or give it up (None) if the worker is stopped first."""
         task = asyncio.ensure_future(aw)
-        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await self._done_or_stopped(task)
         finally:
-            stopped.cancel()
             if not task.done():
                 task.cancel()  # stopped first (or run() cancelled): it ends on its own
         if not task.done() or task.cancelled():
@@ -417,9 +423,8 @@ class Worker:
         """Wait for the fetch loops; once stopped, shutdown_timeout at most: a fetch that
         Redis never answers (a hung server, a partition) must not hold the stop. What it
         started is redelivered after the visibility timeout."""
-        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({fetching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await self._done_or_stopped(fetching)
             if not fetching.done():
                 await asyncio.wait({fetching}, timeout=self._left())
             if not fetching.done():
@@ -432,7 +437,6 @@ class Worker:
                 await cancel_and_wait([fetching])
                 return
         finally:
-            stopped.cancel()
             if not fetching.done():  # run() itself was cancelled
                 fetching.cancel()
         fetching.result()  # its error, if it failed, as run()'s own
@@ -665,9 +669,7 @@ class Worker:
         wait to run alone."""
         alone = self._alone
         if alone is not None and not alone.done():
-            stop = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait({alone, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+            await self._done_or_stopped(alone)
         if alone is not None and alone.done() and self._alone is alone:
             self._alone = None
             for lane in self.lanes:

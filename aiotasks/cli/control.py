@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..admin import Admin, QueueNotFound
-from ..control import ScheduleInfo
+from ..control import ScheduleInfo, check_queue_name
 from ..schedule import Periodic
 from ..task import Signature
 from .common import (
@@ -127,8 +127,10 @@ def _queue_command(verb: str, doc: str) -> None:
         redis_url: RedisOption = None,
         namespace: NamespaceOption = None,
     ) -> None:
-        if not queue.strip() or "," in queue or queue != queue.strip():
-            raise fail(f"{queue!r} is not a queue name (no commas, no surrounding spaces)", 2)
+        try:
+            check_queue_name(queue)
+        except ValueError as exc:
+            raise fail(str(exc), 2) from None
         app = open_app(app_spec, redis_url, namespace)
 
         async def change(admin: Admin) -> bool:
