@@ -48,20 +48,29 @@ end
 -- here, then written by flush_journal() once per script call, so they cost a few
 -- commands per batch, not per task. The caps live in the namespace's meta hash
 -- (0 turns either off).
-local JOURNAL = {}
 local DEFAULT_CAP = 10000
 local DEFAULT_EVENTS_CAP = 1000
 
 -- The caps, read once per script call, on its first event (nil: not read yet).
 local CAPS
 
--- event: {state, id} or {state, id, name, queue}
-local function journal(event)
+-- What the journal holds until flush_journal(): the feed's event lines and the index's
+-- finished ids.
+local LINES, FINISHED = {}, {}
+
+-- A state change of task `id` (with its name and queue when it is sent): an event line
+-- "state<TAB>id[<TAB>name<TAB>queue]" for the feed, as cheap to build here as a string
+-- gets and as easy to read, and a finished id for the index.
+local function journal(state, id, name, queue)
   if CAPS == nil then
     local conf = redis.call('HMGET', K.meta(), 'index_cap', 'events_cap')
     CAPS = {tonumber(conf[1]) or DEFAULT_CAP, tonumber(conf[2]) or DEFAULT_EVENTS_CAP}
   end
-  if CAPS[1] > 0 or CAPS[2] > 0 then JOURNAL[#JOURNAL + 1] = event end
+  if CAPS[2] > 0 then
+    LINES[#LINES + 1] = name and (state .. '\t' .. id .. '\t' .. name .. '\t' .. queue)
+      or (state .. '\t' .. id)
+  end
+  if CAPS[1] > 0 and FINAL[state] then FINISHED[#FINISHED + 1] = id end
 end
 
 -- A command with many members, in chunks that Lua's unpack can take.
@@ -76,42 +85,31 @@ end
 -- Finished tasks go to the index (unfinished ones are found where they wait: streams
 -- and the delayed set), trimmed to the newest `cap`.
 local function index_tasks(cap, now_ms)
-  local done = {}
-  for _, e in ipairs(JOURNAL) do
-    if FINAL[e[1]] then
-      done[#done + 1] = now_ms
-      done[#done + 1] = e[2]
-    end
+  local scored = {}
+  for _, id in ipairs(FINISHED) do
+    scored[#scored + 1] = now_ms
+    scored[#scored + 1] = id
   end
-  if #done > 0 then
-    call_chunked('ZADD', K.index_done(), done)
-    local over = redis.call('ZCARD', K.index_done()) - cap
-    if over > 0 then redis.call('ZREMRANGEBYRANK', K.index_done(), 0, over - 1) end
-  end
+  call_chunked('ZADD', K.index_done(), scored)
+  local over = redis.call('ZCARD', K.index_done()) - cap
+  if over > 0 then redis.call('ZREMRANGEBYRANK', K.index_done(), 0, over - 1) end
 end
 
 -- Events go to the feed in entries of at most EVENTS_PER_ENTRY, and the feed keeps about
 -- events_cap entries: its memory is bounded however large the batches are.
 local EVENTS_PER_ENTRY = 100
 
--- An entry's events are lines "state<TAB>id[<TAB>name<TAB>queue]": cheaper to build here
--- than msgpack, and as easy to read.
 local function feed_events(cap, now_ms)
-  for i = 1, #JOURNAL, EVENTS_PER_ENTRY do
-    local lines = {}
-    for j = i, math.min(i + EVENTS_PER_ENTRY - 1, #JOURNAL) do
-      lines[#lines + 1] = table.concat(JOURNAL[j], '\t')
-    end
+  for i = 1, #LINES, EVENTS_PER_ENTRY do
     redis.call('XADD', K.events(), 'MAXLEN', '~', cap, '*', 't', now_ms,
-      'e', table.concat(lines, '\n'))
+      'e', table.concat(LINES, '\n', i, math.min(i + EVENTS_PER_ENTRY - 1, #LINES)))
   end
 end
 
 local function flush_journal(now_ms)
-  if #JOURNAL == 0 then return end
-  if CAPS[1] > 0 then index_tasks(CAPS[1], now_ms) end
-  if CAPS[2] > 0 then feed_events(CAPS[2], now_ms) end
-  JOURNAL = {}
+  if #FINISHED > 0 then index_tasks(CAPS[1], now_ms) end
+  if #LINES > 0 then feed_events(CAPS[2], now_ms) end
+  LINES, FINISHED = {}, {}
 end
 
 -- Append `value` to the list at map[key], creating it.
@@ -209,7 +207,7 @@ local function xadd_task(t, ttl, now_ms, enqueued_at)
     redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
       'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream)
   end
-  journal({'PENDING', t.id, t.name, t.queue})
+  journal('PENDING', t.id, t.name, t.queue)
   if t.eb then redis.call('HSET', tkey, '_eb', cmsgpack.pack(t.eb)) end
   redis.call('PEXPIRE', tkey, ttl * 1000)
 end
@@ -223,7 +221,7 @@ local function schedule_task(t, ttl, now_ms, due_ms)
   if own_reply(t) then redis.call('HSET', tkey, 'reply', t.reply) end
   redis.call('PEXPIRE', tkey, ttl * 1000 + (due_ms - now_ms))
   redis.call('ZADD', K.delayed(), due_ms, t.id)
-  journal({'SCHEDULED', t.id, t.name, t.queue})
+  journal('SCHEDULED', t.id, t.name, t.queue)
 end
 
 -- A debounced send (t.db = its key) supersedes the previous send of the key while that
@@ -343,14 +341,14 @@ local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_ty
   end
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, state, ct, result, h[4], h[5])
-  journal({state, id})
+  journal(state, id)
   -- The sends this debounced one superseded end as it did.
   for _, alias in ipairs(read_record(h[3]) or {}) do
     local akey = K.task(alias)
     redis.call('HSET', akey, 'state', state, unpack(flat))
     redis.call('PEXPIRE', akey, ttl * 1000)
     notify(alias, state, ct, result)
-    journal({state, alias})
+    journal(state, alias)
   end
 end
 
@@ -523,7 +521,7 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
   -- Published when watched, or when the hash was lost (a restart, a failover): a
   -- watcher's mark may have gone with it.
   if h[4] or not h[1] then redis.call(PUBLISH, K.done_channel(id), 'STARTED') end
-  journal({'STARTED', id})
+  journal('STARTED', id)
   return true
 end
 
@@ -586,7 +584,7 @@ local function wake(key, limit, now_ms, lease_ms)
       local entry_id = redis.call('XADD', w.stream, '*', unpack(flat))
       redis.call('HSET', tkey, 'state', 'PENDING', '_e', entry_id, '_st', w.stream)
       redis.call(PUBLISH, K.done_channel(w.id), 'PENDING')
-      journal({'PENDING', w.id})
+      journal('PENDING', w.id)
     end
   end
 end

@@ -101,7 +101,7 @@ local function wait(op)
     redis.call('HSET', K.task(op.id), 'state', 'SCHEDULED')
     redis.call('HDEL', K.task(op.id), 'started_at', 'worker', '_e', '_st')
     redis.call(PUBLISH, K.done_channel(op.id), 'SCHEDULED')
-    journal({'SCHEDULED', op.id})
+    journal('SCHEDULED', op.id)
   end
   ack(op.stream, op.entry)
   wake(op.key, tonumber(op.limit), now_ms, tonumber(op.lease))

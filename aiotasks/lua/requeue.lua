@@ -41,7 +41,7 @@ local function reset(id, name, entry_id, stream)
   end
   redis.call('PEXPIRE', tkey, ttl * 1000)
   notify(id, 'PENDING')
-  journal({'PENDING', id, '', queue})
+  journal('PENDING', id, '', queue)
 end
 
 local out = {}

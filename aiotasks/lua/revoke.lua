@@ -48,6 +48,6 @@ if not state then redis.call('HSET', tkey, '_unsent', 1) end
 redis.call('HDEL', tkey, '_replaced', '_eb', '_e', '_st')
 redis.call('PEXPIRE', tkey, ttl * 1000)
 notify(id, 'REVOKED')
-journal({'REVOKED', id})
+journal('REVOKED', id)
 flush_journal(now_ms)
 return state or ''
