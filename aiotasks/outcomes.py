@@ -175,14 +175,19 @@ class Outcomes:
         finished = now()
         # Both floored from seconds, as every stored time is: flooring the start after
         # subtracting from an already floored finish put it a millisecond before a send
-        # made in the same millisecond (enqueued_at > started_at).
-        # `worker` and `attempts` were written when the run started (start_entry) and
-        # still hold; `started_at` is refined to when the body began.
+        # made in the same millisecond (enqueued_at > started_at). `worker` and
+        # `attempts` again, though the start wrote them: a run that commits late (its
+        # worker stalled past the visibility timeout while another reran the task)
+        # stores its own with its result, not the rerun's.
         fields: list[Any] = [
             "started_at",
             int((finished - elapsed) * 1000),
             "finished_at",
             int(finished * 1000),
+            "attempts",
+            (ex.msg.retries if ex.msg else 0) + ex.delivery.deliveries,
+            "worker",
+            self.worker,
         ]
         if out.kind is Kind.FAILURE:
             fields += ("exc_type", out.exc_type, "exc_message", out.exc_message)

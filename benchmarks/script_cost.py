@@ -100,7 +100,8 @@ async def _run(
             for entry in got[start : start + batch]:
                 t = int(time.time() * 1000)
                 # As outcomes.Outcomes stores a no-op's success: None, msgpack-encoded.
-                fields = ["started_at", t, "finished_at", t, "result", b"\xc0", "ct", "msgpack"]
+                fields = ["started_at", t, "finished_at", t, "attempts", 1, "worker", "bench"]
+                fields += ["result", b"\xc0", "ct", "msgpack"]
                 ops.append(
                     done_op(
                         entry[b"stream"].decode(),
