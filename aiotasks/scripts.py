@@ -1,24 +1,35 @@
-"""Scripts: the one registry of `lua/*.lua`, each called as one typed, atomic EVALSHA.
+"""Scripts: the one registry of `lua/*.lua`, each called as one typed, atomic call.
 
 Every script is `_contract.lua` (generated: key builders, protocol version, entry
 fields) + `_lib.lua` (shared helpers) + its own file, so shared logic lives in one place
 and each script stays a single call. Each method's parameters follow the KEYS/ARGV
 header of its `.lua` file; records and batches travel as one msgpack argument of named
 fields (see contract.py).
+
+On Redis 7+ and Valkey the scripts are one function library (FUNCTION LOAD, then FCALL):
+the helpers are defined once when it loads, where an EVALSHA defines them all again on
+every call (~7 µs of Redis CPU per call). Where the server has no functions (Redis 6.2)
+or the ACL grants none, each script is an EVALSHA of the three files joined, exactly as
+docs/protocol.md tells other producers to run them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from .contract import PUBLISH, SHARDED_PUBLISH, pack, unpack_reply
 from .keys import GROUP, Keys
+
+log = logging.getLogger("aiotasks.scripts")
 
 NAMES = (
     "enqueue",
@@ -55,6 +66,61 @@ def sharded(source: str) -> str:
     return source.replace(line, f"local PUBLISH = '{SHARDED_PUBLISH}'", 1)
 
 
+#: Scripts registered with `allow-oom`: they only delete, which a full server needs.
+_ALLOW_OOM = frozenset({"forget"})
+
+
+@dataclass(frozen=True)
+class Library:
+    """The scripts as one function library: `name` carries a hash of the source, so
+    workers of two versions (or a Cluster's SPUBLISH variant) never share functions."""
+
+    name: str
+    source: str
+
+    def function(self, script: str) -> str:
+        """The function name of a script (function names are global to a server)."""
+        return f"{self.name}_{script}"
+
+
+def library(sharded_pubsub: bool = False) -> Library:
+    """The library of every script in NAMES: `_contract.lua` and `_lib.lua` run once as
+    it loads; each script file is the body of its function (KEYS, ARGV its arguments)."""
+    lua = resources.files("aiotasks") / "lua"
+    prelude = "\n".join((lua / part).read_text() for part in ("_contract.lua", "_lib.lua"))
+    if sharded_pubsub:
+        prelude = sharded(prelude)
+    bodies = {name: (lua / f"{name}.lua").read_text() for name in NAMES}
+    digest = hashlib.sha1(prelude.encode())
+    for name, body in bodies.items():
+        digest.update(f"\0{name}\0{body}".encode())
+    name = f"aiotasks_{digest.hexdigest()[:16]}"
+    parts = [f"#!lua name={name}", prelude]
+    for script, body in bodies.items():
+        flags = "'allow-oom'" if script in _ALLOW_OOM else ""
+        parts.append(
+            f"redis.register_function{{function_name = '{name}_{script}', flags = {{{flags}}},"
+            f"\ncallback = function(KEYS, ARGV)\n{body}\nend}}"
+        )
+    return Library(name, "\n".join(parts))
+
+
+LIBRARIES: dict[bool, Library] = {False: library(False), True: library(True)}
+
+
+def _missing_function(exc: ResponseError) -> bool:
+    """The server lacks this version's library (never loaded, or a restart lost it)."""
+    return "function not found" in str(exc).lower()
+
+
+def _no_functions(exc: ResponseError) -> bool:
+    """The server has no functions (Redis 6.2), or the ACL allows none."""
+    text = str(exc).lower()
+    return "unknown command" in text or (
+        isinstance(exc, NoPermissionError) and ("fcall" in text or "function" in text)
+    )
+
+
 Record = Mapping[str, Any]
 
 
@@ -71,11 +137,48 @@ class Scripts:
             name: redis.register_script(sharded(src) if sharded_pubsub else src)
             for name, src in SOURCES.items()
         }
+        self._lib = LIBRARIES[sharded_pubsub]
+        # None: not known yet; False: EVALSHA (no functions on this server, or no right).
+        self.functions: bool | None = None
+
+    async def _call(self, script: str, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script: FCALL, loading the library when the server lacks it, or
+        EVALSHA where functions are unavailable."""
+        if self.functions is not False:
+            try:
+                res = await self._fcall(script, keys, args)
+            except ResponseError as exc:
+                if not _no_functions(exc):
+                    raise
+                self.functions = False
+                log.info("Redis runs no functions here (%s): aiotasks uses EVALSHA", exc)
+            else:
+                self.functions = True
+                return res
+        return await self._s[script](keys=keys, args=args)
+
+    async def _fcall(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        fcall = cast(Any, self._redis).fcall
+        function = self._lib.function(script)
+        try:
+            return await fcall(function, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not _missing_function(exc):
+                raise
+        await self.load()
+        return await fcall(function, len(keys), *keys, *args)
+
+    async def load(self) -> None:
+        """Load this version's library (on every master of a Cluster). REPLACE: two
+        processes may load it at once, and the code under one name is always the same."""
+        await cast(Any, self._redis).function_load(self._lib.source, replace=True)
 
     async def enqueue(self, *, now_ms: int, mode: str, tasks: Sequence[Record]) -> list[int]:
         """Enqueue a batch of task records; 1 (enqueued) or 0 (kept) per record."""
-        return await self._s["enqueue"](  # type: ignore[no-any-return]
-            keys=self._fixed, args=[now_ms, mode, pack(tasks)]
+        return await self._call(  # type: ignore[no-any-return]
+            "enqueue",
+            keys=self._fixed,
+            args=[now_ms, mode, pack(tasks)],
         )
 
     async def fetch(
@@ -102,7 +205,7 @@ class Scripts:
         args: list[str | int | bytes] = [consumer, count, now_ms, worker]
         args += [promote_limit, default_ttl, packed_tips, block_ms]
         if wait is None:
-            raw = await self._s["fetch"](keys=keys, args=args)
+            raw = await self._call("fetch", keys=keys, args=args)
             return unpack_reply(raw)  # type: ignore[no-any-return]
         return await self._wait_then_fetch(keys, args, streams, consumer, block_ms)
 
@@ -118,27 +221,32 @@ class Scripts:
         wakes) and fetch.lua in one pipeline: Redis runs the fetch the moment the read
         returns, and it starts what the read delivered by fetch.lua's rules (revoked and
         expired entries, priorities)."""
-        script = self._s["fetch"]
         wait = {stream: ">" for stream in streams}
         if isinstance(self._redis, RedisCluster):
-            # redis-py refuses EVALSHA in a cluster pipeline: two round trips there.
+            # redis-py refuses scripts in a cluster pipeline: two round trips there.
             gone = False
             try:
                 await self._redis.xreadgroup(GROUP, consumer, wait, count=1, block=block_ms)
             except ResponseError as exc:
                 gone = "NOGROUP" in str(exc)  # see below
-            reply: dict[bytes, Any] = unpack_reply(await script(keys=keys, args=args))
+            reply: dict[bytes, Any] = unpack_reply(await self._call("fetch", keys=keys, args=args))
             if gone:
                 reply[b"group_gone"] = 1
             return reply
+        functions = self.functions is True
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xreadgroup(GROUP, consumer, wait, count=1, block=block_ms)  # type: ignore[arg-type]
-            # EVALSHA by hand: a registered script in a pipeline costs a SCRIPT EXISTS
-            # round trip on every execute.
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if functions:
+                pipe.fcall(self._lib.function("fetch"), len(keys), *keys, *args)
+            else:
+                # EVALSHA by hand: a registered script in a pipeline costs a SCRIPT
+                # EXISTS round trip on every execute.
+                pipe.evalsha(self._s["fetch"].sha, len(keys), *keys, *args)
             woken, raw = await pipe.execute(raise_on_error=False)
-        if isinstance(raw, NoScriptError):  # the server forgot it (restarted): load, run
-            raw = await script(keys=keys, args=args)
+        if isinstance(raw, NoScriptError) or (
+            functions and isinstance(raw, ResponseError) and _missing_function(raw)
+        ):  # the server forgot it (restarted): load it, run it
+            raw = await self._call("fetch", keys=keys, args=args)
         elif isinstance(raw, BaseException):
             raise raw
         res: dict[bytes, Any] = unpack_reply(raw)
@@ -156,8 +264,10 @@ class Scripts:
         self, *, streams: Sequence[str], consumer: str, entries: Sequence[Record]
     ) -> int:
         """Give entries read ahead but never begun back to their streams."""
-        return await self._s["release"](  # type: ignore[no-any-return]
-            keys=[*self._fixed, *streams], args=[consumer, pack(entries)]
+        return await self._call(  # type: ignore[no-any-return]
+            "release",
+            keys=[*self._fixed, *streams],
+            args=[consumer, pack(entries)],
         )
 
     async def reclaim(
@@ -180,7 +290,8 @@ class Scripts:
         An entry at its `alone_from`-th delivery or later is claimed only when
         `may_take_alone` (the caller runs nothing), and then alone (flagged `alone`);
         `waiting` counts those left for an idle worker."""
-        raw = await self._s["reclaim"](
+        raw = await self._call(
+            "reclaim",
             keys=[*self._fixed, *streams],
             args=[
                 consumer,
@@ -201,39 +312,49 @@ class Scripts:
         self, *, streams: Sequence[str], consumer: str, entries: Sequence[Record], now_ms: int
     ) -> int:
         """Refresh the idle time (and slot leases) of running entries."""
-        return await self._s["heartbeat"](  # type: ignore[no-any-return]
-            keys=[*self._fixed, *streams], args=[consumer, pack(entries), now_ms]
+        return await self._call(  # type: ignore[no-any-return]
+            "heartbeat",
+            keys=[*self._fixed, *streams],
+            args=[consumer, pack(entries), now_ms],
         )
 
     async def acquire(self, *, now_ms: int, requests: Sequence[Record]) -> list[int]:
         """Take concurrency slots ({key, limit, id, lease} each); 1 = held, 0 = at limit."""
-        return await self._s["acquire"](  # type: ignore[no-any-return]
-            keys=self._fixed, args=[now_ms, pack(requests)]
+        return await self._call(  # type: ignore[no-any-return]
+            "acquire",
+            keys=self._fixed,
+            args=[now_ms, pack(requests)],
         )
 
     async def watch(self, *, task_id: str, ttl: int) -> int:
         """Mark a task watched: its STARTED and final state get published (watch.lua)."""
-        return await self._s["watch"](  # type: ignore[no-any-return]
-            keys=self._fixed, args=[task_id, ttl]
+        return await self._call(  # type: ignore[no-any-return]
+            "watch",
+            keys=self._fixed,
+            args=[task_id, ttl],
         )
 
     async def forget(self, *, task_id: str) -> int:
         """Delete a finished task's record; 0 when it is live or unknown (forget.lua)."""
-        return await self._s["forget"](keys=self._fixed, args=[task_id])  # type: ignore[no-any-return]
+        return await self._call("forget", keys=self._fixed, args=[task_id])  # type: ignore[no-any-return]
 
     async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Record]) -> int:
         """Apply a batch of done/ack/dead/enqueue/chord ops atomically (see finish.lua)."""
-        return await self._s["finish"](  # type: ignore[no-any-return]
-            keys=[*self._fixed, *streams], args=[now_ms, pack(ops)]
+        return await self._call(  # type: ignore[no-any-return]
+            "finish",
+            keys=[*self._fixed, *streams],
+            args=[now_ms, pack(ops)],
         )
 
     async def rate(self, *, task_name: str, interval_ms: float, now_ms: int) -> int:
         """Reserve the next start slot under a rate limit; ms to wait for it (0 = now)."""
-        return int(await self._s["rate"](keys=self._fixed, args=[task_name, interval_ms, now_ms]))
+        return int(
+            await self._call("rate", keys=self._fixed, args=[task_name, interval_ms, now_ms])
+        )
 
     async def revoke(self, *, task_id: str, now_ms: int, ttl: int) -> str:
         """Revoke a task; returns its state before the call ('' when unknown)."""
-        res = await self._s["revoke"](keys=self._fixed, args=[task_id, now_ms, ttl])
+        res = await self._call("revoke", keys=self._fixed, args=[task_id, now_ms, ttl])
         return res.decode() if isinstance(res, bytes) else str(res)
 
     async def purge(
@@ -248,8 +369,8 @@ class Scripts:
         bound: str | bytes,
     ) -> tuple[int, bytes]:
         """Delete one chunk of a queue's waiting tasks: (deleted, next) (see purge.lua)."""
-        raw = await self._s["purge"](
-            keys=[*self._fixed, *streams], args=[queue, now_ms, ttl, limit, mode, bound]
+        raw = await self._call(
+            "purge", keys=[*self._fixed, *streams], args=[queue, now_ms, ttl, limit, mode, bound]
         )
         res = unpack_reply(raw)
         return int(res[b"deleted"]), res[b"next"]
@@ -265,6 +386,8 @@ class Scripts:
         entries: Sequence[Record],
     ) -> list[bytes]:
         """Move dead letters ({entry, name} maps) back to their streams; the ids moved."""
-        return await self._s["requeue"](  # type: ignore[no-any-return]
-            keys=[*self._fixed, dead, fallback], args=[queue, now_ms, ttl, pack(entries)]
+        return await self._call(  # type: ignore[no-any-return]
+            "requeue",
+            keys=[*self._fixed, dead, fallback],
+            args=[queue, now_ms, ttl, pack(entries)],
         )

@@ -44,7 +44,8 @@ def test_python_and_lua_build_the_same_key_names(redis_url: str) -> None:
             expected.append(getattr(keys, kind))
         else:
             expected.append(method(keys, *(SAMPLE[p] for p in parts)))
-    source = contract.lua_source() + "return {" + ", ".join(calls) + "}"
+    # begin() (_lib.lua) sets P as every call starts.
+    source = contract.lua_source() + "P = KEYS[1]\n" + "return {" + ", ".join(calls) + "}"
     r = redis.Redis.from_url(redis_url)
     try:
         got = r.eval(source, 1, keys.prefix)
@@ -60,14 +61,16 @@ def _lua_files() -> list[str]:
 
 @pytest.mark.parametrize("filename", [f for f in _lua_files() if not f.startswith("_")])
 def test_script_arguments_are_read_only_into_named_locals(filename: str) -> None:
-    """ARGV is copied into named locals at the top; after that no ARGV[n] appears, and
+    """The first statement is begin(KEYS) (the prefix and the call's state, _lib.lua);
+    ARGV is copied into named locals at the top; after that no ARGV[n] appears, and
     KEYS appears only as KEYS[k] in loops over declared streams."""
     body = [
         line
         for line in (LUA_DIR / filename).read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("--")
     ]
-    head = 0
+    assert body[0] == "begin(KEYS)", f"{filename} does not start with begin(KEYS)"
+    head = 1
     while head < len(body) and re.match(r"^local \w+ = .*(ARGV|KEYS)\[\d+\]", body[head]):
         head += 1
     rest = "\n".join(body[head:])

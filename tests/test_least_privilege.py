@@ -127,10 +127,17 @@ async def everything(app: App, url: str, namespace: str) -> None:
         assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
 
 
+@pytest.mark.parametrize(
+    "without",
+    [[], ["-fcall", "-function|load"]],
+    ids=["functions", "evalsha"],
+)
 async def test_the_readme_acl_line_is_enough(
-    own_server: OwnServer, namespace: str, spawn_worker: Any
+    own_server: OwnServer, namespace: str, spawn_worker: Any, without: list[str]
 ) -> None:
-    url = add_user(own_server, acl_rules(namespace))
+    """The README's line as it is (the scripts as a function library), and without the
+    function commands, as an ACL written for Redis 6.2 has it (each script by EVALSHA)."""
+    url = add_user(own_server, [*acl_rules(namespace), *without])
     app = App(redis_url=url, namespace=namespace)
     w = spawn_worker(module="acl", url=url)
     try:
@@ -142,22 +149,23 @@ async def test_the_readme_acl_line_is_enough(
         await app.close()
     out = w.output()
     assert "Traceback" not in out and "refused" not in out and "NOPERM" not in out, out
-    # The one refusal: the worker's startup check tries CONFIG GET, then reads INFO.
-    assert denied(own_server) == ["command config|get"]
+    # The one refusal: the worker's startup check tries CONFIG GET, then reads INFO; and
+    # without function commands, the first FCALL of each process, which then uses EVALSHA.
+    assert denied(own_server) == ["command config|get"] + (["command fcall"] if without else [])
 
 
 @pytest.mark.parametrize(
     ("rule", "command", "words"),
     [
         ("-xgroup", ["run", "tests.apps.acl:app", "--connect-timeout", "1"], "consumer group"),
-        ("-evalsha", ["send", "acl.add", "--args", "[1, 2]"], "refused the command"),
+        ("-fcall -evalsha", ["send", "acl.add", "--args", "[1, 2]"], "refused the command"),
         ("-smembers", ["status"], "refused the command"),
     ],
 )
 def test_a_missing_permission_is_one_clear_error_line(
     own_server: OwnServer, namespace: str, rule: str, command: list[str], words: str
 ) -> None:
-    url = add_user(own_server, [*acl_rules(namespace), rule])
+    url = add_user(own_server, [*acl_rules(namespace), *rule.split()])
     proc = ops(*command, url=url, namespace=namespace)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

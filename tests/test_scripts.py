@@ -16,7 +16,8 @@ from aiotasks import App, TaskState
 from aiotasks.contract import done_op
 from aiotasks.keys import GROUP
 from aiotasks.message import Message
-from aiotasks.scripts import SOURCES, _source
+from aiotasks.scripts import LIBRARIES, NAMES, SOURCES, _source
+from aiotasks.testing.server import OwnServer
 
 LUA_DIR = resources.files("aiotasks") / "lua"
 LUA_FILES = sorted(
@@ -46,6 +47,57 @@ def test_registered_script_loads(sync_redis: redis.Redis, name: str) -> None:
     sha = sync_redis.script_load(source)
     assert sha == hashlib.sha1(source.encode()).hexdigest()
     assert sync_redis.script_exists(sha) == [True]
+
+
+def _pairs(flat: list[Any]) -> dict[Any, Any]:
+    """A RESP2 map (name, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+@pytest.mark.parametrize("sharded_pubsub", [False, True], ids=["publish", "spublish"])
+def test_the_function_library_registers_every_script(
+    own_server: OwnServer, sharded_pubsub: bool
+) -> None:
+    lib = LIBRARIES[sharded_pubsub]
+    with redis.Redis.from_url(own_server.url) as r:
+        assert r.function_load(lib.source) == lib.name.encode()
+        [listed] = r.function_list(library=lib.name)
+    found = [_pairs(f) for f in _pairs(listed)[b"functions"]]
+    functions = {f[b"name"].decode(): f[b"flags"] for f in found}
+    assert set(functions) == {lib.function(name) for name in NAMES}
+    # Only a script that just deletes may run on a server out of memory.
+    assert {n for n, flags in functions.items() if b"allow-oom" in flags} == {
+        lib.function("forget")
+    }
+    assert LIBRARIES[True].name != LIBRARIES[False].name
+
+
+async def test_a_server_that_lost_the_library_gets_it_again(
+    own_server: OwnServer, namespace: str
+) -> None:
+    """A restart without persistence (here a FUNCTION DELETE) loses the library: the
+    next call loads it and goes on, by FCALL."""
+    app = App(redis_url=own_server.url, namespace=namespace)
+
+    @app.task(name="add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        first = await add.send(1, 2)
+        scripts = app.client.scripts
+        assert scripts.functions is True
+        with redis.Redis.from_url(own_server.url) as r:
+            r.function_delete(LIBRARIES[False].name)
+        second = await add.send(3, 4)
+        assert scripts.functions is True
+        assert await first.state() == await second.state() == TaskState.PENDING
+        with redis.Redis.from_url(own_server.url) as r:
+            assert r.function_list(library=LIBRARIES[False].name)
+            calls = r.info("commandstats")
+        assert "cmdstat_evalsha" not in calls and calls["cmdstat_fcall"]["calls"] >= 3
+    finally:
+        await app.close()
 
 
 @pytest.mark.parametrize("filename", LUA_FILES)

@@ -3,7 +3,8 @@
 -- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1] and the guard
 -- key (P .. 'guard', see keys.Keys.guard) as KEYS[2]; K.<kind>(...) builds a key or
 -- channel name exactly as aiotasks.keys.Keys does in Python.
-local P = KEYS[1]
+-- P: the key prefix, KEYS[1], set by begin() (_lib.lua) as every call starts.
+local P
 -- The publish command: scripts.py makes it SPUBLISH on a Cluster (sharded pub/sub).
 local PUBLISH = 'PUBLISH'
 local GROUP = 'workers'

@@ -595,3 +595,11 @@ local function release_slot(slot, id, now_ms)
   redis.call('ZREM', K.slots(slot.key), id)
   wake(slot.key, tonumber(slot.limit), now_ms, tonumber(slot.lease))
 end
+
+-- Every script's first statement: take this call's key prefix (KEYS[1]) and start with
+-- nothing gathered (journal, replies, acks), whatever a call that failed before left.
+-- Loaded as a function library (scripts.py), this file runs once, not once per call.
+local function begin(keys)
+  P = keys[1]
+  CAPS, LINES, FINISHED, REPLIES, ACKS = nil, {}, {}, nil, nil
+end

@@ -9,6 +9,7 @@
 -- ARGV[2]      msgpack array of {key, limit, id, lease} maps (lease: ms)
 -- Returns      {1 or 0 per request}: 1 = the slot is held, 0 = the key is at its limit
 
+begin(KEYS)
 local now_ms = tonumber(ARGV[1])
 local requests = unpack_arg(ARGV[2])
 

@@ -11,6 +11,7 @@
 --              docs/protocol.md)
 -- Returns      {1 or 0 per task}: 1 = enqueued, 0 = an existing task kept
 
+begin(KEYS)
 local now_ms = tonumber(ARGV[1])
 local mode = ARGV[2]
 local tasks = unpack_arg(ARGV[3])

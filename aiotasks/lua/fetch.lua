@@ -23,6 +23,7 @@
 --              read to its end: every entry delivered to this consumer so far is at or
 --              below them, and the next call may wait for more (ARGV[7])}
 
+begin(KEYS)
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])

@@ -35,6 +35,7 @@
 --          Its headers are enqueued by 'enqueue' ops.
 -- Returns      number of ops applied
 
+begin(KEYS)
 local now_ms = tonumber(ARGV[1])
 local ops = unpack_arg(ARGV[2])
 defer_acks()

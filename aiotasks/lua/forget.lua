@@ -8,6 +8,7 @@
 -- ARGV[1]      task id
 -- Returns      1 when the record was deleted, 0 when the task is live or unknown
 
+begin(KEYS)
 local tkey = K.task(ARGV[1])
 if LIVE[redis.call('HGET', tkey, 'state') or ''] then return 0 end
 return redis.call('DEL', tkey)

@@ -14,6 +14,7 @@
 -- ARGV[3]      now, in ms
 -- Returns      number of entries refreshed
 
+begin(KEYS)
 local consumer = ARGV[1]
 local refs = unpack_arg(ARGV[2])
 local now_ms = tonumber(ARGV[3])

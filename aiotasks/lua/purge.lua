@@ -16,6 +16,7 @@
 -- Returns      msgpack map {deleted = n, next = ...}: next is '1'/'0' (more to do) in
 --              'streams' mode, the next ZSCAN cursor ('0' = done) in 'delayed' mode
 
+begin(KEYS)
 local queue = ARGV[1]
 local now_ms = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])

@@ -10,6 +10,7 @@
 -- ARGV[3]      now, in ms
 -- Returns      ms to wait before starting (0 = start now)
 
+begin(KEYS)
 local key = K.rate(ARGV[1])
 local interval = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])

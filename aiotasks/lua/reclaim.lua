@@ -21,6 +21,7 @@
 -- Returns      msgpack map {entries = {{stream, entry, fields, deliveries, alone?}, ...},
 --              waiting = entries left idle because they run alone (for an idle worker)}
 
+begin(KEYS)
 local consumer = ARGV[1]
 local min_idle = tonumber(ARGV[2])
 local count = tonumber(ARGV[3])

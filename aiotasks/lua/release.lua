@@ -12,6 +12,7 @@
 -- ARGV[2]      msgpack array of {stream, entry} maps
 -- Returns      the number of entries given back to their streams
 
+begin(KEYS)
 local consumer = ARGV[1]
 local refs = unpack_arg(ARGV[2])
 

@@ -14,6 +14,7 @@
 --              ('' when unknown)
 -- Returns      {entry_id, ...} of the entries requeued (missing ids are skipped)
 
+begin(KEYS)
 local dead = KEYS[3]
 local fallback = KEYS[4]
 local queue = ARGV[1]

@@ -12,6 +12,7 @@
 -- ARGV[3]      ttl (s) of the revocation
 -- Returns      the state before the call ('' when unknown)
 
+begin(KEYS)
 local id = ARGV[1]
 local now_ms = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])

@@ -9,6 +9,7 @@
 -- ARGV[2]      seconds the mark keeps a hash that has no expiry yet (a task not sent)
 -- Returns      1
 
+begin(KEYS)
 local tkey = K.task(ARGV[1])
 local ttl_ms = tonumber(ARGV[2]) * 1000
 
