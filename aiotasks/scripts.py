@@ -66,8 +66,13 @@ def sharded(source: str) -> str:
     return source.replace(line, f"local PUBLISH = '{SHARDED_PUBLISH}'", 1)
 
 
-#: Scripts registered with `allow-oom`: they only delete, which a full server needs.
-_ALLOW_OOM = frozenset({"forget"})
+#: Scripts that still run on a server out of memory (a function without this flag is
+#: refused before it starts): they grow no memory, or free it. The heartbeat keeps the
+#: leases of running tasks, which would otherwise run again after the outage.
+_ALLOW_OOM = frozenset({"forget", "purge", "heartbeat"})
+
+# Stands for the library's name while its text is hashed.
+_NAME = "@aiotasks-library@"
 
 
 @dataclass(frozen=True)
@@ -90,19 +95,18 @@ def library(sharded_pubsub: bool = False) -> Library:
     prelude = "\n".join((lua / part).read_text() for part in ("_contract.lua", "_lib.lua"))
     if sharded_pubsub:
         prelude = sharded(prelude)
-    bodies = {name: (lua / f"{name}.lua").read_text() for name in NAMES}
-    digest = hashlib.sha1(prelude.encode())
-    for name, body in bodies.items():
-        digest.update(f"\0{name}\0{body}".encode())
-    name = f"aiotasks_{digest.hexdigest()[:16]}"
-    parts = [f"#!lua name={name}", prelude]
-    for script, body in bodies.items():
+    parts = [prelude]
+    for script in NAMES:
+        body = (lua / f"{script}.lua").read_text()
         flags = "'allow-oom'" if script in _ALLOW_OOM else ""
         parts.append(
-            f"redis.register_function{{function_name = '{name}_{script}', flags = {{{flags}}},"
+            f"redis.register_function{{function_name = '{_NAME}_{script}', flags = {{{flags}}},"
             f"\ncallback = function(KEYS, ARGV)\n{body}\nend}}"
         )
-    return Library(name, "\n".join(parts))
+    text = "\n".join(parts)
+    # The whole text, flags and wrapping included: any change is a new library.
+    name = f"aiotasks_{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+    return Library(name, f"#!lua name={name}\n" + text.replace(_NAME, name))
 
 
 LIBRARIES: dict[bool, Library] = {False: library(False), True: library(True)}
@@ -114,11 +118,12 @@ def _missing_function(exc: ResponseError) -> bool:
 
 
 def _no_functions(exc: ResponseError) -> bool:
-    """The server has no functions (Redis 6.2), or the ACL allows none."""
+    """The server has no functions (Redis 6.2), or the ACL allows none (a refusal of a
+    command inside a script is no NoPermissionError: ERR ACL failure in script)."""
     text = str(exc).lower()
-    return "unknown command" in text or (
-        isinstance(exc, NoPermissionError) and ("fcall" in text or "function" in text)
-    )
+    if isinstance(exc, NoPermissionError):
+        return "'fcall'" in text or "'function" in text
+    return text.startswith(("unknown command 'fcall'", "unknown command `fcall`"))  # 7.x, 6.x
 
 
 Record = Mapping[str, Any]
@@ -168,9 +173,15 @@ class Scripts:
         await self.load()
         return await fcall(function, len(keys), *keys, *args)
 
+    @property
+    def library_name(self) -> str:
+        """The name of this release's function library."""
+        return self._lib.name
+
     async def load(self) -> None:
-        """Load this version's library (on every master of a Cluster). REPLACE: two
-        processes may load it at once, and the code under one name is always the same."""
+        """Load this release's library (on every master of a Cluster). REPLACE: two
+        processes may load it at once, and the code under one name is always the same
+        (the name is a hash of it)."""
         await cast(Any, self._redis).function_load(self._lib.source, replace=True)
 
     async def enqueue(self, *, now_ms: int, mode: str, tasks: Sequence[Record]) -> list[int]:

@@ -263,6 +263,11 @@ def with_db(url: str, db: int) -> str:
             "error: --countdown must be a number of seconds from 0 to 315,360,000 (ten years)",
         ),
         (["queues", "pause", ""], {}, "error: '' is not a queue name"),
+        (
+            ["scripts", "load", "--redis-url", f"redis://:{SECRET}@h:x/0"],
+            {},
+            "error: invalid Redis URL 'redis://:***@h:x/0': the port is not a number: 'x'",
+        ),
         (["queues", "resume", "a,b"], {}, "error: 'a,b' is not a queue name"),
         (["queues", "pause", " "], {}, "error: ' ' is not a queue name"),
         (["run", "tests.apps.ops:app", "--queues", ",,"], {}, "error: --queues ',,' names no"),

@@ -128,16 +128,31 @@ async def everything(app: App, url: str, namespace: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "without",
-    [[], ["-fcall", "-function|load"]],
-    ids=["functions", "evalsha"],
+    ("loaded", "without", "refused"),
+    [
+        (True, [], []),
+        (False, [], ["command function|load"]),
+        (False, ["-fcall"], ["command fcall"]),
+    ],
+    ids=["library-loaded", "library-not-loaded", "no-fcall"],
 )
 async def test_the_readme_acl_line_is_enough(
-    own_server: OwnServer, namespace: str, spawn_worker: Any, without: list[str]
+    own_server: OwnServer,
+    namespace: str,
+    spawn_worker: Any,
+    loaded: bool,
+    without: list[str],
+    refused: list[str],
 ) -> None:
-    """The README's line as it is (the scripts as a function library), and without the
-    function commands, as an ACL written for Redis 6.2 has it (each script by EVALSHA)."""
+    """The README's line with the function library loaded by an admin (`aiotasks scripts
+    load`); without it (each process tries to load it, may not, and runs each script by
+    EVALSHA); and without `fcall`, as an ACL written for Redis 6.2 has it."""
     url = add_user(own_server, [*acl_rules(namespace), *without])
+    if loaded:
+        admin_url = f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{own_server.port}"
+        proc = await asyncio.to_thread(ops, "scripts", "load", url=admin_url, namespace=namespace)
+        assert proc.returncode == 0 and proc.stdout.startswith("loaded aiotasks_"), proc.stderr
+        assert ADMIN_PASSWORD not in proc.stdout + proc.stderr
     app = App(redis_url=url, namespace=namespace)
     w = spawn_worker(module="acl", url=url)
     try:
@@ -149,9 +164,9 @@ async def test_the_readme_acl_line_is_enough(
         await app.close()
     out = w.output()
     assert "Traceback" not in out and "refused" not in out and "NOPERM" not in out, out
-    # The one refusal: the worker's startup check tries CONFIG GET, then reads INFO; and
-    # without function commands, the first FCALL of each process, which then uses EVALSHA.
-    assert denied(own_server) == ["command config|get"] + (["command fcall"] if without else [])
+    # The worker's startup check tries CONFIG GET, then reads INFO; without the library,
+    # each process's first script call tries to load it (or to FCALL), then uses EVALSHA.
+    assert denied(own_server) == sorted(["command config|get", *refused])
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import control, listing, queues, run, status, tasks, web
+from . import control, library, listing, queues, run, status, tasks, web
 from .group import RootGroup
 
 cli = typer.Typer(
@@ -65,6 +65,7 @@ cli.add_typer(queues.dead, name="dead-letters")
 cli.add_typer(listing.tasks_group, name="tasks")
 cli.add_typer(control.schedules, name="schedules")
 cli.add_typer(control.queues, name="queues")
+cli.add_typer(library.scripts, name="scripts")
 cli.command()(web.web)
 
 
