@@ -48,10 +48,18 @@ NAMES = (
 )
 
 
-def _source(name: str) -> str:
+def _read(*files: str) -> str:
+    """Files of `aiotasks/lua`, joined with a newline."""
     lua = resources.files("aiotasks") / "lua"
-    parts = ("_contract.lua", "_lib.lua", f"{name}.lua")
-    return "\n".join((lua / part).read_text() for part in parts)
+    return "\n".join((lua / f).read_text() for f in files)
+
+
+#: The part every script shares: the contract, then the helpers.
+_PRELUDE = ("_contract.lua", "_lib.lua")
+
+
+def _source(name: str) -> str:
+    return _read(*_PRELUDE, f"{name}.lua")
 
 
 SOURCES: dict[str, str] = {name: _source(name) for name in NAMES}
@@ -91,13 +99,12 @@ class Library:
 def library(sharded_pubsub: bool = False) -> Library:
     """The library of every script in NAMES: `_contract.lua` and `_lib.lua` run once as
     it loads; each script file is the body of its function (KEYS, ARGV its arguments)."""
-    lua = resources.files("aiotasks") / "lua"
-    prelude = "\n".join((lua / part).read_text() for part in ("_contract.lua", "_lib.lua"))
+    prelude = _read(*_PRELUDE)
     if sharded_pubsub:
         prelude = sharded(prelude)
     parts = [prelude]
     for script in NAMES:
-        body = (lua / f"{script}.lua").read_text()
+        body = _read(f"{script}.lua")
         flags = "'allow-oom'" if script in _ALLOW_OOM else ""
         parts.append(
             f"redis.register_function{{function_name = '{_NAME}_{script}', flags = {{{flags}}},"

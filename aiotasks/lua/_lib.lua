@@ -56,7 +56,7 @@ local CAPS
 
 -- What the journal holds until flush_journal(): the feed's event lines and the index's
 -- finished ids.
-local LINES, FINISHED = {}, {}
+local LINES, FINISHED  -- lists; begin() makes them
 
 -- A state change of task `id` (with its name and queue when it is sent): an event line
 -- "state<TAB>id[<TAB>name<TAB>queue]" for the feed, as cheap to build here as a string
@@ -124,7 +124,7 @@ end
 
 -- Final states for reply channels, by channel, when a script batches them (finish.lua):
 -- one PUBLISH per sender per batch instead of one per task.
-local REPLIES = nil
+local REPLIES
 
 -- One final state as a reply channel message: "<id>\n<state>[\n<ct>\n<result>]".
 local function reply_text(id, state, ct, result)
@@ -468,7 +468,7 @@ end
 
 -- Entries to ack, by stream, when a script defers its acks (finish.lua: one XACK and
 -- one XDEL per stream per batch instead of two commands per task).
-local ACKS = nil
+local ACKS
 
 local function ack(stream, entry_id)
   if ACKS then
