@@ -75,9 +75,14 @@ async def body_count(values: list[Any]) -> list[Any]:
 
 
 async def _count(name: str) -> bool:
-    """Counts a run under `name`; True the first time `name` runs."""
-    r = current_task().app.client.redis
+    """Counts a run under `name` and the task id that ran; True the first time `name` runs.
+
+    A redelivery runs the same id again; a second enqueue would bring a second id.
+    """
+    ctx = current_task()
+    r = ctx.app.client.redis
     await r.hincrby(_key("runs"), name, 1)
+    await r.sadd(_key(f"ids:{name}"), ctx.id)
     return bool(await r.set(_key(f"killed:{name}"), 1, nx=True))
 
 
