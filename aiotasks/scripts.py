@@ -262,8 +262,11 @@ class Scripts:
                 pipe.evalsha(self._s["fetch"].sha, len(keys), *keys, *args)
             woken, raw = await pipe.execute(raise_on_error=False)
         if isinstance(raw, NoScriptError) or (
-            functions and isinstance(raw, ResponseError) and _missing_function(raw)
-        ):  # the server forgot it (restarted): load it, run it
+            functions
+            and isinstance(raw, ResponseError)
+            and (_missing_function(raw) or _no_functions(raw))
+        ):  # the server forgot it (restarted), or functions went (an ACL edit, a failover
+            # to Redis 6.2): _call loads it, or falls back to EVALSHA, and runs it
             raw = await self._call("fetch", keys=keys, args=args)
         elif isinstance(raw, BaseException):
             raise raw

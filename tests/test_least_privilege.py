@@ -7,6 +7,7 @@ throwaway CA and client certificates, in the URL forms the README documents.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pytest
 import redis
 
 from aiotasks import App, TaskRevoked, TaskState, chord
+from aiotasks.scripts import LIBRARIES
 from aiotasks.testing.server import OwnServer, server_binary
 from tests.conftest import ROOT
 from tests.helpers import wait_consuming, wait_state
@@ -186,6 +189,41 @@ def test_a_missing_permission_is_one_clear_error_line(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and words in last and "NOPERM" in last, proc.stderr
     assert "Traceback" not in proc.stderr and PASSWORD not in proc.stderr + proc.stdout
+
+
+async def test_an_idle_fetch_falls_back_to_evalsha_when_fcall_is_taken_away(
+    own_server: OwnServer, namespace: str
+) -> None:
+    """A process that ran the library by FCALL, then lost the right (an ACL edit, or a
+    failover to Redis 6.2): its next idle fetch, the pipelined wait, runs by EVALSHA
+    instead of failing, and so does every call after it."""
+    url = add_user(own_server, acl_rules(namespace))
+    with admin(own_server) as r:
+        r.function_load(LIBRARIES[False].source, replace=True)
+    app = App(redis_url=url, namespace=namespace)
+    try:
+        streams = app.client.keys.streams("default")
+        await app.client.ensure_groups(streams)
+        fetch = functools.partial(
+            app.client.scripts.fetch,
+            streams=streams,
+            consumer="c1",
+            count=10,
+            worker="w1",
+            promote_limit=100,
+            default_ttl=60,
+        )
+        idle = await fetch(now_ms=int(time.time() * 1000))
+        assert app.client.scripts.functions is True and idle[b"entries"] == []
+        with admin(own_server) as r:
+            r.execute_command("ACL", "SETUSER", "app", "-fcall")
+        woken = await fetch(now_ms=int(time.time() * 1000), wait=(50, idle[b"tips"]))
+        assert woken[b"entries"] == [] and app.client.scripts.functions is False
+        sent = await app.send_task("acl.add", args=(1, 2))
+        assert await sent.state() == TaskState.PENDING
+    finally:
+        await app.close()
+    assert denied(own_server) == ["command fcall"]
 
 
 # -- TLS ----------------------------------------------------------------------------------
