@@ -99,9 +99,9 @@ async def _run(
         for start in range(0, len(got), batch):
             ops = []
             for entry in got[start : start + batch]:
-                t = int(time.time() * 1000)
+                t = str(int(time.time() * 1000))
                 # As outcomes.Outcomes stores a no-op's success: None, msgpack-encoded.
-                fields = ["started_at", t, "finished_at", t, "attempts", 1, "worker", "bench"]
+                fields = ["started_at", t, "finished_at", t, "attempts", "1", "worker", "bench"]
                 fields += ["result", b"\xc0", "ct", "msgpack"]
                 ops.append(
                     done_op(

@@ -38,6 +38,22 @@ local function flat_without(flat, a, b, out)
   return out
 end
 
+-- redis.call writes a number argument with snprintf('%.17g'), about 3k instructions
+-- each; the numbers the hot path passes (now, a ttl in ms, a priority, a count) repeat
+-- within a call, so each integer's text is made once per call. Anything else is passed
+-- as it is.
+local TXT  -- number -> text; begin() empties it
+
+local function txt(n)
+  if type(n) ~= 'number' then return n end
+  local s = TXT[n]
+  if s == nil then
+    s = n % 1 == 0 and string.format('%d', n) or n
+    TXT[n] = s
+  end
+  return s
+end
+
 local function fields_map(flat)
   local m = {}
   for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
@@ -85,9 +101,9 @@ end
 -- Finished tasks go to the index (unfinished ones are found where they wait: streams
 -- and the delayed set), trimmed to the newest `cap`.
 local function index_tasks(cap, now_ms)
-  local scored = {}
+  local scored, score = {}, txt(now_ms)
   for _, id in ipairs(FINISHED) do
-    scored[#scored + 1] = now_ms
+    scored[#scored + 1] = score
     scored[#scored + 1] = id
   end
   call_chunked('ZADD', K.index_done(), scored)
@@ -101,7 +117,7 @@ local EVENTS_PER_ENTRY = 100
 
 local function feed_events(cap, now_ms)
   for i = 1, #LINES, EVENTS_PER_ENTRY do
-    redis.call('XADD', K.events(), 'MAXLEN', '~', cap, '*', 't', now_ms,
+    redis.call('XADD', K.events(), 'MAXLEN', '~', cap, '*', 't', txt(now_ms),
       'e', table.concat(LINES, '\n', i, math.min(i + EVENTS_PER_ENTRY - 1, #LINES)))
   end
 end
@@ -187,13 +203,13 @@ end
 
 -- Put a ready task record on its stream and mark it PENDING.
 local function xadd_task(t, ttl, now_ms, enqueued_at)
-  local stream = K.stream(t.queue, t.priority)
+  local stream = K.stream(t.queue, txt(t.priority))
   local cmd = {'XADD', stream, '*'}
   for _, f in ipairs(ENTRY_FIELDS) do
     local v = t[f]
     if v ~= nil and v ~= '' then
       cmd[#cmd + 1] = f
-      cmd[#cmd + 1] = v
+      cmd[#cmd + 1] = type(v) == 'number' and txt(v) or v
     end
   end
   local entry_id = redis.call(unpack(cmd))
@@ -202,14 +218,14 @@ local function xadd_task(t, ttl, now_ms, enqueued_at)
   -- sent again) is stale and must not run, and a revoke deletes the entry outright.
   if own_reply(t) then
     redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
-      'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream, 'reply', t.reply)
+      'enqueued_at', enqueued_at or txt(now_ms), '_e', entry_id, '_st', stream, 'reply', t.reply)
   else
     redis.call('HSET', tkey, 'state', 'PENDING', 'name', t.name, 'queue', t.queue,
-      'enqueued_at', enqueued_at or now_ms, '_e', entry_id, '_st', stream)
+      'enqueued_at', enqueued_at or txt(now_ms), '_e', entry_id, '_st', stream)
   end
   journal('PENDING', t.id, t.name, t.queue)
   if t.eb then redis.call('HSET', tkey, '_eb', cmsgpack.pack(t.eb)) end
-  redis.call('PEXPIRE', tkey, ttl * 1000)
+  redis.call('PEXPIRE', tkey, txt(ttl * 1000))
 end
 
 -- Keep a task record in the delayed zset until due_ms, the record itself in the task
@@ -339,7 +355,7 @@ local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_ty
     redis.call('HDEL', tkey, '_rec', '_e', '_st', '_eb', '_replaced', 'revoked_at', '_aliases',
       '_unsent')
   end
-  redis.call('PEXPIRE', tkey, ttl * 1000)
+  redis.call('PEXPIRE', tkey, txt(ttl * 1000))
   notify(id, state, ct, result, h[4], h[5])
   journal(state, id)
   -- The sends this debounced one superseded end as it did.
@@ -516,8 +532,8 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
     settle_unrun(id, 'REVOKED', nil, nil, f.cid, f.cix, f.tail, default_ttl, now_ms)
     return false
   end
-  redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', now_ms, 'worker', worker,
-    'attempts', (tonumber(f.r) or 0) + deliveries)
+  redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', txt(now_ms), 'worker', worker,
+    'attempts', txt((tonumber(f.r) or 0) + deliveries))
   -- Published when watched, or when the hash was lost (a restart, a failover): a
   -- watcher's mark may have gone with it.
   if h[4] or not h[1] then redis.call(PUBLISH, K.done_channel(id), 'STARTED') end
@@ -601,5 +617,5 @@ end
 -- Loaded as a function library (scripts.py), this file runs once, not once per call.
 local function begin(keys)
   P = keys[1]
-  CAPS, LINES, FINISHED, REPLIES, ACKS = nil, {}, {}, nil, nil
+  CAPS, LINES, FINISHED, REPLIES, ACKS, TXT = nil, {}, {}, nil, nil, {}
 end
