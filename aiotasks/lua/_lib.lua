@@ -108,7 +108,7 @@ local function index_tasks(cap, now_ms)
   end
   call_chunked('ZADD', K.index_done(), scored)
   local over = redis.call('ZCARD', K.index_done()) - cap
-  if over > 0 then redis.call('ZREMRANGEBYRANK', K.index_done(), 0, over - 1) end
+  if over > 0 then redis.call('ZREMRANGEBYRANK', K.index_done(), '0', txt(over - 1)) end
 end
 
 -- Events go to the feed in entries of at most EVENTS_PER_ENTRY, and the feed keeps about
@@ -189,7 +189,7 @@ end
 -- Whether an entry is pending for this consumer (delivered to it, not yet acked).
 -- pcall: a stream that vanished (purged, or the server lost its data) has no group.
 local function held_by(stream, entry_id, consumer)
-  local p = redis.pcall('XPENDING', stream, GROUP, entry_id, entry_id, 1, consumer)
+  local p = redis.pcall('XPENDING', stream, GROUP, entry_id, entry_id, '1', consumer)
   return type(p) == 'table' and not p.err and p[1] ~= nil
 end
 

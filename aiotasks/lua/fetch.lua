@@ -34,8 +34,8 @@ local after_wait = ARGV[7]
 local waited = tonumber(ARGV[8]) or 0
 
 local function promote()
-  local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', now_ms, 'LIMIT', 0,
-    promote_limit)
+  local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', txt(now_ms), 'LIMIT', '0',
+    txt(promote_limit))
   for _, id in ipairs(due) do
     redis.call('ZREM', K.delayed(), id)
     local tkey = K.task(id)
@@ -72,14 +72,14 @@ local function empty(stream)
 end
 
 local function read(stream)
-  local res = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count,
+  local res = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', txt(count),
     'STREAMS', stream, '>')
   if type(res) == 'table' and res.err then
     -- NOGROUP: the stream or its group is gone (the server lost its data, or someone
     -- deleted it). Recreate it, and say so: the worker reports the loss.
     redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
     lost[#lost + 1] = stream
-    res = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count,
+    res = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', txt(count),
       'STREAMS', stream, '>')
   end
   return res
@@ -94,7 +94,8 @@ local function delivered(tips)
   local woken = {}
   for k = 3, #KEYS do
     local tip = tips[KEYS[k]]
-    local res = tip and redis.pcall('XPENDING', KEYS[k], GROUP, '(' .. tip, '+', 100, consumer)
+    local res = tip
+      and redis.pcall('XPENDING', KEYS[k], GROUP, '(' .. tip, '+', '100', consumer)
     if type(res) == 'table' and not res.err then
       for _, p in ipairs(res) do
         woken[#woken + 1] = {KEYS[k], p[1]}
@@ -145,10 +146,10 @@ if drained then
     -- Every stream was looked at (drained), and a script adds no entry meanwhile: a
     -- length of 0 is still 0.
     local newest = lengths[KEYS[k]] > 0
-      and redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
+      and redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', '1')
     tips[KEYS[k]] = newest and newest[1] and newest[1][1] or '0-0'
   end
 end
-local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')
+local nxt = redis.call('ZRANGE', K.delayed(), '0', '0', 'WITHSCORES')
 flush_journal(now_ms)
 return reply({next_due = tonumber(nxt[2]) or -1, entries = entries, lost = lost, tips = tips})
