@@ -353,18 +353,68 @@ async def test_a_fetch_that_reads_every_stream_to_its_end_returns_tips(app: App)
     assert pending["pending"] == 5  # the first five, started once each
 
 
-async def finish_done(app: App, entry: dict[bytes, Any], state: str = "SUCCESS") -> None:
+async def finish_done(app: App, *entries: dict[bytes, Any], state: str = "SUCCESS") -> None:
+    """One finish call storing a result for each of `entries` (one batch)."""
     fields = {"finished_at": now_ms(), "result": b"\xc0", "ct": "msgpack", "traceback": None}
-    op = done_op(
-        entry[b"stream"].decode(),
-        entry[b"entry"],
-        entry[b"fields"][b"id"].decode(),
-        state,
-        60,
-        fields,
-    )
+    ops = [
+        done_op(
+            entry[b"stream"].decode(),
+            entry[b"entry"],
+            entry[b"fields"][b"id"].decode(),
+            state,
+            60,
+            fields,
+        )
+        for entry in entries
+    ]
     streams = app.client.keys.streams("default")
-    await app.client.scripts.finish(streams=streams, now_ms=now_ms(), ops=[op])
+    await app.client.scripts.finish(streams=streams, now_ms=now_ms(), ops=ops)
+
+
+# A batch drops what it acked from the stream by one XTRIM below the oldest pending entry
+# (below its newest acked one when none is pending) and an XDEL of what it acked above it.
+
+
+async def test_a_batch_finished_out_of_order_leaves_the_entries_still_pending(app: App) -> None:
+    await app.client.ensure_groups(app.client.keys.streams("default"))
+    sent = [message() for _ in range(6)]
+    await enqueue(app, "send", *sent)
+    got = (await fetch(app, count=10))[b"entries"]
+    # The first and the fourth still run; the others finish in one batch.
+    await finish_done(app, got[1], got[2], got[4], got[5])
+    assert await stream_ids(app) == [sent[0].id, sent[3].id]
+    pending = await app.client.redis.xpending(app.client.keys.stream("default", 5), GROUP)
+    assert pending["pending"] == 2
+    await finish_done(app, got[3], got[0])
+    assert await stream_ids(app) == []
+
+
+async def test_a_batch_that_empties_the_pending_list_keeps_what_was_never_delivered(
+    app: App,
+) -> None:
+    await app.client.ensure_groups(app.client.keys.streams("default"))
+    sent = [message() for _ in range(5)]
+    await enqueue(app, "send", *sent)
+    got = (await fetch(app, count=3))[b"entries"]
+    await finish_done(app, *reversed(got))
+    assert await stream_ids(app) == [m.id for m in sent[3:]]
+    assert fetched_ids(await fetch(app, count=10)) == [m.id for m in sent[3:]]
+
+
+async def test_a_batch_the_group_no_longer_held_is_deleted_entry_by_entry(app: App) -> None:
+    """The group was lost and made again (at 0) after the worker read its entries: the
+    acks find nothing pending, so nothing is trimmed on their word."""
+    streams = app.client.keys.streams("default")
+    await app.client.ensure_groups(streams)
+    sent = [message() for _ in range(4)]
+    await enqueue(app, "send", *sent)
+    got = (await fetch(app, count=10))[b"entries"]
+    r: Any = app.client.redis
+    stream = app.client.keys.stream("default", 5)
+    await r.xgroup_destroy(stream, GROUP)
+    await app.client.ensure_groups(streams)
+    await finish_done(app, got[1], got[2])
+    assert await stream_ids(app) == [sent[0].id, sent[3].id]
 
 
 async def test_a_finish_blanks_the_entry_fields_and_a_raw_resend_of_the_id_runs(app: App) -> None:
