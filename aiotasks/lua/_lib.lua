@@ -48,7 +48,8 @@ local function txt(n)
   if type(n) ~= 'number' then return n end
   local s = TXT[n]
   if s == nil then
-    s = n % 1 == 0 and string.format('%d', n) or n
+    -- '%.0f', not '%d': Lua's '%d' casts to a C long, 32 bits on some builds.
+    s = n % 1 == 0 and string.format('%.0f', n) or n
     TXT[n] = s
   end
   return s

@@ -75,14 +75,13 @@ async def body_count(values: list[Any]) -> list[Any]:
 
 
 async def _count(name: str) -> bool:
-    """Counts a run under `name` and the task id that ran; True the first time `name` runs.
-
-    A redelivery runs the same id again; a second enqueue would bring a second id.
-    """
+    """Counts a run under `name`, and under `first` a run of a first delivery (attempt 1:
+    a redelivery counts 2 and up); True the first time `name` runs."""
     ctx = current_task()
     r = ctx.app.client.redis
     await r.hincrby(_key("runs"), name, 1)
-    await r.sadd(_key(f"ids:{name}"), ctx.id)
+    if ctx.attempt == 1:
+        await r.hincrby(_key("first"), name, 1)
     return bool(await r.set(_key(f"killed:{name}"), 1, nx=True))
 
 
