@@ -483,8 +483,8 @@ settle_unrun = function(id, state, exc_type, exc_message, cid, cix, tail, ttl, n
   end
 end
 
--- Entries to ack, by stream, when a script defers its acks (finish.lua: one XACK and
--- one XDEL per stream per batch instead of two commands per task).
+-- Entries to ack, by stream, when a script defers its acks (finish.lua: an XACK and an
+-- XTRIM or XDEL per stream per batch instead of two commands per task).
 local ACKS
 
 local function ack(stream, entry_id)
