@@ -116,7 +116,10 @@ async def test_every_fires_on_worker(app: App, worker: Any) -> None:
         assert (prefix, name) == ("periodic", "tick")
         ticks.append(int(tick_ms))
         assert int(tick_ms) % 1000 == 0
-        assert 0 <= started - int(tick_ms) / 1000 < 1.0  # fired at its tick, not before
+        # Fired at its tick, not before; a worker that starts just after a tick fires it
+        # while it is less than GRACE late (see "Missed ticks"), so the body may run up to
+        # GRACE after it, plus the delivery.
+        assert 0 <= started - int(tick_ms) / 1000 < GRACE + 0.5
     assert ticks[1] - ticks[0] == 1000
     # Each periodic's next run is published for `aiotasks status`, just after the tick is
     # sent: the tick's body can run before that write lands, so wait for it (bounded).
