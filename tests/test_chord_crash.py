@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -99,16 +100,21 @@ async def test_big_chord_survives_a_worker_sigkilled_midway(app: App, spawn_work
         return int(await app.client.redis.hget(ck, "done") or 0) >= n // 3
 
     async def victim_mid_header() -> bool:
-        """The victim runs a header that has counted its run and not finished."""
+        """The victim runs a header that has counted its run and started less than 0.2 s
+        ago, so it is still inside its 0.4 s sleep when the kill lands (one that read
+        STARTED at its end might have stored its result meanwhile)."""
         counted = list(await runs(app))
         async with app.client.redis.pipeline(transaction=False) as pipe:
             for i in counted:
-                pipe.hmget(app.client.keys.task(f"hdr-{i}"), "state", "worker")
+                pipe.hmget(app.client.keys.task(f"hdr-{i}"), "state", "worker", "started_at")
             rows = await pipe.execute()
+        now_ms = time.time() * 1000
         return any(
-            state == b"STARTED" and pid_of(worker.decode()) == victim.pid
-            for state, worker in rows
-            if worker
+            state == b"STARTED"
+            and pid_of(worker.decode()) == victim.pid
+            and now_ms - int(started) < 200
+            for state, worker, started in rows
+            if worker and started
         )
 
     await wait_until(a_third_done, 20, "a third of the headers")
