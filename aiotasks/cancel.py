@@ -1,15 +1,21 @@
 """Cancel background tasks and make sure they end.
 
-On Python 3.11, `asyncio.wait_for` (which redis-py uses on every read) swallows a
-cancellation that arrives just as the awaited call completes (CPython gh-86296, fixed in
-3.12). A loop cancelled at that moment carries on as if nothing happened and whoever
-awaits it waits forever. So: cancel, wait a little, and cancel again until it ends.
+On Python 3.11, `asyncio.wait_for` (which redis-py uses to send every command, under its
+default 5 s socket timeout) swallows a cancellation that arrives just as the awaited call
+completes (CPython gh-86296, fixed in 3.12). A loop cancelled at that moment carries on as
+if nothing happened and whoever awaits it waits forever. So: our own tasks are cancelled,
+waited for a little, and cancelled again until they end; a caller's cancellation of a
+waiter (a timeout around `result()`, a cancelled `updates()`) is raised again once the
+command it swallowed returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]], retry_every: float = 0.1) -> None:
@@ -19,3 +25,15 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]], retry_every: fl
         for t in pending:
             t.cancel()
         _, pending = await asyncio.wait(pending, timeout=retry_every)
+
+
+async def keep_cancel(call: Awaitable[T]) -> T:
+    """Await `call`; if the task was cancelled meanwhile and no CancelledError came out
+    (Python 3.11's wait_for swallowed it), raise it: the command did complete, so its
+    connection is clean, but the caller asked to stop."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    result = await call
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result

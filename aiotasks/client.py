@@ -26,6 +26,7 @@ from redis.exceptions import (
 )
 
 from . import codec, topology
+from .cancel import keep_cancel
 from .config import InvalidRedisURL, RetryPolicy, Settings, redact_url
 from .contract import SEND, TaskRecord, unpack_reply
 from .errors import (
@@ -244,7 +245,7 @@ class Client:
 
         async def mark(task_id: str) -> int:
             try:
-                return await scripts.watch(task_id=task_id, ttl=WATCH_MARK_TTL)
+                return await keep_cancel(scripts.watch(task_id=task_id, ttl=WATCH_MARK_TTL))
             except (ResponseError, *_REFUSED_CONNECTION) as exc:
                 # A wait that cannot mark its task (OOM, NOPERM) would never be woken:
                 # say why instead. Waiters ride out the transient ones (CLUSTERDOWN,
@@ -328,7 +329,7 @@ class Client:
         retry = 0
         while True:
             try:
-                return await call()
+                return await keep_cancel(call())
             except (ResponseError, *_REFUSED_CONNECTION) as exc:
                 if not self._transient(exc) or retry >= policy.max_retries:
                     raise refusal(self.url, exc) from exc
