@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Backoff
-from .cancel import cancel_and_wait
+from .cancel import cancel_and_wait, keep_cancel
 from .keys import Keys
 from .outage import Outage
 from .topology import notifier_client
@@ -39,6 +39,9 @@ from .topology import notifier_client
 log = logging.getLogger(__name__)
 
 RECONNECTED = "\x00reconnected"
+
+#: Watched tasks marked again at once after a reconnect (a fraction of the App's pool).
+_REMARK_AT_ONCE = 32
 
 #: A notification: the state (or "progress", or RECONNECTED), plus for a final
 #: state on the reply channel, the result's content type and bytes when it has one.
@@ -231,7 +234,7 @@ class Notifier:
                     old, self._redis = self._redis, await self._pick()  # a live node
                     await old.aclose()
                 pubsub = self._ensure_reader()
-                await self._subscribe(pubsub, channel)
+                await keep_cancel(self._subscribe(pubsub, channel))
             # Read the state only once Redis confirms the subscription, so a result that
             # lands in between is seen either by the read or by the notification.
             await asyncio.shield(confirm)
@@ -269,14 +272,17 @@ class Notifier:
         """Mark every watched task again (after a reconnect)."""
         if self._mark is None:
             return
-        for channel, task_id in list(self._marked.items()):
-            if channel not in self._watches:
-                del self._marked[channel]
-                continue
-            try:
-                await self._mark(task_id)
-            except Exception as exc:  # the reader must live on
-                log.warning("cannot mark task %s watched again (%s)", task_id, exc)
+        for channel in [c for c in self._marked if c not in self._watches]:
+            del self._marked[channel]
+        # Many at a time, not one round trip each: every waiter hears RECONNECTED only
+        # once all are marked, and a client may watch thousands of tasks.
+        ids = list(self._marked.values())
+        for start in range(0, len(ids), _REMARK_AT_ONCE):
+            chunk = ids[start : start + _REMARK_AT_ONCE]
+            done = await asyncio.gather(*map(self._mark, chunk), return_exceptions=True)
+            for task_id, res in zip(chunk, done, strict=True):
+                if isinstance(res, BaseException):  # the reader must live on
+                    log.warning("cannot mark task %s watched again (%s)", task_id, res)
 
     def _ensure_reader(self) -> PubSub:
         if self._pubsub is None:

@@ -304,3 +304,51 @@ async def test_an_outage_of_seconds_is_one_line_when_it_starts_and_one_when_it_e
     out = w.output()
     assert len(lost_redis_lines(out)) == 1, out
     assert out.count("is back after") == 1, out
+
+
+async def test_every_watched_task_is_marked_again_before_its_waiters_hear_of_the_reconnect(
+    own_server: OwnServer, client: App
+) -> None:
+    """Hundreds of watchers: the notifier marks their tasks again many at a time, and
+    only then tells the waiters it reconnected (they re-read, and rely on the mark for
+    what comes after). Cancelled as they re-read, every watcher then ends."""
+
+    @client.task(queue="nobody-works-this")
+    async def idle(x: int) -> int:
+        return x
+
+    n = 300
+    handles = await idle.send_many([((i,), None) for i in range(n)])
+
+    async def follow(task_id: str) -> None:
+        async for _ in client.handle(task_id).updates():
+            pass
+
+    followers = [asyncio.ensure_future(follow(h.id)) for h in handles]
+    keys = [client.client.keys.task(h.id) for h in handles]
+    raw = redis.Redis.from_url(own_server.url)
+
+    def marked() -> int:
+        with raw.pipeline(transaction=False) as p:
+            for key in keys:
+                p.hexists(key, "_w")
+            return sum(map(bool, p.execute()))
+
+    try:
+        await wait_until(lambda: asyncio.to_thread(lambda: marked() == n), timeout=10)
+        notifier = client.client.notifier
+        reconnects = notifier.reconnects
+        with raw.pipeline(transaction=False) as p:
+            for key in keys:
+                p.hdel(key, "_w")  # every mark lost, as on a replica that never got them
+            p.execute()
+        raw.client_kill_filter(_type="pubsub")
+        await wait_until(lambda: asyncio.sleep(0, notifier.reconnects > reconnects), timeout=10)
+        # Read at once: the marks were back before the reconnect was announced.
+        assert await asyncio.to_thread(marked) == n
+    finally:
+        raw.close()
+        for f in followers:
+            f.cancel()
+        _, pending = await asyncio.wait(followers, timeout=10)
+    assert not pending, f"{len(pending)} cancelled watchers still watch"
