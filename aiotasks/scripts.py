@@ -136,6 +136,22 @@ def _no_functions(exc: ResponseError) -> bool:
 Record = Mapping[str, Any]
 
 
+#: redis-py's socket timeout where the client's settings name none (redis-py 8: 5 s).
+_REDIS_PY_SOCKET_TIMEOUT = 5.0
+
+
+def _longest_block_ms(redis: Redis) -> int:
+    """The longest blocking read the client's socket timeout lets through: half of it.
+    A worker's idle wait (`block`) beyond it would read as a lost connection."""
+    kwargs = (
+        redis.nodes_manager.connection_kwargs
+        if isinstance(redis, RedisCluster)
+        else redis.connection_pool.connection_kwargs
+    )
+    timeout = kwargs.get("socket_timeout", _REDIS_PY_SOCKET_TIMEOUT)
+    return max(1, int(timeout * 500)) if timeout else 2**31
+
+
 class Scripts:
     """The Lua scripts registered on one Redis client, under one key prefix."""
 
@@ -152,6 +168,7 @@ class Scripts:
         self._lib = LIBRARIES[sharded_pubsub]
         # None: not known yet; False: EVALSHA (no functions on this server, or no right).
         self.functions: bool | None = None
+        self._longest_block_ms = _longest_block_ms(redis)
 
     async def _call(self, script: str, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one script: FCALL, loading the library when the server lacks it, or
@@ -219,6 +236,7 @@ class Scripts:
         """
         keys = [*self._fixed, *streams]
         block_ms, tips = wait if wait is not None else (0, None)
+        block_ms = min(block_ms, self._longest_block_ms)
         packed_tips: str | bytes = pack(dict(tips)) if tips is not None else ""
         args: list[str | int | bytes] = [consumer, count, now_ms, worker]
         args += [promote_limit, default_ttl, packed_tips, block_ms]

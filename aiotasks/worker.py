@@ -117,6 +117,8 @@ class Worker:
         shutdown_timeout: seconds running tasks get to finish on stop.
         max_deliveries: deliveries after which an entry is dead-lettered.
         block: longest idle wait (s) on a blocking read; bounds delayed-task latency.
+            Each read waits at most half the client's socket timeout (redis-py's
+            default: 5 s), so a longer `block` never reads as a lost connection.
     """
 
     def __init__(

@@ -1,12 +1,16 @@
-"""A cancelled waiter ends: Python 3.11's asyncio.wait_for, which redis-py sends every
-command under, swallows a cancel that arrives as the command completes (CPython
-gh-86296); a caller's timeout around a read or a wait must still end it."""
+"""redis-py 8's socket timeout, and what it brings: a cancelled waiter ends (Python
+3.11's asyncio.wait_for, which redis-py sends every command under, swallows a cancel
+that arrives as the command completes: CPython gh-86296), and a worker's idle wait may
+outlast the timeout."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from aiotasks import App
+from aiotasks.testing.server import OwnServer
 
 
 async def test_reads_cancelled_mid_command_end_every_time(app: App) -> None:
@@ -51,3 +55,24 @@ async def test_a_timeout_around_updates_ends_it(app: App) -> None:
             timeout=20,
         )
         assert all(isinstance(r, asyncio.TimeoutError) for r in results), results
+
+
+async def test_an_idle_wait_longer_than_the_socket_timeout_is_no_lost_connection(
+    own_server: OwnServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis-py times a read out after its socket timeout (5 s unless the URL names one):
+    a worker's blocking wait (`block`) past it must not read as a lost connection."""
+    app = App(redis_url=f"{own_server.url}?socket_timeout=0.5", namespace=namespace)
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    try:
+        async with app.worker(block=2.0).running():
+            await asyncio.sleep(2.5)  # idle: waits that would each outlast the timeout
+            assert await (await add.send(1, 2)).result(timeout=5) == 3
+    finally:
+        await app.close()
+    lost = [r.getMessage() for r in caplog.records if "lost Redis" in r.getMessage()]
+    assert not lost, lost
