@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from .scripts import longest_block_ms
 from .state import TaskInfo, TaskState
 
 if TYPE_CHECKING:
@@ -259,9 +260,9 @@ class TaskIndex:
         try:
             while True:
                 for stream in set(last) - set(reads.values()):
-                    read = cast(Any, redis[stream]).xread(
-                        {stream: last[stream]}, block=block_ms, count=1000
-                    )
+                    client = redis[stream]
+                    block = min(block_ms, longest_block_ms(client))
+                    read = cast(Any, client).xread({stream: last[stream]}, block=block, count=1000)
                     reads[asyncio.ensure_future(read)] = stream
                 done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
                 for future in sorted(done, key=lambda f: reads[f]):

@@ -140,7 +140,7 @@ Record = Mapping[str, Any]
 _REDIS_PY_SOCKET_TIMEOUT = 5.0
 
 
-def _longest_block_ms(redis: Redis) -> int:
+def longest_block_ms(redis: Redis) -> int:
     """The longest blocking read the client's socket timeout lets through: half of it.
     A worker's idle wait (`block`) beyond it would read as a lost connection."""
     kwargs = (
@@ -168,7 +168,7 @@ class Scripts:
         self._lib = LIBRARIES[sharded_pubsub]
         # None: not known yet; False: EVALSHA (no functions on this server, or no right).
         self.functions: bool | None = None
-        self._longest_block_ms = _longest_block_ms(redis)
+        self._longest_block_ms = longest_block_ms(redis)
 
     async def _call(self, script: str, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one script: FCALL, loading the library when the server lacks it, or

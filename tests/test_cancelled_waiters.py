@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from aiotasks import App
+from aiotasks.index import Event, TaskIndex
 from aiotasks.testing.server import OwnServer
 
 
@@ -76,3 +77,31 @@ async def test_an_idle_wait_longer_than_the_socket_timeout_is_no_lost_connection
         await app.close()
     lost = [r.getMessage() for r in caplog.records if "lost Redis" in r.getMessage()]
     assert not lost, lost
+
+
+async def test_the_event_feed_follows_past_the_socket_timeout(
+    own_server: OwnServer, namespace: str
+) -> None:
+    """TaskIndex.follow() waits in blocking reads too: an idle feed is no lost connection."""
+    app = App(redis_url=f"{own_server.url}?socket_timeout=0.5", namespace=namespace)
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    index = TaskIndex(app.client)
+
+    async def first_event() -> Event:
+        async for event in index.follow(block_ms=3000):
+            return event
+        raise AssertionError("the feed ended")
+
+    try:
+        following = asyncio.ensure_future(first_event())
+        await asyncio.sleep(2.5)  # idle: waits (and their retries) would outlast the timeout
+        assert not following.done(), following
+        h = await add.send(1, 2)
+        event = await asyncio.wait_for(following, 5)
+        assert event.task_id == h.id
+    finally:
+        await app.close()
