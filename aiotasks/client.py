@@ -254,7 +254,14 @@ class Client:
 
         s = self.settings
         notifier = Notifier(
-            s.redis_url, self.keys, mark, redis=listener, pick=pick, sharded=sharded
+            s.redis_url,
+            self.keys,
+            mark,
+            redis=listener,
+            pick=pick,
+            sharded=sharded,
+            # A quarter of the pool: Sentinel's and a Cluster node's pools refuse past it.
+            marks_at_once=min(32, s.max_connections // 4),
         )
         return _Connection(
             loop, pool, redis, listener, scripts, notifier, SendBatcher(enqueue), base

@@ -19,7 +19,7 @@ import logging
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 
 RECONNECTED = "\x00reconnected"
 
-#: Watched tasks marked again at once after a reconnect (a fraction of the App's pool).
-_REMARK_AT_ONCE = 32
-
 #: A notification: the state (or "progress", or RECONNECTED), plus for a final
 #: state on the reply channel, the result's content type and bytes when it has one.
 Note = tuple[str, bytes | None, bytes | None]
@@ -62,6 +59,10 @@ class Watch:
     async def get(self) -> Note:
         """The next notification."""
         return await self._queue.get()
+
+
+class _StartAgain(Exception):
+    """The first waiter of a channel gave up before it subscribed: subscribe again."""
 
 
 class Mailbox:
@@ -109,8 +110,10 @@ class Notifier:
         redis: Redis | None = None,
         pick: Callable[[], Awaitable[Redis]] | None = None,
         sharded: bool = False,
+        marks_at_once: int = 1,
     ) -> None:
-        """`mark`: marks a task watched (scripts.watch, on the App's own pool).
+        """`mark`: marks a task watched (scripts.watch, on the App's own pool);
+        `marks_at_once`: how many it runs at once after a reconnect (a share of that pool).
         `redis`: the client to subscribe with (default: one for `url`); `pick`: gives a
         client of another node when a reconnect fails (a cluster node that died), or of
         the node that owns the namespace's slot (`sharded`). `sharded`: subscribe with
@@ -124,6 +127,7 @@ class Notifier:
         self._redis = redis
         self._pick = pick
         self._mark = mark
+        self._marks_at_once = max(1, marks_at_once)
         #: Watched task channels and their ids: marked again after a reconnect, since a
         #: failover may have promoted a replica that never got the mark.
         self._marked: dict[str, str] = {}
@@ -141,6 +145,8 @@ class Notifier:
         #: listener's included (outage.py); None: the listener logs on its own.
         self.outage: Outage | None = None
         self._reader: asyncio.Task[None] | None = None
+        #: Subscription upkeep left behind by waiters that were cancelled.
+        self._leaving_tasks: set[asyncio.Task[None]] = set()
         self._cmd_lock = asyncio.Lock()
         self._sharded = sharded
         #: A sharded subscription the server dropped (its slot moved): reconnect.
@@ -208,24 +214,45 @@ class Notifier:
 
     async def ensure_reply(self) -> None:
         """Subscribe to the reply channel (once per App)."""
-        if self.reply_channel not in self._watches:
-            await self._add(self.reply_channel, Watch())
-        else:
+        while True:
+            if self.reply_channel not in self._watches:
+                await self._add(self.reply_channel, Watch())
+                return
             confirm = self._confirm.get(self.reply_channel)
-            if confirm is not None:
+            if confirm is None:
+                return
+            try:
                 await asyncio.shield(confirm)
+                return
+            except _StartAgain:
+                pass  # its first waiter gave up before it subscribed
 
     async def _add(self, channel: str, w: Watch) -> None:
-        watchers = self._watches.get(channel)
-        if watchers is not None:
+        while True:
+            watchers = self._watches.get(channel)
+            if watchers is None:
+                await self._subscribe_first(channel, w)
+                return
             watchers.add(w)
             confirm = self._confirm.get(channel)
-            if confirm is not None:
+            if confirm is None:
+                return
+            try:
                 await asyncio.shield(confirm)
-            return
+                return
+            except _StartAgain:
+                pass  # the first waiter gave up before it subscribed: one of us does
+            except BaseException:
+                self._leave_later(channel, w)
+                raise
+
+    async def _subscribe_first(self, channel: str, w: Watch) -> None:
+        """Subscribe to a channel nobody watches yet; waiters that join meanwhile wait
+        for the same confirmation."""
         self._watches[channel] = {w}
         confirm = asyncio.get_running_loop().create_future()
         self._confirm[channel] = confirm
+        sent = False
         try:
             # redis-py's PubSub opens its connection on first use; two concurrent first
             # subscribes would each open one and the reader would hear only the last.
@@ -234,19 +261,43 @@ class Notifier:
                     old, self._redis = self._redis, await self._pick()  # a live node
                     await old.aclose()
                 pubsub = self._ensure_reader()
+                sent = True  # from here on the SUBSCRIBE may be on its way
                 await keep_cancel(self._subscribe(pubsub, channel))
             # Read the state only once Redis confirms the subscription, so a result that
             # lands in between is seen either by the read or by the notification.
             await asyncio.shield(confirm)
         except BaseException:
-            # Not subscribed: the next waiter of this channel subscribes again.
-            self._confirm.pop(channel, None)
-            watchers = self._watches.get(channel)
-            if watchers is not None:
-                watchers.discard(w)
-                if not watchers:
-                    del self._watches[channel]
+            if not sent:
+                # Nothing subscribed: the waiters that joined meanwhile start again.
+                self._watches.pop(channel, None)
+                self._confirm.pop(channel, None)
+                confirm.set_exception(_StartAgain())
+                confirm.exception()  # retrieved: maybe nobody joined
+            else:
+                # Cancelled as the SUBSCRIBE went out, or before: send it (again), so the
+                # joiners get their confirmation, then leave as a waiter would. The reply
+                # channel stays, as it does for the App's life.
+                self._later(self._subscribe_again(channel, w, channel != self.reply_channel))
             raise
+
+    async def _subscribe_again(self, channel: str, w: Watch, leave: bool) -> None:
+        try:
+            async with self._cmd_lock:
+                if channel in self._watches and self._pubsub is not None:
+                    await self._subscribe(self._pubsub, channel)
+        except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
+            pass  # lost: the reconnect subscribes every watched channel
+        if leave:
+            await self._remove(channel, w)
+
+    def _leave_later(self, channel: str, w: Watch) -> None:
+        """`_remove`, for a waiter that cannot wait for it (it was cancelled)."""
+        self._later(self._remove(channel, w))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._leaving_tasks.add(task)
+        task.add_done_callback(self._leaving_tasks.discard)
 
     async def _remove(self, channel: str, w: Watch) -> None:
         watchers = self._watches.get(channel)
@@ -265,8 +316,8 @@ class Notifier:
                         await self._pubsub.sunsubscribe(channel)
                     else:
                         await self._pubsub.unsubscribe(channel)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                pass  # the reconnect drops it anyway
+            except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
+                pass  # the reconnect drops it anyway (RuntimeError: not connected yet)
 
     async def _remark(self) -> None:
         """Mark every watched task again (after a reconnect)."""
@@ -277,8 +328,8 @@ class Notifier:
         # Many at a time, not one round trip each: every waiter hears RECONNECTED only
         # once all are marked, and a client may watch thousands of tasks.
         ids = list(self._marked.values())
-        for start in range(0, len(ids), _REMARK_AT_ONCE):
-            chunk = ids[start : start + _REMARK_AT_ONCE]
+        for start in range(0, len(ids), self._marks_at_once):
+            chunk = ids[start : start + self._marks_at_once]
             done = await asyncio.gather(*map(self._mark, chunk), return_exceptions=True)
             for task_id, res in zip(chunk, done, strict=True):
                 if isinstance(res, BaseException):  # the reader must live on
@@ -461,6 +512,7 @@ class Notifier:
         if self._reader is not None:
             await cancel_and_wait([self._reader])
             self._reader = None
+        await cancel_and_wait(list(self._leaving_tasks))
         if self._pubsub is not None:
             await cast(Any, self._pubsub).aclose()
             self._pubsub = None
