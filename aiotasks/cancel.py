@@ -29,11 +29,17 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]], retry_every: fl
 
 async def keep_cancel(call: Awaitable[T]) -> T:
     """Await `call`; if the task was cancelled meanwhile and no CancelledError came out
-    (Python 3.11's wait_for swallowed it), raise it: the command did complete, so its
-    connection is clean, but the caller asked to stop."""
+    (Python 3.11's wait_for swallowed it), raise it, whether the call returned (the
+    command completed, so its connection is clean) or raised."""
     task = asyncio.current_task()
     before = task.cancelling() if task is not None else 0
-    result = await call
+    try:
+        result = await call
+    except Exception as exc:
+        # Swallowed on the way out, then the read failed: a retry loop would go on.
+        if task is not None and task.cancelling() > before:
+            raise asyncio.CancelledError from exc
+        raise
     if task is not None and task.cancelling() > before:
         raise asyncio.CancelledError
     return result

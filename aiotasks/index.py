@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from .cancel import keep_cancel
 from .scripts import longest_block_ms
 from .state import TaskInfo, TaskState
 
@@ -252,7 +253,7 @@ class TaskIndex:
         streams = [shard.keys.events for shard in self.shards]
         positions = self._positions(after)
         if "$" in positions:  # "new only": each shard's newest entry, so a cursor holds ids
-            newest = (await self.last_id()).split(",")
+            newest = (await keep_cancel(self.last_id())).split(",")
             positions = [n if p == "$" else p for p, n in zip(positions, newest, strict=True)]
         last = dict(zip(streams, positions, strict=True))
         redis = {shard.keys.events: shard.redis for shard in self.shards}
@@ -261,7 +262,8 @@ class TaskIndex:
             while True:
                 for stream in set(last) - set(reads.values()):
                     client = redis[stream]
-                    block = min(block_ms, longest_block_ms(client))
+                    longest = longest_block_ms(client)  # 0 (forever) is as long as any
+                    block = min(block_ms, longest) if block_ms > 0 else longest
                     read = cast(Any, client).xread({stream: last[stream]}, block=block, count=1000)
                     reads[asyncio.ensure_future(read)] = stream
                 done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backoff import Backoff
+from ..cancel import cancel_and_wait
 from ..errors import CONNECTION_ERRORS
 from ..index import Event, TaskIndex
 from ..state import TaskState
@@ -92,6 +93,7 @@ class Hub:
         self._subs: set[Subscriber] = set()
         self._runner: asyncio.Task[None] | None = None
         self._stop_timer: asyncio.TimerHandle | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # runners cancelled when idle
         self._names: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         self._finished: deque[tuple[float, str | None]] = deque()
         self._pending: dict[str, dict[str, Any]] = {}
@@ -117,7 +119,10 @@ class Hub:
     def _stop_idle(self) -> None:
         self._stop_timer = None
         if not self._subs and self._runner is not None:
-            self._runner.cancel()
+            # Until it ends: Python 3.11 can swallow a cancel (cancel.py).
+            stopping = asyncio.get_running_loop().create_task(cancel_and_wait([self._runner]))
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
             self._runner = None
 
     async def close(self) -> None:
@@ -127,9 +132,9 @@ class Hub:
             self._stop_timer = None
         runner, self._runner = self._runner, None
         if runner is not None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await cancel_and_wait([runner])
+        if self._stopping:  # runners stopped when idle: each ends under its own cancels
+            await asyncio.wait(set(self._stopping))
 
     @contextlib.asynccontextmanager
     async def subscribe(self, wants: frozenset[str] = frozenset()) -> AsyncIterator[Subscriber]:
