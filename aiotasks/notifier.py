@@ -267,8 +267,10 @@ class Notifier:
             # lands in between is seen either by the read or by the notification.
             await asyncio.shield(confirm)
         except BaseException:
-            if not sent:
-                # Nothing subscribed: the waiters that joined meanwhile start again.
+            if not sent and not confirm.done():
+                # Nothing subscribed: the waiters that joined meanwhile start again. (A
+                # confirmation can come first: the reply to an earlier waiter's SUBSCRIBE
+                # of the channel, which its joiners took as theirs: then subscribe.)
                 self._watches.pop(channel, None)
                 self._confirm.pop(channel, None)
                 confirm.set_exception(_StartAgain())

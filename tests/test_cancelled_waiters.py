@@ -56,7 +56,9 @@ async def test_a_timeout_around_updates_ends_it(app: App) -> None:
             ),
             timeout=20,
         )
-        assert all(isinstance(r, asyncio.TimeoutError) for r in results), results
+        assert all(isinstance(r, asyncio.TimeoutError) for r in results), [
+            r for r in results if not isinstance(r, asyncio.TimeoutError)
+        ]
 
 
 async def test_an_idle_wait_longer_than_the_socket_timeout_is_no_lost_connection(
