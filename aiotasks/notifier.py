@@ -61,6 +61,11 @@ class Watch:
         return await self._queue.get()
 
 
+#: A pub/sub command that failed because the subscription connection is gone (or, for
+#: RuntimeError, not connected yet): the reconnect subscribes every watched channel.
+_GONE = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
+
+
 class _StartAgain(Exception):
     """The first waiter of a channel gave up before it subscribed: subscribe again."""
 
@@ -218,14 +223,8 @@ class Notifier:
             if self.reply_channel not in self._watches:
                 await self._add(self.reply_channel, Watch())
                 return
-            confirm = self._confirm.get(self.reply_channel)
-            if confirm is None:
+            if await self._confirmed(self.reply_channel):
                 return
-            try:
-                await asyncio.shield(confirm)
-                return
-            except _StartAgain:
-                pass  # its first waiter gave up before it subscribed
 
     async def _add(self, channel: str, w: Watch) -> None:
         while True:
@@ -234,17 +233,23 @@ class Notifier:
                 await self._subscribe_first(channel, w)
                 return
             watchers.add(w)
-            confirm = self._confirm.get(channel)
-            if confirm is None:
-                return
             try:
-                await asyncio.shield(confirm)
-                return
-            except _StartAgain:
-                pass  # the first waiter gave up before it subscribed: one of us does
+                if await self._confirmed(channel):
+                    return
             except BaseException:
                 self._leave_later(channel, w)
                 raise
+
+    async def _confirmed(self, channel: str) -> bool:
+        """Wait until a channel another waiter subscribes is confirmed; False: that
+        waiter gave up before it subscribed, and the caller starts again."""
+        confirm = self._confirm.get(channel)
+        if confirm is not None:
+            try:
+                await asyncio.shield(confirm)
+            except _StartAgain:
+                return False
+        return True
 
     async def _subscribe_first(self, channel: str, w: Watch) -> None:
         """Subscribe to a channel nobody watches yet; waiters that join meanwhile wait
@@ -287,7 +292,7 @@ class Notifier:
             async with self._cmd_lock:
                 if channel in self._watches and self._pubsub is not None:
                     await self._subscribe(self._pubsub, channel)
-        except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
+        except _GONE:
             pass  # lost: the reconnect subscribes every watched channel
         if leave:
             await self._remove(channel, w)
@@ -318,8 +323,8 @@ class Notifier:
                         await self._pubsub.sunsubscribe(channel)
                     else:
                         await self._pubsub.unsubscribe(channel)
-            except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
-                pass  # the reconnect drops it anyway (RuntimeError: not connected yet)
+            except _GONE:
+                pass  # the reconnect drops it anyway
 
     async def _remark(self) -> None:
         """Mark every watched task again (after a reconnect)."""
@@ -388,7 +393,7 @@ class Notifier:
             await asyncio.sleep(backoff.next())
             try:
                 pubsub = await self._reconnect(pubsub)
-            except (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError):
+            except _GONE:
                 continue
             self._say_back()
             lost = False
