@@ -15,12 +15,18 @@ from aiotasks.index import Event, TaskIndex
 from aiotasks.testing.server import OwnServer
 
 
-async def test_reads_cancelled_mid_command_end_every_time(app: App) -> None:
+async def never_run(app: App, n: int) -> list[Any]:
+    """Handles of `n` tasks sent to a queue no worker serves."""
+
     @app.task(queue="nobody-works-this")
     async def idle() -> None:
         return None
 
-    handles = await idle.send_many([((), None) for _ in range(50)])
+    return await idle.send_many([((), None) for _ in range(n)])
+
+
+async def test_reads_cancelled_mid_command_end_every_time(app: App) -> None:
+    handles = await never_run(app, 50)
 
     async def poll(i: int) -> None:
         h = handles[i % len(handles)]
@@ -38,11 +44,7 @@ async def test_reads_cancelled_mid_command_end_every_time(app: App) -> None:
 
 
 async def test_a_timeout_around_updates_ends_it(app: App) -> None:
-    @app.task(queue="nobody-works-this")
-    async def idle() -> None:
-        return None
-
-    handles = await idle.send_many([((), None) for _ in range(200)])
+    handles = await never_run(app, 200)
 
     async def follow(i: int) -> None:
         async for _ in handles[i].updates():
