@@ -111,7 +111,15 @@ class TaskContext:
         await slot.acquire()
 
 
-_current: ContextVar[TaskContext | None] = ContextVar("aiotasks_current_task", default=None)
+class Run(Protocol):
+    """A worker's run of a task (execution.Execution), which makes its TaskContext only
+    when it is asked for: most bodies never ask."""
+
+    def context(self) -> TaskContext: ...
+
+
+#: The running task: its context, or the worker's run that makes it on first use.
+_current: ContextVar[TaskContext | Run | None] = ContextVar("aiotasks_current_task", default=None)
 
 
 def current_task() -> TaskContext:
@@ -123,9 +131,10 @@ def current_task() -> TaskContext:
     ctx = _current.get()
     if ctx is None:
         raise RuntimeError("current_task() called outside a running task")
-    return ctx
+    return ctx if isinstance(ctx, TaskContext) else ctx.context()
 
 
 def current_task_or_none() -> TaskContext | None:
     """Like current_task(), but None outside a task."""
-    return _current.get()
+    ctx = _current.get()
+    return ctx if ctx is None or isinstance(ctx, TaskContext) else ctx.context()

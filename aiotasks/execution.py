@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -93,7 +93,7 @@ class Outcome:
     @property
     def state(self) -> str:
         """The task state this outcome records (RETRY/DEFER/DEAD name themselves)."""
-        return self.kind.value
+        return self.kind._value_  # not .value, a descriptor call per task
 
 
 def failure(exc: BaseException, exc_type: str | None = None) -> Outcome:
@@ -252,9 +252,34 @@ class Phase(enum.Enum):
 class Execution:
     """One delivery being run by a worker."""
 
+    __slots__ = (
+        "rt",
+        "delivery",
+        "key",
+        "lease",
+        "phase",
+        "limits",
+        "task",
+        "msg",
+        "fn",
+        "opts",
+        "ctx",
+        "revoke_requested",
+        "trace",
+        "tid",
+        "lease_was_given",
+        "started",
+        "ended",
+        "_args",
+        "slot",
+        "_timers",
+    )
+
     def __init__(self, rt: Runtime, delivery: Delivery, lease: Lease) -> None:
         self.rt = rt
         self.delivery = delivery
+        #: Identity in the worker's table of running entries (Delivery.key, made once).
+        self.key = (delivery.stream, delivery.entry_id)
         self.lease = lease
         self.phase = Phase.WAITING
         self.limits = Limits(None, None)
@@ -269,8 +294,9 @@ class Execution:
         raw_id = delivery.fields.get(b"id")
         self.tid = raw_id.decode(errors="replace") if raw_id else None
         self.lease_was_given = lease.held
-        self.started = time.perf_counter()
-        self._args: list[Any] = []
+        self.started = time.perf_counter()  # again once it has its slot (worker._execute)
+        self.ended = 0.0  # perf_counter() when its outcome was settled (worker._settle)
+        self._args: Sequence[Any] = ()
         #: The concurrency slot this run holds ({key, limit, lease}), given back with it.
         self.slot: dict[str, Any] | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -338,27 +364,72 @@ class Execution:
         elif kind is Kind.REVOKED and hooks.revoked:
             await hooks.call(hooks.revoked, self.ctx)
 
+    def context(self) -> TaskContext:
+        """The run's TaskContext, made on first use: `current_task()` in the body, or the
+        hooks. Most no-op bodies never ask, and pay nothing for it."""
+        ctx = self.ctx
+        if ctx is None:
+            msg, opts = self.msg, self.opts
+            assert msg is not None and opts is not None, "only a decoded delivery runs"
+            ctx = self.ctx = TaskContext(
+                id=msg.id,
+                name=msg.name,
+                attempt=msg.retries + self.delivery.deliveries,
+                max_retries=opts.max_retries,
+                queue=msg.queue,
+                app=self.rt.app,
+                client=self.rt.client,
+                retries=msg.retries,
+                started=self.started,
+                _slot=self.lease,
+                _limits=self.limits,
+            )
+        return ctx
+
     async def _run_task(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome:
         self.limits = Limits(opts.soft_timeout, opts.hard_timeout)
-        ctx = TaskContext(
-            id=msg.id,
-            name=msg.name,
-            attempt=msg.retries + self.delivery.deliveries,
-            max_retries=opts.max_retries,
-            queue=msg.queue,
-            app=self.rt.app,
-            client=self.rt.client,
-            retries=msg.retries,
-            _slot=self.lease,
-            _limits=self.limits,
-        )
         if self.revoke_requested:
             return Outcome(Kind.REVOKED)  # terminated before its body began: never run it
         if msg.queue in self.rt.paused:
             # Fetched as its queue was paused (a read in flight): back on its stream, unrun.
             return Outcome(Kind.DEFER, retry_at=now())
+        limited = task.opts.concurrency_limit or task.rate_interval_ms
+        if limited or msg.chord_body or msg.err is not None:
+            deferred = await self._first(task, msg, opts)
+            if deferred is not None:
+                return deferred
+        else:  # most tasks: no slot or rate to reserve, nothing to read first
+            self._args = msg.args
+        if opts.soft_timeout is not None or opts.hard_timeout is not None:
+            self._arm()
+        hooks = self.rt.app.hooks
+        # The contextvar holds this run; current_task() makes its TaskContext when asked.
+        token = _current.set(self.context() if hooks else self)
         try:
-            deferred = await self._before_body(task, msg)
+            if hooks.start:
+                ctx = self.context()
+                await hooks.call(hooks.start, ctx)
+                ctx.started = time.perf_counter()
+            # Dataclasses/models from the annotations, if any.
+            args, kwargs = task.load_args(self._args, msg.kwargs)
+            if task.is_async and self.limits.soft is None:
+                # Nothing to turn into SoftTimeLimitExceeded: the body's coroutine is
+                # awaited here, one coroutine less per run.
+                value = await task.fn(*args, **kwargs)
+            else:
+                value = await self._invoke(task, args, kwargs)
+            return Outcome(Kind.SUCCESS, value)
+        except (asyncio.CancelledError, Exception) as exc:
+            return self._ended(task, msg, opts, exc)
+        finally:
+            _current.reset(token)
+            for timer in self._timers:
+                timer.cancel()
+
+    async def _first(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome | None:
+        """_before_body(), or the outcome of a run that cannot begin yet."""
+        try:
+            return await self._before_body(task, msg)
         except CONNECTION_ERRORS as exc:
             # Redis went away before the body began: run it later, it never ran.
             log.warning(
@@ -371,24 +442,6 @@ class Execution:
             return Outcome(Kind.DEFER, retry_at=now() + 1.0)
         except asyncio.CancelledError as cancel:
             return self._cancelled(task, msg, opts, cancel)  # revoked, or stopping
-        if deferred is not None:
-            return deferred
-        self._arm()
-        token = _current.set(ctx)
-        self.ctx = ctx
-        hooks = self.rt.app.hooks
-        try:
-            if hooks.start:
-                await hooks.call(hooks.start, ctx)
-            ctx.started = time.perf_counter()
-            value = await self._invoke(task, self._args, msg.kwargs)
-            return Outcome(Kind.SUCCESS, value)
-        except (asyncio.CancelledError, Exception) as exc:
-            return self._ended(task, msg, opts, exc)
-        finally:
-            _current.reset(token)
-            for timer in self._timers:
-                timer.cancel()
 
     def _ended(
         self, task: Task[Any, Any], msg: Message, opts: RunOptions, exc: BaseException
@@ -472,12 +525,12 @@ class Execution:
         out.max_retries = max_retries
         return out
 
-    async def _invoke(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
-        args, kwargs = task.load_args(args, kwargs)  # dataclasses/models from the annotations
+    async def _invoke(
+        self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        """A body with a soft timeout, or a `def` body (in a thread)."""
         if task.is_async:
             coro = task.fn(*args, **kwargs)
-            if self.limits.soft is None:  # nothing to turn into SoftTimeLimitExceeded
-                return await coro
             return await Interruptible(coro, self.limits)  # type: ignore[arg-type]
         from anyio.to_thread import run_sync  # loaded with the first `def` task only
 
@@ -492,8 +545,6 @@ class Execution:
 
     def _arm(self) -> None:
         soft, hard = self.limits.soft, self.limits.hard
-        if soft is None and hard is None:
-            return  # most tasks: no timer to arm, so no loop lookup either
         loop = asyncio.get_running_loop()
         if soft is not None:
             self._timers.append(loop.call_later(soft, self._soft))

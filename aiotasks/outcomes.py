@@ -171,7 +171,7 @@ class Outcomes:
     def _fields(self, ex: Execution, out: Outcome) -> list[Any]:
         """The fields a run's final write stores, flat (name, value, ...): finish.lua
         hands them to HSET as they are."""
-        elapsed = time.perf_counter() - ex.started
+        elapsed = (ex.ended or time.perf_counter()) - ex.started
         finished = now()
         # Both floored from seconds, as every stored time is: flooring the start after
         # subtracting from an already floored finish put it a millisecond before a send
@@ -305,7 +305,7 @@ class Outcomes:
                 self._committing = len(groups)
                 await self._commit(groups)
                 self._committing = 0
-                self._committed([g.ex.delivery.key for g in groups])
+                self._committed([g.ex.key for g in groups])
 
     @property
     def unstored(self) -> int:

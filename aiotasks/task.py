@@ -311,8 +311,8 @@ class Task(Generic[P, R]):
         return self._adapter
 
     def load_args(
-        self, args: list[Any], kwargs: dict[str, Any]
-    ) -> tuple[list[Any], dict[str, Any]]:
+        self, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[Sequence[Any], dict[str, Any]]:
         """Arguments as received, rebuilt into the dataclasses/models the parameters name."""
         adapter = self.adapter
         return (args, kwargs) if adapter is None else adapter.args(args, kwargs)

@@ -796,14 +796,15 @@ class Worker:
     # -- running ------------------------------------------------------------------------
 
     def _spawn(self, d: Delivery, held: bool, loop: asyncio.AbstractEventLoop) -> None:
-        if d.key in self._running:
+        key = (d.stream, d.entry_id)
+        if key in self._running:
             # Our own running entry, reclaimed after heartbeats failed for longer than the
             # visibility timeout: it runs here already; never twice at once.
             if held:
                 self.slots.release()
             return
         ex = Execution(self._runtime, d, Lease(self.slots, held))
-        self._running[d.key] = ex
+        self._running[key] = ex
         if _EAGER:
             # Runs at once, up to its first suspension: a body that never suspends
             # finishes here without ever being scheduled (ex.task is set before any
@@ -843,14 +844,16 @@ class Worker:
             if outcome is None or ex.limits.abandoned:
                 if ex.phase is not Phase.COMMITTING:
                     # Nothing to commit (cancelled on stop, or settled by the abandon).
-                    self._running.pop(ex.delivery.key, None)
+                    self._running.pop(ex.key, None)
         if outcome is not None and not ex.limits.abandoned:
             self._settle(ex, outcome)
-            await ex.after(outcome)
+            if ex.ctx is not None:  # made for the hooks (or current_task()): they may run
+                await ex.after(outcome)
 
     def _settle(self, ex: Execution, outcome: Outcome) -> None:
         """Queue an outcome for the next batched commit."""
-        self._avg_run += 0.1 * (time.perf_counter() - ex.started - self._avg_run)
+        ex.ended = time.perf_counter()
+        self._avg_run += 0.1 * (ex.ended - ex.started - self._avg_run)
         self._lane_of[ex.delivery.stream].outcomes.add(ex, outcome)
 
     def _committed(self, keys: list[Key]) -> None:
