@@ -19,13 +19,14 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 WITH_SERVER = $(VPY) -m aiotasks.testing.server --mode $(REDIS) --
 
-.PHONY: all help install format lint typecheck test test-embedded demo bench bench-scripts clean distclean
+.PHONY: all help install format lint typecheck test test-embedded demo bench bench-scripts bench-worker clean distclean
 
 all: lint test
 
 help:
 	@echo "make [all] | install | format | lint | typecheck | test | test-embedded | demo | bench"
 	@echo "     bench-scripts (Redis CPU per task, script by script)"
+	@echo "     bench-worker (worker instructions per task, callgrind)"
 	@echo "     clean | distclean (also removes $(VENV))"
 	@echo "  REDIS=auto|embedded|system (now: $(REDIS))  PYTEST_ARGS=...  BENCH_ARGS=..."
 
@@ -89,6 +90,9 @@ bench: $(BENCH_STAMP) $(PEERS_STAMP) $(DOCKET_STAMP)
 # Redis CPU per task of enqueue.lua, fetch.lua and finish.lua apart, on a server of its own.
 bench-scripts: $(STAMP)
 	$(VPY) benchmarks/script_cost.py $(BENCH_ARGS)
+
+bench-worker: $(STAMP)
+	$(VPY) benchmarks/worker_cost.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

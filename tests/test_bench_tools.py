@@ -47,3 +47,20 @@ def test_script_cost_counts_redis_instructions_under_callgrind() -> None:
     rows, _ = script_cost("--callgrind", "--tasks", "200", "--batch", "16", timeout=300)
     # Tens of thousands of instructions a task, not a dump taken at the wrong time.
     assert all(10 < r["kinstr_per_task"] < 2000 for r in rows), rows
+
+
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="needs valgrind")
+def test_worker_cost_counts_the_workers_instructions_per_task() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "worker_cost.py"), "--tasks", "50", "250"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row["tasks"] == 200 and row["python"] == ".".join(map(str, sys.version_info[:3]))
+    # Tens to hundreds of thousands of instructions a task: the difference of two real
+    # runs, not a start-up cost or a run that failed to drain its queue.
+    assert 20 < row["kinstr_per_task"] < 2000, row

@@ -1,0 +1,151 @@
+"""Worker (Python) instructions per no-op task, counted by valgrind's callgrind.
+
+    python benchmarks/worker_cost.py [--tasks 1000 3000] [--concurrency 32]
+                                     [--python PATH] [--redis-url URL]
+
+Runs `aiotasks run --burst` under callgrind twice, on a queue of `--tasks` no-ops each
+time (a server of its own unless `--redis-url`), and reports the difference of the two
+instruction counts per task: the worker's own cost per task, with its start-up (imports,
+connecting, the first fetch) taken out. The count is the same run after run (0.05% here),
+whatever else the machine does, where CPU time per task moves ±30% on a shared 2-core
+machine: a change to the hot path shows up however small. `--python` measures another
+interpreter (one with aiotasks installed, or this checkout on its path).
+
+`make bench` reports the worker's CPU per task in seconds; this says whether a change to
+the worker's Python moved it. The protocol is in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # aiotasks_extras, beside this
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # aiotasks, this checkout
+
+from aiotasks_extras import _drain_keys
+
+from aiotasks import App
+from aiotasks.testing.server import OwnServer
+
+HERE = Path(__file__).resolve().parent
+NAMESPACE = "worker-cost"
+
+#: The app the measured worker runs: one no-op task, as `make bench` sends.
+APP = """
+import os
+from aiotasks import App
+
+app = App(namespace=os.environ["WORKER_COST_NAMESPACE"])
+
+
+@app.task(name="noop")
+async def noop() -> None:
+    return None
+"""
+
+
+async def _fill(url: str, namespace: str, tasks: int) -> None:
+    """Queue `tasks` no-ops, on a namespace emptied first."""
+    app = App(redis_url=url, namespace=namespace)
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    async with app:
+        await _drain_keys(app.client.redis, namespace)
+        for start in range(0, tasks, 1000):
+            await noop.send_many([((), None)] * min(1000, tasks - start))
+
+
+async def _clean(url: str, namespace: str) -> None:
+    async with App(redis_url=url, namespace=namespace) as app:
+        await _drain_keys(app.client.redis, namespace)
+
+
+def _count(python: str, url: str, tasks: int, concurrency: int, tmp: Path) -> int:
+    """Instructions of one burst worker that runs `tasks` no-ops."""
+    asyncio.run(_fill(url, NAMESPACE, tasks))
+    out = tmp / f"cg.{tasks}"
+    env = {
+        **os.environ,
+        "AIOTASKS_REDIS_URL": url,
+        "WORKER_COST_NAMESPACE": NAMESPACE,
+        # The app module beside the run, then this checkout, before anything installed.
+        "PYTHONPATH": os.pathsep.join(
+            [str(tmp), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python]
+    argv += ["-m", "aiotasks", "run", "worker_cost_app:app", "--burst"]
+    argv += ["--concurrency", str(concurrency)]
+    try:
+        run = subprocess.run(argv, env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
+        if run.returncode != 0:
+            raise SystemExit(f"the worker failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+    finally:
+        asyncio.run(_clean(url, NAMESPACE))
+    for line in out.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise SystemExit(f"no total in {out}")
+
+
+def measure(python: str, url: str, small: int, large: int, concurrency: int) -> dict[str, float]:
+    """Instructions per task between a run of `small` tasks and one of `large`."""
+    if not shutil.which("valgrind"):
+        raise SystemExit("worker_cost.py needs valgrind (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "worker_cost_app.py").write_text(APP)
+        a = _count(python, url, small, concurrency, Path(tmp))
+        b = _count(python, url, large, concurrency, Path(tmp))
+    version = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return {
+        "python": version,
+        "concurrency": concurrency,
+        "tasks": large - small,
+        "kinstr_per_task": round((b - a) / (large - small) / 1000, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", type=int, nargs=2, default=[1000, 3000], metavar=("SMALL", "LARGE"))
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--python", default=sys.executable, help="the interpreter to measure")
+    p.add_argument("--redis-url", default=None, help="default: a server of its own")
+    a = p.parse_args()
+    # The run happens in a directory of its own: a relative path would not be found.
+    python = shutil.which(a.python) or a.python
+    a.python = str(Path(python).absolute())
+    small, large = sorted(a.tasks)
+    if small == large:
+        raise SystemExit("--tasks needs two different counts")
+    if a.redis_url:
+        row = measure(a.python, a.redis_url, small, large, a.concurrency)
+    else:
+        with OwnServer(config={"save": "", "appendonly": "no"}) as server:
+            row = measure(a.python, server.url, small, large, a.concurrency)
+    print(
+        f"Python {row['python']}, concurrency {row['concurrency']}: "
+        f"{row['kinstr_per_task']:,.1f} k worker instructions per no-op task "
+        f"(callgrind, {row['tasks']:,} tasks)"
+    )
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
