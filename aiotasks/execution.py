@@ -1,8 +1,9 @@
 """Running one delivery: decode it once, run the task with its timeouts, return the outcome.
 
-`Execution.run()` returns an `Outcome` (or None: the worker is stopping and the entry
-stays pending); the worker turns it into finish.lua ops. Nothing here writes to Redis:
-it only reads a chord's header results for a body and reserves rate-limit slots.
+`Execution.decode()` then `Execution.run()` give an `Outcome` (a stopping worker's
+cancellation leaves the entry pending); the worker turns it into finish.lua ops. Nothing
+here writes to Redis: it only reads a chord's header results for a body and reserves
+rate-limit slots.
 """
 
 from __future__ import annotations
@@ -321,8 +322,9 @@ class Execution:
         """Whether it got its slot and started (a read-ahead entry waits first)."""
         return self.phase is not Phase.WAITING
 
-    async def run(self) -> Outcome | None:
-        """Decode and run the delivery; its outcome, or None when the worker is stopping."""
+    def decode(self) -> Outcome | None:
+        """Decode the delivery and find its task: None when it can run (`run()`), else
+        the DEAD outcome of an entry that must never run."""
         d = self.delivery
         s = self.rt.app.settings
         try:
@@ -338,14 +340,28 @@ class Execution:
                 exc_message=f"no task named {msg.name!r} is registered on worker {self.rt.worker}",
             )
         self.fn = task
-        self.opts = RunOptions.resolve(task, msg, self.rt.app.settings.result_ttl)
+        self.opts = RunOptions.resolve(task, msg, s.result_ttl)
+        return None
+
+    def run(self) -> Coroutine[Any, Any, Outcome]:
+        """The run of a decoded delivery, to await: its outcome. Raises CancelledError
+        when the worker stops meanwhile (the entry stays pending).
+
+        A plain function: the untraced run is awaited by the worker with no coroutine
+        of ours between them."""
+        task, msg, opts = self.fn, self.msg, self.opts
+        assert task is not None and msg is not None and opts is not None, "decode() first"
+        if self.rt.app.tracer is None:
+            return self._run_task(task, msg, opts)
+        return self._traced(task, msg, opts)
+
+    async def _traced(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome:
         tracer = self.rt.app.tracer
-        if tracer is None:
-            return await self._run_task(task, msg, self.opts)
+        assert tracer is not None
         attempt = msg.retries + self.delivery.deliveries
         with tracer.run(msg, attempt, self.rt.worker) as span:
             self.trace = tracer.inject(span)
-            out = await self._run_task(task, msg, self.opts)
+            out = await self._run_task(task, msg, opts)
             tracer.ended(span, out.state, out.exc, _error_text(out), out.retry_at)
             return out
 

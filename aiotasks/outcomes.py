@@ -96,7 +96,11 @@ class Outcomes:
             out = internal_error(exc)
             ops = [self._done(ex, out, self._fields(ex, out))]
         self._groups.append(Group(ops, ex))
-        self._count(out)
+        kind = out.kind
+        if kind is Kind.SUCCESS:  # most: counted here, one call less
+            self.done += 1
+        else:
+            self._count(out)
         self._log(ex, out)
         ex.phase = Phase.COMMITTING
         self._flush.set()
@@ -144,7 +148,8 @@ class Outcomes:
         chord_value: bytes | None = None
         if out.kind is Kind.SUCCESS:
             try:
-                data, ct = self._encode_result(ex, out.value)
+                limit = self.app.settings.max_message_size
+                data, ct = codec.encode(out.value, msg.serializer, msg.compression, max_size=limit)
             except SerializationError as exc:
                 failed = failure(exc, "SerializationError")
                 out.kind, out.exc_type, out.exc_message = (
@@ -162,11 +167,6 @@ class Outcomes:
                     follow = continuation(self.app, self.client, msg, out.value, ex.trace)
         # Follow-ups first, for the same reason: a refused one leaves nothing recorded.
         return [*follow, self._done(ex, out, fields, chord_value)]
-
-    def _encode_result(self, ex: Execution, value: Any) -> tuple[bytes, str]:
-        assert ex.msg is not None
-        limit = self.app.settings.max_message_size
-        return codec.encode(value, ex.msg.serializer, ex.msg.compression, max_size=limit)
 
     def _fields(self, ex: Execution, out: Outcome) -> list[Any]:
         """The fields a run's final write stores, flat (name, value, ...): finish.lua

@@ -755,7 +755,8 @@ class Worker:
             # The wait met a stream without its group, which fetch.lua leaves alone while
             # the stream is empty: recreate it (found() does), or every wait fails at once.
             await self.losses.found([], GROUPS_GONE)
-        got = [self._delivery(e) for e in res[b"entries"]]
+        by_raw = self._by_raw
+        got = [Delivery(*by_raw[e[b"stream"]], e[b"entry"], e[b"fields"]) for e in res[b"entries"]]
         tips = res.get(b"tips")
         if tips is not None:
             # Every stream was read to its end (with or without entries): the next fetch
@@ -820,18 +821,17 @@ class Worker:
     async def _execute(self, ex: Execution) -> None:
         outcome: Outcome | None = None
         try:
-            alone = self._alone
-            if alone is not None and alone is not ex.task and not alone.done():
-                # Read by another lane's wait while an entry runs alone: after it.
-                await asyncio.wait({alone})
-            await ex.lease.acquire()
+            if self._alone is not None or not ex.lease.held:
+                await self._wait_turn(ex)
             if self._stop.is_set() and not ex.lease_was_given:
                 # Read ahead, and the worker stopped before it had a slot: give it back.
                 self._not_begun.append(ex.delivery)
                 return
             ex.phase = Phase.RUNNING
             ex.started = time.perf_counter()  # a prefetched entry starts once it has a slot
-            outcome = await ex.run()
+            outcome = ex.decode()
+            if outcome is None:
+                outcome = await ex.run()
         except asyncio.CancelledError:
             pass  # stopping: the entry stays pending and is redelivered
         except Exception as exc:
@@ -849,6 +849,14 @@ class Worker:
             self._settle(ex, outcome)
             if ex.ctx is not None:  # made for the hooks (or current_task()): they may run
                 await ex.after(outcome)
+
+    async def _wait_turn(self, ex: Execution) -> None:
+        """Wait for the entry running alone, if any, then for a slot (read ahead)."""
+        alone = self._alone
+        if alone is not None and alone is not ex.task and not alone.done():
+            # Read by another lane's wait while an entry runs alone: after it.
+            await asyncio.wait({alone})
+        await ex.lease.acquire()
 
     def _settle(self, ex: Execution, outcome: Outcome) -> None:
         """Queue an outcome for the next batched commit."""
