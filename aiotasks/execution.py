@@ -403,7 +403,8 @@ class Execution:
         return ctx
 
     async def _run_task(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome:
-        self.limits = Limits(opts.soft_timeout, opts.hard_timeout)
+        limits = self.limits  # made with the Execution: a revoke may have marked it
+        limits.soft, limits.hard = opts.soft_timeout, opts.hard_timeout
         if self.revoke_requested:
             return Outcome(Kind.REVOKED)  # terminated before its body began: never run it
         if msg.queue in self.rt.paused:
