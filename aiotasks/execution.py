@@ -421,12 +421,10 @@ class Execution:
             self._arm()
         hooks = self.rt.app.hooks
         # The contextvar holds this run; current_task() makes its TaskContext when asked.
-        token = _current.set(self.context() if hooks else self)
+        token = _current.set(self._for_hooks() if hooks else self)
         try:
-            if hooks.start:
-                ctx = self.context()
-                await hooks.call(hooks.start, ctx)
-                ctx.started = time.perf_counter()
+            if hooks:
+                await self._start_hooks()
             # Dataclasses/models from the annotations, if any.
             args, kwargs = task.load_args(self._args, msg.kwargs)
             if task.is_async and self.limits.soft is None:
@@ -442,6 +440,20 @@ class Execution:
             _current.reset(token)
             for timer in self._timers:
                 timer.cancel()
+
+    def _for_hooks(self) -> TaskContext:
+        """The context the hooks get: its `started` stays 0 until the start hooks are
+        done (metrics: a run that failed in one never began)."""
+        ctx = self.context()
+        ctx.started = 0.0
+        return ctx
+
+    async def _start_hooks(self) -> None:
+        """Call the start hooks; then the body begins (`ctx.started`)."""
+        hooks, ctx = self.rt.app.hooks, self.context()
+        if hooks.start:
+            await hooks.call(hooks.start, ctx)
+        ctx.started = time.perf_counter()
 
     async def _first(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome | None:
         """_before_body(), or the outcome of a run that cannot begin yet."""

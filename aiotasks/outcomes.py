@@ -347,6 +347,9 @@ class Outcomes:
         log.error("worker %s: Redis refused the outcome of task %s (%s)", self.worker, ex.tid, exc)
         out = Outcome(Kind.FAILURE, exc_type="InternalError")
         out.exc_message = f"aiotasks could not store the outcome: {type(exc).__name__}: {exc}"
+        # Its run ended before the commit's tries: started_at counts back from now, with
+        # the time since, as finished_at is now.
+        ex.ended = 0.0
         fallback = self._done(ex, out, self._fields(ex, out))
         backoff = Backoff(start=0.1, cap=2.0)
         for _ in range(FALLBACK_TRIES):

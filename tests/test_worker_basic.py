@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -364,7 +365,6 @@ async def test_a_running_task_reads_started_on_an_idle_worker(
 async def test_a_run_leaves_no_reference_cycle(app: App, worker: StartWorker) -> None:
     """Each run is freed by reference counting alone: a cycle per task (a context holding
     a callback into its Execution, say) costs the cyclic collector µs per task."""
-    import gc
 
     @app.task
     async def noop(i: int) -> int:
@@ -404,3 +404,48 @@ async def test_a_worker_says_which_of_its_app_s_tasks_go_to_queues_it_does_not_t
     [line] = [r.getMessage() for r in caplog.records if "takes tasks from" in r.getMessage()]
     assert "queue 'high' gets routed.report" in line
     assert "mail.send" not in line and "plain.add" not in line
+
+
+async def test_current_task_is_made_when_a_body_asks_and_holds_no_cycle(
+    app: App, worker: StartWorker
+) -> None:
+    # An App without hooks: the worker makes a run's context only when the body asks.
+    assert not app.hooks
+    seen: list[tuple[str, str, int, str, bool]] = []
+
+    @app.task(name="asks", max_retries=1)
+    async def asks(fail: bool) -> None:
+        ctx = current_task()
+        seen.append((ctx.id, ctx.name, ctx.attempt, ctx.queue, ctx is current_task()))
+        if fail and ctx.attempt == 1:
+            raise ctx.retry()
+
+    @app.task(name="asks_in_thread")
+    def asks_in_thread() -> str:
+        ctx = current_task()
+        return f"{ctx.name}:{ctx.attempt}:{ctx is current_task()}"
+
+    await worker()
+    first = await asks.send(False)
+    retried = await asks.send(True)
+    await first.result(timeout=10)
+    await retried.result(timeout=10)
+    assert await (await asks_in_thread.send()).result(timeout=10) == "asks_in_thread:1:True"
+    assert sorted(seen) == sorted(
+        [
+            (first.id, "asks", 1, "default", True),
+            (retried.id, "asks", 1, "default", True),
+            (retried.id, "asks", 2, "default", True),
+        ]
+    )
+    with pytest.raises(RuntimeError):
+        current_task()  # the test itself runs no task
+    gc.collect()
+    gc.disable()
+    try:
+        for h in await asks.send_many([((False,), None) for _ in range(200)]):
+            await h.result(timeout=10)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found < 100, f"{found} objects in cycles after 200 runs"
