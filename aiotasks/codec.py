@@ -159,7 +159,7 @@ class MsgpackSerializer:
 
     def loads(self, data: bytes) -> Any:
         try:
-            return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
+            return _unpackb(data)
         except Exception as exc:
             raise SerializationError(f"cannot decode msgpack: {_why(exc)}") from exc
 
@@ -328,7 +328,7 @@ def encode(
         SerializationError: the value cannot be encoded, or it takes more than
             `max_size` bytes before compression (a reader would refuse to inflate it).
     """
-    data = (SERIALIZERS.get(serializer) or get_serializer(serializer)).dumps(value)
+    data = get_serializer(serializer).dumps(value)
     if len(data) > max_size:
         raise SerializationError(f"{len(data)} bytes encoded, over max_message_size ({max_size})")
     if compression and len(data) >= min_size:
@@ -347,4 +347,4 @@ def decode(data: bytes, content_type: str, max_size: int = MAX_SIZE) -> Any:
             raise
         except Exception as exc:
             raise SerializationError(f"cannot decompress {compression}: {_why(exc)}") from exc
-    return (SERIALIZERS.get(serializer) or get_serializer(serializer)).loads(data)
+    return get_serializer(serializer).loads(data)

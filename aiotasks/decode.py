@@ -257,8 +257,7 @@ def decode_entry(
         DecodeError: any field is missing, of the wrong type or out of range, the
             protocol version is unknown, or the body is over `max_size` bytes.
     """
-    if fields.get(b"v") != _VERSION:
-        _check_version(fields)  # raises, saying what is wrong with it
+    _check_version(fields)
     if keys and not verify(keys, fields):
         given = "no signature" if not fields.get(b"sig") else "a signature no key matches"
         raise SignatureError(f"the message has {given}: refused unrun")
@@ -293,8 +292,8 @@ def decode_entry(
         exp / 1000 if exp is not None else None,
         serializer,
         compression or None,
-        _nodes(p, "chain", "step") if "chain" in p else [],
-        _nodes(p, "link", "callback") if "link" in p else [],
+        _nodes(p, "chain", "step"),
+        _nodes(p, "link", "callback"),
         ChordRef(cid, cix) if cid is not None and cix is not None else None,
         tail,
         p.get("chord_body"),

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .app import App
     from .client import Client
     from .slots import Lease
+    from .tracing import Tracing
 
 log = logging.getLogger("aiotasks.worker")
 
@@ -276,11 +277,13 @@ class Execution:
         "_timers",
     )
 
-    def __init__(self, rt: Runtime, delivery: Delivery, lease: Lease) -> None:
+    def __init__(
+        self, rt: Runtime, delivery: Delivery, lease: Lease, key: tuple[str, bytes]
+    ) -> None:
         self.rt = rt
         self.delivery = delivery
-        #: Identity in the worker's table of running entries (Delivery.key, made once).
-        self.key = (delivery.stream, delivery.entry_id)
+        #: Identity in the worker's table of running entries (`delivery.key`, read once).
+        self.key = key
         self.lease = lease
         self.phase = Phase.WAITING
         self.limits = Limits(None, None)
@@ -351,13 +354,14 @@ class Execution:
         of ours between them."""
         task, msg, opts = self.fn, self.msg, self.opts
         assert task is not None and msg is not None and opts is not None, "decode() first"
-        if self.rt.app.tracer is None:
-            return self._run_task(task, msg, opts)
-        return self._traced(task, msg, opts)
-
-    async def _traced(self, task: Task[Any, Any], msg: Message, opts: RunOptions) -> Outcome:
         tracer = self.rt.app.tracer
-        assert tracer is not None
+        if tracer is None:
+            return self._run_task(task, msg, opts)
+        return self._traced(tracer, task, msg, opts)
+
+    async def _traced(
+        self, tracer: Tracing, task: Task[Any, Any], msg: Message, opts: RunOptions
+    ) -> Outcome:
         attempt = msg.retries + self.delivery.deliveries
         with tracer.run(msg, attempt, self.rt.worker) as span:
             self.trace = tracer.inject(span)
@@ -421,7 +425,7 @@ class Execution:
             self._arm()
         hooks = self.rt.app.hooks
         # The contextvar holds this run; current_task() makes its TaskContext when asked.
-        token = _current.set(self._for_hooks() if hooks else self)
+        token = _current.set(self)
         try:
             if hooks:
                 await self._start_hooks()
@@ -441,16 +445,12 @@ class Execution:
             for timer in self._timers:
                 timer.cancel()
 
-    def _for_hooks(self) -> TaskContext:
-        """The context the hooks get: its `started` stays 0 until the start hooks are
-        done (metrics: a run that failed in one never began)."""
-        ctx = self.context()
-        ctx.started = 0.0
-        return ctx
-
     async def _start_hooks(self) -> None:
-        """Call the start hooks; then the body begins (`ctx.started`)."""
+        """Make the context the hooks get and call the start hooks; then the body begins.
+        `started` stays 0 until they are done (metrics: a run that failed in one never
+        began)."""
         hooks, ctx = self.rt.app.hooks, self.context()
+        ctx.started = 0.0
         if hooks.start:
             await hooks.call(hooks.start, ctx)
         ctx.started = time.perf_counter()

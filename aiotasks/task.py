@@ -314,7 +314,7 @@ class Task(Generic[P, R]):
         self, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> tuple[Sequence[Any], dict[str, Any]]:
         """Arguments as received, rebuilt into the dataclasses/models the parameters name."""
-        adapter = self._adapter if self._adapter_read else self.adapter
+        adapter = self.adapter
         return (args, kwargs) if adapter is None else adapter.args(args, kwargs)
 
     def load_result(self, value: Any) -> Any:

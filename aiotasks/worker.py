@@ -755,8 +755,7 @@ class Worker:
             # The wait met a stream without its group, which fetch.lua leaves alone while
             # the stream is empty: recreate it (found() does), or every wait fails at once.
             await self.losses.found([], GROUPS_GONE)
-        by_raw = self._by_raw
-        got = [Delivery(*by_raw[e[b"stream"]], e[b"entry"], e[b"fields"]) for e in res[b"entries"]]
+        got = [self._delivery(e) for e in res[b"entries"]]
         tips = res.get(b"tips")
         if tips is not None:
             # Every stream was read to its end (with or without entries): the next fetch
@@ -797,14 +796,14 @@ class Worker:
     # -- running ------------------------------------------------------------------------
 
     def _spawn(self, d: Delivery, held: bool, loop: asyncio.AbstractEventLoop) -> None:
-        key = (d.stream, d.entry_id)
+        key = d.key
         if key in self._running:
             # Our own running entry, reclaimed after heartbeats failed for longer than the
             # visibility timeout: it runs here already; never twice at once.
             if held:
                 self.slots.release()
             return
-        ex = Execution(self._runtime, d, Lease(self.slots, held))
+        ex = Execution(self._runtime, d, Lease(self.slots, held), key)
         self._running[key] = ex
         if _EAGER:
             # Runs at once, up to its first suspension: a body that never suspends
