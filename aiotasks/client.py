@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -28,7 +28,7 @@ from redis.exceptions import (
 from . import codec, topology
 from .cancel import keep_cancel
 from .config import InvalidRedisURL, RetryPolicy, Settings, redact_url
-from .contract import SEND, TaskRecord, unpack_reply
+from .contract import SEND, Op, TaskRecord, unpack_reply
 from .errors import (
     CLUSTER_TRANSIENT,
     CONNECTION_ERRORS,
@@ -384,7 +384,7 @@ class Client:
                 out[i] = flag
         return out
 
-    async def apply(self, ops: Sequence[Mapping[str, Any]], policy: RetryPolicy) -> None:
+    async def apply(self, ops: Sequence[Op], policy: RetryPolicy) -> None:
         """Apply finish.lua ops atomically (a canvas being sent), retried by `policy`."""
         await self._root.check_sender(policy)
 

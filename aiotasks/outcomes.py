@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import codec
 from .backoff import Backoff
 from .compiler import continuation, replacement
-from .contract import DEFER, RETRY, ack_op, dead_op, done_op, enqueue_op, wait_op
+from .contract import DEFER, RETRY, Op, ack_op, dead_op, done_op, enqueue_op, wait_op
 from .errors import CONNECTION_ERRORS, SerializationError
 from .execution import Execution, Kind, Outcome, Phase, failure, internal_error
 from .message import now
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiotasks.worker")
 
 Key = tuple[str, bytes]
-Op = dict[str, Any]
 
 #: Tries of the InternalError fallback of a refused outcome before it is left pending.
 FALLBACK_TRIES = 10
@@ -160,7 +159,7 @@ class Outcomes:
                 if msg.chord is not None and not msg.chain:
                     chord_value = ct.encode() + b"\n" + data
                 if msg.chain or msg.link:
-                    follow = continuation(self.app, self.client, msg, out.value, ex.trace)
+                    follow += continuation(self.app, self.client, msg, out.value, ex.trace)
         # Follow-ups first, for the same reason: a refused one leaves nothing recorded.
         return [*follow, self._done(ex, out, fields, chord_value)]
 
@@ -397,7 +396,3 @@ def _log_retry(ex: Execution, out: Outcome) -> None:
         retry_in,
         extra={**fields, "exc_type": out.exc_type or "Retry", "retry_in": round(retry_in, 3)},
     )
-
-
-def _brief(op: Op) -> str:
-    return ", ".join(f"{k}={v!r:.40}" for k, v in op.items() if k not in ("fields", "task"))

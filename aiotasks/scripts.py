@@ -26,7 +26,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
-from .contract import PUBLISH, SHARDED_PUBLISH, pack, unpack_reply
+from .contract import PUBLISH, SHARDED_PUBLISH, Op, pack, unpack_reply, wire_ops
 from .keys import GROUP, Keys
 
 log = logging.getLogger("aiotasks.scripts")
@@ -377,12 +377,12 @@ class Scripts:
         """Delete a finished task's record; 0 when it is live or unknown (forget.lua)."""
         return await self._call("forget", keys=self._fixed, args=[task_id])  # type: ignore[no-any-return]
 
-    async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Record]) -> int:
+    async def finish(self, *, streams: Sequence[str], now_ms: int, ops: Sequence[Op]) -> int:
         """Apply a batch of done/ack/dead/enqueue/chord ops atomically (see finish.lua)."""
         return await self._call(  # type: ignore[no-any-return]
             "finish",
             keys=[*self._fixed, *streams],
-            args=[now_ms, pack(ops)],
+            args=[now_ms, pack(wire_ops(ops))],
         )
 
     async def rate(self, *, task_name: str, interval_ms: float, now_ms: int) -> int:

@@ -719,9 +719,17 @@ class Worker:
             async with asyncio.timeout(seconds):
                 await (until or self._stop).wait()
 
-    def _delivery(self, entry: dict[bytes, Any], deliveries: int = 1) -> Delivery:
-        stream, queue, priority = self._by_raw[entry[b"stream"]]
-        return Delivery(stream, queue, priority, entry[b"entry"], entry[b"fields"], deliveries)
+    def _delivery(
+        self, raw_stream: bytes, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
+    ) -> Delivery:
+        stream, queue, priority = self._by_raw[raw_stream]
+        return Delivery(stream, queue, priority, entry_id, fields, deliveries)
+
+    def _fetched(self, entry: list[Any]) -> Delivery:
+        """A fetched entry: [stream, entry id, fields flat as XREADGROUP gave them]."""
+        raw_stream, entry_id, flat = entry
+        it = iter(flat)
+        return self._delivery(raw_stream, entry_id, dict(zip(it, it, strict=True)), 1)
 
     async def _fetch(self, lane: Lane, n: int) -> list[Delivery]:
         active = lane.active
@@ -755,7 +763,7 @@ class Worker:
             # The wait met a stream without its group, which fetch.lua leaves alone while
             # the stream is empty: recreate it (found() does), or every wait fails at once.
             await self.losses.found([], GROUPS_GONE)
-        got = [self._delivery(e) for e in res[b"entries"]]
+        got = [self._fetched(e) for e in res[b"entries"]]
         tips = res.get(b"tips")
         if tips is not None:
             # Every stream was read to its end (with or without entries): the next fetch
@@ -780,7 +788,10 @@ class Worker:
             may_take_alone=all(ex.phase is Phase.COMMITTING for ex in self._running.values()),
         )
         lane.outage.ok()
-        got = [self._delivery(e, int(e[b"deliveries"])) for e in res[b"entries"]]
+        got = [
+            self._delivery(e[b"stream"], e[b"entry"], e[b"fields"], int(e[b"deliveries"]))
+            for e in res[b"entries"]
+        ]
         lane.alone_waiting = int(res.get(b"waiting") or 0)
         for d, e in zip(got, res[b"entries"], strict=True):
             d.alone = bool(e.get(b"alone"))

@@ -105,9 +105,10 @@ async def _run(
                 fields += ["result", b"\xc0", "ct", "msgpack"]
                 ops.append(
                     done_op(
-                        entry[b"stream"].decode(),
-                        entry[b"entry"],
-                        entry[b"fields"][b"id"].decode(),
+                        entry[0].decode(),
+                        entry[1],
+                        # [stream, entry id, fields flat]: the id is a field by name.
+                        entry[2][entry[2].index(b"id") + 1].decode(),
                         "SUCCESS",
                         3600,
                         fields,

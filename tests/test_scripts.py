@@ -321,8 +321,14 @@ async def fetch(app: App, count: int, wait: tuple[int, Any] | None = None) -> di
     )
 
 
+def entry_fields(entry: list[Any]) -> dict[bytes, bytes]:
+    """A fetched entry's fields: fetch.lua returns [stream, entry id, flat fields]."""
+    flat = entry[2]
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def fetched_ids(res: dict[bytes, Any]) -> list[str]:
-    return [e[b"fields"][b"id"].decode() for e in res[b"entries"]]
+    return [entry_fields(e)[b"id"].decode() for e in res[b"entries"]]
 
 
 async def test_a_fetch_that_reads_every_stream_to_its_end_returns_tips(app: App) -> None:
@@ -353,14 +359,14 @@ async def test_a_fetch_that_reads_every_stream_to_its_end_returns_tips(app: App)
     assert pending["pending"] == 5  # the first five, started once each
 
 
-async def finish_done(app: App, *entries: dict[bytes, Any], state: str = "SUCCESS") -> None:
+async def finish_done(app: App, *entries: list[Any], state: str = "SUCCESS") -> None:
     """One finish call storing a result for each of `entries` (one batch)."""
     fields = {"finished_at": now_ms(), "result": b"\xc0", "ct": "msgpack", "traceback": None}
     ops = [
         done_op(
-            entry[b"stream"].decode(),
-            entry[b"entry"],
-            entry[b"fields"][b"id"].decode(),
+            entry[0].decode(),
+            entry[1],
+            entry_fields(entry)[b"id"].decode(),
             state,
             60,
             fields,
@@ -436,6 +442,6 @@ async def test_a_finish_blanks_the_entry_fields_and_a_raw_resend_of_the_id_runs(
     assert await r.xrange(stream) == []
     # Sent again by hand, as a producer in another language may.
     await r.hset(key, mapping={"state": "PENDING", "name": m.name, "queue": "default"})
-    await r.xadd(stream, {"v": "2", "id": m.id, "ct": "msgpack", "m": entry[b"fields"][b"m"]})
+    await r.xadd(stream, {"v": "2", "id": m.id, "ct": "msgpack", "m": entry_fields(entry)[b"m"]})
     assert fetched_ids(await fetch(app, count=10)) == [m.id]
     assert await r.hget(key, "state") == b"STARTED"

@@ -332,8 +332,11 @@ local FINAL_READ = {'_eb', 'name', '_aliases', 'reply', '_w', '_replaced'}
 -- live task needs, wake the waiters (with the result `ct`/`result`, when stored), and on
 -- FAILURE send the errbacks stored with the task (with `exc_type`/`exc_message`).
 -- `pre`: FINAL_READ's values when already read, by a caller that found no `revoked_at`
--- (done() in finish.lua).
-local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_type, exc_message)
+-- (done() in finish.lua). `a`, `b`: the part of `flat` that holds the fields (all of it
+-- when nil).
+local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_type, exc_message,
+                           a, b)
+  a, b = a or 1, b or #flat
   local tkey = K.task(id)
   local h = pre or redis.call('HMGET', tkey, unpack(FINAL_READ))
   -- A task that ran from its stream with nothing else of a live task on it (the common
@@ -342,9 +345,9 @@ local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_ty
   -- by an HDEL, a command less per task.
   local plain = pre and not h[1] and not h[3] and not h[6]
   if plain then
-    redis.call('HSET', tkey, 'state', state, '_e', '', '_st', '', unpack(flat))
+    redis.call('HSET', tkey, 'state', state, '_e', '', '_st', '', unpack(flat, a, b))
   else
-    redis.call('HSET', tkey, 'state', state, unpack(flat))
+    redis.call('HSET', tkey, 'state', state, unpack(flat, a, b))
   end
   if state == 'FAILURE' and h[1] then
     for _, rec in ipairs(read_record(h[1]) or {}) do
@@ -362,7 +365,7 @@ local function write_final(id, state, flat, ttl, now_ms, pre, ct, result, exc_ty
   -- The sends this debounced one superseded end as it did.
   for _, alias in ipairs(read_record(h[3]) or {}) do
     local akey = K.task(alias)
-    redis.call('HSET', akey, 'state', state, unpack(flat))
+    redis.call('HSET', akey, 'state', state, unpack(flat, a, b))
     redis.call('PEXPIRE', akey, ttl * 1000)
     notify(alias, state, ct, result)
     journal(state, alias)
@@ -558,11 +561,29 @@ local function flush_acks()
   for stream, ids in pairs(acks or {}) do drop_acked(stream, ids) end
 end
 
--- Decide whether a delivered entry (fields `f`, a map) runs: an expired or revoked one
--- is settled, acked and deleted here instead. Marks a running one STARTED. Returns
--- true to run it.
-local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, default_ttl)
-  local id = f.id
+-- What start_entry reads of an entry's fields (flat: name, value, ...), picked out of
+-- the flat array as XREADGROUP gives it: a map per entry would cost a Lua table, grown
+-- and rehashed field by field, on every fetch. Returns id, exp, r, cid, cix, tail.
+local function entry_info(flat)
+  local id, exp, r, cid, cix, tail
+  for i = 1, #flat, 2 do
+    local k = flat[i]
+    if k == 'id' then id = flat[i + 1]
+    elseif k == 'exp' then exp = flat[i + 1]
+    elseif k == 'r' then r = flat[i + 1]
+    elseif k == 'cid' then cid = flat[i + 1]
+    elseif k == 'cix' then cix = flat[i + 1]
+    elseif k == 'tail' then tail = flat[i + 1]
+    end
+  end
+  return id, exp, r, cid, cix, tail
+end
+
+-- Decide whether a delivered entry (fields `flat`: name, value, ...) runs: an expired or
+-- revoked one is settled, acked and deleted here instead. Marks a running one STARTED.
+-- Returns true to run it.
+local function start_entry(stream, entry_id, flat, now_ms, worker, deliveries, default_ttl)
+  local id, exp, r, cid, cix, tail = entry_info(flat)
   if not id then return true end  -- undecodable: the worker dead-letters it
   local tkey = K.task(id)
   local h = redis.call('HMGET', tkey, 'state', '_e', 'revoked_at', '_w')
@@ -573,14 +594,14 @@ local function start_entry(stream, entry_id, f, now_ms, worker, deliveries, defa
     return false
   end
   local state = h[1]
-  local exp = tonumber(f.exp)
+  exp = tonumber(exp)
   if state == 'REVOKED' or h[3] or (exp and exp < now_ms) then
     ack(stream, entry_id)
-    settle_unrun(id, 'REVOKED', nil, nil, f.cid, f.cix, f.tail, default_ttl, now_ms)
+    settle_unrun(id, 'REVOKED', nil, nil, cid, cix, tail, default_ttl, now_ms)
     return false
   end
   redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', txt(now_ms), 'worker', worker,
-    'attempts', txt((tonumber(f.r) or 0) + deliveries))
+    'attempts', txt((tonumber(r) or 0) + deliveries))
   -- Published when watched, or when the hash was lost (a restart, a failover): a
   -- watcher's mark may have gone with it.
   if h[4] or not h[1] then redis.call(PUBLISH, K.done_channel(id), 'STARTED') end

@@ -17,12 +17,14 @@
 --              were added) bring it forward, or, when the read delivered nothing, its
 --              timeout ARGV[8] (ms) does (a read that delivers nothing waits it out).
 -- Returns      msgpack map {next_due = ms of the next delayed task or -1,
---              entries = {{stream, entry, fields = {name = value}}, ...},
+--              entries = {{stream, entry, {name, value, ...}}, ...}: each entry an array
+--              with its fields flat, as XREADGROUP gave them (a Lua map per entry, and
+--              packing it as one, cost Redis more than the worker pays to make the dict;
+--              a plain array reply instead of msgpack cost it more still),
 --              lost = {stream, ...}: streams whose group was gone and was recreated,
 --              tips = {stream = id of its newest entry or '0-0'} when every stream was
 --              read to its end: every entry delivered to this consumer so far is at or
 --              below them, and the next call may wait for more (ARGV[7])}
-
 begin(KEYS)
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
@@ -107,11 +109,11 @@ local function delivered(tips)
   if #woken == 0 then now_ms = now_ms + waited end
   for _, w in ipairs(woken) do
     local stream, entry_id = w[1], w[2]
-    local f = entry_fields(stream, entry_id)
-    if not f then
+    local found = redis.call('XRANGE', stream, entry_id, entry_id)[1]
+    if not found then
       ack(stream, entry_id)  -- deleted meanwhile (a purge, a revoke): nothing to run
-    elseif start_entry(stream, entry_id, f, now_ms, worker, 1, default_ttl) then
-      entries[#entries + 1] = {stream = stream, entry = entry_id, fields = f}
+    elseif start_entry(stream, entry_id, found[2], now_ms, worker, 1, default_ttl) then
+      entries[#entries + 1] = {stream, entry_id, found[2]}
       count = count - 1
     end
   end
@@ -131,9 +133,8 @@ for k = 3, #KEYS do
   if res and #res[1][2] >= asked then drained = false end
   if res then
     for _, e in ipairs(res[1][2]) do
-      local f = fields_map(e[2])
-      if start_entry(KEYS[k], e[1], f, now_ms, worker, 1, default_ttl) then
-        entries[#entries + 1] = {stream = KEYS[k], entry = e[1], fields = f}
+      if start_entry(KEYS[k], e[1], e[2], now_ms, worker, 1, default_ttl) then
+        entries[#entries + 1] = {KEYS[k], e[1], e[2]}
         count = count - 1
       end
     end

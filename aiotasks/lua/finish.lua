@@ -5,7 +5,11 @@
 -- KEYS[2]      the guard key (keys.Keys.guard: never written; makes a migrating slot refuse)
 -- KEYS[3..]    streams the ops refer to (declared for the reader; ops name them)
 -- ARGV[1]      now, in ms
--- ARGV[2]      msgpack array of ops, each a map with `op` naming it (contract.py):
+-- ARGV[2]      msgpack array of ops, each a map with `op` naming it (contract.py), or a
+--              done op in its flat form: 12 values inline in the array (stream, entry, id,
+--              state, ttl, flags: 1 ignore_result + 2 linked, cid, cix, tail, value,
+--              slot: each false when absent), then n, then the n values of its fields
+--              (contract.wire_ops; a map per op cost Redis a sixth of the call to unpack):
 --   {op='done', stream, entry, id, state, ttl, fields={name, value, ...}, ignore_result?,
 --    linked?, cid?, cix?, tail?, value?, slot?}
 --          Store the final state and fields, XACK + XDEL the entry, wake the waiters,
@@ -47,19 +51,20 @@ local function revoked(id)
   return h[1] == 'REVOKED' or h[2] ~= false
 end
 
-local function done(op)
-  local id, state, ttl = op.id, op.state, tonumber(op.ttl)
+-- A done op's fields as arguments (see the header); `f`[a..b] holds its fields.
+local function done(stream, entry, id, state, ttl, ignore_result, linked, cid, cix, tail,
+                    value, slot, f, a, b)
+  ttl = tonumber(ttl)
   -- One read for the revoke check and for what write_final needs (FINAL_READ).
   local h = redis.call('HMGET', K.task(id), 'state', 'revoked_at', unpack(FINAL_READ))
   if h[1] == 'REVOKED' or h[2] then
     -- Revoked while it ran (without terminate): it ends revoked, and what depends on
     -- it is settled as revoked.
-    settle_unrun(id, 'REVOKED', nil, nil, op.cid, op.cix, op.tail, ttl, now_ms)
+    settle_unrun(id, 'REVOKED', nil, nil, cid, cix, tail, ttl, now_ms)
   else
-    -- fields: flat (name, value, ...); the values the settling reads are picked out.
-    local f = op.fields
+    -- The values the settling reads are picked out of the fields.
     local ct, result, exc_type, exc_message
-    for i = 1, #f, 2 do
+    for i = a, b, 2 do
       local k = f[i]
       if k == 'result' then result = f[i + 1]
       elseif k == 'ct' then ct = f[i + 1]
@@ -67,26 +72,26 @@ local function done(op)
       elseif k == 'exc_message' then exc_message = f[i + 1]
       end
     end
-    if op.ignore_result == 1 and state == 'SUCCESS' and result then
-      f, ct, result = flat_without(f, 'result', 'ct', {}), nil, nil
+    if ignore_result == 1 and state == 'SUCCESS' and result then
+      f, ct, result = flat_without({unpack(f, a, b)}, 'result', 'ct', {}), nil, nil
+      a, b = 1, #f
     end
     local watched = h[7]
     -- A hash without a state was lost (a restart, a failover): publish as if watched.
     if not h[1] then watched = nil end
     write_final(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6], watched, h[8]}, ct, result,
-      exc_type, exc_message)
+      exc_type, exc_message, a, b)
     if state ~= 'SUCCESS' then
-      fail_task(op.tail, state, exc_type, exc_message, ttl, now_ms)
+      fail_task(tail, state, exc_type, exc_message, ttl, now_ms)
     end
-    if op.cid and (state ~= 'SUCCESS' or op.linked ~= 1) then
-      settle_chord(op.cid, op.cix, id, state, op.value or '', exc_type, exc_message,
-        now_ms)
+    if cid and (state ~= 'SUCCESS' or linked ~= 1) then
+      settle_chord(cid, cix, id, state, value or '', exc_type, exc_message, now_ms)
     end
   end
-  release_slot(op.slot, id, now_ms)
+  release_slot(slot, id, now_ms)
   -- Acked last (at the end of the batch): a script error above (they are not rolled
   -- back) leaves it pending.
-  ack(op.stream, op.entry)
+  ack(stream, entry)
 end
 
 -- Park an entry over its key's concurrency limit until a slot frees (unless one freed
@@ -139,35 +144,55 @@ local function chord(op)
   redis.call('PEXPIRE', ck, ttl * 1000)
 end
 
-for _, op in ipairs(ops) do
-  local name = op.op
-  if name == 'done' then
-    done(op)
-  elseif name == 'ack' then
-    release_slot(op.slot, op.id, now_ms)
-    ack(op.stream, op.entry)
-  elseif name == 'wait' then
-    wait(op)
-  elseif name == 'dead' then
-    dead(op)
-  elseif name == 'enqueue' then
-    local t = op.task
-    if (op.mode == 'retry' or op.mode == 'defer') and revoked(t.id) then
-      -- Revoked while it ran: it ends here, never to run again.
-      settle_unrun(t.id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, tonumber(t.ttl), now_ms)
-    else
-      enqueue_task(op.mode, t, now_ms)
-      redis.call('SADD', K.queues(), t.queue)
-    end
-  elseif name == 'chord' then
-    chord(op)
-  elseif name == 'replaced' then
-    replaced(op)
+-- A done op in its flat form (contract.wire_ops): its 12 leading values and its fields
+-- inline in `ops` from i. Returns the index past it.
+local function flat_done(i)
+  local stream, entry, id, state, ttl, flags, cid, cix, tail, value, slot, n =
+    unpack(ops, i, i + 11)
+  done(stream, entry, id, state, ttl, flags % 2, math.floor(flags / 2) % 2, cid, cix, tail,
+    value, slot, ops, i + 12, i + 11 + n)
+  return i + 12 + n
+end
+
+local applied, i = 0, 1
+while ops[i] ~= nil do
+  local op = ops[i]
+  i = i + 1
+  applied = applied + 1
+  if type(op) ~= 'table' then
+    i = flat_done(i - 1)
   else
-    return redis.error_reply('finish.lua: unknown op ' .. tostring(name))
+    local name = op.op
+    if name == 'done' then
+      local f = op.fields
+      done(op.stream, op.entry, op.id, op.state, op.ttl, op.ignore_result, op.linked, op.cid,
+        op.cix, op.tail, op.value, op.slot, f, 1, #f)
+    elseif name == 'ack' then
+      release_slot(op.slot, op.id, now_ms)
+      ack(op.stream, op.entry)
+    elseif name == 'wait' then
+      wait(op)
+    elseif name == 'dead' then
+      dead(op)
+    elseif name == 'enqueue' then
+      local t = op.task
+      if (op.mode == 'retry' or op.mode == 'defer') and revoked(t.id) then
+        -- Revoked while it ran: it ends here, never to run again.
+        settle_unrun(t.id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, tonumber(t.ttl), now_ms)
+      else
+        enqueue_task(op.mode, t, now_ms)
+        redis.call('SADD', K.queues(), t.queue)
+      end
+    elseif name == 'chord' then
+      chord(op)
+    elseif name == 'replaced' then
+      replaced(op)
+    else
+      return redis.error_reply('finish.lua: unknown op ' .. tostring(name))
+    end
   end
 end
 flush_replies()
 flush_acks()
 flush_journal(now_ms)
-return #ops
+return applied

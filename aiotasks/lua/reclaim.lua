@@ -63,7 +63,7 @@ local function consider(stream, p)
       'MaxDeliveriesExceeded', 'delivered ' .. deliveries
         .. ' times without finishing (max_deliveries=' .. max_deliveries
         .. '): the worker died or stalled each time', default_ttl, now_ms)
-  elseif start_entry(stream, entry_id, f, now_ms, worker, deliveries, default_ttl) then
+  elseif start_entry(stream, entry_id, e[2], now_ms, worker, deliveries, default_ttl) then
     entries[#entries + 1] = {stream = stream, entry = entry_id, fields = f,
       deliveries = deliveries, alone = alone and 1 or nil}
     count = count - 1
