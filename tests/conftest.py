@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import redis
 from aiotasks import App, Worker
 from aiotasks.keys import namespace_pattern
 from aiotasks.testing.server import OwnServer, resolve_server, server_binary
+from tests.helpers import children
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +159,14 @@ class WorkerProcess:
 
     def close(self) -> None:
         if self.proc.poll() is None:
+            # A supervisor's children (--processes) first, each in a process group of
+            # its own: they would outlive it, stop gracefully on its death and write to
+            # a namespace the test has deleted by then (their groups, a LEFT event).
+            # Stopped, it restarts none meanwhile.
+            self.signal(signal.SIGSTOP)
+            for pid in children(self.proc.pid):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.signal(signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()

@@ -19,6 +19,22 @@ import pytest
 from aiotasks import App, TaskFailed, TaskHandle, TaskState
 
 
+def children(pid: int) -> set[int]:
+    """Pids whose parent is `pid` (read from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.add(int(entry.name))
+    return out
+
+
 async def wait_until(
     check: Callable[[], Awaitable[bool]],
     timeout: float = 5.0,

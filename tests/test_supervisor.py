@@ -17,24 +17,9 @@ import pytest
 from aiotasks import App
 from aiotasks.admin import Admin
 from aiotasks.supervisor import child_args
+from tests.helpers import children
 
 ADD = "tests.apps.basic.add"
-
-
-def children(pid: int) -> set[int]:
-    """Pids whose parent is `pid` (read from /proc)."""
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            out.add(int(entry.name))
-    return out
 
 
 def alive(pid: int) -> bool:
