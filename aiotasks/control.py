@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import codec
 from .errors import AiotasksError, SerializationError
+from .message import is_queue_name
 from .schedule import Periodic
 
 if TYPE_CHECKING:
@@ -130,7 +131,8 @@ class Schedules:
 
         Raises:
             TypeError: `sig` is not a signature of one task (a chain, a group...).
-            ValueError: not exactly one of cron/every, an invalid one, or such an option.
+            ValueError: not exactly one of cron/every, an invalid one, such an option, or a
+                queue no worker could take from (a comma, surrounding spaces).
         """
         from .task import Signature
 
@@ -142,6 +144,8 @@ class Schedules:
         options = dict(sig.options)
         own_queue = options.pop("queue", None)
         queue = queue or own_queue  # queue= given here wins
+        if queue is not None:
+            check_queue_name(queue)
         refused = sorted(k for k, v in options.items() if not _recurring(k, v))
         if refused:
             raise ValueError(
@@ -223,7 +227,7 @@ class Schedules:
 def check_queue_name(queue: str) -> None:
     """Raise ValueError for a name no worker could take from: a worker's queues are named
     without surrounding spaces or commas (`--queues a,b`)."""
-    if not isinstance(queue, str) or not queue.strip() or "," in queue or queue != queue.strip():
+    if not is_queue_name(queue):
         raise ValueError(f"{queue!r} is not a queue name (no commas, no surrounding spaces)")
 
 

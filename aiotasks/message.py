@@ -213,6 +213,17 @@ def _when(value: Any) -> bool:
 _TEN_YEARS = f"{MAX_SECONDS:,} (ten years)"
 
 
+def is_queue_name(value: Any) -> bool:
+    """Whether a worker could take from a queue of this name: a worker's queues are
+    named without commas or surrounding spaces (`--queues a,b`)."""
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and "," not in value
+        and (value == value.strip())
+    )
+
+
 def _checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
     return {
         "priority": (lambda v: count(v, 9) and isinstance(v, int), "an int from 0 to 9"),
@@ -224,7 +235,7 @@ def _checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
         ),
         "eta": (_when, "a datetime"),
         "expires": (_when, "seconds after the send, or a datetime"),
-        "queue": (lambda v: isinstance(v, str) and bool(v), "a queue name"),
+        "queue": (is_queue_name, "a queue name (no commas, no surrounding spaces)"),
         "task_id": (lambda v: isinstance(v, str) and bool(v) and "\n" not in v, "a string"),
         "ignore_result": (lambda v: v in (True, False), "True or False"),
         "serializer": (lambda v: v in codec.SERIALIZERS, "'msgpack' or 'json'"),

@@ -269,6 +269,12 @@ def with_db(url: str, db: int) -> str:
             "error: invalid Redis URL 'redis://:***@h:x/0': the port is not a number: 'x'",
         ),
         (["queues", "resume", "a,b"], {}, "error: 'a,b' is not a queue name"),
+        (["send", "ops.add", "--queue", "a,b"], {}, "error: --queue 'a,b' is not a queue name"),
+        (
+            ["schedules", "add", "s", "ops.add", "--every", "5", "--queue", " mail"],
+            {},
+            "error: ' mail' is not a queue name",
+        ),
         (["queues", "pause", " "], {}, "error: ' ' is not a queue name"),
         (["run", "tests.apps.ops:app", "--queues", ",,"], {}, "error: --queues ',,' names no"),
         (
@@ -282,6 +288,21 @@ def test_reported_bad_inputs_exit_2(args: list[str], env: dict[str, str], expect
     proc = aiotasks(*args, env=env)
     assert one_error(proc, 2).startswith(expected)
     assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_a_task_name_the_app_lacks_is_sent_with_a_warning(redis_url: str, namespace: str) -> None:
+    """Not an error (another service's workers may run it), but a likely typo: said on
+    stderr, with the closest name the --app has."""
+    conn = ["--app", "tests.apps.basic:app", "--redis-url", redis_url, "--namespace", namespace]
+    proc = aiotasks("send", "tests.apps.basic.ad", *conn)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(proc.stdout.split()) == 1  # the id, as for any send
+    assert proc.stderr.startswith(
+        "warning: tests.apps.basic:app has no task 'tests.apps.basic.ad' "
+        "(did you mean 'tests.apps.basic.add'?)"
+    ), proc.stderr
+    known = aiotasks("send", "tests.apps.basic.add", "--args", "[1, 2]", *conn)
+    assert known.returncode == 0 and known.stderr == "", known.stderr
 
 
 @pytest.mark.parametrize("command", [["status"], ["run", "tests.apps.ops:app"]])

@@ -93,6 +93,8 @@ async def test_unknown_task_decorator_option_is_a_type_error(app: App) -> None:
         ({"max_retries": -1}, "max_retries"),
         ({"max_retries": "3"}, "max_retries"),
         ({"queue": ""}, "queue"),
+        ({"queue": "a,b"}, "queue"),
+        ({"queue": " mail"}, "queue"),
         ({"rate_limit": "fast"}, "rate_limit"),
     ],
 )
@@ -126,12 +128,33 @@ def test_a_bare_rate_limit_is_tasks_per_second_and_0_is_none(
         {"result_ttl": -1},
         {"compression": "snappy"},
         {"default_queue": ""},
+        {"default_queue": "a,b"},
         {"visibility_timeout": float("inf")},
     ],
 )
 def test_bad_app_options_are_refused_at_construction(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(options)).removeprefix("default_")):
         App(namespace="refused", **options)
+
+
+@pytest.mark.parametrize("queue", ["a,b", " mail", "mail "])
+async def test_a_send_to_a_queue_no_worker_could_take_from_is_refused(
+    app: App, queue: str
+) -> None:
+    """A worker's queues are named without commas or surrounding spaces (`--queues a,b`):
+    such a send would wait for ever, so it is refused, and nothing is enqueued."""
+
+    @app.task
+    async def t() -> None: ...
+
+    with pytest.raises(ValueError, match="no commas, no surrounding spaces"):
+        await t.s().set(queue=queue).send()
+    with pytest.raises(ValueError, match="no commas, no surrounding spaces"):
+        await app.send_task("t", queue=queue)
+    with pytest.raises(ValueError, match="is not a queue name"):
+        await app.schedules.add("s", t.s(), every=60, queue=queue)
+    assert await app.schedules.list() == []
+    assert await app.client.redis.keys(f"{app.client.keys.prefix}*") == []
 
 
 async def test_each_app_has_its_own_registry(app: App, redis_url: str) -> None:

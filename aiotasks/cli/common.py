@@ -9,6 +9,7 @@ with `--app` win over the App's own.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib
 import json
 import math
@@ -125,6 +126,24 @@ def open_app(app_spec: str | None, redis_url: str | None, namespace: str | None)
         app.configure(**changes)
     check_url(app.settings.redis_url, from_option=bool(redis_url))
     return app
+
+
+def unknown_task_note(app: App, app_spec: str | None, name: str) -> None:
+    """Warn (on stderr; not an error: another service's workers may run it) when the
+    App given with --app has tasks but none of this name: a typo would send tasks that
+    every worker of this App dead-letters as UnknownTask."""
+    known = sorted(n for n in app.tasks if not n.startswith("aiotasks."))
+    if not app_spec or not known or name in app.tasks:
+        return
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"its tasks: {', '.join(known[:8])}"
+    if not close and len(known) > 8:
+        hint += f" and {len(known) - 8} more"
+    typer.echo(
+        f"warning: {app_spec} has no task {name!r} ({hint}); its workers would "
+        "dead-letter it as UnknownTask",
+        err=True,
+    )
 
 
 def check_url(url: str, from_option: bool) -> None:

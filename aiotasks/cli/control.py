@@ -18,6 +18,7 @@ from .common import (
     json_arg,
     open_app,
     run_admin,
+    unknown_task_note,
 )
 from .group import fail
 from .output import Table, echo_json, show
@@ -75,9 +76,12 @@ def add_schedule(
     task_args, task_kwargs = json_arg("--args", args, list), json_arg("--kwargs", kwargs, dict)
     try:  # checked before anything connects
         Periodic.make(task, cron=cron, every=every, name=name)
+        if queue is not None:
+            check_queue_name(queue)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     app = open_app(app_spec, redis_url, namespace)
+    unknown_task_note(app, app_spec, task)
     sig = Signature(task, tuple(task_args), task_kwargs, app=app)
 
     async def add(admin: Admin) -> ScheduleInfo:

@@ -14,7 +14,7 @@ import typer
 from ..admin import Admin, Arguments
 from ..errors import ResultTimeout, SerializationError, TaskFailed, TaskRevoked
 from ..handle import TaskInfo, TaskState
-from ..message import check_options
+from ..message import check_options, is_queue_name
 from .common import (
     AppOption,
     JsonOption,
@@ -24,6 +24,7 @@ from .common import (
     json_arg,
     open_app,
     run_admin,
+    unknown_task_note,
 )
 from .group import fail
 from .output import Block, Cell, Fields, Line, ago, echo_json, show
@@ -215,6 +216,7 @@ def send(
     options = _send_options(queue, countdown, priority)
     finite("--timeout", timeout)
     app = open_app(app_spec, redis_url, namespace)
+    unknown_task_note(app, app_spec, name)
     task = app.tasks.get(name)
     if task is not None:  # the App knows it: its arguments are checked here, as send() does
         try:
@@ -251,6 +253,8 @@ def _send_options(
     """`send`'s options from the command line, each checked (exit 2 when wrong)."""
     if queue is not None and not queue.strip():
         raise fail("--queue is empty: give a queue name, or leave it out for the task's route", 2)
+    if queue is not None and not is_queue_name(queue):
+        raise fail(f"--queue {queue!r} is not a queue name (no commas, no surrounding spaces)", 2)
     options: dict[str, Any] = {}
     if finite("--countdown", countdown):
         options["countdown"] = countdown
