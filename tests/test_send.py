@@ -138,9 +138,7 @@ def test_bad_app_options_are_refused_at_construction(options: dict[str, Any]) ->
 
 
 @pytest.mark.parametrize("queue", ["a,b", " mail", "mail "])
-async def test_a_send_to_a_queue_no_worker_could_take_from_is_refused(
-    app: App, queue: str
-) -> None:
+async def test_a_send_to_a_queue_no_worker_could_take_from_is_refused(app: App, queue: str) -> None:
     """A worker's queues are named without commas or surrounding spaces (`--queues a,b`):
     such a send would wait for ever, so it is refused, and nothing is enqueued."""
 
