@@ -25,6 +25,7 @@
 --              tips = {stream = id of its newest entry or '0-0'} when every stream was
 --              read to its end: every entry delivered to this consumer so far is at or
 --              below them, and the next call may wait for more (ARGV[7])}
+
 begin(KEYS)
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])

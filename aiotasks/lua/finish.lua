@@ -157,11 +157,11 @@ end
 local applied, i = 0, 1
 while ops[i] ~= nil do
   local op = ops[i]
-  i = i + 1
   applied = applied + 1
   if type(op) ~= 'table' then
-    i = flat_done(i - 1)
+    i = flat_done(i)
   else
+    i = i + 1
     local name = op.op
     if name == 'done' then
       local f = op.fields
