@@ -38,6 +38,24 @@ local function flat_without(flat, a, b, out)
   return out
 end
 
+-- The values of up to six fields, named k1..k6, in flat[a..b] (name, value, ...), in that
+-- order (nil when absent): one pass over the array as XREADGROUP or an op gives it, where
+-- a map would cost a Lua table, grown and rehashed field by field, per entry or op.
+local function pick(flat, a, b, k1, k2, k3, k4, k5, k6)
+  local v1, v2, v3, v4, v5, v6
+  for i = a, b, 2 do
+    local k = flat[i]
+    if k == k1 then v1 = flat[i + 1]
+    elseif k == k2 then v2 = flat[i + 1]
+    elseif k == k3 then v3 = flat[i + 1]
+    elseif k == k4 then v4 = flat[i + 1]
+    elseif k == k5 then v5 = flat[i + 1]
+    elseif k == k6 then v6 = flat[i + 1]
+    end
+  end
+  return v1, v2, v3, v4, v5, v6
+end
+
 -- redis.call writes a number argument with snprintf('%.17g'), about 3k instructions
 -- each; the numbers the hot path passes (now, a ttl in ms, a priority, a count) repeat
 -- within a call, so each integer's text is made once per call. Anything else is passed
@@ -561,29 +579,11 @@ local function flush_acks()
   for stream, ids in pairs(acks or {}) do drop_acked(stream, ids) end
 end
 
--- What start_entry reads of an entry's fields (flat: name, value, ...), picked out of
--- the flat array as XREADGROUP gives it: a map per entry would cost a Lua table, grown
--- and rehashed field by field, on every fetch. Returns id, exp, r, cid, cix, tail.
-local function entry_info(flat)
-  local id, exp, r, cid, cix, tail
-  for i = 1, #flat, 2 do
-    local k = flat[i]
-    if k == 'id' then id = flat[i + 1]
-    elseif k == 'exp' then exp = flat[i + 1]
-    elseif k == 'r' then r = flat[i + 1]
-    elseif k == 'cid' then cid = flat[i + 1]
-    elseif k == 'cix' then cix = flat[i + 1]
-    elseif k == 'tail' then tail = flat[i + 1]
-    end
-  end
-  return id, exp, r, cid, cix, tail
-end
-
 -- Decide whether a delivered entry (fields `flat`: name, value, ...) runs: an expired or
 -- revoked one is settled, acked and deleted here instead. Marks a running one STARTED.
 -- Returns true to run it.
 local function start_entry(stream, entry_id, flat, now_ms, worker, deliveries, default_ttl)
-  local id, exp, r, cid, cix, tail = entry_info(flat)
+  local id, exp, r, cid, cix, tail = pick(flat, 1, #flat, 'id', 'exp', 'r', 'cid', 'cix', 'tail')
   if not id then return true end  -- undecodable: the worker dead-letters it
   local tkey = K.task(id)
   local h = redis.call('HMGET', tkey, 'state', '_e', 'revoked_at', '_w')

@@ -62,16 +62,9 @@ local function done(stream, entry, id, state, ttl, ignore_result, linked, cid, c
     -- it is settled as revoked.
     settle_unrun(id, 'REVOKED', nil, nil, cid, cix, tail, ttl, now_ms)
   else
-    -- The values the settling reads are picked out of the fields.
-    local ct, result, exc_type, exc_message
-    for i = a, b, 2 do
-      local k = f[i]
-      if k == 'result' then result = f[i + 1]
-      elseif k == 'ct' then ct = f[i + 1]
-      elseif k == 'exc_type' then exc_type = f[i + 1]
-      elseif k == 'exc_message' then exc_message = f[i + 1]
-      end
-    end
+    -- The values the settling reads, picked out of the fields.
+    local ct, result, exc_type, exc_message = pick(f, a, b, 'ct', 'result', 'exc_type',
+      'exc_message')
     if ignore_result == 1 and state == 'SUCCESS' and result then
       f, ct, result = flat_without({unpack(f, a, b)}, 'result', 'ct', {}), nil, nil
       a, b = 1, #f
