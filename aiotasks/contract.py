@@ -2,7 +2,9 @@
 
 Scripts receive batches as one msgpack argument; Redis' `cmsgpack.unpack` turns each
 map below into a Lua table, read by field name (`t.id`, `op.state`). Nothing crossing
-the boundary is positional. `lua/_contract.lua` is generated from this module and
+the boundary is positional but one thing on the hot path, each side's layout declared in
+one place: a done op (done_op, read by finish.lua's flat_done), whose table per op cost
+Redis a sixth of a finish call. `lua/_contract.lua` is generated from this module and
 `keys.LAYOUT` (`python -m aiotasks.contract > aiotasks/lua/_contract.lua`; a test checks
 that it is current), so both languages share one definition of the key names, the
 protocol version and the stream entry fields.
