@@ -18,7 +18,7 @@ from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
 from .logs import visible_errors
-from .message import SEND_OPTIONS, Message, check_options, positive_number
+from .message import SEND_OPTIONS, Message, check_options, is_queue_name, positive_number
 from .nodes import signature_of
 from .task import (
     Task,
@@ -109,6 +109,12 @@ class App:
         check_options(
             {"result_ttl": result_ttl, "compression": compression, "queue": default_queue}
         )
+        for pattern, queue in (task_routes or {}).items():
+            if not is_queue_name(queue):
+                raise ValueError(
+                    f"task_routes[{pattern!r}] must be a queue name (no commas, no surrounding "
+                    f"spaces), got {queue!r:.60}"
+                )
         if not positive_number(visibility_timeout):
             raise ValueError(
                 f"visibility_timeout must be a positive number, got {visibility_timeout!r}"

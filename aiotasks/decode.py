@@ -176,7 +176,7 @@ def _check_sig(node: dict[str, Any], depth: int) -> None:
     if not all(isinstance(k, str) for k in node["kwargs"]):
         raise DecodeError("canvas signature 'kwargs' must have string keys")
     try:
-        check_options(node["opts"])
+        check_options(node["opts"], sending=False)
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"canvas signature {node['name']!r:.60}: {exc}") from None
     for callback in _members(node, "link") if "link" in node else ():

@@ -235,7 +235,7 @@ def _checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
         ),
         "eta": (_when, "a datetime"),
         "expires": (_when, "seconds after the send, or a datetime"),
-        "queue": (is_queue_name, "a queue name (no commas, no surrounding spaces)"),
+        "queue": (lambda v: isinstance(v, str) and bool(v), "a queue name"),
         "task_id": (lambda v: isinstance(v, str) and bool(v) and "\n" not in v, "a string"),
         "ignore_result": (lambda v: v in (True, False), "True or False"),
         "serializer": (lambda v: v in codec.SERIALIZERS, "'msgpack' or 'json'"),
@@ -251,8 +251,13 @@ def _checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
 _CHECKS = _checks()
 
 
-def check_options(options: dict[str, Any]) -> None:
-    """Raise TypeError for an unknown send option, ValueError for a bad value."""
+def check_options(options: dict[str, Any], *, sending: bool = True) -> None:
+    """Raise TypeError for an unknown send option, ValueError for a bad value.
+
+    `sending`: options of a send being made (the default), where a queue must also be a
+    name a worker's `--queues` can give; False for the options of a message already
+    sent (a canvas step a worker decodes), which go where they were sent to.
+    """
     unknown = set(options) - SEND_OPTIONS
     if unknown:
         raise TypeError(f"unknown send option(s): {', '.join(sorted(unknown))}")
@@ -260,6 +265,11 @@ def check_options(options: dict[str, Any]) -> None:
         check = _CHECKS.get(name)
         if check is not None and value is not None and not check[0](value):
             raise ValueError(f"{name} must be {check[1]}, got {value!r:.60}")
+    queue = options.get("queue")
+    if sending and queue is not None and not is_queue_name(queue):
+        raise ValueError(
+            f"queue must be a queue name (no commas, no surrounding spaces), got {queue!r:.60}"
+        )
     soft, hard = options.get("soft_timeout"), options.get("hard_timeout")
     if soft is not None and hard is not None and soft >= hard:
         raise ValueError(f"soft_timeout ({soft}) must be less than hard_timeout ({hard})")

@@ -23,6 +23,7 @@ from aiotasks import (
     chain,
     current_task,
 )
+from aiotasks.message import check_options
 
 StartWorker = Callable[..., Awaitable[Worker]]
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -129,6 +130,7 @@ def test_a_bare_rate_limit_is_tasks_per_second_and_0_is_none(
         {"compression": "snappy"},
         {"default_queue": ""},
         {"default_queue": "a,b"},
+        {"task_routes": {"mail.*": "mail, high"}},
         {"visibility_timeout": float("inf")},
     ],
 )
@@ -153,6 +155,17 @@ async def test_a_send_to_a_queue_no_worker_could_take_from_is_refused(app: App, 
         await app.schedules.add("s", t.s(), every=60, queue=queue)
     assert await app.schedules.list() == []
     assert await app.client.redis.keys(f"{app.client.keys.prefix}*") == []
+
+
+def test_a_queue_name_is_checked_at_the_send_not_in_a_message_already_sent() -> None:
+    """A canvas step a worker decodes goes where it was sent, whatever its queue's name
+    (an older sender's, another language's, a worker given queues=[...] in Python may
+    serve it): only a send being made is held to what `--queues` can name."""
+    with pytest.raises(ValueError, match="no commas"):
+        check_options({"queue": "a,b"})
+    check_options({"queue": "a,b"}, sending=False)
+    with pytest.raises(ValueError, match="queue"):
+        check_options({"queue": ""}, sending=False)
 
 
 async def test_each_app_has_its_own_registry(app: App, redis_url: str) -> None:
