@@ -36,9 +36,13 @@ local default_ttl = tonumber(ARGV[6])
 local after_wait = ARGV[7]
 local waited = tonumber(ARGV[8]) or 0
 
+-- Streams found empty by delivered(), before promote() may add to them.
+local known_empty = {}
+
 local function promote()
   local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', txt(now_ms), 'LIMIT', '0',
     txt(promote_limit))
+  if #due > 0 then known_empty = {} end  -- it may add to them
   for _, id in ipairs(due) do
     redis.call('ZREM', K.delayed(), id)
     local tkey = K.task(id)
@@ -65,13 +69,27 @@ local lost = {}
 -- Each stream's length, as empty() found it: the tips reuse it.
 local lengths = {}
 
--- Whether a stream holds no entry at all (none new, none pending): most of a worker's
--- streams, one per priority, are empty, and XLEN costs a fraction of an XREADGROUP.
--- A stream that is gone is not empty here: its read finds the group gone and says so.
+-- Whether a stream exists. The first call asks about every stream at once: most of a
+-- worker's streams (one per priority) are empty, and a call from Lua costs about as much
+-- as a small command's own work (some 8k instructions), which matters most on an idle
+-- worker, whose fetch runs between a send and its reply (it is pipelined behind the
+-- blocking read the send wakes). (One XREAD for every stream's emptiness cost more than
+-- an XLEN each: it walks the deleted entries at a stream's head.)
+local all_exist
+local function exists(stream)
+  if all_exist == nil then
+    all_exist = redis.call('EXISTS', unpack(KEYS, 3)) == #KEYS - 2
+  end
+  return all_exist or redis.call('EXISTS', stream) == 1
+end
+
+-- Whether a stream holds no entry at all (none new, none pending): XLEN costs a
+-- fraction of an XREADGROUP. A stream that is gone is not empty here: its read finds
+-- the group gone and says so.
 local function empty(stream)
-  local n = redis.call('XLEN', stream)
+  local n = known_empty[stream] and 0 or redis.call('XLEN', stream)
   lengths[stream] = n
-  return n == 0 and redis.call('EXISTS', stream) == 1
+  return n == 0 and exists(stream)
 end
 
 local function read(stream)
@@ -97,7 +115,11 @@ local function delivered(tips)
   local woken = {}
   for k = 3, #KEYS do
     local tip = tips[KEYS[k]]
-    local res = tip
+    -- An empty stream holds nothing to run: an entry delivered and deleted since (a
+    -- purge, a revoke) leaves the PEL at its reclaim.
+    local n = tip and redis.call('XLEN', KEYS[k])
+    if n == 0 then known_empty[KEYS[k]] = true end
+    local res = n and n > 0
       and redis.pcall('XPENDING', KEYS[k], GROUP, '(' .. tip, '+', '100', consumer)
     if type(res) == 'table' and not res.err then
       for _, p in ipairs(res) do
