@@ -8,7 +8,10 @@ server of its own (the `redis-server` on PATH, else the embedded one; `--redis-u
 measure another, whose other clients then count too): `enqueue.lua` through
 `send_many` in batches of 1,000, `fetch.lua` reading `--batch` entries per call, and
 `finish.lua` storing `--batch` results per call (the fields a worker stores for a no-op
-that returned None). Each phase is reported in microseconds per task, as script call time
+that returned None); then `idle`: 200 tasks served one at a time as an idle worker does
+(a send, the fetch pipelined behind the blocking read it wakes, a finish of one), the
+scripts on the path of a send's round trip to its result, per task.
+Each phase is reported in microseconds per task, as script call time
 (`INFO commandstats`, the script with the commands it calls) and as the server's CPU
 (`INFO cpu`, which adds parsing and networking), the median of `--reps` runs, with the
 task index and event feed on (the defaults) and off (both caps 0).
@@ -46,7 +49,9 @@ from aiotasks.index import DEFAULT_EVENTS_SIZE, DEFAULT_INDEX_SIZE, TaskIndex
 from aiotasks.testing.server import OwnServer
 
 NAMESPACE = "script-cost"
-PHASES = ("enqueue", "fetch", "finish")
+PHASES = ("enqueue", "fetch", "finish", "idle")
+# The idle phase serves this many tasks one at a time (at most --tasks).
+IDLE_ROUNDS = 200
 
 
 def _mark(r: redis.Redis) -> tuple[float, float]:
@@ -99,10 +104,6 @@ async def _run(
         for start in range(0, len(got), batch):
             ops = []
             for entry in got[start : start + batch]:
-                t = str(int(time.time() * 1000))
-                # As outcomes.Outcomes stores a no-op's success: None, msgpack-encoded.
-                fields = ["started_at", t, "finished_at", t, "attempts", "1", "worker", "bench"]
-                fields += ["result", b"\xc0", "ct", "msgpack"]
                 ops.append(
                     done_op(
                         entry[0].decode(),
@@ -111,19 +112,52 @@ async def _run(
                         entry[2][entry[2].index(b"id") + 1].decode(),
                         "SUCCESS",
                         3600,
-                        fields,
+                        _fields(),
                     )
                 )
             await client.scripts.finish(streams=streams, now_ms=int(time.time() * 1000), ops=ops)
+        marks.append(mark(r))
+        await _idle_rounds(client, noop, streams, batch, _rounds(tasks))
         marks.append(mark(r))
         await _drain_keys(client.redis, NAMESPACE)
     r.close()
     if len(got) != tasks:
         raise SystemExit(f"fetched {len(got)} of {tasks} tasks: is a worker running here?")
+    per = {phase: tasks for phase in PHASES} | {"idle": _rounds(tasks)}
     return {
-        phase: [(b[0] - a[0]) / tasks, (b[1] - a[1]) * 1e6 / tasks]
+        phase: [(b[0] - a[0]) / per[phase], (b[1] - a[1]) * 1e6 / per[phase]]
         for phase, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)
     }
+
+
+def _rounds(tasks: int) -> int:
+    return min(tasks, IDLE_ROUNDS)
+
+
+def _fields() -> list[str | bytes]:
+    """The fields a worker stores for a no-op that returned None (msgpack-encoded)."""
+    t = str(int(time.time() * 1000))
+    return ["started_at", t, "finished_at", t, "attempts", "1", "worker", "bench", "result",
+            b"\xc0", "ct", "msgpack"]  # fmt: skip
+
+
+async def _idle_rounds(client: Any, noop: Any, streams: list[str], batch: int, rounds: int) -> None:
+    """One task at a time, as an idle worker serves it: its send, the fetch pipelined
+    behind the blocking read the send wakes (fetch.lua's after-wait path) with `batch`
+    slots free, its finish. The three scripts on a send's round trip to its result."""
+    fetch = {"streams": streams, "consumer": "bench", "worker": "bench", "promote_limit": 100}
+    fetch |= {"default_ttl": 3600}
+    reply = await client.scripts.fetch(count=batch, now_ms=int(time.time() * 1000), **fetch)
+    for _ in range(rounds):
+        tips = reply[b"tips"]
+        await noop.send()
+        reply = await client.scripts.fetch(
+            count=batch, now_ms=int(time.time() * 1000), wait=(1000, tips), **fetch
+        )
+        stream, entry, flat = reply[b"entries"][0]
+        task_id = flat[flat.index(b"id") + 1].decode()
+        op = done_op(stream.decode(), entry, task_id, "SUCCESS", 3600, _fields())
+        await client.scripts.finish(streams=streams, now_ms=int(time.time() * 1000), ops=[op])
 
 
 def measure(url: str, tasks: int, batch: int, reps: int) -> list[dict[str, Any]]:
@@ -158,7 +192,7 @@ def instructions(tasks: int, batch: int) -> list[dict[str, Any]]:
             out.mkdir()
             totals = _callgrind_run(server, out, tasks, batch, on)
             for phase, total in zip(PHASES, totals, strict=True):
-                kinstr = round(total / tasks / 1000, 1)
+                kinstr = round(total / (_rounds(tasks) if phase == "idle" else tasks) / 1000, 1)
                 rows.append({"scenario": label, "phase": phase, "kinstr_per_task": kinstr})
     return rows
 
@@ -202,7 +236,7 @@ def _callgrind_run(server: str, out: Path, tasks: int, batch: int, on: bool) -> 
             r.shutdown(nosave=True)
         r.close()
         proc.wait(60)
-    # Dump n holds what ran since dump n-1: dumps 2, 3 and 4 are the phases.
+    # Dump n holds what ran since dump n-1: dumps 2 to 5 are the phases.
     return [
         next(
             int(line.split()[1])
