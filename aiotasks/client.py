@@ -277,6 +277,18 @@ class Client:
         """The Lua scripts, registered on the current loop's client."""
         return self._connect().scripts
 
+    def own_scripts(self) -> Scripts:
+        """The scripts on a connection of their own, taken from this loop's pool, for a
+        loop that makes one call at a time (a worker's fetch, its commits): each call
+        then skips the pool's checkout and return, a third of redis-py's work per
+        command (a PING: 267k instructions through the pool, 180k on a connection of its
+        own). Behind a Cluster or Sentinel URL, the shared scripts. `Scripts.close()`
+        gives the connection back."""
+        conn = self._connect()
+        if self.topology.kind != "single":
+            return conn.scripts
+        return Scripts(conn.redis.client(), self.keys, own=True)
+
     @property
     def notifier(self) -> Notifier:
         """The shared result subscription of the current loop."""

@@ -30,6 +30,7 @@ from .state import PAYLOAD, entry_payload
 if TYPE_CHECKING:
     from .app import App
     from .client import Client
+    from .scripts import Scripts
 
 log = logging.getLogger("aiotasks.worker")
 
@@ -70,6 +71,8 @@ class Outcomes:
         self.app = app
         self.outage = outage or Outage(f"worker {worker}", client.url)
         self.client = client
+        #: The scripts commits go through: the client's, or the worker's own for its run.
+        self.scripts: Scripts | None = None
         self.worker = worker
         self.streams = streams
         self._committed = committed
@@ -325,7 +328,7 @@ class Outcomes:
         backoff = Backoff(start=0.05, cap=2.0)
         while True:
             try:
-                await self.client.scripts.finish(
+                await (self.scripts or self.client.scripts).finish(
                     streams=self.streams, now_ms=int(now() * 1000), ops=ops
                 )
                 self.outage.ok()

@@ -155,8 +155,12 @@ def longest_block_ms(redis: Redis) -> int:
 class Scripts:
     """The Lua scripts registered on one Redis client, under one key prefix."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, sharded_pubsub: bool = False) -> None:
-        """`sharded_pubsub`: the scripts publish with SPUBLISH (a Cluster)."""
+    def __init__(
+        self, redis: Redis, keys: Keys, *, sharded_pubsub: bool = False, own: bool = False
+    ) -> None:
+        """`sharded_pubsub`: the scripts publish with SPUBLISH (a Cluster). `own`: `redis`
+        is theirs alone (Client.own_scripts), closed by close()."""
+        self._own = own
         self.prefix = keys.prefix
         # Every call names the prefix and the guard first (see Keys.guard).
         self._fixed = [keys.prefix, keys.guard]
@@ -196,6 +200,11 @@ class Scripts:
                 raise
         await self.load()
         return await fcall(function, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        """Give back the connection of scripts made with one of their own."""
+        if self._own:
+            await self._redis.aclose()
 
     @property
     def library_name(self) -> str:

@@ -43,6 +43,7 @@ from .slots import Lease, Slots
 if TYPE_CHECKING:
     from .app import App
     from .client import Client
+    from .scripts import Scripts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,6 +87,7 @@ class Lane:
         "next_reclaim",
         "alone_waiting",
         "outage",
+        "scripts",
     )
 
     def __init__(
@@ -103,6 +105,8 @@ class Lane:
         self.idle: tuple[int, dict[str, bytes]] | None = None
         self.outcomes = outcomes
         self.next_reclaim = 0.0
+        #: The scripts fetches go through: the client's, or the lane's own while it runs.
+        self.scripts: Scripts | None = None
 
 
 class Worker:
@@ -322,6 +326,7 @@ class Worker:
         self._share_outage(True)
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
+        self._own_connections()
         try:
             async with asyncio.TaskGroup() as tg:
                 beats = tg.create_task(self._heartbeat_loop())
@@ -343,7 +348,26 @@ class Worker:
             for ex in [*self._running.values(), *self._abandoned]:
                 if ex.task is not None:
                     ex.task.cancel()
+            await self._give_back_connections()
             self._stopped.set()
+
+    def _own_connections(self) -> None:
+        """The fetches and the commits of each lane, one call at a time each, on
+        connections of their own: the hot path's calls skip the pool
+        (Client.own_scripts). Not from a small pool: at most a quarter of it, the rest
+        being for the blocking reads, heartbeats and sends that queue for it."""
+        if 2 * len(self.lanes) > self.app.settings.max_connections // 4:
+            return
+        for lane in self.lanes:
+            lane.scripts = lane.client.own_scripts()
+            lane.outcomes.scripts = lane.client.own_scripts()
+
+    async def _give_back_connections(self) -> None:
+        for lane in self.lanes:
+            for scripts in (lane.scripts, lane.outcomes.scripts):
+                if scripts is not None:
+                    await scripts.close()
+            lane.scripts = lane.outcomes.scripts = None
 
     async def _shut_down(
         self, beats: asyncio.Task[None], background: list[asyncio.Task[Any]]
@@ -755,7 +779,7 @@ class Worker:
             # Not when a delayed task is due already (the wait overran: Redis times
             # blocking reads out on its clock tick): fetch at once, with the time as it is.
             wait = (block_ms, last_tips) if block_ms > 0 else None
-        res = await lane.client.scripts.fetch(now_ms=now_ms, wait=wait, **common)
+        res = await (lane.scripts or lane.client.scripts).fetch(now_ms=now_ms, wait=wait, **common)
         lane.outage.ok()
         if res.get(b"lost"):
             await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)

@@ -449,3 +449,34 @@ async def test_current_task_is_made_when_a_body_asks_and_holds_no_cycle(
     finally:
         gc.enable()
     assert found < 100, f"{found} objects in cycles after 200 runs"
+
+
+@pytest.mark.parametrize("max_connections", [2, 64])
+async def test_a_worker_runs_from_a_pool_of_any_size_and_gives_back_its_own_connections(
+    make_app: Callable[..., App], max_connections: int
+) -> None:
+    """A worker fetches and commits on connections of its own where the pool has room for
+    them (a quarter of it), and through the pool where it has not: a pool of 2 must not
+    leave its blocking read waiting forever for a connection. Stopped, it gives them back."""
+    a = make_app(max_connections=max_connections)
+
+    @a.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    w = a.worker(concurrency=4)
+    run = asyncio.create_task(w.run())
+    await asyncio.wait_for(w.wait_started(), 10)
+    lane = w.lanes[0]
+    assert (lane.scripts is not None) == (max_connections == 64)
+    assert (lane.outcomes.scripts is not None) == (max_connections == 64)
+    handles = [await add.send(i, 1) for i in range(20)]
+    assert [await h.result(timeout=10) for h in handles] == [i + 1 for i in range(20)]
+    # Served one at a time, as an idle worker does (its blocking read, then a commit).
+    for i in range(3):
+        assert await (await add.send(i, i)).result(timeout=10) == 2 * i
+    w.stop()
+    await asyncio.wait_for(run, 15)
+    assert lane.scripts is None and lane.outcomes.scripts is None
+    pool = a.client._connect().pool
+    assert pool is not None and not list(pool._get_in_use_connections())
