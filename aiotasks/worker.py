@@ -348,8 +348,10 @@ class Worker:
             for ex in [*self._running.values(), *self._abandoned]:
                 if ex.task is not None:
                     ex.task.cancel()
-            await self._give_back_connections()
-            self._stopped.set()
+            try:
+                await self._give_back_connections()
+            finally:
+                self._stopped.set()
 
     def _own_connections(self) -> None:
         """The fetches and the commits of each lane, one call at a time each, on
