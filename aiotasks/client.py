@@ -128,6 +128,7 @@ class _Connection:
     base: _Connection | None = None  # a shard's: the namespace client's connection it shares
     shards_checked: bool = False  # this connection's first send compared the shard counts
     checking: asyncio.Future[None] | None = None  # that comparison, shared by its senders
+    owned: int = 0  # connections of the pool held by own_scripts() (the root's counts)
 
 
 class Client:
@@ -279,15 +280,25 @@ class Client:
 
     def own_scripts(self) -> Scripts:
         """The scripts on a connection of their own, taken from this loop's pool, for a
-        loop that makes one call at a time (a worker's fetch, its commits): each call
+        loop that makes one call at a time (a worker's fetches, its commits): each call
         then skips the pool's checkout and return, a third of redis-py's work per
         command (a PING: 267k instructions through the pool, 180k on a connection of its
-        own). Behind a Cluster or Sentinel URL, the shared scripts. `Scripts.close()`
-        gives the connection back."""
+        own); pipelines (a worker's blocking wait) still take one from the pool. At most
+        a quarter of the pool is held so (the rest is for blocking waits, heartbeats and
+        sends, which queue for it): past that, and behind a Cluster or Sentinel URL, the
+        shared scripts. `Scripts.close()` gives the connection back."""
         conn = self._connect()
-        if self.topology.kind != "single":
+        root = conn.base or conn
+        if self.topology.kind != "single" or root.owned >= self.settings.max_connections // 4:
             return conn.scripts
-        return Scripts(conn.redis.client(), self.keys, own=True)
+        root.owned += 1
+
+        def given_back() -> None:
+            root.owned -= 1
+
+        scripts = Scripts(conn.redis.client(), self.keys, own=True, on_close=given_back)
+        scripts.functions = conn.scripts.functions  # what the shared ones found, if any
+        return scripts
 
     @property
     def notifier(self) -> Notifier:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -156,11 +156,19 @@ class Scripts:
     """The Lua scripts registered on one Redis client, under one key prefix."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, *, sharded_pubsub: bool = False, own: bool = False
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        sharded_pubsub: bool = False,
+        own: bool = False,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         """`sharded_pubsub`: the scripts publish with SPUBLISH (a Cluster). `own`: `redis`
-        is theirs alone (Client.own_scripts), closed by close()."""
+        is theirs alone (Client.own_scripts), closed by close(), which then calls
+        `on_close`."""
         self._own = own
+        self._on_close = on_close
         self.prefix = keys.prefix
         # Every call names the prefix and the guard first (see Keys.guard).
         self._fixed = [keys.prefix, keys.guard]
@@ -201,10 +209,20 @@ class Scripts:
         await self.load()
         return await fcall(function, len(keys), *keys, *args)
 
+    @property
+    def own(self) -> bool:
+        """Whether these scripts hold a connection of their own (Client.own_scripts)."""
+        return self._own
+
     async def close(self) -> None:
         """Give back the connection of scripts made with one of their own."""
         if self._own:
-            await self._redis.aclose()
+            self._own = False
+            try:
+                await self._redis.aclose()
+            finally:
+                if self._on_close is not None:
+                    self._on_close()
 
     @property
     def library_name(self) -> str:

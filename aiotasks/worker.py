@@ -175,6 +175,7 @@ class Worker:
         self._reclaim_every = min(max(self.vt / 2, 0.1), 10.0)  # s between reclaims
         self._beats_end = asyncio.Event()
         self._turn = asyncio.Lock()  # lanes fetch one at a time (see _fetch_loop)
+        self._fetching: asyncio.Task[None] | None = None  # the fetch loops, while run() runs
         # One table of the entries this worker holds, each with its phase.
         self._running: dict[Key, Execution] = {}
         self._not_begun: list[Delivery] = []  # read ahead, never run: release on stop
@@ -326,8 +327,8 @@ class Worker:
         self._share_outage(True)
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
-        self._own_connections()
         try:
+            self._own_connections()
             async with asyncio.TaskGroup() as tg:
                 beats = tg.create_task(self._heartbeat_loop())
                 background = [tg.create_task(lane.outcomes.flush_loop()) for lane in self.lanes]
@@ -336,7 +337,8 @@ class Worker:
                 background.append(tg.create_task(scheduler.run()))
                 background.append(tg.create_task(self._paused_loop()))
                 loop = asyncio.get_running_loop()
-                await self._until_fetching_ends(loop.create_task(self._fetch_all()))
+                self._fetching = loop.create_task(self._fetch_all())
+                await self._until_fetching_ends(self._fetching)
                 await self._shut_down(beats, background)
             try:
                 async with asyncio.timeout(UNREGISTER_TIMEOUT):
@@ -355,16 +357,18 @@ class Worker:
 
     def _own_connections(self) -> None:
         """The fetches and the commits of each lane, one call at a time each, on
-        connections of their own: the hot path's calls skip the pool
-        (Client.own_scripts). Not from a small pool: at most a quarter of it, the rest
-        being for the blocking reads, heartbeats and sends that queue for it."""
-        if 2 * len(self.lanes) > self.app.settings.max_connections // 4:
-            return
+        connections of their own where the pool has room (Client.own_scripts): the hot
+        path's calls skip the pool."""
         for lane in self.lanes:
             lane.scripts = lane.client.own_scripts()
             lane.outcomes.scripts = lane.client.own_scripts()
 
     async def _give_back_connections(self) -> None:
+        """Once the fetch loops have ended (a cancelled run() leaves them ending): a
+        connection given back under a call would go back to the pool twice."""
+        if self._fetching is not None:
+            await cancel_and_wait([self._fetching])
+            self._fetching = None
         for lane in self.lanes:
             for scripts in (lane.scripts, lane.outcomes.scripts):
                 if scripts is not None:

@@ -9,8 +9,8 @@ measure another, whose other clients then count too): `enqueue.lua` through
 `send_many` in batches of 1,000, `fetch.lua` reading `--batch` entries per call, and
 `finish.lua` storing `--batch` results per call (the fields a worker stores for a no-op
 that returned None); then `idle`: 200 tasks served one at a time as an idle worker does
-(a send, the fetch pipelined behind the blocking read it wakes, a finish of one), the
-scripts on the path of a send's round trip to its result, per task.
+(a send, then the fetch pipelined behind a blocking read, which finds the entry there, a
+finish of one), the scripts on the path of a send's round trip to its result, per task.
 Each phase is reported in microseconds per task, as script call time
 (`INFO commandstats`, the script with the commands it calls) and as the server's CPU
 (`INFO cpu`, which adds parsing and networking), the median of `--reps` runs, with the
@@ -66,7 +66,7 @@ def _mark(r: redis.Redis) -> tuple[float, float]:
 async def _run(
     url: str, tasks: int, batch: int, on: bool, mark: Callable[[redis.Redis], Any] = _mark
 ) -> dict[str, list[float]]:
-    """One run of the three phases: {phase: [script call µs/task, cpu µs/task]}; `mark` is
+    """One run of the four phases: {phase: [script call µs/task, cpu µs/task]}; `mark` is
     called before each phase and after the last."""
     r = redis.Redis.from_url(url)
     app = App(redis_url=url, namespace=NAMESPACE)
@@ -143,7 +143,8 @@ def _fields() -> list[str | bytes]:
 
 async def _idle_rounds(client: Any, noop: Any, streams: list[str], batch: int, rounds: int) -> None:
     """One task at a time, as an idle worker serves it: its send, the fetch pipelined
-    behind the blocking read the send wakes (fetch.lua's after-wait path) with `batch`
+    behind a blocking read (fetch.lua's after-wait path; the read finds the entry there,
+    so it does not block: Redis' wake of a blocked reader is not counted) with `batch`
     slots free, its finish. The three scripts on a send's round trip to its result."""
     fetch = {"streams": streams, "consumer": "bench", "worker": "bench", "promote_limit": 100}
     fetch |= {"default_ttl": 3600}

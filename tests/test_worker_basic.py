@@ -468,8 +468,8 @@ async def test_a_worker_runs_from_a_pool_of_any_size_and_gives_back_its_own_conn
     run = asyncio.create_task(w.run())
     await asyncio.wait_for(w.wait_started(), 10)
     lane = w.lanes[0]
-    assert (lane.scripts is not None) == (max_connections == 64)
-    assert (lane.outcomes.scripts is not None) == (max_connections == 64)
+    assert lane.scripts is not None and lane.outcomes.scripts is not None
+    assert lane.scripts.own == lane.outcomes.scripts.own == (max_connections == 64)
     handles = [await add.send(i, 1) for i in range(20)]
     assert [await h.result(timeout=10) for h in handles] == [i + 1 for i in range(20)]
     # Served one at a time, as an idle worker does (its blocking read, then a commit).
@@ -480,3 +480,38 @@ async def test_a_worker_runs_from_a_pool_of_any_size_and_gives_back_its_own_conn
     assert lane.scripts is None and lane.outcomes.scripts is None
     pool = a.client._connect().pool
     assert pool is not None and not list(pool._get_in_use_connections())
+
+
+async def test_workers_sharing_a_pool_hold_a_quarter_of_it_at_most(
+    make_app: Callable[..., App],
+) -> None:
+    """Two workers of one App: one takes the 2 connections a pool of 8 can spare (the
+    first to start), the other goes through the pool, and both run tasks."""
+    a = make_app(max_connections=8)
+
+    @a.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    workers = [a.worker(concurrency=2) for _ in range(2)]
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    for w in workers:
+        await asyncio.wait_for(w.wait_started(), 10)
+    owned = [(w.lanes[0].scripts, w.lanes[0].outcomes.scripts) for w in workers]
+    assert sorted([s is not None and s.own for s in pair] for pair in owned) == [
+        [False, False],
+        [True, True],
+    ]
+    handles = [await double.send(i) for i in range(10)]
+    assert [await h.result(timeout=10) for h in handles] == [2 * i for i in range(10)]
+    for w in workers:
+        w.stop()
+    await asyncio.wait_for(asyncio.gather(*runs), 15)
+    # Given back: a worker started now may take them.
+    again = a.worker(concurrency=2)
+    run = asyncio.create_task(again.run())
+    await asyncio.wait_for(again.wait_started(), 10)
+    scripts = again.lanes[0].scripts
+    assert scripts is not None and scripts.own
+    again.stop()
+    await asyncio.wait_for(run, 15)

@@ -36,7 +36,8 @@ local default_ttl = tonumber(ARGV[6])
 local after_wait = ARGV[7]
 local waited = tonumber(ARGV[8]) or 0
 
--- Streams found empty by delivered(), before promote() may add to them.
+-- Streams found empty by delivered(), until something may add to them (promote(), or
+-- settling an entry that does not run: an errback, a chord's body).
 local known_empty = {}
 
 local function promote()
@@ -138,6 +139,8 @@ local function delivered(tips)
     elseif start_entry(stream, entry_id, found[2], now_ms, worker, 1, default_ttl) then
       entries[#entries + 1] = {stream, entry_id, found[2]}
       count = count - 1
+    else
+      known_empty = {}  -- settled here: what depends on it may have been enqueued
     end
   end
 end
@@ -167,8 +170,8 @@ local tips = nil
 if drained then
   tips = {}
   for k = 3, #KEYS do
-    -- Every stream was looked at (drained), and a script adds no entry meanwhile: a
-    -- length of 0 is still 0.
+    -- Every stream was looked at (drained). An entry this call added since (settling
+    -- one that did not run) is past its tip: the next wait returns it at once.
     local newest = lengths[KEYS[k]] > 0
       and redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', '1')
     tips[KEYS[k]] = newest and newest[1] and newest[1][1] or '0-0'
