@@ -8,7 +8,9 @@ Tests never flush a server: each uses its own namespace and deletes its keys by 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -28,6 +30,27 @@ from aiotasks.testing.server import OwnServer, resolve_server, server_binary
 from tests.helpers import children
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import_every_module() -> None:
+    """Import all of aiotasks before any test runs: no test is the first to import a module.
+
+    aiotasks is a pytest plugin, so pytest assert-rewrites its modules on first import, and
+    CPython 3.11 keeps the depth counter of that AST conversion per interpreter, not per
+    call: a conversion re-entered from a finalizer run by the collector, or run beside a
+    test's thread, fails with "SystemError: AST constructor recursion depth mismatch"
+    (pytest-dev/pytest#10763). CI saw it once, in `web --app nocolon`'s first import of
+    aiotasks.web. At this point nothing has leaked and no thread runs.
+    """
+    import aiotasks
+
+    for module in pkgutil.walk_packages(aiotasks.__path__, "aiotasks."):
+        if module.name != "aiotasks.__main__":  # that one runs the CLI
+            with suppress(ImportError):  # an extra that is not installed
+                importlib.import_module(module.name)
+
+
+_import_every_module()
 
 
 @pytest.fixture(scope="session")
