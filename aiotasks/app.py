@@ -18,7 +18,14 @@ from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
 from .logs import visible_errors
-from .message import SEND_OPTIONS, Message, check_options, is_queue_name, positive_number
+from .message import (
+    QUEUE_NAME_RULE,
+    SEND_OPTIONS,
+    Message,
+    check_options,
+    is_queue_name,
+    positive_number,
+)
 from .nodes import signature_of
 from .task import (
     Task,
@@ -112,8 +119,7 @@ class App:
         for pattern, queue in (task_routes or {}).items():
             if not is_queue_name(queue):
                 raise ValueError(
-                    f"task_routes[{pattern!r}] must be a queue name (no commas, no surrounding "
-                    f"spaces), got {queue!r:.60}"
+                    f"task_routes[{pattern!r}] must be {QUEUE_NAME_RULE}, got {queue!r:.60}"
                 )
         if not positive_number(visibility_timeout):
             raise ValueError(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import codec
 from .errors import AiotasksError, SerializationError
-from .message import is_queue_name
+from .message import QUEUE_NAME_RULE, is_queue_name
 from .schedule import Periodic
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ def check_queue_name(queue: str) -> None:
     """Raise ValueError for a name no worker could take from: a worker's queues are named
     without surrounding spaces or commas (`--queues a,b`)."""
     if not is_queue_name(queue):
-        raise ValueError(f"{queue!r} is not a queue name (no commas, no surrounding spaces)")
+        raise ValueError(f"{queue!r} is not {QUEUE_NAME_RULE}")
 
 
 class Queues:

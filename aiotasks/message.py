@@ -213,6 +213,10 @@ def _when(value: Any) -> bool:
 _TEN_YEARS = f"{MAX_SECONDS:,} (ten years)"
 
 
+#: What `is_queue_name` asks, as every error that refuses a queue name words it.
+QUEUE_NAME_RULE = "a queue name (no commas, no surrounding spaces)"
+
+
 def is_queue_name(value: Any) -> bool:
     """Whether a worker could take from a queue of this name: a worker's queues are
     named without commas or surrounding spaces (`--queues a,b`)."""
@@ -267,9 +271,7 @@ def check_options(options: dict[str, Any], *, sending: bool = True) -> None:
             raise ValueError(f"{name} must be {check[1]}, got {value!r:.60}")
     queue = options.get("queue")
     if sending and queue is not None and not is_queue_name(queue):
-        raise ValueError(
-            f"queue must be a queue name (no commas, no surrounding spaces), got {queue!r:.60}"
-        )
+        raise ValueError(f"queue must be {QUEUE_NAME_RULE}, got {queue!r:.60}")
     soft, hard = options.get("soft_timeout"), options.get("hard_timeout")
     if soft is not None and hard is not None and soft >= hard:
         raise ValueError(f"soft_timeout ({soft}) must be less than hard_timeout ({hard})")

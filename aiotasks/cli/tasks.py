@@ -14,7 +14,7 @@ import typer
 from ..admin import Admin, Arguments
 from ..errors import ResultTimeout, SerializationError, TaskFailed, TaskRevoked
 from ..handle import TaskInfo, TaskState
-from ..message import check_options, is_queue_name
+from ..message import QUEUE_NAME_RULE, check_options, is_queue_name
 from .common import (
     AppOption,
     JsonOption,
@@ -254,7 +254,7 @@ def _send_options(
     if queue is not None and not queue.strip():
         raise fail("--queue is empty: give a queue name, or leave it out for the task's route", 2)
     if queue is not None and not is_queue_name(queue):
-        raise fail(f"--queue {queue!r} is not a queue name (no commas, no surrounding spaces)", 2)
+        raise fail(f"--queue {queue!r} is not {QUEUE_NAME_RULE}", 2)
     options: dict[str, Any] = {}
     if finite("--countdown", countdown):
         options["countdown"] = countdown
