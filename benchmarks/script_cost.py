@@ -86,36 +86,17 @@ async def _run(
             await noop.send_many([((), None)] * min(1000, tasks - start))
         marks.append(mark(r))
         streams = client.keys.streams("default")
-        got: list[dict[bytes, Any]] = []
+        fetch = _fetch_options(streams)
+        got: list[Any] = []
         while len(got) < tasks:
-            reply = await client.scripts.fetch(
-                streams=streams,
-                consumer="bench",
-                count=batch,
-                now_ms=int(time.time() * 1000),
-                worker="bench",
-                promote_limit=100,
-                default_ttl=3600,
-            )
+            reply = await client.scripts.fetch(count=batch, now_ms=_now_ms(), **fetch)
             if not reply[b"entries"]:
                 break
             got += reply[b"entries"]
         marks.append(mark(r))
         for start in range(0, len(got), batch):
-            ops = []
-            for entry in got[start : start + batch]:
-                ops.append(
-                    done_op(
-                        entry[0].decode(),
-                        entry[1],
-                        # [stream, entry id, fields flat]: the id is a field by name.
-                        entry[2][entry[2].index(b"id") + 1].decode(),
-                        "SUCCESS",
-                        3600,
-                        _fields(),
-                    )
-                )
-            await client.scripts.finish(streams=streams, now_ms=int(time.time() * 1000), ops=ops)
+            ops = [_done(entry) for entry in got[start : start + batch]]
+            await client.scripts.finish(streams=streams, now_ms=_now_ms(), ops=ops)
         marks.append(mark(r))
         await _idle_rounds(client, noop, streams, batch, _rounds(tasks))
         marks.append(mark(r))
@@ -134,9 +115,26 @@ def _rounds(tasks: int) -> int:
     return min(tasks, IDLE_ROUNDS)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _fetch_options(streams: list[str]) -> dict[str, Any]:
+    """fetch.lua's arguments as the worker "bench" gives them, but `count`, `now_ms`, `wait`."""
+    return {"streams": streams, "consumer": "bench", "worker": "bench", "promote_limit": 100,
+            "default_ttl": 3600}  # fmt: skip
+
+
+def _done(entry: list[Any]) -> Any:
+    """The finish op of a fetched entry ([stream, entry id, fields flat]) that returned None."""
+    stream, entry_id, flat = entry
+    task_id = flat[flat.index(b"id") + 1].decode()  # the id is a field by name
+    return done_op(stream.decode(), entry_id, task_id, "SUCCESS", 3600, _fields())
+
+
 def _fields() -> list[str | bytes]:
     """The fields a worker stores for a no-op that returned None (msgpack-encoded)."""
-    t = str(int(time.time() * 1000))
+    t = str(_now_ms())
     return ["started_at", t, "finished_at", t, "attempts", "1", "worker", "bench", "result",
             b"\xc0", "ct", "msgpack"]  # fmt: skip
 
@@ -146,19 +144,16 @@ async def _idle_rounds(client: Any, noop: Any, streams: list[str], batch: int, r
     behind a blocking read (fetch.lua's after-wait path; the read finds the entry there,
     so it does not block: Redis' wake of a blocked reader is not counted) with `batch`
     slots free, its finish. The three scripts on a send's round trip to its result."""
-    fetch = {"streams": streams, "consumer": "bench", "worker": "bench", "promote_limit": 100}
-    fetch |= {"default_ttl": 3600}
-    reply = await client.scripts.fetch(count=batch, now_ms=int(time.time() * 1000), **fetch)
+    fetch = _fetch_options(streams)
+    reply = await client.scripts.fetch(count=batch, now_ms=_now_ms(), **fetch)
     for _ in range(rounds):
         tips = reply[b"tips"]
         await noop.send()
         reply = await client.scripts.fetch(
-            count=batch, now_ms=int(time.time() * 1000), wait=(1000, tips), **fetch
+            count=batch, now_ms=_now_ms(), wait=(1000, tips), **fetch
         )
-        stream, entry, flat = reply[b"entries"][0]
-        task_id = flat[flat.index(b"id") + 1].decode()
-        op = done_op(stream.decode(), entry, task_id, "SUCCESS", 3600, _fields())
-        await client.scripts.finish(streams=streams, now_ms=int(time.time() * 1000), ops=[op])
+        op = _done(reply[b"entries"][0])
+        await client.scripts.finish(streams=streams, now_ms=_now_ms(), ops=[op])
 
 
 def measure(url: str, tasks: int, batch: int, reps: int) -> list[dict[str, Any]]:
