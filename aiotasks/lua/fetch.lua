@@ -36,14 +36,15 @@ local default_ttl = tonumber(ARGV[6])
 local after_wait = ARGV[7]
 local waited = tonumber(ARGV[8]) or 0
 
--- Streams found empty by delivered(), until something may add to them (promote(), or
--- settling an entry that does not run: an errback, a chord's body).
-local known_empty = {}
+-- Each stream's length as this call found it (XLEN), for empty() and the tips, until
+-- something may add to the streams (promote(), or settling an entry that does not run
+-- after the wait: an errback, a chord's body).
+local lengths = {}
 
 local function promote()
   local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', txt(now_ms), 'LIMIT', '0',
     txt(promote_limit))
-  if #due > 0 then known_empty = {} end  -- it may add to them
+  if #due > 0 then lengths = {} end  -- it may add to them
   for _, id in ipairs(due) do
     redis.call('ZREM', K.delayed(), id)
     local tkey = K.task(id)
@@ -67,9 +68,6 @@ end
 
 local lost = {}
 
--- Each stream's length, as empty() found it: the tips reuse it.
-local lengths = {}
-
 -- Whether a stream exists. The first call asks about every stream at once: most of a
 -- worker's streams (one per priority) are empty, and a call from Lua costs about as much
 -- as a small command's own work (some 8k instructions), which matters most on an idle
@@ -88,7 +86,7 @@ end
 -- fraction of an XREADGROUP. A stream that is gone is not empty here: its read finds
 -- the group gone and says so.
 local function empty(stream)
-  local n = known_empty[stream] and 0 or redis.call('XLEN', stream)
+  local n = lengths[stream] or redis.call('XLEN', stream)
   lengths[stream] = n
   return n == 0 and exists(stream)
 end
@@ -119,7 +117,7 @@ local function delivered(tips)
     -- An empty stream holds nothing to run: an entry delivered and deleted since (a
     -- purge, a revoke) leaves the PEL at its reclaim.
     local n = tip and redis.call('XLEN', KEYS[k])
-    if n == 0 then known_empty[KEYS[k]] = true end
+    if n then lengths[KEYS[k]] = n end
     local res = n and n > 0
       and redis.pcall('XPENDING', KEYS[k], GROUP, '(' .. tip, '+', '100', consumer)
     if type(res) == 'table' and not res.err then
@@ -140,7 +138,7 @@ local function delivered(tips)
       entries[#entries + 1] = {stream, entry_id, found[2]}
       count = count - 1
     else
-      known_empty = {}  -- settled here: what depends on it may have been enqueued
+      lengths = {}  -- settled here: what depends on it may have been enqueued
     end
   end
 end
