@@ -7,13 +7,13 @@ Tests never flush a server: each uses its own namespace and deletes its keys by 
 
 from __future__ import annotations
 
+import ast
 import asyncio
-import importlib
 import os
-import pkgutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -32,25 +32,27 @@ from tests.helpers import children
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _import_every_module() -> None:
-    """Import all of aiotasks before any test runs: no test is the first to import a module.
+def _serialise_ast_parsing() -> None:
+    """Let one thread at a time turn source into `ast` objects in this process.
 
-    aiotasks is a pytest plugin, so pytest assert-rewrites its modules on first import, and
-    CPython 3.11 keeps the depth counter of that AST conversion per interpreter, not per
-    call: a conversion re-entered from a finalizer run by the collector, or run beside a
-    test's thread, fails with "SystemError: AST constructor recursion depth mismatch"
-    (pytest-dev/pytest#10763). CI saw it once, in `web --app nocolon`'s first import of
-    aiotasks.web. At this point nothing has leaked and no thread runs.
+    CPython 3.11 keeps the depth counter of that conversion per interpreter, not per call:
+    two threads converting at once (the collector runs finalizers, and so other threads,
+    in the middle of one) fail with "SystemError: AST constructor recursion depth
+    mismatch" (pytest-dev/pytest#10763). Tests convert without knowing it: pytest
+    assert-rewrites a plugin's modules (aiotasks is one) at their first import, and a
+    traceback's carets parse the line. CI saw it once, in `web --app nocolon`.
     """
-    import aiotasks
+    parse = ast.parse
+    lock = threading.RLock()  # re-entrant: a finalizer run inside a conversion may parse
 
-    for module in pkgutil.walk_packages(aiotasks.__path__, "aiotasks."):
-        if module.name != "aiotasks.__main__":  # that one runs the CLI
-            with suppress(ImportError):  # an extra that is not installed
-                importlib.import_module(module.name)
+    def serialised(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return parse(*args, **kwargs)
+
+    ast.parse = serialised  # type: ignore[assignment]  # also what ast.literal_eval calls
 
 
-_import_every_module()
+_serialise_ast_parsing()
 
 
 @pytest.fixture(scope="session")
