@@ -213,7 +213,7 @@ def _when(value: Any) -> bool:
 _TEN_YEARS = f"{MAX_SECONDS:,} (ten years)"
 
 
-#: What `is_queue_name` asks, as every error that refuses a queue name words it.
+#: What `is_queue_name` asks, as the errors that refuse a name for it word it.
 QUEUE_NAME_RULE = "a queue name (no commas, no surrounding spaces)"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -32,27 +33,37 @@ from tests.helpers import children
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _serialise_ast_parsing() -> None:
-    """Let one thread at a time turn source into `ast` objects in this process.
+def _parse_uninterrupted() -> None:
+    """Turn source into `ast` objects with the collector off, one thread at a time.
 
-    CPython 3.11 keeps the depth counter of that conversion per interpreter, not per call:
-    two threads converting at once (the collector runs finalizers, and so other threads,
-    in the middle of one) fail with "SystemError: AST constructor recursion depth
-    mismatch" (pytest-dev/pytest#10763). Tests convert without knowing it: pytest
-    assert-rewrites a plugin's modules (aiotasks is one) at their first import, and a
-    traceback's carets parse the line. CI saw it once, in `web --app nocolon`.
+    CPython 3.11 before 3.11.8 and 3.12 before 3.12.2 keep one depth counter for every
+    such conversion in the interpreter (gh-106905): a finalizer that the collector runs
+    in the middle of one can hand the GIL to another thread converting too, and the first
+    fails with "SystemError: AST constructor recursion depth mismatch". This machine's
+    3.11.7 and 3.12.1 have it, and tests convert without knowing it (pytest rewrites a
+    plugin's modules, aiotasks among them, and parses for a traceback's carets): CI saw
+    it once, in `web --app nocolon`. With no finalizer, nothing runs in the middle of a
+    conversion; the lock keeps one thread from turning the collector back on under
+    another (re-entrant: a signal handler may parse between two lines of `ast.parse`).
     """
     parse = ast.parse
-    lock = threading.RLock()  # re-entrant: a finalizer run inside a conversion may parse
+    lock = threading.RLock()
 
-    def serialised(*args: Any, **kwargs: Any) -> Any:
+    def uninterrupted(*args: Any, **kwargs: Any) -> Any:
         with lock:
-            return parse(*args, **kwargs)
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                return parse(*args, **kwargs)
+            finally:
+                if collecting:
+                    gc.enable()
 
-    ast.parse = serialised  # type: ignore[assignment]  # also what ast.literal_eval calls
+    ast.parse = uninterrupted  # type: ignore[assignment]  # ast.literal_eval calls it too
 
 
-_serialise_ast_parsing()
+if sys.version_info < (3, 11, 8) or (3, 12) <= sys.version_info < (3, 12, 2):
+    _parse_uninterrupted()
 
 
 @pytest.fixture(scope="session")

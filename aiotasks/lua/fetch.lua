@@ -168,8 +168,9 @@ local tips = nil
 if drained then
   tips = {}
   for k = 3, #KEYS do
-    -- Every stream was looked at (drained). An entry this call added since (settling
-    -- one that did not run) is past its tip: the next wait returns it at once.
+    -- Every stream was looked at (drained), so empty() recorded each one's length, and
+    -- nothing forgets them after the wait's settling. An entry this call added since
+    -- (settling one that did not run) is past its tip: the next wait returns it at once.
     local newest = lengths[KEYS[k]] > 0
       and redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', '1')
     tips[KEYS[k]] = newest and newest[1] and newest[1][1] or '0-0'
