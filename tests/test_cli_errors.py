@@ -8,6 +8,8 @@ as real `python -m aiotasks` processes against the test server.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import os
 import subprocess
@@ -24,7 +26,9 @@ import typer.main
 from typer.testing import CliRunner
 
 from aiotasks import App, TaskState
+from aiotasks.admin import Admin
 from aiotasks.cli import cli
+from aiotasks.cli.common import run_admin
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -384,3 +388,33 @@ def test_a_watch_whose_reader_goes_away_exits_without_an_error(redis_url: str) -
     proc.wait(20)
     stderr = proc.stderr.read().decode()
     assert "error:" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_broken_connections_leftover_error_is_not_printed(
+    redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncio's streams keep a broken connection's error in a future of their own; when
+    the collector frees it before its stream, asyncio logs it as a traceback after the
+    command's one error line (seen with a TLS server refusing a client without a
+    certificate). A command keeps that quiet, and only that."""
+    app = App(redis_url=redis_url, namespace=namespace)
+
+    async def leave_errors(admin: Admin) -> None:
+        loop = asyncio.get_running_loop()
+        for exc in (ConnectionResetError(104, "Connection reset by peer"), ValueError("a bug")):
+            loop.create_future().set_exception(exc)  # never retrieved: freed at once
+        task = loop.create_task(_raise(ConnectionResetError(104, "from a task")))
+        await asyncio.sleep(0)
+        assert task.done()
+        del task  # a task's error is the code's own: still reported
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run_admin(app, leave_errors)
+        gc.collect()
+    reported = [r.exc_info[1] for r in caplog.records if r.exc_info and "never" in r.getMessage()]
+    assert sorted(type(e).__name__ for e in reported) == ["ConnectionResetError", "ValueError"]
+    assert [str(e) for e in reported if isinstance(e, OSError)] == ["[Errno 104] from a task"]
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc

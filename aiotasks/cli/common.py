@@ -185,6 +185,7 @@ def run_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
 
 
 async def _with_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
+    asyncio.get_running_loop().set_exception_handler(_quiet_broken_connections)
     try:
         await _connect(app)
         recorded = await app.client.recorded_shards()
@@ -195,6 +196,21 @@ async def _with_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
         return await fn(Admin(app))
     finally:
         await app.close()
+
+
+def _quiet_broken_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Let asyncio report everything but a broken connection's error left in a future.
+
+    A stream that breaks keeps its error in a future of its own, marked seen only when the
+    stream is collected; if the collector frees the future first, asyncio prints it as a
+    traceback ("Future exception was never retrieved"), after the command has already
+    said, in one line, that Redis could not be reached (seen with a TLS server that
+    refuses a client without a certificate).
+    """
+    future = context.get("future")
+    if type(future) is asyncio.Future and isinstance(context.get("exception"), OSError):
+        return  # a plain future (not a task) holding a socket's error
+    loop.default_exception_handler(context)
 
 
 async def _connect(app: App) -> None:
