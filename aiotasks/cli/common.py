@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import os
+import ssl
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -198,18 +199,24 @@ async def _with_admin(app: App, fn: Callable[[Admin], Awaitable[T]]) -> T:
         await app.close()
 
 
-def _quiet_broken_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+def _quiet_broken_connections(
+    loop: asyncio.AbstractEventLoop, context: dict[str, Any], _future: type = asyncio.Future
+) -> None:
     """Let asyncio report everything but a broken connection's error left in a future.
 
     A stream that breaks keeps its error in a future of its own, marked seen only when the
     stream is collected; if the collector frees the future first, asyncio prints it as a
     traceback ("Future exception was never retrieved"), after the command has already
     said, in one line, that Redis could not be reached (seen with a TLS server that
-    refuses a client without a certificate).
+    refuses a client without a certificate). (`_future` is bound here: the report may
+    come at interpreter exit, when this module's globals are gone.)
     """
-    future = context.get("future")
-    if type(future) is asyncio.Future and isinstance(context.get("exception"), OSError):
-        return  # a plain future (not a task) holding a socket's error
+    if (
+        type(context.get("future")) is _future  # a plain future, not a task
+        and isinstance(context.get("exception"), (ConnectionError, ssl.SSLError))
+        and context.get("message") == "Future exception was never retrieved"
+    ):
+        return
     loop.default_exception_handler(context)
 
 
