@@ -8,10 +8,15 @@ redis-py#4287 for a peer reset), or under uvloop with RuntimeError ("the handler
 closed"). No retry policy recognises those, so a send raised them to its caller, and a
 worker stopped, in the middle of a slot migration. Here that failure is what it is, a
 ConnectionError, and every retry loop waits it out like any other lost connection.
+
+A connection that breaks also leaves its error in a future of asyncio's own, which the
+stream marks seen only when it is collected; a disconnect here marks it seen at once (see
+`_Guarded.disconnect`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis, RedisCluster
@@ -49,9 +54,30 @@ class _Guarded:
                 raise
             raise await self._lost(exc) from exc
 
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        writer = getattr(self, "_writer", None)
+        await super().disconnect(*args, **kwargs)  # type: ignore[misc]
+        # asyncio's stream protocol sets a broken connection's error on its `_closed`
+        # future, which only `wait_closed()` (skipped by a disconnect after a failed
+        # command) or the protocol's collection marks seen. When the collector frees the
+        # future first, asyncio prints "Future exception was never retrieved" and a
+        # traceback, in a CLI after its one error line and in a worker's log, for an
+        # error the command has already raised as a ConnectionError.
+        closed = getattr(getattr(writer, "_protocol", None), "_closed", None)
+        if isinstance(closed, asyncio.Future):
+            if closed.done():
+                _seen(closed)  # now: a callback would wait a turn of the loop
+            else:
+                closed.add_done_callback(_seen)
+
     async def _lost(self, exc: BaseException) -> RedisConnectionError:
-        await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+        await self.disconnect(nowait=True)
         return RedisConnectionError(f"the connection was closed under a command ({exc})")
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 _MADE: dict[type, type] = {}

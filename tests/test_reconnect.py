@@ -7,12 +7,15 @@ as a server that lost its memory would.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import redis
+from redis.asyncio.connection import Connection, parse_url
 
 from aiotasks import AiotasksError, App, BrokerConnectionError, TaskLost, TaskState
 from aiotasks.testing.server import OwnServer
@@ -263,6 +266,65 @@ class _TornWriter:
 
     async def wait_closed(self) -> None:
         pass
+
+
+async def test_a_broken_connections_error_is_not_left_for_asyncio_to_print(
+    redis_url: str,
+) -> None:
+    """A connection reset under a command raises a ConnectionError, and the same error,
+    which asyncio's stream keeps in a future of its own, is marked seen: collected before
+    its stream, that future would print "Future exception was never retrieved" and a
+    traceback (a CLI after its one error line, a worker in its log)."""
+    from aiotasks.transport import guarded
+
+    target = parse_url(redis_url)
+
+    async def reset_at_ping(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        # A proxy to the test server (which answers the connection's handshake) that
+        # resets the client's connection when a PING comes.
+        server_r, server_w = await asyncio.open_connection(target["host"], target["port"])
+
+        async def down() -> None:
+            while data := await server_r.read(65536):
+                client_w.write(data)
+
+        relay = asyncio.create_task(down())
+        while data := await client_r.read(65536):
+            if b"PING" in data:
+                sock = client_w.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client_w.transport.abort()  # with a zero linger: a reset, not an end
+                break
+            server_w.write(data)
+        relay.cancel()
+        server_w.close()
+
+    proxy = await asyncio.start_server(reset_at_ping, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    options = {k: v for k, v in target.items() if k not in ("host", "port")}
+    conn = guarded(Connection)(host="127.0.0.1", port=port, **options)
+    try:
+        await conn.connect()
+        # Held, so that its own collection does not mark the future seen, as in a cycle
+        # (a TLS connection's) the collector may free the future first.
+        protocol = conn._writer._protocol  # type: ignore[union-attr]
+        closed = protocol._closed
+        await conn.send_command("PING")
+        with pytest.raises(redis.ConnectionError):
+            await conn.read_response()
+        assert closed.done()  # connection_lost() set it as it woke the read
+        closed.__del__()  # what collecting it first does: report it unless it was seen
+        assert reported == []
+        del protocol
+        assert isinstance(closed.exception(), ConnectionResetError)
+    finally:
+        loop.set_exception_handler(None)
+        await conn.disconnect()
+        proxy.close()
+        await proxy.wait_closed()
 
 
 def test_only_a_torn_transport_reads_as_a_lost_connection() -> None:

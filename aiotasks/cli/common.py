@@ -208,8 +208,11 @@ def _quiet_broken_connections(
     stream is collected; if the collector frees the future first, asyncio prints it as a
     traceback ("Future exception was never retrieved"), after the command has already
     said, in one line, that Redis could not be reached (seen with a TLS server that
-    refuses a client without a certificate). (`_future` is bound here: the report may
-    come at interpreter exit, when this module's globals are gone.)
+    refuses a client without a certificate). aiotasks' own connections mark it seen when
+    they disconnect (transport.py); this covers the ones redis-py makes for itself (a
+    Sentinel's connections to the Sentinels) and probes of a cluster's nodes. (`_future`
+    is bound here: the report may come at interpreter exit, when this module's globals
+    are gone.)
     """
     if (
         type(context.get("future")) is _future  # a plain future, not a task
