@@ -117,7 +117,7 @@ local function delivered(tips)
     -- An empty stream holds nothing to run: an entry delivered and deleted since (a
     -- purge, a revoke) leaves the PEL at its reclaim.
     local n = tip and redis.call('XLEN', KEYS[k])
-    if n then lengths[KEYS[k]] = n end
+    lengths[KEYS[k]] = n
     local res = n and n > 0
       and redis.pcall('XPENDING', KEYS[k], GROUP, '(' .. tip, '+', '100', consumer)
     if type(res) == 'table' and not res.err then
