@@ -1,7 +1,7 @@
 """Worker (Python) instructions per no-op task, counted by valgrind's callgrind.
 
     python benchmarks/worker_cost.py [--tasks 1000 3000] [--concurrency 32]
-                                     [--python PATH] [--redis-url URL]
+                                     [--python PATH] [--redis-url URL] [--alone]
 
 Runs `aiotasks run --burst` under callgrind twice, on a queue of `--tasks` no-ops each
 time (a server of its own unless `--redis-url`), and reports the difference of the two
@@ -10,6 +10,10 @@ connecting, the first fetch) taken out. The count is the same run after run (0.0
 whatever else the machine does, where CPU time per task moves ±30% on a shared 2-core
 machine: a change to the hot path shows up however small. `--python` measures another
 interpreter (one with aiotasks installed, or this checkout on its path).
+
+`--alone` counts a task served alone instead, as on the path of `make bench`'s
+send -> result latency: the worker runs as a service (not `--burst`) and a client sends
+the tasks one at a time, each after the last one's result (default 100 and 300 tasks).
 
 `make bench` reports the worker's CPU per task in seconds; this says whether a change to
 the worker's Python moved it. The protocol is in benchmarks/README.md.
@@ -22,10 +26,12 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # aiotasks_extras, beside this
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # aiotasks, this checkout
@@ -66,14 +72,32 @@ async def _fill(url: str, namespace: str, tasks: int) -> None:
             await noop.send_many([((), None)] * min(1000, tasks - start))
 
 
+async def _one_at_a_time(url: str, namespace: str, tasks: int) -> None:
+    """Send `tasks` no-ops one at a time, each after the last one's result."""
+    app = App(redis_url=url, namespace=namespace)
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    async with app:
+        for _ in range(tasks):
+            # Long: the first waits for the worker to start, all of it under valgrind.
+            await (await noop.send()).result(timeout=300)
+
+
 async def _clean(url: str, namespace: str) -> None:
     async with App(redis_url=url, namespace=namespace) as app:
         await _drain_keys(app.client.redis, namespace)
 
 
-def _count(python: str, url: str, tasks: int, concurrency: int, tmp: Path) -> int:
-    """Instructions of one burst worker that runs `tasks` no-ops."""
-    asyncio.run(_fill(url, NAMESPACE, tasks))
+def _count(python: str, url: str, tasks: int, concurrency: int, tmp: Path, alone: bool) -> int:
+    """Instructions of one worker that runs `tasks` no-ops: queued before it starts (a
+    burst), or `alone`, sent one at a time while it runs."""
+    if alone:
+        asyncio.run(_clean(url, NAMESPACE))
+    else:
+        asyncio.run(_fill(url, NAMESPACE, tasks))
     out = tmp / f"cg.{tasks}"
     env = {
         **os.environ,
@@ -85,12 +109,25 @@ def _count(python: str, url: str, tasks: int, concurrency: int, tmp: Path) -> in
         ),
     }
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python]
-    argv += ["-m", "aiotasks", "run", "worker_cost_app:app", "--burst"]
-    argv += ["--concurrency", str(concurrency)]
+    argv += ["-m", "aiotasks", "run", "worker_cost_app:app", "--concurrency", str(concurrency)]
     try:
-        run = subprocess.run(argv, env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
-        if run.returncode != 0:
-            raise SystemExit(f"the worker failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+        if not alone:
+            run = subprocess.run(
+                [*argv, "--burst"], env=env, cwd=tmp, capture_output=True, text=True, timeout=900
+            )
+            code, err = run.returncode, run.stderr
+        else:
+            proc = subprocess.Popen(
+                argv, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            try:
+                asyncio.run(_one_at_a_time(url, NAMESPACE, tasks))
+            finally:
+                proc.send_signal(signal.SIGTERM)  # a clean stop: callgrind writes its count
+                err = proc.communicate(timeout=300)[1]
+            code = proc.returncode
+        if code != 0:
+            raise SystemExit(f"the worker failed (exit {code}):\n{err[-2000:]}")
     finally:
         asyncio.run(_clean(url, NAMESPACE))
     for line in out.read_text().splitlines():
@@ -99,14 +136,16 @@ def _count(python: str, url: str, tasks: int, concurrency: int, tmp: Path) -> in
     raise SystemExit(f"no total in {out}")
 
 
-def measure(python: str, url: str, small: int, large: int, concurrency: int) -> dict[str, float]:
+def measure(
+    python: str, url: str, small: int, large: int, concurrency: int, alone: bool = False
+) -> dict[str, Any]:
     """Instructions per task between a run of `small` tasks and one of `large`."""
     if not shutil.which("valgrind"):
         raise SystemExit("worker_cost.py needs valgrind (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "worker_cost_app.py").write_text(APP)
-        a = _count(python, url, small, concurrency, Path(tmp))
-        b = _count(python, url, large, concurrency, Path(tmp))
+        a = _count(python, url, small, concurrency, Path(tmp), alone)
+        b = _count(python, url, large, concurrency, Path(tmp), alone)
     version = subprocess.run(
         [python, "-c", "import platform; print(platform.python_version())"],
         capture_output=True,
@@ -116,6 +155,7 @@ def measure(python: str, url: str, small: int, large: int, concurrency: int) -> 
     return {
         "python": version,
         "concurrency": concurrency,
+        "alone": alone,
         "tasks": large - small,
         "kinstr_per_task": round((b - a) / (large - small) / 1000, 1),
     }
@@ -123,11 +163,15 @@ def measure(python: str, url: str, small: int, large: int, concurrency: int) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", type=int, nargs=2, default=[1000, 3000], metavar=("SMALL", "LARGE"))
+    p.add_argument("--tasks", type=int, nargs=2, metavar=("SMALL", "LARGE"),
+                   help="default: 1000 3000, or 100 300 --alone")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--python", default=sys.executable, help="the interpreter to measure")
     p.add_argument("--redis-url", default=None, help="default: a server of its own")
+    p.add_argument("--alone", action="store_true", help="tasks sent one at a time")
     a = p.parse_args()
+    if a.tasks is None:
+        a.tasks = [100, 300] if a.alone else [1000, 3000]
     # The run happens in a directory of its own: a relative path would not be found.
     python = shutil.which(a.python) or a.python
     a.python = str(Path(python).absolute())
@@ -135,14 +179,15 @@ def main() -> None:
     if small == large:
         raise SystemExit("--tasks needs two different counts")
     if a.redis_url:
-        row = measure(a.python, a.redis_url, small, large, a.concurrency)
+        row = measure(a.python, a.redis_url, small, large, a.concurrency, a.alone)
     else:
         with OwnServer(config={"save": "", "appendonly": "no"}) as server:
-            row = measure(a.python, server.url, small, large, a.concurrency)
+            row = measure(a.python, server.url, small, large, a.concurrency, a.alone)
+    how = "sent one at a time" if a.alone else "callgrind"
     print(
         f"Python {row['python']}, concurrency {row['concurrency']}: "
         f"{row['kinstr_per_task']:,.1f} k worker instructions per no-op task "
-        f"(callgrind, {row['tasks']:,} tasks)"
+        f"({how}, {row['tasks']:,} tasks)"
     )
     print(json.dumps(row))
 

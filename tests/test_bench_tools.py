@@ -69,3 +69,21 @@ def test_worker_cost_counts_the_workers_instructions_per_task() -> None:
     # Tens to hundreds of thousands of instructions a task: the difference of two real
     # runs, not a start-up cost or a run that failed to drain its queue.
     assert 20 < row["kinstr_per_task"] < 2000, row
+
+
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="needs valgrind")
+def test_worker_cost_alone_counts_a_task_served_alone() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "worker_cost.py"), "--alone"]
+        + ["--tasks", "10", "30"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sent one at a time" in proc.stdout
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row["tasks"] == 20 and row["alone"] is True
+    # A lone task pays a wake and a finish of its own: several batched tasks' worth.
+    assert 200 < row["kinstr_per_task"] < 20000, row
