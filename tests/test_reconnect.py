@@ -327,6 +327,29 @@ async def test_a_broken_connections_error_is_not_left_for_asyncio_to_print(
         await proxy.wait_closed()
 
 
+def test_a_command_is_packed_as_redis_py_packs_it() -> None:
+    """aiotasks' connections pack commands with hiredis directly, skipping redis-py's
+    encoding of each argument: the bytes on the wire are the same, and what redis-py
+    refuses, it still refuses."""
+    from aiotasks.transport import guarded
+
+    ours, theirs = guarded(Connection)(), Connection()
+    for args in [
+        ("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "BLOCK", 1000, "STREAMS", "s", ">"),
+        ("FCALL", "f", 2, "{p}:", "{p}:guard", 1796590350946, "send", b"\x91\x89\xa1v"),
+        ("SET", "é", 2.5, 1e20, -0.0, float("inf"), 2**70, -3, memoryview(b"m")),
+        ("SET", "k", bytearray(b"ba")),  # redis-py's way: hiredis takes no bytearray
+        ("CLIENT SETINFO", "LIB-NAME", "x"),  # a name of two words: redis-py splits it
+        (b"GET", "k"),
+    ]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args
+    for bad in [("SET", "k", True), ("SET", "k", None), ("SET", "\udc80", "v")]:
+        with pytest.raises(Exception) as refused:
+            theirs.pack_command(*bad)
+        with pytest.raises(type(refused.value)):
+            ours.pack_command(*bad)
+
+
 def test_only_a_torn_transport_reads_as_a_lost_connection() -> None:
     """A bug elsewhere (an attribute missing on a real object) is not retried as one."""
     from aiotasks.transport import _torn
