@@ -46,11 +46,14 @@ class _Guarded:
     def pack_command(self, *args: Any) -> list[bytes]:
         # redis-py encodes every argument in Python before hiredis packs them, about
         # 0.5 µs an argument: an idle worker's wake (a blocking read and fetch.lua in one
-        # pipeline) names its streams four times, some 50 arguments, and so cost more to
-        # pack than the scripts cost Redis to run. hiredis packs str (as UTF-8), int,
-        # float (as repr) and bytes as that encoding does; anything else (a bool, which
-        # redis-py refuses, a bytearray), a command name of two words ("CLIENT SETINFO",
-        # which redis-py splits) or an encoding of the client's own goes redis-py's way.
+        # pipeline) names its streams four times, some 50 arguments, 34 µs to pack where
+        # hiredis alone takes 4 (with the finish, 30% of a lone task's worker
+        # instructions). hiredis packs str (as UTF-8), int, float (as repr) and bytes as
+        # that encoding does; anything else (a bool, which redis-py refuses, a bytearray),
+        # a memoryview (redis-py sends a large one as a chunk of its own, uncopied, and
+        # refuses one with strides, which hiredis would pack wrong), a command name
+        # redis-py would split ("CLIENT SETINFO", or with whitespace around it) or an
+        # encoding of the client's own goes redis-py's way.
         fast = self._fast_pack
         if fast is None:
             encoder = getattr(self, "encoder", None)
@@ -59,7 +62,12 @@ class _Guarded:
                 and getattr(encoder, "encoding_errors", None) == "strict"
             )
         head = args[0] if args else None
-        if fast and type(head) is str and " " not in head:
+        if (
+            fast
+            and type(head) is str
+            and head.split() == [head]
+            and memoryview not in map(type, args)
+        ):
             try:
                 return [hiredis.pack_command(args)]
             except (TypeError, UnicodeError):
@@ -84,23 +92,31 @@ class _Guarded:
 
     async def disconnect(self, *args: Any, **kwargs: Any) -> None:
         writer = getattr(self, "_writer", None)
-        await super().disconnect(*args, **kwargs)  # type: ignore[misc]
-        # asyncio's stream protocol sets a broken connection's error on its `_closed`
-        # future, which only `wait_closed()` (skipped by a disconnect after a failed
-        # command) or the protocol's collection marks seen. When the collector frees the
-        # future first, asyncio prints "Future exception was never retrieved" and a
-        # traceback, in a CLI after its one error line and in a worker's log, for an
-        # error the command has already raised as a ConnectionError.
-        closed = getattr(getattr(writer, "_protocol", None), "_closed", None)
-        if isinstance(closed, asyncio.Future):
-            if closed.done():
-                _seen(closed)  # now: a callback would wait a turn of the loop
-            else:
-                closed.add_done_callback(_seen)
+        try:
+            await super().disconnect(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            _mark_seen(writer)
 
     async def _lost(self, exc: BaseException) -> RedisConnectionError:
         await self.disconnect(nowait=True)
         return RedisConnectionError(f"the connection was closed under a command ({exc})")
+
+
+def _mark_seen(writer: Any) -> None:
+    """Mark the error a closed stream keeps in a future of asyncio's own as seen."""
+    # asyncio's stream protocol sets a broken connection's error on its `_closed` future,
+    # which only `wait_closed()` (skipped by a disconnect after a failed command) or the
+    # protocol's collection marks seen. When the collector frees the future first,
+    # asyncio prints "Future exception was never retrieved" and a traceback, in a CLI
+    # after its one error line and in a worker's log, for an error the command has
+    # already raised as a ConnectionError. (`_protocol._closed` is asyncio's own, in
+    # 3.11 to 3.13; without it, nothing is marked.)
+    closed = getattr(getattr(writer, "_protocol", None), "_closed", None)
+    if isinstance(closed, asyncio.Future):
+        if closed.done():
+            _seen(closed)  # now: a callback would wait a turn of the loop
+        else:
+            closed.add_done_callback(_seen)
 
 
 def _seen(future: asyncio.Future[Any]) -> None:

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # aiotasks, thi
 
 from aiotasks_extras import _drain_keys
 
-from aiotasks import App
+from aiotasks import App, ResultTimeout
 from aiotasks.testing.server import OwnServer
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +48,7 @@ NAMESPACE = "worker-cost"
 #: The app the measured worker runs: one no-op task, as `make bench` sends.
 APP = """
 import os
-from aiotasks import App
+from aiotasks import App, ResultTimeout
 
 app = App(namespace=os.environ["WORKER_COST_NAMESPACE"])
 
@@ -58,32 +59,60 @@ async def noop() -> None:
 """
 
 
-async def _fill(url: str, namespace: str, tasks: int) -> None:
-    """Queue `tasks` no-ops, on a namespace emptied first."""
+def _noop_app(url: str, namespace: str) -> tuple[App, Any]:
+    """A client App with the measured worker's no-op task, and the task."""
     app = App(redis_url=url, namespace=namespace)
 
     @app.task(name="noop")
     async def noop() -> None:
         return None
 
+    return app, noop
+
+
+async def _fill(url: str, namespace: str, tasks: int) -> None:
+    """Queue `tasks` no-ops, on a namespace emptied first."""
+    app, noop = _noop_app(url, namespace)
     async with app:
         await _drain_keys(app.client.redis, namespace)
         for start in range(0, tasks, 1000):
             await noop.send_many([((), None)] * min(1000, tasks - start))
 
 
-async def _one_at_a_time(url: str, namespace: str, tasks: int) -> None:
+class _NoResult(Exception):
+    """A task sent one at a time got no result: the worker exited, or hangs."""
+
+
+async def _one_at_a_time(
+    url: str, namespace: str, tasks: int, worker: subprocess.Popen[Any]
+) -> None:
     """Send `tasks` no-ops one at a time, each after the last one's result."""
-    app = App(redis_url=url, namespace=namespace)
-
-    @app.task(name="noop")
-    async def noop() -> None:
-        return None
-
+    app, noop = _noop_app(url, namespace)
     async with app:
-        for _ in range(tasks):
-            # Long: the first waits for the worker to start, all of it under valgrind.
-            await (await noop.send()).result(timeout=300)
+        for i in range(tasks):
+            handle = await noop.send()
+            # The first waits for the worker to start, under valgrind.
+            deadline = time.monotonic() + (240 if i == 0 else 60)
+            while True:
+                try:
+                    await handle.result(timeout=1)
+                    break
+                except ResultTimeout:
+                    if worker.poll() is not None:
+                        raise _NoResult(f"the worker exited (code {worker.returncode})") from None
+                    if time.monotonic() > deadline:
+                        raise _NoResult(f"task {i + 1} of {tasks} got no result") from None
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, a clean stop after which callgrind writes its count; killed if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def _clean(url: str, namespace: str) -> None:
@@ -117,15 +146,21 @@ def _count(python: str, url: str, tasks: int, concurrency: int, tmp: Path, alone
             )
             code, err = run.returncode, run.stderr
         else:
-            proc = subprocess.Popen(
-                argv, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-            )
-            try:
-                asyncio.run(_one_at_a_time(url, NAMESPACE, tasks))
-            finally:
-                proc.send_signal(signal.SIGTERM)  # a clean stop: callgrind writes its count
-                err = proc.communicate(timeout=300)[1]
-            code = proc.returncode
+            # Its log in a file: a pipe nobody reads while it runs could fill and stop it.
+            with (tmp / f"worker.{tasks}.log").open("w+") as log:
+                proc = subprocess.Popen(
+                    argv, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=log
+                )
+                try:
+                    asyncio.run(_one_at_a_time(url, NAMESPACE, tasks, proc))
+                except _NoResult as exc:
+                    _stop(proc)
+                    log.seek(0)
+                    raise SystemExit(f"{exc}:\n{log.read()[-2000:]}") from None
+                finally:
+                    _stop(proc)
+                log.seek(0)
+                code, err = proc.returncode, log.read()
         if code != 0:
             raise SystemExit(f"the worker failed (exit {code}):\n{err[-2000:]}")
     finally:

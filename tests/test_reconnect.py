@@ -11,6 +11,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -327,22 +328,40 @@ async def test_a_broken_connections_error_is_not_left_for_asyncio_to_print(
         await proxy.wait_closed()
 
 
-def test_a_command_is_packed_as_redis_py_packs_it() -> None:
+def test_a_command_is_packed_as_redis_py_packs_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """aiotasks' connections pack commands with hiredis directly, skipping redis-py's
     encoding of each argument: the bytes on the wire are the same, and what redis-py
     refuses, it still refuses."""
+    import hiredis
+
+    from aiotasks import transport
     from aiotasks.transport import guarded
+
+    packed_directly: list[tuple[Any, ...]] = []
+
+    def pack_and_count(args: tuple[Any, ...]) -> bytes:
+        out = hiredis.pack_command(args)
+        packed_directly.append(args)
+        return out
+
+    monkeypatch.setattr(transport, "hiredis", SimpleNamespace(pack_command=pack_and_count))
 
     ours, theirs = guarded(Connection)(), Connection()
     for args in [
         ("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "BLOCK", 1000, "STREAMS", "s", ">"),
         ("FCALL", "f", 2, "{p}:", "{p}:guard", 1796590350946, "send", b"\x91\x89\xa1v"),
-        ("SET", "é", 2.5, 1e20, -0.0, float("inf"), 2**70, -3, memoryview(b"m")),
+        ("SET", "é", 2.5, 1e20, -0.0, float("inf"), 2**70, -3),
         ("SET", "k", bytearray(b"ba")),  # redis-py's way: hiredis takes no bytearray
-        ("CLIENT SETINFO", "LIB-NAME", "x"),  # a name of two words: redis-py splits it
+        ("SET", "k", memoryview(b"abcdef")[::2]),  # a chunk of its own, strides and all
+        ("SET", "k", memoryview(b"m" * 10_000)),
+        ("CLIENT SETINFO", "LIB-NAME", "x"),  # names that redis-py splits or strips
+        ("GET\t", "k"),
+        ("GET\n", "k"),
+        ("", "GET", "k"),
         (b"GET", "k"),
     ]:
-        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args
+        assert ours.pack_command(*args) == theirs.pack_command(*args), args
+    assert [a[0] for a in packed_directly] == ["XREADGROUP", "FCALL", "SET"]
     for bad in [("SET", "k", True), ("SET", "k", None), ("SET", "\udc80", "v")]:
         with pytest.raises(Exception) as refused:
             theirs.pack_command(*bad)
