@@ -237,6 +237,10 @@ class Worker:
         """Wait until the worker is connected and consuming."""
         await self._started.wait()
 
+    async def wait_stopping(self) -> None:
+        """Wait until stop() is called."""
+        await self._stop.wait()
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Worker]:
         """Run the worker in the background for the duration of the block."""
@@ -315,7 +319,7 @@ class Worker:
         """
         if not await self._start():
             if self._prepared:  # prepare() registered us, then a stop came before run()
-                await self._unregister()
+                await self._leave()
             self._stopped.set()
             return
         self._warn_unserved()
@@ -340,11 +344,7 @@ class Worker:
                 self._fetching = loop.create_task(self._fetch_all())
                 await self._until_fetching_ends(self._fetching)
                 await self._shut_down(beats, background)
-            try:
-                async with asyncio.timeout(UNREGISTER_TIMEOUT):
-                    await self._unregister()
-            except TimeoutError:
-                log.warning("worker %s could not unregister (Redis did not answer)", self.name)
+            await self._leave()
         finally:
             self._share_outage(False)
             for ex in [*self._running.values(), *self._abandoned]:
@@ -481,6 +481,14 @@ class Worker:
             notifier.outage = self.outage
         elif not on and notifier.outage is self.outage:
             notifier.outage = None
+
+    async def _leave(self) -> None:
+        """Unregister within UNREGISTER_TIMEOUT: a hung server must not hold a stop."""
+        try:
+            async with asyncio.timeout(UNREGISTER_TIMEOUT):
+                await self._unregister()
+        except TimeoutError:
+            log.warning("worker %s could not unregister (Redis did not answer)", self.name)
 
     async def _unregister(self) -> None:
         """Leave the registry. A courtesy (the entry expires anyway), so a lost or refusing

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +29,10 @@ M = "reliability"  # the worker app module: basic.py's tasks plus staged_sleep
 async def wait_exit(proc: Any, timeout: float) -> tuple[int, float]:
     """Wait (without blocking the loop) for a worker process to exit: (code, seconds)."""
     t0 = time.monotonic()
-    code = await asyncio.to_thread(proc.wait, timeout)
+    try:
+        code = await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"no exit in {timeout} s; its log:\n{proc.output()}") from None
     return code, time.monotonic() - t0
 
 
@@ -266,3 +271,53 @@ async def test_sigterm_with_redis_hung_exits_in_bounded_time(
     assert code == 0, w.output()
     assert took < 1.0 + 1.0 + STORE_GRACE + UNREGISTER_TIMEOUT + 3.0, took
     assert "Traceback" not in w.output()
+
+
+def established_to(port: int) -> int:
+    """TCP connections established to a loopback port (any process): /proc/net/tcp."""
+    rows = [ln.split() for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[2].endswith(f":{port:04X}") and row[3] == "01")
+
+
+async def test_sigterm_while_connecting_to_a_hung_server_exits_at_once(
+    own_server: OwnServer, spawn_worker: Spawn
+) -> None:
+    """A server hung before the worker could prepare (each try of redis-py's lasts its
+    socket timeout and retries, 30 s and more) does not hold a SIGTERM: exit 0."""
+    own_server.pause()
+    try:
+        w = spawn_worker("--shutdown-timeout", "1", url=own_server.url)
+        port = int(own_server.url.rsplit(":", 1)[1].split("/")[0])
+
+        async def connecting() -> bool:
+            assert w.proc.poll() is None, w.output()
+            return established_to(port) > 0  # its signal handlers are set before
+
+        await wait_until(connecting, 20, "the worker to connect")
+        await asyncio.sleep(0.3)
+        w.signal(signal.SIGTERM)
+        code, took = await wait_exit(w, 30)
+    finally:
+        own_server.resume()
+    assert code == 0, w.output()
+    assert took < 4.0, (took, w.output())
+    assert "Traceback" not in w.output()
+
+
+async def test_a_prepared_worker_stopped_on_a_hung_server_does_not_wait_to_unregister(
+    own_server: OwnServer, namespace: str
+) -> None:
+    """prepare() registered the worker, then the server hung and a stop came before run():
+    run() leaves the registry within UNREGISTER_TIMEOUT, not redis-py's retries."""
+    async with App(redis_url=own_server.url, namespace=namespace) as app:
+        w = app.worker(shutdown_timeout=1)
+        await w.prepare()
+        own_server.pause()
+        try:
+            w.stop()
+            t0 = time.monotonic()
+            await asyncio.wait_for(w.run(), 30)
+            took = time.monotonic() - t0
+        finally:
+            own_server.resume()
+    assert UNREGISTER_TIMEOUT - 0.5 < took < UNREGISTER_TIMEOUT + 1.5, took

@@ -18,6 +18,7 @@ import typer
 from .. import logs
 from ..app import App
 from ..backoff import Backoff
+from ..cancel import cancel_and_wait
 from ..config import redact_url
 from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError
 from ..worker import Worker
@@ -182,7 +183,10 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None)
     attempt = 1
     while True:
         try:
-            await _ready(app, worker)
+            if worker is None:
+                await _ready(app, None)
+            else:
+                await _ready_unless_stopped(app, worker)
             return
         except BrokerConnectionError as exc:
             problem = f"cannot reach Redis at {url}"
@@ -207,6 +211,22 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None)
         )
         attempt += 1
         await asyncio.sleep(delay)
+
+
+async def _ready_unless_stopped(app: App, worker: Worker) -> None:
+    """_ready(), given up when a signal stops the worker first: against a hung server
+    (stopped, partitioned) each try lasts as long as redis-py's socket timeout and
+    retries, 30 s and more, and a SIGTERM must not wait for it. run() then sees the stop."""
+    ready = asyncio.ensure_future(_ready(app, worker))
+    stopping = asyncio.ensure_future(worker.wait_stopping())
+    try:
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        # Ended before run() starts: its command's connection is dropped on the way out.
+        await cancel_and_wait([ready])
+    if not ready.cancelled():
+        ready.result()
 
 
 async def _ready(app: App, worker: Worker | None) -> None:
@@ -271,7 +291,8 @@ async def serve(app: App, spec: str, worker_opts: dict[str, Any], connect_timeou
     # stop it gracefully (exit 0), not kill it with the default action.
     _handle_signals(worker)
     await wait_for_redis(app, connect_timeout, worker)
-    _announce(app, worker, spec)
+    if not worker.is_stopping:  # a signal while connecting: run() only ends it
+        _announce(app, worker, spec)
     _tune_gc()
     try:
         await worker.run()
