@@ -217,7 +217,7 @@ async def pubsub_client(top: Topology, key: str) -> Redis:
     slot = key_slot(key.encode())
     last: Exception | None = None
     for host, port in top.nodes:
-        probe = Redis(host=host, port=port, protocol=2, **top.options)
+        probe = guard_connections(Redis(host=host, port=port, protocol=2, **top.options))
         try:
             slots = await cast(Any, probe).execute_command("CLUSTER", "SLOTS")
             for first, end, owner, *_ in slots:

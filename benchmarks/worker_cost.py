@@ -151,16 +151,17 @@ def _count(python: str, url: str, tasks: int, concurrency: int, tmp: Path, alone
                 proc = subprocess.Popen(
                     argv, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=log
                 )
+                failed: _NoResult | None = None
                 try:
                     asyncio.run(_one_at_a_time(url, NAMESPACE, tasks, proc))
                 except _NoResult as exc:
-                    _stop(proc)
-                    log.seek(0)
-                    raise SystemExit(f"{exc}:\n{log.read()[-2000:]}") from None
+                    failed = exc
                 finally:
                     _stop(proc)
                 log.seek(0)
                 code, err = proc.returncode, log.read()
+                if failed is not None:
+                    raise SystemExit(f"{failed}:\n{err[-2000:]}")
         if code != 0:
             raise SystemExit(f"the worker failed (exit {code}):\n{err[-2000:]}")
     finally:
