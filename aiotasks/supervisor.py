@@ -93,6 +93,7 @@ class Child:
     started: float = 0.0
     restart_at: float | None = None
     handled: bool = False  # its exit was seen and acted on
+    sent: int = 0  # how many of the stop signals its current process was sent
     backoff: Backoff = field(default_factory=lambda: Backoff(start=0.5, cap=10.0))
 
     @property
@@ -130,19 +131,30 @@ class Supervisor:
         child.started = time.monotonic()
         child.restart_at = None
         child.handled = False
+        child.sent = 0
         log.info("started worker process %d (pid %d)", child.index, child.proc.pid)
 
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        """Forward a stop signal to every child; no more restarts."""
+        """Record a stop signal: the main loop forwards it to every child (`_forward`);
+        no more restarts."""
         self.stopping = True
         self.signals.append(signum)
         name = signal.Signals(signum).name
         again = "again " if len(self.signals) > 1 else ""
         log.warning("%s: stopping %sall worker processes", name, again)
+
+    def _forward(self) -> None:
+        """Send each child's process the stop signals it has not had yet. From the main
+        loop, not the handler: a signal that comes while a child is being started (at
+        startup, or a restart) would find its old process, and the new one would run on
+        with the supervisor waiting for it; and none is sent twice (a second signal
+        means "exit at once" to a worker)."""
         for child in self.children:
-            child.restart_at = None
-            if child.alive and child.proc is not None:
-                child.proc.send_signal(signum)
+            if self.stopping:
+                child.restart_at = None
+            while child.sent < len(self.signals) and child.alive and child.proc is not None:
+                child.proc.send_signal(self.signals[child.sent])
+                child.sent += 1
 
     def run(self) -> int:
         """Start every child and supervise until all have stopped; the exit code."""
@@ -153,7 +165,9 @@ class Supervisor:
             for child in self.children:
                 self.start(child)
             while not self._finished():
+                self._forward()
                 time.sleep(POLL_INTERVAL)
+                self._forward()
                 for child in self.children:
                     self._check(child)
         finally:

@@ -293,7 +293,9 @@ class Worker:
         while not self._stop.is_set():
             try:
                 await self._unless_stopped(self.prepare())
-                return self._prepared
+                # Stopped while preparing: a prepare cut off after it registered leaves
+                # (run() unregisters), and nothing starts.
+                return self._prepared and not self._stop.is_set()
             except (BrokerConnectionError, BrokerRefusedError) as exc:
                 delay = backoff.next()
                 log.error(

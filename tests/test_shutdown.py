@@ -276,7 +276,7 @@ async def test_sigterm_with_redis_hung_exits_in_bounded_time(
 def established_to(port: int) -> int:
     """TCP connections established to a loopback port (any process): /proc/net/tcp."""
     rows = [ln.split() for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]]
-    return sum(1 for row in rows if row[2].endswith(f":{port:04X}") and row[3] == "01")
+    return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "01")
 
 
 async def test_sigterm_while_connecting_to_a_hung_server_exits_at_once(

@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 from aiotasks import App
 from aiotasks.admin import Admin
-from aiotasks.supervisor import child_args
+from aiotasks.supervisor import Child, Supervisor, child_args
 from tests.helpers import children
 
 ADD = "tests.apps.basic.add"
@@ -125,3 +127,40 @@ async def test_children_stop_when_the_supervisor_is_killed(app: App, spawn_worke
     sup.kill()  # SIGKILL: no chance to forward anything
     for pid in kids:
         await until(lambda pid=pid: not alive(pid), 15, f"orphan {pid} to stop")
+
+
+class _SignalledWhileStarting(Supervisor):
+    """Children that only sleep; a SIGTERM handled just as the last one is being started
+    (the handler runs between two bytecodes of the main thread, Popen's among them)."""
+
+    def command(self, index: int) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    def start(self, child: Child) -> None:
+        if child.index == len(self.children) - 1 and not self.signals:
+            self.on_signal(signal.SIGTERM, None)
+        super().start(child)
+
+
+def test_a_signal_while_a_child_starts_reaches_it_too() -> None:
+    sup = _SignalledWhileStarting(3, ["aiotasks", "run", "m:app", "--processes", "3"])
+
+    def kill_all() -> None:  # lets a run() that waits for a child that got nothing end
+        for c in sup.children:
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.kill()
+
+    guard = threading.Timer(20, kill_all)
+    guard.start()
+    try:
+        t0 = time.monotonic()
+        code = sup.run()  # in the main thread: it installs signal handlers
+        took = time.monotonic() - t0
+    finally:
+        guard.cancel()
+        kill_all()
+    codes = [c.proc.returncode if c.proc is not None else None for c in sup.children]
+    assert codes == [-signal.SIGTERM] * 3, codes
+    assert code == 0
+    assert took < 10, took
+    assert [c.sent for c in sup.children] == [1, 1, 1]

@@ -210,9 +210,8 @@ def _quiet_broken_connections(
     said, in one line, that Redis could not be reached (seen with a TLS server that
     refuses a client without a certificate). aiotasks' own connections mark it seen when
     they disconnect (transport.py); this covers the ones redis-py makes for itself (a
-    Sentinel's connections to the Sentinels). (`_future`
-    is bound here: the report may come at interpreter exit, when this module's globals
-    are gone.)
+    Sentinel's connections to the Sentinels). (`_future` is bound here: the report may
+    come at interpreter exit, when this module's globals are gone.)
     """
     if (
         type(context.get("future")) is _future  # a plain future, not a task

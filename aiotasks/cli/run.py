@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine
+from contextlib import suppress
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -210,7 +211,13 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None)
             extra={"redis_url": url, "attempt": attempt, "retry_in": round(delay, 3)},
         )
         attempt += 1
-        await asyncio.sleep(delay)
+        if worker is None:
+            await asyncio.sleep(delay)
+            continue
+        with suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await worker.wait_stopping()
+                return  # a signal came while waiting: run() sees the stop
 
 
 async def _ready_unless_stopped(app: App, worker: Worker) -> None:
