@@ -9,11 +9,13 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from aiotasks import App, TaskState
+from aiotasks.cancel import cancel_and_wait
+from aiotasks.cli.run import CLOSE_TIMEOUT
 from aiotasks.testing.server import OwnServer
 from aiotasks.worker import STORE_GRACE, UNREGISTER_TIMEOUT
 from tests.helpers import ReadAhead, pid_of, runs_key, wait_consuming, wait_state, wait_until
@@ -332,3 +334,73 @@ async def test_a_prepared_worker_stopped_on_a_hung_server_does_not_wait_to_unreg
         finally:
             own_server.resume()
     assert UNREGISTER_TIMEOUT - 0.5 < took < UNREGISTER_TIMEOUT + 1.5, took
+
+
+class HangingProxy:
+    """A loopback proxy to a server that passes everything until a client sends `at`,
+    then nothing more, either way, on any connection (old or new): a server that hangs
+    at a chosen command."""
+
+    def __init__(self, host: str, port: int, at: bytes) -> None:
+        self.target = (host, port)
+        self.at = at
+        self.hung = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await cancel_and_wait(self._tasks)
+        for w in self._writers:
+            w.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self._tasks.append(cast(asyncio.Task[None], asyncio.current_task()))
+        self._writers.append(client_w)
+        if self.hung.is_set():
+            await asyncio.Future()  # the connection is accepted; nothing answers
+        server_r, server_w = await asyncio.open_connection(*self.target)
+        self._writers.append(server_w)
+
+        async def down() -> None:
+            while (data := await server_r.read(65536)) and not self.hung.is_set():
+                client_w.write(data)
+            await asyncio.Future()
+
+        self._tasks.append(asyncio.create_task(down()))
+        while data := await client_r.read(65536):
+            if self.at in data:
+                self.hung.set()
+            if self.hung.is_set():
+                await asyncio.Future()
+            server_w.write(data)
+
+
+async def test_sigterm_while_aiotasks_run_prepares_on_a_server_that_hung_exits_in_time(
+    own_server: OwnServer, spawn_worker: Spawn
+) -> None:
+    """The server hangs while `aiotasks run` still prepares, after the worker registered
+    (at its JOINED event): the try is given up, the unregister and the close are bounded
+    (redis-py's socket timeout and retries held this stop 30 s and more)."""
+    host, port = own_server.url.split("//", 1)[1].split("/")[0].rsplit(":", 1)
+    proxy = HangingProxy(host, int(port), b"JOINED")
+    async with proxy as url:
+        w = spawn_worker("--shutdown-timeout", "1", url=url)
+
+        async def hung() -> bool:
+            assert w.proc.poll() is None, w.output()
+            return proxy.hung.is_set()
+
+        await wait_until(hung, 20, "the worker's JOINED event")
+        await asyncio.sleep(0.3)
+        w.signal(signal.SIGTERM)
+        code, took = await wait_exit(w, 30)
+    assert code == 0, w.output()
+    assert took < UNREGISTER_TIMEOUT + CLOSE_TIMEOUT + 3.0, (took, w.output())
+    assert "Traceback" not in w.output()
