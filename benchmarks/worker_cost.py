@@ -48,7 +48,7 @@ NAMESPACE = "worker-cost"
 #: The app the measured worker runs: one no-op task, as `make bench` sends.
 APP = """
 import os
-from aiotasks import App, ResultTimeout
+from aiotasks import App
 
 app = App(namespace=os.environ["WORKER_COST_NAMESPACE"])
 
