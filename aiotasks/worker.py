@@ -292,7 +292,7 @@ class Worker:
         attempt = 1
         while not self._stop.is_set():
             try:
-                await self._unless_stopped(self.prepare())
+                await self.unless_stopped(self.prepare())
                 # Stopped while preparing: a prepare cut off after it registered leaves
                 # (run() unregisters), and nothing starts.
                 return self._prepared and not self._stop.is_set()
@@ -327,9 +327,9 @@ class Worker:
         self._warn_unserved()
         # A stop here must not wait for a Redis that does not answer (a hung server).
         if self.app.settings.warn_on_unsafe_server:
-            await self._unless_stopped(warn_if_unsafe(self.client.redis, self.client.url))
+            await self.unless_stopped(warn_if_unsafe(self.client.redis, self.client.url))
         # Before the first fetch: a queue paused before we started gives us nothing.
-        await self._unless_stopped(self._take_up_paused())
+        await self.unless_stopped(self._take_up_paused())
         self._share_outage(True)
         self._started.set()
         log.debug("worker %s consuming %s", self.name, ", ".join(self.queues))
@@ -433,15 +433,20 @@ class Worker:
         finally:
             stopped.cancel()
 
-    async def _unless_stopped(self, aw: Awaitable[T]) -> T | None:
-        """Await `aw`, or give it up (None) if the worker is stopped first."""
+    async def unless_stopped(self, aw: Awaitable[T]) -> T | None:
+        """Await `aw`, or give it up (None) if stop() comes first.
+
+        Against a hung server (stopped, partitioned) one command lasts as long as
+        redis-py's socket timeout and retries, and a SIGTERM must not wait for it. What
+        is given up has ended when this returns (a cancelled command drops its
+        connection at once), so it cannot overlap what the stop does next.
+        """
         task = asyncio.ensure_future(aw)
         try:
             await self._done_or_stopped(task)
         finally:
-            if not task.done():
-                task.cancel()  # stopped first (or run() cancelled): it ends on its own
-        if not task.done() or task.cancelled():
+            await cancel_and_wait([task])
+        if task.cancelled():
             return None
         return task.result()
 

@@ -19,7 +19,6 @@ import typer
 from .. import logs
 from ..app import App
 from ..backoff import Backoff
-from ..cancel import cancel_and_wait
 from ..config import redact_url
 from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError
 from ..worker import Worker
@@ -170,7 +169,7 @@ def _serve_metrics(app: App, port: int, host: str) -> None:
         raise fail(f"cannot serve metrics on {host} port {port}: {reason}") from None
 
 
-async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None) -> None:
+async def wait_for_redis(app: App, timeout: float, worker: Worker) -> None:
     """Ping (and prepare the worker: its consumer groups) until Redis answers and agrees,
     one log line per failed try, for up to `timeout` seconds.
 
@@ -184,10 +183,7 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None)
     attempt = 1
     while True:
         try:
-            if worker is None:
-                await _ready(app, None)
-            else:
-                await _ready_unless_stopped(app, worker)
+            await worker.unless_stopped(_ready(app, worker))
             return
         except BrokerConnectionError as exc:
             problem = f"cannot reach Redis at {url}"
@@ -195,7 +191,7 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None)
         except BrokerRefusedError as exc:
             problem, cause = str(exc), ""
         left = deadline - time.monotonic()
-        if worker is not None and worker.is_stopping:
+        if worker.is_stopping:
             return  # a signal came while waiting: run() sees the stop and ends at once
         if left <= 0:
             if cause:
@@ -211,43 +207,23 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker | None = None)
             extra={"redis_url": url, "attempt": attempt, "retry_in": round(delay, 3)},
         )
         attempt += 1
-        if worker is None:
-            await asyncio.sleep(delay)
-            continue
         with suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await worker.wait_stopping()
                 return  # a signal came while waiting: run() sees the stop
 
 
-async def _ready_unless_stopped(app: App, worker: Worker) -> None:
-    """_ready(), given up when a signal stops the worker first: against a hung server
-    (stopped, partitioned) each try lasts as long as redis-py's socket timeout and
-    retries, 30 s and more, and a SIGTERM must not wait for it. run() then sees the stop."""
-    ready = asyncio.ensure_future(_ready(app, worker))
-    stopping = asyncio.ensure_future(worker.wait_stopping())
-    try:
-        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        # Ended before run() starts: its command's connection is dropped on the way out.
-        await cancel_and_wait([ready])
-    if not ready.cancelled():
-        ready.result()
-
-
-async def _ready(app: App, worker: Worker | None) -> None:
+async def _ready(app: App, worker: Worker) -> None:
     try:
         await app.connect()
     except BrokerRefusedError as exc:
         if not exc.is_transient:
             raise fail(str(exc)) from None
         raise
-    if worker is not None:
-        try:
-            await worker.prepare()
-        except ConfigurationError as exc:
-            raise fail(str(exc)) from None
+    try:
+        await worker.prepare()
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
 
 
 def banner(app: App, worker: Worker, spec: str) -> str:
