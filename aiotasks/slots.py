@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+#: The most tasks a worker runs at once: well past what one process can serve (a
+#: thread per plain-def task, a batch read as large), low enough to catch a typo.
+MAX_CONCURRENCY = 1_000_000
+
 
 class Slots:
     """A counting limit with FIFO hand-off, and a non-blocking bulk take for batch fetches."""
 
     def __init__(self, total: int) -> None:
-        if total < 1:
-            raise ValueError("concurrency must be at least 1")
+        if not 1 <= total <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY:,}, got {total}")
         self.total = total
         self.free = total
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -47,17 +51,17 @@ class Slots:
 
     def release(self, n: int = 1) -> None:
         """Give back `n` slots, handing them to waiters first (once none is owed)."""
-        for _ in range(n):
-            if self.free < 0:
-                self.free += 1
-                continue
-            while self._waiters:
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-                    break
-            else:
-                self.free += 1
+        # In steps of waiters, not of slots: a fetch gives back what it took and did not
+        # use, as many as the concurrency.
+        owed = min(n, max(-self.free, 0))
+        self.free += owed
+        n -= owed
+        while n and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                n -= 1
+        self.free += n
 
     @property
     def busy(self) -> int:

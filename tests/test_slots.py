@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from aiotasks.slots import Slots
+from aiotasks.slots import MAX_CONCURRENCY, Slots
 
 
 async def test_waiters_get_released_slots_in_order() -> None:
@@ -73,3 +73,32 @@ async def test_a_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
         await first
     await asyncio.wait_for(second, 1)  # so the slot went on to `second`
     assert slots.free == 0
+
+
+async def test_a_release_of_many_slots_pays_debt_then_waiters_then_frees_the_rest() -> None:
+    slots = Slots(4)
+    assert slots.take(4) == 4
+    slots.take_now()  # one over the limit
+    waiters = [asyncio.create_task(slots.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    slots.release(4)  # one pays the debt, two go to the waiters, one is free
+    await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    assert slots.free == 1
+    slots.release(3)
+    assert slots.free == 4
+
+
+def test_the_largest_concurrency_gives_its_slots_back_at_once() -> None:
+    """A fetch takes as many slots as the concurrency and gives back what it did not use,
+    in one step: a release slot by slot, with `--concurrency 9223372036854775807`, spun a
+    core for as long as the worker ran, and its SIGTERM was never handled."""
+    slots = Slots(MAX_CONCURRENCY)
+    assert slots.take(MAX_CONCURRENCY) == MAX_CONCURRENCY
+    slots.release(MAX_CONCURRENCY)
+    assert slots.free == MAX_CONCURRENCY
+
+
+@pytest.mark.parametrize("total", [0, -1, MAX_CONCURRENCY + 1, 2**63 - 1])
+def test_a_concurrency_out_of_range_is_refused(total: int) -> None:
+    with pytest.raises(ValueError, match="concurrency must be between 1 and 1,000,000"):
+        Slots(total)

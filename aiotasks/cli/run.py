@@ -21,9 +21,13 @@ from ..app import App
 from ..backoff import Backoff
 from ..config import redact_url
 from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError
+from ..slots import MAX_CONCURRENCY
 from ..worker import Worker
 from .common import APP_ENV, check_url, finite, load_app
 from .group import fail
+
+#: A typo's guard: each process is a whole worker with its own connections.
+MAX_PROCESSES = 1024
 
 log = logging.getLogger("aiotasks.cli")
 
@@ -59,9 +63,14 @@ def run(
     queues: Annotated[
         str | None, typer.Option(help="Queues, most important first: high,default.")
     ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Tasks running at once.")] = 100,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=MAX_CONCURRENCY, help="Tasks running at once.")
+    ] = 100,
     processes: Annotated[
-        int, typer.Option(min=1, help="Worker processes (a supervisor restarts any that die).")
+        int,
+        typer.Option(
+            min=1, max=MAX_PROCESSES, help="Worker processes (a supervisor restarts any that die)."
+        ),
     ] = 1,
     loop: Annotated[Loop, typer.Option(case_sensitive=False, help="Event loop.")] = Loop.uvloop,
     burst: Annotated[bool, typer.Option(help="Exit once the queues are empty.")] = False,
