@@ -88,18 +88,24 @@ class Periodic:
             kwargs: keyword arguments of each send.
 
         Raises:
-            ValueError: not exactly one of cron/every, an invalid cron string, or every <= 0.
+            ValueError: not exactly one of cron/every, an invalid cron string, every out of
+                range (0.001 s to 1e9 s), or an empty task or schedule name.
         """
         if (cron is None) == (every is None):
             raise ValueError("give exactly one of cron= or every=")
         if isinstance(every, timedelta):
             every = every.total_seconds()
         if every is not None and not 0.001 <= every < 10**9:  # ticks: millisecond resolution
-            raise ValueError(f"every must be > 0 seconds (at least 0.001), got {every!r}")
+            raise ValueError(f"every must be at least 0.001 and under 1e9 seconds, got {every!r}")
         if cron is not None and not croniter.is_valid(cron):
             raise ValueError(f"invalid cron expression {cron!r}")
         every = float(every) if every is not None else None
         task_name = task if isinstance(task, str) else task.name
+        # A tick of a nameless task could only be dead-lettered, every time.
+        if not task_name.strip():
+            raise ValueError("the task name is empty")
+        if name is not None and not name.strip():
+            raise ValueError("the schedule name is empty")
         return cls(task_name, cron, every, name or task_name, queue, tuple(args), kwargs or {})
 
     def next_run(self, after: datetime) -> datetime:

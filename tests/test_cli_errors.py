@@ -282,6 +282,18 @@ def with_db(url: str, db: int) -> str:
         (["queues", "pause", " "], {}, "error: ' ' is not a queue name"),
         (["run", "tests.apps.ops:app", "--queues", ",,"], {}, "error: --queues ',,' names no"),
         (
+            ["run", "tests.apps.ops:app", "--queues", "a,,b"],
+            {},
+            "error: --queues 'a,,b' has an empty name",
+        ),
+        (["schedules", "add", "", "ops.add", "--every", "5"], {}, "error: the schedule name is"),
+        (["schedules", "add", "s", "", "--every", "5"], {}, "error: the task name is empty"),
+        (
+            ["schedules", "add", "s", "ops.add", "--every", "1e308"],
+            {},
+            "error: every must be at least 0.001 and under 1e9 seconds, got 1e+308",
+        ),
+        (
             ["send", "tests.apps.basic.add", "--args", "[1]", "--app", "tests.apps.basic:app"],
             {},
             "error: task tests.apps.basic.add: missing a required argument: 'y'",

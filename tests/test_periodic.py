@@ -88,6 +88,19 @@ def test_bad_schedule_fails_at_decoration(app: App, schedule: dict[str, Any]) ->
     assert app.periodic_tasks == []
 
 
+@pytest.mark.parametrize(
+    ("task", "name", "message"),
+    [("", None, "the task name is empty"), (" ", "s", "the task name is empty"),
+     ("ops.add", "", "the schedule name is empty"), ("ops.add", " ", "the schedule name is")],
+)  # fmt: skip
+def test_an_empty_task_or_schedule_name_is_refused(
+    task: str, name: str | None, message: str
+) -> None:
+    """A schedule of a nameless task would be dead-lettered on every tick."""
+    with pytest.raises(ValueError, match=message):
+        Periodic.make(task, every=5, name=name)
+
+
 def test_periodic_goes_above_task(app: App) -> None:
     async def plain() -> None:
         pass

@@ -125,9 +125,11 @@ def run(
         raise typer.Exit(supervise(processes, sys.argv))
     if metrics_port is not None:
         _serve_metrics(app, metrics_port, metrics_host)
-    names = [q.strip() for q in queues.split(",") if q.strip()] if queues is not None else None
-    if names == []:
+    names = [q.strip() for q in queues.split(",")] if queues is not None else None
+    if names is not None and not any(names):
         raise fail(f"--queues {queues!r} names no queue: give names separated by commas", 2)
+    if names is not None and not all(names):  # `a,,b`, `a,`: a name left out by mistake?
+        raise fail(f"--queues {queues!r} has an empty name: give names separated by commas", 2)
     opts: dict[str, Any] = {
         "queues": names,
         "concurrency": concurrency,
