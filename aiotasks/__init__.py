@@ -4,6 +4,7 @@ import logging
 
 from .app import App
 from .canvas import chain, chord, group
+from .config import InvalidRedisURL
 from .context import TaskContext, current_task
 from .errors import (
     AiotasksError,
@@ -39,6 +40,7 @@ __all__ = [
     "ChordError",
     "ConfigurationError",
     "GroupHandle",
+    "InvalidRedisURL",
     "MaxRetriesExceededError",
     "ResultTimeout",
     "Retry",

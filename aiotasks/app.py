@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 from .canvas import COLLECT, compose, send_canvas
 from .client import Client
-from .config import RetryPolicy, Settings, resolve_redis_url, resolve_shards
+from .config import RetryPolicy, Settings, check_redis_url, resolve_redis_url, resolve_shards
 from .contract import GATHER
 from .control import Queues, Schedules
 from .handle import TaskHandle
@@ -167,8 +167,14 @@ class App:
 
     @property
     def client(self) -> Client:
-        """The Redis side of this App: pool, scripts, notifier (connections open lazily)."""
+        """The Redis side of this App: pool, scripts, notifier (connections open lazily).
+
+        Raises:
+            InvalidRedisURL: the App's URL cannot work (a scheme, port, database or query
+                option redis-py would refuse), said before anything connects.
+        """
         if self._client is None:
+            check_redis_url(self.settings.redis_url)
             self._client = Client(self.settings)
         return self._client
 

@@ -22,6 +22,7 @@ from redis.exceptions import (
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
 )
 
@@ -95,6 +96,8 @@ def refusal(url: str, exc: BaseException, what: str = "the command") -> BrokerRe
         return BrokerRefusedError(f"Redis at {url} refused the credentials: {exc}", code)
     text = str(exc) if code == "ERR" or str(exc).startswith(code) else f"{code} {exc}"
     hint = _REFUSAL_HINTS.get(code)
+    if isinstance(exc, RedisClusterException) and "not enabled" in text:
+        hint = "the URL says Redis Cluster, but the server is not one: use redis://host:port/db"
     message = f"Redis at {url} refused {what}: {text}" + (f" ({hint})" if hint else "")
     return BrokerRefusedError(message, code)
 
@@ -335,7 +338,12 @@ class Client:
         """
         try:
             await self.redis.ping()
-        except (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION) as exc:
+        except (
+            ResponseError,
+            BusyLoadingError,
+            RedisClusterException,
+            *_REFUSED_CONNECTION,
+        ) as exc:
             raise refusal(self.url, exc, "the connection") from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from exc
@@ -360,6 +368,8 @@ class Client:
         while True:
             try:
                 return await keep_cancel(call())
+            except RedisClusterException as exc:  # not a cluster: no retry changes that
+                raise refusal(self.url, exc) from exc
             except (ResponseError, *_REFUSED_CONNECTION) as exc:
                 if not self._transient(exc) or retry >= policy.max_retries:
                     raise refusal(self.url, exc) from exc

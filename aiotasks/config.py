@@ -146,10 +146,14 @@ def check_redis_url(url: str) -> None:
     elif problem is None:
         from redis.asyncio.connection import parse_url
 
+        from .topology import unknown_options_problem, unknown_url_options
+
         try:
-            parse_url(url)
+            unknown = unknown_url_options(dict(parse_url(url)))
         except ValueError as exc:
             problem = str(exc).rstrip(".")
+        else:
+            problem = unknown_options_problem(unknown) if unknown else None
     if problem is not None:
         raise InvalidRedisURL(f"invalid Redis URL {shown!r}: {problem}")
 

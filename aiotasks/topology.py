@@ -17,12 +17,14 @@ to every node (for Sentinel: to the primary and its replicas; `sentinel_password
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
@@ -112,6 +114,9 @@ def _options(
             sentinel_opts[key.removeprefix("sentinel_")] = query.pop(key)
     rest = urlencode(query)
     options: dict[str, Any] = dict(parse_url(plain + ("?" + rest if rest else "")))
+    unknown = unknown_url_options(options)
+    if unknown:
+        raise ValueError(unknown_options_problem(unknown))
     for key in ("host", "port", "protocol"):  # the listener speaks RESP2 whatever is asked
         options.pop(key, None)
     # redis-py's URL parser says TLS with a connection class; RedisCluster, Sentinel
@@ -119,6 +124,39 @@ def _options(
     if options.pop("connection_class", None) is not None or tls:
         options["ssl"] = tls
     return options, sentinel_opts
+
+
+def unknown_options_problem(unknown: list[str]) -> str:
+    """What to say of the options unknown_url_options() found."""
+    names = ", ".join(repr(k) for k in unknown)
+    hint = "; TLS options need rediss://" if any(k.startswith("ssl") for k in unknown) else ""
+    return f"unknown option {names} after '?' (not a redis-py connection option{hint})"
+
+
+def unknown_url_options(options: dict[str, Any]) -> list[str]:
+    """The options of a URL parsed by redis-py's `parse_url` that its connection would
+    refuse (no such argument): a typo in the query, or a TLS option on a redis:// URL.
+    Said before connecting; otherwise a TypeError at the first connection."""
+    cls = options.get("connection_class", Connection)
+    known = _connection_args(cls)
+    return sorted(k for k in options if k not in known)
+
+
+@functools.cache
+def _connection_args(cls: type) -> frozenset[str]:
+    # The pool's own arguments, and the connection class's, up its base classes (the
+    # TLS and Unix socket connections pass the rest on as **kwargs).
+    names = {"connection_class", "max_connections", "ssl"}
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names.update(p.name for p in params if p.kind in _NAMED)
+    return frozenset(names)
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def _node(text: str, default_port: int) -> tuple[str, int]:

@@ -25,7 +25,7 @@ import redis
 import typer.main
 from typer.testing import CliRunner
 
-from aiotasks import App, TaskState
+from aiotasks import App, BrokerRefusedError, TaskState
 from aiotasks.admin import Admin
 from aiotasks.cli import cli
 from aiotasks.cli.common import run_admin
@@ -41,6 +41,7 @@ BAD_URLS = [
     "redis://h/zero",
     "unix://",
     f"redis://:{SECRET}@h:notaport/0?password={SECRET}",
+    f"redis://:{SECRET}@h/0?bogus_opt=1",
 ]
 BAD_APPS = ["nocolon", "tests.apps.no_such_module:app", "tests.apps.ops:no_such_attr"]
 #: A valid value for each positional argument, by parameter name.
@@ -435,3 +436,32 @@ def test_a_broken_connections_leftover_error_is_not_printed(
 
 async def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def test_a_cluster_url_for_a_server_that_is_no_cluster_is_one_clear_error(
+    redis_url: str, namespace: str
+) -> None:
+    """Not "unexpected RedisClusterException ... (a bug in aiotasks?)": a refusal that says
+    what to use instead, from the CLI and from the Python API."""
+    parts = urlsplit(redis_url)
+    url = f"redis+cluster://{parts.hostname}:{parts.port}"
+    hint = "the URL says Redis Cluster, but the server is not one: use redis://host:port/db"
+    proc = aiotasks("status", "--redis-url", url, "--namespace", namespace)
+    assert hint in one_error(proc, 1)
+
+    async def send() -> None:
+        app = App(redis_url=url, namespace=namespace)
+
+        @app.task
+        async def t() -> None:
+            pass
+
+        try:
+            with pytest.raises(BrokerRefusedError, match="not one: use redis://"):
+                await app.connect()
+            with pytest.raises(BrokerRefusedError, match="not one: use redis://"):
+                await t.send()
+        finally:
+            await app.close()
+
+    asyncio.run(send())

@@ -115,6 +115,7 @@ def test_settings_repr_hides_the_password() -> None:
         "unix:///run/redis.sock?db=2",
         "redis://[::1]:6379/0",
         "redis://h/0?socket_timeout=1.5",
+        "redis://h/0?protocol=3&health_check_interval=2&client_name=w&max_connections=5",
         "redis+cluster://h1:7000,h2:7001,h3:7002",
         "rediss+cluster://:pw@h1:7000?ssl_cert_reqs=none",
         "redis+sentinel://h1:26379,h2:26379/mymaster",
@@ -143,6 +144,11 @@ def test_good_urls_pass(url: str) -> None:
         ("redis://h?db=-1", "the database '-1' (db=) is not a number"),
         ("unix://", "no socket path"),
         ("redis://h/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis://h/0?bogus_opt=1", "unknown option 'bogus_opt' after '?'"),
+        ("redis://h/0?ssl_cert_reqs=none", "TLS options need rediss://"),
+        ("unix:///run/redis.sock?sockettimeout=1", "unknown option 'sockettimeout'"),
+        ("redis+cluster://h:7000?bogus=1", "unknown option 'bogus' after '?'"),
+        ("redis+sentinel://h:26379/m?bogus=1", "unknown option 'bogus' after '?'"),
     ],
 )
 def test_bad_urls_name_the_problem(url: str, problem: str) -> None:
@@ -181,3 +187,20 @@ async def test_tls_cluster_and_sentinel_urls_build_tls_clients() -> None:
     primary = command_client(top, 8)
     assert issubclass(primary.connection_pool.connection_class, SentinelManagedSSLConnection)
     assert issubclass(listener(top).connection_pool.connection_class, SentinelManagedSSLConnection)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0?bogus_opt=1", "redis://127.0.0.1:notaport/0", "http://h/0"]
+)
+async def test_an_app_with_a_url_that_cannot_work_says_so_before_connecting(url: str) -> None:
+    """Not a TypeError or ValueError of redis-py's from the first send: InvalidRedisURL."""
+    app = App(redis_url=url)
+
+    @app.task
+    async def t() -> None:
+        pass
+
+    with pytest.raises(InvalidRedisURL, match="invalid Redis URL"):
+        await t.send()
+    with pytest.raises(InvalidRedisURL):
+        app.worker()
