@@ -43,7 +43,13 @@ BAD_URLS = [
     f"redis://:{SECRET}@h:notaport/0?password={SECRET}",
     f"redis://:{SECRET}@h/0?bogus_opt=1",
 ]
-BAD_APPS = ["nocolon", "tests.apps.no_such_module:app", "tests.apps.ops:no_such_attr"]
+BAD_APPS = [
+    "nocolon",
+    "tests.apps.no_such_module:app",
+    "tests.apps.ops:no_such_attr",
+    "./tests/apps/ops.py:app",
+    ".ops:app",
+]
 #: A valid value for each positional argument, by parameter name.
 ARGUMENTS = {
     "app_spec": "tests.apps.ops:app",
@@ -282,6 +288,13 @@ def with_db(url: str, db: int) -> str:
         ),
         (["queues", "pause", " "], {}, "error: ' ' is not a queue name"),
         (["run", "tests.apps.ops:app", "--queues", ",,"], {}, "error: --queues ',,' names no"),
+        (
+            ["run", "./tests/apps/ops.py:app"],
+            {},
+            "error: './tests/apps/ops.py' is a file path, not a module: give its dotted module "
+            "name, as in tests.apps.ops:app",
+        ),
+        (["status", "--app", ".ops:app"], {}, "error: '.ops' is a relative module name"),
         (
             ["run", "tests.apps.ops:app", "--queues", "a,,b"],
             {},

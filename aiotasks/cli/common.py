@@ -71,6 +71,10 @@ def load_app(spec: str) -> App:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise fail(f"expected module:attribute (e.g. myproject.tasks:app), got {spec!r}", 2)
+    not_dotted = _not_a_module_name(module_name)
+    if not_dotted:
+        example = f"{_as_module(module_name)}:{attr} (the current directory is importable)"
+        raise fail(f"{module_name!r} is {not_dotted}, as in {example}", 2)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     obj: Any = _import(module_name)
@@ -82,6 +86,22 @@ def load_app(spec: str) -> App:
     if not isinstance(obj, App):
         raise fail(f"{spec} is a {type(obj).__name__}, not an aiotasks.App", 2)
     return obj
+
+
+def _not_a_module_name(name: str) -> str:
+    """What is wrong with a MODULE that importlib would misread ('' when nothing)."""
+    if "/" in name or "\\" in name or name.endswith(".py"):
+        return "a file path, not a module: give its dotted module name"
+    if name.startswith("."):
+        return "a relative module name: give the module's full dotted name"
+    return ""
+
+
+def _as_module(name: str) -> str:
+    """`name` written as a dotted module name, for the error's example."""
+    path = name.replace("\\", "/").removesuffix(".py")
+    parts = [p for p in path.split("/") if p not in ("", ".", "..")]
+    return ".".join(p.strip(".") for p in parts if p.strip(".")) or "tasks"
 
 
 def _import(name: str) -> ModuleType:
