@@ -17,7 +17,6 @@ from .contract import GATHER
 from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
-from .logs import visible_errors
 from .message import (
     QUEUE_NAME_RULE,
     SEND_OPTIONS,
@@ -421,10 +420,8 @@ class App:
                 if not worker:
                     yield
                     return
-                w = self.worker(**worker_opts)
-                with visible_errors():
-                    async with w.running():
-                        yield
+                async with self.worker(**worker_opts).running():
+                    yield
 
         return lifespan
 

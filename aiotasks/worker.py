@@ -33,6 +33,7 @@ from .errors import CONNECTION_ERRORS, BrokerConnectionError, BrokerRefusedError
 from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_error
 from .index import TaskIndex
 from .keys import PRIORITIES
+from .logs import visible_errors
 from .message import now
 from .outage import Outage
 from .outcomes import Key, Outcomes
@@ -318,7 +319,14 @@ class Worker:
         backoff, as when Redis goes away later. Once started, one WARNING says so when
         the server may lose tasks (no persistence, an evicting maxmemory-policy), unless
         the App's warn_on_unsafe_server is False.
+
+        Its warnings and errors (a task that raised, a lost Redis) go to stderr while it
+        runs when the process's logging configuration would show nothing of them.
         """
+        with visible_errors():
+            await self._run()
+
+    async def _run(self) -> None:
         if not await self._start():
             if self._prepared:  # prepare() registered us, then a stop came before run()
                 await self._leave()

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -151,3 +152,38 @@ async def test_task_records_are_not_built_below_their_level(
     handles = await ok.send_many([((), None)] * 20)
     assert [await h.result(timeout=10) for h in handles] == [1] * 20
     assert built == []
+
+
+EMBEDDED = """
+import asyncio, sys
+from aiotasks import App
+
+app = App(redis_url=sys.argv[1], namespace=sys.argv[2])
+
+@app.task(max_retries=0)
+async def boom() -> None:
+    raise TypeError("embedded failure")
+
+async def main() -> None:
+    await boom.send()
+    await app.worker(burst=True).run()
+    await app.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_run_from_python_shows_a_failing_task_without_logging_configured(
+    redis_url: str, namespace: str
+) -> None:
+    """No logging.basicConfig, no lifespan: the package's NullHandler would hide the
+    failure, so run() itself adds the stderr fallback while it runs."""
+    proc = subprocess.run(
+        [sys.executable, "-c", EMBEDDED, redis_url, namespace],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "TypeError: embedded failure" in proc.stderr, proc.stderr
+    assert re.search(r"ERROR .*boom", proc.stderr), proc.stderr
