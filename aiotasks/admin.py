@@ -231,13 +231,16 @@ class Admin:
     async def status(self, queues: Sequence[str] = ()) -> Status:
         """A snapshot: every known queue (plus `queues`), live workers, periodic tasks.
 
+        The queues are those sent to, paused, or served by a live worker, and `queues`.
+
         Args:
             queues: queue names to include even if nothing was ever sent to them.
         """
-        names = sorted(set(await self.known_queues()) | set(queues))
         workers = await self.workers()
-        scheduled_total, per_queue = await self._scheduled()
         paused = await self.app.queues.paused()
+        served = {q for w in workers for q in w.queues}
+        names = sorted(set(await self.known_queues()) | set(queues) | set(paused) | served)
+        scheduled_total, per_queue = await self._scheduled()
         stats = [
             replace(await self._queue(q, per_queue, workers), paused=q in paused) for q in names
         ]

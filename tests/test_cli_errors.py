@@ -295,6 +295,8 @@ def with_db(url: str, db: int) -> str:
             "name, as in tests.apps.ops:app",
         ),
         (["status", "--app", ".ops:app"], {}, "error: '.ops' is a relative module name"),
+        (["status", "--queue", "a,b"], {}, "error: --queue 'a,b' is not a queue name"),
+        (["status", "--queue", ""], {}, "error: --queue '' is not a queue name"),
         (
             ["run", "tests.apps.ops:app", "--queues", "a,,b"],
             {},

@@ -103,6 +103,14 @@ async def test_status_json_and_table(app: App, worker: Any) -> None:
     assert st["scheduled_total"] == 1
     (me,) = [x for x in st["workers"] if x["name"] == w.name]
     assert me["queues"] == ["busy"] and me["pid"] == os.getpid() and me["last_beat"]
+    # A queue a live worker serves is shown though nothing was ever sent to it.
+    assert "busy" in {q["name"] for q in st["queues"]}
+
+    # So is a queue paused before its first task.
+    await app.queues.pause("mail")
+    res = await invoke("status", "--json", *conn(app))
+    mail = {q["name"]: q for q in json.loads(res.stdout)["queues"]}["mail"]
+    assert (mail["paused"], mail["length"], mail["workers"]) == (True, 0, 0)
 
     # --queue shows a queue nothing was ever sent to; its worker counts.
     res = await invoke("status", "--json", "--queue", "busy", *conn(app))

@@ -12,6 +12,7 @@ import typer
 from ..admin import Admin, Status
 from ..config import redact_url
 from ..errors import CONNECTION_ERRORS
+from ..message import QUEUE_NAME_RULE, is_queue_name
 from .common import (
     AppOption,
     JsonOption,
@@ -40,8 +41,11 @@ def status(
     if watch and as_json:
         raise fail("--watch and --json do not go together", 2)
     finite("--interval", interval)
-    app = open_app(app_spec, redis_url, namespace)
     queues = list(queue or [])
+    for q in queues:
+        if not is_queue_name(q):
+            raise fail(f"--queue {q!r} is not {QUEUE_NAME_RULE}", 2)
+    app = open_app(app_spec, redis_url, namespace)
     if watch:
         run_admin(app, lambda admin: _watch(admin, queues, interval))
         return
