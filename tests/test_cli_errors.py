@@ -296,6 +296,7 @@ def with_db(url: str, db: int) -> str:
         ),
         (["status", "--app", ".ops:app"], {}, "error: '.ops' is a relative module name"),
         (["status", "--queue", "a,b"], {}, "error: --queue 'a,b' is not a queue name"),
+        (["send", "ops.add", "--timeout", "3"], {}, "error: --timeout goes with --wait"),
         (["status", "--queue", ""], {}, "error: --queue '' is not a queue name"),
         (
             ["run", "tests.apps.ops:app", "--queues", "a,,b"],

@@ -214,7 +214,7 @@ def send(
     task_args = json_arg("--args", args, list)
     task_kwargs = json_arg("--kwargs", kwargs, dict)
     options = _send_options(queue, countdown, priority)
-    finite("--timeout", timeout)
+    _check_timeout(wait, timeout)
     app = open_app(app_spec, redis_url, namespace)
     unknown_task_note(app, app_spec, name)
     task = app.tasks.get(name)
@@ -245,6 +245,12 @@ def send(
     result = run_admin(app, go)
     if wait:
         typer.echo(_result_text(result))
+
+
+def _check_timeout(wait: bool, timeout: float | None) -> None:
+    finite("--timeout", timeout)
+    if timeout is not None and not wait:
+        raise fail("--timeout goes with --wait (how long to wait for the result)", 2)
 
 
 def _send_options(
