@@ -89,10 +89,20 @@ def broker_error(url: str, exc: BaseException) -> BrokerConnectionError | Broker
     return BrokerConnectionError(f"cannot reach Redis at {url}: {exc}")
 
 
+#: What a server with a password says to HELLO from a client that gave none.
+_NO_CREDENTIALS = "HELLO must be called with the client already authenticated"
+
+
 def refusal(url: str, exc: BaseException, what: str = "the command") -> BrokerRefusedError:
     """A BrokerRefusedError for an error reply, with its code and what it means."""
     code = error_code(exc)
     if isinstance(exc, AuthenticationError):
+        if _NO_CREDENTIALS in str(exc) or "Authentication required" in str(exc):
+            return BrokerRefusedError(
+                f"Redis at {url} requires a password, and the URL gives none "
+                "(put ':PASSWORD@' or 'USER:PASSWORD@' before the host)",
+                code,
+            )
         return BrokerRefusedError(f"Redis at {url} refused the credentials: {exc}", code)
     text = str(exc) if code == "ERR" or str(exc).startswith(code) else f"{code} {exc}"
     hint = _REFUSAL_HINTS.get(code)

@@ -396,6 +396,13 @@ def test_a_wrong_password_is_refused_at_once(own_server: Any) -> None:
         )
         assert time.monotonic() - started < 10  # not retried for --connect-timeout
         assert "wrong-pw" not in proc.stdout + proc.stderr
+    # No password at all: said so, not the server's words about HELLO.
+    for command in (["status"], ["run", "tests.apps.ops:app", "--connect-timeout", "20"]):
+        proc = aiotasks(*command, "--redis-url", own_server.url)
+        assert one_error(proc, 1) == (
+            f"error: Redis at {own_server.url} requires a password, and the URL gives none "
+            "(put ':PASSWORD@' or 'USER:PASSWORD@' before the host)"
+        )
 
 
 def test_a_watch_whose_reader_goes_away_exits_without_an_error(redis_url: str) -> None:
