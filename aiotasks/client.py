@@ -36,6 +36,7 @@ from .errors import (
     BrokerConnectionError,
     BrokerRefusedError,
     ConfigurationError,
+    describe,
 )
 from .keys import GROUP, Keys, shard_of
 from .message import now
@@ -86,7 +87,7 @@ def broker_error(url: str, exc: BaseException) -> BrokerConnectionError | Broker
     """The aiotasks error for a redis-py error: a refusal, or a connection problem."""
     if isinstance(exc, (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION)):
         return refusal(url, exc)
-    return BrokerConnectionError(f"cannot reach Redis at {url}: {exc}")
+    return BrokerConnectionError(f"cannot reach Redis at {url}: {describe(exc)}")
 
 
 #: What a server with a password says to HELLO from a client that gave none.
@@ -356,7 +357,9 @@ class Client:
         ) as exc:
             raise refusal(self.url, exc, "the connection") from exc
         except CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from exc
+            raise BrokerConnectionError(
+                f"cannot reach Redis at {self.url}: {describe(exc)}"
+            ) from exc
 
     def _transient(self, exc: BaseException) -> bool:
         """A cluster error that a failover or slot move explains (CLUSTERDOWN, TRYAGAIN,
@@ -390,7 +393,7 @@ class Client:
                     if isinstance(exc, BusyLoadingError):
                         raise refusal(self.url, exc) from exc
                     raise BrokerConnectionError(
-                        f"cannot reach Redis at {self.url} after {retry + 1} tries: {exc}"
+                        f"cannot reach Redis at {self.url} after {retry + 1} tries: {describe(exc)}"
                     ) from exc
                 await asyncio.sleep(policy.delay(retry))
                 retry += 1

@@ -22,6 +22,7 @@ Replace(Exception)                          control flow: the task becomes a can
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -226,3 +227,15 @@ class Replace(Exception):
     def __init__(self, canvas: Any) -> None:
         super().__init__(canvas)
         self.canvas = canvas
+
+
+#: redis-py's text for a Sentinel it could not ask names the Sentinel by its whole client
+#: repr (every connection setting, a kilobyte and more): the host and port say it.
+_SENTINEL_REPR = re.compile(
+    r"<redis\.asyncio\.client\.Redis\(.*?host=([^,]+),port=(\d+).*?\)> - ", re.S
+)
+
+
+def describe(exc: BaseException) -> str:
+    """`str(exc)`, with a Sentinel's client repr in it cut down to its host:port."""
+    return _SENTINEL_REPR.sub(lambda m: f"Sentinel {m[1]}:{m[2]} - ", str(exc))

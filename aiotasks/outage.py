@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+from .errors import describe
+
 log = logging.getLogger("aiotasks.worker")
 
 #: Seconds between two reminders that Redis is still unreachable.
@@ -38,7 +40,7 @@ class Outage:
                 self.who,
                 self.url,
                 what,
-                exc,
+                describe(exc),
                 retry,
                 extra={"outage": "started"},
             )
@@ -50,7 +52,7 @@ class Outage:
                 self.url,
                 now - self.since,
                 what,
-                exc,
+                describe(exc),
                 retry,
                 extra={"outage": "ongoing"},
             )

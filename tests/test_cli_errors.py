@@ -488,3 +488,13 @@ def test_a_cluster_url_for_a_server_that_is_no_cluster_is_one_clear_error(
             await app.close()
 
     asyncio.run(send())
+
+
+def test_a_sentinel_that_cannot_be_asked_is_named_by_its_address() -> None:
+    """redis-py names each Sentinel it could not ask by its client's whole repr (every
+    connection setting, kilobytes per Sentinel): the error line says host:port."""
+    url = f"redis+sentinel://:{SECRET}@127.0.0.1:1,127.0.0.1:2/mymaster"
+    line = one_error(aiotasks("status", "--redis-url", url), 1)
+    assert "No master found for 'mymaster'" in line
+    assert "Sentinel 127.0.0.1:1 - " in line and "Sentinel 127.0.0.1:2 - " in line
+    assert "ConnectionPool" not in line and len(line) < 500, line

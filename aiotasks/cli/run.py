@@ -20,7 +20,7 @@ from .. import logs
 from ..app import App
 from ..backoff import Backoff
 from ..config import redact_url
-from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError
+from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError, describe
 from ..slots import MAX_CONCURRENCY
 from ..worker import Worker
 from .common import APP_ENV, check_url, finite, load_app
@@ -198,7 +198,7 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker) -> None:
             return
         except BrokerConnectionError as exc:
             problem = f"cannot reach Redis at {url}"
-            cause: BaseException | str = exc.__cause__ or exc
+            cause = describe(exc.__cause__ or exc)
         except BrokerRefusedError as exc:
             problem, cause = str(exc), ""
         left = deadline - time.monotonic()
