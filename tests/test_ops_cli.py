@@ -351,6 +351,12 @@ async def test_purge_refuses_without_confirmation_and_unknown_queue(app: App) ->
     unanswered(res, "Delete 1 waiting and 0 scheduled task(s) of queue 'keep'?")
     assert await h.state() == TaskState.PENDING
 
+    # Emptied, it has nothing to ask about.
+    assert (await invoke("purge", "keep", "--yes", *conn(app))).exit_code == 0
+    res = await invoke("purge", "keep", *conn(app))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == "queue 'keep' has no waiting or scheduled task: nothing to purge"
+
     res = await invoke("purge", "no-such-queue", "--yes", *conn(app))
     assert res.exit_code == 1
     assert error_line(res) == (

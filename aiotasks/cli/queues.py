@@ -43,6 +43,9 @@ def purge(
         return q.waiting, q.scheduled
 
     waiting, scheduled = run_admin(app, count)
+    if waiting == 0 and scheduled == 0:
+        typer.echo(f"queue {queue!r} has no waiting or scheduled task: nothing to purge")
+        return
     sched = "its" if scheduled is None else str(scheduled)
     confirm(f"Delete {waiting} waiting and {sched} scheduled task(s) of queue {queue!r}?", yes)
     n = run_admin(app, lambda admin: admin.purge(queue))
