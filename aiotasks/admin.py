@@ -213,10 +213,11 @@ class Admin:
         return sorted(names)
 
     async def check_queue(self, queue: str) -> None:
-        """Raise QueueNotFound unless the queue was sent to or has a stream.
+        """Raise QueueNotFound unless the queue was sent to, has a stream, or is paused.
 
         Raises:
-            QueueNotFound: never sent to, and neither its streams nor dead letters exist.
+            QueueNotFound: never sent to, not paused, and neither its streams nor dead
+                letters exist.
         """
         for c in self.shards:
             keys = c.keys
@@ -226,6 +227,8 @@ class Admin:
                 member, existing = await pipe.execute()
             if member or existing:
                 return
+        if queue in await self.app.queues.paused():  # status shows it: it can be purged
+            return
         raise QueueNotFound(f"no queue named {queue!r} in namespace {self.keys.namespace!r}")
 
     async def status(self, queues: Sequence[str] = ()) -> Status:

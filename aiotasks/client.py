@@ -90,6 +90,12 @@ def broker_error(url: str, exc: BaseException) -> BrokerConnectionError | Broker
     return BrokerConnectionError(f"cannot reach Redis at {url}: {describe(exc)}")
 
 
+def not_a_cluster(exc: BaseException) -> bool:
+    """Whether a cluster client found a server not in cluster mode (a redis+cluster://
+    URL for a single server): a refusal that no retry changes."""
+    return type(exc) is RedisClusterException and "Cluster mode is not enabled" in str(exc)
+
+
 #: What a server with a password says to HELLO from a client that gave none.
 _NO_CREDENTIALS = "HELLO must be called with the client already authenticated"
 
@@ -107,7 +113,7 @@ def refusal(url: str, exc: BaseException, what: str = "the command") -> BrokerRe
         return BrokerRefusedError(f"Redis at {url} refused the credentials: {exc}", code)
     text = str(exc) if code == "ERR" or str(exc).startswith(code) else f"{code} {exc}"
     hint = _REFUSAL_HINTS.get(code)
-    if isinstance(exc, RedisClusterException) and "not enabled" in text:
+    if not_a_cluster(exc):
         hint = "the URL says Redis Cluster, but the server is not one: use redis://host:port/db"
     message = f"Redis at {url} refused {what}: {text}" + (f" ({hint})" if hint else "")
     return BrokerRefusedError(message, code)
@@ -349,17 +355,16 @@ class Client:
         """
         try:
             await self.redis.ping()
-        except (
-            ResponseError,
-            BusyLoadingError,
-            RedisClusterException,
-            *_REFUSED_CONNECTION,
-        ) as exc:
+        except (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION) as exc:
             raise refusal(self.url, exc, "the connection") from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(
                 f"cannot reach Redis at {self.url}: {describe(exc)}"
             ) from exc
+        except RedisClusterException as exc:
+            if not_a_cluster(exc):
+                raise refusal(self.url, exc, "the connection") from exc
+            raise
 
     def _transient(self, exc: BaseException) -> bool:
         """A cluster error that a failover or slot move explains (CLUSTERDOWN, TRYAGAIN,
@@ -381,8 +386,6 @@ class Client:
         while True:
             try:
                 return await keep_cancel(call())
-            except RedisClusterException as exc:  # not a cluster: no retry changes that
-                raise refusal(self.url, exc) from exc
             except (ResponseError, *_REFUSED_CONNECTION) as exc:
                 if not self._transient(exc) or retry >= policy.max_retries:
                     raise refusal(self.url, exc) from exc
@@ -397,6 +400,10 @@ class Client:
                     ) from exc
                 await asyncio.sleep(policy.delay(retry))
                 retry += 1
+            except RedisClusterException as exc:
+                if not_a_cluster(exc):  # a single server: no retry changes that
+                    raise refusal(self.url, exc) from exc
+                raise
 
     # -- sending ------------------------------------------------------------------------
 

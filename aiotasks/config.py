@@ -160,6 +160,7 @@ def check_redis_url(url: str) -> None:
 
 def _url_problem(url: str) -> str | None:
     scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()  # as redis-py reads it
     expected = (
         "expected redis://host:port/db, rediss://host:port/db, unix:///path/to/socket, "
         "redis+cluster://host:port[,host:port...] or "

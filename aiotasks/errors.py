@@ -29,18 +29,20 @@ from typing import Any
 from redis.exceptions import AskError as _AskError
 from redis.exceptions import ClusterError as _ClusterError
 from redis.exceptions import ConnectionError as _RedisConnectionError
+from redis.exceptions import RedisClusterUnreachableError as _ClusterUnreachableError
 from redis.exceptions import SlotNotCoveredError as _SlotNotCoveredError
 from redis.exceptions import TimeoutError as _RedisTimeoutError
 from redis.exceptions import TryAgainError as _TryAgainError
 
 #: A Cluster in a failover or a slot migration: CLUSTERDOWN, TRYAGAIN, MOVED/ASK retries
-#: run out ("TTL exhausted"), a slot no node serves yet. They pass; like a lost
-#: connection, they are waited out.
+#: run out ("TTL exhausted"), a slot no node serves yet, no node answering (starting, or
+#: all unreachable). They pass; like a lost connection, they are waited out.
 CLUSTER_TRANSIENT: tuple[type[BaseException], ...] = (
     _ClusterError,
     _TryAgainError,
     _AskError,
     _SlotNotCoveredError,
+    _ClusterUnreachableError,
 )
 
 #: Errors that mean "the connection to Redis is gone (or its topology is changing)",

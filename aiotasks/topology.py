@@ -114,9 +114,6 @@ def _options(
             sentinel_opts[key.removeprefix("sentinel_")] = query.pop(key)
     rest = urlencode(query)
     options: dict[str, Any] = dict(parse_url(plain + ("?" + rest if rest else "")))
-    unknown = unknown_url_options(options)
-    if unknown:
-        raise ValueError(unknown_options_problem(unknown))
     for key in ("host", "port", "protocol"):  # the listener speaks RESP2 whatever is asked
         options.pop(key, None)
     # redis-py's URL parser says TLS with a connection class; RedisCluster, Sentinel
@@ -134,9 +131,10 @@ def unknown_options_problem(unknown: list[str]) -> str:
 
 
 def unknown_url_options(options: dict[str, Any]) -> list[str]:
-    """The options of a URL parsed by redis-py's `parse_url` that its connection would
-    refuse (no such argument): a typo in the query, or a TLS option on a redis:// URL.
-    Said before connecting; otherwise a TypeError at the first connection."""
+    """The options of a single server's URL, parsed by redis-py's `parse_url`, that its
+    connection would refuse (no such argument): a typo in the query, or a TLS option on
+    a redis:// URL. Said before connecting; otherwise a TypeError at the first
+    connection. (A Cluster's or Sentinel's client takes options of its own.)"""
     cls = options.get("connection_class", Connection)
     known = _connection_args(cls)
     return sorted(k for k in options if k not in known)
@@ -144,9 +142,10 @@ def unknown_url_options(options: dict[str, Any]) -> list[str]:
 
 @functools.cache
 def _connection_args(cls: type) -> frozenset[str]:
-    # The pool's own arguments, and the connection class's, up its base classes (the
-    # TLS and Unix socket connections pass the rest on as **kwargs).
-    names = {"connection_class", "max_connections", "ssl"}
+    # The pool's own arguments (`timeout`: a BlockingConnectionPool's wait for a free
+    # connection), and the connection class's, up its base classes (the TLS and Unix
+    # socket connections pass the rest on as **kwargs).
+    names = {"connection_class", "max_connections", "timeout"}
     for klass in cls.__mro__:
         init = vars(klass).get("__init__")
         if init is None:

@@ -25,10 +25,11 @@ import redis
 import typer.main
 from typer.testing import CliRunner
 
-from aiotasks import App, BrokerRefusedError, TaskState
+from aiotasks import App, BrokerConnectionError, BrokerRefusedError, TaskState
 from aiotasks.admin import Admin
 from aiotasks.cli import cli
 from aiotasks.cli.common import run_admin
+from aiotasks.config import RetryPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -471,6 +472,9 @@ def test_a_cluster_url_for_a_server_that_is_no_cluster_is_one_clear_error(
     hint = "the URL says Redis Cluster, but the server is not one: use redis://host:port/db"
     proc = aiotasks("status", "--redis-url", url, "--namespace", namespace)
     assert hint in one_error(proc, 1)
+    # A cluster no node of which answers is unreachable, not refused: waited out.
+    proc = aiotasks("status", "--redis-url", "redis+cluster://127.0.0.1:1")
+    assert one_error(proc, 1).startswith("error: cannot reach Redis at redis+cluster://127.0.0.1:1")
 
     async def send() -> None:
         app = App(redis_url=url, namespace=namespace)
@@ -498,3 +502,35 @@ def test_a_sentinel_that_cannot_be_asked_is_named_by_its_address() -> None:
     assert "No master found for 'mymaster'" in line
     assert "Sentinel 127.0.0.1:1 - " in line and "Sentinel 127.0.0.1:2 - " in line
     assert "ConnectionPool" not in line and len(line) < 500, line
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.SlotNotCoveredError("slot 42 is not covered"),
+        redis.exceptions.RedisClusterUnreachableError("Redis Cluster cannot be connected"),
+    ],
+)
+async def test_a_cluster_in_failover_is_waited_out_not_refused(error: Exception) -> None:
+    """What a Cluster says while a failover or its start is under way is retried by the
+    send retry policy, then a BrokerConnectionError; only "cluster mode is not enabled"
+    is a refusal."""
+    app = App(redis_url="redis+cluster://127.0.0.1:7000")
+    calls = 0
+
+    async def call() -> None:
+        nonlocal calls
+        calls += 1
+        raise error
+
+    policy = RetryPolicy(max_retries=2, interval_step=0.01, interval_max=0.01)
+    with pytest.raises(BrokerConnectionError, match="after 3 tries"):
+        await app.client.with_retry(policy, call)
+    assert calls == 3
+    refused = redis.exceptions.RedisClusterException("Cluster mode is not enabled on this node")
+
+    async def single() -> None:
+        raise refused
+
+    with pytest.raises(BrokerRefusedError, match="use redis://host:port/db"):
+        await app.client.with_retry(policy, single)

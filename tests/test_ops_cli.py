@@ -111,6 +111,9 @@ async def test_status_json_and_table(app: App, worker: Any) -> None:
     res = await invoke("status", "--json", *conn(app))
     mail = {q["name"]: q for q in json.loads(res.stdout)["queues"]}["mail"]
     assert (mail["paused"], mail["length"], mail["workers"]) == (True, 0, 0)
+    res = await invoke("purge", "mail", *conn(app))  # shown, so known to purge too
+    assert res.exit_code == 0, res.output
+    assert "nothing to purge" in res.stdout
 
     # --queue shows a queue nothing was ever sent to; its worker counts.
     res = await invoke("status", "--json", "--queue", "busy", *conn(app))

@@ -89,9 +89,9 @@ async def test_a_release_of_many_slots_pays_debt_then_waiters_then_frees_the_res
 
 
 def test_the_largest_concurrency_gives_its_slots_back_at_once() -> None:
-    """A fetch takes as many slots as the concurrency and gives back what it did not use,
-    in one step: a release slot by slot, with `--concurrency 9223372036854775807`, spun a
-    core for as long as the worker ran, and its SIGTERM was never handled."""
+    """A fetch takes as many slots as the concurrency and gives back what it did not use:
+    all of them, at the largest concurrency allowed. (Slot by slot, a concurrency of
+    2**63 - 1 spun a core for as long as the worker ran; it is refused now, below.)"""
     slots = Slots(MAX_CONCURRENCY)
     assert slots.take(MAX_CONCURRENCY) == MAX_CONCURRENCY
     slots.release(MAX_CONCURRENCY)

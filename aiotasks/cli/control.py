@@ -138,12 +138,13 @@ def _queue_command(verb: str, doc: str) -> None:
         app = open_app(app_spec, redis_url, namespace)
 
         async def change(admin: Admin) -> bool:
-            await getattr(admin.app.queues, verb)(queue)
-            try:
+            try:  # before the change: a paused queue is a known one
                 await admin.check_queue(queue)
+                known = True
             except QueueNotFound:
-                return False
-            return True
+                known = False
+            await getattr(admin.app.queues, verb)(queue)
+            return known
 
         known = run_admin(app, change)
         # Pausing a queue before its first task is allowed; a typo should not pass unseen.
