@@ -51,6 +51,9 @@ class Slots:
 
     def release(self, n: int = 1) -> None:
         """Give back `n` slots, handing them to waiters first (once none is owed)."""
+        if self.free >= 0 and not self._waiters:  # most releases: a task's one slot
+            self.free += n
+            return
         # In steps of waiters, not of slots: a fetch gives back what it took and did not
         # use, as many as the concurrency.
         owed = min(n, max(-self.free, 0))
