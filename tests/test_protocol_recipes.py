@@ -390,3 +390,89 @@ async def test_a_task_in_each_shard_of_a_sharded_namespace(
         assert await app.client.recorded_shards() == n
     finally:
         await r.aclose()
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"priority": 12}, "'priority' must be a whole number 0..9"),
+        ({"priority": 2.5}, "'priority' must be a whole number 0..9"),
+        ({"queue": "a,b"}, "'queue' must be a non-empty string"),
+        ({"queue": " a"}, "'queue' must be a non-empty string"),
+        ({"queue": ""}, "'queue' must be a non-empty string"),
+        ({"ttl": None}, "'ttl' must be a whole number of seconds >= 1"),
+        ({"ttl": 1.5}, "'ttl' must be a whole number of seconds >= 1"),
+        ({"id": 42}, "'id' must be a non-empty string"),
+        ({"id": "a\nb"}, "'id' must be a non-empty string without a newline"),
+        ({"name": ""}, "'name' must be a non-empty string"),
+        ({"v": None}, "'v' must be 2"),
+        ({"ct": ""}, "'ct' must be a non-empty string"),
+        ({"due": -1}, "'due' must be a whole number >= 0"),
+        ({"cid": "c"}, "'cid' and 'cix' go together"),
+        ({"eb": [{"id": "e"}]}, "errback 1: 'v' must be 2"),
+    ],
+)
+async def test_a_record_outside_the_contract_is_refused_and_nothing_enqueued(
+    producer: Producer, change: dict[str, Any], problem: str
+) -> None:
+    """protocol.md section 5: a record the contract does not allow (a priority no worker
+    reads, a queue name with a comma, no ttl) fails the whole call with an error naming
+    it; the good record beside it is not enqueued either."""
+    good, bad = new_id(), new_id()
+    record = {
+        k: v for k, v in {**producer.record(bad, "add", [1, 2]), **change}.items() if v is not None
+    }
+    with pytest.raises(aioredis.ResponseError) as err:
+        await producer.enqueue(producer.record(good, "add", [1, 1]), record)
+    assert f"record 2: {problem}" in str(err.value)
+    assert "nothing enqueued" in str(err.value)
+    assert await producer.r.exists(f"{producer.P}t:{good}", f"{producer.P}t:{bad}") == 0
+    assert [k async for k in producer.r.scan_iter(f"{producer.P}q:*")] == []
+
+
+async def test_an_unknown_mode_is_refused(producer: Producer) -> None:
+    sha = await producer.load("enqueue")
+    task_id = new_id()
+    with pytest.raises(aioredis.ResponseError, match="unknown mode 'bogus'"):
+        await producer.r.execute_command(
+            "EVALSHA",
+            sha,
+            2,
+            producer.P,
+            producer.G,
+            now_ms(),
+            "bogus",
+            pack([producer.record(task_id, "add", [1, 1])]),
+        )
+    assert await producer.r.exists(f"{producer.P}t:{task_id}") == 0
+
+
+async def test_a_chord_op_outside_the_contract_applies_no_op(producer: Producer) -> None:
+    """finish.lua checks every op carrying records before applying any: a bad header
+    record leaves no chord counter and no header enqueued."""
+    chord_id, h1, h2 = new_id(), new_id(), new_id()
+    body = producer.record(new_id(), "tsum", [])
+    ops = [
+        {"op": "chord", "id": chord_id, "ttl": 86400, "n": 2, "body": body},
+        {
+            "op": "enqueue",
+            "mode": "send",
+            "task": producer.record(h1, "add", [1, 1], cid=chord_id, cix=0),
+        },
+        {
+            "op": "enqueue",
+            "mode": "send",
+            "task": producer.record(h2, "add", [1, 1], cid=chord_id, cix=1, priority=10),
+        },
+    ]
+    with pytest.raises(
+        aioredis.ResponseError, match=r"op 3 \(enqueue\): 'priority'.*no op applied"
+    ):
+        await producer.finish(ops)
+    assert await producer.r.exists(f"{producer.P}chord:{chord_id}", f"{producer.P}t:{h1}") == 0
+    bad_mode = [{"op": "enqueue", "mode": "later", "task": producer.record(h1, "add", [1, 1])}]
+    with pytest.raises(aioredis.ResponseError, match="op 1 \\(enqueue\\): unknown mode 'later'"):
+        await producer.finish(bad_mode)
+    no_n = [{"op": "chord", "id": chord_id, "ttl": 86400, "n": 0, "body": body}]
+    with pytest.raises(aioredis.ResponseError, match="a chord needs"):
+        await producer.finish(no_n)

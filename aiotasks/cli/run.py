@@ -198,7 +198,8 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker) -> None:
             return
         except BrokerConnectionError as exc:
             problem = f"cannot reach Redis at {url}"
-            cause = describe(exc.__cause__ or exc) or type(exc.__cause__ or exc).__name__
+            underlying = exc.__cause__ or exc
+            cause = describe(underlying) or type(underlying).__name__
         except BrokerRefusedError as exc:
             problem, cause = str(exc), ""
         left = deadline - time.monotonic()

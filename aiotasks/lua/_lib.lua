@@ -18,6 +18,53 @@ local function unpack_arg(packed)
   return value
 end
 
+-- What is wrong with a task record a caller sent (docs/protocol.md section 5), or nil.
+-- Checked before anything is written: a record outside the contract would otherwise
+-- be stranded (a priority or queue no worker reads) or break the call halfway with a
+-- Lua error. aiotasks' own records always pass.
+local MODES = {send = true, follow = true, retry = true, defer = true}
+
+local function whole(v, low, high)
+  return type(v) == 'number' and v == math.floor(v) and v >= low and (high == nil or v <= high)
+end
+
+local function text(v)
+  return type(v) == 'string' and v ~= ''
+end
+
+local function record_problem(t)
+  if type(t) ~= 'table' then return 'not a map' end
+  if t.v ~= PROTOCOL then return "'v' must be " .. PROTOCOL end
+  if not text(t.id) or string.find(t.id, '\n', 1, true) then
+    return "'id' must be a non-empty string without a newline"
+  end
+  if not text(t.name) then return "'name' must be a non-empty string" end
+  local q = t.queue
+  if not text(q) or string.find(q, ',', 1, true) or string.find(q, '^%s') or string.find(q, '%s$') then
+    return "'queue' must be a non-empty string without commas or surrounding spaces"
+  end
+  if not whole(t.priority, 0, 9) then return "'priority' must be a whole number 0..9" end
+  if type(t.m) ~= 'string' then return "'m' must be a (str-typed) byte string" end
+  if not text(t.ct) then return "'ct' must be a non-empty string" end
+  if not whole(t.ttl, 1) then return "'ttl' must be a whole number of seconds >= 1" end
+  for _, k in ipairs({'due', 'delay', 'r', 'cix'}) do
+    if t[k] ~= nil and not whole(t[k], 0) then return "'" .. k .. "' must be a whole number >= 0" end
+  end
+  if t.exp ~= nil and not whole(t.exp, -math.huge) then return "'exp' must be a whole number" end
+  if (t.cid == nil) ~= (t.cix == nil) then return "'cid' and 'cix' go together" end
+  for _, k in ipairs({'cid', 'tail', 'reply', 'sig', 'ecid', 'db'}) do
+    if t[k] ~= nil and not text(t[k]) then return "'" .. k .. "' must be a non-empty string" end
+  end
+  if t.eb ~= nil then
+    if type(t.eb) ~= 'table' then return "'eb' must be an array of task records" end
+    for i, rec in ipairs(t.eb) do
+      local problem = record_problem(rec)
+      if problem then return 'errback ' .. i .. ': ' .. problem end
+    end
+  end
+  return nil
+end
+
 -- A task record stored by a script (`_rec`, a chord's `body`/`on_error`, `_eb`), or nil
 -- when it is missing or unreadable (written by another version, or by hand).
 local function read_record(packed)

@@ -9,12 +9,23 @@
 -- ARGV[3]      msgpack array of task records (maps: id, name, queue, priority, m, ct,
 --              ttl, and optionally v, due, exp, r, cid, cix, tail, reply; see
 --              docs/protocol.md)
--- Returns      {1 or 0 per task}: 1 = enqueued, 0 = an existing task kept
+-- Returns      {1 or 0 per task}: 1 = enqueued, 0 = an existing task kept; an error
+--              reply, with nothing enqueued, when the mode or a record is outside the
+--              contract (record_problem)
 
 begin(KEYS)
 local now_ms = tonumber(ARGV[1])
 local mode = ARGV[2]
 local tasks = unpack_arg(ARGV[3])
+if not MODES[mode] then
+  return redis.error_reply("enqueue.lua: unknown mode '" .. tostring(mode) .. "' (send, follow, retry or defer)")
+end
+for i, t in ipairs(tasks) do
+  local problem = record_problem(t)
+  if problem then
+    return redis.error_reply('enqueue.lua: record ' .. i .. ': ' .. problem .. ' (nothing enqueued)')
+  end
+end
 
 local out = {}
 local queues = {}

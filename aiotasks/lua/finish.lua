@@ -37,7 +37,8 @@
 --          on_error are task records, stored whole and enqueued when the chord settles;
 --          the body's `delay` (its countdown) counts from when its headers are done.
 --          Its headers are enqueued by 'enqueue' ops.
--- Returns      number of ops applied
+-- Returns      number of ops applied; an error reply, with none applied, when an enqueue
+--              or chord op carries a mode or record outside the contract (op_problem)
 
 begin(KEYS)
 local now_ms = tonumber(ARGV[1])
@@ -145,6 +146,41 @@ local function flat_done(i)
   done(stream, entry, id, state, ttl, flags % 2, math.floor(flags / 2) % 2, cid, cix, tail,
     value, slot, ops, i + 12, i + 11 + n)
   return i + 12 + n
+end
+
+-- What is wrong with an op that carries task records from a caller (a producer's chord
+-- and its headers), or nil: checked for every op before any is applied. A flat done op
+-- is skipped over (12 values, then n and its n field values).
+local function op_problem(op)
+  if op.op == 'enqueue' then
+    if not MODES[op.mode] then return "unknown mode '" .. tostring(op.mode) .. "'" end
+    return record_problem(op.task)
+  elseif op.op == 'chord' then
+    if not text(op.id) or not whole(op.n, 1) or not whole(op.ttl, 1) then
+      return "a chord needs 'id' (a string), 'n' (>= 1) and 'ttl' (seconds >= 1)"
+    end
+    local problem = record_problem(op.body)
+    if problem then return 'body: ' .. problem end
+    problem = op.on_error ~= nil and record_problem(op.on_error)
+    if problem then return 'on_error: ' .. problem end
+  end
+  return nil
+end
+
+local k, nth = 1, 0
+while ops[k] ~= nil do
+  nth = nth + 1
+  local op = ops[k]
+  if type(op) ~= 'table' then
+    k = k + 12 + ops[k + 11]
+  else
+    local problem = op_problem(op)
+    if problem then
+      return redis.error_reply('finish.lua: op ' .. nth .. ' (' .. tostring(op.op) .. '): '
+        .. problem .. ' (no op applied)')
+    end
+    k = k + 1
+  end
 end
 
 local applied, i = 0, 1
