@@ -489,7 +489,11 @@ class Signature:
         self._add_option("link_error", errback)
         return errback
 
-    on_error = link_error
+    def on_error(self, errback: Signature) -> Signature:
+        """Add an errback, as link_error() does, but return this signature, so that
+        `add.s(2, 2).on_error(alert.s()).send()` sends `add` (Celery's spelling)."""
+        self._add_option("link_error", errback)
+        return self
 
     def _add_option(self, name: str, sig: Signature) -> None:
         current = self.options.get(name)

@@ -92,6 +92,16 @@ async def test_link_link_error_freeze_and_set_immutable(
     await wait_until(lambda: _async(len(seen) == 2), timeout=5, what="the errback")
     assert seen[1]["exc_type"] == "ValueError"
 
+    # on_error returns the signature itself (link_error returns the errback), so the
+    # chained spelling sends the task, not its errback, as in Celery.
+    guarded = boom.s()
+    assert guarded.on_error(record.s()) is guarded
+    handle = await boom.s().on_error(record.s()).delay()
+    with pytest.raises(TaskFailed):
+        await handle.result(timeout=5)
+    await wait_until(lambda: _async(len(seen) == 3), timeout=5, what="on_error's errback")
+    assert seen[2]["task_id"] == handle.id
+
     frozen = add.s(7, 7)
     handle = frozen.freeze()  # the id is known before the send
     assert frozen.id == handle.id
