@@ -235,6 +235,9 @@ class TaskHandle(Generic[R]):
         """Delete the stored result of a finished task; it reads as PENDING (unknown)
         afterwards. A task not finished yet is left alone: it has no result yet."""
         await self.client.forget(self.id)
+        # A result that came to this handle's mailbox is forgotten too: result() reads
+        # the task again, as a fresh handle of the id would.
+        self._box = None
 
 
 class GroupHandle:

@@ -274,6 +274,30 @@ async def test_forget_makes_the_task_unknown(app: App, worker: StartWorker) -> N
         await h.result(timeout=0.2)
 
 
+async def test_forget_forgets_a_result_that_came_to_the_handle(
+    app: App, worker: StartWorker
+) -> None:
+    """Once the App has waited for a result, its later sends' final states come to their
+    handles unasked (the reply channel): forget() forgets that one too."""
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await worker()
+    assert await (await add.send(0, 0)).result(timeout=5) == 0  # the reply channel is live
+    h = await add.send(0, 10)
+    await wait_until(lambda: _is_final(h), timeout=5, what="the task to finish")
+    await h.forget()
+    with pytest.raises(ResultTimeout):
+        await h.result(timeout=0.3)
+    assert await h.state() == TaskState.PENDING
+
+
+async def _is_final(h: TaskHandle[Any]) -> bool:
+    return (await h.state()).is_final
+
+
 # -- result TTL --------------------------------------------------------------------------
 
 
