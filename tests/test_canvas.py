@@ -461,8 +461,12 @@ async def test_chain_stops_at_a_failure(app: App, worker: StartWorker, t: Tasks)
         await h.result(timeout=10)
     assert ei.value.exc_type == "ValueError"
     assert ei.value.task_id == "final-step"
-    with pytest.raises(TaskFailed):
+    # The last task names the step that failed and carries its traceback.
+    assert ei.value.traceback is not None and "ValueError" in ei.value.traceback
+    assert (await h.info()).failed_task_id == "failing-step"
+    with pytest.raises(TaskFailed) as step:
         await app.handle("failing-step").result(timeout=5)
+    assert step.value.traceback == ei.value.traceback
     await asyncio.sleep(0.5)
     assert await counter(app, "after-1") == 0
     assert await counter(app, "after-2") == 0

@@ -452,13 +452,14 @@ local settle_chord
 
 -- Fail a task that never ran (or whose predecessor failed): its waiters must wake.
 -- failed_id: for a ChordError, the header task that failed.
-local function fail_task(id, state, exc_type, exc_message, ttl, now_ms, failed_id)
+local function fail_task(id, state, exc_type, exc_message, ttl, now_ms, failed_id, traceback)
   if not id or id == '' then return end
   local prev = redis.call('HGET', K.task(id), 'state')
   if prev and FINAL[prev] then return end
   local fields = {finished_at = now_ms}
   if state == 'FAILURE' then
     fields.exc_type, fields.exc_message, fields.failed_task_id = exc_type, exc_message, failed_id
+    fields.traceback = traceback
   end
   final_write(id, state, fields, ttl, now_ms)
 end
@@ -545,7 +546,7 @@ end
 -- A task that will not run (revoked, expired, dead-lettered) still settles what waits on it.
 settle_unrun = function(id, state, exc_type, exc_message, cid, cix, tail, ttl, now_ms)
   fail_task(id, state, exc_type, exc_message, ttl, now_ms)
-  fail_task(tail, state, exc_type, exc_message, ttl, now_ms)
+  fail_task(tail, state, exc_type, exc_message, ttl, now_ms, id)
   if cid and cid ~= '' then
     settle_chord(cid, cix, id, state, '', exc_type, exc_message, now_ms)
   end

@@ -75,8 +75,9 @@ local function done(stream, entry, id, state, ttl, ignore_result, linked, cid, c
     if not h[1] then watched = nil end
     write_final(id, state, f, ttl, now_ms, {h[3], h[4], h[5], h[6], watched, h[8]}, ct, result,
       exc_type, exc_message, a, b)
-    if state ~= 'SUCCESS' then
-      fail_task(tail, state, exc_type, exc_message, ttl, now_ms)
+    if state ~= 'SUCCESS' and tail then
+      -- The chain's last task fails as this step did, naming it, with its traceback.
+      fail_task(tail, state, exc_type, exc_message, ttl, now_ms, id, pick(f, a, b, 'traceback'))
     end
     if cid and (state ~= 'SUCCESS' or linked ~= 1) then
       settle_chord(cid, cix, id, state, value or '', exc_type, exc_message, now_ms)
