@@ -208,6 +208,28 @@ async def test_on_error_fires_once_when_a_header_fails(
     assert len(await recorded(app, "errors")) == 1
 
 
+async def test_an_inner_chord_body_that_never_ran_is_named_to_the_outer_on_error(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    """A nested chord whose header fails: its body never runs, yet the outer chord's
+    on_error names it, and its info() has its name and queue."""
+    await worker(concurrency=4)
+    inner_body = t.tsum.s()
+    inner_body.freeze()
+    h = await chord(
+        [chord([t.boom.s(), t.add.s(1, 1)], inner_body), t.add.s(1, 1)],
+        t.tsum.s(),
+        on_error=t.errback.s("nested"),
+    ).send()
+    with pytest.raises(ChordError):
+        await h.result(timeout=10)
+    (failure,) = await wait_recorded(app, "nested", 1)
+    assert failure["task_id"] == inner_body.id
+    assert failure["name"] == t.tsum.name and failure["exc_type"] == "ChordError"
+    info = await app.handle(inner_body.id).info()
+    assert (info.name, info.queue) == (t.tsum.name, "default")
+
+
 async def test_soft_timeout_not_below_hard_timeout_is_refused(app: App, t: Tasks) -> None:
     with pytest.raises(ValueError, match="soft_timeout"):
         await t.add.options(soft_timeout=2, hard_timeout=1).send(1, 2)

@@ -481,8 +481,10 @@ local function fail_body(body, id, state, exc_type, exc_message, ttl, now_ms)
       emsg = emsg .. ': ' .. exc_type .. ': ' .. (exc_message or '')
     end
   end
+  -- The body never ran: its name and queue are written here (an outer chord's on_error
+  -- names it, info() shows it).
   final_write(body.id, out, {finished_at = now_ms, exc_type = etype, exc_message = emsg,
-    failed_task_id = id, traceback = tb}, ttl, now_ms)
+    failed_task_id = id, traceback = tb, name = body.name, queue = body.queue}, ttl, now_ms)
   fail_task(body.tail, out, etype, emsg, ttl, now_ms, id)
   if body.cid and body.cid ~= '' then
     settle_chord(body.cid, body.cix, group and id or body.id, out, '', etype, emsg, now_ms)
