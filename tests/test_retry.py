@@ -112,7 +112,7 @@ async def test_retry_with_countdown_reruns_after_the_countdown(
         ctx = current_task()
         if ctx.attempt == 1:
             if spelling == "Retry":
-                raise Retry(countdown=0.2)
+                raise Retry(countdown=0.4)
             raise ctx.retry(countdown=0.2)
         return ctx.attempt
 
@@ -186,6 +186,38 @@ async def test_state_is_scheduled_while_a_retry_waits(app: App, worker: StartWor
     assert await h.result(timeout=5) == "second"
     assert attempts == [1, 2]
     assert await r.zscore(keys.delayed, h.id) is None
+
+
+async def test_updates_yield_each_retry_wait_and_each_run(app: App, worker: StartWorker) -> None:
+    """A retry with a countdown leaves STARTED for SCHEDULED (one due now, for PENDING):
+    updates() yields each wait, not only the runs."""
+
+    @app.task(max_retries=3)
+    async def flaky() -> str:
+        ctx = current_task()
+        if ctx.attempt == 1:
+            await asyncio.sleep(0.3)  # updates() is following by then
+            raise Retry(countdown=0.4)
+        if ctx.attempt == 2:
+            raise Retry(countdown=0.4)
+        return "ok"
+
+    await worker()
+    h = await flaky.send()
+    states: list[tuple[str, int | None]] = []
+
+    async def follow() -> None:
+        async for info in h.updates():
+            states.append((info.state.value, info.attempts))
+
+    await asyncio.wait_for(follow(), timeout=10)
+    started = [s for s in states if s[0] == "STARTED"]
+    assert [a for _, a in started] == [1, 2, 3], states
+    # Each countdown's wait is seen between the runs.
+    runs = [states.index(("STARTED", n)) for n in (1, 2, 3)]
+    assert [s for s, _ in states[runs[0] : runs[1]]] == ["STARTED", "SCHEDULED"], states
+    assert [s for s, _ in states[runs[1] : runs[2]]] == ["STARTED", "SCHEDULED"], states
+    assert states[-1] == ("SUCCESS", 3), states
 
 
 async def test_hard_timeout_is_retried_when_listed_in_autoretry_for(

@@ -376,6 +376,11 @@ local function enqueue_task(mode, t, now_ms)
   else
     xadd_task(t, t.ttl, now_ms)
   end
+  if again then
+    -- A retry or a deferral leaves STARTED: watchers (updates()) hear of it, as of the
+    -- STARTED that follows.
+    redis.call(PUBLISH, K.done_channel(t.id), due_ms > now_ms and 'SCHEDULED' or 'PENDING')
+  end
   return 1
 end
 
