@@ -29,6 +29,7 @@ from .nodes import (
     Node,
     canvas_shard,
     check_args,
+    check_debounced,
     check_unpinned,
     chord_node,
     final_id,
@@ -212,6 +213,7 @@ async def _send(app: App, canvas: Any, options: dict[str, Any]) -> Node:
     drawn: set[str] = set()
     node = freeze(canvas, options, app, drawn=drawn)
     check_args(app, node)
+    check_debounced(app, node)
     if app.tracer is None:
         await _apply(app, node, policy, drawn)
         return node

@@ -188,6 +188,29 @@ def check_unpinned(app: App, node: Node) -> None:
             )
 
 
+def check_debounced(app: App, node: Node) -> None:
+    """Refuse a debounced task where a later send could supersede it while something
+    waits on it: a chain step, a chord header or body, a callback, or a task with
+    callbacks (the superseded send's canvas would never go on). It is sent on its own or
+    as a plain member of a group.
+
+    Raises:
+        ValueError: naming the task.
+    """
+    for top in node["tasks"] if node["t"] == "group" else [node]:
+        if top["t"] == "sig" and not top.get("link") and not top.get("link_error"):
+            continue
+        for n in _with_ids(top):
+            task = app.tasks.get(str(n.get("name"))) if n["t"] == "sig" else None
+            if task is not None and task.opts.debounce:
+                raise ValueError(
+                    f"{task.name} is debounced, so it can be sent on its own or as a plain "
+                    "member of a group, but not in a chain, chord or callback, nor with "
+                    "callbacks of its own: a later send would supersede it, and what waits "
+                    "on it would never hear"
+                )
+
+
 #: Where a node holds other nodes (never its arguments: those are the user's data).
 _CHILDREN = ("header", "body", "tasks", "steps", "link", "link_error", "on_error")
 

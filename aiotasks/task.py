@@ -181,6 +181,11 @@ def message_builder(
     trace = app.tracer.inject() if app.tracer is not None else None
     debounce = task.opts.debounce if task is not None else None
     if debounce:
+        if options.get("countdown") or options.get("eta") is not None:
+            raise ValueError(
+                f"{name} is debounced: it runs {debounce:g} s after the last send for its "
+                "key, so countdown and eta do not apply"
+            )
         # Trailing edge: it runs `debounce` s after the last send for its key.
         eta = sent_at + float(debounce)
     if eta is not None and eta <= sent_at:

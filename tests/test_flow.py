@@ -239,6 +239,47 @@ async def test_debounce_runs_once_with_the_last_arguments(app: App, spawn_worker
     assert [await h.state() for h in handles] == [TaskState.SUCCESS] * 20
 
 
+async def test_a_debounced_task_is_refused_where_a_later_send_would_strand_a_canvas(
+    app: App,
+) -> None:
+    """Superseded, a debounced send never runs: a chain, chord or callback waiting on it
+    would never go on. So it goes on its own or as a plain group member; elsewhere, and
+    with a countdown or eta (its debounce is its delay), the send is refused, nothing sent."""
+    from aiotasks import chain, chord, group
+
+    @app.task(debounce=1.0, debounce_key="doc_id")
+    async def reindex(doc_id: int) -> int:
+        return doc_id
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    refused = [
+        chain(add.s(1, 1), reindex.s()),
+        chain(reindex.s(1), add.s(1)),
+        chord([reindex.s(1)], add.s(1)),
+        chord([add.s(1, 1)], reindex.s()),
+        group(reindex.s(1), chain(add.s(1, 1), reindex.s())),
+        reindex.s(1).set(link=add.s(1)),
+        add.s(1, 1).set(link=reindex.s()),
+    ]
+    for canvas in refused:
+        with pytest.raises(ValueError, match="is debounced"):
+            await canvas.send()
+    with pytest.raises(ValueError, match="is debounced"):
+        await group(reindex.s(1), reindex.s(2)).send(link=add.s(1))
+    for options in ({"countdown": 5}, {"eta": time.time() + 5}):
+        with pytest.raises(ValueError, match="countdown and eta do not apply"):
+            await reindex.options(**options).send(1)
+    assert [k async for k in app.client.redis.scan_iter(f"{app.client.keys.prefix}q:*")] == []
+    assert await app.client.redis.zcard(app.client.keys.delayed) == 0
+    # On its own, and as plain group members, it is sent (and debounced).
+    await reindex.send(3)
+    await group(reindex.s(4), reindex.s(5)).send()
+    assert await app.client.redis.zcard(app.client.keys.delayed) == 3
+
+
 async def test_cli_schedules_queues_and_status(app: App) -> None:
     import json
     import subprocess
