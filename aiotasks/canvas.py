@@ -27,6 +27,7 @@ from .handle import GroupHandle, TaskHandle
 from .keys import shard_of
 from .nodes import (
     Node,
+    as_list,
     canvas_shard,
     check_args,
     check_debounced,
@@ -122,9 +123,11 @@ class group(_Composable):
         `task_id` names the group (`GroupHandle.id`), not its members.
         """
         group_id = options.pop("task_id", None)
-        app = _app_of(self)
+        app = _app_of(self) or _app_of(as_list(options.get("link")))
         if app is None:
-            return GroupHandle(None, [], group_id)  # group([]): nothing to run
+            # No task anywhere (group([]), group(group([]))): nothing to send, and the
+            # result is its shape, as the same groups beside a task would give.
+            return GroupHandle(None, [], group_id, empty=_empty_shape(self))
         node = await _send(app, self, options)
         members = node["header"] if node["t"] == "chord" else node["tasks"]
         handles: list[TaskHandle[Any]] = [TaskHandle(app.client, final_id(m)) for m in members]
@@ -271,11 +274,28 @@ def _pinned_member(app: App, member: Node, drawn: set[str]) -> int | None:
     return shard_of(member["id"], n)
 
 
+def _empty_shape(canvas: Any) -> list[Any]:
+    """The result of a group holding no task: a list per group inside it.
+
+    Raises:
+        ValueError: it holds an empty chain (as chain() alone does) or a chord.
+    """
+    if isinstance(canvas, group):
+        return [_empty_shape(t) for t in canvas.tasks]
+    if isinstance(canvas, chain) and canvas.tasks:
+        return _empty_shape(canvas.tasks[-1])
+    if isinstance(canvas, chain):
+        raise ValueError("chain() needs at least one task")
+    raise ValueError(f"{type(canvas).__name__} holds no task to run")
+
+
 def _app_of(canvas: Any) -> App | None:
     if isinstance(canvas, Signature):
         return canvas._app()
     parts: list[Any] = []
-    if isinstance(canvas, group | chain):
+    if isinstance(canvas, list):
+        parts = canvas
+    elif isinstance(canvas, group | chain):
         parts = list(canvas.tasks)
     elif isinstance(canvas, chord):
         parts = [canvas.body, *canvas.header]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -244,11 +245,18 @@ class GroupHandle:
     """The handles of a sent group, in order; `id` names the group itself."""
 
     def __init__(
-        self, client: Client | None, handles: list[TaskHandle[Any]], group_id: str | None = None
+        self,
+        client: Client | None,
+        handles: list[TaskHandle[Any]],
+        group_id: str | None = None,
+        *,
+        empty: list[Any] | None = None,
     ) -> None:
+        """`empty`: the result of a group that holds no task (`[[]]` for group(group([])))."""
         self.client = client
         self.handles = handles
         self.id = group_id or uuid.uuid4().hex
+        self._empty = empty
 
     def __repr__(self) -> str:
         return f"GroupHandle({self.id!r}, {len(self.handles)} tasks)"
@@ -270,6 +278,8 @@ class GroupHandle:
         Raises:
             ResultTimeout: `timeout` seconds passed before all finished.
         """
+        if self._empty is not None:
+            return copy.deepcopy(self._empty)
         ctx = current_task_or_none()
         waits = [self._one(h, return_exceptions) for h in self.handles]
         try:

@@ -62,8 +62,8 @@ def sig_node(
         "args": list(args),
         "kwargs": dict(kwargs or {}),
     }
-    links = [_callback(x) for x in _as_list(opts.pop("link", None))]
-    errbacks = [_errback(x) for x in _as_list(opts.pop("link_error", None))]
+    links = [_callback(x) for x in as_list(opts.pop("link", None))]
+    errbacks = [_errback(x) for x in as_list(opts.pop("link_error", None))]
     check_options(opts)
     node["opts"] = opts
     if immutable:
@@ -236,8 +236,8 @@ def _freeze(canvas: Any, options: dict[str, Any] | None, app: App | None) -> Nod
     if first:
         for sig in _starting(root):
             sig["opts"].update(first)
-    root = _attach_links(root, [_callback(x) for x in _as_list(shaping.get("link"))], app)
-    for errback in [_errback(x) for x in _as_list(shaping.get("link_error"))]:
+    root = _attach_links(root, [_callback(x) for x in as_list(shaping.get("link"))], app)
+    for errback in [_errback(x) for x in as_list(shaping.get("link_error"))]:
         for sig in sigs(root):
             sig.setdefault("link_error", []).append(errback)
     if shaping.get("task_id"):
@@ -275,7 +275,8 @@ def _check_unique_ids(root: Node) -> None:
             )
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """An option that takes one or several values (`link`), as a list."""
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]

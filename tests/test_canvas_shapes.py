@@ -156,6 +156,24 @@ async def test_an_empty_group_gives_an_empty_list() -> None:
     assert await g.results(timeout=1) == []
 
 
+async def test_groups_of_empty_groups_keep_their_shape() -> None:
+    """Groups nest, empty ones too, as they do beside a task ([[], 2])."""
+    assert await (await group(group([])).send()).results(timeout=1) == [[]]
+    assert await (await group(group([]), group([group([])])).send()).results() == [[], [[]]]
+    with pytest.raises(ValueError, match="at least one task"):
+        await group(chain()).send()  # as chain() alone is refused
+
+
+async def test_an_empty_group_with_a_link_calls_it_with_an_empty_list(
+    app: App, worker: StartWorker, t: Tasks
+) -> None:
+    await worker()
+    g = await group([]).send(link=t.record.s("empty-link").set(task_id="empty-link"))
+    assert await g.results(timeout=5) == []
+    assert await app.handle("empty-link").result(timeout=5) == []
+    assert await counter(app, "empty-link") == 1
+
+
 async def test_an_empty_group_in_a_chain_passes_an_empty_list(
     app: App, worker: StartWorker, t: Tasks
 ) -> None:
