@@ -79,7 +79,8 @@ def _text(fields: dict[bytes, bytes], name: str) -> str | None:
 def _required(fields: dict[bytes, bytes], name: str) -> str:
     text = _text(fields, name)
     if text is None:
-        raise DecodeError(f"entry field {name!r} is missing")
+        state = "empty" if fields.get(name.encode()) == b"" else "missing"
+        raise DecodeError(f"entry field {name!r} is {state}")
     return text
 
 
@@ -199,7 +200,8 @@ def _payload(fields: dict[bytes, bytes], ct: str, max_size: int) -> dict[str, An
         raise DecodeError(f"payload must be a map, got {type(p).__name__}")
     name = p.get("name")
     if not isinstance(name, str) or not name:
-        raise DecodeError("payload has no task 'name'")
+        wrong = f"'name' must be a non-empty string, got {name!r:.60}"
+        raise DecodeError(f"payload {wrong if name is not None else 'has no task name'}")
     args, kwargs = p.get("args", ()), p.get("kwargs", _EMPTY)
     if not isinstance(args, list | tuple):
         raise DecodeError(f"payload 'args' must be an array, got {type(args).__name__}")

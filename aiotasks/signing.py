@@ -42,6 +42,7 @@ def verify(keys: Iterable[bytes], entry: Mapping[bytes, bytes]) -> bool:
     given = entry.get(b"sig")
     if not given:
         return False
+    given = given.lower()  # hex of either case (docs/protocol.md)
     pairs = [(f, entry[f.encode()]) for f in SIGNED_FIELDS if entry.get(f.encode())]
     body = _canonical(pairs)
     return any(

@@ -108,6 +108,8 @@ def entry_cases(serializer: str) -> dict[str, dict[str, Any]]:
         "unknown option": with_payload(opts={"run_as_root": True}),
         "args not an array": with_payload(args="not-a-list"),
         "no task name": {"v": v, "ct": ct, "m": encode({"args": [1]}, serializer)},
+        "task name a number": with_payload(name=42),
+        "empty content type": {**with_payload(), "ct": ""},
         "payload not a map": {"v": v, "ct": ct, "m": encode([1, 2, 3], serializer)},
         "unknown content type": {**with_payload(), "ct": "pickle"},
         "unknown protocol version": {**with_payload(), "v": "99"},
@@ -168,6 +170,10 @@ async def test_malformed_entry_is_dead_lettered_once_and_never_runs(
     assert len(reasons) == 1 and reasons[0].startswith("DecodeError: "), reasons
     if case == "unknown protocol version":
         assert "'99'" in reasons[0]
+    if case == "task name a number":
+        assert "'name' must be a non-empty string, got 42" in reasons[0]
+    if case == "empty content type":
+        assert "'ct' is empty" in reasons[0]
     if case == "unregistered ext type":
         assert "extension type 99 is not registered" in reasons[0]
     assert not reasons[0].rstrip().endswith(":"), reasons  # a reason, not an empty one

@@ -330,6 +330,12 @@ async def test_signed_task(make_app: Any, worker: StartWorker, producer: Produce
     rec["sig"] = hmac.new(b"k3y", body, hashlib.sha256).hexdigest()
     assert await producer.enqueue(rec) == [1]
     assert value(await producer.result(task_id)) == 42
+    # The hex digits may be upper case (the document says only "hex").
+    upper = producer.record(new_id(), "add", [2, 2])
+    body = body.replace(task_id.encode(), upper["id"].encode()).replace(rec["m"], upper["m"])
+    upper["sig"] = hmac.new(b"k3y", body, hashlib.sha256).hexdigest().upper()
+    assert await producer.enqueue(upper) == [1]
+    assert value(await producer.result(upper["id"])) == 4
     forged = producer.record(new_id(), "add", [1, 1], sig=rec["sig"])
     assert await producer.enqueue(forged) == [1]
     h = await producer.result(forged["id"])
