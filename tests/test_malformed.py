@@ -305,6 +305,15 @@ async def test_a_scheduled_task_without_a_readable_record_fails_loudly(
         await app.handle(task_id).result(timeout=10)
     assert failed.value.exc_type == "DecodeError"
     assert await r.zcard(app.client.keys.delayed) == 0
+    # A dead letter of its queue says so, with the task's id; requeuing it moves nothing
+    # (there is no payload to run).
+    from aiotasks.admin import Admin
+
+    admin = Admin(app)
+    (dead,) = await admin.dead_letters("default")
+    assert dead.task_id == task_id and "no readable record" in dead.reason
+    assert await admin.requeue_dead("default") == 0
+    assert len(await admin.dead_letters("default")) == 1
 
 
 async def test_a_body_that_raises_cancelled_error_itself_fails_once(

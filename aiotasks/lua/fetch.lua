@@ -48,7 +48,7 @@ local function promote()
   for _, id in ipairs(due) do
     redis.call('ZREM', K.delayed(), id)
     local tkey = K.task(id)
-    local h = redis.call('HMGET', tkey, 'state', '_rec', 'enqueued_at')
+    local h = redis.call('HMGET', tkey, 'state', '_rec', 'enqueued_at', 'queue')
     if h[1] == 'SCHEDULED' then
       local t = read_record(h[2])
       if t then
@@ -57,10 +57,13 @@ local function promote()
         -- enqueued_at stays the time it was sent, not the time it fell due.
         xadd_task(t, math.max(math.floor(ttl / 1000), 1), now_ms, h[3])
       else
-        -- No readable record (written by aiotasks 0.1, or by hand): fail it, loudly.
-        settle_unrun(id, 'FAILURE', 'DecodeError',
-          'the scheduled task has no readable record (_rec): written by another version?',
-          nil, nil, nil, default_ttl, now_ms)
+        -- No readable record (written by aiotasks 0.1, or by hand): a dead letter of
+        -- its queue (with the record as it was, for a look; it holds no entry to run
+        -- again), and the task fails.
+        local why = 'the scheduled task has no readable record (_rec): written by another version?'
+        redis.call('XADD', K.dead(h[4] or 'default'), '*', 'id', id, '_rec', h[2] or '',
+          'reason', 'DecodeError: ' .. why)
+        settle_unrun(id, 'FAILURE', 'DecodeError', why, nil, nil, nil, default_ttl, now_ms)
       end
     end
   end

@@ -57,7 +57,9 @@ for _, item in ipairs(todo) do
         cmd[#cmd + 1] = f[k]
       end
     end
-    if #cmd > 3 then
+    -- Without a payload there is nothing to run (a delayed task's unreadable record,
+    -- kept for a look): it stays dead.
+    if f.m then
       -- A stream deleted meanwhile comes back with its group, reading from the start.
       redis.pcall('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
       local new_id = redis.call(unpack(cmd))
