@@ -17,14 +17,16 @@ types, or, for a new node type, one more branch in `nodes` and `compiler`.
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from .compiler import Compiler
 from .contract import COLLECT
 from .handle import GroupHandle, TaskHandle
 from .keys import shard_of
+from .message import check_options
 from .nodes import (
     Node,
     as_list,
@@ -59,15 +61,47 @@ def compose(left: Any, right: Any) -> Any:
 
 class _Composable:
     """`|` between signatures and canvases builds chains (and `group | sig` a chord),
-    and Celery's `apply_async`/`delay` send them."""
+    and Celery's `apply_async`/`delay` send them. Send options set on a canvas
+    (`set()`, `link()`, ...) apply when that canvas is sent, as `send(**options)` would."""
 
     __slots__ = ()
+    options: dict[str, Any]
 
     def __or__(self, other: Any) -> Any:
         return compose(self, other)
 
     async def send(self, **options: Any) -> Any:
         raise NotImplementedError
+
+    def set(self, **options: Any) -> Self:
+        """A copy with these send options added (`link`, `link_error`, `countdown`, ...)."""
+        check_options(options)
+        new = copy.copy(self)
+        object.__setattr__(new, "options", _merged(self.options, options))
+        return new
+
+    # Celery's in-place spellings: they change this canvas's options, as Celery's do.
+
+    def link(self, callback: Any) -> Any:
+        """Add a callback, called with the canvas's final result; returns the callback."""
+        self._add("link", callback)
+        return callback
+
+    def link_error(self, errback: Signature) -> Signature:
+        """Add an errback, called if any of its tasks fails for good; returns it."""
+        self._add("link_error", errback)
+        return errback
+
+    @property
+    def _own_options(self) -> dict[str, Any]:
+        # What nodes.node() refuses on a canvas nested in another: applied only when
+        # this canvas is the one sent.
+        return self.options
+
+    def _add(self, name: str, sig: Any) -> None:
+        merged = _merged(self.options, {name: sig})
+        check_options({name: merged[name]})
+        self.options[name] = merged[name]
 
     async def apply_async(
         self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
@@ -83,6 +117,18 @@ class _Composable:
         return await self.apply_async(args, kwargs)
 
 
+class _OnError:
+    """Celery's `on_error` on a chain or group (a chord's `on_error` is its errback)."""
+
+    __slots__ = ()
+
+    def on_error(self, errback: Signature) -> Self:
+        """Add an errback as link_error() does; returns this canvas, so that
+        `chain(...).on_error(alert.s()).send()` sends the chain."""
+        cast(Any, self)._add("link_error", errback)
+        return self
+
+
 def _partial(c: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`c` with partial arguments given to the tasks that start it."""
     if isinstance(c, Signature):
@@ -96,12 +142,21 @@ def _partial(c: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return c
 
 
+def _merged(current: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Send options `more` over `current`; callbacks and errbacks add up."""
+    out = {**current, **more}
+    for name in ("link", "link_error"):
+        if name in current and name in more:
+            out[name] = [*as_list(current[name]), *as_list(more[name])]
+    return out
+
+
 def _steps(c: Any) -> tuple[Any, ...]:
     return c.tasks if isinstance(c, chain) else (c,)
 
 
 @dataclass(frozen=True, slots=True)
-class group(_Composable):
+class group(_OnError, _Composable):
     """Tasks that run in parallel: `await group([add.s(1, 1), add.s(2, 2)]).send()`.
 
     Its result is the list of its members' results, in order; a group inside a group
@@ -109,10 +164,12 @@ class group(_Composable):
     """
 
     tasks: tuple[Any, ...]
+    options: dict[str, Any] = field(compare=False, repr=False)
 
     def __init__(self, tasks: Iterable[Any] = (), *more: Any) -> None:
         items = [tasks, *more] if is_canvas(tasks) else [*tasks, *more]
         object.__setattr__(self, "tasks", tuple(items))
+        object.__setattr__(self, "options", {})
 
     def _freeze(self, shared: dict[str, Any]) -> Node:
         return {"t": "group", "tasks": [node(t, shared) for t in self.tasks]}
@@ -122,6 +179,7 @@ class group(_Composable):
 
         `task_id` names the group (`GroupHandle.id`), not its members.
         """
+        options = _merged(self.options, options)
         group_id = options.pop("task_id", None)
         app = _app_of(self) or _app_of(as_list(options.get("link")))
         if app is None:
@@ -135,18 +193,20 @@ class group(_Composable):
 
 
 @dataclass(frozen=True, slots=True)
-class chain(_Composable):
+class chain(_OnError, _Composable):
     """Tasks run one after another, each result the first argument of the next.
 
     `countdown`/`eta` delay the first step; `task_id` names the last one.
     """
 
     tasks: tuple[Any, ...]
+    options: dict[str, Any] = field(compare=False, repr=False)
 
     def __init__(self, *tasks: Any) -> None:
         if len(tasks) == 1 and not is_canvas(tasks[0]):
             tasks = tuple(tasks[0])
         object.__setattr__(self, "tasks", tuple(tasks))
+        object.__setattr__(self, "options", {})
 
     def _freeze(self, shared: dict[str, Any]) -> Node:
         if not self.tasks:
@@ -172,6 +232,7 @@ class chord(_Composable):
     header: tuple[Any, ...]
     body: Any
     on_error: Signature | None = None
+    options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __init__(
         self, header: Iterable[Any], body: Any = None, on_error: Signature | None = None
@@ -181,6 +242,7 @@ class chord(_Composable):
         object.__setattr__(self, "header", tuple(header))
         object.__setattr__(self, "body", body)
         object.__setattr__(self, "on_error", on_error)
+        object.__setattr__(self, "options", {})
 
     def __call__(self, body: Any = None, **options: Any) -> Awaitable[TaskHandle[Any]]:
         """Celery's `chord(header)(body)`: send it with this body; await the handle."""
@@ -199,6 +261,7 @@ class chord(_Composable):
 
 
 async def _send_single(canvas: chain | chord, options: dict[str, Any]) -> TaskHandle[Any]:
+    options = _merged(canvas.options, options)
     app = _app_of(canvas)
     if app is None:
         raise ValueError(f"{type(canvas).__name__} holds no task to run")

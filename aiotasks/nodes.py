@@ -231,7 +231,7 @@ def _freeze(canvas: Any, options: dict[str, Any] | None, app: App | None) -> Nod
     options = dict(options or {})
     shaping = {k: options.pop(k) for k in CANVAS_OPTIONS if k in options}
     check_options(options)
-    root = _normalize(node(canvas, options), app)
+    root = _normalize(node(canvas, options, top=True), app)
     first = {k: shaping[k] for k in ("countdown", "eta") if k in shaping}
     if first:
         for sig in _starting(root):
@@ -300,11 +300,19 @@ def _errback(value: Any) -> Node:
     return frozen
 
 
-def node(c: Any, shared: dict[str, Any]) -> Node:
+def node(c: Any, shared: dict[str, Any], *, top: bool = False) -> Node:
     """Nodes for a canvas as the user wrote it (before `_normalize`): each signature,
-    chain, group and chord freezes itself (`_freeze`), with `shared` send options."""
+    chain, group and chord freezes itself (`_freeze`), with `shared` send options.
+    `top`: the canvas being sent, whose own send options were merged into `shared`."""
     if not is_canvas(c):
         raise TypeError(f"not a signature or canvas: {c!r}")
+    own = getattr(c, "_own_options", None)  # a chain's, group's or chord's set()
+    if own and not top:
+        raise ValueError(
+            f"send options set on a {type(c).__name__} inside another canvas "
+            f"({', '.join(sorted(own))}) are not applied there: set them on the canvas "
+            "you send, or on its tasks"
+        )
     frozen: Node = c._freeze(shared)
     return frozen
 

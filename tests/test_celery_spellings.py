@@ -115,3 +115,52 @@ async def test_link_link_error_freeze_and_set_immutable(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_link_link_error_on_error_and_set_on_canvases(
+    app: App, worker: StartWorker, tasks: dict[str, Any]
+) -> None:
+    """Celery's `chain(...).link(cb)`, `group(...).link(cb)`, `.set(link=...)`,
+    `.on_error(eb)` on a chain or group: the callback gets the canvas's final result."""
+    add, tsum, record, boom, seen = (
+        tasks["add"], tasks["tsum"], tasks["record"], tasks["boom"], tasks["seen"]
+    )  # fmt: skip
+    await worker(concurrency=8)
+
+    steps = chain(add.s(1, 1), add.s(10))
+    callback = record.s()
+    assert steps.link(callback) is callback
+    assert await (await steps.send()).result(timeout=5) == 12
+    await wait_until(lambda: _async(seen == [12]), timeout=5, what="the chain's callback")
+
+    both = group(add.s(1, 1), add.s(2, 2))
+    both.link(record.s())
+    assert await (await both.send()).results(timeout=5) == [2, 4]
+    await wait_until(lambda: _async(len(seen) == 2), timeout=5, what="the group's callback")
+    assert seen[1] == [2, 4]
+
+    # set() returns a copy; the original keeps no options.
+    plain = chain(add.s(2, 2), add.s(1))
+    linked = plain.set(link=record.s())
+    assert plain.options == {} and linked.options.keys() == {"link"}
+    assert await (await linked.send()).result(timeout=5) == 5
+    await wait_until(lambda: _async(len(seen) == 3), timeout=5, what="set(link=)")
+    assert seen[2] == 5
+
+    failing = chain(add.s(1, 1), boom.si())
+    assert failing.on_error(record.s()) is failing
+    with pytest.raises(TaskFailed):
+        await (await failing.send()).result(timeout=5)
+    await wait_until(lambda: _async(len(seen) == 4), timeout=5, what="on_error's errback")
+    assert seen[3]["exc_type"] == "ValueError"
+
+    body = chord([add.s(1, 1), add.s(2, 2)], tsum.s()).set(link=record.s())
+    assert await (await body.send()).result(timeout=5) == 6
+    await wait_until(lambda: _async(len(seen) == 5), timeout=5, what="the chord's callback")
+    assert seen[4] == 6
+
+    # Options set on a canvas inside another are refused, not silently dropped.
+    with pytest.raises(ValueError, match="inside another canvas"):
+        await chain(add.s(1, 1), group(add.s(1), add.s(2)).set(link=record.s())).send()
+    with pytest.raises(TypeError, match="unknown send option"):
+        chain(add.s(1, 1)).set(bogus=1)
