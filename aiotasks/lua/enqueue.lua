@@ -20,8 +20,9 @@ local tasks = unpack_arg(ARGV[3])
 if not MODES[mode] then
   return redis.error_reply("enqueue.lua: unknown mode '" .. tostring(mode) .. "' (send, follow, retry or defer)")
 end
+local good_queues = {}
 for i, t in ipairs(tasks) do
-  local problem = record_problem(t)
+  local problem = record_problem(t, good_queues)
   if problem then
     return redis.error_reply('enqueue.lua: record ' .. i .. ': ' .. problem .. ' (nothing enqueued)')
   end

@@ -152,17 +152,19 @@ end
 -- What is wrong with an op that carries task records from a caller (a producer's chord
 -- and its headers), or nil: checked for every op before any is applied. A flat done op
 -- is skipped over (12 values, then n and its n field values).
+local good_queues = {}
 local function op_problem(op)
   if op.op == 'enqueue' then
     if not MODES[op.mode] then return "unknown mode '" .. tostring(op.mode) .. "'" end
-    return record_problem(op.task)
+    return record_problem(op.task, good_queues)
   elseif op.op == 'chord' then
-    if not text(op.id) or not whole(op.n, 1) or not whole(op.ttl, 1) then
+    if type(op.id) ~= 'string' or op.id == '' or type(op.n) ~= 'number' or op.n < 1
+        or type(op.ttl) ~= 'number' or op.ttl < 1 then
       return "a chord needs 'id' (a string), 'n' (>= 1) and 'ttl' (seconds >= 1)"
     end
-    local problem = record_problem(op.body)
+    local problem = record_problem(op.body, good_queues)
     if problem then return 'body: ' .. problem end
-    problem = op.on_error ~= nil and record_problem(op.on_error)
+    problem = op.on_error ~= nil and record_problem(op.on_error, good_queues)
     if problem then return 'on_error: ' .. problem end
   end
   return nil
@@ -172,7 +174,9 @@ local k, nth = 1, 0
 while ops[k] ~= nil do
   nth = nth + 1
   local op = ops[k]
-  if type(op) ~= 'table' then
+  -- A flat done op starts with its stream's name: indexing a string gives nil here
+  -- (cheaper than a call of type(), on every task the worker finishes).
+  if op.op == nil then
     k = k + 12 + ops[k + 11]
   else
     local problem = op_problem(op)
