@@ -488,8 +488,12 @@ class Admin:
         c = self.client.for_task(task_id)
         dead = await self._dead_entry(c, queue, task_id)
         if dead is not None:
-            await self._requeue(c, queue, [dead])
-            return f"put back from its dead letter {dead} on queue {queue!r}"
+            if await self._requeue(c, queue, [dead]):
+                return f"put back from its dead letter {dead} on queue {queue!r}"
+            raise CannotRetry(
+                f"the dead letter {dead} of task {task_id} holds no message to run (a "
+                "scheduled task whose record could not be read): nothing to send"
+            )
         raw: bytes | None = await cast(Any, c.redis).hget(c.keys.task(task_id), PAYLOAD)
         if raw is None:
             raise CannotRetry(

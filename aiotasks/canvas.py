@@ -54,7 +54,7 @@ def compose(left: Any, right: Any) -> Any:
     """`left | right`: a chain of both, or a chord when a group meets a signature."""
     if not is_canvas(right):
         return NotImplemented
-    if isinstance(left, group) and isinstance(right, Signature):
+    if isinstance(left, group) and isinstance(right, Signature) and not left.options:
         return chord(left.tasks, right)
     return chain(*_steps(left), *_steps(right))
 
@@ -130,9 +130,17 @@ class _OnError:
 
 
 def _partial(c: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """`c` with partial arguments given to the tasks that start it."""
+    """`c` with partial arguments given to the tasks that start it (and the send options
+    set on it)."""
     if isinstance(c, Signature):
         return c if c.immutable else c.clone(args, kwargs)
+    given = _given_partial(c, args, kwargs)
+    if given is not c and c.options:
+        object.__setattr__(given, "options", dict(c.options))
+    return given
+
+
+def _given_partial(c: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if isinstance(c, chain) and c.tasks:
         return chain(_partial(c.tasks[0], args, kwargs), *c.tasks[1:])
     if isinstance(c, group):
@@ -152,7 +160,9 @@ def _merged(current: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 
 
 def _steps(c: Any) -> tuple[Any, ...]:
-    return c.tasks if isinstance(c, chain) else (c,)
+    # A chain with send options of its own stays whole: nested, they are refused at send
+    # rather than dropped.
+    return c.tasks if isinstance(c, chain) and not c.options else (c,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +174,7 @@ class group(_OnError, _Composable):
     """
 
     tasks: tuple[Any, ...]
-    options: dict[str, Any] = field(compare=False, repr=False)
+    options: dict[str, Any] = field(hash=False, repr=False)
 
     def __init__(self, tasks: Iterable[Any] = (), *more: Any) -> None:
         items = [tasks, *more] if is_canvas(tasks) else [*tasks, *more]
@@ -200,7 +210,7 @@ class chain(_OnError, _Composable):
     """
 
     tasks: tuple[Any, ...]
-    options: dict[str, Any] = field(compare=False, repr=False)
+    options: dict[str, Any] = field(hash=False, repr=False)
 
     def __init__(self, *tasks: Any) -> None:
         if len(tasks) == 1 and not is_canvas(tasks[0]):
@@ -232,12 +242,17 @@ class chord(_Composable):
     header: tuple[Any, ...]
     body: Any
     on_error: Signature | None = None
-    options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     def __init__(
         self, header: Iterable[Any], body: Any = None, on_error: Signature | None = None
     ) -> None:
         if isinstance(header, group):
+            if header.options:
+                raise ValueError(
+                    "send options set on a group are not applied to a chord's header: set "
+                    "them on the chord, or on the header's tasks"
+                )
             header = header.tasks
         object.__setattr__(self, "header", tuple(header))
         object.__setattr__(self, "body", body)
@@ -246,9 +261,8 @@ class chord(_Composable):
 
     def __call__(self, body: Any = None, **options: Any) -> Awaitable[TaskHandle[Any]]:
         """Celery's `chord(header)(body)`: send it with this body; await the handle."""
-        return chord(self.header, body if body is not None else self.body, self.on_error).send(
-            **options
-        )
+        whole = chord(self.header, body if body is not None else self.body, self.on_error)
+        return whole.send(**_merged(self.options, options))
 
     def _freeze(self, shared: dict[str, Any]) -> Node:
         if self.body is None:

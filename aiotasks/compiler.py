@@ -189,8 +189,10 @@ def replacement(
     callbacks, chord and chain continuation (errbacks stay stored with the id)."""
     # The replacement's ids are drawn in the replaced task's shard (this finish call's).
     shards = app.settings.shards
+    # Send options set on the canvas (`chain(...).set(link=...)`) apply as at a send.
+    own = dict(getattr(canvas, "_own_options", None) or {})
     with drawing_in(shard_of(msg.id, shards), shards):
-        node = single(freeze(canvas, {}, app, shard=shard_of(msg.id, shards)), app)
+        node = single(freeze(canvas, own, app, shard=shard_of(msg.id, shards)), app)
     if shards > 1:  # refused as a send would be: the replaced task fails with the reason
         check_unpinned(app, node)
         if canvas_shard(node, shards) != shard_of(msg.id, shards):

@@ -152,6 +152,12 @@ class Schedules:
                 f"a schedule sends its task anew on every tick: send option(s) "
                 f"{', '.join(refused)} cannot go with it"
             )
+        task = self.app.tasks.get(sig.name)
+        if task is not None and task.opts.debounce and options.get("countdown"):
+            raise ValueError(
+                f"{sig.name} is debounced: it runs {task.opts.debounce:g} s after the last "
+                "send for its key, so a countdown does not apply (each tick would fail)"
+            )
         p = Periodic.make(sig.name, cron=cron, every=every, name=name, queue=queue,
                           args=sig.args, kwargs=sig.kwargs)  # fmt: skip
         info = ScheduleInfo(name, p.task, p.cron, p.every, p.queue, list(p.args), p.kwargs,

@@ -34,7 +34,7 @@ from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_er
 from .index import TaskIndex
 from .keys import PRIORITIES
 from .logs import visible_errors
-from .message import now
+from .message import QUEUE_NAME_RULE, is_queue_name, now
 from .outage import Outage
 from .outcomes import Key, Outcomes
 from .peers import describe, warn_if_tasks_differ
@@ -124,6 +124,10 @@ class Worker:
         block: longest idle wait (s) on a blocking read; bounds delayed-task latency.
             Each read waits at most half the client's socket timeout (redis-py's
             default: 5 s), so a longer `block` never reads as a lost connection.
+
+    Raises:
+        ValueError: a queue name with a comma or surrounding spaces (as `--queues` could
+            never give), or a concurrency outside 1..1,000,000.
     """
 
     def __init__(
@@ -140,6 +144,9 @@ class Worker:
     ) -> None:
         self.app = app
         self.queues = list(queues or [app.settings.default_queue])
+        for queue in self.queues:
+            if not is_queue_name(queue):
+                raise ValueError(f"queues: {queue!r:.60} is not {QUEUE_NAME_RULE}")
         self.concurrency = concurrency
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.burst = burst

@@ -164,3 +164,42 @@ async def test_link_link_error_on_error_and_set_on_canvases(
         await chain(add.s(1, 1), group(add.s(1), add.s(2)).set(link=record.s())).send()
     with pytest.raises(TypeError, match="unknown send option"):
         chain(add.s(1, 1)).set(bogus=1)
+
+
+async def test_canvas_options_survive_partials_chord_call_and_replace(
+    app: App, worker: StartWorker, tasks: dict[str, Any]
+) -> None:
+    """Options set on a canvas are applied on every way it is sent, or refused: never
+    dropped."""
+    add, tsum, record, seen = tasks["add"], tasks["tsum"], tasks["record"], tasks["seen"]
+
+    @app.task(name="becomes")
+    async def becomes(x: int) -> None:
+        from aiotasks import current_task
+
+        raise current_task().replace(chain(add.s(x, 1), add.s(1)).set(link=record.s()))
+
+    await worker(concurrency=8)
+    # Partial arguments (delay/apply_async with args) keep the canvas's link.
+    steps = chain(add.s(1), add.s(10)).set(link=record.s())
+    assert await (await steps.delay(1)).result(timeout=5) == 12
+    await wait_until(lambda: _async(seen == [12]), timeout=5, what="the partial's link")
+    # chord(header)(body) keeps the chord's own options.
+    c = chord([add.s(1, 1), add.s(2, 2)]).set(link=record.s())
+    assert await (await c(tsum.s())).result(timeout=5) == 6
+    await wait_until(lambda: _async(len(seen) == 2), timeout=5, what="chord(h)(b)'s link")
+    assert seen[1] == 6
+    # A replacement canvas's own options apply as at a send.
+    assert await (await becomes.send(5)).result(timeout=5) == 7
+    await wait_until(lambda: _async(len(seen) == 3), timeout=5, what="the replacement's link")
+    assert seen[2] == 7
+    # Composed or used as a chord header, a canvas with options is refused, not dropped.
+    with pytest.raises(ValueError, match="inside another canvas"):
+        await (chain(add.s(1, 1)).set(link=record.s()) | add.s(1)).send()
+    with pytest.raises(ValueError, match="inside another canvas"):
+        await (group(add.s(1, 1)).set(link=record.s()) | tsum.s()).send()
+    with pytest.raises(ValueError, match="chord's header"):
+        chord(group(add.s(1, 1)).set(link=record.s()), tsum.s())
+    # Options are part of a canvas's equality.
+    assert chain(add.s(1, 1)).set(countdown=5) != chain(add.s(1, 1))
+    assert chain(add.s(1, 1)).set(countdown=5) == chain(add.s(1, 1)).set(countdown=5)

@@ -274,6 +274,9 @@ async def test_a_debounced_task_is_refused_where_a_later_send_would_strand_a_can
             await reindex.options(**options).send(1)
     assert [k async for k in app.client.redis.scan_iter(f"{app.client.keys.prefix}q:*")] == []
     assert await app.client.redis.zcard(app.client.keys.delayed) == 0
+    # A schedule of it with a countdown would fail on every tick: refused when added.
+    with pytest.raises(ValueError, match="countdown does not apply"):
+        await app.schedules.add("deb", reindex.s(1).set(countdown=2), every=60)
     # On its own, and as plain group members, it is sent (and debounced).
     await reindex.send(3)
     await group(reindex.s(4), reindex.s(5)).send()
@@ -392,3 +395,9 @@ async def test_schedule_specs_read_across_versions(app: App) -> None:
     later = msgpack.unpackb(_spec(info))
     later["added_by_a_later_version"] = 1
     assert _info(msgpack.packb(later)) == info
+
+
+def test_a_worker_refuses_a_queue_name_no_worker_could_read(app: App) -> None:
+    for bad in ("a,b", " a", ""):
+        with pytest.raises(ValueError, match="is not a queue name"):
+            app.worker(queues=[bad])

@@ -314,6 +314,10 @@ async def test_a_scheduled_task_without_a_readable_record_fails_loudly(
     assert dead.task_id == task_id and "no readable record" in dead.reason
     assert await admin.requeue_dead("default") == 0
     assert len(await admin.dead_letters("default")) == 1
+    from aiotasks.admin import CannotRetry
+
+    with pytest.raises(CannotRetry, match="holds no message to run"):
+        await admin.retry(task_id)
 
 
 async def test_a_body_that_raises_cancelled_error_itself_fails_once(

@@ -552,7 +552,9 @@ async def test_dead_letters_drop_all_and_bad_arguments(app: App, worker: Any) ->
     res = await invoke("dead-letters", "requeue", "default", "--id", "1-0", *conn(app))
     assert res.exit_code == 1
     assert res.stdout.strip() == "requeued 0 dead letter(s) of queue 'default'"
-    assert error_line(res) == "error: 1 of the 1 given id(s) are not dead letters here"
+    assert error_line(res) == (
+        "error: 1 of the 1 given id(s) are not dead letters here, or hold no message to run"
+    )
     res = await invoke("dead-letters", "drop", "default", "--id", "not-an-id", *conn(app))
     assert res.exit_code == 2 and "malformed entry id(s): not-an-id" in error_line(res)
     for sub in (["list"], ["requeue"], ["drop", "--yes"]):

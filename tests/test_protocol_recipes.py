@@ -412,6 +412,7 @@ async def test_a_task_in_each_shard_of_a_sharded_namespace(
         ({"ttl": 1.5}, "'ttl' must be a whole number of seconds >= 1"),
         ({"id": 42}, "'id' must be a non-empty string"),
         ({"name": ""}, "'name' must be a non-empty string"),
+        ({"m": [1, 2]}, "'m' must be a (str-typed) byte string"),
         ({"v": None}, "'v' must be 2"),
         ({"eb": [{"id": "e"}]}, "errback 1: 'v' must be 2"),
     ],

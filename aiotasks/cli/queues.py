@@ -107,10 +107,11 @@ def _checked(ids: list[str] | None) -> list[str] | None:
         raise fail(str(exc), 2) from None
 
 
-def _report(verb: str, queue: str, done: int, ids: list[str] | None) -> None:
+def _report(verb: str, queue: str, done: int, ids: list[str] | None, why: str = "") -> None:
     typer.echo(f"{verb} {done} dead letter(s) of queue {queue!r}")
     if ids is not None and done < len(ids):
-        raise fail(f"{len(ids) - done} of the {len(ids)} given id(s) are not dead letters here")
+        missed = len(ids) - done
+        raise fail(f"{missed} of the {len(ids)} given id(s) are not dead letters here{why}")
 
 
 @dead.command("requeue")
@@ -126,7 +127,8 @@ def dead_requeue(
     entry_ids = _checked(ids)
     app = open_app(app_spec, redis_url, namespace)
     moved = run_admin(app, lambda admin: admin.requeue_dead(queue, entry_ids))
-    _report("requeued", queue, moved, entry_ids)
+    # A letter with no message (a scheduled task whose record could not be read) stays.
+    _report("requeued", queue, moved, entry_ids, ", or hold no message to run")
 
 
 @dead.command("drop")

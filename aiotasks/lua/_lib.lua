@@ -3,8 +3,8 @@
 -- EVALSHA while the logic lives in one place.
 --
 -- Records and ops arrive as msgpack maps (aiotasks/contract.py) and are read by field
--- name. A task record `t`: id, name, queue, priority, m, ct, ttl, and optionally v,
--- due, delay, exp, r, cid, cix, tail, reply. Every key is built by K.* from P.
+-- name. A task record `t`: v, id, name, queue, priority, m, ct, ttl, and optionally
+-- due, delay, exp, r, cid, cix, tail, reply (record_problem checks what a caller sends). Every key is built by K.* from P.
 
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true}
 local LIVE = {PENDING = true, SCHEDULED = true, STARTED = true}
@@ -34,6 +34,7 @@ local function record_problem(t, queues)
   local id, name, q, ttl = t.id, t.name, t.queue, t.ttl
   if type(id) ~= 'string' or id == '' then return "'id' must be a non-empty string" end
   if type(name) ~= 'string' or name == '' then return "'name' must be a non-empty string" end
+  if type(t.m) ~= 'string' then return "'m' must be a (str-typed) byte string" end
   -- A queue name as a worker's --queues gives it: no comma, no surrounding space.
   if not queues[q] then
     if type(q) ~= 'string'
@@ -367,9 +368,9 @@ local function enqueue_task(mode, t, now_ms)
   else
     xadd_task(t, t.ttl, now_ms)
   end
-  if again then
+  if again and cur[4] then
     -- A retry or a deferral leaves STARTED: watchers (updates()) hear of it, as of the
-    -- STARTED that follows.
+    -- STARTED that follows (unwatched, it costs no PUBLISH).
     redis.call(PUBLISH, K.done_channel(t.id), due_ms > now_ms and 'SCHEDULED' or 'PENDING')
   end
   return 1

@@ -6,9 +6,9 @@
 -- ARGV[1]      now, in ms
 -- ARGV[2]      mode: 'send' (dedup live ids), 'follow' (skip ids that exist at all),
 --              'retry' or 'defer' (the running task again, see _lib.lua)
--- ARGV[3]      msgpack array of task records (maps: id, name, queue, priority, m, ct,
---              ttl, and optionally v, due, exp, r, cid, cix, tail, reply; see
---              docs/protocol.md)
+-- ARGV[3]      msgpack array of task records (maps: v, id, name, queue, priority, m,
+--              ct, ttl, and optionally due, delay, exp, r, cid, cix, tail, reply, eb;
+--              see docs/protocol.md)
 -- Returns      {1 or 0 per task}: 1 = enqueued, 0 = an existing task kept; an error
 --              reply, with nothing enqueued, when the mode or a record is outside the
 --              contract (record_problem)

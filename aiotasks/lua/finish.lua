@@ -159,7 +159,7 @@ local function op_problem(op)
     return record_problem(op.task, good_queues)
   elseif op.op == 'chord' then
     if type(op.id) ~= 'string' or op.id == '' or type(op.n) ~= 'number' or op.n < 1
-        or type(op.ttl) ~= 'number' or op.ttl < 1 then
+        or op.n % 1 ~= 0 or type(op.ttl) ~= 'number' or op.ttl < 1 or op.ttl % 1 ~= 0 then
       return "a chord needs 'id' (a string), 'n' (>= 1) and 'ttl' (seconds >= 1)"
     end
     local problem = record_problem(op.body, good_queues)
