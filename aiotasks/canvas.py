@@ -20,7 +20,7 @@ import asyncio
 import copy
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any, Self
 
 from .compiler import Compiler
 from .contract import COLLECT
@@ -42,6 +42,7 @@ from .nodes import (
     node,
     pinned_task,
 )
+from .spellings import Links, OnError
 from .task import Signature, pinned_id
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def compose(left: Any, right: Any) -> Any:
     return chain(*_steps(left), *_steps(right))
 
 
-class _Composable:
+class _Composable(Links):
     """`|` between signatures and canvases builds chains (and `group | sig` a chord),
     and Celery's `apply_async`/`delay` send them. Send options set on a canvas
     (`set()`, `link()`, ...) apply when that canvas is sent, as `send(**options)` would."""
@@ -80,28 +81,11 @@ class _Composable:
         object.__setattr__(new, "options", _merged(self.options, options))
         return new
 
-    # Celery's in-place spellings: they change this canvas's options, as Celery's do.
-
-    def link(self, callback: Any) -> Any:
-        """Add a callback, called with the canvas's final result; returns the callback."""
-        self._add("link", callback)
-        return callback
-
-    def link_error(self, errback: Signature) -> Signature:
-        """Add an errback, called if any of its tasks fails for good; returns it."""
-        self._add("link_error", errback)
-        return errback
-
     @property
     def _own_options(self) -> dict[str, Any]:
         # What nodes.node() refuses on a canvas nested in another: applied only when
         # this canvas is the one sent.
         return self.options
-
-    def _add(self, name: str, sig: Any) -> None:
-        merged = _merged(self.options, {name: sig})
-        check_options({name: merged[name]})
-        self.options[name] = merged[name]
 
     async def apply_async(
         self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
@@ -115,18 +99,6 @@ class _Composable:
     async def delay(self, *args: Any, **kwargs: Any) -> Any:
         """`apply_async(args, kwargs)`, Celery's spelling."""
         return await self.apply_async(args, kwargs)
-
-
-class _OnError:
-    """Celery's `on_error` on a chain or group (a chord's `on_error` is its errback)."""
-
-    __slots__ = ()
-
-    def on_error(self, errback: Signature) -> Self:
-        """Add an errback as link_error() does; returns this canvas, so that
-        `chain(...).on_error(alert.s()).send()` sends the chain."""
-        cast(Any, self)._add("link_error", errback)
-        return self
 
 
 def _partial(c: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -166,7 +138,7 @@ def _steps(c: Any) -> tuple[Any, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class group(_OnError, _Composable):
+class group(OnError, _Composable):
     """Tasks that run in parallel: `await group([add.s(1, 1), add.s(2, 2)]).send()`.
 
     Its result is the list of its members' results, in order; a group inside a group
@@ -203,7 +175,7 @@ class group(_OnError, _Composable):
 
 
 @dataclass(frozen=True, slots=True)
-class chain(_OnError, _Composable):
+class chain(OnError, _Composable):
     """Tasks run one after another, each result the first argument of the next.
 
     `countdown`/`eta` delay the first step; `task_id` names the last one.

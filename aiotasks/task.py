@@ -15,6 +15,7 @@ from .handle import TaskHandle
 from .keys import new_id, shard_of
 from .message import Message, check_options, now
 from .nodes import sig_node, signature_of
+from .spellings import OnError
 
 if TYPE_CHECKING:
     from .app import App
@@ -461,7 +462,7 @@ class BoundTask(Generic[P, R]):
 
 
 @dataclass(frozen=True, slots=True)
-class Signature:
+class Signature(OnError):
     """A task call frozen for later: name, args, kwargs and send options.
 
     `sig.set(**options)` returns a copy with options; `await sig.send()` enqueues it.
@@ -481,30 +482,6 @@ class Signature:
         immutable = options.pop("immutable", self.immutable)
         check_options(options)
         return replace(self, options={**self.options, **options}, immutable=bool(immutable))
-
-    # Celery's in-place spellings. They change this signature's options, as Celery's do.
-
-    def link(self, callback: Signature) -> Signature:
-        """Add a callback (the `link` option) to this signature; returns the callback."""
-        self._add_option("link", callback)
-        return callback
-
-    def link_error(self, errback: Signature) -> Signature:
-        """Add an errback (the `link_error` option) to this signature; returns it."""
-        self._add_option("link_error", errback)
-        return errback
-
-    def on_error(self, errback: Signature) -> Signature:
-        """Add an errback, as link_error() does, but return this signature, so that
-        `add.s(2, 2).on_error(alert.s()).send()` sends `add` (Celery's spelling)."""
-        self._add_option("link_error", errback)
-        return self
-
-    def _add_option(self, name: str, sig: Signature) -> None:
-        current = self.options.get(name)
-        items = [] if current is None else list(current) if isinstance(current, list) else [current]
-        check_options({name: [*items, sig]})
-        self.options[name] = [*items, sig]
 
     def freeze(self) -> TaskHandle[Any]:
         """Choose this call's task id now (the `task_id` option) and return its handle,
