@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Self, TypeVar
 
 from .message import check_options
+from .nodes import as_list
 
 C = TypeVar("C")
 
@@ -33,8 +34,7 @@ class Links:
         return errback
 
     def _add_option(self, name: str, value: Any) -> None:
-        current = self.options.get(name)
-        items = [] if current is None else list(current) if isinstance(current, list) else [current]
+        items = as_list(self.options.get(name))
         check_options({name: [*items, value]})
         self.options[name] = [*items, value]
 

@@ -4,7 +4,8 @@
 --
 -- Records and ops arrive as msgpack maps (aiotasks/contract.py) and are read by field
 -- name. A task record `t`: v, id, name, queue, priority, m, ct, ttl, and optionally
--- due, delay, exp, r, cid, cix, tail, reply (record_problem checks what a caller sends). Every key is built by K.* from P.
+-- due, delay, exp, r, cid, cix, tail, reply (record_problem checks what a caller
+-- sends). Every key is built by K.* from P.
 
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true}
 local LIVE = {PENDING = true, SCHEDULED = true, STARTED = true}
