@@ -115,8 +115,9 @@ class DataLoss:
 
     A loss shows as consumer groups gone (a worker creates them at start, so a group
     that is missing later was lost with the data) or as the worker's registration gone
-    before it could expire. One loss may show both ways, in either order: a report
-    within `window` seconds of the last one belongs to the same loss.
+    before it could expire. One loss may show both ways, in either order: a sign found
+    within `window` seconds of the last report belongs to the same loss, unless it names
+    a queue no report in that window named.
 
     Args:
         worker: the worker's name.
@@ -136,6 +137,7 @@ class DataLoss:
         self.window = window
         self.count = 0
         self._last = float("-inf")
+        self._named: set[str] = set()
 
     async def found(self, streams: Sequence[str], sign: str) -> None:
         """The server lost data (the groups of `streams` were recreated, or `sign` shows
@@ -145,11 +147,17 @@ class DataLoss:
         queues = sorted({self.served[s] for s in lost if s in self.served})
         if queues and sign != GROUPS_GONE:
             sign = f"{sign}, and {GROUPS_GONE}"
-        if queues or time.monotonic() - self._last >= self.window:
-            await self._report(queues or sorted(set(self.served.values())), sign)
+        named = queues or sorted(set(self.served.values()))
+        # Within the window, only a queue the last report did not name is news: the
+        # heartbeat and a fetch in flight may each find the same loss.
+        if time.monotonic() - self._last < self.window and set(named) <= self._named:
+            return
+        await self._report(named, sign)
 
     async def _report(self, queues: list[str], sign: str) -> None:
-        self._last = time.monotonic()
+        now = time.monotonic()
+        self._named = set(queues) | (self._named if now - self._last < self.window else set())
+        self._last = now
         self.count += 1
         log.error(
             "worker %s: Redis at %s LOST DATA: %s (queue %s); tasks that were queued, "

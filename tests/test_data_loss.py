@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from aiotasks import App, GroupHandle, ResultTimeout, TaskLost, TaskState
+from aiotasks.durability import GROUPS_GONE, REGISTRATION_GONE, DataLoss
 from aiotasks.metrics import Metrics
 from aiotasks.testing.server import OwnServer
 from tests.helpers import wait_until
@@ -101,6 +102,31 @@ async def test_every_worker_reports_the_loss(
     records = loss_records(caplog)
     assert len(records) == 2, [r.getMessage() for r in records]
     assert {r.__dict__["worker"] for r in records} == {w.name for w in workers}
+
+
+async def test_one_loss_found_by_the_heartbeat_and_then_by_a_fetch_is_reported_once(
+    lost_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The order a CI run met: the heartbeat finds the registration gone while the groups
+    already exist again (a fetch in flight recreated them), then that fetch's reply names
+    the lost group. One loss, one report."""
+    caplog.set_level(logging.WARNING, logger="aiotasks")
+    stream = lost_app.client.keys.stream("default", 0)
+    await lost_app.client.ensure_groups([stream])
+    losses = DataLoss("w1", lost_app.client, {stream: "default"}, lost_app.hooks, 10.0)
+    await losses.found([], REGISTRATION_GONE)
+    await losses.found([stream], GROUPS_GONE)
+    assert losses.count == 1
+    [record] = loss_records(caplog)
+    assert record.__dict__["queues"] == ["default"]
+    # A queue the last report did not name is news, even within the window.
+    other = lost_app.client.keys.stream("mail", 0)
+    losses.served[other] = "mail"
+    await losses.found([other], GROUPS_GONE)
+    assert losses.count == 2
+    assert loss_records(caplog)[-1].__dict__["queues"] == ["mail"]
+    await losses.found([stream], GROUPS_GONE)  # both named within the window
+    assert losses.count == 2
 
 
 async def test_no_loss_is_reported_when_the_connection_only_drops(
