@@ -430,6 +430,9 @@ class Admin:
         )
         for _entry_id, fields in entries:
             if fields.get(b"id") == task_id.encode():
+                if b"m" not in fields:  # a scheduled task whose record could not be read
+                    reason = _text(fields.get(b"reason") or b"no reason given")
+                    return Arguments("dead letter", error=f"it holds no message: {reason}")
                 return _arguments("dead letter", fields.get(b"m"), fields.get(b"ct"))
         return None
 

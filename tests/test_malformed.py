@@ -318,6 +318,10 @@ async def test_a_scheduled_task_without_a_readable_record_fails_loudly(
 
     with pytest.raises(CannotRetry, match="holds no message to run"):
         await admin.retry(task_id)
+    found = await admin.arguments(task_id)
+    assert found is not None and found.where == "dead letter"
+    assert found.error is not None and "holds no message" in found.error
+    assert "no readable record" in found.error
 
 
 async def test_a_body_that_raises_cancelled_error_itself_fails_once(
