@@ -481,3 +481,18 @@ async def test_a_chord_op_outside_the_contract_applies_no_op(producer: Producer)
     no_n = [{"op": "chord", "id": chord_id, "ttl": 86400, "n": 0, "body": body}]
     with pytest.raises(aioredis.ResponseError, match="a chord needs"):
         await producer.finish(no_n)
+
+
+async def test_ops_that_are_not_ops_apply_none(producer: Producer) -> None:
+    """An unknown op, a map without 'op' or a number among the ops fails the whole call,
+    naming the problem, before any op is applied (the first op here would enqueue)."""
+    task_id = new_id()
+    first = {"op": "enqueue", "mode": "send", "task": producer.record(task_id, "add", [1, 1])}
+    for bad, says in [
+        ({"op": "frobnicate"}, r"op 2 \(frobnicate\): unknown op"),
+        ({"id": new_id(), "state": "SUCCESS"}, "the ops are not as the contract has them"),
+        (7, "the ops are not as the contract has them"),
+    ]:
+        with pytest.raises(aioredis.ResponseError, match=f"{says}.*no op applied"):
+            await producer.finish([first, bad])
+        assert await producer.r.exists(f"{producer.P}t:{task_id}") == 0

@@ -153,6 +153,8 @@ end
 -- and its headers), or nil: checked for every op before any is applied. A flat done op
 -- is skipped over (12 values, then n and its n field values).
 local good_queues = {}
+local OPS = {done = true, ack = true, wait = true, dead = true, enqueue = true, chord = true,
+  replaced = true}
 local function op_problem(op)
   if op.op == 'enqueue' then
     if not MODES[op.mode] then return "unknown mode '" .. tostring(op.mode) .. "'" end
@@ -166,27 +168,36 @@ local function op_problem(op)
     if problem then return 'body: ' .. problem end
     problem = op.on_error ~= nil and record_problem(op.on_error, good_queues)
     if problem then return 'on_error: ' .. problem end
+  elseif not OPS[op.op] then
+    return 'unknown op'
   end
   return nil
 end
 
-local k, nth = 1, 0
-while ops[k] ~= nil do
-  nth = nth + 1
-  local op = ops[k]
-  -- A flat done op starts with its stream's name: indexing a string gives nil here
-  -- (cheaper than a call of type(), on every task the worker finishes).
-  if op.op == nil then
-    k = k + 12 + ops[k + 11]
-  else
-    local problem = op_problem(op)
-    if problem then
-      return redis.error_reply('finish.lua: op ' .. nth .. ' (' .. tostring(op.op) .. '): '
-        .. problem .. ' (no op applied)')
+-- What is wrong with the first op that is wrong, or nil.
+local function ops_problem()
+  local k, nth = 1, 0
+  while ops[k] ~= nil do
+    nth = nth + 1
+    local op = ops[k]
+    -- A flat done op starts with its stream's name: indexing a string gives nil here
+    -- (cheaper than a call of type(), on every task the worker finishes).
+    if op.op == nil then
+      k = k + 12 + ops[k + 11]
+    else
+      local problem = op_problem(op)
+      if problem then return 'op ' .. nth .. ' (' .. tostring(op.op) .. '): ' .. problem end
+      k = k + 1
     end
-    k = k + 1
   end
+  return nil
 end
+
+-- One pcall for the whole check: a list that is not ops at all (a number where an op
+-- goes, a map without 'op') breaks the walk itself.
+local walked, problem = pcall(ops_problem)
+if not walked then problem = 'the ops are not as the contract has them: ' .. tostring(problem) end
+if problem then return redis.error_reply('finish.lua: ' .. problem .. ' (no op applied)') end
 
 local applied, i = 0, 1
 while ops[i] ~= nil do
