@@ -87,7 +87,7 @@ def broker_error(url: str, exc: BaseException) -> BrokerConnectionError | Broker
     """The aiotasks error for a redis-py error: a refusal, or a connection problem."""
     if isinstance(exc, (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION)):
         return refusal(url, exc)
-    return BrokerConnectionError(f"cannot reach Redis at {url}: {describe(exc)}")
+    return BrokerConnectionError(f"cannot reach Redis at {url}: {describe(exc, url)}")
 
 
 def not_a_cluster(exc: BaseException) -> bool:
@@ -359,7 +359,7 @@ class Client:
             raise refusal(self.url, exc, "the connection") from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(
-                f"cannot reach Redis at {self.url}: {describe(exc)}"
+                f"cannot reach Redis at {self.url}: {describe(exc, self.url)}"
             ) from exc
         except RedisClusterException as exc:
             if not_a_cluster(exc):
@@ -396,7 +396,8 @@ class Client:
                     if isinstance(exc, BusyLoadingError):
                         raise refusal(self.url, exc) from exc
                     raise BrokerConnectionError(
-                        f"cannot reach Redis at {self.url} after {retry + 1} tries: {describe(exc)}"
+                        f"cannot reach Redis at {self.url} after {retry + 1} tries: "
+                        f"{describe(exc, self.url)}"
                     ) from exc
                 await asyncio.sleep(policy.delay(retry))
                 retry += 1

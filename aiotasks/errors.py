@@ -29,6 +29,7 @@ from typing import Any
 from redis.exceptions import AskError as _AskError
 from redis.exceptions import ClusterError as _ClusterError
 from redis.exceptions import ConnectionError as _RedisConnectionError
+from redis.exceptions import InvalidResponse as _InvalidResponse
 from redis.exceptions import RedisClusterUnreachableError as _ClusterUnreachableError
 from redis.exceptions import SlotNotCoveredError as _SlotNotCoveredError
 from redis.exceptions import TimeoutError as _RedisTimeoutError
@@ -50,6 +51,7 @@ CLUSTER_TRANSIENT: tuple[type[BaseException], ...] = (
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     _RedisConnectionError,
     _RedisTimeoutError,
+    _InvalidResponse,  # not Redis at that address (a wrong port): as if unreachable
     ConnectionError,
     OSError,
     *CLUSTER_TRANSIENT,
@@ -238,6 +240,13 @@ _SENTINEL_REPR = re.compile(
 )
 
 
-def describe(exc: BaseException) -> str:
-    """`str(exc)`, with a Sentinel's client repr in it cut down to its host:port."""
-    return _SENTINEL_REPR.sub(lambda m: f"Sentinel {m[1]}:{m[2]} - ", str(exc))
+def describe(exc: BaseException, url: str = "") -> str:
+    """`str(exc)`, with a Sentinel's client repr in it cut down to its host:port, and
+    what it likely means when that is not plain (a server at `url` that is not Redis, or
+    that does not speak TLS)."""
+    text = _SENTINEL_REPR.sub(lambda m: f"Sentinel {m[1]}:{m[2]} - ", str(exc))
+    if isinstance(exc, _InvalidResponse):
+        return f"{text} (the server there does not speak the Redis protocol: a wrong port?)"
+    if url.lower().startswith("rediss") and "Timeout connecting" in text:
+        return f"{text} (a server without TLS never answers a TLS handshake: is it redis://?)"
+    return text

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -120,7 +121,22 @@ def _options(
     # pools and a plain Redis all take `ssl=True` instead (and keep their own class).
     if options.pop("connection_class", None) is not None or tls:
         options["ssl"] = tls
+    options.update(connect_timeout_default(options))
     return options, sentinel_opts
+
+
+#: Seconds to connect (TCP and TLS handshake) where the URL names no timeout: redis-py's
+#: default is its 5 s socket timeout, and its pool tries a connect three times, so an
+#: address that never answers (a black hole, TLS to a plain server) held a send's four
+#: tries for a minute.
+CONNECT_TIMEOUT = 2.0
+
+
+def connect_timeout_default(options: Mapping[str, Any]) -> dict[str, float]:
+    """`socket_connect_timeout=CONNECT_TIMEOUT`, unless `options` (a URL's) name a timeout."""
+    if "socket_connect_timeout" in options or "socket_timeout" in options:
+        return {}
+    return {"socket_connect_timeout": CONNECT_TIMEOUT}
 
 
 def unknown_options_problem(unknown: list[str]) -> str:
@@ -180,6 +196,7 @@ def single_client(top: Topology, max_connections: int) -> tuple[Redis, BlockingC
     """
     pool = BlockingConnectionPool.from_url(
         top.url,
+        **connect_timeout_default(_query(top.url)),
         max_connections=max_connections,
         timeout=None,
         health_check_interval=30,
@@ -193,7 +210,12 @@ def single_client(top: Topology, max_connections: int) -> tuple[Redis, BlockingC
 
 def notifier_client(url: str) -> Redis:
     """A notifier's own client on one server: RESP2 (see Notifier)."""
-    return guard_connections(Redis.from_url(url, protocol=2))
+    options: dict[str, Any] = {"protocol": 2, **connect_timeout_default(_query(url))}
+    return guard_connections(Redis.from_url(url, **options))
+
+
+def _query(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
 
 
 def command_client(top: Topology, max_connections: int, **pool: Any) -> Redis:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from aiotasks import AiotasksError, App, BrokerRefusedError, Worker, chord
+from aiotasks import AiotasksError, App, BrokerConnectionError, BrokerRefusedError, Worker, chord
 from aiotasks.testing.server import OwnServer
 from tests.helpers import wait_until
 
@@ -300,3 +300,43 @@ async def test_cli_run_starts_once_the_refusal_is_fixed(
     app = make(own_server.url)
     assert await (await app.tasks[ADD].send(2, 2)).result(timeout=10) == 4
     assert "Traceback" not in w.output()
+
+
+# -- not Redis at that address ----------------------------------------------------------
+
+
+async def test_send_to_a_server_that_is_not_redis_says_so(namespace: str) -> None:
+    """A typo'd port that hits a web server: BrokerConnectionError naming the likely
+    cause, never redis-py's InvalidResponse."""
+
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"<html>400 Bad Request</html>\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    app = App(redis_url=f"redis://127.0.0.1:{port}", namespace=namespace)
+    try:
+        with pytest.raises(BrokerConnectionError, match="does not speak the Redis protocol"):
+            await app.send_task(ADD, args=(1, 2))
+    finally:
+        await app.close()
+        server.close()
+
+
+async def test_send_with_tls_to_a_plain_server_gives_up_in_seconds(
+    redis_url: str, namespace: str
+) -> None:
+    """A plain server never answers a TLS handshake: each connect gives up after the
+    2 s connect timeout (redis-py's pool tries it three times), and the error says why."""
+    plain = redis_url.replace("redis://", "rediss://", 1)
+    app = App(redis_url=plain, namespace=namespace, retry_policy={"max_retries": 0})
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(BrokerConnectionError, match="never answers a TLS handshake"):
+            await app.send_task(ADD, args=(1, 2))
+    finally:
+        await app.close()
+    assert time.monotonic() - t0 < 10
