@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -41,6 +42,7 @@ from .errors import (
 from .keys import GROUP, Keys, shard_of
 from .message import now
 from .notifier import Notifier
+from .primary_watch import PrimaryWatch
 from .scripts import Scripts
 from .sendbatch import SendBatcher
 from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
@@ -55,6 +57,7 @@ _REFUSAL_HINTS = {
     "NOPERM": "the ACL user lacks a permission: see the README's ACL line",
     "READONLY": "this is a read-only replica: point the URL at the primary",
     "MISCONF": "the server cannot write to disk",
+    "NOREPLICAS": "fewer replicas than min-replicas-to-write are in sync with it",
 }
 _CODES: tuple[tuple[type[BaseException], str], ...] = (
     (OutOfMemoryError, "OOM"),
@@ -149,6 +152,7 @@ class _Connection:
     shards_checked: bool = False  # this connection's first send compared the shard counts
     checking: asyncio.Future[None] | None = None  # that comparison, shared by its senders
     owned: int = 0  # connections of the pool held by own_scripts() (the root's counts)
+    watch: PrimaryWatch | None = None  # behind a Sentinel URL: leaves a demoted primary
 
 
 class Client:
@@ -215,8 +219,10 @@ class Client:
                 )
             return conn
         if conn is not None and (loop is None or conn.loop in (None, loop)):
-            if conn.loop is None:
+            if conn.loop is None and loop is not None:
                 conn.loop = loop
+                if conn.watch is not None:
+                    conn.watch.start()
             return conn
         s = self.settings
         top = self.topology
@@ -232,6 +238,11 @@ class Client:
             listener = topology.listener(top)
             pick = self._pick()
         self._conn = self._assemble(loop, pool, redis, listener, pick)
+        if top.kind == "sentinel" and listener is not None:
+            pools = [redis.connection_pool, listener.connection_pool]
+            self._conn.watch = PrimaryWatch(cast(list[SentinelConnectionPool], pools))
+            if loop is not None:
+                self._conn.watch.start()
         return self._conn
 
     def _pick(self) -> Callable[[], Awaitable[Redis]] | None:
@@ -341,6 +352,8 @@ class Client:
             await shard.close()
         if conn is not None and conn.loop in (None, asyncio.get_running_loop()):
             # A connection of another (finished) loop is dropped, not closed from here.
+            if conn.watch is not None:
+                await conn.watch.close()
             await conn.notifier.close()
             await conn.redis.aclose()
             if conn.pool is not None:
@@ -368,11 +381,15 @@ class Client:
 
     def _transient(self, exc: BaseException) -> bool:
         """A cluster error that a failover or slot move explains (CLUSTERDOWN, TRYAGAIN,
-        MOVED/ASK), or a primary turned replica (READONLY) behind a Cluster or Sentinel URL:
-        worth retrying. Against one server READONLY is a refusal (a replica's URL)."""
+        MOVED/ASK), or, behind a Cluster or Sentinel URL, a primary turned replica
+        (READONLY) or one whose replica was just promoted (NOREPLICAS, with
+        min-replicas-to-write): worth retrying. Against one server both are refusals (a
+        replica's URL; a replica that is down)."""
         if isinstance(exc, CLUSTER_TRANSIENT):
             return True
-        return isinstance(exc, ReadOnlyError) and self.topology.failover
+        if not self.topology.failover:
+            return False
+        return isinstance(exc, ReadOnlyError) or str(exc).startswith("NOREPLICAS")
 
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call`, retrying connection errors (and a loading server) by `policy`.

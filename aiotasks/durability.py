@@ -162,11 +162,14 @@ class DataLoss:
         log.error(
             "worker %s: Redis at %s LOST DATA: %s (queue %s); tasks that were queued, "
             "scheduled or running there are gone and their waiters get TaskLost. Was the "
-            "server restarted without persistence, or are keys evicted? (%s)",
+            "server restarted without persistence, or are keys evicted%s? (%s)",
             self.worker,
             self.client.url,
             sign,
             ", ".join(repr(q) for q in queues),
+            ", or did a failover lose writes its replica had not received"
+            if self.client.topology.failover
+            else "",
             SEE,
             extra={"event": "data_lost", "queues": queues, "worker": self.worker},
         )

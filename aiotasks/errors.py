@@ -85,7 +85,9 @@ class BrokerRefusedError(AiotasksError):
 
 
 #: Refusals that go away by themselves: a server loading its data, a failover.
-TRANSIENT_REFUSALS = frozenset({"LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY"})
+TRANSIENT_REFUSALS = frozenset(
+    {"LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "NOREPLICAS"}
+)
 
 
 class ConfigurationError(AiotasksError, ValueError):

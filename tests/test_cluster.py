@@ -309,6 +309,49 @@ async def test_a_sentinel_failover_loses_nothing(tmp_path: Path) -> None:
             assert "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.slow
+async def test_a_sentinel_switchover_moves_every_connection_to_the_new_primary() -> None:
+    """SENTINEL FAILOVER leaves the old primary writable until the Sentinel makes it a
+    replica, some ten seconds later, and its resync then drops what it took meanwhile.
+    Once the Sentinel names the new primary, sends and the worker go there within a
+    second (PrimaryWatch); what they wrote survives the old one's demotion."""
+    with OwnSentinel() as s:
+        namespace = ns()
+        # Two Apps, as a web process and a worker process have: each has its own pool.
+        app = App(redis_url=s.url, namespace=namespace)
+        producer = App(redis_url=s.url, namespace=namespace)
+        async with app, producer:
+
+            @app.task(name="echo")
+            async def run_echo(x: int) -> int:
+                return x
+
+            w = app.worker(concurrency=8)
+            run = asyncio.create_task(w.run())
+            try:
+                assert await (await producer.send_task("echo", args=(0,))).result(timeout=10) == 0
+                old = s.primary_port()
+                new = await asyncio.to_thread(s.switchover)
+                await asyncio.sleep(1.5)  # three checks of the watch
+                assert s.role(old) == "master", "the old primary was demoted already"
+                handles = [await producer.send_task("echo", args=(i,)) for i in range(1, 21)]
+                with redis.Redis(port=new) as c:
+                    stored = sum(c.exists(producer.client.keys.task(h.id)) for h in handles)
+                assert stored == 20, f"{20 - stored} sends went to the old primary"
+                assert [await h.result(timeout=10) for h in handles] == list(range(1, 21))
+
+                def demoted() -> bool:
+                    with redis.Redis(port=old) as c:
+                        info = c.info("replication")
+                    return info["role"] == "slave" and info["master_link_status"] == "up"
+
+                await wait_until(lambda: asyncio.to_thread(demoted), 60, "the demotion")
+                assert [await h.state() for h in handles] == [TaskState.SUCCESS] * 20
+            finally:
+                w.stop()
+                await run
+
+
 async def test_notifications_stay_on_the_shard_that_owns_the_namespace(
     cluster: OwnCluster, capp: App
 ) -> None:

@@ -243,6 +243,31 @@ class OwnSentinel(Owned):
         if wait_failover:
             _wait("the Sentinel failover", lambda: self.primary_port() != port, timeout=60)
 
+    def switchover(self) -> int:
+        """A planned failover (SENTINEL FAILOVER), once the Sentinel knows the replica;
+        waits until it names the new primary, whose port it returns. The old primary
+        stays a writable primary until the Sentinel turns it into a replica, later."""
+        old = self.primary_port()
+        with redis.Redis(host=_HOST, port=self.sentinel_port) as c:
+
+            def started() -> bool:
+                try:
+                    c.execute_command("SENTINEL", "FAILOVER", self.service)
+                except redis.ResponseError as exc:  # NOGOODSLAVE: no replica known yet
+                    if "NOGOODSLAVE" not in str(exc):
+                        raise
+                    return False
+                return True
+
+            _wait("the Sentinel to know the replica", started, timeout=30)
+        _wait("the Sentinel to name the new primary", lambda: self.primary_port() != old, 30)
+        return self.primary_port()
+
+    def role(self, port: int) -> str:
+        """'master' or 'slave': what the server on `port` says it is."""
+        with redis.Redis(host=_HOST, port=port) as c:
+            return str(c.info("replication")["role"])
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()

@@ -1,0 +1,99 @@
+"""Behind a Sentinel URL: leave a primary as soon as the Sentinels name another.
+
+redis-py asks the Sentinels which server is the primary only when it opens a connection.
+After a switchover (`SENTINEL FAILOVER`) the old primary stays a writable primary until
+the Sentinels turn it into a replica, some ten seconds later, and pooled connections kept
+writing to it: its resync from the new primary then threw those writes away (sends,
+results, acks), with no error anywhere. A crashed primary has no such window: its
+connections fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+from redis.asyncio.sentinel import SentinelConnectionPool
+
+from .errors import describe
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two questions to the Sentinels: at most this long of writes can go
+#: to a primary after the Sentinels have named another.
+INTERVAL = 0.5
+
+
+class PrimaryWatch:
+    """Asks the Sentinels every `interval` seconds which server is the primary and, when
+    they name another than the one `pools` connect to, drops every connection of theirs,
+    idle or in use (a command in flight on one fails as a lost connection, which every
+    caller retries), so that the next ones go to the new primary.
+
+    Args:
+        pools: the Sentinel-managed pools of one service (commands, the notifier's).
+        interval: seconds between two checks.
+    """
+
+    def __init__(self, pools: Sequence[SentinelConnectionPool], interval: float = INTERVAL):
+        self.pools = list(pools)
+        self.interval = interval
+        self.moves = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start checking in the running loop (once)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop checking, and close the connections to the Sentinels (redis-py's, which
+        the pools' own closing leaves open)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        managers = {id(p.sentinel_manager): p.sentinel_manager for p in self.pools}
+        for manager in managers.values():
+            for client in cast(Any, manager).sentinels:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check()
+            except Exception as exc:
+                # No Sentinel answers, or none names a primary (a failover under way):
+                # connections opened meanwhile ask them again, and say so if they fail.
+                log.debug("cannot ask the Sentinels for the primary: %s", describe(exc))
+
+    async def check(self) -> bool:
+        """Whether the Sentinels name another primary than the pools connect to (their
+        connections are dropped then)."""
+        first = self.pools[0]
+        manager: Any = first.sentinel_manager
+        named = tuple(await manager.discover_master(first.service_name))
+        left: tuple[Any, ...] | None = None
+        for pool in self.pools:
+            if pool.master_address is not None and tuple(pool.master_address) != named:
+                left = tuple(pool.master_address)
+                pool.master_address = named
+                await pool.disconnect(inuse_connections=True)
+        if left is None:
+            return False
+        self.moves += 1
+        log.warning(
+            "the Sentinels name a new primary for %r, %s:%s (was %s:%s): connections to "
+            "the old one are dropped",
+            first.service_name,
+            *named,
+            *left,
+            extra={"event": "primary_moved"},
+        )
+        return True
