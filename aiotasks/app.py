@@ -17,6 +17,7 @@ from .contract import GATHER
 from .control import Queues, Schedules
 from .handle import TaskHandle
 from .hooks import F, Hooks
+from .keys import NAMESPACE_RULE, is_namespace
 from .message import (
     QUEUE_NAME_RULE,
     SEND_OPTIONS,
@@ -124,6 +125,7 @@ class App:
             raise ValueError(
                 f"visibility_timeout must be a positive number, got {visibility_timeout!r}"
             )
+        check_namespace(namespace)
         n_shards = resolve_shards(shards)
         if n_shards > 1 and "#" in namespace:
             raise ValueError(f"with shards, a namespace cannot contain '#': {namespace!r}")
@@ -191,6 +193,8 @@ class App:
         """Change settings before the first connection (the CLI's --redis-url uses this)."""
         if self._client is not None:
             raise RuntimeError("configure() must come before the App connects")
+        if "namespace" in changes:
+            check_namespace(changes["namespace"])
         self.settings = replace(self.settings, **changes)
 
     async def connect(self) -> None:
@@ -500,3 +504,13 @@ def _keys(value: bytes | str | Sequence[bytes | str] | None) -> tuple[bytes, ...
 
 def _asdict(opts: TaskOptions) -> dict[str, Any]:
     return {n: getattr(opts, n) for n in field_names(TaskOptions)}
+
+
+def check_namespace(namespace: object) -> None:
+    """Refuse a namespace no key could carry (NAMESPACE_RULE).
+
+    Raises:
+        ValueError: naming the rule.
+    """
+    if not is_namespace(namespace):
+        raise ValueError(f"namespace must be {NAMESPACE_RULE}, got {namespace!r:.60}")

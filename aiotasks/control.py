@@ -130,7 +130,8 @@ class Schedules:
         its own queue); options that cannot recur (`eta`, `task_id`, callbacks) are refused.
 
         Raises:
-            TypeError: `sig` is not a signature of one task (a chain, a group...).
+            TypeError: `sig` is not a signature of one task (a chain, a group...), or its
+                arguments do not fit the task (one this process knows).
             ValueError: not exactly one of cron/every, an invalid one, such an option, or a
                 queue no worker could take from (a comma, surrounding spaces).
         """
@@ -153,6 +154,8 @@ class Schedules:
                 f"{', '.join(refused)} cannot go with it"
             )
         task = self.app.tasks.get(sig.name)
+        if task is not None:  # as send checks them: refused now, not failed on every tick
+            task.check_args(sig.args, sig.kwargs)
         if task is not None and task.opts.debounce and options.get("countdown"):
             raise ValueError(
                 f"{sig.name} is debounced: it runs {task.opts.debounce:g} s after the last "

@@ -80,6 +80,16 @@ def new_id(shards: int = 1, shard: int | None = None) -> str:
             return task_id
 
 
+#: What a namespace must be: it is the keys' hash tag, `{namespace}`.
+NAMESPACE_RULE = "a non-empty name without '{' or '}'"
+
+
+def is_namespace(value: object) -> bool:
+    """Whether `value` can be a namespace (NAMESPACE_RULE): a brace would end the hash
+    tag early, and an empty one is no tag at all (a Cluster spreads its keys)."""
+    return isinstance(value, str) and value != "" and "{" not in value and "}" not in value
+
+
 def namespace_pattern(namespace: str) -> str:
     """A SCAN pattern matching every key of a namespace, in all its shards."""
     escaped = re.sub(r"([*?\[\]\\])", r"\\\1", namespace)

@@ -316,6 +316,28 @@ def with_db(url: str, db: int) -> str:
             {},
             "error: task tests.apps.basic.add: missing a required argument: 'y'",
         ),
+        (
+            ["schedules", "add", "s", "tests.apps.basic.add", "--every", "5"]
+            + ["--app", "tests.apps.basic:app"],
+            {},
+            "error: task tests.apps.basic.add: missing a required argument: 'x'",
+        ),
+        (["inspect", ""], {}, "error: invalid value for 'task_id': it is empty"),
+        (["revoke", " "], {}, "error: invalid value for 'task_id': it is empty"),
+        (["retry", ""], {}, "error: invalid value for 'task_id': it is empty"),
+        (["purge", "", "--yes"], {}, "error: invalid value for 'queue': '' is not a queue"),
+        (["purge", "a,b", "--yes"], {}, "error: invalid value for 'queue': 'a,b' is not a"),
+        (["dead-letters", "list", ""], {}, "error: invalid value for 'queue': '' is not a"),
+        (["schedules", "resume", ""], {}, "error: invalid value for 'name': it is empty"),
+        (["web", "--host", ""], {}, "error: invalid value for '--host': it is empty"),
+        (
+            ["run", "tests.apps.ops:app", "--metrics-port", "9999", "--metrics-host", ""],
+            {},
+            "error: invalid value for '--metrics-host': it is empty",
+        ),
+        # An unset "$NS" must not reach the default namespace (a purge would empty it).
+        (["purge", "q", "--yes", "--namespace", ""], {}, "error: --namespace must be a"),
+        (["send", "ops.add", "--namespace", "a}b"], {}, "error: --namespace must be a"),
     ],
 )
 def test_reported_bad_inputs_exit_2(args: list[str], env: dict[str, str], expected: str) -> None:

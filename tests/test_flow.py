@@ -378,6 +378,10 @@ async def test_a_schedule_keeps_its_signatures_send_options(app: App) -> None:
 
     with pytest.raises(TypeError, match="one task"):
         await app.schedules.add("c", chain(report.s("a"), report.s("b")), every=60)  # type: ignore[arg-type]
+    # Arguments that do not fit a task this process knows, as send() refuses them.
+    with pytest.raises(TypeError, match="report: missing a required argument: 'region'"):
+        await app.schedules.add("noargs", report.s(), every=60)
+    assert "noargs" not in [i.name for i in await app.schedules.list()]
     with pytest.raises(ValueError, match="task_id"):
         await app.schedules.add("t", report.s("a").set(task_id="fixed"), every=60)
 

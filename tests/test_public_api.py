@@ -118,3 +118,13 @@ def test_task_state_values() -> None:
     names = {s.name for s in aiotasks.TaskState}
     assert names == {"PENDING", "SCHEDULED", "STARTED", "SUCCESS", "FAILURE", "REVOKED"}
     assert aiotasks.TaskState.SUCCESS == "SUCCESS"
+
+
+@pytest.mark.parametrize("namespace", ["", "a{b", "a}b", 7])
+def test_a_namespace_no_key_could_carry_is_refused(namespace: object) -> None:
+    """The namespace is the keys' hash tag: empty, or with a brace, it is no tag."""
+    with pytest.raises(ValueError, match="namespace must be a non-empty name"):
+        aiotasks.App(namespace=namespace)  # type: ignore[arg-type]
+    app = aiotasks.App()
+    with pytest.raises(ValueError, match="namespace must be"):
+        app.configure(namespace=namespace)

@@ -29,6 +29,8 @@ from ..app import App
 from ..client import refusal
 from ..config import InvalidRedisURL, check_redis_url, env_redis_source, redact_url
 from ..errors import CONNECTION_ERRORS, AiotasksError, BrokerConnectionError
+from ..keys import NAMESPACE_RULE, is_namespace
+from ..message import QUEUE_NAME_RULE, is_queue_name
 from .group import fail
 
 T = TypeVar("T")
@@ -137,6 +139,10 @@ def _user_traceback(exc: BaseException) -> str:
 
 def open_app(app_spec: str | None, redis_url: str | None, namespace: str | None) -> App:
     """The App to operate on: imported from `app_spec`, or a bare one for URL + namespace."""
+    if namespace is not None and not is_namespace(namespace):
+        # Before anything is imported: `--namespace "$NS"` with NS unset must not reach
+        # the default namespace (a purge there would empty the wrong queues).
+        raise fail(f"--namespace must be {NAMESPACE_RULE}, got {namespace!r:.60}", 2)
     app = load_app(app_spec) if app_spec else App(namespace=namespace or "aiotasks")
     changes: dict[str, str] = {}
     if redis_url:
@@ -147,6 +153,27 @@ def open_app(app_spec: str | None, redis_url: str | None, namespace: str | None)
         app.configure(**changes)
     check_url(app.settings.redis_url, from_option=bool(redis_url))
     return app
+
+
+def queue_name(value: str) -> str:
+    """Typer callback: a queue argument must be a queue name (exit 2 otherwise)."""
+    if not is_queue_name(value):
+        raise typer.BadParameter(f"{value!r:.60} is not {QUEUE_NAME_RULE}")
+    return value
+
+
+def host_address(value: str) -> str:
+    """Typer callback: an address to listen on; an empty one would mean every interface."""
+    if not value.strip():
+        raise typer.BadParameter("it is empty: give an address (0.0.0.0 for every interface)")
+    return value
+
+
+def not_empty(value: str) -> str:
+    """Typer callback: an id or name argument must not be empty (exit 2 otherwise)."""
+    if not value.strip():
+        raise typer.BadParameter("it is empty")
+    return value
 
 
 def unknown_task_note(app: App, app_spec: str | None, name: str) -> None:

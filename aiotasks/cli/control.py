@@ -16,6 +16,7 @@ from .common import (
     NamespaceOption,
     RedisOption,
     json_arg,
+    not_empty,
     open_app,
     run_admin,
     unknown_task_note,
@@ -30,6 +31,8 @@ schedules = typer.Typer(
 queues = typer.Typer(help="Pause and resume queues at run time.", no_args_is_help=True)
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
+#: A schedule that exists: an empty name is a usage error (add says why of its own).
+ExistingNameArg = Annotated[str, typer.Argument(help="The schedule's name.", callback=not_empty)]
 
 
 def _when(info: ScheduleInfo) -> str:
@@ -82,6 +85,12 @@ def add_schedule(
         raise fail(str(exc), 2) from None
     app = open_app(app_spec, redis_url, namespace)
     unknown_task_note(app, app_spec, task)
+    known = app.tasks.get(task)
+    if known is not None:  # as `send` does: refused now, not failed on every tick
+        try:
+            known.check_args(task_args, task_kwargs)
+        except TypeError as exc:
+            raise fail(f"{exc} (see --args/--kwargs)", 2) from None
     sig = Signature(task, tuple(task_args), task_kwargs, app=app)
 
     async def add(admin: Admin) -> ScheduleInfo:
@@ -103,7 +112,7 @@ def _change(verb: str, name: str, app_spec: str | None, url: str | None, ns: str
 
 def _schedule_command(verb: str, doc: str) -> None:
     def command(
-        name: NameArg,
+        name: ExistingNameArg,
         app_spec: AppOption = None,
         redis_url: RedisOption = None,
         namespace: NamespaceOption = None,

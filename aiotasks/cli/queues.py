@@ -15,6 +15,7 @@ from .common import (
     YesOption,
     confirm,
     open_app,
+    queue_name,
     run_admin,
 )
 from .group import fail
@@ -24,7 +25,7 @@ from .output import Table, ago, echo_json, show
 
 
 def purge(
-    queue: Annotated[str, typer.Argument(help="The queue to empty.")],
+    queue: Annotated[str, typer.Argument(help="The queue to empty.", callback=queue_name)],
     yes: YesOption = False,
     app_spec: AppOption = None,
     redis_url: RedisOption = None,
@@ -60,7 +61,9 @@ dead = typer.Typer(
     no_args_is_help=True,
 )
 
-QueueArg = Annotated[str, typer.Argument(help="The queue whose dead letters to use.")]
+QueueArg = Annotated[
+    str, typer.Argument(help="The queue whose dead letters to use.", callback=queue_name)
+]
 IdsOption = Annotated[
     list[str] | None, typer.Option("--id", help="A dead-letter entry id (repeatable); default all.")
 ]

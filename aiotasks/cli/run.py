@@ -23,7 +23,7 @@ from ..config import redact_url
 from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError, describe
 from ..slots import MAX_CONCURRENCY
 from ..worker import Worker
-from .common import APP_ENV, check_url, finite, load_app
+from .common import APP_ENV, check_url, finite, host_address, load_app
 from .group import fail
 
 #: A typo's guard: each process is a whole worker with its own connections.
@@ -95,7 +95,7 @@ def run(
         typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port."),
     ] = None,
     metrics_host: Annotated[
-        str, typer.Option(help="Address the metrics server listens on.")
+        str, typer.Option(help="Address the metrics server listens on.", callback=host_address)
     ] = "0.0.0.0",
     reload: Annotated[
         bool,

@@ -22,6 +22,7 @@ from .common import (
     RedisOption,
     finite,
     json_arg,
+    not_empty,
     open_app,
     run_admin,
     unknown_task_note,
@@ -29,7 +30,7 @@ from .common import (
 from .group import fail
 from .output import Block, Cell, Fields, Line, ago, echo_json, show
 
-TaskIdArg = Annotated[str, typer.Argument(help="The task id.")]
+TaskIdArg = Annotated[str, typer.Argument(help="The task id.", callback=not_empty)]
 
 _STATE_STYLE = {
     TaskState.PENDING: "yellow",

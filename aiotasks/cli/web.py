@@ -12,12 +12,21 @@ import typer
 
 from ..app import App
 from ..config import redact_url
-from .common import AppOption, NamespaceOption, RedisOption, open_app, run_admin
+from .common import (
+    AppOption,
+    NamespaceOption,
+    RedisOption,
+    host_address,
+    open_app,
+    run_admin,
+)
 from .group import fail
 
 
 def web(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on.", callback=host_address)
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
     read_only: Annotated[
         bool, typer.Option("--read-only", help="Show everything, change nothing.")
