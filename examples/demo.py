@@ -70,7 +70,11 @@ async def main() -> None:
         code = worker.wait(30)
         log.seek(0)
         print("\n--- worker log (default level: warnings and failures) ---")
-        print(log.read().decode(errors="replace").rstrip())
+        text = log.read().decode(errors="replace").rstrip()
+        print(text)
+        if "may lose tasks" in text:
+            print("(that warning is about the server this demo ran on; for production, see")
+            print(" the README's 'Running Redis for aiotasks')")
         # Only once the worker is gone: a running worker recreates its queues' streams.
         left = await delete_namespace()
         done = "deleted" if not left else f"NOT deleted: {left} key(s) left"

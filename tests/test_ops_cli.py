@@ -278,12 +278,27 @@ async def test_inspect_unknown_task(app: App) -> None:
     for args in (["inspect", "nope"], ["inspect", "nope", "--json"], ["revoke", "nope"]):
         res = await invoke(*args, *conn(app))
         assert res.exit_code == 1
+        hint = " (an id not sent yet: --ahead revokes it)" if args[0] == "revoke" else ""
         assert error_line(res) == (
-            f"error: no task with id 'nope' in namespace '{app.settings.namespace}'"
+            f"error: no task with id 'nope' in namespace '{app.settings.namespace}'{hint}"
         )
         assert res.stdout == ""
     # Refusing an unknown id did not create a record of it.
     assert await app.client.redis.exists(app.client.keys.task("nope")) == 0
+
+
+async def test_revoke_ahead_an_id_not_sent_yet(app: App) -> None:
+    """README: an id not sent yet can be revoked (a frozen signature's, a chain's last
+    step); from the CLI with --ahead. When it is sent, it does not run."""
+    res = await invoke("revoke", "later-1", "--ahead", *conn(app))
+    assert res.exit_code == 0, res.output
+    assert "revoked task later-1 ahead" in res.stdout
+    handle = await app.send_task("never.runs", task_id="later-1")
+    assert await handle.state() is TaskState.REVOKED
+    # --ahead on a task that exists acts as a plain revoke.
+    queued = await app.send_task("never.runs")
+    res = await invoke("revoke", queued.id, "--ahead", *conn(app))
+    assert res.exit_code == 0 and "was PENDING" in res.stdout
 
 
 async def test_revoke_queued_then_again(app: App) -> None:

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import typer
 
-from ..admin import Admin, Arguments
+from ..admin import Admin, Arguments, TaskNotFound
 from ..errors import ResultTimeout, SerializationError, TaskFailed, TaskRevoked
 from ..handle import TaskInfo, TaskState
 from ..message import QUEUE_NAME_RULE, check_options, is_queue_name
@@ -151,14 +151,34 @@ def revoke(
     terminate: Annotated[
         bool, typer.Option("--terminate", help="Also cancel it if it is running.")
     ] = False,
+    ahead: Annotated[
+        bool,
+        typer.Option(
+            "--ahead",
+            help="Revoke an id not sent yet (a frozen signature's, a canvas step not "
+            "reached): it will not run when sent. Without it, an unknown id is an error.",
+        ),
+    ] = False,
     app_spec: AppOption = None,
     redis_url: RedisOption = None,
     namespace: NamespaceOption = None,
 ) -> None:
     """Make sure a task never runs (with --terminate, cancel it if it is running)."""
     app = open_app(app_spec, redis_url, namespace)
-    before = run_admin(app, lambda admin: admin.revoke(task_id, terminate))
-    if before.is_final:
+
+    async def go(admin: Admin) -> TaskState | None:
+        try:
+            return await admin.revoke(task_id, terminate)
+        except TaskNotFound as exc:
+            if not ahead:  # a typo must not leave a record: say how to mean it
+                raise TaskNotFound(f"{exc} (an id not sent yet: --ahead revokes it)") from None
+        await admin.app.handle(task_id).revoke(terminate=terminate)
+        return None
+
+    before = run_admin(app, go)
+    if before is None:
+        typer.echo(f"revoked task {task_id} ahead: it has not been sent; if it is, it will not run")
+    elif before.is_final:
         typer.echo(f"task {task_id} already finished ({before}): nothing to revoke")
     elif before == TaskState.STARTED and terminate:
         typer.echo(f"revoked task {task_id} (was STARTED; its worker was told to cancel it)")
