@@ -91,13 +91,17 @@ def rate_limit_of(value: Any) -> str | None:
     """
     if value is None or value in (0, "0"):
         return None
+    given = value
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = f"{value}/s"
     elif isinstance(value, str) and "/" not in value:
         value = f"{value}/s"
     if not isinstance(value, str):
         raise ValueError(f"rate_limit must look like '100/s', got {value!r}")
-    parse_rate(value)
+    try:
+        parse_rate(value)
+    except ValueError as exc:  # name what was given, not the "/s" added to a bare one
+        raise ValueError(str(exc).replace(repr(value), repr(given))) from None
     return value
 
 

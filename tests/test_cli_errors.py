@@ -335,6 +335,18 @@ def with_db(url: str, db: int) -> str:
             {},
             "error: invalid value for '--metrics-host': it is empty",
         ),
+        (
+            ["status"],
+            {"AIOTASKS_APP": "nosuch:x"},
+            "error: cannot import module 'nosuch': No module named 'nosuch' (MODULE:APP from "
+            "$AIOTASKS_APP)",
+        ),
+        (
+            ["run", "/srv/my-app/tasks.py:app"],
+            {},
+            "error: '/srv/my-app/tasks.py' is a file path, not a module: give its dotted module "
+            "name, as in tasks:app, run from /srv/my-app",
+        ),
         # An unset "$NS" must not reach the default namespace (a purge would empty it).
         (["purge", "q", "--yes", "--namespace", ""], {}, "error: --namespace must be a"),
         (["send", "ops.add", "--namespace", "a}b"], {}, "error: --namespace must be a"),

@@ -128,3 +128,15 @@ def test_a_namespace_no_key_could_carry_is_refused(namespace: object) -> None:
     app = aiotasks.App()
     with pytest.raises(ValueError, match="namespace must be"):
         app.configure(namespace=namespace)
+
+
+@pytest.mark.parametrize(
+    ("rate", "says"),
+    [("abc", "got 'abc'"), ("5/x", "got '5/x'"), (-5, "positive, got -5")],
+)
+def test_a_bad_rate_limit_names_what_was_given(rate: object, says: str) -> None:
+    app = aiotasks.App()
+    with pytest.raises(ValueError, match=f"rate_limit must .*{says}$"):
+
+        @app.task(rate_limit=rate)  # type: ignore[call-overload]
+        async def limited() -> None: ...

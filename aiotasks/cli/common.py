@@ -31,7 +31,7 @@ from ..config import InvalidRedisURL, check_redis_url, env_redis_source, redact_
 from ..errors import CONNECTION_ERRORS, AiotasksError, BrokerConnectionError
 from ..keys import NAMESPACE_RULE, is_namespace
 from ..message import QUEUE_NAME_RULE, is_queue_name
-from .group import fail
+from .group import CliError, fail
 
 T = TypeVar("T")
 
@@ -66,6 +66,22 @@ YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for con
 
 
 def load_app(spec: str) -> App:
+    """Import `module:attribute` (the current directory is importable) and check it is an
+    App; an error names $AIOTASKS_APP when the spec came from it."""
+    try:
+        return _load_app(spec)
+    except CliError as exc:
+        if not _spec_from_environment(spec):
+            raise
+        raise CliError(f"{exc} (MODULE:APP from ${APP_ENV})", exc.code, exc.detail) from None
+
+
+def _spec_from_environment(spec: str) -> bool:
+    args = sys.argv[1:]
+    return os.environ.get(APP_ENV) == spec and spec not in args and f"--app={spec}" not in args
+
+
+def _load_app(spec: str) -> App:
     """Import `module:attribute` (the current directory is importable) and check it is an App.
 
     An exception raised by the user's module shows its traceback, then the error line.
@@ -75,8 +91,7 @@ def load_app(spec: str) -> App:
         raise fail(f"expected module:attribute (e.g. myproject.tasks:app), got {spec!r}", 2)
     not_dotted = _not_a_module_name(module_name)
     if not_dotted:
-        example = f"{_as_module(module_name)}:{attr} (the current directory is importable)"
-        raise fail(f"{module_name!r} is {not_dotted}, as in {example}", 2)
+        raise fail(f"{module_name!r} is {not_dotted}, as in {_as_module(module_name, attr)}", 2)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     obj: Any = _import(module_name)
@@ -99,11 +114,16 @@ def _not_a_module_name(name: str) -> str:
     return ""
 
 
-def _as_module(name: str) -> str:
-    """`name` written as a dotted module name, for the error's example."""
-    path = name.replace("\\", "/").removesuffix(".py")
-    parts = [p for p in path.split("/") if p not in ("", ".", "..")]
-    return ".".join(p.strip(".") for p in parts if p.strip(".")) or "tasks"
+def _as_module(name: str, attr: str) -> str:
+    """`name`, a file path, as the MODULE:APP to give instead, for the error's example:
+    dotted from the current directory when that names a module, else the file's own name
+    from its directory."""
+    path = os.path.abspath(name.replace("\\", "/").removesuffix(".py"))
+    parts = os.path.relpath(path, os.getcwd()).split(os.sep)
+    if all(p.isidentifier() for p in parts):
+        return f"{'.'.join(parts)}:{attr} (the current directory is importable)"
+    stem = os.path.basename(path)
+    return f"{stem}:{attr}, run from {os.path.dirname(path) or '/'}"
 
 
 def _import(name: str) -> ModuleType:
