@@ -856,10 +856,12 @@ class Worker:
         for d, e in zip(got, res[b"entries"], strict=True):
             d.alone = bool(e.get(b"alone"))
             log.warning(
-                "worker %s reclaimed entry %s (delivery %d) from a dead worker%s",
+                "worker %s reclaimed entry %s (delivery %d): the worker that held it renewed "
+                "no lease for %g s (it died, or lost Redis that long)%s",
                 self.name,
                 d.entry_id.decode(),
                 d.deliveries,
+                self.vt,
                 ": it runs alone (its workers died with it before)" if d.alone else "",
             )
         return got
