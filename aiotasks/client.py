@@ -379,17 +379,17 @@ class Client:
                 raise refusal(self.url, exc, "the connection") from exc
             raise
 
-    def _transient(self, exc: BaseException) -> bool:
+    def transient(self, exc: BaseException) -> bool:
         """A cluster error that a failover or slot move explains (CLUSTERDOWN, TRYAGAIN,
         MOVED/ASK), or, behind a Cluster or Sentinel URL, a primary turned replica
         (READONLY) or one whose replica was just promoted (NOREPLICAS, with
-        min-replicas-to-write): worth retrying. Against one server both are refusals (a
-        replica's URL; a replica that is down)."""
+        min-replicas-to-write): worth retrying as a lost connection is. Against one
+        server both are refusals (a replica's URL; a replica that is down)."""
         if isinstance(exc, CLUSTER_TRANSIENT):
             return True
         if not self.topology.failover:
             return False
-        return isinstance(exc, ReadOnlyError) or str(exc).startswith("NOREPLICAS")
+        return isinstance(exc, ReadOnlyError) or error_code(exc) == "NOREPLICAS"
 
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call`, retrying connection errors (and a loading server) by `policy`.
@@ -404,7 +404,7 @@ class Client:
             try:
                 return await keep_cancel(call())
             except (ResponseError, *_REFUSED_CONNECTION) as exc:
-                if not self._transient(exc) or retry >= policy.max_retries:
+                if not self.transient(exc) or retry >= policy.max_retries:
                     raise refusal(self.url, exc) from exc
                 await asyncio.sleep(policy.delay(retry))
                 retry += 1

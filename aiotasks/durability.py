@@ -117,7 +117,8 @@ class DataLoss:
     that is missing later was lost with the data) or as the worker's registration gone
     before it could expire. One loss may show both ways, in either order: a sign found
     within `window` seconds of the last report belongs to the same loss, unless it names
-    a queue no report in that window named.
+    a queue no report in that window named (so a second loss of the same queues within
+    the window is not reported again).
 
     Args:
         worker: the worker's name.

@@ -85,9 +85,7 @@ class BrokerRefusedError(AiotasksError):
 
 
 #: Refusals that go away by themselves: a server loading its data, a failover.
-TRANSIENT_REFUSALS = frozenset(
-    {"LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "NOREPLICAS"}
-)
+TRANSIENT_REFUSALS = frozenset({"LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY"})
 
 
 class ConfigurationError(AiotasksError, ValueError):

@@ -459,8 +459,11 @@ class Execution:
         """_before_body(), or the outcome of a run that cannot begin yet."""
         try:
             return await self._before_body(task, msg)
-        except CONNECTION_ERRORS as exc:
-            # Redis went away before the body began: run it later, it never ran.
+        except Exception as exc:
+            if not isinstance(exc, CONNECTION_ERRORS) and not self.rt.client.transient(exc):
+                raise
+            # Redis went away (or is failing over) before the body began: run it later,
+            # it never ran.
             log.warning(
                 "task %s[%s]: lost Redis before it began (%s)",
                 msg.name,

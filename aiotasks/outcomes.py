@@ -333,8 +333,11 @@ class Outcomes:
                 )
                 self.outage.ok()
                 return
-            except CONNECTION_ERRORS as exc:
-                # Results must land before their entries are acked: keep trying.
+            except Exception as exc:
+                # Results must land before their entries are acked: keep trying through a
+                # lost connection, or a failover's refusal (Client.transient).
+                if not isinstance(exc, CONNECTION_ERRORS) and not self.client.transient(exc):
+                    raise
                 delay = backoff.next()
                 self.outage.failed(f"storing {count} result(s)", exc, delay)
                 await asyncio.sleep(delay)

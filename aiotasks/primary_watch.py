@@ -41,7 +41,6 @@ class PrimaryWatch:
     def __init__(self, pools: Sequence[SentinelConnectionPool], interval: float = INTERVAL):
         self.pools = list(pools)
         self.interval = interval
-        self.moves = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -73,27 +72,31 @@ class PrimaryWatch:
                 # connections opened meanwhile ask them again, and say so if they fail.
                 log.debug("cannot ask the Sentinels for the primary: %s", describe(exc))
 
-    async def check(self) -> bool:
-        """Whether the Sentinels name another primary than the pools connect to (their
-        connections are dropped then)."""
+    async def check(self) -> None:
+        """Ask the Sentinels for the primary; drop every connection that goes elsewhere.
+
+        Each connection is looked at, not the pool's `master_address`: redis-py updates
+        that whenever it opens a connection, closing only the idle ones, so connections
+        in use then (a blocking read, the pub/sub one) would stay on the old primary."""
         first = self.pools[0]
         manager: Any = first.sentinel_manager
         named = tuple(await manager.discover_master(first.service_name))
-        left: tuple[Any, ...] | None = None
+        left: set[tuple[Any, ...]] = set()
         for pool in self.pools:
-            if pool.master_address is not None and tuple(pool.master_address) != named:
-                left = tuple(pool.master_address)
-                pool.master_address = named
-                await pool.disconnect(inuse_connections=True)
-        if left is None:
-            return False
-        self.moves += 1
-        log.warning(
-            "the Sentinels name a new primary for %r, %s:%s (was %s:%s): connections to "
-            "the old one are dropped",
-            first.service_name,
-            *named,
-            *left,
-            extra={"event": "primary_moved"},
-        )
-        return True
+            conns: list[Any] = [*pool._available_connections, *pool._in_use_connections]
+            stale = [c for c in conns if c.is_connected and (c.host, c.port) != named]
+            if not stale:
+                continue
+            left.update((c.host, c.port) for c in stale)
+            pool.master_address = named
+            # A close that fails (a timeout) leaves the next check to try it again.
+            await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+        if left:
+            log.warning(
+                "the Sentinels name a new primary for %r, %s:%s (was %s): connections to "
+                "the old one are dropped",
+                first.service_name,
+                *named,
+                ", ".join(f"{h}:{p}" for h, p in sorted(left, key=str)),
+                extra={"event": "primary_moved"},
+            )

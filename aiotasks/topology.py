@@ -122,6 +122,8 @@ def _options(
     if options.pop("connection_class", None) is not None or tls:
         options["ssl"] = tls
     options.update(connect_timeout_default(options))
+    if sentinel_opts:  # given, redis-py no longer copies the socket options to Sentinels
+        sentinel_opts.update({k: v for k, v in options.items() if k.startswith("socket_")})
     return options, sentinel_opts
 
 

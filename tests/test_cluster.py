@@ -352,6 +352,70 @@ async def test_a_sentinel_switchover_moves_every_connection_to_the_new_primary()
                 await run
 
 
+@pytest.mark.slow
+async def test_a_switchover_drops_connections_in_use_when_new_ones_found_it_first() -> None:
+    """redis-py moves the pool's idea of the primary when it opens a connection, closing
+    only idle ones: a connection in use then (here a blocking read) must still be
+    dropped by the watch, which looks at each connection's own address."""
+    with OwnSentinel() as s:
+        app = App(redis_url=s.url, namespace=ns())
+        try:
+            r: Any = app.client.redis
+            await r.ping()
+            blocked = asyncio.create_task(r.xread({"{x}:nothing": "$"}, block=30_000))
+            await asyncio.sleep(0.3)
+            new = await asyncio.to_thread(s.switchover)
+            # New connections find the new primary first (and move master_address).
+            await asyncio.gather(*(r.ping() for _ in range(4)))
+            assert r.connection_pool.master_address[1] == new
+            done, _ = await asyncio.wait([blocked], timeout=3)
+            assert done, "the connection in use stayed on the old primary"
+            with pytest.raises(redis.exceptions.ConnectionError):
+                blocked.result()
+        finally:
+            await app.close()
+
+
+@pytest.mark.slow
+async def test_a_worker_waits_out_noreplicas_behind_sentinel() -> None:
+    """With min-replicas-to-write, a primary whose replica lags refuses writes
+    (NOREPLICAS) until it catches up: behind a Sentinel URL the worker stores the result
+    once it can, as through a lost connection, not an InternalError FAILURE."""
+    with OwnSentinel() as s:
+        with redis.Redis(port=s.primary.port) as c:
+            c.config_set("min-replicas-to-write", 1)
+            c.config_set("min-replicas-max-lag", 1)
+        app = App(redis_url=s.url, namespace=ns())
+        async with app:
+
+            @app.task(name="nap")
+            async def nap() -> int:
+                await asyncio.sleep(3.5)  # past the replica's lag of 1 s
+                return 1
+
+            w = app.worker()
+            run = asyncio.create_task(w.run())
+            try:
+                h = await nap.send()
+
+                async def started() -> bool:
+                    return await h.state() is TaskState.STARTED
+
+                await wait_until(started, 10, "the task to start")
+                s.replica.pause()
+                try:
+                    await asyncio.sleep(6)  # the body ends meanwhile; its result is refused
+                    with redis.Redis(port=s.primary.port) as c:
+                        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+                            c.set("{x}:probe", 1)
+                finally:
+                    s.replica.resume()
+                assert await h.result(timeout=30) == 1
+            finally:
+                w.stop()
+                await run
+
+
 async def test_notifications_stay_on_the_shard_that_owns_the_namespace(
     cluster: OwnCluster, capp: App
 ) -> None:

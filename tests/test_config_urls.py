@@ -207,3 +207,21 @@ async def test_an_app_with_a_url_that_cannot_work_says_so_before_connecting(url:
         await t.send()
     with pytest.raises(InvalidRedisURL):
         app.worker()
+
+
+def test_connects_give_up_after_two_seconds_unless_the_url_says_otherwise() -> None:
+    from aiotasks import topology
+
+    top = topology.parse("redis+sentinel://h1:26379/mymaster?sentinel_password=spw")
+    assert top.options["socket_connect_timeout"] == topology.CONNECT_TIMEOUT
+    # Sentinel credentials given, redis-py copies no socket option to the Sentinels.
+    assert top.sentinel_options["socket_connect_timeout"] == topology.CONNECT_TIMEOUT
+    assert topology.parse("redis+cluster://h1:7000").options["socket_connect_timeout"] == 2.0
+    own = topology.parse("redis+cluster://h1:7000?socket_connect_timeout=9").options
+    assert own["socket_connect_timeout"] == 9
+    # A URL's socket_timeout is its connect timeout too (redis-py's rule): left to it.
+    assert (
+        "socket_connect_timeout"
+        not in topology.parse("redis+cluster://h1:7000?socket_timeout=7").options
+    )
+    assert topology.connect_timeout_default({}) == {"socket_connect_timeout": 2.0}
