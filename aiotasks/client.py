@@ -67,6 +67,8 @@ _CODES: tuple[tuple[type[BaseException], str], ...] = (
     (AuthenticationError, "WRONGPASS"),
     (AuthorizationError, "NOPERM"),
 )
+#: Refusals that a failover explains behind a Sentinel or Cluster URL (Client.transient).
+_FAILOVER_REFUSALS = ("READONLY", "NOREPLICAS")
 #: Connection errors that are really refusals: a retry does not change the answer.
 _REFUSED_CONNECTION = (AuthenticationError, AuthorizationError)
 
@@ -387,9 +389,15 @@ class Client:
         server both are refusals (a replica's URL; a replica that is down)."""
         if isinstance(exc, CLUSTER_TRANSIENT):
             return True
-        if not self.topology.failover:
+        if not self.topology.failover or not isinstance(exc, ResponseError):
             return False
-        return isinstance(exc, ReadOnlyError) or error_code(exc) == "NOREPLICAS"
+        if isinstance(exc, ReadOnlyError):  # redis-py drops the code from its message
+            return True
+        # Redis before 7 wraps a script's error ("ERR Error running script ...: -READONLY").
+        text = str(exc)
+        return text.startswith(_FAILOVER_REFUSALS) or any(
+            f"-{code}" in text for code in _FAILOVER_REFUSALS
+        )
 
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call`, retrying connection errors (and a loading server) by `policy`.

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import RedisError
 
 from .errors import describe
 
@@ -42,6 +43,7 @@ class PrimaryWatch:
         self.pools = list(pools)
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._logged: tuple[str, int] | None = None  # the primary last logged
 
     def start(self) -> None:
         """Start checking in the running loop (once)."""
@@ -63,40 +65,52 @@ class PrimaryWatch:
                     await client.aclose()
 
     async def _run(self) -> None:
+        warned = False
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.check()
-            except Exception as exc:
+            except (RedisError, OSError) as exc:
                 # No Sentinel answers, or none names a primary (a failover under way):
                 # connections opened meanwhile ask them again, and say so if they fail.
                 log.debug("cannot ask the Sentinels for the primary: %s", describe(exc))
+            except Exception as exc:  # a redis-py whose pools look otherwise: say so once
+                if not warned:
+                    warned = True
+                    log.warning("cannot watch the Sentinels' primary: %r", exc)
 
     async def check(self) -> None:
         """Ask the Sentinels for the primary; drop every connection that goes elsewhere.
 
-        Each connection is looked at, not the pool's `master_address`: redis-py updates
-        that whenever it opens a connection, closing only the idle ones, so connections
-        in use then (a blocking read, the pub/sub one) would stay on the old primary."""
-        first = self.pools[0]
-        manager: Any = first.sentinel_manager
-        named = tuple(await manager.discover_master(first.service_name))
-        left: set[tuple[Any, ...]] = set()
+        Each pool is compared with what its own Sentinel client answers (each keeps the
+        Sentinel that last answered first: two clients may ask two Sentinels), and each
+        connection is looked at, not the pool's `master_address`: redis-py updates that
+        whenever it opens a connection, closing only the idle ones, so connections in use
+        then (a blocking read, the pub/sub one) would stay on the old primary."""
+        answers: dict[int, tuple[str, int]] = {}
         for pool in self.pools:
+            manager: Any = pool.sentinel_manager
+            if id(manager) not in answers:
+                host, port = await manager.discover_master(pool.service_name)
+                answers[id(manager)] = (str(host), int(port))
+            named = answers[id(manager)]
             conns: list[Any] = [*pool._available_connections, *pool._in_use_connections]
-            stale = [c for c in conns if c.is_connected and (c.host, c.port) != named]
+            stale = [c for c in conns if c.is_connected and (str(c.host), int(c.port)) != named]
             if not stale:
                 continue
-            left.update((c.host, c.port) for c in stale)
+            left = ", ".join(sorted({f"{c.host}:{c.port}" for c in stale}))
             pool.master_address = named
             # A close that fails (a timeout) leaves the next check to try it again.
             await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
-        if left:
-            log.warning(
+            # Once per move, not per pool or per check (a flapping answer says it again).
+            level = logging.WARNING if named != self._logged else logging.DEBUG
+            self._logged = named
+            log.log(
+                level,
                 "the Sentinels name a new primary for %r, %s:%s (was %s): connections to "
                 "the old one are dropped",
-                first.service_name,
+                pool.service_name,
                 *named,
-                ", ".join(f"{h}:{p}" for h, p in sorted(left, key=str)),
+                left,
                 extra={"event": "primary_moved"},
             )

@@ -340,3 +340,27 @@ async def test_send_with_tls_to_a_plain_server_gives_up_in_seconds(
     finally:
         await app.close()
     assert time.monotonic() - t0 < 10
+
+
+def test_a_failovers_refusals_are_transient_only_behind_sentinel_or_cluster() -> None:
+    """READONLY and NOREPLICAS are waited out behind a Sentinel or Cluster URL (a
+    failover explains them), also as Redis before 7 wraps them in a script's error;
+    against one server they are refusals."""
+    from redis.exceptions import ReadOnlyError, ResponseError
+
+    from aiotasks.client import Client
+    from aiotasks.config import Settings
+
+    errors = [
+        ReadOnlyError("You can't write against a read only replica."),
+        ResponseError("NOREPLICAS Not enough good replicas to write."),
+        ResponseError("ERR Error running script (call to f_1): @user_script:9: -NOREPLICAS x"),
+        ResponseError("ERR unknown command"),
+    ]
+    for url, expected in [
+        ("redis://h:6379/0", [False, False, False, False]),
+        ("redis+sentinel://h:26379/mymaster", [True, True, True, False]),
+        ("redis+cluster://h:7000", [True, True, True, False]),
+    ]:
+        client = Client(Settings(redis_url=url))
+        assert [client.transient(e) for e in errors] == expected, url
