@@ -261,7 +261,17 @@ class OwnSentinel(Owned):
 
             _wait("the Sentinel to know the replica", started, timeout=30)
         _wait("the Sentinel to name the new primary", lambda: self.primary_port() != old, 30)
-        return self.primary_port()
+        new = self.primary_port()
+
+        def listed() -> bool:
+            # GET-MASTER-ADDR-BY-NAME names the promoted replica during the failover;
+            # clients read SENTINEL MASTERS, which moves on +switch-master, a moment later.
+            with redis.Redis(host=_HOST, port=self.sentinel_port) as c:
+                state = c.sentinel_master(self.service)
+            return int(state["port"]) == new
+
+        _wait("the Sentinel to list the new primary", listed, 30)
+        return new
 
     def role(self, port: int) -> str:
         """'master' or 'slave': what the server on `port` says it is."""
