@@ -399,6 +399,11 @@ class Client:
             f"-{code}" in text for code in _FAILOVER_REFUSALS
         )
 
+    def waits_out(self, exc: BaseException) -> bool:
+        """A lost connection, or a failover's refusal (transient()): what a worker waits
+        out rather than turning into a task's failure."""
+        return isinstance(exc, CONNECTION_ERRORS) or self.transient(exc)
+
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call`, retrying connection errors (and a loading server) by `policy`.
 

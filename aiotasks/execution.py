@@ -23,7 +23,6 @@ from .backoff import exponential
 from .context import TaskContext, _current
 from .decode import DecodeError, decode_entry
 from .errors import (
-    CONNECTION_ERRORS,
     MaxRetriesExceededError,
     Replace,
     Retry,
@@ -460,7 +459,7 @@ class Execution:
         try:
             return await self._before_body(task, msg)
         except Exception as exc:
-            if not isinstance(exc, CONNECTION_ERRORS) and not self.rt.client.transient(exc):
+            if not self.rt.client.waits_out(exc):
                 raise
             # Redis went away (or is failing over) before the body began: run it later,
             # it never ran.

@@ -21,7 +21,7 @@ from . import codec
 from .backoff import Backoff
 from .compiler import continuation, replacement
 from .contract import DEFER, RETRY, Op, ack_op, dead_op, done_op, enqueue_op, wait_op
-from .errors import CONNECTION_ERRORS, SerializationError
+from .errors import SerializationError
 from .execution import Execution, Kind, Outcome, Phase, failure, internal_error
 from .message import now
 from .outage import Outage
@@ -334,9 +334,8 @@ class Outcomes:
                 self.outage.ok()
                 return
             except Exception as exc:
-                # Results must land before their entries are acked: keep trying through a
-                # lost connection, or a failover's refusal (Client.transient).
-                if not isinstance(exc, CONNECTION_ERRORS) and not self.client.transient(exc):
+                # Results must land before their entries are acked: keep trying.
+                if not self.client.waits_out(exc):
                     raise
                 delay = backoff.next()
                 self.outage.failed(f"storing {count} result(s)", exc, delay)

@@ -364,3 +364,6 @@ def test_a_failovers_refusals_are_transient_only_behind_sentinel_or_cluster() ->
     ]:
         client = Client(Settings(redis_url=url))
         assert [client.transient(e) for e in errors] == expected, url
+        # A worker waits out these and a lost connection alike.
+        assert [client.waits_out(e) for e in errors] == expected, url
+        assert client.waits_out(redis.ConnectionError("gone")), url
