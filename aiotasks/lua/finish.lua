@@ -149,12 +149,37 @@ local function flat_done(i)
   return i + 12 + n
 end
 
+-- Each op by its name (its map form; a flat done op goes to flat_done).
+local APPLY = {
+  done = function(op)
+    local f = op.fields
+    done(op.stream, op.entry, op.id, op.state, op.ttl, op.ignore_result, op.linked, op.cid,
+      op.cix, op.tail, op.value, op.slot, f, 1, #f)
+  end,
+  ack = function(op)
+    release_slot(op.slot, op.id, now_ms)
+    ack(op.stream, op.entry)
+  end,
+  wait = wait,
+  dead = dead,
+  enqueue = function(op)
+    local t = op.task
+    if (op.mode == 'retry' or op.mode == 'defer') and revoked(t.id) then
+      -- Revoked while it ran: it ends here, never to run again.
+      settle_unrun(t.id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, tonumber(t.ttl), now_ms)
+    else
+      enqueue_task(op.mode, t, now_ms)
+      redis.call('SADD', K.queues(), t.queue)
+    end
+  end,
+  chord = chord,
+  replaced = replaced,
+}
+
 -- What is wrong with an op that carries task records from a caller (a producer's chord
 -- and its headers), or nil: checked for every op before any is applied. A flat done op
 -- is skipped over (12 values, then n and its n field values).
 local good_queues = {}
-local OPS = {done = true, ack = true, wait = true, dead = true, enqueue = true, chord = true,
-  replaced = true}
 local function op_problem(op)
   if op.op == 'enqueue' then
     if not MODES[op.mode] then return "unknown mode '" .. tostring(op.mode) .. "'" end
@@ -168,7 +193,7 @@ local function op_problem(op)
     if problem then return 'body: ' .. problem end
     problem = op.on_error ~= nil and record_problem(op.on_error, good_queues)
     if problem then return 'on_error: ' .. problem end
-  elseif not OPS[op.op] then
+  elseif not APPLY[op.op] then
     return 'unknown op'
   end
   return nil
@@ -207,34 +232,7 @@ while ops[i] ~= nil do
     i = flat_done(i)
   else
     i = i + 1
-    local name = op.op
-    if name == 'done' then
-      local f = op.fields
-      done(op.stream, op.entry, op.id, op.state, op.ttl, op.ignore_result, op.linked, op.cid,
-        op.cix, op.tail, op.value, op.slot, f, 1, #f)
-    elseif name == 'ack' then
-      release_slot(op.slot, op.id, now_ms)
-      ack(op.stream, op.entry)
-    elseif name == 'wait' then
-      wait(op)
-    elseif name == 'dead' then
-      dead(op)
-    elseif name == 'enqueue' then
-      local t = op.task
-      if (op.mode == 'retry' or op.mode == 'defer') and revoked(t.id) then
-        -- Revoked while it ran: it ends here, never to run again.
-        settle_unrun(t.id, 'REVOKED', nil, nil, t.cid, t.cix, t.tail, tonumber(t.ttl), now_ms)
-      else
-        enqueue_task(op.mode, t, now_ms)
-        redis.call('SADD', K.queues(), t.queue)
-      end
-    elseif name == 'chord' then
-      chord(op)
-    elseif name == 'replaced' then
-      replaced(op)
-    else
-      return redis.error_reply('finish.lua: unknown op ' .. tostring(name))
-    end
+    APPLY[op.op](op)
   end
 end
 flush_replies()
