@@ -413,7 +413,7 @@ class Notifier:
 
     def _say_back(self) -> None:
         if self.outage is not None:
-            self.outage.ok()
+            self.outage.ok("result listener")
         else:
             log.warning("reconnected to Redis")
 

@@ -3,8 +3,9 @@
 A worker's loops (fetching, storing outcomes, the heartbeat, the periodic scheduler) each
 retry on their own when Redis goes away. Each logging every retry made a 30 s outage 75
 lines; they share one Outage instead: the first failure is an ERROR, the others DEBUG, a
-reminder every REMIND seconds while it lasts, and a WARNING with its length once any
-loop gets through again.
+reminder every REMIND seconds while it lasts, and a WARNING with its length once every
+loop that failed has got through again (a primary refusing writes after a failover,
+NOREPLICAS, lets reads through: one loop's success would have flapped it).
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ class Outage:
         self.url = url
         self.since: float | None = None  # monotonic time of the first failure, if down
         self._reminded = 0.0
+        self._failing: set[str] = set()  # the loops that failed and have not got through
 
-    def failed(self, what: str, exc: BaseException, retry_in: float | None = None) -> None:
-        """`what` (a loop: "fetch", "store", ...) could not reach Redis."""
+    def failed(
+        self, what: str, exc: BaseException, retry_in: float | None = None, loop: str = ""
+    ) -> None:
+        """`what` (a loop: "fetch", "heartbeat", ...; `loop` names it when `what` says
+        more) could not reach Redis."""
+        self._failing.add(loop or what)
         now = time.monotonic()
         retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
         if self.since is None:
@@ -59,9 +65,12 @@ class Outage:
         else:
             log.debug("%s: %s cannot reach Redis (%s)%s", self.who, what, exc, retry)
 
-    def ok(self) -> None:
-        """A loop got through: when Redis was down, say it is back (once)."""
+    def ok(self, loop: str) -> None:
+        """`loop` got through: once every loop that failed has, say Redis is back (once)."""
         if self.since is not None:
+            self._failing.discard(loop)
+            if self._failing:
+                return
             took = time.monotonic() - self.since
             self.since = None
             log.warning(

@@ -331,14 +331,14 @@ class Outcomes:
                 await (self.scripts or self.client.scripts).finish(
                     streams=self.streams, now_ms=int(now() * 1000), ops=ops
                 )
-                self.outage.ok()
+                self.outage.ok("store")
                 return
             except Exception as exc:
                 # Results must land before their entries are acked: keep trying.
                 if not self.client.waits_out(exc):
                     raise
                 delay = backoff.next()
-                self.outage.failed(f"storing {count} result(s)", exc, delay)
+                self.outage.failed(f"storing {count} result(s)", exc, delay, loop="store")
                 await asyncio.sleep(delay)
 
     async def _refused(self, ex: Execution, exc: Exception) -> None:

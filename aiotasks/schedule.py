@@ -167,7 +167,7 @@ class Scheduler:
                     await self._publish()
                     dirty = False
                 backoff.reset()
-                self.outage.ok()
+                self.outage.ok("periodic scheduler")
             except CONNECTION_ERRORS as exc:
                 delay = backoff.next()
                 self.outage.failed("periodic scheduler", exc, delay)

@@ -55,8 +55,9 @@ task_log = logging.getLogger("aiotasks.worker")
 
 # A start or release call that fails is not fatal: the entry is run, or left pending.
 _SCRIPT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
-# A fetch that fails is retried with backoff: Redis gone, refusing, or its groups lost.
-_FETCH_ERRORS: tuple[type[BaseException], ...] = (*_SCRIPT_ERRORS, BrokerRefusedError)
+# A fetch or heartbeat that fails is logged and tried again: Redis gone, refusing, or
+# its groups lost.
+_LOOP_ERRORS: tuple[type[BaseException], ...] = (*_SCRIPT_ERRORS, BrokerRefusedError)
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
@@ -659,7 +660,7 @@ class Worker:
             n, want = 0, 1
         try:
             return await self._next_batch(lane, want, reclaim), n, None
-        except _FETCH_ERRORS as exc:
+        except _LOOP_ERRORS as exc:
             self.slots.release(n)
             return [], 0, exc
 
@@ -707,12 +708,12 @@ class Worker:
 
     async def _fetch_failed(self, lane: Lane, exc: BaseException, delay: float) -> None:
         """Log a fetch that Redis refused or could not answer, then wait `delay` s."""
-        if isinstance(exc, ResponseError):
-            exc = refusal(lane.client.url, exc, "a fetch")
-        if isinstance(exc, BrokerRefusedError):
-            log.error("worker %s: %s; retrying in %.1f s", self.name, exc, delay)
-        else:
+        if lane.client.waits_out(exc):  # a lost connection, or a failover's refusal
             lane.outage.failed("fetch", exc, delay)
+        else:
+            if isinstance(exc, ResponseError):
+                exc = refusal(lane.client.url, exc, "a fetch")
+            log.error("worker %s: %s; retrying in %.1f s", self.name, exc, delay)
         await self._sleep(delay)
 
     def _prefetch(self, n: int) -> int:
@@ -816,7 +817,7 @@ class Worker:
             # blocking reads out on its clock tick): fetch at once, with the time as it is.
             wait = (block_ms, last_tips) if block_ms > 0 else None
         res = await (lane.scripts or lane.client.scripts).fetch(now_ms=now_ms, wait=wait, **common)
-        lane.outage.ok()
+        lane.outage.ok("fetch")
         if res.get(b"lost"):
             await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         if res.get(b"group_gone"):
@@ -847,7 +848,7 @@ class Worker:
             # Finished runs waiting for their commit run no code: they do not count.
             may_take_alone=all(ex.phase is Phase.COMMITTING for ex in self._running.values()),
         )
-        lane.outage.ok()
+        lane.outage.ok("fetch")
         got = [
             self._delivery(e[b"stream"], e[b"entry"], e[b"fields"], int(e[b"deliveries"]))
             for e in res[b"entries"]
@@ -990,14 +991,15 @@ class Worker:
         outage = outage or self.outage
         try:
             result = await call
-        except CONNECTION_ERRORS as exc:
-            outage.failed("heartbeat", exc)
-        except (ResponseError, BrokerRefusedError) as exc:
-            if isinstance(exc, ResponseError):
-                exc = refusal(self.client.url, exc, "a heartbeat")
-            log.error("worker %s: %s", self.name, exc)
+        except _LOOP_ERRORS as exc:
+            if self.client.waits_out(exc):  # a lost connection, or a failover's refusal
+                outage.failed("heartbeat", exc)
+            else:
+                if isinstance(exc, ResponseError):
+                    exc = refusal(self.client.url, exc, "a heartbeat")
+                log.error("worker %s: %s", self.name, exc)
         else:
-            outage.ok()
+            outage.ok("heartbeat")
             return result
         return None
 

@@ -10,6 +10,7 @@ ends SUCCESS.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -387,10 +388,14 @@ async def test_a_switchover_drops_connections_in_use_when_new_ones_found_it_firs
 
 
 @pytest.mark.slow
-async def test_a_worker_waits_out_noreplicas_behind_sentinel() -> None:
+async def test_a_worker_waits_out_noreplicas_behind_sentinel(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """With min-replicas-to-write, a primary whose replica lags refuses writes
     (NOREPLICAS) until it catches up: behind a Sentinel URL the worker stores the result
-    once it can, as through a lost connection, not an InternalError FAILURE."""
+    once it can, as through a lost connection, not an InternalError FAILURE; and says so
+    as of a lost connection, once (not an ERROR line per fetch and heartbeat)."""
+    caplog.set_level(logging.DEBUG, logger="aiotasks")
     with OwnSentinel() as s:
         with redis.Redis(port=s.primary.port) as c:
             c.config_set("min-replicas-to-write", 1)
@@ -424,6 +429,11 @@ async def test_a_worker_waits_out_noreplicas_behind_sentinel() -> None:
             finally:
                 w.stop()
                 await run
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    print(errors)
+    refused = [m for m in errors if "NOREPLICAS" in m]
+    assert len(refused) == 1 and "lost Redis" in refused[0], errors
+    assert any("is back after" in r.getMessage() for r in caplog.records), errors
 
 
 async def test_notifications_stay_on_the_shard_that_owns_the_namespace(

@@ -7,6 +7,7 @@ as a server that lost its memory would.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 import time
@@ -456,3 +457,29 @@ async def test_every_watched_task_is_marked_again_before_its_waiters_hear_of_the
             f.cancel()
         _, pending = await asyncio.wait(followers, timeout=10)
     assert not pending, f"{len(pending)} cancelled watchers still watch"
+
+
+def test_an_outage_ends_when_every_loop_that_failed_got_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A primary refusing writes (NOREPLICAS after a failover) lets reads through: the
+    fetch getting through must not end an outage the store loop is still in, or the log
+    flaps between 'lost' and 'back' once per retry."""
+    from aiotasks.outage import Outage
+
+    caplog.set_level(logging.DEBUG, logger="aiotasks")
+    outage = Outage("worker w", "redis://h:6379/0")
+    refused = redis.ResponseError("NOREPLICAS Not enough good replicas to write.")
+    outage.failed("storing 3 result(s)", refused, 0.1, loop="store")
+    for _ in range(3):
+        outage.ok("fetch")
+        outage.failed("heartbeat", refused)
+        outage.ok("heartbeat")
+        outage.failed("storing 3 result(s)", refused, 0.2, loop="store")
+    assert outage.since is not None
+    outage.ok("store")
+    assert outage.since is None
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2, lines
+    assert "lost Redis" in lines[0] and "storing 3 result(s): NOREPLICAS" in lines[0]
+    assert "is back after" in lines[1]
