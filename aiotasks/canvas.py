@@ -153,6 +153,10 @@ class group(OnError, _Composable):
         object.__setattr__(self, "tasks", tuple(items))
         object.__setattr__(self, "options", {})
 
+    def __call__(self, *args: Any, **options: Any) -> Awaitable[GroupHandle]:
+        """Celery's `group(...)(*args, **options)`: `apply_async(args, **options)`."""
+        return self.apply_async(args, **options)
+
     def _freeze(self, shared: dict[str, Any]) -> Node:
         return {"t": "group", "tasks": [node(t, shared) for t in self.tasks]}
 
@@ -189,6 +193,10 @@ class chain(OnError, _Composable):
             tasks = tuple(tasks[0])
         object.__setattr__(self, "tasks", tuple(tasks))
         object.__setattr__(self, "options", {})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[TaskHandle[Any]]:
+        """Celery's `chain(...)(*args, **kwargs)`: `apply_async(args, kwargs)`."""
+        return self.apply_async(args, kwargs)
 
     def _freeze(self, shared: dict[str, Any]) -> Node:
         if not self.tasks:

@@ -291,6 +291,15 @@ class GroupHandle:
         except TimeoutError:
             raise ResultTimeout(f"group did not finish within {timeout} s") from None
 
+    async def revoke(self, terminate: bool = False) -> None:
+        """Revoke every member (Celery's GroupResult.revoke): each queued one never runs;
+        with terminate=True a running one is cancelled. A member that is a chain or a
+        chord is revoked through its final task, as its handle is."""
+        # Last member first: those still queued are revoked before a running one is
+        # cancelled, whose slot would otherwise go to the next member as it is reached.
+        for handle in reversed(self.handles):
+            await handle.revoke(terminate=terminate)
+
     @staticmethod
     async def _one(handle: TaskHandle[Any], return_exceptions: bool) -> Any:
         try:

@@ -1,6 +1,7 @@
 """Celery's spellings of sending and composing: `delay`, `apply_async` with partial
-arguments, `chord(header)(body)`, `sig.link()`/`link_error()`, `freeze()`, `set(immutable=)`.
-Each runs through a real worker and gives what Celery gives."""
+arguments, `chord(header)(body)`, `chain(...)()`, `group(...)()`, `sig.link()`/
+`link_error()`, `freeze()`, `set(immutable=)`. Each runs through a real worker and
+gives what Celery gives."""
 
 from __future__ import annotations
 
@@ -70,6 +71,13 @@ async def test_delay_and_apply_async_on_canvases(
     assert await h.result(timeout=5) == 13
     h = await chord([add.s(1, 1), add.s(2, 2)])(tsum.s())
     assert await h.result(timeout=5) == 6
+    # Calling a chain or a group sends it, as in Celery's canvas guide.
+    assert await (await chain(add.s(1, 1), add.s(3))()).result(timeout=5) == 5
+    assert await (await chain(add.s(1), add.s(3))(10)).result(timeout=5) == 14
+    assert await (await chain(add.s(), add.s(3))(2, y=5)).result(timeout=5) == 10
+    assert await (await group(add.s(1, 1), add.s(2, 2))()).results(timeout=5) == [2, 4]
+    g = await group(add.s(1), add.s(2))(10, countdown=0)
+    assert await g.results(timeout=5) == [11, 12]
     with pytest.raises(TypeError, match="needs a body"):
         await chord([add.s(1, 1)]).send()
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aiotasks import App, TaskRevoked, TaskState
+from aiotasks import App, TaskRevoked, TaskState, group
 from tests.helpers import ReadAhead
 
 
@@ -178,3 +178,28 @@ async def test_a_plain_revoke_of_a_running_task_lets_it_finish_then_terminate_st
     with pytest.raises(TaskRevoked):
         await h2.result(timeout=5)
     assert finished == ["done"]
+
+
+async def test_revoking_a_group_revokes_every_member(app: App, worker: Any) -> None:
+    """GroupHandle.revoke() (Celery's GroupResult.revoke): queued members never run, and
+    with terminate=True a running one is cancelled; the group's results say so."""
+    runs: list[int] = []
+    started = asyncio.Event()
+
+    @app.task
+    async def slow(i: int) -> int:
+        runs.append(i)
+        started.set()
+        await asyncio.sleep(10)
+        return i
+
+    await worker(concurrency=1)
+    g = await group(slow.s(i) for i in range(4)).send()
+    async with asyncio.timeout(10):
+        await started.wait()  # one member runs; the others wait behind it
+    await g.revoke(terminate=True)
+    results = await g.results(timeout=5, return_exceptions=True)
+    assert all(isinstance(r, TaskRevoked) for r in results), results
+    assert [await h.state() for h in g.handles] == [TaskState.REVOKED] * 4
+    await asyncio.sleep(0.3)  # a member that was going to run would have started by now
+    assert len(runs) == 1, runs
