@@ -360,7 +360,9 @@ local function enqueue_task(mode, t, now_ms)
   -- A deferral (a rate limit, a paused queue) never ran: no trace of its start stays.
   if mode == 'defer' and state then redis.call('HDEL', tkey, 'started_at', 'worker') end
   if t.r and t.r ~= '' then redis.call('HSET', tkey, 'retries', t.r) end
-  local due_ms = math.max(tonumber(t.due) or 0, now_ms + (tonumber(t.delay) or 0))
+  -- Rounded down to whole ms: a producer whose numbers are all doubles (JavaScript)
+  -- sends 1500.7, which PEXPIRE and the stored eta would refuse halfway.
+  local due_ms = math.floor(math.max(tonumber(t.due) or 0, now_ms + (tonumber(t.delay) or 0)))
   t.due, t.delay = nil, nil
   if t.db and mode == 'send' then debounce(t, due_ms, now_ms) end
   t.db = nil
