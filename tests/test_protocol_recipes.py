@@ -216,6 +216,26 @@ async def test_delayed_task(recipes_app: App, producer: Producer) -> None:
     assert now_ms() >= due
 
 
+async def test_a_fractional_delay_or_due_is_rounded_down_to_whole_ms(
+    recipes_app: App, producer: Producer
+) -> None:
+    """A producer whose numbers are all doubles (JavaScript: Date.now() + s * 1000) may
+    send a fraction of a ms: the task runs, and its record expires (a Node producer's
+    trial found one stranded, SCHEDULED with no TTL, by a refusal halfway)."""
+    by_delay, by_due = new_id(), new_id()
+    assert await producer.enqueue(
+        producer.record(by_delay, "add", [1, 2], delay=300.7),
+        producer.record(by_due, "add", [3, 4], due=now_ms() + 300.25),
+    ) == [1, 1]
+    for task_id in (by_delay, by_due):
+        eta = await producer.r.hget(f"{producer.P}t:{task_id}", "eta")
+        assert eta is not None and eta.isdigit(), eta
+    assert value(await producer.result(by_delay)) == 3
+    assert value(await producer.result(by_due)) == 7
+    for task_id in (by_delay, by_due):
+        assert await producer.r.pttl(f"{producer.P}t:{task_id}") > 0
+
+
 async def test_delayed_task_without_scripts(recipes_app: App, producer: Producer) -> None:
     P, task_id = producer.P, new_id()
     due = now_ms() + 300
@@ -275,6 +295,23 @@ async def test_chord(recipes_app: App, producer: Producer) -> None:
     heads = [new_id(), new_id()]
     assert await producer.finish(chord_ops(producer, cid, body, heads)) == 3
     assert value(await producer.result(body)) == 6
+
+
+async def test_chord_with_a_chain_as_a_header(recipes_app: App, producer: Producer) -> None:
+    """Section 5: a header that is a chain is its first step's record, with cid, cix and
+    tail on it and the other steps in its payload's chain; the chord hears from the
+    chain's last step (not from its first)."""
+    cid, body, first, last = new_id(), new_id(), new_id(), new_id()
+    rest = [{"t": "sig", "id": last, "name": "add", "args": [10], "kwargs": {}, "opts": {}}]
+    ops = chord_ops(producer, cid, body, [new_id()])  # header 0: add(1, 1)
+    ops[0]["n"] = 2
+    head = producer.record(
+        first, "add", [], m=payload("add", [50, 50], chain=rest), cid=cid, cix=1, tail=last
+    )
+    ops.append({"op": "enqueue", "mode": "send", "task": head})
+    assert await producer.finish(ops) == 3
+    assert value(await producer.result(body)) == 2 + 110  # tsum([2, (50 + 50) + 10])
+    assert value(await producer.result(first)) == 100
 
 
 async def test_revoke(app: App, producer: Producer) -> None:
