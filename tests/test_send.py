@@ -434,6 +434,36 @@ async def test_inline_call_needs_no_broker() -> None:
         current_task()  # only inside the call
 
 
+async def test_an_inline_call_hands_retry_and_replace_to_its_caller() -> None:
+    """No worker acts on them: a unit test of the task asserts on them, as in Celery."""
+    from aiotasks import Replace, Retry, chain
+
+    offline = App(redis_url=UNREACHABLE, namespace="t-inline")
+
+    @offline.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @offline.task
+    async def again() -> None:
+        raise current_task().retry(countdown=5)
+
+    @offline.task
+    async def become(x: int) -> None:
+        raise current_task().replace(chain(add.s(x, 1), add.s(2)))
+
+    try:
+        async with asyncio.timeout(2):
+            with pytest.raises(Retry) as retry:
+                await again()
+            assert retry.value.countdown == 5
+            with pytest.raises(Replace) as replace:
+                await become(3)
+            assert replace.value.canvas == chain(add.s(3, 1), add.s(2))
+    finally:
+        await offline.close()
+
+
 # -- send errors --------------------------------------------------------------------------
 
 
