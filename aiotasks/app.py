@@ -15,7 +15,7 @@ from .client import Client
 from .config import RetryPolicy, Settings, check_redis_url, resolve_redis_url, resolve_shards
 from .contract import GATHER
 from .control import Queues, Schedules
-from .handle import TaskHandle
+from .handle import GroupHandle, TaskHandle
 from .hooks import F, Hooks
 from .keys import NAMESPACE_RULE, is_namespace
 from .message import (
@@ -301,6 +301,15 @@ class App:
     def handle(self, task_id: str) -> TaskHandle[Any]:
         """A handle for any task id."""
         return TaskHandle(self.client, task_id)
+
+    async def group_handle(self, group_id: str) -> GroupHandle | None:
+        """The handle of a group saved under `group_id` (GroupHandle.save), in any
+        process; None when none is (never saved, or its ttl passed). Celery's
+        GroupResult.restore."""
+        ids = await self.client.saved_group(group_id)
+        if ids is None:
+            return None
+        return GroupHandle(self.client, [TaskHandle(self.client, i) for i in ids], group_id)
 
     async def send_task(
         self,

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+import msgpack  # type: ignore[import-untyped]
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import (
@@ -509,6 +510,33 @@ class Client:
 
         raw = await self.with_retry(self.settings.retry_policy, call)
         return TaskState(raw.decode()) if raw else TaskState.PENDING
+
+    async def save_group(self, group_id: str, task_ids: list[str], ttl: int) -> None:
+        """Store a group's member ids for `ttl` s, in the shard its id falls in."""
+        c = self.for_task(group_id)
+        key, packed = c.keys.group(group_id), msgpack.packb(task_ids)
+
+        async def call() -> None:
+            await cast(Any, c.redis).set(key, packed, ex=ttl)
+
+        await self.with_retry(self.settings.retry_policy, call)
+
+    async def saved_group(self, group_id: str) -> list[str] | None:
+        """The member ids save_group() stored, or None (never saved, or expired)."""
+        c = self.for_task(group_id)
+        key = c.keys.group(group_id)
+
+        async def call() -> bytes | None:
+            raw: bytes | None = await cast(Any, c.redis).get(key)
+            return raw
+
+        raw = await self.with_retry(self.settings.retry_policy, call)
+        if raw is None:
+            return None
+        ids = msgpack.unpackb(raw)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"group {group_id!r}: {key} does not hold a list of task ids")
+        return ids
 
     async def chord_results(self, chord_id: str) -> list[Any]:
         """The header results of a chord, in header order."""

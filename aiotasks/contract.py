@@ -5,7 +5,7 @@ map below into a Lua table, read by field name (`t.id`, `op.state`). Nothing cro
 the boundary is positional but one thing on the hot path, each side's layout declared in
 one place: a done op (done_op, read by finish.lua's flat_done), whose table per op cost
 Redis a sixth of a finish call. `lua/_contract.lua` is generated from this module and
-`keys.LAYOUT` (`python -m aiotasks.contract > aiotasks/lua/_contract.lua`; a test checks
+`keys.LAYOUT` (`python -m aiotasks.contract --write`; a test checks
 that it is current), so both languages share one definition of the key names, the
 protocol version and the stream entry fields.
 
@@ -304,7 +304,7 @@ def lua_source() -> str:
     fields = ", ".join(f"'{f}'" for f in ENTRY_FIELDS)
     lines = [
         "-- GENERATED from aiotasks/contract.py and keys.py; do not edit. Regenerate with",
-        "--   python -m aiotasks.contract > aiotasks/lua/_contract.lua",
+        "--   python -m aiotasks.contract --write",
         "-- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1] and the guard",
         "-- key (P .. 'guard', see keys.Keys.guard) as KEYS[2]; K.<kind>(...) builds a key or",
         "-- channel name exactly as aiotasks.keys.Keys does in Python.",
@@ -323,4 +323,12 @@ def lua_source() -> str:
 
 
 if __name__ == "__main__":
-    print(lua_source(), end="")  # noqa: T201
+    import sys
+    from pathlib import Path
+
+    # --write, not a shell redirect: `>` empties the file before this module (which the
+    # package imports, scripts and all) is read.
+    if sys.argv[1:] == ["--write"]:
+        (Path(__file__).parent / "lua" / "_contract.lua").write_text(lua_source())
+    else:
+        print(lua_source(), end="")  # noqa: T201

@@ -291,6 +291,21 @@ class GroupHandle:
         except TimeoutError:
             raise ResultTimeout(f"group did not finish within {timeout} s") from None
 
+    async def save(self, ttl: int | None = None) -> None:
+        """Store the members' ids for `ttl` seconds (the App's result_ttl by default), so
+        that `await app.group_handle(id)` finds the group in another process (Celery's
+        GroupResult.save). Each save renews it.
+
+        Raises:
+            ValueError: the group holds no task (there is nothing to look up).
+        """
+        if self.client is None:
+            raise ValueError("a group that holds no task has nothing to save")
+        ttl = self.client.settings.result_ttl if ttl is None else int(ttl)
+        if ttl < 1:
+            raise ValueError(f"ttl must be at least 1 s, got {ttl}")
+        await self.client.save_group(self.id, [h.id for h in self.handles], ttl)
+
     async def revoke(self, terminate: bool = False) -> None:
         """Revoke every member (Celery's GroupResult.revoke): each queued one never runs;
         with terminate=True a running one is cancelled. A member that is a chain or a

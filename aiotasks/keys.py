@@ -54,6 +54,7 @@ LAYOUT: dict[str, str] = {
     "paused": "paused",  # set: paused queue names
     "schedules": "schedules",  # hash: schedule name -> msgpack schedule
     "debounce": "debounce:{key}",  # string: the id of the latest send for a debounce key
+    "group": "group:{id}",  # string: a saved group's member ids (GroupHandle.save)
     "guard": "guard",  # never written: every script's KEYS[2] (see Keys.guard)
 }
 
@@ -243,6 +244,10 @@ class Keys:
     def debounce(self, key: str) -> str:
         """The id of the latest send for a debounce key (expires after its window)."""
         return self._key("debounce", key=key)
+
+    def group(self, group_id: str) -> str:
+        """A saved group's member task ids, a msgpack array (GroupHandle.save)."""
+        return self._key("group", id=group_id)
 
     @property
     def guard(self) -> str:

@@ -745,3 +745,46 @@ async def test_group_results_raise_the_first_failure_in_member_order(
     with pytest.raises(TaskFailed) as ei:
         await g.results(timeout=10)
     assert ei.value.exc_message == "first"  # the second failed earlier, but stands later
+
+
+async def test_a_saved_group_is_found_by_its_id_in_another_app(
+    make_app: Callable[..., App], app: App, worker: StartWorker
+) -> None:
+    """GroupHandle.save() / app.group_handle(id): Celery's GroupResult.save/restore, so
+    a web app can send a group in one request and read it in another."""
+
+    @app.task(name="double")
+    async def double(x: int) -> int:
+        await asyncio.sleep(0.05 * (3 - x))  # members finish out of order
+        return 2 * x
+
+    await worker(concurrency=4)
+    g = await group(double.s(i) for i in range(3)).send(task_id="report-7")
+    await g.save(ttl=60)
+    other = make_app()  # another process's App, same namespace; knows no task
+    found = await other.group_handle("report-7")
+    assert found is not None and found.id == "report-7"
+    assert [h.id for h in found.handles] == [h.id for h in g.handles]
+    assert await found.results(timeout=10) == [0, 2, 4]
+    key = app.client.for_task("report-7").keys.group("report-7")
+    assert 0 < await app.client.redis.ttl(key) <= 60
+    assert await other.group_handle("never-saved") is None
+    with pytest.raises(ValueError, match="holds no task"):
+        await (await group([]).send()).save()
+
+
+async def test_a_saved_group_can_be_revoked_from_another_app(
+    make_app: Callable[..., App], app: App, worker: StartWorker
+) -> None:
+    @app.task(name="nap")
+    async def nap() -> None:
+        await asyncio.sleep(10)
+
+    await worker(concurrency=1)
+    g = await group(nap.s() for _ in range(3)).send()
+    await g.save()
+    found = await make_app().group_handle(g.id)
+    assert found is not None
+    await found.revoke(terminate=True)
+    results = await g.results(timeout=5, return_exceptions=True)
+    assert all(isinstance(r, TaskRevoked) for r in results), results

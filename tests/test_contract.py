@@ -27,7 +27,7 @@ SAMPLE = {
 def test_generated_lua_contract_is_current() -> None:
     on_disk = (LUA_DIR / "_contract.lua").read_text()
     assert on_disk == contract.lua_source(), (
-        "lua/_contract.lua is stale: python -m aiotasks.contract > aiotasks/lua/_contract.lua"
+        "lua/_contract.lua is stale: python -m aiotasks.contract --write"
     )
 
 

@@ -1,5 +1,5 @@
 -- GENERATED from aiotasks/contract.py and keys.py; do not edit. Regenerate with
---   python -m aiotasks.contract > aiotasks/lua/_contract.lua
+--   python -m aiotasks.contract --write
 -- Every script takes the key prefix, e.g. '{aiotasks}:', as KEYS[1] and the guard
 -- key (P .. 'guard', see keys.Keys.guard) as KEYS[2]; K.<kind>(...) builds a key or
 -- channel name exactly as aiotasks.keys.Keys does in Python.
@@ -37,4 +37,5 @@ function K.slot_keys() return P .. 'slots' end
 function K.paused() return P .. 'paused' end
 function K.schedules() return P .. 'schedules' end
 function K.debounce(key) return P .. 'debounce:' .. key end
+function K.group(id) return P .. 'group:' .. id end
 function K.guard() return P .. 'guard' end
