@@ -32,10 +32,19 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from croniter import croniter  # type: ignore[import-untyped]
+from redis.exceptions import ResponseError
 
 from .backoff import Backoff
-from .errors import CONNECTION_ERRORS
+from .client import refusal
+from .errors import CONNECTION_ERRORS, BrokerRefusedError
 from .outage import Outage
+
+# What the loop logs and tries again after: Redis gone or refusing.
+_LOOP_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    ResponseError,
+    BrokerRefusedError,
+)
 
 if TYPE_CHECKING:
     from .app import App
@@ -168,9 +177,15 @@ class Scheduler:
                     dirty = False
                 backoff.reset()
                 self.outage.ok("periodic scheduler")
-            except CONNECTION_ERRORS as exc:
+            except _LOOP_ERRORS as exc:
+                # Never the worker's end: its tasks go on while schedules wait Redis out.
                 delay = backoff.next()
-                self.outage.failed("periodic scheduler", exc, delay)
+                if self.app.client.waits_out(exc):  # a lost connection, a failover's refusal
+                    self.outage.failed("periodic scheduler", exc, delay)
+                else:
+                    if isinstance(exc, ResponseError):
+                        exc = refusal(self.app.client.url, exc, "the periodic scheduler")
+                    log.error("%s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             nxt = min(self._next.values(), default=None)
@@ -206,10 +221,15 @@ class Scheduler:
         else:
             try:
                 await self._fire(p, tick_ms)
-            except CONNECTION_ERRORS:
-                raise  # the tick stays due: retried while within GRACE
-            except Exception:
-                log.exception("periodic %s: cannot send the tick at %d ms", p.name, tick_ms)
+            except Exception as exc:
+                if self.app.client.waits_out(exc):
+                    raise  # the tick stays due: retried while within GRACE
+                if isinstance(exc, ResponseError | BrokerRefusedError):
+                    log.error(
+                        "periodic %s: cannot send the tick at %d ms: %s", p.name, tick_ms, exc
+                    )
+                else:
+                    log.exception("periodic %s: cannot send the tick at %d ms", p.name, tick_ms)
         self._claimed.discard((p.name, tick_ms))
         after = _at(max(tick_ms, int((now - GRACE) * 1000)))
         self._next[p.name] = _ms(p.next_run(after))

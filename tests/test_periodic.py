@@ -258,3 +258,49 @@ async def test_restart_does_not_fire_missed_ticks(app: App, spawn_worker: Any) -
     assert min(fired_after) >= (restarted_at - GRACE) * 1000, (max(claimed), restarted_at)
     assert min(fired_after) - max(claimed) >= 3000, "ticks missed while down were fired"
     assert second.wait(15) == 0, second.output()
+
+
+async def test_a_refusing_server_pauses_the_ticks_not_the_worker(
+    own_server: Any, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A primary refusing writes (NOREPLICAS: min-replicas-to-write with no replica in
+    sync, as after a failover; or an ACL) made the scheduler's error end the worker. The
+    worker stays: its ticks wait, and fire again once writes are accepted, as tasks do."""
+    import redis as sync_redis
+
+    from aiotasks import TaskState
+
+    app = App(redis_url=own_server.url, namespace=namespace, warn_on_unsafe_server=False)
+    fired: list[str] = []
+
+    @app.periodic(every=1, name="tick")
+    @app.task
+    async def tick() -> None:
+        fired.append(current_task().id)
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    admin = sync_redis.Redis.from_url(own_server.url)
+    try:
+        async with app.worker().running():
+            async with asyncio.timeout(5):
+                while not fired:
+                    await asyncio.sleep(0.05)
+            admin.config_set("min-replicas-to-write", 1)
+            await asyncio.sleep(3)  # past a tick, a schedule write and several fetches
+            admin.config_set("min-replicas-to-write", 0)
+            h = await add.send(1, 2)
+            assert await h.result(timeout=10) == 3
+            before = len(fired)
+            async with asyncio.timeout(5):
+                while len(fired) == before:
+                    await asyncio.sleep(0.05)
+            assert await h.state() is TaskState.SUCCESS
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()
+        await app.close()
+    refusals = [r.getMessage() for r in caplog.records if "NOREPLICAS" in r.getMessage()]
+    assert any("periodic scheduler" in m or "periodic tick" in m for m in refusals), refusals
