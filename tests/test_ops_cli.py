@@ -463,6 +463,24 @@ async def test_send_and_wait(app: App, worker: Any) -> None:
     assert "failed: ValueError: kaput" in error_line(res)
 
 
+async def test_send_to_a_queue_no_running_worker_reads_says_so(
+    app: App, worker: Any
+) -> None:
+    """A typo in --queue would leave the task waiting unseen: with workers running and
+    none reading its queue, send says so on stderr (the task is sent all the same)."""
+    await worker(queues=["default", "emails"])
+    res = await invoke("send", "x", "--queue", "emial", *conn(app))
+    assert res.exit_code == 0, res.output
+    task_id = res.stdout.strip()
+    assert (await app.handle(task_id).info()).queue == "emial"
+    assert error_line(res) == (
+        "warning: no running worker reads queue 'emial' (they read: default, emails); "
+        "the task waits there until one does"
+    )
+    res = await invoke("send", "x", "--queue", "emails", *conn(app))
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+
+
 async def test_send_options(app: App) -> None:
     res = await invoke(
         "send", "later", "--queue", "q2", "--countdown", "30", "--priority", "9", *conn(app)

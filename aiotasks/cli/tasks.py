@@ -13,7 +13,7 @@ import typer
 
 from ..admin import Admin, Arguments, TaskNotFound
 from ..errors import ResultTimeout, SerializationError, TaskFailed, TaskRevoked
-from ..handle import TaskInfo, TaskState
+from ..handle import TaskHandle, TaskInfo, TaskState
 from ..message import QUEUE_NAME_RULE, check_options, is_queue_name
 from .common import (
     AppOption,
@@ -254,6 +254,7 @@ def send(
             ) from None
         typer.echo(handle.id)
         sys.stdout.flush()
+        await _no_reader_note(admin, handle)
         if not wait:
             return None
         try:
@@ -266,6 +267,21 @@ def send(
     result = run_admin(app, go)
     if wait:
         typer.echo(_result_text(result))
+
+
+async def _no_reader_note(admin: Admin, handle: TaskHandle[Any]) -> None:
+    """Warn (on stderr) when workers run but none reads the task's queue: a typo in
+    --queue would leave it waiting unseen. No worker at all is no news: they may start
+    later."""
+    workers = await admin.workers()
+    queue = (await handle.info()).queue
+    if workers and queue and not any(queue in w.queues for w in workers):
+        read = sorted({q for w in workers for q in w.queues})
+        typer.echo(
+            f"warning: no running worker reads queue {queue!r} (they read: "
+            f"{', '.join(read)}); the task waits there until one does",
+            err=True,
+        )
 
 
 def _check_timeout(wait: bool, timeout: float | None) -> None:
