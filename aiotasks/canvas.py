@@ -17,7 +17,6 @@ types, or, for a new node type, one more branch in `nodes` and `compiler`.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
@@ -75,11 +74,11 @@ class _Composable(Links):
         raise NotImplementedError
 
     def set(self, **options: Any) -> Self:
-        """A copy with these send options added (`link`, `link_error`, `countdown`, ...)."""
+        """Add these send options (`link`, `link_error`, `countdown`, ...) and return this
+        canvas: in place, as Celery's `set()`."""
         check_options(options)
-        new = copy.copy(self)
-        object.__setattr__(new, "options", _merged(self.options, options))
-        return new
+        object.__setattr__(self, "options", _merged(self.options, options))
+        return self
 
     @property
     def _own_options(self) -> dict[str, Any]:

@@ -469,7 +469,8 @@ class BoundTask(Generic[P, R]):
 class Signature(OnError):
     """A task call frozen for later: name, args, kwargs and send options.
 
-    `sig.set(**options)` returns a copy with options; `await sig.send()` enqueues it.
+    `sig.set(**options)` adds send options (in place, as Celery's); `await sig.send()`
+    enqueues it.
     Signatures are the parts of chains, groups and chords.
     """
 
@@ -481,11 +482,15 @@ class Signature(OnError):
     immutable: bool = False
 
     def set(self, **options: Any) -> Signature:
-        """A copy with these send options added (`link`/`link_error` included);
-        `immutable=True` makes it ignore the previous result, as `.si()` does."""
-        immutable = options.pop("immutable", self.immutable)
+        """Add these send options (`link`/`link_error` included) to this signature and
+        return it: in place, as Celery's `set()`, so `sig.set(queue="q")` on a line of
+        its own is not lost. `immutable=True` makes it ignore the previous result, as
+        `.si()` does. (`clone()` gives a copy.)"""
+        immutable = bool(options.pop("immutable", self.immutable))
         check_options(options)
-        return replace(self, options={**self.options, **options}, immutable=bool(immutable))
+        self.options.update(options)
+        object.__setattr__(self, "immutable", immutable)  # a frozen dataclass, but for this
+        return self
 
     def freeze(self) -> TaskHandle[Any]:
         """Choose this call's task id now (the `task_id` option) and return its handle,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from aiotasks import App, TaskFailed, Worker, chain, chord, group
+from aiotasks import App, TaskFailed, Worker, chain, chord, current_task, group
 from tests.helpers import wait_until
 
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -121,6 +121,35 @@ async def test_link_link_error_freeze_and_set_immutable(
     assert await (await chain(add.s(5, 5), ignores).delay()).result(timeout=5) == 2
 
 
+async def test_set_changes_the_signature_or_canvas_itself(
+    app: App, worker: StartWorker, tasks: dict[str, Any]
+) -> None:
+    """As Celery's: `sig.set(...)` on a line of its own is not lost (a black-box trial
+    found it returned a copy, so the options were dropped without a word)."""
+    add = tasks["add"]
+
+    @app.task(name="where")
+    async def where(*_: Any) -> str:
+        return current_task().queue
+
+    await worker(concurrency=8, queues=["default", "other"])
+    sig = where.s()
+    assert sig.set(queue="other") is sig
+    assert await (await sig.send()).result(timeout=5) == "other"
+    step = add.s(5, 5)
+    step.set(immutable=True)  # gets only its own arguments
+    assert await (await chain(add.s(1, 1), step).send()).result(timeout=5) == 10
+    c = chain(where.s(), where.s())
+    assert c.set(queue="other") is c
+    assert await (await c.send()).result(timeout=5) == "other"
+    g = group(where.s(), where.s())
+    g.set(queue="other")
+    assert await (await g.send()).results(timeout=5) == ["other", "other"]
+    # clone() is the copy: the original keeps its options.
+    copy = sig.clone(queue="default")
+    assert (copy.options["queue"], sig.options["queue"]) == ("default", "other")
+
+
 async def _async(value: bool) -> bool:
     return value
 
@@ -147,10 +176,10 @@ async def test_link_link_error_on_error_and_set_on_canvases(
     await wait_until(lambda: _async(len(seen) == 2), timeout=5, what="the group's callback")
     assert seen[1] == [2, 4]
 
-    # set() returns a copy; the original keeps no options.
+    # set() adds to the canvas itself and returns it, as Celery's.
     plain = chain(add.s(2, 2), add.s(1))
     linked = plain.set(link=record.s())
-    assert plain.options == {} and linked.options.keys() == {"link"}
+    assert linked is plain and plain.options.keys() == {"link"}
     assert await (await linked.send()).result(timeout=5) == 5
     await wait_until(lambda: _async(len(seen) == 3), timeout=5, what="set(link=)")
     assert seen[2] == 5

@@ -463,9 +463,7 @@ async def test_send_and_wait(app: App, worker: Any) -> None:
     assert "failed: ValueError: kaput" in error_line(res)
 
 
-async def test_send_to_a_queue_no_running_worker_reads_says_so(
-    app: App, worker: Any
-) -> None:
+async def test_send_to_a_queue_no_running_worker_reads_says_so(app: App, worker: Any) -> None:
     """A typo in --queue would leave the task waiting unseen: with workers running and
     none reading its queue, send says so on stderr (the task is sent all the same)."""
     await worker(queues=["default", "emails"])
