@@ -509,8 +509,19 @@ class Admin:
             raise CannotRetry(
                 f"the kept arguments of task {task_id} cannot be read: {exc}"
             ) from None
+        args = p.args
+        if p.chord_body is not None:
+            # A chord's body ran with its header results first, which its payload does not
+            # hold: they are read again from the chord, while it is kept.
+            results = await self.client.chord_results(p.chord_body)
+            if not results:
+                raise CannotRetry(
+                    f"task {task_id} is the body of chord {p.chord_body}, whose header results "
+                    "are no longer kept: its arguments cannot be rebuilt (send the chord again)"
+                )
+            args = [results, *args]
         await self.app.send_task(
-            p.name, p.args, p.kwargs, task_id=task_id, queue=queue, priority=p.priority, **p.opts
+            p.name, args, p.kwargs, task_id=task_id, queue=queue, priority=p.priority, **p.opts
         )
         return f"sent again to queue {queue!r} with its arguments"
 

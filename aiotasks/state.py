@@ -162,6 +162,8 @@ class Payload:
     kwargs: dict[str, Any]
     opts: dict[str, Any]
     priority: int
+    #: The chord whose header results were the first argument when it ran, if a body.
+    chord_body: str | None = None
 
 
 def unpack_payload(raw: bytes, max_size: int = codec.MAX_SIZE) -> Payload:
@@ -181,4 +183,5 @@ def unpack_payload(raw: bytes, max_size: int = codec.MAX_SIZE) -> Payload:
         dict(body.get("kwargs") or {}),
         opts,
         int(kept["priority"]),
+        body["chord_body"] if isinstance(body.get("chord_body"), str) else None,
     )

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from aiotasks import App, TaskFailed, TaskState, Worker, chain
+from aiotasks import App, TaskFailed, TaskState, Worker, chain, chord
 from aiotasks.admin import Admin, CannotRetry, TaskNotFound
 from aiotasks.payloads import ENTRY, FAILURE, SCHEDULED, read
 from tests.helpers import runs_key
@@ -50,6 +50,38 @@ async def test_a_failed_task_is_sent_again_with_its_arguments_under_its_id(
     info = await again.info()
     assert info.state == TaskState.SUCCESS and info.exc_type is None  # a clean record
     with pytest.raises(CannotRetry, match="only a FAILURE or REVOKED task"):
+        await Admin(app).retry(h.id)
+
+
+async def test_a_failed_chord_body_is_sent_again_with_its_header_results(
+    app: App, worker: StartWorker
+) -> None:
+    """A body ran with its headers' results first, which its payload does not hold: a
+    retry reads them from the chord again (a dashboard trial's Retry sent it with none,
+    and it failed on a missing argument); once the chord is gone it says why."""
+    _, add = register(app)
+
+    @app.task(name="retry.total", max_retries=0)
+    async def total(values: list[int], offset: int) -> int:
+        if not await app.client.redis.exists(runs_key(app, "allowed")):
+            raise ValueError("not yet")
+        return sum(values) + offset
+
+    await worker()
+    h = await chord([add.s(1, 1), add.s(2, 2)], total.s(100)).send()  # type: ignore[attr-defined]
+    with pytest.raises(TaskFailed, match="not yet"):
+        await h.result(timeout=10)
+    await app.client.redis.set(runs_key(app, "allowed"), 1)
+    assert "sent again" in await Admin(app).retry(h.id)
+    assert await app.handle(h.id).result(timeout=10) == 106
+
+    await app.client.redis.delete(runs_key(app, "allowed"))
+    h = await chord([add.s(3, 3)], total.s(0)).send()  # type: ignore[attr-defined]
+    with pytest.raises(TaskFailed, match="not yet"):
+        await h.result(timeout=10)
+    for key in await app.client.redis.keys(f"{app.client.keys.prefix}chord:*"):
+        await app.client.redis.delete(key)  # the chord's ttl passed
+    with pytest.raises(CannotRetry, match="header results are no longer kept"):
         await Admin(app).retry(h.id)
 
 
