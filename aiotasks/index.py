@@ -100,8 +100,12 @@ class TaskIndex:
             await self._unfinished(),
             self._done_ids(),
         ]
+        # An id in both (a finished task sent again: a retry under its id) shows once.
+        seen: set[str] = set()
         for ids in sources:
             async for batch in _batches(ids):
+                batch = [i for i in batch if i not in seen]
+                seen.update(batch)
                 for info in await self._infos(batch):
                     if _matches(info, state, name, queue):
                         out.append(info)

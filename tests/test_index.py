@@ -52,6 +52,19 @@ async def test_the_index_finds_tasks_by_id_name_state_and_queue(
     assert await index.size() == (1, 6)
 
 
+async def test_a_finished_task_sent_again_is_listed_once(app: App) -> None:
+    """A retry under the same id (the dashboard's Retry) is queued while its earlier run
+    is still in the finished index: the list showed it twice, both with its new state."""
+    ok, _ = register(app)
+    async with app.worker().running():
+        h = await ok.send(1)  # type: ignore[attr-defined]
+        assert await h.result(timeout=10) == 1
+    again = await ok.options(task_id=h.id).send(2)  # type: ignore[attr-defined]
+    found = [i for i in await TaskIndex(app.client).recent(limit=100) if i.id == h.id]
+    assert [i.state for i in found] == [TaskState.PENDING], found
+    assert again.id == h.id
+
+
 async def test_the_index_stays_within_its_cap(
     make_app: Callable[..., App], worker: StartWorker
 ) -> None:
