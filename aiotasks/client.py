@@ -610,15 +610,19 @@ class Client:
         c = self.for_task(task_id)
         key, channel = c.keys.task(task_id), c.keys.done_channel(task_id)
         packed = codec.encode(meta, "msgpack")[0]
-        if self.topology.kind == "cluster":
-            # A cluster pipeline takes no SPUBLISH: stored, then published.
-            await cast(Any, c.redis).hset(key, "progress", packed)
-            await c.publish(channel, "progress")
-            return
-        async with c.redis.pipeline(transaction=True) as pipe:
-            cast(Any, pipe).hset(key, "progress", packed)
-            pipe.publish(channel, "progress")
-            await pipe.execute()
+
+        async def call() -> None:
+            if self.topology.kind == "cluster":
+                # A cluster pipeline takes no SPUBLISH: stored, then published.
+                await cast(Any, c.redis).hset(key, "progress", packed)
+                await c.publish(channel, "progress")
+                return
+            async with c.redis.pipeline(transaction=True) as pipe:
+                cast(Any, pipe).hset(key, "progress", packed)
+                pipe.publish(channel, "progress")
+                await pipe.execute()
+
+        await self.with_retry(self.settings.retry_policy, call)
 
     async def rate_wait(self, task_name: str, interval_ms: float) -> int:
         """Reserve a start slot under a task's rate limit; ms to wait for it (one limit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -10,11 +11,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import Replace, Retry, SoftTimeLimitExceeded
+from .errors import CONNECTION_ERRORS, BrokerConnectionError, Replace, Retry, SoftTimeLimitExceeded
 
 if TYPE_CHECKING:
     from .app import App
     from .client import Client
+
+log = logging.getLogger("aiotasks.worker")
+_UNREACHABLE: tuple[type[BaseException], ...] = (BrokerConnectionError, *CONNECTION_ERRORS)
 
 
 class Slot(Protocol):
@@ -77,9 +81,15 @@ class TaskContext:
 
     async def progress(self, **meta: Any) -> None:
         """Store progress metadata; callers see it in info().progress and updates().
-        A task called inline has no record to store it in: nothing is stored."""
-        if not self.inline:
+        A task called inline has no record to store it in: nothing is stored. A lost
+        connection is retried as a send's is; past that the update is dropped, with a
+        warning, and the task goes on (its outcome is stored once Redis is back)."""
+        if self.inline:
+            return
+        try:
             await self.client.store_progress(self.id, meta)
+        except _UNREACHABLE as exc:
+            log.warning("task %s[%s]: progress not stored (%s)", self.name, self.id, exc)
 
     @asynccontextmanager
     async def _slot_released(self) -> AsyncIterator[None]:

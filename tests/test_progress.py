@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+import pytest
 
 from aiotasks import App, TaskInfo, TaskState, current_task
 
@@ -104,3 +107,22 @@ async def test_updates_end_on_failure(app: App, worker: Any) -> None:
         states = [info.state async for info in h.updates()]
     assert states[-1] == TaskState.FAILURE
     assert states.count(TaskState.FAILURE) == 1
+
+
+async def test_progress_while_redis_is_unreachable_warns_and_the_task_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Progress is informational: a lost connection is retried as a send's is, then the
+    update is dropped with a warning (a dashboard trial saw a task end FAILURE with
+    ConnectionError for a progress() during an outage)."""
+    from aiotasks.context import TaskContext
+
+    offline = App(redis_url="redis://127.0.0.1:1/0", namespace="t-progress")
+    ctx = TaskContext("p-1", "job", 1, 0, "default", offline, offline.client)
+    try:
+        async with asyncio.timeout(20):
+            await ctx.progress(done=1)  # returns: no exception reaches the task
+    finally:
+        await offline.close()
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("task job[p-1]: progress not stored" in m for m in lines), lines
