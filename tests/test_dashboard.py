@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from aiotasks import App, TaskFailed, TaskState, Worker, chord
+from tests.helpers import wait_until
 from tests.webserver import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,3 +264,74 @@ asyncio.run(main())
         "[]",
         "the dashboard needs the 'web' extra: pip install 'aiotasks-streams[web]' (missing jinja2)",
     ]
+
+
+async def test_while_redis_is_gone_pages_and_actions_say_so(
+    own_server: object, namespace: str
+) -> None:
+    """A page loaded, or an action sent, while Redis does not answer gets a 503 that says
+    so (it was a bare 500 'Internal Server Error', which the page's script could not read
+    as JSON); open pages hear 'redis down' on their stream, then 'up' once it is back."""
+    from aiotasks.testing.server import OwnServer
+
+    assert isinstance(own_server, OwnServer)
+    app = App(redis_url=own_server.url, namespace=namespace, warn_on_unsafe_server=False)
+    try:
+        # A real server: httpx's ASGI transport would hold the stream's body to its end.
+        async with serve(app.dashboard()) as base, httpx.AsyncClient(base_url=base) as c:
+            assert (await c.get("/")).status_code == 200
+            heard: list[str] = []
+
+            async def follow() -> None:
+                async with c.stream("GET", "/events?view=overview") as s:
+                    async for line in s.aiter_lines():
+                        if line.startswith("event: redis"):
+                            heard.append("redis")
+                        elif heard and heard[-1] == "redis" and line.startswith("data: "):
+                            heard[-1] = line[len("data: ") :]
+
+            stream = asyncio.create_task(follow())
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(own_server.stop)
+            page = await c.get("/tasks/some-id")
+            assert page.status_code == 503, page.text
+            assert "Redis does not answer" in page.text and "does not answer" in page.text
+            assert 'href="../static/app.css' in page.text  # the page's own depth
+            act = await c.post(
+                "/actions/revoke",
+                headers={"Accept": "application/json"},
+                data={"task_id": "x", "csrf": token(c)},
+            )
+            assert act.status_code == 503 and act.json()["ok"] is False
+            assert "does not answer" in act.json()["message"]
+            await wait_until(lambda: _async(heard[-1:] == ["down"]), 10, "'redis down'")
+            await asyncio.to_thread(own_server.start)
+            await wait_until(lambda: _async(heard[-1:] == ["up"]), 15, "'redis up'")
+            assert (await c.get("/")).status_code == 200
+            stream.cancel()
+    finally:
+        await app.close()
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_the_overview_marks_paused_queues_and_schedules(
+    app: App, client: httpx.AsyncClient
+) -> None:
+    """An operator saw a paused queue, full of waiting tasks, look like any other."""
+    add, _, _ = register(app)
+    await app.send_task("web.add", (1, 2), queue="mail")
+    await app.send_task("web.add", (1, 2), queue="other")
+    await app.queues.pause("mail")
+    await app.schedules.add("nightly", add.s(1, 1), every=3600)  # type: ignore[attr-defined]
+    await app.schedules.pause("nightly")
+    page = (await client.get("/")).text
+    rows = {
+        q: re.search(rf'<tr data-queue-row="{q}">(.*?)</tr>', page, re.S) for q in ("mail", "other")
+    }
+    assert rows["mail"] and 'class="tag paused"' in rows["mail"].group(1)
+    assert rows["other"] and "paused" not in rows["other"].group(1)
+    nightly = re.search(r"<tr><td>nightly</td>(.*?)</tr>", page, re.S)
+    assert nightly and 'class="tag paused"' in nightly.group(1), page

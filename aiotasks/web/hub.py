@@ -49,6 +49,7 @@ class Tick:
     changes: list[dict[str, Any]] = field(default_factory=list)
     fragments: dict[str, str] = field(default_factory=dict)
     end: bool = False  # the hub stopped: end the stream (the browser reconnects)
+    redis: bool | None = None  # Redis was lost (False) or is back (True)
 
 
 class Subscriber:
@@ -100,6 +101,7 @@ class Hub:
         self._wake = asyncio.Event()
         self._stale = True  # the fragments need a render
         self.ready = asyncio.Event()  # the throughput window has been read back
+        self.redis_up = True  # False from a lost connection until Redis answers again
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -199,8 +201,10 @@ class Hub:
         after: str | None = None
         while True:
             try:
+                last = await self.index.last_id()  # and whether Redis answers again
+                self._redis_is(True)
                 if after is None:
-                    after = await self.index.last_id()
+                    after = last
                     await self._read_back()
                     self.ready.set()
                 async for event in self.index.follow(after=after):
@@ -208,11 +212,19 @@ class Hub:
                     self._note(event)
                     backoff.reset()
             except CONNECTION_ERRORS as exc:
+                self._redis_is(False)
                 delay = backoff.next()
                 log.warning(
                     "dashboard: lost Redis while following events (%s); again in %.1f s", exc, delay
                 )
                 await asyncio.sleep(delay)
+
+    def _redis_is(self, up: bool) -> None:
+        """Tell open pages when Redis is lost or back: what they show is not live meanwhile."""
+        if up != self.redis_up:
+            self.redis_up = up
+            for sub in list(self._subs):
+                sub.put(Tick(redis=up))
 
     async def _read_back(self) -> None:
         """Read the last WINDOW seconds of the feed: throughput, and names of live tasks."""

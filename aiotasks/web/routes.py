@@ -41,10 +41,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..admin import Admin, CannotRetry, QueueNotFound, TaskNotFound, TaskUnreadable
+from ..config import redact_url
+from ..errors import CONNECTION_ERRORS, BrokerConnectionError, describe
 from ..index import TaskIndex
 from ..state import TaskState
 from .filters import install_filters
-from .hub import Hub
+from .hub import Hub, Tick
 from .pages import dead_letters as read_dead
 from .pages import overview as read_overview
 from .pages import task_detail as read_task
@@ -112,7 +114,8 @@ class Dashboard:
             yield
             await self.hub.close()
 
-        web = Starlette(routes=routes, lifespan=lifespan)
+        unreachable = dict.fromkeys((*CONNECTION_ERRORS, BrokerConnectionError), self._unreachable)
+        web = Starlette(routes=routes, lifespan=lifespan, exception_handlers=unreachable)
         web.state.dashboard = self
         return web
 
@@ -135,6 +138,20 @@ class Dashboard:
                 path="/",
             )
         return response
+
+    async def _unreachable(self, request: Request, exc: Exception) -> Response:
+        """A page or action while Redis is gone: say so (503), not a bare server error."""
+        message = (
+            f"Redis at {redact_url(self.app.settings.redis_url)} does not answer "
+            f"({describe(exc)}); the dashboard goes on once it is back"
+        )
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"ok": False, "message": message}, status_code=503)
+        html = self.render(
+            "unreachable.html", root=_root(request), page="", view="", message=message, csrf=""
+        )
+        # The browser tries again by itself: the page comes back with Redis.
+        return HTMLResponse(html, status_code=503, headers={"Retry-After": "5", "Refresh": "5"})
 
     async def _overview_fragment(self) -> str:
         data = await read_overview(self.admin, self.hub)
@@ -218,6 +235,8 @@ class Dashboard:
         async def events() -> AsyncIterator[str]:
             async with self.hub.subscribe(wants) as sub:
                 yield "retry: 2000\n\n"
+                if not self.hub.redis_up:
+                    yield _sse("redis", "down")
                 if _FEED_ID.match(after):
                     # What happened between the page's render and this stream.
                     missed = self.hub.changes(await self.index.events(after=after))
@@ -232,10 +251,8 @@ class Dashboard:
                         continue
                     if tick.end:
                         return
-                    if tick.changes:
-                        yield _sse("tasks", json.dumps(tick.changes))
-                    for name, html in tick.fragments.items():
-                        yield _sse(name, html)
+                    for event in _events_of(tick):
+                        yield event
 
         return _event_stream(events())
 
@@ -300,6 +317,11 @@ class Dashboard:
         before = await self.admin.revoke(task_id, terminate=terminate)
         if before.is_final:
             return f"Task {task_id} had already ended {before}: nothing to revoke."
+        if before == TaskState.STARTED and not terminate:
+            return (
+                f"Revoked task {task_id}: it is running, and ends REVOKED when its run ends "
+                "(Terminate cancels it now)."
+            )
         verb = "Terminated" if terminate and before == TaskState.STARTED else "Revoked"
         return f"{verb} task {task_id} (it was {before})."
 
@@ -318,6 +340,14 @@ class Dashboard:
     async def _do_drop(self, f: dict[str, str]) -> str:
         n = await self.admin.drop_dead(f["queue"], _entries(f))
         return f"Dropped {n} dead letter{'s' * (n != 1)} of queue {f['queue']}."
+
+
+def _root(request: Request) -> str:
+    """The relative URL of the dashboard's root from this request's page ("./", "../")."""
+    path, mount = request.scope["path"], request.scope.get("root_path", "")
+    if mount and path.startswith(mount):
+        path = path[len(mount) :]
+    return "../" * (path.count("/") - 1) or "./"
 
 
 def _entries(f: dict[str, str]) -> list[str] | None:
@@ -365,6 +395,17 @@ def _int(raw: str | None, default: int, allowed: tuple[int, ...]) -> int:
     except ValueError:
         return default
     return value if value in allowed else default
+
+
+def _events_of(tick: Tick) -> list[str]:
+    """A hub's tick as server-sent events: Redis lost or back, task changes, fragments."""
+    out = []
+    if tick.redis is not None:
+        out.append(_sse("redis", "up" if tick.redis else "down"))
+    if tick.changes:
+        out.append(_sse("tasks", json.dumps(tick.changes)))
+    out += [_sse(name, html) for name, html in tick.fragments.items()]
+    return out
 
 
 def _sse(event: str, data: str) -> str:

@@ -58,9 +58,12 @@
     const time = row.querySelector("time");
     time.dateTime = new Date(c.at).toISOString();
     time.textContent = ago(time.dateTime);
-    row.classList.remove("fresh");
-    void row.offsetWidth; // restart the highlight
-    row.classList.add("fresh");
+    // Restart the highlight by switching between two animations of the same look: reading
+    // offsetWidth to restart one forced a layout per change (seconds of a frozen page
+    // when thousands of tasks arrive).
+    const again = row.classList.contains("fresh") ? "fresh2" : "fresh";
+    row.classList.remove("fresh", "fresh2");
+    row.classList.add(again);
   }
   function newRow(c) {
     const row = document.getElementById("task-row").content.querySelector("tr").cloneNode(true);
@@ -93,10 +96,12 @@
 
   // -- the live stream ------------------------------------------------------------------
   const status = document.querySelector("[data-live-status]");
+  let redisDown = false;
   function live(on) {
     if (!status) return;
-    status.classList.toggle("on", on);
-    status.textContent = on ? "live" : "reconnecting";
+    status.classList.toggle("on", on && !redisDown);
+    status.classList.toggle("down", on && redisDown);
+    status.textContent = !on ? "reconnecting" : redisDown ? "Redis unreachable" : "live";
   }
   function swap(name, html) {
     const box = document.querySelector('[data-live="' + name + '"]');
@@ -112,11 +117,16 @@
       url = root + "events?view=" + view;
       if (body.dataset.after) url += "&after=" + encodeURIComponent(body.dataset.after);
     }
-    if (!url || !window.EventSource) return;
+    if (!url || !window.EventSource) {
+      if (status) status.hidden = true; // a page without live updates: no badge to read
+      return;
+    }
     const source = new EventSource(url);
     source.onopen = () => live(true);
     source.onerror = () => live(false); // EventSource reconnects by itself
     source.addEventListener("tasks", (e) => applyChanges(JSON.parse(e.data)));
+    // The server lost Redis (or has it back): what the page shows is not live meanwhile.
+    source.addEventListener("redis", (e) => { redisDown = e.data === "down"; live(true); });
     for (const name of ["overview", "dead", "task"]) {
       source.addEventListener(name, (e) => swap(name, e.data));
     }
@@ -139,7 +149,8 @@
     dialog.querySelector("[data-confirm-text]").textContent = question;
     dialog.returnValue = "";
     dialog.showModal();
-    dialog.querySelector("[data-confirm-ok]").focus();
+    // Cancel has the focus: Enter alone must not purge a queue.
+    dialog.querySelector('button[value="cancel"]').focus();
     return new Promise((resolve) => {
       dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
     });
@@ -156,8 +167,13 @@
         headers: { Accept: "application/json" },
         credentials: "same-origin",
       });
-      const answer = await response.json();
-      toast(answer.message, answer.ok);
+      const type = response.headers.get("Content-Type") || "";
+      if (type.includes("application/json")) {
+        const answer = await response.json();
+        toast(answer.message, answer.ok);
+      } else {
+        toast("The request failed: HTTP " + response.status + " " + response.statusText, false);
+      }
     } catch (err) {
       toast("The request failed: " + err, false);
     } finally {
