@@ -286,12 +286,13 @@ async def test_signature_send_and_set(app: App, worker: StartWorker) -> None:
     sig = add.s(2, 3)
     assert isinstance(sig, Signature)
     assert (sig.name, sig.args, sig.kwargs) == (add.name, (2, 3), {})
+    plain = sig.clone()  # a copy: set() changes the signature itself, as Celery's
     high = sig.set(queue="high", priority=8)
-    assert high.options == {"queue": "high", "priority": 8}
-    assert sig.options == {}  # set() returns a copy
+    assert high is sig and high.options == {"queue": "high", "priority": 8}
+    assert plain.options == {}
 
     h1 = await high.send()
-    h2 = await sig.send(priority=1)
+    h2 = await plain.send(priority=1)
     assert await entry_ids(app, "high", 8) == [h1.id]
     assert await entry_ids(app, "default", 1) == [h2.id]
     await worker(queues=["high", "default"])
