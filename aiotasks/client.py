@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import msgpack  # type: ignore[import-untyped]
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import (
@@ -403,6 +402,8 @@ class Client:
     def waits_out(self, exc: BaseException) -> bool:
         """A lost connection, or a failover's refusal (transient()): what a worker waits
         out rather than turning into a task's failure."""
+        if isinstance(exc, BrokerRefusedError):  # a refusal with_retry gave up on
+            return self.topology.failover and exc.code in _FAILOVER_REFUSALS
         return isinstance(exc, CONNECTION_ERRORS) or self.transient(exc)
 
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
@@ -514,7 +515,7 @@ class Client:
     async def save_group(self, group_id: str, task_ids: list[str], ttl: int) -> None:
         """Store a group's member ids for `ttl` s, in the shard its id falls in."""
         c = self.for_task(group_id)
-        key, packed = c.keys.group(group_id), msgpack.packb(task_ids)
+        key, packed = c.keys.group(group_id), codec.encode(task_ids, "msgpack")[0]
 
         async def call() -> None:
             await cast(Any, c.redis).set(key, packed, ex=ttl)
@@ -533,7 +534,7 @@ class Client:
         raw = await self.with_retry(self.settings.retry_policy, call)
         if raw is None:
             return None
-        ids = msgpack.unpackb(raw)
+        ids = codec.decode(raw, "msgpack")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError(f"group {group_id!r}: {key} does not hold a list of task ids")
         return ids

@@ -56,6 +56,9 @@ class TaskContext:
     # The run's timer state: whether it was cancelled to end (a hard timeout, a revoke).
     # Not a callback into the Execution: that would make every run a reference cycle.
     _limits: Ending | None = field(default=None, repr=False)
+    # Progress not stored for a lost Redis was said once: a task reporting per item must
+    # not fill the log with one line per item.
+    _progress_lost: bool = field(default=False, repr=False)
 
     def retry(
         self,
@@ -89,7 +92,14 @@ class TaskContext:
         try:
             await self.client.store_progress(self.id, meta)
         except _UNREACHABLE as exc:
-            log.warning("task %s[%s]: progress not stored (%s)", self.name, self.id, exc)
+            if not self._progress_lost:
+                self._progress_lost = True
+                log.warning(
+                    "task %s[%s]: progress not stored (%s); later reports may be lost too",
+                    self.name,
+                    self.id,
+                    exc,
+                )
 
     @asynccontextmanager
     async def _slot_released(self) -> AsyncIterator[None]:

@@ -19,6 +19,10 @@ log = logging.getLogger("aiotasks.worker")
 
 #: Seconds between two reminders that Redis is still unreachable.
 REMIND = 60.0
+#: Seconds after which a loop that failed and tried no more since no longer holds an
+#: outage open: past every loop's longest backoff, so it stopped (a shard's heartbeat
+#: beats only while that shard runs tasks), or its failure is over.
+FORGET = 30.0
 
 
 class Outage:
@@ -29,15 +33,16 @@ class Outage:
         self.url = url
         self.since: float | None = None  # monotonic time of the first failure, if down
         self._reminded = 0.0
-        self._failing: set[str] = set()  # the loops that failed and have not got through
+        # The loops that failed and have not got through, with when they last failed.
+        self._failing: dict[str, float] = {}
 
     def failed(
         self, what: str, exc: BaseException, retry_in: float | None = None, loop: str = ""
     ) -> None:
         """`what` (a loop: "fetch", "heartbeat", ...; `loop` names it when `what` says
         more) could not reach Redis."""
-        self._failing.add(loop or what)
         now = time.monotonic()
+        self._failing[loop or what] = now
         retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
         if self.since is None:
             self.since = self._reminded = now
@@ -68,9 +73,11 @@ class Outage:
     def ok(self, loop: str) -> None:
         """`loop` got through: once every loop that failed has, say Redis is back (once)."""
         if self.since is not None:
-            self._failing.discard(loop)
-            if self._failing:
+            self._failing.pop(loop, None)
+            now = time.monotonic()
+            if any(now - at < FORGET for at in self._failing.values()):
                 return
+            self._failing.clear()
             took = time.monotonic() - self.since
             self.since = None
             log.warning(

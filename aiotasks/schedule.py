@@ -180,7 +180,7 @@ class Scheduler:
             except _LOOP_ERRORS as exc:
                 # Never the worker's end: its tasks go on while schedules wait Redis out.
                 delay = backoff.next()
-                if self.app.client.waits_out(exc):  # a lost connection, a failover's refusal
+                if self.app.client.waits_out(exc):  # one outage line for all loops
                     self.outage.failed("periodic scheduler", exc, delay)
                 else:
                     if isinstance(exc, ResponseError):

@@ -708,7 +708,7 @@ class Worker:
 
     async def _fetch_failed(self, lane: Lane, exc: BaseException, delay: float) -> None:
         """Log a fetch that Redis refused or could not answer, then wait `delay` s."""
-        if lane.client.waits_out(exc):  # a lost connection, or a failover's refusal
+        if lane.client.waits_out(exc):  # one outage line for it, not one per try
             lane.outage.failed("fetch", exc, delay)
         else:
             if isinstance(exc, ResponseError):
@@ -992,7 +992,7 @@ class Worker:
         try:
             result = await call
         except _LOOP_ERRORS as exc:
-            if self.client.waits_out(exc):  # a lost connection, or a failover's refusal
+            if self.client.waits_out(exc):  # one outage line for it, not one per beat
                 outage.failed("heartbeat", exc)
             else:
                 if isinstance(exc, ResponseError):

@@ -430,7 +430,6 @@ async def test_a_worker_waits_out_noreplicas_behind_sentinel(
                 w.stop()
                 await run
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    print(errors)
     refused = [m for m in errors if "NOREPLICAS" in m]
     assert len(refused) == 1 and "lost Redis" in refused[0], errors
     assert any("is back after" in r.getMessage() for r in caplog.records), errors

@@ -483,3 +483,14 @@ def test_an_outage_ends_when_every_loop_that_failed_got_through(
     assert len(lines) == 2, lines
     assert "lost Redis" in lines[0] and "storing 3 result(s): NOREPLICAS" in lines[0]
     assert "is back after" in lines[1]
+
+    # A loop that failed and tried no more (a shard's heartbeat beats only while that
+    # shard runs tasks) holds the outage open only FORGET seconds, not for good.
+    from aiotasks.outage import FORGET
+
+    outage.failed("heartbeat", refused)
+    outage.ok("fetch")
+    assert outage.since is not None
+    outage._failing["heartbeat"] -= FORGET + 1  # its failure, that long ago
+    outage.ok("fetch")
+    assert outage.since is None

@@ -367,3 +367,7 @@ def test_a_failovers_refusals_are_transient_only_behind_sentinel_or_cluster() ->
         # A worker waits out these and a lost connection alike.
         assert [client.waits_out(e) for e in errors] == expected, url
         assert client.waits_out(redis.ConnectionError("gone")), url
+        # The same refusal once send's retry policy gave up on it (progress(), a tick).
+        given_up = BrokerRefusedError("refused: NOREPLICAS", code="NOREPLICAS")
+        assert client.waits_out(given_up) is expected[1], url
+        assert not client.waits_out(BrokerRefusedError("refused: NOPERM", code="NOPERM")), url
