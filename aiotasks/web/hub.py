@@ -49,7 +49,6 @@ class Tick:
     changes: list[dict[str, Any]] = field(default_factory=list)
     fragments: dict[str, str] = field(default_factory=dict)
     end: bool = False  # the hub stopped: end the stream (the browser reconnects)
-    redis: bool | None = None  # Redis was lost (False) or is back (True)
 
 
 class Subscriber:
@@ -220,11 +219,13 @@ class Hub:
                 await asyncio.sleep(delay)
 
     def _redis_is(self, up: bool) -> None:
-        """Tell open pages when Redis is lost or back: what they show is not live meanwhile."""
+        """Tell open pages when Redis is lost or back: what they show is not live meanwhile.
+        (A stream reads redis_up when woken: a tick dropped for a slow client loses no
+        change of it.)"""
         if up != self.redis_up:
             self.redis_up = up
             for sub in list(self._subs):
-                sub.put(Tick(redis=up))
+                sub.put(Tick())
 
     async def _read_back(self) -> None:
         """Read the last WINDOW seconds of the feed: throughput, and names of live tasks."""

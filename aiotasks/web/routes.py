@@ -114,7 +114,9 @@ class Dashboard:
             yield
             await self.hub.close()
 
-        unreachable = dict.fromkeys((*CONNECTION_ERRORS, BrokerConnectionError), self._unreachable)
+        # Not OSError as a whole: a template that cannot be read is no lost Redis.
+        lost = [e for e in (*CONNECTION_ERRORS, BrokerConnectionError) if e is not OSError]
+        unreachable = dict.fromkeys(lost, self._unreachable)
         web = Starlette(routes=routes, lifespan=lifespan, exception_handlers=unreachable)
         web.state.dashboard = self
         return web
@@ -150,8 +152,10 @@ class Dashboard:
         html = self.render(
             "unreachable.html", root=_root(request), page="", view="", message=message, csrf=""
         )
-        # The browser tries again by itself: the page comes back with Redis.
-        return HTMLResponse(html, status_code=503, headers={"Retry-After": "5", "Refresh": "5"})
+        headers = {"Retry-After": "5"}
+        if request.method == "GET":  # the browser tries again: the page comes back with Redis
+            headers["Refresh"] = "5"
+        return HTMLResponse(html, status_code=503, headers=headers)
 
     async def _overview_fragment(self) -> str:
         data = await read_overview(self.admin, self.hub)
@@ -235,22 +239,28 @@ class Dashboard:
         async def events() -> AsyncIterator[str]:
             async with self.hub.subscribe(wants) as sub:
                 yield "retry: 2000\n\n"
-                if not self.hub.redis_up:
-                    yield _sse("redis", "down")
+                # Whether Redis answers, said at every (re)connect and on each change: a
+                # page that reconnects after an outage must hear that it is over.
+                up = self.hub.redis_up
+                yield _sse("redis", "up" if up else "down")
                 if _FEED_ID.match(after):
                     # What happened between the page's render and this stream.
-                    missed = self.hub.changes(await self.index.events(after=after))
-                    if missed:
-                        yield _sse("tasks", json.dumps(missed))
+                    with contextlib.suppress(*CONNECTION_ERRORS):  # the hub says so
+                        missed = self.hub.changes(await self.index.events(after=after))
+                        if missed:
+                            yield _sse("tasks", json.dumps(missed))
                 while True:
                     try:
                         async with asyncio.timeout(KEEP_ALIVE):
                             tick = await sub.queue.get()
                     except TimeoutError:
+                        tick = Tick()
                         yield ": keep-alive\n\n"
-                        continue
                     if tick.end:
                         return
+                    if self.hub.redis_up != up:
+                        up = self.hub.redis_up
+                        yield _sse("redis", "up" if up else "down")
                     for event in _events_of(tick):
                         yield event
 
@@ -344,7 +354,10 @@ class Dashboard:
 
 def _root(request: Request) -> str:
     """The relative URL of the dashboard's root from this request's page ("./", "../")."""
-    path, mount = request.scope["path"], request.scope.get("root_path", "")
+    # The path as sent: an id with an encoded "/" (%2F) is one segment, not two.
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1").split("?", 1)[0] if raw else request.scope["path"]
+    mount = request.scope.get("root_path", "")
     if mount and path.startswith(mount):
         path = path[len(mount) :]
     return "../" * (path.count("/") - 1) or "./"
@@ -398,10 +411,8 @@ def _int(raw: str | None, default: int, allowed: tuple[int, ...]) -> int:
 
 
 def _events_of(tick: Tick) -> list[str]:
-    """A hub's tick as server-sent events: Redis lost or back, task changes, fragments."""
+    """A hub's tick as server-sent events: task changes, then fragments."""
     out = []
-    if tick.redis is not None:
-        out.append(_sse("redis", "up" if tick.redis else "down"))
     if tick.changes:
         out.append(_sse("tasks", json.dumps(tick.changes)))
     out += [_sse(name, html) for name, html in tick.fragments.items()]

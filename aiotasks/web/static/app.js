@@ -122,7 +122,7 @@
       return;
     }
     const source = new EventSource(url);
-    source.onopen = () => live(true);
+    source.onopen = () => { redisDown = false; live(true); }; // the server says if not
     source.onerror = () => live(false); // EventSource reconnects by itself
     source.addEventListener("tasks", (e) => applyChanges(JSON.parse(e.data)));
     // The server lost Redis (or has it back): what the page shows is not live meanwhile.
