@@ -527,9 +527,15 @@ async def test_ops_that_are_not_ops_apply_none(producer: Producer) -> None:
     first = {"op": "enqueue", "mode": "send", "task": producer.record(task_id, "add", [1, 1])}
     for bad, says in [
         ({"op": "frobnicate"}, r"op 2 \(frobnicate\): unknown op"),
-        ({"id": new_id(), "state": "SUCCESS"}, "the ops are not as the contract has them"),
+        ({"id": new_id(), "state": "SUCCESS"}, r"op 2 \(nil\): unknown op"),
         (7, "the ops are not as the contract has them"),
     ]:
         with pytest.raises(aioredis.ResponseError, match=f"{says}.*no op applied"):
             await producer.finish([first, bad])
         assert await producer.r.exists(f"{producer.P}t:{task_id}") == 0
+    # A map without 'op' whose 12th-next element is a number was walked as a flat done
+    # op's head: the call then failed halfway, after the first op was applied.
+    walked_over = [first, {"id": new_id()}, *["x"] * 10, 0]
+    with pytest.raises(aioredis.ResponseError, match=r"op 2 \(nil\): unknown op.*no op applied"):
+        await producer.finish(walked_over)
+    assert await producer.r.exists(f"{producer.P}t:{task_id}") == 0

@@ -205,9 +205,9 @@ local function ops_problem()
   while ops[k] ~= nil do
     nth = nth + 1
     local op = ops[k]
-    -- A flat done op starts with its stream's name: indexing a string gives nil here
-    -- (cheaper than a call of type(), on every task the worker finishes).
-    if op.op == nil then
+    -- A flat done op starts with its stream's name (indexing a string gives nil); a map
+    -- without 'op' is refused as an unknown op, not walked as one.
+    if op.op == nil and type(op) == 'string' then
       k = k + 12 + ops[k + 11]
     else
       local problem = op_problem(op)
