@@ -39,6 +39,7 @@ def test_script_cost_reports_every_phase_of_both_scenarios() -> None:
     assert "| index and events on | finish |" in out
 
 
+@pytest.mark.timeout(600)  # Redis under valgrind: past the suite's 60 s on a busy machine
 @pytest.mark.skipif(
     not (shutil.which("valgrind") and shutil.which("redis-server")),
     reason="needs valgrind and redis-server",
@@ -54,6 +55,7 @@ def test_script_cost_counts_redis_instructions_under_callgrind() -> None:
         assert batched < phases["idle"] < 20 * batched, rows
 
 
+@pytest.mark.timeout(600)  # a worker under valgrind: past the suite's 60 s on a busy machine
 @pytest.mark.skipif(not shutil.which("valgrind"), reason="needs valgrind")
 def test_worker_cost_counts_the_workers_instructions_per_task() -> None:
     proc = subprocess.run(
@@ -71,6 +73,7 @@ def test_worker_cost_counts_the_workers_instructions_per_task() -> None:
     assert 20 < row["kinstr_per_task"] < 2000, row
 
 
+@pytest.mark.timeout(600)  # a worker under valgrind: past the suite's 60 s on a busy machine
 @pytest.mark.skipif(not shutil.which("valgrind"), reason="needs valgrind")
 def test_worker_cost_alone_counts_a_task_served_alone() -> None:
     proc = subprocess.run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import suppress
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
@@ -254,7 +255,8 @@ def send(
             ) from None
         typer.echo(handle.id)
         sys.stdout.flush()
-        await _no_reader_note(admin, handle)
+        with suppress(Exception):  # a note: the task is sent, whatever this read meets
+            await _no_reader_note(admin, handle)
         if not wait:
             return None
         try:
