@@ -3,9 +3,10 @@
 A worker's loops (fetching, storing outcomes, the heartbeat, the periodic scheduler) each
 retry on their own when Redis goes away. Each logging every retry made a 30 s outage 75
 lines; they share one Outage instead: the first failure is an ERROR, the others DEBUG, a
-reminder every REMIND seconds while it lasts, and a WARNING with its length once every
-loop that failed has got through again (a primary refusing writes after a failover,
-NOREPLICAS, lets reads through: one loop's success would have flapped it).
+reminder every REMIND seconds while it lasts, and a WARNING with its length once a loop
+gets through again: any loop, after a lost connection (one success shows it is back);
+after a refusal (a primary refusing writes after a failover, NOREPLICAS, lets reads
+through), every loop that was refused, or one loop's success would flap it.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from __future__ import annotations
 import logging
 import time
 
-from .errors import describe
+from .errors import CONNECTION_ERRORS, describe
 
 log = logging.getLogger("aiotasks.worker")
 
 #: Seconds between two reminders that Redis is still unreachable.
 REMIND = 60.0
-#: Seconds after which a loop that failed and tried no more since no longer holds an
-#: outage open: past every loop's longest backoff, so it stopped (a shard's heartbeat
-#: beats only while that shard runs tasks), or its failure is over.
+#: Seconds after which a loop that was refused and tried no more since no longer holds
+#: an outage open: past every loop's longest backoff, so it stopped (a shard's heartbeat
+#: beats only while that shard runs tasks), or its refusal is over.
 FORGET = 30.0
 
 
@@ -33,8 +34,8 @@ class Outage:
         self.url = url
         self.since: float | None = None  # monotonic time of the first failure, if down
         self._reminded = 0.0
-        # The loops that failed and have not got through, with when they last failed.
-        self._failing: dict[str, float] = {}
+        # The loops Redis refused that have not got through, with when last refused.
+        self._refused: dict[str, float] = {}
 
     def failed(
         self, what: str, exc: BaseException, retry_in: float | None = None, loop: str = ""
@@ -42,7 +43,8 @@ class Outage:
         """`what` (a loop: "fetch", "heartbeat", ...; `loop` names it when `what` says
         more) could not reach Redis."""
         now = time.monotonic()
-        self._failing[loop or what] = now
+        if not isinstance(exc, CONNECTION_ERRORS):
+            self._refused[loop or what] = now
         retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
         if self.since is None:
             self.since = self._reminded = now
@@ -71,13 +73,14 @@ class Outage:
             log.debug("%s: %s cannot reach Redis (%s)%s", self.who, what, exc, retry)
 
     def ok(self, loop: str) -> None:
-        """`loop` got through: once every loop that failed has, say Redis is back (once)."""
+        """`loop` got through: say Redis is back (once), unless another loop it refused
+        has not got through yet."""
         if self.since is not None:
-            self._failing.pop(loop, None)
+            self._refused.pop(loop, None)
             now = time.monotonic()
-            if any(now - at < FORGET for at in self._failing.values()):
+            if any(now - at < FORGET for at in self._refused.values()):
                 return
-            self._failing.clear()
+            self._refused.clear()
             took = time.monotonic() - self.since
             self.since = None
             log.warning(

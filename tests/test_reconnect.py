@@ -459,7 +459,7 @@ async def test_every_watched_task_is_marked_again_before_its_waiters_hear_of_the
     assert not pending, f"{len(pending)} cancelled watchers still watch"
 
 
-def test_an_outage_ends_when_every_loop_that_failed_got_through(
+def test_an_outage_ends_when_a_loop_gets_through_or_every_refused_one_has(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A primary refusing writes (NOREPLICAS after a failover) lets reads through: the
@@ -491,6 +491,13 @@ def test_an_outage_ends_when_every_loop_that_failed_got_through(
     outage.failed("heartbeat", refused)
     outage.ok("fetch")
     assert outage.since is not None
-    outage._failing["heartbeat"] -= FORGET + 1  # its failure, that long ago
+    outage._refused["heartbeat"] -= FORGET + 1  # its refusal, that long ago
+    outage.ok("fetch")
+    assert outage.since is None
+
+    # A lost connection is over once any loop gets through: the heartbeat, which beats
+    # every visibility_timeout / 3, must not hold the 'back' line that long.
+    outage.failed("heartbeat", redis.ConnectionError("gone"))
+    outage.failed("fetch", redis.ConnectionError("gone"), 0.1)
     outage.ok("fetch")
     assert outage.since is None
