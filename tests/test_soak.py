@@ -135,7 +135,7 @@ async def test_soak_sigkill_every_second_loses_nothing(app: App, spawn_worker: A
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(360)
 async def test_rolling_sigterms_run_every_task_exactly_once(app: App, spawn_worker: Any) -> None:
     """Graceful stops, one every 0.4 s in turn, over a backlog of short tasks: a stopping
     worker finishes what it runs and gives back what it read ahead, so nothing is left
@@ -165,9 +165,11 @@ async def test_rolling_sigterms_run_every_task_exactly_once(app: App, spawn_work
 
     workers = [start(), start()]
     stops, victim = 0, 0
-    deadline = time.monotonic() + 120
+    # 92-121 s on a 2-core machine with Python 3.13 (the code of stops 41 and 42 alike):
+    # a budget of 120 s failed CI there, with nothing lost or run twice.
+    deadline = time.monotonic() + 300
     while int(await r.scard(done_key)) < n_tasks:
-        assert time.monotonic() < deadline, "the drill did not finish in 120 s"
+        assert time.monotonic() < deadline, "the drill did not finish in 300 s"
         await asyncio.sleep(0.4)
         w = workers[victim]
         await wait_consuming(app, w)  # a SIGTERM before its handlers exist just kills it
