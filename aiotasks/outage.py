@@ -14,9 +14,18 @@ from __future__ import annotations
 import logging
 import time
 
-from .errors import CONNECTION_ERRORS, describe
+from redis.exceptions import ResponseError
+
+from .errors import CONNECTION_ERRORS, BrokerRefusedError, describe
 
 log = logging.getLogger("aiotasks.worker")
+
+#: What a worker's loop logs and tries again after: Redis gone, or refusing.
+LOOP_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    ResponseError,
+    BrokerRefusedError,
+)
 
 #: Seconds between two reminders that Redis is still unreachable.
 REMIND = 60.0

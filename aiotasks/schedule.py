@@ -36,15 +36,8 @@ from redis.exceptions import ResponseError
 
 from .backoff import Backoff
 from .client import refusal
-from .errors import CONNECTION_ERRORS, BrokerRefusedError
-from .outage import Outage
-
-# What the loop logs and tries again after: Redis gone or refusing.
-_LOOP_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
-    ResponseError,
-    BrokerRefusedError,
-)
+from .errors import BrokerRefusedError
+from .outage import LOOP_ERRORS, Outage
 
 if TYPE_CHECKING:
     from .app import App
@@ -177,7 +170,7 @@ class Scheduler:
                     dirty = False
                 backoff.reset()
                 self.outage.ok("periodic scheduler")
-            except _LOOP_ERRORS as exc:
+            except LOOP_ERRORS as exc:
                 # Never the worker's end: its tasks go on while schedules wait Redis out.
                 delay = backoff.next()
                 if self.app.client.waits_out(exc):  # one outage line for all loops

@@ -35,7 +35,7 @@ from .index import TaskIndex
 from .keys import PRIORITIES
 from .logs import visible_errors
 from .message import QUEUE_NAME_RULE, is_queue_name, now
-from .outage import Outage
+from .outage import LOOP_ERRORS, Outage
 from .outcomes import Key, Outcomes
 from .peers import describe, warn_if_tasks_differ
 from .schedule import Scheduler
@@ -55,9 +55,6 @@ task_log = logging.getLogger("aiotasks.worker")
 
 # A start or release call that fails is not fatal: the entry is run, or left pending.
 _SCRIPT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ResponseError)
-# A fetch or heartbeat that fails is logged and tried again: Redis gone, refusing, or
-# its groups lost.
-_LOOP_ERRORS: tuple[type[BaseException], ...] = (*_SCRIPT_ERRORS, BrokerRefusedError)
 
 #: Tasks faster than this on average (s) make the worker read one batch ahead.
 FAST_TASK = 0.005
@@ -660,7 +657,7 @@ class Worker:
             n, want = 0, 1
         try:
             return await self._next_batch(lane, want, reclaim), n, None
-        except _LOOP_ERRORS as exc:
+        except LOOP_ERRORS as exc:
             self.slots.release(n)
             return [], 0, exc
 
@@ -991,7 +988,7 @@ class Worker:
         outage = outage or self.outage
         try:
             result = await call
-        except _LOOP_ERRORS as exc:
+        except LOOP_ERRORS as exc:
             if self.client.waits_out(exc):  # one outage line for it, not one per beat
                 outage.failed("heartbeat", exc)
             else:
