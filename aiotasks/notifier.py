@@ -27,7 +27,7 @@ import msgpack  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Backoff
@@ -150,6 +150,10 @@ class Notifier:
         #: listener's included (outage.py); None: the listener logs on its own.
         self.outage: Outage | None = None
         self._reader: asyncio.Task[None] | None = None
+        #: What a channel's subscription is for, where a refusal should say it (listen).
+        self._why: dict[str, str] = {}
+        #: The refusal logged last, said once until a subscription works again.
+        self._refusal_said: str | None = None
         #: Subscription upkeep left behind by waiters that were cancelled.
         self._leaving_tasks: set[asyncio.Task[None]] = set()
         self._cmd_lock = asyncio.Lock()
@@ -182,8 +186,11 @@ class Notifier:
                 self._marked.pop(channel, None)
 
     @asynccontextmanager
-    async def listen(self, channel: str) -> AsyncIterator[Watch]:
-        """Subscribe to any channel for the duration of the block."""
+    async def listen(self, channel: str, why: str = "") -> AsyncIterator[Watch]:
+        """Subscribe to any channel for the duration of the block; `why` says what it is
+        for in the log line should Redis refuse it (an ACL without the channel)."""
+        if why:
+            self._why[channel] = why
         w = Watch()
         await self._add(channel, w)
         try:
@@ -362,8 +369,8 @@ class Notifier:
             return None, exc
         except ResponseError as exc:
             # A refused (S)SUBSCRIBE: MOVED (a node's slot map behind a move),
-            # CLUSTERDOWN, LOADING... Subscribe again, on the node asked anew.
-            return None, f"Redis refused a subscription ({exc}); subscribing again"
+            # CLUSTERDOWN, LOADING, NOPERM... Subscribe again, on the node asked anew.
+            return None, self._refused(exc)
         except RuntimeError:
             # redis-py's "pubsub connection not set": nothing subscribed yet (wait),
             # or the first subscribe could not connect (as good as a lost connection).
@@ -371,6 +378,17 @@ class Notifier:
                 await asyncio.sleep(0.01)
                 return None, None
             return None, ""
+
+    def _refused(self, exc: ResponseError) -> str:
+        channels = ", ".join(
+            f"{c} ({self._why[c]})" if c in self._why else c for c in sorted(self._watches)
+        )
+        why = (
+            f"NOPERM {exc}: the ACL user lacks a permission, see the README's ACL line"
+            if isinstance(exc, NoPermissionError)
+            else str(exc)
+        )
+        return f"Redis refused to subscribe to {channels or 'a channel'} ({why}); trying again"
 
     async def _read(self, pubsub: PubSub) -> None:
         backoff = Backoff(start=0.05, cap=2.0)
@@ -382,6 +400,7 @@ class Notifier:
                     self._dispatch(msg)
                     if msg["type"] != "sunsubscribe":
                         backoff.reset()  # a working subscription, not one refused again
+                        self._refusal_said = None
                 if not self._dropped:
                     continue
                 # The slot moved: its new owner's shard is where its messages go now.
@@ -395,7 +414,8 @@ class Notifier:
                 pubsub = await self._reconnect(pubsub)
             except _GONE:
                 continue
-            self._say_back()
+            if not isinstance(gone, str) or not gone.startswith("Redis refused"):
+                self._say_back()  # the connection was lost (a refusal is said once)
             lost = False
             self.reconnects += 1
             self._broadcast((RECONNECTED, None, None))
@@ -408,6 +428,12 @@ class Notifier:
                 self.outage.failed("result listener", gone)
             elif not again:
                 log.warning("lost Redis (%s); reconnecting with backoff", gone)
+        elif gone.startswith("Redis refused"):
+            if gone == self._refusal_said:  # refused again, as said already
+                log.debug("%s", gone)
+            else:
+                self._refusal_said = gone
+                log.log(logging.ERROR if "NOPERM" in gone else logging.WARNING, "%s", gone)
         elif gone and not again:
             log.warning("%s", gone)
 

@@ -61,6 +61,8 @@ FAST_TASK = 0.005
 
 #: Seconds between two reads of the paused queues.
 PAUSE_REFRESH = 1.0
+#: What the control channel brings, for a log line should Redis refuse it.
+CONTROL = "revoke and pause broadcasts to this worker"
 
 #: The delivery from which a reclaimed entry runs alone, on an idle worker: its workers
 #: died twice while it ran. A task that kills its process then takes no other along
@@ -1034,7 +1036,7 @@ class Worker:
         notifier = self.client.notifier
         while True:
             try:
-                async with notifier.listen(self.client.keys.control_channel) as watch:
+                async with notifier.listen(self.client.keys.control_channel, CONTROL) as watch:
                     backoff.reset()
                     while True:
                         note, _, _ = await watch.get()

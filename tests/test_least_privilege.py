@@ -191,6 +191,35 @@ def test_a_missing_permission_is_one_clear_error_line(
     assert "Traceback" not in proc.stderr and PASSWORD not in proc.stderr + proc.stdout
 
 
+async def test_a_worker_refused_its_control_channel_runs_tasks_and_says_so_once(
+    own_server: OwnServer, namespace: str, spawn_worker: Any
+) -> None:
+    """An ACL without SUBSCRIBE: the worker cannot hear `revoke` and `pause` broadcasts.
+    It says so in one line, keeps running tasks and retrying, and stops cleanly; it used
+    to end with a traceback."""
+    url = add_user(own_server, [*acl_rules(namespace), "-subscribe"])
+    admin_url = f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{own_server.port}"
+    app = App(redis_url=admin_url, namespace=namespace)
+    w = spawn_worker(module="acl", url=url)
+    try:
+        await wait_consuming(app, w)
+        t = stand_ins(app)
+        for i in range(3):
+            assert await (await t["add"].send(i, 1)).result(timeout=10) == i + 1
+            await asyncio.sleep(1)  # past a few of the control loop's retries
+        assert w.proc.poll() is None, w.output()
+        w.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(w.wait, 20) == 0
+    finally:
+        await app.close()
+    out = w.output()
+    assert "Traceback" not in out, out
+    said = [line for line in out.splitlines() if "refused to subscribe" in line]
+    assert len(said) == 1, out
+    assert "ERROR" in said[0] and "NOPERM" in said[0] and "revoke" in said[0], out
+    assert PASSWORD not in out
+
+
 async def test_an_idle_fetch_falls_back_to_evalsha_when_fcall_is_taken_away(
     own_server: OwnServer, namespace: str
 ) -> None:
