@@ -17,10 +17,7 @@ from typing import Any, TypeVar, cast
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import (
-    AuthenticationError,
-    AuthorizationError,
     BusyLoadingError,
-    NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
@@ -43,6 +40,12 @@ from .keys import GROUP, Keys, shard_of
 from .message import now
 from .notifier import Notifier
 from .primary_watch import PrimaryWatch
+from .refusals import (
+    FAILOVER_REFUSALS,
+    REFUSED_CONNECTION,
+    not_a_cluster,
+    refusal,
+)
 from .scripts import Scripts
 from .sendbatch import SendBatcher
 from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
@@ -50,78 +53,6 @@ from .state import PAYLOAD, TaskInfo, TaskState, entry_payload, pack_payload
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Error replies that mean "Redis answered, but will not do it", and what to do about them.
-_REFUSAL_HINTS = {
-    "OOM": "the server is out of memory: raise maxmemory or free memory",
-    "NOPERM": "the ACL user lacks a permission: see the README's ACL line",
-    "READONLY": "this is a read-only replica: point the URL at the primary",
-    "MISCONF": "the server cannot write to disk",
-    "NOREPLICAS": "fewer replicas than min-replicas-to-write are in sync with it",
-}
-_CODES: tuple[tuple[type[BaseException], str], ...] = (
-    (OutOfMemoryError, "OOM"),
-    (NoPermissionError, "NOPERM"),
-    (ReadOnlyError, "READONLY"),
-    (BusyLoadingError, "LOADING"),
-    (AuthenticationError, "WRONGPASS"),
-    (AuthorizationError, "NOPERM"),
-)
-#: Refusals that a failover explains behind a Sentinel or Cluster URL (Client.transient).
-_FAILOVER_REFUSALS = ("READONLY", "NOREPLICAS")
-#: Connection errors that are really refusals: a retry does not change the answer.
-_REFUSED_CONNECTION = (AuthenticationError, AuthorizationError)
-
-
-#: Error codes that redis-py leaves in the message of a plain ResponseError.
-_OTHER_CODES = frozenset(
-    {"MISCONF", "BUSY", "NOSCRIPT", "NOREPLICAS", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
-)
-
-
-def error_code(exc: BaseException) -> str:
-    """The error code of a Redis error reply ("OOM", "NOPERM", ...; "ERR" by default)."""
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            return code
-    first = str(exc).split(" ", 1)[0]
-    return first if first in _OTHER_CODES else "ERR"
-
-
-def broker_error(url: str, exc: BaseException) -> BrokerConnectionError | BrokerRefusedError:
-    """The aiotasks error for a redis-py error: a refusal, or a connection problem."""
-    if isinstance(exc, (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION)):
-        return refusal(url, exc)
-    return BrokerConnectionError(f"cannot reach Redis at {url}: {describe(exc, url)}")
-
-
-def not_a_cluster(exc: BaseException) -> bool:
-    """Whether a cluster client found a server not in cluster mode (a redis+cluster://
-    URL for a single server): a refusal that no retry changes."""
-    return type(exc) is RedisClusterException and "Cluster mode is not enabled" in str(exc)
-
-
-#: What a server with a password says to HELLO from a client that gave none.
-_NO_CREDENTIALS = "HELLO must be called with the client already authenticated"
-
-
-def refusal(url: str, exc: BaseException, what: str = "the command") -> BrokerRefusedError:
-    """A BrokerRefusedError for an error reply, with its code and what it means."""
-    code = error_code(exc)
-    if isinstance(exc, AuthenticationError):
-        if _NO_CREDENTIALS in str(exc) or "Authentication required" in str(exc):
-            return BrokerRefusedError(
-                f"Redis at {url} requires a password, and the URL gives none "
-                "(put ':PASSWORD@' or 'USER:PASSWORD@' before the host)",
-                code,
-            )
-        return BrokerRefusedError(f"Redis at {url} refused the credentials: {exc}", code)
-    text = str(exc) if code == "ERR" or str(exc).startswith(code) else f"{code} {exc}"
-    hint = _REFUSAL_HINTS.get(code)
-    if not_a_cluster(exc):
-        hint = "the URL says Redis Cluster, but the server is not one: use redis://host:port/db"
-    message = f"Redis at {url} refused {what}: {text}" + (f" ({hint})" if hint else "")
-    return BrokerRefusedError(message, code)
 
 
 def _name(group: dict[Any, Any]) -> str:
@@ -280,7 +211,7 @@ class Client:
         async def mark(task_id: str) -> int:
             try:
                 return await keep_cancel(scripts.watch(task_id=task_id, ttl=WATCH_MARK_TTL))
-            except (ResponseError, *_REFUSED_CONNECTION) as exc:
+            except (ResponseError, *REFUSED_CONNECTION) as exc:
                 # A wait that cannot mark its task (OOM, NOPERM) would never be woken:
                 # say why instead. Waiters ride out the transient ones (CLUSTERDOWN,
                 # TRYAGAIN, LOADING) and a lost connection.
@@ -370,7 +301,7 @@ class Client:
         """
         try:
             await self.redis.ping()
-        except (ResponseError, BusyLoadingError, *_REFUSED_CONNECTION) as exc:
+        except (ResponseError, BusyLoadingError, *REFUSED_CONNECTION) as exc:
             raise refusal(self.url, exc, "the connection") from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(
@@ -395,15 +326,15 @@ class Client:
             return True
         # Redis before 7 wraps a script's error ("ERR Error running script ...: -READONLY").
         text = str(exc)
-        return text.startswith(_FAILOVER_REFUSALS) or any(
-            f"-{code}" in text for code in _FAILOVER_REFUSALS
+        return text.startswith(FAILOVER_REFUSALS) or any(
+            f"-{code}" in text for code in FAILOVER_REFUSALS
         )
 
     def waits_out(self, exc: BaseException) -> bool:
         """A lost connection, or a failover's refusal (transient()): what a worker waits
         out rather than turning into a task's failure."""
         if isinstance(exc, BrokerRefusedError):  # a refusal with_retry gave up on
-            return self.topology.failover and exc.code in _FAILOVER_REFUSALS
+            return self.topology.failover and exc.code in FAILOVER_REFUSALS
         return isinstance(exc, CONNECTION_ERRORS) or self.transient(exc)
 
     async def with_retry(self, policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
@@ -418,7 +349,7 @@ class Client:
         while True:
             try:
                 return await keep_cancel(call())
-            except (ResponseError, *_REFUSED_CONNECTION) as exc:
+            except (ResponseError, *REFUSED_CONNECTION) as exc:
                 if not self.transient(exc) or retry >= policy.max_retries:
                     raise refusal(self.url, exc) from exc
                 await asyncio.sleep(policy.delay(retry))

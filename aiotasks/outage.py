@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
 
 from .errors import CONNECTION_ERRORS, BrokerRefusedError, describe
+from .refusals import refusal
+
+if TYPE_CHECKING:
+    from .client import Client
 
 log = logging.getLogger("aiotasks.worker")
 
@@ -80,6 +85,19 @@ class Outage:
             )
         else:
             log.debug("%s: %s cannot reach Redis (%s)%s", self.who, what, exc, retry)
+
+    def report(
+        self, client: Client, what: str, exc: BaseException, retry_in: float | None = None
+    ) -> None:
+        """A loop's call to `client` failed: through the outage when the worker waits it
+        out (a lost connection, a failover's refusal), else an ERROR line of its own."""
+        if client.waits_out(exc):
+            self.failed(what, exc, retry_in)
+            return
+        if isinstance(exc, ResponseError):
+            exc = refusal(client.url, exc, f"the {what}")
+        retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
+        log.error("%s: %s%s", self.who, exc, retry)
 
     def ok(self, loop: str) -> None:
         """`loop` got through: say Redis is back (once), unless another loop it refused

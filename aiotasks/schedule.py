@@ -35,7 +35,6 @@ from croniter import croniter  # type: ignore[import-untyped]
 from redis.exceptions import ResponseError
 
 from .backoff import Backoff
-from .client import refusal
 from .errors import BrokerRefusedError
 from .outage import LOOP_ERRORS, Outage
 
@@ -173,12 +172,7 @@ class Scheduler:
             except LOOP_ERRORS as exc:
                 # Never the worker's end: its tasks go on while schedules wait Redis out.
                 delay = backoff.next()
-                if self.app.client.waits_out(exc):  # one outage line for all loops
-                    self.outage.failed("periodic scheduler", exc, delay)
-                else:
-                    if isinstance(exc, ResponseError):
-                        exc = refusal(self.app.client.url, exc, "the periodic scheduler")
-                    log.error("%s; retrying in %.1f s", exc, delay)
+                self.outage.report(self.app.client, "periodic scheduler", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             nxt = min(self._next.values(), default=None)

@@ -25,7 +25,6 @@ from redis.exceptions import ResponseError
 
 from .backoff import Backoff
 from .cancel import cancel_and_wait
-from .client import broker_error, refusal
 from .contract import entry_ref
 from .control import Queues, Schedules
 from .durability import GROUPS_GONE, REGISTRATION_GONE, DataLoss, warn_if_unsafe
@@ -38,6 +37,7 @@ from .message import QUEUE_NAME_RULE, is_queue_name, now
 from .outage import LOOP_ERRORS, Outage
 from .outcomes import Key, Outcomes
 from .peers import describe, warn_if_tasks_differ
+from .refusals import broker_error
 from .schedule import Scheduler
 from .slots import Lease, Slots
 
@@ -707,12 +707,7 @@ class Worker:
 
     async def _fetch_failed(self, lane: Lane, exc: BaseException, delay: float) -> None:
         """Log a fetch that Redis refused or could not answer, then wait `delay` s."""
-        if lane.client.waits_out(exc):  # one outage line for it, not one per try
-            lane.outage.failed("fetch", exc, delay)
-        else:
-            if isinstance(exc, ResponseError):
-                exc = refusal(lane.client.url, exc, "a fetch")
-            log.error("worker %s: %s; retrying in %.1f s", self.name, exc, delay)
+        lane.outage.report(lane.client, "fetch", exc, delay)
         await self._sleep(delay)
 
     def _prefetch(self, n: int) -> int:
@@ -991,12 +986,7 @@ class Worker:
         try:
             result = await call
         except LOOP_ERRORS as exc:
-            if self.client.waits_out(exc):  # one outage line for it, not one per beat
-                outage.failed("heartbeat", exc)
-            else:
-                if isinstance(exc, ResponseError):
-                    exc = refusal(self.client.url, exc, "a heartbeat")
-                log.error("worker %s: %s", self.name, exc)
+            outage.report(self.client, "heartbeat", exc)
         else:
             outage.ok("heartbeat")
             return result

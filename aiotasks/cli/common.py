@@ -26,11 +26,11 @@ from redis.exceptions import ResponseError
 
 from ..admin import Admin
 from ..app import App
-from ..client import refusal
 from ..config import InvalidRedisURL, check_redis_url, env_redis_source, redact_url
 from ..errors import CONNECTION_ERRORS, AiotasksError, BrokerConnectionError
 from ..keys import NAMESPACE_RULE, is_namespace
 from ..message import QUEUE_NAME_RULE, is_queue_name
+from ..refusals import refusal
 from .group import CliError, fail
 
 T = TypeVar("T")
