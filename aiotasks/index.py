@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -89,12 +89,16 @@ class TaskIndex:
         name: str | None = None,
         queue: str | None = None,
         task_id: str | None = None,
+        search: str | None = None,
         limit: int = 100,
     ) -> list[TaskInfo]:
-        """The most recent tasks, unfinished first, filtered; `name` may be a glob."""
+        """The most recent tasks, unfinished first, filtered; `name` may be a glob.
+        `search`: a name that holds it or matches it as a glob, ignoring case, or an id
+        that starts with it."""
         if task_id:
             info = await self.client.task_info(task_id)
             return [info] if _matches(info, state, name, queue) else []
+        found = _searcher(search) if search else None
         out: list[TaskInfo] = []
         sources: list[list[str] | AsyncIterator[list[str]]] = [
             await self._unfinished(),
@@ -107,7 +111,7 @@ class TaskIndex:
                 batch = [i for i in batch if i not in seen]
                 seen.update(batch)
                 for info in await self._infos(batch):
-                    if _matches(info, state, name, queue):
+                    if _matches(info, state, name, queue) and (not found or found(info)):
                         out.append(info)
                         if len(out) >= limit:
                             return out
@@ -328,6 +332,14 @@ async def _batches(ids: list[str] | AsyncIterator[list[str]]) -> AsyncIterator[l
     else:
         async for batch in ids:
             yield batch
+
+
+def _searcher(text: str) -> Callable[[TaskInfo], bool]:
+    """The dashboard's search box: what a user typing part of a name or an id means."""
+    pattern = text.lower() if any(c in text for c in "*?[") else f"*{text.lower()}*"
+    return lambda info: (
+        info.id.startswith(text) or fnmatch.fnmatchcase((info.name or "").lower(), pattern)
+    )
 
 
 def _matches(

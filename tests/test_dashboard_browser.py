@@ -170,6 +170,25 @@ async def test_search_finds_a_task_by_id_and_by_name(
     assert ids == {h.id for h in booms}
     await shoot(page, "tasks-search")
 
+    # Any case, and live: a task sent now whose name matches joins the list.
+    await page.fill("input[name=q]", "BOOM")
+    await page.press("input[name=q]", "Enter")
+    await page.wait_for_url("**/tasks?q=BOOM*")
+    ids = {await r.get_attribute("data-id") for r in await rows.all()}
+    assert ids == {h.id for h in booms}
+    late = await app.send_task("dash.boom", ("late",))
+    await page.locator(f'tr[data-id="{late.id}"]').wait_for(timeout=5000)
+    with pytest.raises(TaskFailed):
+        await late.result(timeout=10)
+    booms.append(late)
+
+    # The start of an id, as copied from a log line cut short.
+    await page.fill("input[name=q]", adds[1].id[:10])
+    await page.press("input[name=q]", "Enter")
+    await page.wait_for_url(f"**/tasks?q={adds[1].id[:10]}*")
+    ids = {await r.get_attribute("data-id") for r in await rows.all()}
+    assert ids == {adds[1].id}
+
     await page.fill("input[name=q]", "dash.*")
     await page.select_option("select[name=state]", "SUCCESS")
     await page.click("form.search button[type=submit]")

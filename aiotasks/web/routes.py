@@ -193,7 +193,7 @@ class Dashboard:
         queue = params.get("queue") or None
         limit = _int(params.get("limit"), 50, LIST_LIMITS)
         after = await self.index.last_id()
-        found_id, name = None, None
+        found_id, search = None, None
         if q:
             by_id = []
             if await self.admin.exists(q):  # an unknown id would read as PENDING
@@ -201,13 +201,13 @@ class Dashboard:
             if by_id:
                 found_id, tasks = q, by_id
             else:
-                name = q if any(c in q for c in "*?[") else f"*{q}*"
-                tasks = await self.index.recent(state=state, name=name, queue=queue, limit=limit)
+                search = q
+                tasks = await self.index.recent(state=state, search=q, queue=queue, limit=limit)
         else:
             tasks = await self.index.recent(state=state, queue=queue, limit=limit)
         return self.page(
             request, "tasks.html", root="./", page="tasks", tasks=tasks, q=q, state=state,
-            queue=queue, limit=limit, limits=LIST_LIMITS, name_glob=name, found_id=found_id,
+            queue=queue, limit=limit, limits=LIST_LIMITS, search=search, found_id=found_id,
             queues=await self.admin.known_queues(), after=after, view="tasks",
         )  # fmt: skip
 

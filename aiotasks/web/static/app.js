@@ -37,16 +37,23 @@
         else if (ch === "?") re += ".";
         else re += ch.replace(/[.+^${}()|[\]\\]/g, "\\$&");
       }
-      globs.set(pattern, new RegExp("^" + re + "$"));
+      globs.set(pattern, new RegExp("^" + re + "$", "i"));
     }
     return globs.get(pattern);
+  }
+  // As the server's search (index.py, _searcher): part of a name or a glob, any case,
+  // or the start of an id.
+  function searched(text, c) {
+    if (c.id && c.id.startsWith(text)) return true;
+    const pattern = /[*?[]/.test(text) ? text : "*" + text + "*";
+    return !!(c.name && glob(pattern).test(c.name));
   }
   function matches(table, c) {
     const f = table.dataset;
     if (f.filterId && c.id !== f.filterId) return false;
     if (f.filterState && c.state !== f.filterState) return false;
     if (f.filterQueue && c.queue !== f.filterQueue) return false;
-    if (f.filterName && !(c.name && glob(f.filterName).test(c.name))) return false;
+    if (f.filterSearch && !searched(f.filterSearch, c)) return false;
     return true;
   }
   function fill(row, c) {
