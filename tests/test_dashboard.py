@@ -119,6 +119,13 @@ async def test_action_errors_say_what_is_wrong(
     assert r.status_code == 400 and "task_id" in r.json()["message"]
     r = await post("revoke", task_id=ok.id)
     assert r.json()["message"] == f"Task {ok.id} had already ended SUCCESS: nothing to revoke."
+    # A page behind another's requeue or drop: said, not "Requeued 0".
+    r = await post("requeue", queue="default", entry_id="1-0")
+    assert r.json()["message"] == (
+        "That dead letter is gone already (requeued or dropped meanwhile): nothing to do."
+    )
+    r = await post("drop", queue="default")
+    assert r.json()["message"].startswith("The dead letters are gone already"), r.json()
 
 
 async def test_a_chords_pages_link_its_parts(
@@ -136,6 +143,8 @@ async def test_a_chords_pages_link_its_parts(
     header = (await client.get(f"/tasks/{failed.group(1)}")).text
     assert "ValueError" in header and "this task is header 2" in header
     assert f'href="../tasks/{h.id}">its body</a>' in header
+    said = " ".join(re.sub(r"<[^>]+>", "", header).split())  # the page as it reads
+    assert "1 of 2 headers done, failed · its body · this task is header 2" in said, said
     r = await client.get("/tasks/never-sent")
     assert r.status_code == 404 and "No task" in r.text
 

@@ -284,6 +284,11 @@ async def test_dead_letters_and_purge_from_the_page(
     assert await rows.count() == 2
     assert "UnknownTask" in await rows.first.inner_text()
     await shoot(page, "dead-letters")
+    # A row's Requeue reads as a button that works, as "Requeue all" does (not greyed).
+    colour = "el => getComputedStyle(el).color"
+    one = rows.first.locator("button[data-action=requeue]")
+    every = page.locator(".head .actions button[data-action=requeue]").first
+    assert await one.evaluate(colour) == await every.evaluate(colour)
     await rows.first.locator("button[data-action=drop]").click()
     await page.click("dialog#confirm [data-confirm-ok]")
     await page.locator("table.dead tbody tr").nth(1).wait_for(state="detached", timeout=5000)

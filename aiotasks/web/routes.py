@@ -345,11 +345,18 @@ class Dashboard:
 
     async def _do_requeue(self, f: dict[str, str]) -> str:
         n = await self.admin.requeue_dead(f["queue"], _entries(f))
-        return f"Requeued {n} dead letter{'s' * (n != 1)} of queue {f['queue']}."
+        return _dead_done("Requeued", n, f)
 
     async def _do_drop(self, f: dict[str, str]) -> str:
         n = await self.admin.drop_dead(f["queue"], _entries(f))
-        return f"Dropped {n} dead letter{'s' * (n != 1)} of queue {f['queue']}."
+        return _dead_done("Dropped", n, f)
+
+
+def _dead_done(verb: str, n: int, f: dict[str, str]) -> str:
+    if n == 0:  # a page behind another's requeue or drop
+        what = "That dead letter is" if _entries(f) else "The dead letters are"
+        return f"{what} gone already (requeued or dropped meanwhile): nothing to do."
+    return f"{verb} {n} dead letter{'s' * (n != 1)} of queue {f['queue']}."
 
 
 def _root(request: Request) -> str:
