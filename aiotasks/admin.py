@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from . import codec
-from .contract import pack, unpack_reply
+from . import codec, payloads
+from .contract import pack
 from .errors import AiotasksError, SerializationError
 from .handle import TaskHandle
 from .keys import DEFAULT_PRIORITY, GROUP, Keys
@@ -38,10 +38,13 @@ SCHEDULED_SCAN_LIMIT = 10_000
 PURGE_CHUNK = 500
 
 _ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
-#: Dead letters `arguments()` reads back, newest first, looking for a task's.
-DEAD_SCAN_LIMIT = 1000
-#: Failures whose message went to a dead-letter stream.
-_DEAD_LETTERED = frozenset({"UnknownTask", "DecodeError", "MaxDeliveriesExceeded"})
+#: Where `arguments()` found them, by where payloads.read read them.
+_WHERE = {
+    payloads.SCHEDULED: "scheduled",
+    payloads.ENTRY: "queued",
+    payloads.DEAD: "dead letter",
+    payloads.FAILURE: "kept payload",
+}
 
 
 class TaskNotFound(AiotasksError, LookupError):
@@ -397,44 +400,13 @@ class Admin:
         payload a failed or revoked task's record keeps. None for a task that succeeded:
         its message is deleted then, and aiotasks keeps no copy.
         """
-        c = self.client.for_task(task_id)
-        rec, entry, stream, queue, exc_type, kept = await cast(Any, c.redis).hmget(
-            c.keys.task(task_id), ["_rec", "_e", "_st", "queue", "exc_type", PAYLOAD]
-        )
-        if rec:
-            record = unpack_reply(rec)
-            return _arguments("scheduled", record.get(b"m"), record.get(b"ct"))
-        if entry and stream:
-            found: list[Any] = await cast(Any, self.redis).xrange(
-                _text(stream), min=entry, max=entry, count=1
-            )
-            if found:
-                fields = found[0][1]
-                return _arguments("queued", fields.get(b"m"), fields.get(b"ct"))
-        if queue and exc_type and _text(exc_type) in _DEAD_LETTERED:
-            letter = await self._dead_arguments(task_id, _text(queue))
-            if letter is not None:
-                return letter
-        if kept:
-            try:
-                p = unpack_payload(kept, self.client.read_limit)
-            except Exception as exc:  # written by hand, or by another version
-                return Arguments("kept payload", error=f"{type(exc).__name__}: {exc}")
-            return Arguments("kept payload", p.args, p.kwargs)
-        return None
-
-    async def _dead_arguments(self, task_id: str, queue: str) -> Arguments | None:
-        c = self.client.for_task(task_id)  # dead-lettered in its own shard
-        entries: list[Any] = await cast(Any, c.redis).xrevrange(
-            c.keys.dead(queue), count=DEAD_SCAN_LIMIT
-        )
-        for _entry_id, fields in entries:
-            if fields.get(b"id") == task_id.encode():
-                if b"m" not in fields:  # a scheduled task whose record could not be read
-                    reason = _text(fields.get(b"reason") or b"no reason given")
-                    return Arguments("dead letter", error=f"it holds no message: {reason}")
-                return _arguments("dead letter", fields.get(b"m"), fields.get(b"ct"))
-        return None
+        p = await payloads.read(self.client, task_id)
+        if p is None:
+            return None
+        where = _WHERE[p.source]
+        if p.error is not None:
+            return Arguments(where, error=p.error)
+        return Arguments(where, p.args, p.kwargs)
 
     # -- acting -------------------------------------------------------------------------
 
@@ -721,18 +693,6 @@ def parse_entry_ids(entry_ids: Sequence[str]) -> list[str]:
 def _entry_order(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = _text(entry_id).partition("-")
     return int(ms), int(seq or 0)
-
-
-def _arguments(where: str, m: bytes | None, ct: bytes | None) -> Arguments:
-    """Arguments from an encoded payload; a payload that cannot be read says why."""
-    try:
-        payload = codec.decode(m or b"", _text(ct or b""))
-        args, kwargs = payload.get("args", []), payload.get("kwargs", {})
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise TypeError("args is not an array or kwargs is not a map")
-    except Exception as exc:  # a dead letter may be there because it cannot be decoded
-        return Arguments(where, error=f"{type(exc).__name__}: {exc}")
-    return Arguments(where, args, kwargs)
 
 
 def _dead_letter(entry_id: bytes, raw: dict[bytes, bytes]) -> DeadLetter:

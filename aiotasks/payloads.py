@@ -4,8 +4,9 @@ The arguments of a task live where its message is: a queued or running task's st
 entry (the task hash names it: `_st`, `_e`), a scheduled task's stored record (`_rec`),
 or, once a task has failed after it began (or was revoked), the copy kept in the task
 hash (`payload`: a msgpack map of the entry's `m`, `ct` and priority, plus `cid`, `cix`,
-`tail` when it had them) so that it can be read and sent again. A
-dead letter keeps its whole entry. After a success they are gone.
+`tail` when it had them) so that it can be read and sent again. A dead letter keeps
+its whole entry (looked for among the newest DEAD_SCAN_LIMIT of its queue's). After a
+success they are gone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ if TYPE_CHECKING:
     from .client import Client
 
 #: Where a payload was read from.
-ENTRY, SCHEDULED, FAILURE = "entry", "scheduled", "failure"
+ENTRY, SCHEDULED, FAILURE, DEAD = "entry", "scheduled", "failure", "dead letter"
+
+#: Dead letters read, newest first, to find a task's: a long dead stream is not read whole.
+DEAD_SCAN_LIMIT = 1000
+#: The errors a task ends with when its message was dead-lettered (worker.py).
+DEAD_LETTERED = frozenset({"UnknownTask", "DecodeError", "MaxDeliveriesExceeded"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +38,8 @@ class Payload:
 
     `next_ids` are the tasks its chain goes on with, `link_ids` its success callbacks,
     `chain_end` the chain's last task, `chord_id`/`chord_index` the chord it reports to,
-    `body_of` the chord whose body it is. `source` is where it was read (ENTRY, SCHEDULED
-    or FAILURE); `error` says why the arguments could not be decoded (then empty).
+    `body_of` the chord whose body it is. `source` is where it was read (ENTRY, SCHEDULED,
+    FAILURE or DEAD); `error` says why the arguments could not be decoded (then empty).
     """
 
     name: str
@@ -142,7 +148,26 @@ async def read(client: Client, task_id: str, h: dict[bytes, bytes] | None = None
         if found:
             f = _fields(found[0][1])
             return decode(f.get("m", b""), _text(f.get("ct")) or "msgpack", f, ENTRY, limit)
+    queue = _text(h.get(b"queue"))
+    if queue and _text(h.get(b"exc_type")) in DEAD_LETTERED:
+        return await _dead_letter(client, task_id, queue)
     return None
 
 
-__all__ = ["ENTRY", "FAILURE", "SCHEDULED", "Payload", "decode", "first_ids", "read"]
+async def _dead_letter(client: Client, task_id: str, queue: str) -> Payload | None:
+    """The payload in a task's dead letter (dead-lettered in its own shard)."""
+    entries: list[Any] = await cast(Any, client.redis).xrevrange(
+        client.keys.dead(queue), count=DEAD_SCAN_LIMIT
+    )
+    for _entry_id, raw in entries:
+        if raw.get(b"id") == task_id.encode():
+            f = _fields(raw)
+            if "m" not in f:  # a scheduled task whose record could not be read
+                reason = _text(f.get("reason")) or "no reason given"
+                return Payload(name="?", source=DEAD, error=f"it holds no message: {reason}")
+            ct = _text(f.get("ct")) or "msgpack"
+            return decode(f["m"], ct, f, DEAD, client.read_limit)
+    return None
+
+
+__all__ = ["DEAD", "ENTRY", "FAILURE", "SCHEDULED", "Payload", "decode", "first_ids", "read"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import html
 import re
 import subprocess
 import sys
@@ -147,6 +148,19 @@ async def test_a_chords_pages_link_its_parts(
     assert "1 of 2 headers done, failed · its body · this task is header 2" in said, said
     r = await client.get("/tasks/never-sent")
     assert r.status_code == 404 and "No task" in r.text
+
+
+async def test_a_dead_lettered_tasks_page_shows_its_arguments(
+    app: App, client: httpx.AsyncClient, worker: StartWorker
+) -> None:
+    """From its dead letter: the page said "Not kept for this task"."""
+    await worker()
+    h = await app.send_task("web.nobody", (7, {"a": 2}), kwargs={"k": "v"})
+    with pytest.raises(TaskFailed):
+        await h.result(timeout=10)
+    page = (await client.get(f"/tasks/{h.id}")).text
+    said = " ".join(html.unescape(re.sub(r"<[^>]+>", "", page)).split())
+    assert 'Arguments args[7, {"a": 2}] kwargs{"k": "v"}' in said, said
 
 
 async def test_one_feed_reader_serves_every_open_page(app: App) -> None:
