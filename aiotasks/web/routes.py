@@ -213,6 +213,9 @@ class Dashboard:
 
     async def task_page(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
+        root = _root(request)
+        if root != "../":  # an id's "/" not encoded (typed, or pasted): the page's own URL
+            return RedirectResponse(f"{root}tasks/{quote(task_id, safe='')}", status_code=308)
         detail = await read_task(self.admin, task_id)
         if detail is None:
             html = self.render("missing.html", root="../", page="tasks", task_id=task_id, csrf="")
