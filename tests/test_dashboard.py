@@ -7,9 +7,9 @@ check in test_dashboard_prefix.py.)
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
-import html
 import re
 import subprocess
 import sys
