@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 from .canvas import COLLECT, compose, send_canvas
 from .client import Client
 from .config import RetryPolicy, Settings, check_redis_url, resolve_redis_url, resolve_shards
-from .contract import GATHER
+from .contract import GATHER, MAP, STARMAP
 from .control import Queues, Schedules
 from .handle import GroupHandle, TaskHandle
 from .hooks import F, Hooks
 from .keys import NAMESPACE_RULE, is_namespace
+from .maps import mapper
 from .message import (
     QUEUE_NAME_RULE,
     SEND_OPTIONS,
@@ -160,6 +161,8 @@ class App:
             self.tracer = Tracing()
         self.task(name=COLLECT)(_collect)
         self.task(name=GATHER)(_collect)
+        self.task(name=MAP)(mapper(self, star=False))
+        self.task(name=STARMAP)(mapper(self, star=True))
 
     def __repr__(self) -> str:
         return f"<App namespace={self.settings.namespace!r}>"

@@ -47,7 +47,7 @@ from .task import Signature, pinned_id
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["COLLECT", "chain", "chord", "compose", "group", "is_canvas", "send_canvas"]
+__all__ = ["COLLECT", "chain", "chord", "chunks", "compose", "group", "is_canvas", "send_canvas"]
 
 
 def compose(left: Any, right: Any) -> Any:
@@ -175,6 +175,23 @@ class group(OnError, _Composable):
         members = node["header"] if node["t"] == "chord" else node["tasks"]
         handles: list[TaskHandle[Any]] = [TaskHandle(app.client, final_id(m)) for m in members]
         return GroupHandle(app.client, handles, group_id)
+
+
+class chunks(group):
+    """Celery's `task.chunks(items, n)`: a group of `task.starmap` signatures of `n` items
+    each. Sent, its result is the list of each chunk's list of results."""
+
+    __slots__ = ()
+
+    def __init__(self, task: Any, items: Iterable[Iterable[Any]], n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"chunks need a size of at least 1, got {n!r}")
+        calls = [list(args) for args in items]
+        super().__init__([task.starmap(calls[i : i + n]) for i in range(0, len(calls), n)])
+
+    def group(self) -> group:
+        """The chunks as a plain group (Celery's `chunks.group()`)."""
+        return group(self.tasks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,10 @@ COLLECT = "aiotasks.collect"
 #: The built-in task passing a chord's header results on to a body that is a canvas (a
 #: group, a chord): as COLLECT, but its chord fails with ChordError, as chords one writes do.
 GATHER = "aiotasks.gather"
+#: The built-in tasks of Celery's `task.map(items)` and `task.starmap(items)`: called as
+#: (task name, items), each calls that task on every item in turn (maps.py).
+MAP = "aiotasks.map"
+STARMAP = "aiotasks.starmap"
 
 #: Fields of a stream entry, in the order Lua writes them. Lua reads them by name.
 ENTRY_FIELDS = ("v", "id", "ct", "m", "exp", "r", "cid", "cix", "tail", "err", "sig")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import adapt
+from .contract import MAP, STARMAP
 from .handle import TaskHandle
 from .keys import new_id, shard_of
 from .message import Message, check_options, now
@@ -372,6 +373,28 @@ class Task(Generic[P, R]):
         """An immutable Signature: in a chain or as a callback it ignores the previous
         result and gets only these arguments."""
         return Signature(self.name, tuple(args), dict(kwargs), app=self.app, immutable=True)
+
+    def map(self, items: Iterable[Any]) -> Signature:
+        """Celery's `task.map(items)`: one task that calls this one on each item in turn,
+        on one worker; its result is the list of their results. It goes to this task's
+        queue."""
+        return self._each(MAP, list(items))
+
+    def starmap(self, items: Iterable[Iterable[Any]]) -> Signature:
+        """Celery's `task.starmap(items)`: as `map`, each item a tuple of arguments."""
+        return self._each(STARMAP, [list(args) for args in items])
+
+    def chunks(self, items: Iterable[Iterable[Any]], n: int) -> Any:
+        """Celery's `task.chunks(items, n)`: a group of `starmap` tasks of `n` items each
+        (the last may have fewer); its result is the list of their lists. `.group()`
+        gives it as a plain group."""
+        from .canvas import chunks
+
+        return chunks(self, items, n)
+
+    def _each(self, builtin: str, items: list[Any]) -> Signature:
+        queue = self.opts.queue or self.app.route(self.name)
+        return Signature(builtin, (self.name, items), app=self.app).set(queue=queue)
 
     def key_of(self, argument: str | None, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         """The flow-control key of a call: the task name, plus the value of `argument`.

@@ -1,0 +1,89 @@
+"""Celery's `task.map`, `task.starmap` and `task.chunks`, on a real worker: one task
+calls another on each item in turn; chunks are a group of such tasks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from aiotasks import App, TaskFailed, Worker, chain, group
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+def register(app: App) -> dict[str, Any]:
+    @app.task(name="maps.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="maps.double", queue="other")
+    def double(x: int) -> int:  # a plain def: run in a thread
+        time.sleep(0.001)
+        return x * 2
+
+    @app.task(name="maps.check")
+    async def check(x: int) -> int:
+        if x < 0:
+            raise ValueError(f"negative: {x}")
+        return x
+
+    @app.task(name="maps.tsum")
+    async def tsum(values: list[Any]) -> int:
+        return sum(sum(v) if isinstance(v, list) else v for v in values)
+
+    return {"add": add, "double": double, "check": check, "tsum": tsum}
+
+
+async def test_map_and_starmap_run_each_item_in_one_task(app: App, worker: StartWorker) -> None:
+    t = register(app)
+    await worker(queues=["default", "other"])
+    sig = t["double"].map(range(5))
+    assert sig.name == "aiotasks.map" and sig.options["queue"] == "other"  # the task's queue
+    h = await sig.delay()
+    assert await h.result(timeout=10) == [0, 2, 4, 6, 8]
+    h = await t["add"].starmap([(1, 2), (3, 4), [5, 6]]).send()
+    assert await h.result(timeout=10) == [3, 7, 11]
+    assert await (await t["add"].map([]).send()).result(timeout=10) == []
+    # In a canvas like any signature: a chord body gets the list.
+    h = await (group(t["double"].map([1, 2]), t["add"].s(1, 1)) | t["tsum"].s()).send()
+    assert await h.result(timeout=10) == 8
+    h = await chain(t["add"].starmap([(1, 1)]), t["tsum"].s()).send()
+    assert await h.result(timeout=10) == 2
+
+
+async def test_an_item_that_fails_fails_the_map(app: App, worker: StartWorker) -> None:
+    t = register(app)
+    await worker()
+    h = await t["check"].map([1, -2, 3]).send()
+    with pytest.raises(TaskFailed) as failed:
+        await h.result(timeout=10)
+    assert failed.value.exc_type == "ValueError" and "negative: -2" in str(failed.value)
+
+
+async def test_a_map_of_a_task_the_worker_does_not_know_fails_saying_so(
+    app: App, worker: StartWorker
+) -> None:
+    register(app)
+    await worker()
+    h = await app.send_task("aiotasks.map", ("maps.nobody", [1]))
+    with pytest.raises(TaskFailed, match="no task named 'maps.nobody'"):
+        await h.result(timeout=10)
+
+
+async def test_chunks_are_a_group_of_starmaps(app: App, worker: StartWorker) -> None:
+    t = register(app)
+    await worker()
+    pairs = list(zip(range(10), range(10), strict=True))
+    c = t["add"].chunks(pairs, 4)
+    assert [len(s.args[1]) for s in c.tasks] == [4, 4, 2]
+    g = await c.send()
+    assert await g.results(timeout=10) == [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18]]
+    g = await t["add"].chunks(pairs[:3], 2)()  # Celery calls it
+    assert await g.results(timeout=10) == [[0, 2], [4]]
+    h = await (t["add"].chunks(pairs[:4], 3).group() | t["tsum"].s()).send()
+    assert await h.result(timeout=10) == 12
+    with pytest.raises(ValueError, match="at least 1"):
+        t["add"].chunks(pairs, 0)
