@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -136,6 +136,9 @@ class Run(Protocol):
     when it is asked for: most bodies never ask."""
 
     def context(self) -> TaskContext: ...
+
+    async def in_thread(self, call: Callable[[], Any]) -> Any:
+        """Run a `def` body in one of the worker's threads (counted, limited)."""
 
 
 #: The running task: its context, or the worker's run that makes it on first use.

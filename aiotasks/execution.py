@@ -563,13 +563,15 @@ class Execution:
         if task.is_async:
             coro = task.fn(*args, **kwargs)
             return await Interruptible(coro, self.limits)  # type: ignore[arg-type]
+        return await self.in_thread(partial(task.fn, *args, **kwargs))
+
+    async def in_thread(self, call: Callable[[], Any]) -> Any:
+        """Run a `def` body in one of the worker's threads: counted (a stop waits for it,
+        or leaves without it), within the worker's thread limit."""
         from anyio.to_thread import run_sync  # loaded with the first `def` task only
 
         return await run_sync(
-            self.rt.threads.call,
-            partial(task.fn, *args, **kwargs),
-            abandon_on_cancel=True,
-            limiter=self.rt.thread_limiter(),
+            self.rt.threads.call, call, abandon_on_cancel=True, limiter=self.rt.thread_limiter()
         )
 
     # -- timers ------------------------------------------------------------------------

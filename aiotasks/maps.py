@@ -1,15 +1,19 @@
 """Celery's `task.map`, `task.starmap` and `task.chunks`: one task that calls another on
 each item of a list in turn, in the worker that runs it, and returns their results.
 
-Many small calls cost one message, one fetch and one result instead of one each; the
-price is that they run one after another and share that task's timeouts and retries.
+Many small calls cost one message, one fetch and one result instead of one each. The
+price: they run one after another, under the map task's own timeouts and retries, not
+the mapped task's, and its rate and concurrency limits do not apply to them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
+
+from .context import TaskContext, _current
 
 if TYPE_CHECKING:
     from .app import App
@@ -22,12 +26,17 @@ def mapper(app: App, star: bool) -> Callable[[str, list[Any]], Awaitable[list[An
         t = app.tasks.get(task)
         if t is None:
             raise LookupError(f"no task named {task!r} is registered on this worker")
+        worker_run = _current.get()
         out = []
         for item in items:
             args, kwargs = t.load_args(tuple(item) if star else (item,), {})
             if t.is_async:
                 out.append(await t(*args, **kwargs))  # inside this task's context
-            else:  # a plain def runs in a thread, as a task of its own would
+            elif worker_run is not None and not isinstance(worker_run, TaskContext):
+                # In the worker's threads, as a `def` task of its own runs: a stop
+                # counts it, and waits for it or leaves without it.
+                out.append(await worker_run.in_thread(partial(t.fn, *args, **kwargs)))
+            else:  # the map task called directly (`await task(...)`), not by a worker
                 out.append(await asyncio.to_thread(t.fn, *args, **kwargs))
         return out
 

@@ -24,9 +24,15 @@ log = logging.getLogger("aiotasks.worker")
 SHOWN = 10
 
 
+def _own(names: Iterable[str]) -> frozenset[str]:
+    """The app's own task names, without the built-ins (`aiotasks.*`): a worker of another
+    version, with other built-ins, runs the same tasks."""
+    return frozenset(n for n in names if not n.startswith("aiotasks."))
+
+
 def describe(names: Iterable[str]) -> dict[str, str]:
     """The fields a worker adds to its description: its task names, and their digest."""
-    text = json.dumps(sorted(names))
+    text = json.dumps(sorted(_own(names)))
     return {"tasks": text, "tasks_digest": hashlib.sha1(text.encode()).hexdigest()[:16]}
 
 
@@ -53,7 +59,7 @@ async def live_peers(client: Client, me: str, queues: Collection[str]) -> list[P
             continue  # expired (a dead worker), or a version that does not publish tasks
         shared = frozenset(raw_queues.decode().split(",")) & frozenset(queues)
         if shared:
-            peers.append(Peer(name, shared, frozenset(json.loads(raw_tasks))))
+            peers.append(Peer(name, shared, _own(json.loads(raw_tasks))))
     return peers
 
 
@@ -68,6 +74,7 @@ async def warn_if_tasks_differ(
     client: Client, me: str, queues: Collection[str], mine: Collection[str]
 ) -> None:
     """Log one WARNING when a live worker sharing a queue registers other tasks."""
+    mine = _own(mine)
     peers = [p for p in await live_peers(client, me, queues) if p.tasks != frozenset(mine)]
     if not peers:
         return

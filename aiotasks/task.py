@@ -20,6 +20,7 @@ from .spellings import OnError
 
 if TYPE_CHECKING:
     from .app import App
+    from .canvas import chunks as Chunks
     from .execution import RunOptions
 
 P = ParamSpec("P")
@@ -378,23 +379,32 @@ class Task(Generic[P, R]):
         """Celery's `task.map(items)`: one task that calls this one on each item in turn,
         on one worker; its result is the list of their results. It goes to this task's
         queue."""
-        return self._each(MAP, list(items))
+        items = list(items)
+        return self._each(MAP, items, ([item] for item in items))
 
     def starmap(self, items: Iterable[Iterable[Any]]) -> Signature:
         """Celery's `task.starmap(items)`: as `map`, each item a tuple of arguments."""
-        return self._each(STARMAP, [list(args) for args in items])
+        calls = [list(args) for args in items]
+        return self._each(STARMAP, calls, calls)
 
-    def chunks(self, items: Iterable[Iterable[Any]], n: int) -> Any:
+    def chunks(self, items: Iterable[Iterable[Any]], n: int) -> Chunks:
         """Celery's `task.chunks(items, n)`: a group of `starmap` tasks of `n` items each
         (the last may have fewer); its result is the list of their lists. `.group()`
         gives it as a plain group."""
-        from .canvas import chunks
+        return self.app.chunks(self, items, n)  # canvas.py imports this module
 
-        return chunks(self, items, n)
-
-    def _each(self, builtin: str, items: list[Any]) -> Signature:
-        queue = self.opts.queue or self.app.route(self.name)
-        return Signature(builtin, (self.name, items), app=self.app).set(queue=queue)
+    def _each(self, builtin: str, items: list[Any], calls: Iterable[Sequence[Any]]) -> Signature:
+        for args in calls:  # refused here, not on the worker after the first items ran
+            self.check_args(args, {})
+        options: dict[str, Any] = {"queue": self.opts.queue or self.app.route(self.name)}
+        if self.opts.priority is not None:
+            options["priority"] = self.opts.priority
+        if self.opts.serializer is not None:
+            options["serializer"] = self.opts.serializer
+        # Immutable, as Celery's xmap: in a chain or as a chord body it keeps its items
+        # instead of taking the previous result as a third argument.
+        sig = Signature(builtin, (self.name, items), app=self.app, immutable=True)
+        return sig.set(**options)
 
     def key_of(self, argument: str | None, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         """The flow-control key of a call: the task name, plus the value of `argument`.

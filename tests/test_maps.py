@@ -3,13 +3,14 @@ calls another on each item in turn; chunks are a group of such tasks."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from aiotasks import App, TaskFailed, Worker, chain, group
+from aiotasks import App, TaskFailed, Worker, chain, chord, group
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -30,11 +31,15 @@ def register(app: App) -> dict[str, Any]:
             raise ValueError(f"negative: {x}")
         return x
 
+    @app.task(name="maps.where", priority=7, serializer="json")
+    def where(x: int) -> str:
+        return threading.current_thread().name
+
     @app.task(name="maps.tsum")
     async def tsum(values: list[Any]) -> int:
         return sum(sum(v) if isinstance(v, list) else v for v in values)
 
-    return {"add": add, "double": double, "check": check, "tsum": tsum}
+    return {"add": add, "double": double, "check": check, "where": where, "tsum": tsum}
 
 
 async def test_map_and_starmap_run_each_item_in_one_task(app: App, worker: StartWorker) -> None:
@@ -52,6 +57,37 @@ async def test_map_and_starmap_run_each_item_in_one_task(app: App, worker: Start
     assert await h.result(timeout=10) == 8
     h = await chain(t["add"].starmap([(1, 1)]), t["tsum"].s()).send()
     assert await h.result(timeout=10) == 2
+
+
+async def test_a_map_keeps_its_items_where_a_canvas_passes_a_result(
+    app: App, worker: StartWorker
+) -> None:
+    """Immutable, as Celery's xmap: after a chain step, as a chord body and with partial
+    arguments it runs its own items (it was refused: too many positional arguments)."""
+    t = register(app)
+    await worker(queues=["default", "other"])
+    h = await chain(t["add"].s(1, 1), t["double"].map([1, 2])).send()
+    assert await h.result(timeout=10) == [2, 4]
+    h = await chord([t["add"].s(1, 1)], t["double"].map([3])).send()
+    assert await h.result(timeout=10) == [6]
+    h = await t["double"].map([4]).delay(99)
+    assert await h.result(timeout=10) == [8]
+    g = await t["add"].chunks([(1, 1), (2, 2)], 1).apply_async((5,))
+    assert await g.results(timeout=10) == [[2], [4]]
+
+
+async def test_a_map_of_a_def_task_runs_in_the_workers_threads_with_its_options(
+    app: App, worker: StartWorker
+) -> None:
+    t = register(app)
+    await worker()
+    sig = t["where"].map([1, 2])
+    assert sig.options == {"queue": "default", "priority": 7, "serializer": "json"}
+    names = await (await sig.send()).result(timeout=10)
+    # The worker's own threads (counted by a stop), not the loop's default executor.
+    assert len(names) == 2 and not any(n.startswith("asyncio") for n in names), names
+    with pytest.raises(TypeError):  # refused when built, not on the worker mid-way
+        t["add"].starmap([(1, 2), (1,)])
 
 
 async def test_an_item_that_fails_fails_the_map(app: App, worker: StartWorker) -> None:
