@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 import weakref
 from collections import Counter
@@ -27,13 +28,15 @@ import msgpack  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Backoff
 from .cancel import cancel_and_wait, keep_cancel
+from .config import redact_url
 from .keys import Keys
-from .outage import Outage
+from .outage import REMIND, Outage
+from .refusals import refusal
 from .topology import notifier_client
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,15 @@ class Watch:
 #: A pub/sub command that failed because the subscription connection is gone (or, for
 #: RuntimeError, not connected yet): the reconnect subscribes every watched channel.
 _GONE = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
+
+
+class _Refused:
+    """Why a subscription is gone: Redis refused the (S)SUBSCRIBE."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: ResponseError) -> None:
+        self.exc = exc
 
 
 class _StartAgain(Exception):
@@ -129,6 +141,7 @@ class Notifier:
         # 95 bytes per push reply (benchmarks/notifier_rss.py measures it).
         if redis is None:
             redis = notifier_client(url)
+        self._url = redact_url(url)
         self._redis = redis
         self._pick = pick
         self._mark = mark
@@ -152,8 +165,8 @@ class Notifier:
         self._reader: asyncio.Task[None] | None = None
         #: What a channel's subscription is for, where a refusal should say it (listen).
         self._why: dict[str, str] = {}
-        #: The refusal logged last, said once until a subscription works again.
-        self._refusal_said: str | None = None
+        #: The refusal logged last, and when: said again only once REMIND s have passed.
+        self._refusal_said: tuple[str, float] | None = None
         #: Subscription upkeep left behind by waiters that were cancelled.
         self._leaving_tasks: set[asyncio.Task[None]] = set()
         self._cmd_lock = asyncio.Lock()
@@ -197,6 +210,8 @@ class Notifier:
             yield w
         finally:
             await self._remove(channel, w)
+            if channel not in self._watches:
+                self._why.pop(channel, None)
 
     @asynccontextmanager
     async def watch_reply(self, task_id: str) -> AsyncIterator[Watch]:
@@ -360,7 +375,7 @@ class Notifier:
 
     async def _next(
         self, pubsub: PubSub
-    ) -> tuple[dict[str, Any] | None, str | BaseException | None]:
+    ) -> tuple[dict[str, Any] | None, str | BaseException | _Refused | None]:
         """The next message (None: none yet), or why the subscription is gone: a lost
         connection's error, or a message ("" when that needs no warning)."""
         try:
@@ -370,7 +385,7 @@ class Notifier:
         except ResponseError as exc:
             # A refused (S)SUBSCRIBE: MOVED (a node's slot map behind a move),
             # CLUSTERDOWN, LOADING, NOPERM... Subscribe again, on the node asked anew.
-            return None, self._refused(exc)
+            return None, _Refused(exc)
         except RuntimeError:
             # redis-py's "pubsub connection not set": nothing subscribed yet (wait),
             # or the first subscribe could not connect (as good as a lost connection).
@@ -379,20 +394,10 @@ class Notifier:
                 return None, None
             return None, ""
 
-    def _refused(self, exc: ResponseError) -> str:
-        channels = ", ".join(
-            f"{c} ({self._why[c]})" if c in self._why else c for c in sorted(self._watches)
-        )
-        why = (
-            f"NOPERM {exc}: the ACL user lacks a permission, see the README's ACL line"
-            if isinstance(exc, NoPermissionError)
-            else str(exc)
-        )
-        return f"Redis refused to subscribe to {channels or 'a channel'} ({why}); trying again"
-
     async def _read(self, pubsub: PubSub) -> None:
         backoff = Backoff(start=0.05, cap=2.0)
         lost = False
+        down = False  # the connection was lost, and "reconnected" is not said yet
         while True:
             msg, gone = await self._next(pubsub)
             if gone is None:
@@ -400,7 +405,6 @@ class Notifier:
                     self._dispatch(msg)
                     if msg["type"] != "sunsubscribe":
                         backoff.reset()  # a working subscription, not one refused again
-                        self._refusal_said = None
                 if not self._dropped:
                     continue
                 # The slot moved: its new owner's shard is where its messages go now.
@@ -409,18 +413,20 @@ class Notifier:
             self._reply_live = False  # from here on, a reply may be missed
             self._say_gone(gone, lost)
             lost = True
+            down = down or isinstance(gone, BaseException) or gone == ""
             await asyncio.sleep(backoff.next())
             try:
                 pubsub = await self._reconnect(pubsub)
             except _GONE:
                 continue
-            if not isinstance(gone, str) or not gone.startswith("Redis refused"):
-                self._say_back()  # the connection was lost (a refusal is said once)
+            if down:  # not after a refusal only: the connection was never lost
+                self._say_back()
+                down = False
             lost = False
             self.reconnects += 1
             self._broadcast((RECONNECTED, None, None))
 
-    def _say_gone(self, gone: str | BaseException, again: bool) -> None:
+    def _say_gone(self, gone: str | BaseException | _Refused, again: bool) -> None:
         """Log why the subscription is gone: once per loss (`again`: said already), or
         through the worker's Outage, which says it once for all its loops."""
         if isinstance(gone, BaseException):
@@ -428,14 +434,28 @@ class Notifier:
                 self.outage.failed("result listener", gone)
             elif not again:
                 log.warning("lost Redis (%s); reconnecting with backoff", gone)
-        elif gone.startswith("Redis refused"):
-            if gone == self._refusal_said:  # refused again, as said already
-                log.debug("%s", gone)
-            else:
-                self._refusal_said = gone
-                log.log(logging.ERROR if "NOPERM" in gone else logging.WARNING, "%s", gone)
+        elif isinstance(gone, _Refused):
+            self._say_refused(gone.exc)
         elif gone and not again:
             log.warning("%s", gone)
+
+    def _say_refused(self, exc: ResponseError) -> None:
+        """Say a refused subscription once (again every REMIND s while it lasts): a
+        NOPERM at ERROR, naming what the refused channels bring; MOVED, LOADING and the
+        like, which a retry gets past, at WARNING."""
+        key, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+        said = self._refusal_said
+        if said is not None and said[0] == key and now - said[1] < REMIND:
+            log.debug("Redis refused a subscription again (%s)", exc)
+            return
+        self._refusal_said = (key, now)
+        named = [f"{c} ({self._why[c]})" for c in sorted(self._watches) if c in self._why]
+        others = len(self._watches) - len(named)
+        if others:
+            named.append(f"{others} other channel{'s' * (others != 1)}")
+        err = refusal(self._url, exc, "a subscription to " + (", ".join(named) or "a channel"))
+        level = logging.ERROR if err.code == "NOPERM" else logging.WARNING
+        log.log(level, "%s; trying again", err)
 
     def _say_back(self) -> None:
         if self.outage is not None:

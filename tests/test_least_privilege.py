@@ -214,7 +214,7 @@ async def test_a_worker_refused_its_control_channel_runs_tasks_and_says_so_once(
         await app.close()
     out = w.output()
     assert "Traceback" not in out, out
-    said = [line for line in out.splitlines() if "refused to subscribe" in line]
+    said = [line for line in out.splitlines() if "refused a subscription" in line]
     assert len(said) == 1, out
     assert "ERROR" in said[0] and "NOPERM" in said[0] and "revoke" in said[0], out
     assert PASSWORD not in out
