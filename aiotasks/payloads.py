@@ -29,7 +29,7 @@ ENTRY, SCHEDULED, FAILURE, DEAD = "entry", "scheduled", "failure", "dead letter"
 #: Dead letters read, newest first, to find a task's: a long dead stream is not read whole.
 DEAD_SCAN_LIMIT = 1000
 #: The errors a task ends with when its message was dead-lettered (worker.py).
-DEAD_LETTERED = frozenset({"UnknownTask", "DecodeError", "MaxDeliveriesExceeded"})
+DEAD_LETTERED = frozenset({"UnknownTask", "DecodeError", "SignatureError", "MaxDeliveriesExceeded"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +131,8 @@ async def read(client: Client, task_id: str, h: dict[bytes, bytes] | None = None
     if b"payload" in h:
         try:
             kept = _fields(msgpack.unpackb(h[b"payload"], raw=True, strict_map_key=False))
-        except Exception:  # written by another version: nothing to show
-            return None
+        except Exception as exc:  # written by hand, or by another version: say so
+            return Payload(name="?", source=FAILURE, error=f"{type(exc).__name__}: {exc}")
         ct = _text(kept.get("ct")) or "msgpack"
         return decode(kept.get("m", b""), ct, kept, FAILURE, limit)
     if b"_rec" in h:

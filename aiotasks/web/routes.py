@@ -213,16 +213,17 @@ class Dashboard:
 
     async def task_page(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
+        # "../", or deeper for an id whose "/" came unencoded (typed, or decoded by a
+        # proxy): the page's links, and those of the parts its stream sends, go up as far.
         root = _root(request)
-        if root != "../":  # an id's "/" not encoded (typed, or pasted): the page's own URL
-            return RedirectResponse(f"{root}tasks/{quote(task_id, safe='')}", status_code=308)
         detail = await read_task(self.admin, task_id)
         if detail is None:
-            html = self.render("missing.html", root="../", page="tasks", task_id=task_id, csrf="")
+            html = self.render("missing.html", root=root, page="tasks", task_id=task_id, csrf="")
             return HTMLResponse(html, status_code=404)
+        depth = root.count("../")
+        stream = f"events/task/{quote(task_id, safe='')}" + (f"?depth={depth}" * (depth > 1))
         return self.page(
-            request, "task.html", root="../", page="task", d=detail, view="task",
-            stream=f"events/task/{quote(task_id, safe='')}",
+            request, "task.html", root=root, page="task", d=detail, view="task", stream=stream,
         )  # fmt: skip
 
     async def dead(self, request: Request) -> Response:
@@ -271,10 +272,11 @@ class Dashboard:
 
     async def task_stream(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
+        root = "../" * _int(request.query_params.get("depth"), 1, _DEPTHS)
 
         async def render() -> str:
             detail = await read_task(self.admin, task_id)
-            return self.render("_task.html", root="../", d=detail, csrf="")
+            return self.render("_task.html", root=root, d=detail, csrf="")
 
         async def events() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
@@ -357,8 +359,9 @@ class Dashboard:
 
 def _dead_done(verb: str, n: int, f: dict[str, str]) -> str:
     if n == 0:  # a page behind another's requeue or drop
-        what = "That dead letter is" if _entries(f) else "The dead letters are"
-        return f"{what} gone already (requeued or dropped meanwhile): nothing to do."
+        what = "that dead letter" if _entries(f) else "the dead letters"
+        why = "gone" if verb == "Dropped" else "gone, or hold no message to run"
+        return f"{verb} none: {what} of queue {f['queue']} may be {why} (reload the page)."
     return f"{verb} {n} dead letter{'s' * (n != 1)} of queue {f['queue']}."
 
 
@@ -410,6 +413,10 @@ def _answer(request: Request, fields: dict[str, str], status: int, message: str)
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+#: How deep a task's page may be (its id's unencoded "/"s), for its stream's parts.
+_DEPTHS = tuple(range(1, 65))
 
 
 def _int(raw: str | None, default: int, allowed: tuple[int, ...]) -> int:
