@@ -336,7 +336,9 @@ async def _batches(ids: list[str] | AsyncIterator[list[str]]) -> AsyncIterator[l
 
 def _searcher(text: str) -> Callable[[TaskInfo], bool]:
     """The dashboard's search box: what a user typing part of a name or an id means."""
-    pattern = text.lower() if any(c in text for c in "*?[") else f"*{text.lower()}*"
+    # `*` and `?` are wildcards, `[` is itself: as app.js matches rows added live.
+    lowered = text.lower().replace("[", "[[]")
+    pattern = lowered if "*" in text or "?" in text else f"*{lowered}*"
     return lambda info: (
         info.id.startswith(text) or fnmatch.fnmatchcase((info.name or "").lower(), pattern)
     )

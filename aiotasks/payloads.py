@@ -28,7 +28,7 @@ ENTRY, SCHEDULED, FAILURE, DEAD = "entry", "scheduled", "failure", "dead letter"
 
 #: Dead letters read, newest first, to find a task's: a long dead stream is not read whole.
 DEAD_SCAN_LIMIT = 1000
-#: The errors a task ends with when its message was dead-lettered (worker.py).
+#: The errors a task ends with when the worker dead-lettered its message.
 DEAD_LETTERED = frozenset({"UnknownTask", "DecodeError", "SignatureError", "MaxDeliveriesExceeded"})
 
 

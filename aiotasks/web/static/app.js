@@ -45,7 +45,7 @@
   // or the start of an id.
   function searched(text, c) {
     if (c.id && c.id.startsWith(text)) return true;
-    const pattern = /[*?[]/.test(text) ? text : "*" + text + "*";
+    const pattern = /[*?]/.test(text) ? text : "*" + text + "*";
     return !!(c.name && glob(pattern).test(c.name));
   }
   function matches(table, c) {
