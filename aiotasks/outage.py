@@ -90,12 +90,13 @@ class Outage:
         self, client: Client, what: str, exc: BaseException, retry_in: float | None = None
     ) -> None:
         """A loop's call to `client` failed: through the outage when the worker waits it
-        out (a lost connection, a failover's refusal), else an ERROR line of its own."""
+        out (a lost connection, a failover's refusal), else an ERROR line of its own,
+        naming this outage's server (a shard's heartbeat goes through the root client)."""
         if client.waits_out(exc):
             self.failed(what, exc, retry_in)
             return
         if isinstance(exc, ResponseError):
-            exc = refusal(client.url, exc, f"the {what}")
+            exc = refusal(self.url, exc, f"the {what}")
         retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
         log.error("%s: %s%s", self.who, exc, retry)
 
