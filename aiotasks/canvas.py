@@ -184,7 +184,9 @@ class chunks(group):
     __slots__ = ()
 
     def __init__(self, task: Any, items: Iterable[Iterable[Any]], n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"a chunk size is a whole number, got {n!r}")
+        if n < 1:
             raise ValueError(f"chunks need a size of at least 1, got {n!r}")
         calls = [list(args) for args in items]
         super().__init__([task.starmap(calls[i : i + n]) for i in range(0, len(calls), n)])

@@ -9,6 +9,7 @@ the mapped task's, and its rate and concurrency limits do not apply to them.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,11 @@ from .context import TaskContext, _current
 
 if TYPE_CHECKING:
     from .app import App
+
+#: Seconds of items run back to back before the map lets the worker's loop turn: items
+#: that never await would otherwise hold off every other task and the lease renewals,
+#: and a long map would be taken for a dead worker's and run again.
+TURN = 0.005
 
 
 def mapper(app: App, star: bool) -> Callable[[str, list[Any]], Awaitable[list[Any]]]:
@@ -28,7 +34,11 @@ def mapper(app: App, star: bool) -> Callable[[str, list[Any]], Awaitable[list[An
             raise LookupError(f"no task named {task!r} is registered on this worker")
         worker_run = _current.get()
         out = []
+        turned = time.monotonic()
         for item in items:
+            if time.monotonic() - turned >= TURN:
+                await asyncio.sleep(0)
+                turned = time.monotonic()
             args, kwargs = t.load_args(tuple(item) if star else (item,), {})
             if t.is_async:
                 out.append(await t(*args, **kwargs))  # inside this task's context

@@ -3,6 +3,7 @@ calls another on each item in turn; chunks are a group of such tasks."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aiotasks import App, TaskFailed, Worker, chain, chord, group
+from aiotasks import App, TaskFailed, TaskState, Worker, chain, chord, group
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -123,3 +124,28 @@ async def test_chunks_are_a_group_of_starmaps(app: App, worker: StartWorker) -> 
     assert await h.result(timeout=10) == 12
     with pytest.raises(ValueError, match="at least 1"):
         t["add"].chunks(pairs, 0)
+    with pytest.raises(TypeError, match="whole number"):
+        t["add"].chunks(pairs, 2.5)  # type: ignore[arg-type]
+
+
+async def test_a_long_map_of_items_that_never_await_lets_other_tasks_run(
+    app: App, worker: StartWorker
+) -> None:
+    """Without a turn of the loop between items, a 1.5 s map held off every other task
+    (and the lease renewals: a long one was taken for a dead worker's and run twice)."""
+
+    @app.task(name="maps.spin")
+    async def spin(ms: float) -> int:
+        end = time.perf_counter() + ms / 1000
+        while time.perf_counter() < end:
+            pass
+        return 1
+
+    t = register(app)
+    await worker(concurrency=4)
+    long_map = await spin.map([1.0] * 1500).send()
+    await asyncio.sleep(0.2)
+    quick = await t["add"].send(1, 1)
+    assert await quick.result(timeout=10) == 2
+    assert await long_map.state() == TaskState.STARTED  # served while the map ran
+    assert await long_map.result(timeout=30) == [1] * 1500
