@@ -6,7 +6,8 @@ lines; they share one Outage instead: the first failure is an ERROR, the others 
 reminder every REMIND seconds while it lasts, and a WARNING with its length once a loop
 gets through again: any loop, after a lost connection (one success shows it is back);
 after a refusal (a primary refusing writes after a failover, NOREPLICAS, lets reads
-through), every loop that was refused, or one loop's success would flap it.
+through), any loop's write, or else every loop that was refused: one read's success
+would flap it.
 """
 
 from __future__ import annotations
@@ -100,10 +101,13 @@ class Outage:
         retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
         log.error("%s: %s%s", self.who, exc, retry)
 
-    def ok(self, loop: str) -> None:
+    def ok(self, loop: str, wrote: bool = False) -> None:
         """`loop` got through: say Redis is back (once), unless another loop it refused
-        has not got through yet."""
+        has not got through yet. A call that `wrote` shows that the refusal is over for
+        every loop (Redis refuses writes, not loops); one that only read does not."""
         if self.since is not None:
+            if wrote:
+                self._refused.clear()
             self._refused.pop(loop, None)
             now = time.monotonic()
             if any(now - at < FORGET for at in self._refused.values()):

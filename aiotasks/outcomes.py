@@ -331,7 +331,7 @@ class Outcomes:
                 await (self.scripts or self.client.scripts).finish(
                     streams=self.streams, now_ms=int(now() * 1000), ops=ops
                 )
-                self.outage.ok("store")
+                self.outage.ok("store", wrote=True)
                 return
             except Exception as exc:
                 # Results must land before their entries are acked: keep trying.

@@ -811,7 +811,7 @@ class Worker:
             # blocking reads out on its clock tick): fetch at once, with the time as it is.
             wait = (block_ms, last_tips) if block_ms > 0 else None
         res = await (lane.scripts or lane.client.scripts).fetch(now_ms=now_ms, wait=wait, **common)
-        lane.outage.ok("fetch")
+        lane.outage.ok("fetch")  # not proof that writes go through: an idle one may not write
         if res.get(b"lost"):
             await self.losses.found([s.decode() for s in res[b"lost"]], GROUPS_GONE)
         if res.get(b"group_gone"):
@@ -976,10 +976,12 @@ class Worker:
         )
 
     async def _beat_registration(self, interval: float) -> None:
-        if await self._beat_call(self._register(ttl=max(interval * 3, 10.0))):
+        if await self._beat_call(self._register(ttl=max(interval * 3, 10.0)), wrote=True):
             await self._beat_call(self.losses.found([], REGISTRATION_GONE))
 
-    async def _beat_call(self, call: Awaitable[T], outage: Outage | None = None) -> T | None:
+    async def _beat_call(
+        self, call: Awaitable[T], outage: Outage | None = None, wrote: bool = False
+    ) -> T | None:
         """Await one heartbeat call (to the root shard, or `outage`'s); a failure is logged
         (the next beat tries again)."""
         outage = outage or self.outage
@@ -988,7 +990,7 @@ class Worker:
         except LOOP_ERRORS as exc:
             outage.report(self.client, "heartbeat", exc)
         else:
-            outage.ok("heartbeat")
+            outage.ok("heartbeat", wrote=wrote)
             return result
         return None
 

@@ -501,3 +501,14 @@ def test_an_outage_ends_when_a_loop_gets_through_or_every_refused_one_has(
     outage.failed("fetch", redis.ConnectionError("gone"), 0.1)
     outage.ok("fetch")
     assert outage.since is None
+
+    # A write that gets through shows the refusal is over for every loop (Redis refuses
+    # writes, not loops): the heartbeat refused meanwhile, which beats again only
+    # visibility_timeout / 3 later, must not hold the 'back' line until then (CI saw the
+    # Sentinel NOREPLICAS drill end with no 'back' line at all).
+    outage.failed("fetch", refused, 0.1)
+    outage.failed("heartbeat", refused)
+    outage.ok("periodic scheduler")  # a read: proves nothing
+    assert outage.since is not None
+    outage.ok("store", wrote=True)
+    assert outage.since is None
