@@ -400,6 +400,16 @@ async def test_a_worker_waits_out_noreplicas_behind_sentinel(
         with redis.Redis(port=s.primary.port) as c:
             c.config_set("min-replicas-to-write", 1)
             c.config_set("min-replicas-max-lag", 1)
+            # Start only once the primary takes writes: a replica not yet acked within
+            # the lag refuses the worker's start too (a second, rightly logged, line).
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    c.set("{x}:probe", 1)
+                    break
+                except redis.ResponseError:
+                    assert time.monotonic() < deadline, "the primary never took writes"
+                    time.sleep(0.1)
         app = App(redis_url=s.url, namespace=ns())
         async with app:
 
