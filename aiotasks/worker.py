@@ -691,8 +691,10 @@ class Worker:
         told = self._pause_messages
         try:
             now_paused = frozenset(await Queues(self.app).paused())
-        except CONNECTION_ERRORS:
-            return  # the fetch loop reports the lost connection
+        except LOOP_ERRORS:
+            # Redis gone or refusing (LOADING, an ACL without SMEMBERS): the fetch loop
+            # reports it; this loop must not end the worker over a second's refresh.
+            return
         if told == self._pause_messages:  # else a message came meanwhile: it is newer
             self._set_paused(now_paused)
 

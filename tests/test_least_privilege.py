@@ -220,6 +220,32 @@ async def test_a_worker_refused_its_control_channel_runs_tasks_and_says_so_once(
     assert PASSWORD not in out
 
 
+async def test_a_worker_refused_the_paused_queues_keeps_running_tasks(
+    own_server: OwnServer, namespace: str, spawn_worker: Any
+) -> None:
+    """An ACL without SMEMBERS: the worker's once-a-second read of the paused queues is
+    refused. It keeps running tasks (that read used to end the worker with a traceback)."""
+    url = add_user(own_server, [*acl_rules(namespace), "-smembers"])
+    admin_url = f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{own_server.port}"
+    app = App(redis_url=admin_url, namespace=namespace)
+    w = spawn_worker(module="acl", url=url)
+    try:
+        await wait_consuming(app, w)
+        t = stand_ins(app)
+        for i in range(3):
+            assert await (await t["add"].send(i, 1)).result(timeout=10) == i + 1
+            await asyncio.sleep(1)  # past a refresh of the paused queues
+        assert w.proc.poll() is None, w.output()
+        assert any("smembers" in d for d in denied(own_server)), denied(own_server)
+        w.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(w.wait, 20) == 0
+    finally:
+        await app.close()
+    out = w.output()
+    assert "Traceback" not in out, out
+    assert PASSWORD not in out
+
+
 async def test_an_idle_fetch_falls_back_to_evalsha_when_fcall_is_taken_away(
     own_server: OwnServer, namespace: str
 ) -> None:
