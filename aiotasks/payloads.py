@@ -103,17 +103,37 @@ def decode(m: bytes, ct: str, fields: dict[str, Any], source: str, limit: int) -
         return replace(base, error=str(exc))
     if not isinstance(p, dict) or not isinstance(p.get("name"), str):
         return replace(base, error="not an aiotasks payload")
+    for key, kinds in _SHAPES.items():
+        # Dead letters are where payloads typed anyhow by another producer end up.
+        value = p.get(key)
+        if value is not None and not isinstance(value, kinds):
+            return replace(base, name=p["name"], error=f"'{key}' is a {type(value).__name__}")
     chain = p.get("chain") or []
+    try:
+        next_ids = first_ids(chain[0]) if chain else []
+        link_ids = [i for node in p.get("link") or () for i in first_ids(node)]
+    except (TypeError, KeyError, IndexError, AttributeError) as exc:  # a node typed anyhow
+        return replace(base, name=p["name"], error=f"a malformed canvas node ({exc})")
     return replace(
         base,
         name=p["name"],
         args=list(p.get("args") or []),
         kwargs=dict(p.get("kwargs") or {}),
         opts=dict(p.get("opts") or {}),
-        next_ids=first_ids(chain[0]) if chain else [],
-        link_ids=[i for node in p.get("link") or () for i in first_ids(node)],
+        next_ids=next_ids,
+        link_ids=link_ids,
         body_of=_text(p.get("chord_body")),
     )
+
+
+#: What each part of a payload must be for a page to show it.
+_SHAPES: dict[str, type | tuple[type, ...]] = {
+    "args": (list, tuple),
+    "kwargs": dict,
+    "opts": dict,
+    "chain": (list, tuple),
+    "link": (list, tuple),
+}
 
 
 def _fields(raw: dict[Any, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from aiotasks import App, TaskFailed, TaskState, Worker
+from aiotasks.admin import Admin
 from aiotasks.contract import PROTOCOL
 from tests.helpers import wait_until
 
@@ -177,6 +178,11 @@ async def test_malformed_entry_is_dead_lettered_once_and_never_runs(
     if case == "unregistered ext type":
         assert "extension type 99 is not registered" in reasons[0]
     assert not reasons[0].rstrip().endswith(":"), reasons  # a reason, not an empty one
+    # What `aiotasks inspect` and its dashboard page show of it: from its dead letter,
+    # arguments or why there are none (a payload typed anyhow raised TypeError there).
+    shown = await Admin(app).arguments(task_id)
+    assert shown is not None and shown.where == "dead letter", shown
+    assert shown.error is not None or shown.args == [1], shown
     # A well-formed task still runs after it, and the malformed one never did.
     ok = await (await app.send_task(NAME, args=(7,))).result(timeout=10)
     assert ok == 7 and runs == [7]
