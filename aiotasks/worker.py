@@ -34,7 +34,7 @@ from .index import TaskIndex
 from .keys import PRIORITIES
 from .logs import visible_errors
 from .message import QUEUE_NAME_RULE, is_queue_name, now
-from .outage import LOOP_ERRORS, Outage
+from .outage import LOOP_ERRORS, REMIND, Outage
 from .outcomes import Key, Outcomes
 from .peers import describe, warn_if_tasks_differ
 from .refusals import broker_error
@@ -192,6 +192,7 @@ class Worker:
         self._abandoned: set[Execution] = set()  # bodies that ignored cancellation
         self._runtime = Runtime(app, self.client, self.name, self.thread_limiter, self._abandon)
         self._pause_messages = 0  # pause/resume messages taken up (see _take_up_paused)
+        self._paused_refused: tuple[str, float] | None = None  # (refusal, when said)
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = asyncio.Event()
@@ -691,12 +692,26 @@ class Worker:
         told = self._pause_messages
         try:
             now_paused = frozenset(await Queues(self.app).paused())
-        except LOOP_ERRORS:
-            # Redis gone or refusing (LOADING, an ACL without SMEMBERS): the fetch loop
-            # reports it; this loop must not end the worker over a second's refresh.
+        except LOOP_ERRORS as exc:
+            # Never the end of the worker. A lost connection the fetch loop reports; a
+            # refusal (an ACL without SMEMBERS) only this read meets: said here.
+            if not self.client.waits_out(exc):
+                self._say_paused_refused(exc)
             return
+        self._paused_refused = None
         if told == self._pause_messages:  # else a message came meanwhile: it is newer
             self._set_paused(now_paused)
+
+    def _say_paused_refused(self, exc: BaseException) -> None:
+        """One ERROR line per refusal (again every REMIND s while it lasts), not one a
+        second: pauses cannot be taken up meanwhile, so a paused queue may be served."""
+        key, at = f"{type(exc).__name__}: {exc}", time.monotonic()
+        said = self._paused_refused
+        if said is not None and said[0] == key and at - said[1] < REMIND:
+            return
+        self._paused_refused = (key, at)
+        what = "read of the paused queues (until it works, paused queues are served too)"
+        self.outage.report(self.client, what, exc, PAUSE_REFRESH)
 
     def _set_paused(self, paused: frozenset[str]) -> None:
         if paused == self._runtime.paused:

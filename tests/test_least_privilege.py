@@ -224,7 +224,8 @@ async def test_a_worker_refused_the_paused_queues_keeps_running_tasks(
     own_server: OwnServer, namespace: str, spawn_worker: Any
 ) -> None:
     """An ACL without SMEMBERS: the worker's once-a-second read of the paused queues is
-    refused. It keeps running tasks (that read used to end the worker with a traceback)."""
+    refused. It keeps running tasks (that read used to end the worker with a traceback)
+    and says so once, at ERROR, naming what it cannot do (a line a second before)."""
     url = add_user(own_server, [*acl_rules(namespace), "-smembers"])
     admin_url = f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{own_server.port}"
     app = App(redis_url=admin_url, namespace=namespace)
@@ -243,6 +244,9 @@ async def test_a_worker_refused_the_paused_queues_keeps_running_tasks(
         await app.close()
     out = w.output()
     assert "Traceback" not in out, out
+    said = [line for line in out.splitlines() if "read of the paused queues" in line]
+    assert len(said) == 1, out
+    assert "ERROR" in said[0] and "NOPERM" in said[0] and "served" in said[0], out
     assert PASSWORD not in out
 
 
