@@ -458,6 +458,7 @@ class Notifier:
         log.log(level, "%s; trying again", err)
 
     def _say_back(self) -> None:
+        self._refusal_said = None  # a refusal that comes back is news again
         if self.outage is not None:
             self.outage.ok("result listener")
         else:

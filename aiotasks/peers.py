@@ -25,8 +25,10 @@ SHOWN = 10
 
 
 def _own(names: Iterable[str]) -> frozenset[str]:
-    """The app's own task names, without the built-ins (`aiotasks.*`): a worker of another
-    version, with other built-ins, runs the same tasks."""
+    """The app's own task names, without the built-ins (`aiotasks.*`), which differ by
+    version: a warning at every upgrade would teach operators to ignore it. (A built-in
+    an older worker lacks, `aiotasks.map` before 0.2, is dead-lettered there as
+    UnknownTask: docs/protocol.md.)"""
     return frozenset(n for n in names if not n.startswith("aiotasks."))
 
 
