@@ -374,17 +374,25 @@ class App:
         if len(client.shards) == 1:
             epoch = client.notifier.reconnects  # else each handle reads its shard's
         # A batch is (nearly always) of one task: look its result loader up once.
-        loaders = {name: self._result_loader(name) for name in {m.name for m, _ in built}}
+        loaders = {key: self._result_loader(*key) for key in {_loads(m) for m, _ in built}}
         return [
             # A send that kept a live task of the same id (0) hears of it by reading.
             TaskHandle(
-                client, m.id, loaders[m.name], sent=True, epoch=epoch, box=box if ok else None
+                client, m.id, loaders[_loads(m)], sent=True, epoch=epoch, box=box if ok else None
             )
             for (m, _), box, ok in zip(built, boxes, enqueued, strict=True)
         ]
 
-    def _result_loader(self, name: str) -> Callable[[Any], Any] | None:
-        """`result()` rebuilds the return annotation's type when the task is known here."""
+    def _result_loader(self, name: str, mapped: str | None = None) -> Callable[[Any], Any] | None:
+        """`result()` rebuilds the return annotation's type when the task is known here;
+        a map's (`mapped`: the task it calls) rebuilds each of its results so."""
+        if mapped is not None:
+            each = self._result_loader(mapped)
+            if each is None:
+                return None
+            return lambda results: (
+                [each(r) for r in results] if isinstance(results, list) else results
+            )
         task = self.tasks.get(name)
         if task is None or task.adapter is None or task.adapter.result is None:
             return None
@@ -526,3 +534,10 @@ def check_namespace(namespace: object) -> None:
     """
     if not is_namespace(namespace):
         raise ValueError(f"namespace must be {NAMESPACE_RULE}, got {namespace!r:.60}")
+
+
+def _loads(m: Message) -> tuple[str, str | None]:
+    """What a message's result is rebuilt by: its task, or for a map the task it calls."""
+    if m.name in (MAP, STARMAP) and m.args and isinstance(m.args[0], str):
+        return m.name, m.args[0]
+    return m.name, None

@@ -4,6 +4,7 @@ calls another on each item in turn; chunks are a group of such tasks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -149,3 +150,27 @@ async def test_a_long_map_of_items_that_never_await_lets_other_tasks_run(
     assert await quick.result(timeout=10) == 2
     assert await long_map.state() == TaskState.STARTED  # served while the map ran
     assert await long_map.result(timeout=30) == [1] * 1500
+
+
+@dataclasses.dataclass
+class Pair:
+    low: int
+    high: int
+
+
+async def test_a_maps_results_are_rebuilt_into_the_mapped_tasks_return_type(
+    app: App, worker: StartWorker
+) -> None:
+    """As `result()` rebuilds a task's return annotation, a map's does for each of its
+    results (they came back as dicts); a handle by id still reads plain data."""
+
+    @app.task(name="maps.pair")
+    async def pair(x: int) -> Pair:
+        return Pair(x, x + 1)
+
+    await worker()
+    h = await pair.map([1, 2]).send()
+    assert await h.result(timeout=10) == [Pair(1, 2), Pair(2, 3)]
+    h = await pair.starmap([(5,)]).send()
+    assert await h.result(timeout=10) == [Pair(5, 6)]
+    assert await app.handle(h.id).result(timeout=5) == [{"low": 5, "high": 6}]
