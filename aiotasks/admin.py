@@ -619,10 +619,15 @@ class Admin:
     async def _requeue_all(self, c: Client, queue: str, ids: list[str] | None) -> int:
         if ids is not None:
             return await self._requeue(c, queue, ids)
-        moved, start = 0, "-"
+        # Only the letters there now: a worker may dead-letter a requeued task again
+        # while this runs, and taking those too requeued each letter many times over.
+        newest: list[Any] = await cast(Any, c.redis).xrevrange(c.keys.dead(queue), count=1)
+        if not newest:
+            return 0
+        moved, start, last = 0, "-", _text(newest[0][0])
         while True:
             batch: list[Any] = await cast(Any, c.redis).xrange(
-                c.keys.dead(queue), min=start, count=100
+                c.keys.dead(queue), min=start, max=last, count=100
             )
             if not batch:
                 return moved

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from aiotasks import App, TaskFailed, TaskState, UnknownTask
+from aiotasks.admin import Admin
 from tests.helpers import wait_consuming, wait_until
 
 Spawn = Callable[..., Any]
@@ -180,3 +181,21 @@ async def test_a_task_that_kills_its_worker_takes_none_of_its_batch_mates_along(
     assert err.value.exc_type == "MaxDeliveriesExceeded"
     assert [d[b"id"].decode() for d in await wait_dead_letters(app, 1)] == [killer.id]
     assert "runs alone" in sup.output()
+
+
+async def test_requeueing_every_letter_takes_each_once_while_a_worker_runs(
+    app: App, spawn_worker: Spawn
+) -> None:
+    """`requeue_dead(queue)` (`aiotasks dead-letters requeue QUEUE`) takes the letters
+    there when it starts: a running worker dead-letters the requeued tasks again at once,
+    and the command took those too, each letter many times over (3,800 for 300)."""
+    w = spawn_worker()
+    await wait_consuming(app, w)
+    for _ in range(250):  # more than one batch of the requeue's reads
+        await app.send_task("no.such.task")
+    await wait_dead_letters(app, 250, timeout=20)
+    assert await Admin(app).requeue_dead("default") == 250
+    await wait_dead_letters(app, 250, timeout=20)  # dead-lettered again, once each
+    await asyncio.sleep(0.5)
+    assert len(await dead_letters(app)) == 250
+    await worker_goes_on(app, w)
