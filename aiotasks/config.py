@@ -204,6 +204,9 @@ def _db_problem(path: str, query: str) -> str | None:
     return None
 
 
+#: The environment variable an App reads its shard count from.
+SHARDS_ENV = "AIOTASKS_SHARDS"
+
 #: Upper bound of `shards`: each shard costs a worker one script call per batch.
 MAX_SHARDS = 64
 
@@ -216,7 +219,7 @@ def resolve_shards(explicit: int | None) -> int:
     """
     raw: object = explicit
     if explicit is None:
-        raw = os.environ.get("AIOTASKS_SHARDS", "").strip() or "1"
+        raw = os.environ.get(SHARDS_ENV, "").strip() or "1"
     text = str(raw).strip()
     if isinstance(raw, bool) or not text.isdigit() or not 1 <= int(text) <= MAX_SHARDS:
         raise ValueError(f"shards must be a whole number from 1 to {MAX_SHARDS}, got {raw!r}")

@@ -295,7 +295,22 @@ def with_db(url: str, db: int) -> str:
             "error: './tests/apps/ops.py' is a file path, not a module: give its dotted module "
             "name, as in tests.apps.ops:app",
         ),
-        (["status", "--app", ".ops:app"], {}, "error: '.ops' is a relative module name"),
+        (
+            ["status", "--app", ".ops:app"],
+            {},
+            "error: '.ops' is a relative module name: give the module's full dotted name, as "
+            "in ops:app",  # it suggested '.ops:app', the input itself
+        ),
+        (
+            ["run", "tests.apps.ops:app"],
+            {"AIOTASKS_SHARDS": "abc"},  # it read as the module's error, with a traceback
+            "error: shards must be a whole number from 1 to 64, got 'abc' (from $AIOTASKS_SHARDS)",
+        ),
+        (
+            ["status"],
+            {"AIOTASKS_SHARDS": "0"},  # it read as "a bug in aiotasks?", exit 1
+            "error: shards must be a whole number from 1 to 64, got '0' (from $AIOTASKS_SHARDS)",
+        ),
         (["status", "--queue", "a,b"], {}, "error: --queue 'a,b' is not a queue name"),
         (["send", "ops.add", "--timeout", "3"], {}, "error: --timeout goes with --wait"),
         (["status", "--queue", ""], {}, "error: --queue '' is not a queue name"),
@@ -330,6 +345,9 @@ def with_db(url: str, db: int) -> str:
         (["dead-letters", "list", ""], {}, "error: invalid value for 'queue': '' is not a"),
         (["schedules", "resume", ""], {}, "error: invalid value for 'name': it is empty"),
         (["web", "--host", ""], {}, "error: invalid value for '--host': it is empty"),
+        # `--redis-url "$URL"` with URL unset read as absent: the environment's server.
+        (["status", "--redis-url", ""], {}, "error: invalid value for '--redis-url': it is"),
+        (["run", "tests.apps.ops:app", "--redis-url", " "], {}, "error: invalid value for"),
         (
             ["run", "tests.apps.ops:app", "--metrics-port", "9999", "--metrics-host", ""],
             {},

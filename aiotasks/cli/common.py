@@ -26,7 +26,14 @@ from redis.exceptions import ResponseError
 
 from ..admin import Admin
 from ..app import App
-from ..config import InvalidRedisURL, check_redis_url, env_redis_source, redact_url
+from ..config import (
+    SHARDS_ENV,
+    InvalidRedisURL,
+    check_redis_url,
+    env_redis_source,
+    redact_url,
+    resolve_shards,
+)
 from ..errors import CONNECTION_ERRORS, AiotasksError, BrokerConnectionError
 from ..keys import NAMESPACE_RULE, is_namespace
 from ..message import QUEUE_NAME_RULE, is_queue_name
@@ -49,10 +56,21 @@ AppOption = Annotated[
         help="The App (gives Redis URL and namespace).",
     ),
 ]
+
+
+def given_url(value: str | None) -> str | None:
+    """Typer callback: a --redis-url given empty (`--redis-url "$URL"`, URL unset) is
+    refused, not read as absent: that would reach another server (exit 2)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("it is empty: give a Redis URL, or leave the option out")
+    return value
+
+
 RedisOption = Annotated[
     str | None,
     typer.Option(
-        help="Redis URL (wins over the App's; default $AIOTASKS_REDIS_URL, then $REDIS_URL)."
+        help="Redis URL (wins over the App's; default $AIOTASKS_REDIS_URL, then $REDIS_URL).",
+        callback=given_url,
     ),
 ]
 NamespaceOption = Annotated[
@@ -86,6 +104,7 @@ def _load_app(spec: str) -> App:
 
     An exception raised by the user's module shows its traceback, then the error line.
     """
+    check_env_shards()  # before the user's module makes its App, which reads it
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise fail(f"expected module:attribute (e.g. myproject.tasks:app), got {spec!r}", 2)
@@ -105,6 +124,16 @@ def _load_app(spec: str) -> App:
     return obj
 
 
+def check_env_shards() -> None:
+    """Refuse a $AIOTASKS_SHARDS no App can take (exit 2), naming it: read inside the
+    user's module, it read as that module's error, or as a bug of aiotasks."""
+    if os.environ.get(SHARDS_ENV, "").strip():
+        try:
+            resolve_shards(None)
+        except ValueError as exc:
+            raise fail(f"{exc} (from ${SHARDS_ENV})", 2) from None
+
+
 def _not_a_module_name(name: str) -> str:
     """What is wrong with a MODULE that importlib would misread ('' when nothing)."""
     if "/" in name or "\\" in name or name.endswith(".py"):
@@ -118,6 +147,8 @@ def _as_module(name: str, attr: str) -> str:
     """`name`, a file path, as the MODULE:APP to give instead, for the error's example:
     dotted from the current directory when that names a module, else the file's own name
     from its directory."""
+    if _not_a_module_name(name).startswith("a relative"):  # not a path: dots, a name
+        return f"{name.lstrip('.') or 'module'}:{attr} (the current directory is importable)"
     path = os.path.abspath(name.replace("\\", "/").removesuffix(".py"))
     parts = os.path.relpath(path, os.getcwd()).split(os.sep)
     if all(p.isidentifier() for p in parts):
@@ -163,6 +194,7 @@ def open_app(app_spec: str | None, redis_url: str | None, namespace: str | None)
         # Before anything is imported: `--namespace "$NS"` with NS unset must not reach
         # the default namespace (a purge there would empty the wrong queues).
         raise fail(f"--namespace must be {NAMESPACE_RULE}, got {namespace!r:.60}", 2)
+    check_env_shards()
     app = load_app(app_spec) if app_spec else App(namespace=namespace or "aiotasks")
     changes: dict[str, str] = {}
     if redis_url:

@@ -23,7 +23,7 @@ from ..config import redact_url
 from ..errors import BrokerConnectionError, BrokerRefusedError, ConfigurationError, describe
 from ..slots import MAX_CONCURRENCY
 from ..worker import Worker
-from .common import APP_ENV, check_url, finite, host_address, load_app
+from .common import APP_ENV, check_url, finite, given_url, host_address, load_app
 from .group import fail
 
 #: A typo's guard: each process is a whole worker with its own connections.
@@ -74,7 +74,9 @@ def run(
     ] = 1,
     loop: Annotated[Loop, typer.Option(case_sensitive=False, help="Event loop.")] = Loop.uvloop,
     burst: Annotated[bool, typer.Option(help="Exit once the queues are empty.")] = False,
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL (wins over the App's).")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL (wins over the App's).", callback=given_url)
+    ] = None,
     shutdown_timeout: Annotated[
         float, typer.Option(min=0, help="Seconds running tasks get on SIGTERM.")
     ] = 30.0,
