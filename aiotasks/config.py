@@ -222,7 +222,8 @@ def resolve_shards(explicit: int | None) -> int:
         raw = os.environ.get(SHARDS_ENV, "").strip() or "1"
     text = str(raw).strip()
     if isinstance(raw, bool) or not text.isdigit() or not 1 <= int(text) <= MAX_SHARDS:
-        raise ValueError(f"shards must be a whole number from 1 to {MAX_SHARDS}, got {raw!r}")
+        what = "shards" if explicit is not None else f"${SHARDS_ENV}"
+        raise ValueError(f"{what} must be a whole number from 1 to {MAX_SHARDS}, got {raw!r}")
     return int(text)
 
 

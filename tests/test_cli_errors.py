@@ -304,12 +304,12 @@ def with_db(url: str, db: int) -> str:
         (
             ["run", "tests.apps.ops:app"],
             {"AIOTASKS_SHARDS": "abc"},  # it read as the module's error, with a traceback
-            "error: shards must be a whole number from 1 to 64, got 'abc' (from $AIOTASKS_SHARDS)",
+            "error: $AIOTASKS_SHARDS must be a whole number from 1 to 64, got 'abc'",
         ),
         (
             ["status"],
             {"AIOTASKS_SHARDS": "0"},  # it read as "a bug in aiotasks?", exit 1
-            "error: shards must be a whole number from 1 to 64, got '0' (from $AIOTASKS_SHARDS)",
+            "error: $AIOTASKS_SHARDS must be a whole number from 1 to 64, got '0'",
         ),
         (["status", "--queue", "a,b"], {}, "error: --queue 'a,b' is not a queue name"),
         (["send", "ops.add", "--timeout", "3"], {}, "error: --timeout goes with --wait"),

@@ -86,6 +86,9 @@ def test_shards_must_be_a_whole_number_in_range(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("AIOTASKS_SHARDS", "4")
     assert App().settings.shards == 4
     assert App(shards=2).settings.shards == 2
+    monkeypatch.setenv("AIOTASKS_SHARDS", "many")
+    with pytest.raises(ValueError, match=r"^\$AIOTASKS_SHARDS must be a whole number"):
+        App()  # naming where the value came from
 
 
 async def test_one_queue_spreads_over_every_shard_and_every_task_ends(

@@ -131,7 +131,7 @@ def check_env_shards() -> None:
         try:
             resolve_shards(None)
         except ValueError as exc:
-            raise fail(f"{exc} (from ${SHARDS_ENV})", 2) from None
+            raise fail(str(exc), 2) from None
 
 
 def _not_a_module_name(name: str) -> str:
