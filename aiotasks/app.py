@@ -374,11 +374,16 @@ class App:
         if len(client.shards) == 1:
             epoch = client.notifier.reconnects  # else each handle reads its shard's
         # A batch is (nearly always) of one task: look its result loader up once.
-        loaders = {key: self._result_loader(*key) for key in {_loads(m) for m, _ in built}}
+        loaders = {key: self._result_loader(*key) for key in {_loader_key(m) for m, _ in built}}
         return [
             # A send that kept a live task of the same id (0) hears of it by reading.
             TaskHandle(
-                client, m.id, loaders[_loads(m)], sent=True, epoch=epoch, box=box if ok else None
+                client,
+                m.id,
+                loaders[_loader_key(m)],
+                sent=True,
+                epoch=epoch,
+                box=box if ok else None,
             )
             for (m, _), box, ok in zip(built, boxes, enqueued, strict=True)
         ]
@@ -536,7 +541,7 @@ def check_namespace(namespace: object) -> None:
         raise ValueError(f"namespace must be {NAMESPACE_RULE}, got {namespace!r:.60}")
 
 
-def _loads(m: Message) -> tuple[str, str | None]:
+def _loader_key(m: Message) -> tuple[str, str | None]:
     """What a message's result is rebuilt by: its task, or for a map the task it calls."""
     if m.name in (MAP, STARMAP) and m.args and isinstance(m.args[0], str):
         return m.name, m.args[0]

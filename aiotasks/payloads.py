@@ -86,6 +86,16 @@ def first_ids(node: Any, limit: int = 20) -> list[str]:
     return out[:limit]
 
 
+#: What each part of a payload must be for a page to show it.
+_SHAPES: dict[str, type | tuple[type, ...]] = {
+    "args": (list, tuple),
+    "kwargs": dict,
+    "opts": dict,
+    "chain": (list, tuple),
+    "link": (list, tuple),
+}
+
+
 def decode(m: bytes, ct: str, fields: dict[str, Any], source: str, limit: int) -> Payload:
     """A payload from its encoded bytes and entry fields (`cid`, `cix`, `tail`, `r`)."""
     cix, retries = _text(fields.get("cix")), _text(fields.get("r"))
@@ -124,16 +134,6 @@ def decode(m: bytes, ct: str, fields: dict[str, Any], source: str, limit: int) -
         link_ids=link_ids,
         body_of=_text(p.get("chord_body")),
     )
-
-
-#: What each part of a payload must be for a page to show it.
-_SHAPES: dict[str, type | tuple[type, ...]] = {
-    "args": (list, tuple),
-    "kwargs": dict,
-    "opts": dict,
-    "chain": (list, tuple),
-    "link": (list, tuple),
-}
 
 
 def _fields(raw: dict[Any, Any]) -> dict[str, Any]:

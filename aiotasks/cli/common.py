@@ -144,9 +144,9 @@ def _not_a_module_name(name: str) -> str:
 
 
 def _as_module(name: str, attr: str) -> str:
-    """`name`, a file path, as the MODULE:APP to give instead, for the error's example:
-    dotted from the current directory when that names a module, else the file's own name
-    from its directory."""
+    """`name`, a file path or a relative module name, as the MODULE:APP to give instead,
+    for the error's example: dotted from the current directory when that names a module
+    (a relative name without its dots), else the file's own name from its directory."""
     if _not_a_module_name(name).startswith("a relative"):  # not a path: dots, a name
         return f"{name.lstrip('.') or 'module'}:{attr} (the current directory is importable)"
     path = os.path.abspath(name.replace("\\", "/").removesuffix(".py"))
