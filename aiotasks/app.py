@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
-from .canvas import COLLECT, compose, send_canvas
+from .canvas import COLLECT, chunks, compose, send_canvas
 from .client import Client
 from .config import RetryPolicy, Settings, check_redis_url, resolve_redis_url, resolve_shards
 from .contract import GATHER, MAP, STARMAP
@@ -293,6 +293,11 @@ class App:
         """Register `fn(ctx)`, called after a running task was revoked (terminate=True)."""
         self.hooks.revoked.append(fn)
         return fn
+
+    def chunks(self, task: Task[Any, Any], items: Iterable[Iterable[Any]], n: int) -> chunks:
+        """`task.chunks(items, n)` (see Task.chunks), built here: the canvas module
+        imports the task module, so the task module reaches it through its App."""
+        return chunks(task, items, n)
 
     def route(self, name: str) -> str:
         """The queue a task name is routed to (task_routes globs, else default_queue)."""

@@ -391,9 +391,7 @@ class Task(Generic[P, R]):
         """Celery's `task.chunks(items, n)`: a group of `starmap` tasks of `n` items each
         (the last may have fewer); its result is the list of their lists. `.group()`
         gives it as a plain group."""
-        from .canvas import chunks  # canvas.py imports this module
-
-        return chunks(self, items, n)
+        return self.app.chunks(self, items, n)  # canvas.py imports this module
 
     def _each(self, builtin: str, items: list[Any], calls: Iterable[Sequence[Any]]) -> Signature:
         for args in calls:  # refused here, not on the worker after the first items ran

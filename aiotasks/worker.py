@@ -698,7 +698,9 @@ class Worker:
             if not self.client.waits_out(exc):
                 self._say_paused_refused(exc)
             return
-        self._paused_refused = None
+        if self._paused_refused is not None:
+            self._paused_refused = None
+            log.warning("worker %s reads the paused queues again: pauses hold", self.name)
         if told == self._pause_messages:  # else a message came meanwhile: it is newer
             self._set_paused(now_paused)
 

@@ -586,3 +586,22 @@ async def test_a_cluster_in_failover_is_waited_out_not_refused(error: Exception)
 
     with pytest.raises(BrokerRefusedError, match="use redis://host:port/db"):
         await app.client.with_retry(policy, single)
+
+
+def test_aiotasks_shards_is_checked_where_an_app_reads_it(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    """A bad $AIOTASKS_SHARDS is the environment's error (not the module's, nor the
+    $AIOTASKS_APP that named it), and an App given shards= never reads it: its commands
+    work as its own module does (a check before the import refused them)."""
+    bad = {"AIOTASKS_SHARDS": "abc"}
+    proc = aiotasks("run", env={**bad, "AIOTASKS_APP": "tests.apps.ops:app"})
+    assert one_error(proc, 2) == (
+        "error: $AIOTASKS_SHARDS must be a whole number from 1 to 64, got 'abc'"
+    )
+    (tmp_path / "own_shards.py").write_text("from aiotasks import App\n\napp = App(shards=1)\n")
+    conn = ["--redis-url", redis_url, "--namespace", namespace]
+    proc = aiotasks(
+        "status", "--app", "own_shards:app", *conn, env={**bad, "PYTHONPATH": str(tmp_path)}
+    )
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stdout + proc.stderr

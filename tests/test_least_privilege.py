@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import re
 import shutil
@@ -240,6 +241,38 @@ async def test_a_worker_refused_the_paused_queues_keeps_running_tasks(
     said = [line for line in lines if "read of the paused queues" in line]
     assert len(said) == 1, lines
     assert "ERROR" in said[0] and "NOPERM" in said[0] and "served" in said[0], lines
+
+
+async def test_a_worker_says_when_it_reads_the_paused_queues_again(
+    own_server: OwnServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Told at ERROR that paused queues are served, an operator is told when pauses hold
+    again: the permission given back, the next read says so, once."""
+    caplog.set_level(logging.INFO, logger="aiotasks")
+    url = add_user(own_server, [*acl_rules(namespace), "-smembers"])
+    app = App(redis_url=url, namespace=namespace)
+    w = app.worker()
+    run = asyncio.create_task(w.run())
+    try:
+
+        def said(words: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+        deadline = time.monotonic() + 10
+        while not said("read of the paused queues"):
+            assert time.monotonic() < deadline, "the refusal was never said"
+            await asyncio.sleep(0.1)
+        with admin(own_server) as r:
+            r.execute_command("ACL", "SETUSER", "app", "+smembers")
+        while not said("reads the paused queues again"):
+            assert time.monotonic() < deadline + 10, "the all-clear was never said"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # past another read
+        assert len(said("reads the paused queues again")) == 1
+    finally:
+        w.stop()
+        await run
+        await app.close()
 
 
 async def test_an_idle_fetch_falls_back_to_evalsha_when_fcall_is_taken_away(

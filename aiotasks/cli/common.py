@@ -89,7 +89,7 @@ def load_app(spec: str) -> App:
     try:
         return _load_app(spec)
     except CliError as exc:
-        if not _spec_from_environment(spec):
+        if not _spec_from_environment(spec) or str(exc).startswith("$"):  # says its own
             raise
         raise CliError(f"{exc} (MODULE:APP from ${APP_ENV})", exc.code, exc.detail) from None
 
@@ -104,7 +104,6 @@ def _load_app(spec: str) -> App:
 
     An exception raised by the user's module shows its traceback, then the error line.
     """
-    check_env_shards()  # before the user's module makes its App, which reads it
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise fail(f"expected module:attribute (e.g. myproject.tasks:app), got {spec!r}", 2)
@@ -125,8 +124,8 @@ def _load_app(spec: str) -> App:
 
 
 def check_env_shards() -> None:
-    """Refuse a $AIOTASKS_SHARDS no App can take (exit 2), naming it: read inside the
-    user's module, it read as that module's error, or as a bug of aiotasks."""
+    """Refuse a $AIOTASKS_SHARDS no App can take (exit 2), naming it, before a bare
+    App() reads it (it read as a bug of aiotasks)."""
     if os.environ.get(SHARDS_ENV, "").strip():
         try:
             resolve_shards(None)
@@ -168,6 +167,10 @@ def _import(name: str) -> ModuleType:
         error = exc
     except Exception as exc:  # the user's module raised while importing: show where
         error = exc
+        if isinstance(exc, ValueError) and str(exc).startswith(f"${SHARDS_ENV} "):
+            # Its App() read a bad $AIOTASKS_SHARDS: the environment's error, not the
+            # module's (an App given shards= never reads it, so it is not checked first).
+            raise fail(str(exc), 2) from None
     message = f"importing {name!r} raised {type(error).__name__}: {error}"
     raise fail(message, 2, detail=_user_traceback(error)) from None
 
@@ -194,7 +197,8 @@ def open_app(app_spec: str | None, redis_url: str | None, namespace: str | None)
         # Before anything is imported: `--namespace "$NS"` with NS unset must not reach
         # the default namespace (a purge there would empty the wrong queues).
         raise fail(f"--namespace must be {NAMESPACE_RULE}, got {namespace!r:.60}", 2)
-    check_env_shards()
+    if not app_spec:
+        check_env_shards()  # the bare App reads it
     app = load_app(app_spec) if app_spec else App(namespace=namespace or "aiotasks")
     changes: dict[str, str] = {}
     if redis_url:
