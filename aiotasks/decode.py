@@ -196,6 +196,25 @@ def _payload(fields: dict[bytes, bytes], ct: str, max_size: int) -> dict[str, An
         p = codec.decode(data, ct, max_size)
     except SerializationError as exc:
         raise DecodeError(str(exc)) from None
+    return _shape(p)
+
+
+def checked_payload(p: Any) -> dict[str, Any]:
+    """A decoded payload, checked as a worker checks it before running it, canvas and
+    options included (what a page says of a dead letter).
+
+    Raises:
+        DecodeError: naming what is wrong.
+    """
+    checked = _shape(p)
+    if "opts" in checked:
+        _check_opts(checked["opts"])
+    _nodes(checked, "chain", "step")
+    _nodes(checked, "link", "callback")
+    return checked
+
+
+def _shape(p: Any) -> dict[str, Any]:
     if not isinstance(p, dict):
         raise DecodeError(f"payload must be a map, got {type(p).__name__}")
     name = p.get("name")

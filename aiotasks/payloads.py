@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgpack  # type: ignore[import-untyped]
 
 from . import codec
+from .decode import DecodeError, checked_payload
 from .errors import SerializationError
 from .message import RATE_RESERVED
 
@@ -86,16 +87,6 @@ def first_ids(node: Any, limit: int = 20) -> list[str]:
     return out[:limit]
 
 
-#: What each part of a payload must be for a page to show it.
-_SHAPES: dict[str, type | tuple[type, ...]] = {
-    "args": (list, tuple),
-    "kwargs": dict,
-    "opts": dict,
-    "chain": (list, tuple),
-    "link": (list, tuple),
-}
-
-
 def decode(m: bytes, ct: str, fields: dict[str, Any], source: str, limit: int) -> Payload:
     """A payload from its encoded bytes and entry fields (`cid`, `cix`, `tail`, `r`)."""
     cix, retries = _text(fields.get("cix")), _text(fields.get("r"))
@@ -108,30 +99,24 @@ def decode(m: bytes, ct: str, fields: dict[str, Any], source: str, limit: int) -
         retries=int(retries) if retries and retries.isdigit() else 0,
     )
     try:
-        p = codec.decode(m, ct, limit)
+        raw = codec.decode(m, ct, limit)
     except SerializationError as exc:
         return replace(base, error=str(exc))
-    if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-        return replace(base, error="not an aiotasks payload")
-    for key, kinds in _SHAPES.items():
-        # Dead letters are where payloads typed anyhow by another producer end up.
-        value = p.get(key)
-        if value is not None and not isinstance(value, kinds):
-            return replace(base, name=p["name"], error=f"'{key}' is a {type(value).__name__}")
-    chain = p.get("chain") or []
     try:
-        next_ids = first_ids(chain[0]) if chain else []
-        link_ids = [i for node in p.get("link") or () for i in first_ids(node)]
-    except (TypeError, KeyError, IndexError, AttributeError) as exc:  # a node typed anyhow
-        return replace(base, name=p["name"], error=f"a malformed canvas node ({exc})")
+        # As a worker checks it: dead letters are where payloads typed anyhow end up.
+        p = checked_payload(raw)
+    except DecodeError as exc:
+        named = isinstance(raw, dict) and isinstance(raw.get("name"), str)
+        return replace(base, name=raw["name"] if named else "?", error=str(exc))
+    chain = p.get("chain") or []
     return replace(
         base,
         name=p["name"],
         args=list(p.get("args") or []),
         kwargs=dict(p.get("kwargs") or {}),
         opts=dict(p.get("opts") or {}),
-        next_ids=next_ids,
-        link_ids=link_ids,
+        next_ids=first_ids(chain[0]) if chain else [],
+        link_ids=[i for node in p.get("link") or () for i in first_ids(node)],
         body_of=_text(p.get("chord_body")),
     )
 
