@@ -379,18 +379,12 @@ class App:
         if len(client.shards) == 1:
             epoch = client.notifier.reconnects  # else each handle reads its shard's
         # A batch is (nearly always) of one task: look its result loader up once.
-        loaders = {key: self._result_loader(*key) for key in {_loader_key(m) for m, _ in built}}
+        keys = [_loader_key(m) for m, _ in built]
+        loaders = {key: self._result_loader(*key) for key in set(keys)}
         return [
             # A send that kept a live task of the same id (0) hears of it by reading.
-            TaskHandle(
-                client,
-                m.id,
-                loaders[_loader_key(m)],
-                sent=True,
-                epoch=epoch,
-                box=box if ok else None,
-            )
-            for (m, _), box, ok in zip(built, boxes, enqueued, strict=True)
+            TaskHandle(client, m.id, loaders[key], sent=True, epoch=epoch, box=box if ok else None)
+            for (m, _), key, box, ok in zip(built, keys, boxes, enqueued, strict=True)
         ]
 
     def _result_loader(self, name: str, mapped: str | None = None) -> Callable[[Any], Any] | None:
