@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -54,16 +55,35 @@ def duration(seconds: float | None, short: bool = False) -> str:
     return f"{seconds // 86400:.0f} d {seconds % 86400 // 3600:.0f} h"
 
 
-def qid(value: Any) -> str:
-    """A task id as one URL path segment ("/" included)."""
-    return quote(str(value), safe="")
+# Ids that no proxy or browser changes on their way as a path segment: no "%" escapes a
+# proxy may decode (nginx turns "%2F" back into "/", a level deeper than the browser
+# sees), and no "." or ".." segment a browser resolves.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*")
+
+
+def task_href(value: Any) -> str:
+    """A task page's URL relative to the dashboard's root.
+
+    `tasks/<id>` for a plain id; `tasks?id=<id>` for any other, since a query string
+    reaches the dashboard as it was sent, whatever decodes paths on the way.
+    """
+    task_id = str(value)
+    if _PLAIN_ID.fullmatch(task_id):
+        return f"tasks/{task_id}"
+    return f"tasks?id={quote(task_id, safe='')}"
 
 
 def install_filters(env: Environment) -> None:
     """Register the filters on a Jinja environment."""
     env.filters.update(
-        iso=iso, when=when, clock=clock, ago=ago, duration=duration, qid=qid, pretty=show_value
+        iso=iso,
+        when=when,
+        clock=clock,
+        ago=ago,
+        duration=duration,
+        task_href=task_href,
+        pretty=show_value,
     )
 
 
-__all__ = ["ago", "clock", "duration", "install_filters", "iso", "qid", "when"]
+__all__ = ["ago", "clock", "duration", "install_filters", "iso", "task_href", "when"]

@@ -3,10 +3,11 @@
 ```
 GET  /                    overview: queues, workers, periodic tasks, recent tasks
 GET  /tasks               the task list: search (id or name) and filters (state, queue)
-GET  /tasks/<id>          a task's page
+GET  /tasks/<id>          a task's page (tasks?id=<id> for an id that is not plain:
+                          see filters.task_href)
 GET  /dead                dead letters
 GET  /events?view=...     server-sent events for the overview, list and dead-letter pages
-GET  /events/task/<id>    server-sent events for a task's page
+GET  /events/task/<id>    server-sent events for a task's page (or events/task?id=<id>)
 POST /actions/<name>      revoke, terminate, retry, purge, requeue, drop (unless read_only)
 GET  /static/...          the stylesheet and script, served from the package
 ```
@@ -103,6 +104,7 @@ class Dashboard:
             Route("/tasks/{task_id:path}", self.task_page),
             Route("/dead", self.dead),
             Route("/events", self.stream),
+            Route("/events/task", self.task_stream),
             Route("/events/task/{task_id:path}", self.task_stream),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
@@ -186,6 +188,8 @@ class Dashboard:
 
     async def task_list(self, request: Request) -> Response:
         params = request.query_params
+        if "id" in params:  # a task's page, for an id that is not plain (task_href)
+            return await self._task_page(request, params["id"], "./")
         q = params.get("q", "").strip()
         state = params.get("state", "").upper() or None
         if state not in {s.value for s in TaskState}:
@@ -212,16 +216,21 @@ class Dashboard:
         )  # fmt: skip
 
     async def task_page(self, request: Request) -> Response:
-        task_id = request.path_params["task_id"]
         # "../", or deeper for an id whose "/" came unencoded (typed, or decoded by a
         # proxy): the page's links, and those of the parts its stream sends, go up as far.
-        root = _root(request)
+        return await self._task_page(request, request.path_params["task_id"], _root(request))
+
+    async def _task_page(self, request: Request, task_id: str, root: str) -> Response:
         detail = await read_task(self.admin, task_id)
         if detail is None:
             html = self.render("missing.html", root=root, page="tasks", task_id=task_id, csrf="")
             return HTMLResponse(html, status_code=404)
         depth = root.count("../")
-        stream = f"events/task/{quote(task_id, safe='')}" + (f"?depth={depth}" * (depth > 1))
+        quoted = quote(task_id, safe="")
+        if depth == 0:
+            stream = f"events/task?id={quoted}&depth=0"
+        else:
+            stream = f"events/task/{quoted}" + (f"?depth={depth}" * (depth > 1))
         return self.page(
             request, "task.html", root=root, page="task", d=detail, view="task", stream=stream,
         )  # fmt: skip
@@ -271,8 +280,10 @@ class Dashboard:
         return _event_stream(events())
 
     async def task_stream(self, request: Request) -> Response:
-        task_id = request.path_params["task_id"]
-        root = "../" * _int(request.query_params.get("depth"), 1, _DEPTHS)
+        task_id = request.path_params.get("task_id") or request.query_params.get("id", "")
+        if not task_id:
+            return Response("no task id", status_code=404)
+        root = "../" * _int(request.query_params.get("depth"), 1, _DEPTHS) or "./"
 
         async def render() -> str:
             detail = await read_task(self.admin, task_id)
@@ -416,7 +427,7 @@ def _escape(text: str) -> str:
 
 
 #: How deep a task's page may be (its id's unencoded "/"s), for its stream's parts.
-_DEPTHS = tuple(range(1, 65))
+_DEPTHS = tuple(range(65))  # 0: a page at tasks?id=
 
 
 def _int(raw: str | None, default: int, allowed: tuple[int, ...]) -> int:

@@ -72,12 +72,18 @@
     row.classList.remove("fresh", "fresh2");
     row.classList.add(again);
   }
+  // A task page's URL from the root, as filters.task_href makes it: a query for an id a
+  // proxy might decode or a browser resolve as a path segment.
+  function taskHref(id) {
+    if (/^[A-Za-z0-9_~-][A-Za-z0-9_.~-]*$/.test(id)) return "tasks/" + id;
+    return "tasks?id=" + encodeURIComponent(id);
+  }
   function newRow(c) {
     const row = document.getElementById("task-row").content.querySelector("tr").cloneNode(true);
     row.dataset.id = c.id;
     const link = row.querySelector("[data-link]");
     link.textContent = c.id;
-    link.href = root + "tasks/" + encodeURIComponent(c.id);
+    link.href = root + taskHref(c.id);
     if (!c.name) row.querySelector("[data-name]").textContent = "?";
     if (!c.queue) row.querySelector("[data-queue]").textContent = "—";
     return row;
