@@ -211,19 +211,25 @@ SHARDS_ENV = "AIOTASKS_SHARDS"
 MAX_SHARDS = 64
 
 
+class ShardsEnvError(ValueError):
+    """$AIOTASKS_SHARDS holds no shard count: the environment's error, not the code's."""
+
+
 def resolve_shards(explicit: int | None) -> int:
     """The shard count: `explicit`, else $AIOTASKS_SHARDS, else 1.
 
     Raises:
-        ValueError: not a whole number from 1 to MAX_SHARDS.
+        ValueError: not a whole number from 1 to MAX_SHARDS (ShardsEnvError when it came
+            from the environment).
     """
     raw: object = explicit
     if explicit is None:
         raw = os.environ.get(SHARDS_ENV, "").strip() or "1"
     text = str(raw).strip()
     if isinstance(raw, bool) or not text.isdigit() or not 1 <= int(text) <= MAX_SHARDS:
+        error = ValueError if explicit is not None else ShardsEnvError
         what = "shards" if explicit is not None else f"${SHARDS_ENV}"
-        raise ValueError(f"{what} must be a whole number from 1 to {MAX_SHARDS}, got {raw!r}")
+        raise error(f"{what} must be a whole number from 1 to {MAX_SHARDS}, got {raw!r}")
     return int(text)
 
 

@@ -29,6 +29,7 @@ from ..app import App
 from ..config import (
     SHARDS_ENV,
     InvalidRedisURL,
+    ShardsEnvError,
     check_redis_url,
     env_redis_source,
     redact_url,
@@ -129,7 +130,7 @@ def check_env_shards() -> None:
     if os.environ.get(SHARDS_ENV, "").strip():
         try:
             resolve_shards(None)
-        except ValueError as exc:
+        except ShardsEnvError as exc:
             raise fail(str(exc), 2) from None
 
 
@@ -167,7 +168,7 @@ def _import(name: str) -> ModuleType:
         error = exc
     except Exception as exc:  # the user's module raised while importing: show where
         error = exc
-        if isinstance(exc, ValueError) and str(exc).startswith(f"${SHARDS_ENV} "):
+        if isinstance(exc, ShardsEnvError):
             # Its App() read a bad $AIOTASKS_SHARDS: the environment's error, not the
             # module's (an App given shards= never reads it, so it is not checked first).
             raise fail(str(exc), 2) from None
