@@ -3,7 +3,8 @@ event loop go to Redis as one enqueue.lua call (like ioredis' enableAutoPipelini
 
 A web server sending from a hundred requests at once pays one round trip per batch
 instead of one per send. Each caller still gets its own result and its own error: a
-batch that Redis refuses is split, so one bad record fails only its own sender. A
+batch that Redis refuses for what a record holds is split, so one bad record fails only
+its own sender; a refusal about the server (OOM, NOPERM, NOREPLICAS...) fails all. A
 lone send waits one loop turn more than it would unbatched.
 """
 
@@ -104,13 +105,16 @@ class SendBatcher:
         try:
             out = await self._enqueue(tasks, policy)
         except BrokerRefusedError as exc:
-            if len(batch) == 1 or exc.is_transient:
-                # One sender, or a refusal that its retries did not outlast (a loading
-                # server, a failover): every sender hears it as it would alone.
+            if len(batch) == 1 or exc.code != "ERR":
+                # One sender, or a refusal about the server, not a record (its memory, an
+                # ACL, its replicas, a failover, a loading server): each record would be
+                # refused alike, and each alone again after its retries. Every sender
+                # hears it as it would alone.
                 for p in batch:
                     _fail(p, exc)
                 return
-            # Refused for what a record holds: find whose; the others go through alone.
+            # Refused for what a record holds (enqueue.lua's error, an argument too big):
+            # find whose; the others go through alone.
             await asyncio.gather(*(self._send_batch([p], policy) for p in batch))
             return
         except Exception as exc:  # unreachable Redis: all fail alike

@@ -159,6 +159,42 @@ async def test_send_to_a_read_only_replica(
     assert await namespace_keys(own_server, namespace) == []
 
 
+@pytest.mark.parametrize(
+    "refusing",
+    [{"min_replicas_to_write": 1}, {"maxmemory": 1}],
+    ids=["NOREPLICAS", "OOM"],
+)
+async def test_concurrent_sends_refused_by_the_server_are_not_sent_again_one_by_one(
+    own_server: OwnServer, namespace: str, make: Callable[..., App], refusing: dict[str, int]
+) -> None:
+    """A batch of sends is split only when Redis refuses what a record holds: a refusal
+    about the server (its replicas, its memory) refuses each record alike, and sending
+    each again alone multiplied the calls and their retries."""
+    app = make(own_server.url, retry_policy={"max_retries": 0})
+    calls: list[int] = []
+    scripts = app.client.scripts
+    original = scripts.enqueue
+
+    async def counting(**kw: Any) -> list[int]:
+        calls.append(len(kw["tasks"]))
+        return await original(**kw)
+
+    scripts.enqueue = counting  # type: ignore[method-assign]
+    config(own_server, **refusing)
+    try:
+        out = await asyncio.gather(
+            *(app.tasks[ADD].send(i, i) for i in range(5)), return_exceptions=True
+        )
+    finally:
+        config(own_server, min_replicas_to_write=0, maxmemory=0)
+    code = "NOREPLICAS" if "min_replicas_to_write" in refusing else "OOM"
+    for exc in out:
+        assert isinstance(exc, BaseException)
+        check_refusal(exc, code, code)
+    assert calls == [5], calls
+    assert await namespace_keys(own_server, namespace) == []
+
+
 async def test_send_to_a_loading_server(
     loading_server: OwnServer, make: Callable[..., App]
 ) -> None:
