@@ -137,7 +137,9 @@ def _packb(value: Any) -> bytes:
 
 
 def _unpackb(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
+    # timestamp=3: msgpack's own timestamp (ext -1, what most other languages' libraries
+    # make of a date) is read as an aware UTC datetime, as ext 1 is.
+    return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False, timestamp=3)
 
 
 class MsgpackSerializer:
@@ -224,6 +226,12 @@ def _json_hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def _not_json(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259): refused on the way in, as on the way out,
+    # so a task never runs only to fail on its own result.
+    raise ValueError(f"{name} is not JSON")
+
+
 class JsonSerializer:
     """Readable on the wire; typed values are tagged as {"__t": type, "v": value}."""
 
@@ -242,7 +250,7 @@ class JsonSerializer:
 
     def loads(self, data: bytes) -> Any:
         try:
-            return json.loads(data, object_hook=_json_hook)
+            return json.loads(data, object_hook=_json_hook, parse_constant=_not_json)
         except Exception as exc:
             raise SerializationError(f"cannot decode json: {_why(exc)}") from exc
 

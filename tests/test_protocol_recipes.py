@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,10 @@ def recipe_tasks(app: App) -> None:
     @app.task(name="report")
     async def report(err: dict[str, Any]) -> dict[str, Any]:
         return err
+
+    @app.task(name="iso")
+    async def iso(at: datetime) -> str:
+        return at.isoformat()
 
     @app.task(name="slow")
     async def slow() -> str:
@@ -267,6 +272,26 @@ async def test_chain(recipes_app: App, producer: Producer) -> None:
     assert await producer.enqueue(rec) == [1]
     assert value(await producer.result(last)) == 6
     assert value(await producer.result(first)) == 3
+
+
+async def test_a_msgpack_timestamp_is_a_datetime(recipes_app: App, producer: Producer) -> None:
+    """msgpack's own timestamp (ext -1: what @msgpack/msgpack makes of a JS Date) is read
+    as an aware UTC datetime, in arguments and as a canvas step's eta. It reached a task
+    as a msgpack.Timestamp, and dead-lettered a chain whose step had it as its eta."""
+    at = datetime(2026, 12, 7, 10, 30, 15, 250000, tzinfo=UTC)
+    stamped = msgpack.packb({"name": "iso", "args": [at], "kwargs": {}}, datetime=True)
+    first = new_id()
+    assert await producer.enqueue(producer.record(first, "iso", [], m=stamped)) == [1]
+    assert value(await producer.result(first)) == "2026-12-07T10:30:15.250000+00:00"
+
+    soon = datetime.now(UTC) + timedelta(seconds=0.3)
+    step, last = new_id(), new_id()
+    link = [
+        {"t": "sig", "id": last, "name": "add", "args": [3], "kwargs": {}, "opts": {"eta": soon}}
+    ]
+    m = msgpack.packb({"name": "add", "args": [1, 2], "kwargs": {}, "chain": link}, datetime=True)
+    assert await producer.enqueue(producer.record(step, "add", [], m=m, tail=last)) == [1]
+    assert value(await producer.result(last)) == 6
 
 
 def chord_ops(producer: Producer, cid: str, body: str, heads: list[str]) -> list[dict[str, Any]]:
@@ -451,6 +476,8 @@ async def test_a_task_in_each_shard_of_a_sharded_namespace(
         ({"name": ""}, "'name' must be a non-empty string"),
         ({"m": [1, 2]}, "'m' must be a (str-typed) byte string"),
         ({"v": None}, "'v' must be 2"),
+        ({"due": "soon"}, "'due' and 'delay' must be numbers of ms"),
+        ({"delay": "1500"}, "'due' and 'delay' must be numbers of ms"),
         ({"eb": [{"id": "e"}]}, "errback 1: 'v' must be 2"),
     ],
 )

@@ -48,6 +48,11 @@ local function record_problem(t, queues)
   if type(ttl) ~= 'number' or ttl < 1 or ttl % 1 ~= 0 then
     return "'ttl' must be a whole number of seconds >= 1"
   end
+  -- Read with tonumber(): a string there ran the task at once, without a word.
+  local due, delay = t.due, t.delay
+  if (due ~= nil and type(due) ~= 'number') or (delay ~= nil and type(delay) ~= 'number') then
+    return "'due' and 'delay' must be numbers of ms"
+  end
   if t.eb ~= nil then
     if type(t.eb) ~= 'table' then return "'eb' must be an array of task records" end
     for i, rec in ipairs(t.eb) do
