@@ -229,9 +229,16 @@ def ack_op(
 
 
 def wait_op(
-    stream: str, entry: bytes, task_id: str, key: str, limit: int, lease_ms: int
+    stream: str,
+    entry: bytes,
+    task_id: str,
+    key: str,
+    limit: int,
+    lease_ms: int,
+    deliveries: int = 1,
 ) -> dict[str, Any]:
-    """Park an entry over its key's concurrency limit until a slot frees."""
+    """Park an entry over its key's concurrency limit until a slot frees. `deliveries`:
+    the task's deliveries so far, this one included (the new entry carries the others)."""
     return {
         "op": "wait",
         "stream": stream,
@@ -240,6 +247,7 @@ def wait_op(
         "key": key,
         "limit": limit,
         "lease": lease_ms,
+        "deliveries": deliveries,
     }
 
 

@@ -123,7 +123,11 @@ class Outcomes:
         assert msg is not None and opts is not None, "only a decoded delivery runs"
         if out.kind is Kind.WAIT:
             w = out.value
-            return [wait_op(d.stream, d.entry_id, msg.id, w["key"], w["limit"], w["lease"])]
+            return [
+                wait_op(
+                    d.stream, d.entry_id, msg.id, w["key"], w["limit"], w["lease"], d.deliveries
+                )
+            ]
         if out.kind in (Kind.RETRY, Kind.DEFER):
             again = (
                 msg.with_retry(out.retry_at)

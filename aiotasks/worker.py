@@ -797,6 +797,9 @@ class Worker:
         self, raw_stream: bytes, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
     ) -> Delivery:
         stream, queue, priority = self._by_raw[raw_stream]
+        before = fields.get(b"dl")  # deliveries of the task's earlier entries (finish.lua)
+        if before is not None and before.isdigit() and len(before) < 10:
+            deliveries += int(before)
         return Delivery(stream, queue, priority, entry_id, fields, deliveries)
 
     def _fetched(self, entry: list[Any]) -> Delivery:

@@ -90,6 +90,39 @@ async def test_a_killed_holder_does_not_block_its_key(app: App, spawn_worker: Sp
 
 
 @pytest.mark.slow
+async def test_a_redelivered_task_that_waits_for_its_slot_keeps_its_attempt_count(
+    app: App, spawn_worker: Spawn
+) -> None:
+    """A task whose worker died, reclaimed while another run holds its key's only slot,
+    waits for the slot and goes back to its stream as a new entry: it ran as attempt 1
+    again, and its deliveries never reached max_deliveries (a task that kills its worker
+    each time would have run for ever)."""
+    first = spawn_worker(module="flow")
+    await wait_consuming(app, first)
+    stuck = await sig(app, "once_stuck", 7, "stuck", 0).send()
+    runs = key(app, "stuck-runs")
+    async with asyncio.timeout(10):
+        while not await app.client.redis.llen(runs):
+            await asyncio.sleep(0.05)
+    first.kill()
+    # A run of the same key on another queue takes the slot once the dead run's lease
+    # ends, and holds it while the stuck task is reclaimed.
+    other = spawn_worker("--queues", "other", module="flow")
+    holder = await sig(app, "once_stuck", 7, "holder", 3).set(queue="other").send()
+    async with asyncio.timeout(20):
+        while await holder.state() is not TaskState.STARTED:
+            await asyncio.sleep(0.05)
+    second = spawn_worker(module="flow")
+    assert await holder.result(timeout=20) == 1
+    assert await stuck.result(timeout=20) == 2
+    assert (await stuck.info()).attempts == 2
+    ran = [r.decode() for r in await app.client.redis.lrange(runs, 0, -1)]
+    assert ran == ["stuck:1", "holder:1", "stuck:2"], ran
+    assert "reclaimed entry" in second.output(), second.output()
+    other.kill()
+
+
+@pytest.mark.slow
 async def test_a_schedule_added_at_run_time_fires_once_per_tick(
     app: App, spawn_worker: Spawn
 ) -> None:

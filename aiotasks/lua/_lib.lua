@@ -83,11 +83,11 @@ local function flat_without(flat, a, b, out)
   return out
 end
 
--- The values of up to six fields, named k1..k6, in flat[a..b] (name, value, ...), in that
+-- The values of up to seven fields, named k1..k7, in flat[a..b] (name, value, ...), in that
 -- order (nil when absent): one pass over the array as XREADGROUP or an op gives it, where
 -- a map would cost a Lua table, grown and rehashed field by field, per entry or op.
-local function pick(flat, a, b, k1, k2, k3, k4, k5, k6)
-  local v1, v2, v3, v4, v5, v6
+local function pick(flat, a, b, k1, k2, k3, k4, k5, k6, k7)
+  local v1, v2, v3, v4, v5, v6, v7
   for i = a, b, 2 do
     local k = flat[i]
     if k == k1 then v1 = flat[i + 1]
@@ -96,9 +96,10 @@ local function pick(flat, a, b, k1, k2, k3, k4, k5, k6)
     elseif k == k4 then v4 = flat[i + 1]
     elseif k == k5 then v5 = flat[i + 1]
     elseif k == k6 then v6 = flat[i + 1]
+    elseif k == k7 then v7 = flat[i + 1]
     end
   end
-  return v1, v2, v3, v4, v5, v6
+  return v1, v2, v3, v4, v5, v6, v7
 end
 
 -- redis.call writes a number argument with snprintf('%.17g'), about 3k instructions
@@ -638,7 +639,8 @@ end
 -- revoked one is settled, acked and deleted here instead. Marks a running one STARTED.
 -- Returns true to run it.
 local function start_entry(stream, entry_id, flat, now_ms, worker, deliveries, default_ttl)
-  local id, exp, r, cid, cix, tail = pick(flat, 1, #flat, 'id', 'exp', 'r', 'cid', 'cix', 'tail')
+  local id, exp, r, cid, cix, tail, dl = pick(flat, 1, #flat, 'id', 'exp', 'r', 'cid', 'cix',
+    'tail', 'dl')
   if not id then return true end  -- undecodable: the worker dead-letters it
   local tkey = K.task(id)
   local h = redis.call('HMGET', tkey, 'state', '_e', 'revoked_at', '_w')
@@ -656,7 +658,7 @@ local function start_entry(stream, entry_id, flat, now_ms, worker, deliveries, d
     return false
   end
   redis.call('HSET', tkey, 'state', 'STARTED', 'started_at', txt(now_ms), 'worker', worker,
-    'attempts', txt((tonumber(r) or 0) + deliveries))
+    'attempts', txt((tonumber(r) or 0) + (tonumber(dl) or 0) + deliveries))
   -- Published when watched, or when the hash was lost (a restart, a failover): a
   -- watcher's mark may have gone with it.
   if h[4] or not h[1] then redis.call(PUBLISH, K.done_channel(id), 'STARTED') end

@@ -19,9 +19,11 @@
 --   {op='ack', stream, entry, id?, slot?}
 --          XACK + XDEL an entry whose task goes on elsewhere (a retry, a deferral),
 --          giving back the concurrency slot it held (slot = {key, limit, lease}).
---   {op='wait', stream, entry, id, key, limit, lease}
+--   {op='wait', stream, entry, id, key, limit, lease, deliveries?}
 --          Park an entry over its key's concurrency limit: its task reads SCHEDULED until
 --          a slot frees, then the entry goes back to its stream with a slot reserved.
+--          `deliveries`: the task's so far, this one included; the new entry carries the
+--          others in its `dl` field (they count towards attempts and max_deliveries).
 --   {op='dead', stream, entry, id, queue, exc_type, exc_message, ttl, fields}
 --          Move an entry that must not run (undecodable, unknown task) to the queue's
 --          dead-letter stream with its original fields (`fields`: as the worker read
@@ -94,6 +96,10 @@ end
 local function wait(op)
   local f = entry_fields(op.stream, op.entry)
   if f then
+    -- The deliveries before this one (runs a dying worker cut short) go with the task:
+    -- the new entry starts its own count at 1.
+    local before = (tonumber(op.deliveries) or 1) - 1
+    if before > 0 then f.dl = txt(before) end
     local wk = K.slot_waiters(op.key)
     redis.call('RPUSH', wk, cmsgpack.pack({stream = op.stream, id = op.id, fields = f,
       limit = op.limit, lease = op.lease}))

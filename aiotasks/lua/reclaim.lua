@@ -58,9 +58,12 @@ local function consider(stream, p)
     return
   end
   local f = fields_map(e[2])
-  if deliveries > max_deliveries then
+  -- With the deliveries of the task's entries before this one (dl: it waited for a
+  -- concurrency slot, and went back to its stream as a new entry).
+  local all = deliveries + (tonumber(f.dl) or 0)
+  if all > max_deliveries then
     dead_letter(stream, entry_id, e[2], f, queue_of[stream] or 'default',
-      'MaxDeliveriesExceeded', 'delivered ' .. deliveries
+      'MaxDeliveriesExceeded', 'delivered ' .. all
         .. ' times without finishing (max_deliveries=' .. max_deliveries
         .. '): the worker died or stalled each time', default_ttl, now_ms)
   elseif start_entry(stream, entry_id, e[2], now_ms, worker, deliveries, default_ttl) then

@@ -14,7 +14,7 @@ import time
 from aiotasks import current_task
 from tests.apps.basic import app
 
-__all__ = ["app", "hog", "limited", "reindex", "tick"]
+__all__ = ["app", "hog", "limited", "once_stuck", "reindex", "tick"]
 
 
 def _key(name: str) -> str:
@@ -39,6 +39,16 @@ async def hog(customer: int, i: int) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     await r.rpush(_key("hog-runs"), f"{customer} {i} {time.time()}")
     return i
+
+
+@app.task(concurrency_limit=1, concurrency_key="customer")
+async def once_stuck(customer: int, tag: str, seconds: float) -> int:
+    """Records `tag:attempt` of each run; a first attempt of tag "stuck" never ends (its
+    worker is killed), any other run sleeps `seconds`. Returns the attempt."""
+    ctx = current_task()
+    await ctx.app.client.redis.rpush(_key("stuck-runs"), f"{tag}:{ctx.attempt}")
+    await asyncio.sleep(3600 if tag == "stuck" and ctx.attempt == 1 else seconds)
+    return ctx.attempt
 
 
 @app.task
