@@ -124,12 +124,36 @@ async def test_entry_without_known_fields_is_dead_lettered(app: App, spawn_worke
     assert len(await dead_letters(app)) == 1
 
 
+async def suicide_with_earlier_deliveries(app: App, earlier: int) -> str:
+    """`suicide` on its stream as a new entry whose run was delivered `earlier` times
+    before (`dl`: as finish.lua writes it for a task that waited for its slot)."""
+    import msgpack  # type: ignore[import-untyped]
+
+    task_id = uuid.uuid4().hex
+    payload = msgpack.packb({"name": SUICIDE, "args": [], "kwargs": {}})
+    r: Any = app.client.redis
+    async with r.pipeline(transaction=True) as pipe:
+        tkey = app.client.keys.task(task_id)
+        pipe.hset(tkey, mapping={"state": "PENDING", "name": SUICIDE, "queue": "default"})
+        pipe.expire(tkey, 300)
+        fields = {"v": 2, "id": task_id, "ct": "msgpack", "m": payload, "dl": earlier}
+        pipe.xadd(app.client.keys.stream("default", 5), fields)
+        await pipe.execute()
+    return task_id
+
+
+@pytest.mark.parametrize("earlier", [0, 2], ids=["fresh", "delivered-twice-before"])
 async def test_task_that_kills_every_worker_is_dead_lettered_after_max_deliveries(
-    app: App, spawn_worker: Spawn
+    app: App, spawn_worker: Spawn, earlier: int
 ) -> None:
     """`suicide` SIGKILLs whichever worker runs it. Workers restarted in a loop (as a
-    supervisor would) see it redelivered max_deliveries times, then dead-lettered."""
-    h = await app.send_task(SUICIDE)
+    supervisor would) see it redelivered max_deliveries times, then dead-lettered. The
+    deliveries of a run's earlier entries (a wait for a concurrency slot made it a new
+    entry) count: they were lost, and such a task looped for ever."""
+    if earlier:
+        h = app.handle(await suicide_with_earlier_deliveries(app, earlier))
+    else:
+        h = await app.send_task(SUICIDE)
     max_deliveries = 3
     died: list[int] = []
     last = None
@@ -146,7 +170,7 @@ async def test_task_that_kills_every_worker_is_dead_lettered_after_max_deliverie
             continue
         break
     assert last is not None
-    assert len(died) == max_deliveries, f"{len(died)} workers died"
+    assert len(died) == max_deliveries - earlier, f"{len(died)} workers died"
 
     with pytest.raises(TaskFailed) as err:
         await h.result(timeout=5)
@@ -158,6 +182,7 @@ async def test_task_that_kills_every_worker_is_dead_lettered_after_max_deliverie
     (dead,) = await dead_letters(app)
     assert dead[b"id"].decode() == h.id
     assert b"max_deliveries=3" in dead[b"reason"]
+    assert b"delivered 4 times" in dead[b"reason"], dead[b"reason"]
     assert await queue_is_empty(app)
     await worker_goes_on(app, last)
 
