@@ -45,6 +45,7 @@ from .refusals import (
     REFUSED_CONNECTION,
     not_a_cluster,
     refusal,
+    reply_text,
 )
 from .scripts import Scripts
 from .sendbatch import SendBatcher
@@ -324,8 +325,9 @@ class Client:
             return False
         if isinstance(exc, ReadOnlyError):  # redis-py drops the code from its message
             return True
-        # Redis before 7 wraps a script's error ("ERR Error running script ...: -READONLY").
-        text = str(exc)
+        # Redis before 7 wraps a script's error ("ERR Error running script ...: -READONLY"),
+        # and redis-py a pipeline's ("Command # 1 (...) of pipeline caused error: ...").
+        text = reply_text(exc)
         return text.startswith(FAILOVER_REFUSALS) or any(
             f"-{code}" in text for code in FAILOVER_REFUSALS
         )

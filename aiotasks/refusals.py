@@ -44,12 +44,25 @@ _OTHER_CODES = frozenset(
 )
 
 
+#: What redis-py puts before the reply of a command that failed in a pipeline.
+_IN_PIPELINE = " of pipeline caused error: "
+
+
+def reply_text(exc: BaseException) -> str:
+    """The error reply of `exc`, without redis-py's "Command # 1 (HSET ...) of pipeline
+    caused error: " before it (which holds the command's arguments, and hid the code)."""
+    text = str(exc)
+    if text.startswith("Command # ") and _IN_PIPELINE in text:
+        return text.partition(_IN_PIPELINE)[2]
+    return text
+
+
 def error_code(exc: BaseException) -> str:
     """The error code of a Redis error reply ("OOM", "NOPERM", ...; "ERR" by default)."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code
-    first = str(exc).split(" ", 1)[0]
+    first = reply_text(exc).split(" ", 1)[0]
     return first if first in _OTHER_CODES else "ERR"
 
 
@@ -81,7 +94,8 @@ def refusal(url: str, exc: BaseException, what: str = "the command") -> BrokerRe
                 code,
             )
         return BrokerRefusedError(f"Redis at {url} refused the credentials: {exc}", code)
-    text = str(exc) if code == "ERR" or str(exc).startswith(code) else f"{code} {exc}"
+    reply = reply_text(exc)
+    text = reply if code == "ERR" or reply.startswith(code) else f"{code} {reply}"
     hint = _REFUSAL_HINTS.get(code)
     if not_a_cluster(exc):
         hint = "the URL says Redis Cluster, but the server is not one: use redis://host:port/db"

@@ -407,3 +407,23 @@ def test_a_failovers_refusals_are_transient_only_behind_sentinel_or_cluster() ->
         given_up = BrokerRefusedError("refused: NOREPLICAS", code="NOREPLICAS")
         assert client.waits_out(given_up) is expected[1], url
         assert not client.waits_out(BrokerRefusedError("refused: NOPERM", code="NOPERM")), url
+
+
+def test_a_refusal_inside_a_pipeline_keeps_its_code(own_server: OwnServer) -> None:
+    """redis-py puts "Command # 1 (HSET ...) of pipeline caused error: " before a
+    pipeline's error reply: its code read as ERR (a worker's heartbeat refused with
+    NOREPLICAS during a switchover was not waited out, and logged the command)."""
+    from aiotasks.refusals import error_code, refusal
+
+    config(own_server, min_replicas_to_write=1)
+    try:
+        with redis.Redis.from_url(own_server.url) as r:
+            with pytest.raises(redis.ResponseError) as err:
+                r.pipeline().hset("k", "secret-field", "v").execute()
+    finally:
+        config(own_server, min_replicas_to_write=0)
+    assert "of pipeline caused error" in str(err.value)  # redis-py's wording, as met
+    assert error_code(err.value) == "NOREPLICAS"
+    said = str(refusal(own_server.url, err.value, "the heartbeat"))
+    assert said.startswith(f"Redis at {own_server.url} refused the heartbeat: NOREPLICAS")
+    assert "secret-field" not in said and "Command #" not in said, said
