@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,6 +117,9 @@ def test_the_ops_commands_never_print_the_password(locked_server: OwnServer, for
     locked_server.stop()
     down = cli("status", url=url)
     assert "error: cannot reach Redis at" in down
+    # The URL, hidden, then the reason after its colon (a hidden query password took the
+    # colon along).
+    assert re.search(r"cannot reach Redis at \S+\*\*\*\S*: ", down), down
     wrong = url.replace(SECRET, "not-the-" + SECRET[::-1])
     locked_server.start()
     refused = cli("status", url=wrong)

@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import logs
-from ..config import redact_url
+from ..config import HIDDEN, redact_url
 
 log = logging.getLogger("aiotasks.cli")
 
@@ -51,7 +51,16 @@ def fail(message: str, code: int = 1, detail: str | None = None) -> CliError:
 
 def hide_urls(text: str) -> str:
     """`text` with the password of every URL in it hidden."""
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return _URL.sub(_hide_url, text)
+
+
+def _hide_url(m: re.Match[str]) -> str:
+    url = m.group(0)
+    if url.endswith(":") and HIDDEN in url:
+        # Hidden already, before ": reason": the colon is the message's, not a password
+        # parameter's (hiding the value again took it along).
+        return redact_url(url[:-1]) + ":"
+    return redact_url(url)
 
 
 def say_error(message: str, detail: str | None = None) -> None:
