@@ -249,4 +249,6 @@ def describe(exc: BaseException, url: str = "") -> str:
         return f"{text} (the server there does not speak the Redis protocol: a wrong port?)"
     if url.lower().startswith("rediss") and "Timeout connecting" in text:
         return f"{text} (a server without TLS never answers a TLS handshake: is it redis://?)"
+    if url.lower().startswith("redis:") and "reset by peer" in text:
+        return f"{text} (a server that speaks only TLS drops a plain connection: rediss://?)"
     return text

@@ -413,3 +413,42 @@ def test_tls_without_a_client_certificate_is_one_clear_error_line(
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_the_wrong_scheme_for_a_server_says_which_one_it_may_need(
+    tls_server: tuple[OwnServer, int, Path], namespace: str
+) -> None:
+    """redis:// to a server that speaks only TLS (it resets the connection), and rediss://
+    to one without TLS (it never answers the handshake): one line, naming the other
+    scheme. The CLI said "no answer in 5 s" for the second, and nothing for the first."""
+    server, port, pki = tls_server
+    plain = ops("status", url=f"redis://127.0.0.1:{port}/0", namespace=namespace)
+    assert plain.returncode == 1
+    assert plain.stderr.count("\n") == 1 and "rediss://?" in plain.stderr, plain.stderr
+    tls = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={pki / 'ca.crt'}"
+    wrong = ops("status", url=tls, namespace=namespace)
+    assert wrong.returncode == 1
+    assert wrong.stderr.count("\n") == 1 and "is it redis://?" in wrong.stderr, wrong.stderr
+
+
+def test_a_worker_given_the_wrong_ca_fails_at_once(
+    tls_server: tuple[OwnServer, int, Path], namespace: str, spawn_worker: Any
+) -> None:
+    """A certificate the URL's CA does not vouch for is refused at every try: the worker
+    says so in one line and exits, as for a wrong password, instead of retrying it for
+    --connect-timeout."""
+    _, port, pki = tls_server
+    other = pki / "other"
+    other.mkdir()
+    make_pki(other)
+    url = (
+        f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other / 'ca.crt'}"
+        f"&ssl_certfile={pki / 'client.crt'}&ssl_keyfile={pki / 'client.key'}"
+    )
+    w = spawn_worker("--connect-timeout", "60", module="acl", url=url)
+    started = time.monotonic()
+    assert w.wait(20) == 1, w.output()
+    assert time.monotonic() - started < 20
+    errors = [line for line in w.output().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "CERTIFICATE_VERIFY_FAILED" in errors[0], w.output()
+    assert "Traceback" not in w.output() and "retrying" not in w.output(), w.output()

@@ -332,8 +332,11 @@ async def _connect(app: App) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             await app.connect()
     except TimeoutError:
+        hint = ""
+        if url.lower().startswith("rediss"):
+            hint = " (a server without TLS never answers a TLS handshake: is it redis://?)"
         raise BrokerConnectionError(
-            f"cannot reach Redis at {url}: no answer in {CONNECT_TIMEOUT:g} s"
+            f"cannot reach Redis at {url}: no answer in {CONNECT_TIMEOUT:g} s{hint}"
         ) from None
 
 

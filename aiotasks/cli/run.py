@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
@@ -202,6 +203,8 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker) -> None:
             problem = f"cannot reach Redis at {url}"
             underlying = exc.__cause__ or exc
             cause = describe(underlying) or type(underlying).__name__
+            if _certificate_refused(exc):  # the URL's CA or the server's certificate
+                raise fail(f"{problem}: {cause}") from None
         except BrokerRefusedError as exc:
             problem, cause = str(exc), ""
         left = deadline - time.monotonic()
@@ -225,6 +228,19 @@ async def wait_for_redis(app: App, timeout: float, worker: Worker) -> None:
             async with asyncio.timeout(delay):
                 await worker.wait_stopping()
                 return  # a signal came while waiting: run() sees the stop
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether a TLS handshake refused the server's certificate somewhere in the chain of
+    `exc`: a refusal that no retry changes, as a wrong password is."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain of causes and contexts, bounded
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _ready(app: App, worker: Worker) -> None:
