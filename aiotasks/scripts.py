@@ -30,6 +30,8 @@ from .contract import PUBLISH, SHARDED_PUBLISH, Op, pack, unpack_reply, wire_ops
 from .keys import GROUP, Keys
 
 log = logging.getLogger("aiotasks.scripts")
+#: The reasons already logged for running scripts by EVALSHA.
+_SAID_NO_FUNCTIONS: set[str] = set()
 
 NAMES = (
     "enqueue",
@@ -192,7 +194,9 @@ class Scripts:
                 if not _no_functions(exc):
                     raise
                 self.functions = False
-                log.info("Redis runs no functions here (%s): aiotasks uses EVALSHA", exc)
+                if str(exc) not in _SAID_NO_FUNCTIONS:  # once per process, not per client
+                    _SAID_NO_FUNCTIONS.add(str(exc))
+                    log.info("Redis runs no functions here (%s): aiotasks uses EVALSHA", exc)
             else:
                 self.functions = True
                 return res

@@ -874,7 +874,8 @@ class Worker:
             d.alone = bool(e.get(b"alone"))
             log.warning(
                 "worker %s reclaimed entry %s (delivery %d): the worker that held it renewed "
-                "no lease for %g s (it died, or lost Redis that long)%s",
+                "no lease for %g s here (it died, lost Redis that long, or renewed it on a "
+                "primary that was failed over)%s",
                 self.name,
                 d.entry_id.decode(),
                 d.deliveries,
