@@ -76,14 +76,9 @@ def task_href(value: Any) -> str:
 def install_filters(env: Environment) -> None:
     """Register the filters on a Jinja environment."""
     env.filters.update(
-        iso=iso,
-        when=when,
-        clock=clock,
-        ago=ago,
-        duration=duration,
-        task_href=task_href,
+        iso=iso, when=when, clock=clock, ago=ago, duration=duration, task_href=task_href,
         pretty=show_value,
-    )
+    )  # fmt: skip
 
 
 __all__ = ["ago", "clock", "duration", "install_filters", "iso", "task_href", "when"]
