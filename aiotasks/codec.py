@@ -13,6 +13,7 @@ import base64
 import bz2
 import json
 import lzma
+import math
 import zlib
 from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
@@ -232,6 +233,13 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: as Infinity
+        raise ValueError(f"{text[:40]} is out of a float's range")
+    return value
+
+
 class JsonSerializer:
     """Readable on the wire; typed values are tagged as {"__t": type, "v": value}."""
 
@@ -250,7 +258,9 @@ class JsonSerializer:
 
     def loads(self, data: bytes) -> Any:
         try:
-            return json.loads(data, object_hook=_json_hook, parse_constant=_not_json)
+            return json.loads(
+                data, object_hook=_json_hook, parse_constant=_not_json, parse_float=_finite
+            )
         except Exception as exc:
             raise SerializationError(f"cannot decode json: {_why(exc)}") from exc
 

@@ -300,9 +300,11 @@ def decode_entry(
             raise DecodeError("entry fields 'cid' and 'cix' must come together")
         if retries is not None and retries > MAX_COUNT:
             raise DecodeError(f"entry field 'r' is out of range: {retries}")
-        before = _int(fields, "dl")  # read by the worker's Delivery: checked here
-        if before is not None and before > MAX_COUNT:
-            raise DecodeError(f"entry field 'dl' is out of range: {before}")
+        before = fields.get(b"dl")  # read by the worker's Delivery (digits): checked here
+        if before is not None and not (
+            len(before) <= 7 and before.isdigit() and int(before) <= MAX_COUNT
+        ):
+            raise DecodeError(f"entry field 'dl' must be a whole number 0..{MAX_COUNT}")
     return Message(
         task_id,
         p["name"],

@@ -3,6 +3,8 @@ connection problem, each as the error aiotasks raises, with what to do about it.
 
 from __future__ import annotations
 
+import re
+
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -44,6 +46,8 @@ _OTHER_CODES = frozenset(
 )
 
 
+_WRAPPED = re.compile(r": -([A-Z]+)\b")
+
 #: What redis-py puts before the reply of a command that failed in a pipeline.
 _IN_PIPELINE = " of pipeline caused error: "
 
@@ -53,7 +57,7 @@ def reply_text(exc: BaseException) -> str:
     caused error: " before it (which holds the command's arguments, and hid the code)."""
     text = str(exc)
     if text.startswith("Command # ") and _IN_PIPELINE in text:
-        return text.partition(_IN_PIPELINE)[2]
+        return text.rpartition(_IN_PIPELINE)[2]  # the command's arguments come first
     return text
 
 
@@ -62,7 +66,13 @@ def error_code(exc: BaseException) -> str:
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code
-    first = reply_text(exc).split(" ", 1)[0]
+    text = reply_text(exc)
+    first = text.split(" ", 1)[0]
+    if first not in _OTHER_CODES and "Error running script" in text:
+        # Redis before 7 wraps a script's refusal: "ERR Error running script ...: -OOM ..."
+        wrapped = _WRAPPED.search(text)
+        if wrapped and wrapped[1] in {*_OTHER_CODES, *_REFUSAL_HINTS, "NOPERM", "READONLY"}:
+            return wrapped[1]
     return first if first in _OTHER_CODES else "ERR"
 
 

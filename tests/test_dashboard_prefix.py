@@ -232,3 +232,16 @@ async def test_read_only_has_no_action_anywhere(app: App, seeded: dict[str, str]
         assert "read-only" in r.text and "actions/" not in r.text
         posted = await client.post(f"{PREFIX}/actions/retry", headers=AUTH, data={})
         assert posted.status_code in (404, 405)
+
+
+def test_the_page_script_links_ids_as_the_server_does() -> None:
+    """app.js makes the rows the live feed adds: its rule for a plain id is the server's
+    (filters.task_href), or one page links a task two ways."""
+    import re
+    from pathlib import Path
+
+    from aiotasks.web import filters
+
+    script = (Path(filters.__file__).parent / "static" / "app.js").read_text()
+    (js,) = re.findall(r"if \(/\^(.+?)\$/\.test\(id\)\) return \"tasks/\" \+ id;", script)
+    assert js == filters._PLAIN_ID.pattern

@@ -108,11 +108,14 @@ async def test_a_redelivered_task_that_waits_for_its_slot_keeps_its_attempt_coun
     # A run of the same key on another queue takes the slot once the dead run's lease
     # ends, and holds it while the stuck task is reclaimed.
     other = spawn_worker("--queues", "other", module="flow")
-    holder = await sig(app, "once_stuck", 7, "holder", 3).set(queue="other").send()
+    holder = await sig(app, "once_stuck", 7, "holder", 4).set(queue="other").send()
     async with asyncio.timeout(20):
         while await holder.state() is not TaskState.STARTED:
             await asyncio.sleep(0.05)
     second = spawn_worker(module="flow")
+    async with asyncio.timeout(15):  # reclaimed, it waits for the slot the holder has
+        while await stuck.state() is not TaskState.SCHEDULED:
+            await asyncio.sleep(0.02)
     assert await holder.result(timeout=20) == 1
     assert await stuck.result(timeout=20) == 2
     assert (await stuck.info()).attempts == 2

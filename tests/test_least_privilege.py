@@ -446,9 +446,7 @@ def test_a_worker_given_the_wrong_ca_fails_at_once(
         f"&ssl_certfile={pki / 'client.crt'}&ssl_keyfile={pki / 'client.key'}"
     )
     w = spawn_worker("--connect-timeout", "60", module="acl", url=url)
-    started = time.monotonic()
-    assert w.wait(20) == 1, w.output()
-    assert time.monotonic() - started < 20
+    assert w.wait(20) == 1, w.output()  # within 20 s of a 60 s --connect-timeout
     errors = [line for line in w.output().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "CERTIFICATE_VERIFY_FAILED" in errors[0], w.output()
     assert "Traceback" not in w.output() and "retrying" not in w.output(), w.output()

@@ -97,14 +97,15 @@ def entry_cases(serializer: str) -> dict[str, dict[str, Any]]:
             "nested too deep": {"v": v, "ct": ct, "m": deep},
         }
     else:
-        # Python's json reads NaN and Infinity, which are not JSON: the task ran, then
-        # failed on its own result.
+        # Python's json reads NaN, Infinity and 1e999 (inf), which are not JSON: the task
+        # ran, then failed on its own result.
         raw = {
-            "NaN in the arguments": {
+            f"{what.decode()} in the arguments": {
                 "v": v,
                 "ct": ct,
-                "m": b'{"name": "%s", "args": [NaN], "kwargs": {}}' % NAME.encode(),
+                "m": b'{"name": "%s", "args": [%s], "kwargs": {}}' % (NAME.encode(), what),
             }
+            for what in (b"NaN", b"1e999")
         }
     return raw | {
         "chord id without index": {**with_payload(), "cid": "c1"},

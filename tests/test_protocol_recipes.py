@@ -478,6 +478,9 @@ async def test_a_task_in_each_shard_of_a_sharded_namespace(
         ({"v": None}, "'v' must be 2"),
         ({"due": "soon"}, "'due' and 'delay' must be numbers of ms"),
         ({"delay": "1500"}, "'due' and 'delay' must be numbers of ms"),
+        ({"due": float("inf")}, "'due' and 'delay' must be numbers of ms"),
+        ({"delay": float("nan")}, "'due' and 'delay' must be numbers of ms"),
+        ({"due": 1e20}, "'due' and 'delay' must be numbers of ms"),
         ({"eb": [{"id": "e"}]}, "errback 1: 'v' must be 2"),
     ],
 )

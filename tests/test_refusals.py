@@ -427,3 +427,19 @@ def test_a_refusal_inside_a_pipeline_keeps_its_code(own_server: OwnServer) -> No
     said = str(refusal(own_server.url, err.value, "the heartbeat"))
     assert said.startswith(f"Redis at {own_server.url} refused the heartbeat: NOREPLICAS")
     assert "secret-field" not in said and "Command #" not in said, said
+
+
+@pytest.mark.parametrize("code", ["OOM", "NOREPLICAS", "READONLY", "NOPERM"])
+def test_a_refusal_wrapped_by_a_script_on_redis_6_keeps_its_code(code: str) -> None:
+    """Redis before 7 replies to a script's refused command with "ERR Error running
+    script (call to f_...): @user_script:1: -OOM ...": the code inside is the code (a
+    batch of sends refused so was split, as if a record were at fault)."""
+    from redis.exceptions import ResponseError
+
+    from aiotasks.refusals import error_code
+
+    wrapped = ResponseError(
+        f"Error running script (call to f_4a7c): @user_script:12: -{code} command not allowed"
+    )
+    assert error_code(wrapped) == code
+    assert error_code(ResponseError("Error running script (call to f_1): boom")) == "ERR"

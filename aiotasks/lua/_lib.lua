@@ -48,9 +48,12 @@ local function record_problem(t, queues)
   if type(ttl) ~= 'number' or ttl < 1 or ttl % 1 ~= 0 then
     return "'ttl' must be a whole number of seconds >= 1"
   end
-  -- Read with tonumber(): a string there ran the task at once, without a word.
+  -- Read with tonumber(): a string there ran the task at once, without a word; NaN
+  -- (x ~= x) too, and a number past 2^53 ms fails PEXPIRE halfway through the call.
   local due, delay = t.due, t.delay
-  if (due ~= nil and type(due) ~= 'number') or (delay ~= nil and type(delay) ~= 'number') then
+  if (due ~= nil and (type(due) ~= 'number' or due ~= due or due > 2^53 or due < -2^53))
+      or (delay ~= nil and (type(delay) ~= 'number' or delay ~= delay or delay > 2^53
+        or delay < -2^53)) then
     return "'due' and 'delay' must be numbers of ms"
   end
   if t.eb ~= nil then
