@@ -19,7 +19,6 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import (
     BusyLoadingError,
     OutOfMemoryError,
-    ReadOnlyError,
     RedisClusterException,
     ResponseError,
 )
@@ -43,9 +42,9 @@ from .primary_watch import PrimaryWatch
 from .refusals import (
     FAILOVER_REFUSALS,
     REFUSED_CONNECTION,
+    error_code,
     not_a_cluster,
     refusal,
-    reply_text,
 )
 from .scripts import Scripts
 from .sendbatch import SendBatcher
@@ -323,14 +322,9 @@ class Client:
             return True
         if not self.topology.failover or not isinstance(exc, ResponseError):
             return False
-        if isinstance(exc, ReadOnlyError):  # redis-py drops the code from its message
-            return True
-        # Redis before 7 wraps a script's error ("ERR Error running script ...: -READONLY"),
-        # and redis-py a pipeline's ("Command # 1 (...) of pipeline caused error: ...").
-        text = reply_text(exc)
-        return text.startswith(FAILOVER_REFUSALS) or any(
-            f"-{code}" in text for code in FAILOVER_REFUSALS
-        )
+        # error_code reads through Redis 6's wrapping of a script's error and redis-py's
+        # of a pipeline's.
+        return error_code(exc) in FAILOVER_REFUSALS
 
     def waits_out(self, exc: BaseException) -> bool:
         """A lost connection, or a failover's refusal (transient()): what a worker waits

@@ -24,6 +24,7 @@ from .message import (
     Message,
     check_options,
     count,
+    earlier_deliveries,
     positive_number,
 )
 from .signing import verify
@@ -300,10 +301,8 @@ def decode_entry(
             raise DecodeError("entry fields 'cid' and 'cix' must come together")
         if retries is not None and retries > MAX_COUNT:
             raise DecodeError(f"entry field 'r' is out of range: {retries}")
-        before = fields.get(b"dl")  # read by the worker's Delivery (digits): checked here
-        if before is not None and not (
-            len(before) <= 7 and before.isdigit() and int(before) <= MAX_COUNT
-        ):
+        before = fields.get(b"dl")
+        if before is not None and earlier_deliveries(before) is None:
             raise DecodeError(f"entry field 'dl' must be a whole number 0..{MAX_COUNT}")
     return Message(
         task_id,

@@ -181,6 +181,14 @@ MAX_SECONDS = 10 * 365 * 86400  # timeouts, countdowns, ttls: ten years
 MAX_COUNT = 1_000_000  # retries
 
 
+def earlier_deliveries(raw: bytes) -> int | None:
+    """An entry's `dl` field (the deliveries of its run's earlier entries, set by
+    finish.lua), or None when it is not a whole number 0..MAX_COUNT in digits."""
+    if len(raw) <= 7 and raw.isdigit() and int(raw) <= MAX_COUNT:
+        return int(raw)
+    return None
+
+
 def positive_number(value: Any, maximum: float = MAX_SECONDS) -> bool:
     """A real number (not a bool) above 0, at most `maximum`."""
     return (

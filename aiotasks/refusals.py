@@ -46,7 +46,9 @@ _OTHER_CODES = frozenset(
 )
 
 
+#: A refusal inside a script's error on Redis before 7, and the codes it may be.
 _WRAPPED = re.compile(r": -([A-Z]+)\b")
+_WRAPPED_CODES = _OTHER_CODES | set(_REFUSAL_HINTS)
 
 #: What redis-py puts before the reply of a command that failed in a pipeline.
 _IN_PIPELINE = " of pipeline caused error: "
@@ -71,7 +73,7 @@ def error_code(exc: BaseException) -> str:
     if first not in _OTHER_CODES and "Error running script" in text:
         # Redis before 7 wraps a script's refusal: "ERR Error running script ...: -OOM ..."
         wrapped = _WRAPPED.search(text)
-        if wrapped and wrapped[1] in {*_OTHER_CODES, *_REFUSAL_HINTS, "NOPERM", "READONLY"}:
+        if wrapped and wrapped[1] in _WRAPPED_CODES:
             return wrapped[1]
     return first if first in _OTHER_CODES else "ERR"
 

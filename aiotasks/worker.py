@@ -33,7 +33,7 @@ from .execution import Delivery, Execution, Outcome, Phase, Runtime, internal_er
 from .index import TaskIndex
 from .keys import PRIORITIES
 from .logs import visible_errors
-from .message import QUEUE_NAME_RULE, is_queue_name, now
+from .message import QUEUE_NAME_RULE, earlier_deliveries, is_queue_name, now
 from .outage import LOOP_ERRORS, REMIND, Outage
 from .outcomes import Key, Outcomes
 from .peers import describe, warn_if_tasks_differ
@@ -797,9 +797,9 @@ class Worker:
         self, raw_stream: bytes, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
     ) -> Delivery:
         stream, queue, priority = self._by_raw[raw_stream]
-        before = fields.get(b"dl")  # deliveries of the task's earlier entries (finish.lua)
-        if before is not None and before.isdigit() and len(before) < 10:
-            deliveries += int(before)
+        before = fields.get(b"dl")
+        if before is not None:  # a bad one is dead-lettered by decode_entry
+            deliveries += earlier_deliveries(before) or 0
         return Delivery(stream, queue, priority, entry_id, fields, deliveries)
 
     def _fetched(self, entry: list[Any]) -> Delivery:
