@@ -179,3 +179,17 @@ def uvicorn(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> Itera
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def count_enqueue_calls(app: App) -> list[int]:
+    """Record the number of task records of each enqueue.lua call (the real call runs)."""
+    scripts = app.client.scripts
+    sizes: list[int] = []
+    original = scripts.enqueue
+
+    async def counting(**kw: Any) -> list[int]:
+        sizes.append(len(kw["tasks"]))
+        return await original(**kw)
+
+    scripts.enqueue = counting  # type: ignore[method-assign]
+    return sizes

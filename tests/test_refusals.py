@@ -21,7 +21,7 @@ import redis
 
 from aiotasks import AiotasksError, App, BrokerConnectionError, BrokerRefusedError, Worker, chord
 from aiotasks.testing.server import OwnServer
-from tests.helpers import wait_until
+from tests.helpers import count_enqueue_calls, wait_until
 
 ADD = "tests.apps.basic.add"
 
@@ -171,15 +171,7 @@ async def test_concurrent_sends_refused_by_the_server_are_not_sent_again_one_by_
     about the server (its replicas, its memory) refuses each record alike, and sending
     each again alone multiplied the calls and their retries."""
     app = make(own_server.url, retry_policy={"max_retries": 0})
-    calls: list[int] = []
-    scripts = app.client.scripts
-    original = scripts.enqueue
-
-    async def counting(**kw: Any) -> list[int]:
-        calls.append(len(kw["tasks"]))
-        return await original(**kw)
-
-    scripts.enqueue = counting  # type: ignore[method-assign]
+    calls = count_enqueue_calls(app)
     config(own_server, **refusing)
     try:
         out = await asyncio.gather(

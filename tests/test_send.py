@@ -24,6 +24,7 @@ from aiotasks import (
     current_task,
 )
 from aiotasks.message import check_options
+from tests.helpers import count_enqueue_calls
 
 StartWorker = Callable[..., Awaitable[Worker]]
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -691,20 +692,6 @@ async def test_priority_bounds_are_accepted(app: App, priority: int) -> None:
 
 
 # -- automatic batching ------------------------------------------------------------------
-
-
-def count_enqueue_calls(app: App) -> list[int]:
-    """Record the number of task records of each enqueue.lua call (the real call runs)."""
-    scripts = app.client.scripts
-    sizes: list[int] = []
-    original = scripts.enqueue
-
-    async def counting(**kw: Any) -> list[int]:
-        sizes.append(len(kw["tasks"]))
-        return await original(**kw)
-
-    scripts.enqueue = counting  # type: ignore[method-assign]
-    return sizes
 
 
 async def test_concurrent_sends_go_out_as_one_script_call(app: App, worker: StartWorker) -> None:
